@@ -1,0 +1,82 @@
+# Finds titan's dependencies: LibTorch (CPU or CUDA), toml++, spdlog, PCRE2, nlohmann-json,
+# GoogleTest, and on CUDA builds NCCL. System packages first; TITAN_DEPS_DIR (a folder of
+# headers and googletest sources copied from Debian's packages by scripts/device_deps.sh)
+# serves machines without a package manager, such as the GPU machines.
+
+set(TITAN_DEPS_DIR "" CACHE PATH "Folder with include/ and src/googletest for machines without packages")
+
+find_package(Torch REQUIRED)
+if(Torch_VERSION AND Torch_VERSION VERSION_LESS 2.4)
+  message(FATAL_ERROR "titan needs LibTorch >= 2.4, found ${Torch_VERSION}")
+endif()
+if(TARGET torch_cuda)
+  set(TITAN_CUDA ON)
+else()
+  set(TITAN_CUDA OFF)
+endif()
+message(STATUS "titan: LibTorch ${Torch_VERSION} at ${TORCH_INSTALL_PREFIX}; CUDA ${TITAN_CUDA}")
+
+add_library(titan_deps INTERFACE)
+target_link_libraries(titan_deps INTERFACE ${TORCH_LIBRARIES})
+
+if(TITAN_DEPS_DIR)
+  # Header-only forms of the libraries, from the carried bundle.
+  target_include_directories(titan_deps SYSTEM INTERFACE ${TITAN_DEPS_DIR}/include)
+  target_compile_definitions(titan_deps INTERFACE TOML_HEADER_ONLY=1 SPDLOG_FMT_EXTERNAL
+                                                  FMT_HEADER_ONLY)
+else()
+  find_package(tomlplusplus REQUIRED)
+  find_package(spdlog REQUIRED)
+  find_package(nlohmann_json REQUIRED)
+  target_link_libraries(titan_deps INTERFACE tomlplusplus::tomlplusplus spdlog::spdlog
+                                             nlohmann_json::nlohmann_json)
+endif()
+
+# PCRE2 (8-bit): Llama 3's pre-tokenizer regex needs its Unicode classes.
+find_path(PCRE2_INCLUDE_DIR pcre2.h HINTS ${TITAN_DEPS_DIR}/include)
+find_library(PCRE2_LIBRARY NAMES pcre2-8 libpcre2-8.so.0 HINTS ${TITAN_DEPS_DIR}/lib)
+if(NOT PCRE2_INCLUDE_DIR OR NOT PCRE2_LIBRARY)
+  message(FATAL_ERROR "PCRE2 (libpcre2-dev) not found")
+endif()
+target_include_directories(titan_deps SYSTEM INTERFACE ${PCRE2_INCLUDE_DIR})
+target_compile_definitions(titan_deps INTERFACE PCRE2_CODE_UNIT_WIDTH=8)
+target_link_libraries(titan_deps INTERFACE ${PCRE2_LIBRARY})
+
+# c10d (TCPStore, ProcessGroupGloo) ships inside libtorch_cpu; Gloo headers are needed to
+# use ProcessGroupGloo, and pip wheels ship none: such builds are NCCL-only.
+find_path(GLOO_INCLUDE_DIR gloo/config.h)
+if(GLOO_INCLUDE_DIR AND EXISTS "${TORCH_INSTALL_PREFIX}/include/torch/csrc/distributed/c10d/ProcessGroupGloo.hpp")
+  set(TITAN_GLOO ON)
+  target_compile_definitions(titan_deps INTERFACE TITAN_WITH_GLOO=1 USE_C10D_GLOO=1)
+else()
+  set(TITAN_GLOO OFF)
+endif()
+
+if(TITAN_CUDA)
+  enable_language(CUDA)
+  find_package(CUDAToolkit REQUIRED)
+  # NCCL: TITAN_NCCL_ROOT, or the nvidia-nccl wheel beside the PyTorch that provided LibTorch.
+  set(TITAN_NCCL_ROOT "" CACHE PATH "NCCL install (include/, lib/)")
+  find_path(NCCL_INCLUDE_DIR nccl.h HINTS ${TITAN_NCCL_ROOT}/include $ENV{NCCL_ROOT}/include)
+  find_library(NCCL_LIBRARY NAMES nccl libnccl.so.2 HINTS ${TITAN_NCCL_ROOT}/lib $ENV{NCCL_ROOT}/lib)
+  if(NOT NCCL_INCLUDE_DIR OR NOT NCCL_LIBRARY)
+    message(FATAL_ERROR "CUDA LibTorch found but NCCL not: set TITAN_NCCL_ROOT")
+  endif()
+  target_include_directories(titan_deps SYSTEM INTERFACE ${NCCL_INCLUDE_DIR})
+  target_link_libraries(titan_deps INTERFACE ${NCCL_LIBRARY} CUDA::cudart)
+  target_compile_definitions(titan_deps INTERFACE TITAN_WITH_CUDA=1)
+endif()
+message(STATUS "titan: gloo ${TITAN_GLOO}, cuda ${TITAN_CUDA}")
+
+# GoogleTest: the system package, or its sources (Debian ships them in /usr/src/googletest).
+if(TITAN_BUILD_TESTS)
+  if(TITAN_DEPS_DIR AND EXISTS ${TITAN_DEPS_DIR}/src/googletest/CMakeLists.txt)
+    set(INSTALL_GTEST OFF CACHE BOOL "" FORCE)
+    set(BUILD_GMOCK OFF CACHE BOOL "" FORCE)
+    add_subdirectory(${TITAN_DEPS_DIR}/src/googletest ${CMAKE_BINARY_DIR}/googletest EXCLUDE_FROM_ALL)
+    add_library(GTest::gtest ALIAS gtest)
+    add_library(GTest::gtest_main ALIAS gtest_main)
+  else()
+    find_package(GTest REQUIRED)
+  endif()
+endif()

@@ -1,0 +1,66 @@
+// The Llama 3 computation with explicit forward and backward passes (no autograd): a
+// transformer block, the embedding and the head. Weights come in as views of a unit's flat
+// buffer in compute dtype; weight gradients are accumulated into the unit's fp32 flat
+// gradient. What the forward keeps for the backward is decided by the activation policy.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "titan/model/layout.h"
+#include "titan/model/llama_args.h"
+#include "titan/ops/attention.h"
+
+namespace titan::model {
+
+// What a block keeps from forward for backward (activation checkpointing).
+enum class SavePolicy {
+  All,       // every intermediate: no recomputation (activation_checkpoint.mode = none)
+  Matmuls,   // matmul and attention outputs; norms, RoPE and SwiGLU recomputed ("op")
+  InputOnly  // only the block input; the whole block recomputed in backward ("full")
+};
+
+// Weight views of one block in compute dtype.
+struct BlockWeights {
+  at::Tensor attention_norm, wqkv, wo, ffn_norm, w13, w2;
+};
+// The same views into the block's fp32 flat gradient.
+using BlockGrads = BlockWeights;
+
+BlockWeights block_views(const UnitLayout& unit, const at::Tensor& flat);
+
+struct BlockSaved {
+  SavePolicy policy = SavePolicy::All;
+  at::Tensor x;             // block input [B, S, D]
+  at::Tensor rstd1, xn1;    // attention norm
+  at::Tensor qkv;           // fused projection output [B, S, H + 2K, hd]
+  at::Tensor q, k;          // after RoPE
+  ops::AttentionSaved attn;
+  at::Tensor o;             // attention output [B, S, H*hd]
+  at::Tensor h;             // residual after attention
+  at::Tensor rstd2, hn2;    // ffn norm
+  at::Tensor ab;            // fused w1|w3 output [B, S, 2F]
+  at::Tensor g;             // silu(a) * b
+  void clear() { *this = BlockSaved{}; }
+};
+
+// Rotary tables for the current sequence length, on the compute device.
+struct Rope {
+  at::Tensor cos, sin;  // [S, hd/2] fp32
+};
+
+// x: [B, S, D] compute dtype. Returns the block output; fills `saved` per `policy`.
+at::Tensor block_forward(const LlamaArgs& args, const BlockWeights& w, const Rope& rope,
+                         const at::Tensor& x, SavePolicy policy, BlockSaved& saved);
+
+// dout: gradient of the block output. Accumulates weight gradients into `grads` (fp32) and
+// returns the gradient of the block input. Releases `saved`.
+at::Tensor block_backward(const LlamaArgs& args, const BlockWeights& w, const Rope& rope,
+                          const at::Tensor& dout, BlockSaved& saved, const BlockGrads& grads);
+
+// Embedding lookup: table [V, D] (any float dtype) -> [B, S, D] in `dtype`.
+at::Tensor embedding_forward(const at::Tensor& table, const at::Tensor& tokens,
+                             at::ScalarType dtype);
+// grad_table (fp32 [V, D]) += scatter of dh over the token ids.
+void embedding_backward(const at::Tensor& dh, const at::Tensor& tokens, at::Tensor& grad_table);
+
+}  // namespace titan::model

@@ -1,0 +1,27 @@
+// RMSNorm forward/backward over the last dimension. Statistics in fp32; output in x's dtype.
+// CUDA builds dispatch to the fused kernel in src/kernels/rmsnorm.cu; elsewhere ATen ops.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace titan::ops {
+
+// y = x * rstd * weight, rstd = 1/sqrt(mean(x^2) + eps). x: [..., D]; weight: [D].
+// Returns (y, rstd [...] fp32).
+std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                   double eps);
+
+// Returns dx (x's dtype); adds d(weight) into `weight_grad` (fp32 [D]).
+at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& rstd, const at::Tensor& weight_grad);
+
+// ATen reference versions (used by tests and as the CPU path).
+std::tuple<at::Tensor, at::Tensor> rmsnorm_forward_ref(const at::Tensor& x,
+                                                       const at::Tensor& weight, double eps);
+at::Tensor rmsnorm_backward_ref(const at::Tensor& dy, const at::Tensor& x,
+                                const at::Tensor& weight, const at::Tensor& rstd,
+                                const at::Tensor& weight_grad);
+
+}  // namespace titan::ops

@@ -1,0 +1,110 @@
+// Parameter ownership of the data-parallel dims: every unit of the model (embedding, each
+// block, head) is one flat buffer, sharded over dp_shard and replicated over dp_replicate.
+//
+//   world of one rank: the "shard" is the whole unit; gathering casts it to the compute dtype
+//   DDP  (dp_shard = 1, dp_replicate = R): full copies; gradients all-reduced (averaged)
+//   FSDP (dp_shard = N): rank r keeps elements [r*S, (r+1)*S) of the flat unit (S = ceil(n/N),
+//        padded); all-gather before use, reduce-scatter of gradients after backward
+//   HSDP (both): FSDP within dp_shard, then all-reduce of the gradient shards over dp_replicate
+//
+// Why flat buffers rather than per-parameter dim-0 shards: a unit's gather is one contiguous
+// all-gather whose output is directly the unit's full weights (no copy-in/copy-out), the fused
+// projections (q|k|v, w1|w3) are single matrices, and the optimizer sees one tensor per unit.
+// Per-parameter metadata (name, shape, flat offset) still says exactly which slice of which
+// parameter a rank holds, which is what checkpoints need. Tensor parallel composes by making
+// the unit out of TP-local parameter shapes before flattening.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "titan/model/layout.h"
+
+namespace titan::dist {
+class Communicator;
+}
+
+namespace titan::parallel {
+
+enum class ReshardPolicy { Default, Always, Never };
+
+struct FsdpOptions {
+  at::ScalarType param_dtype = at::kFloat;   // compute dtype of gathered weights
+  at::ScalarType reduce_dtype = at::kFloat;  // dtype of gradient reductions
+  ReshardPolicy reshard = ReshardPolicy::Default;
+  bool cpu_offload = false;  // shards and optimizer state in pinned host memory
+};
+
+// One unit's storage on this rank.
+struct UnitState {
+  model::UnitLayout layout;
+  int64_t shard_numel = 0;   // elements this rank owns (padded length / dp_shard)
+  int64_t shard_begin = 0;   // first flat element this rank owns
+  at::Tensor master;         // fp32 [shard_numel]: the optimizer's parameter
+  at::Tensor grad;           // fp32 [shard_numel]: accumulated, reduced gradient
+  at::Tensor full;           // gathered weights [numel] in param_dtype while materialized
+  at::Tensor full_grad;      // fp32 [numel] gradient of the full unit during its backward
+  bool gathered = false;
+};
+
+class FsdpModel {
+ public:
+  // `shard` / `replicate`: communicators of the dp_shard and dp_replicate dims (nullptr for
+  // size 1). `device`: where compute happens.
+  FsdpModel(std::vector<model::UnitLayout> units, dist::Communicator* shard,
+            dist::Communicator* replicate, c10::Device device, FsdpOptions options);
+  ~FsdpModel();
+
+  // Allocates this rank's shards and initializes them (same full weights for any mesh).
+  void init_weights(int64_t seed);
+
+  size_t num_units() const { return units_.size(); }
+  const UnitState& unit(size_t i) const { return units_[i]; }
+  UnitState& unit(size_t i) { return units_[i]; }
+
+  // Full weights of unit i in the compute dtype (gathers if needed; waits for a prefetch).
+  const at::Tensor& gather(size_t i);
+  // Starts gathering unit i in the background (no-op where nothing needs communicating).
+  void prefetch(size_t i);
+  // Frees unit i's gathered weights if the reshard policy says so (`after_forward`: called
+  // after its forward; false: after its backward).
+  void release(size_t i, bool after_forward);
+  bool reshard_after_forward(size_t i) const;
+  // Frees every gathered unit (after a forward-only pass; weights change at the next step).
+  void release_all();
+
+  // fp32 buffer the unit's full gradient accumulates into during its backward.
+  at::Tensor& full_grad(size_t i);
+  // The unit's backward is done for this micro-batch: reduce its gradient into the shard
+  // (`last_microbatch`: DDP/HSDP replicas reduce only then).
+  void reduce_grad(size_t i, bool last_microbatch);
+  // Waits for every outstanding reduction; afterwards unit(i).grad is final.
+  void finish_grad_reduction();
+  // Zeroes shard gradients for the next step.
+  void zero_grad();
+
+  std::vector<at::Tensor> master_shards() const;
+  std::vector<at::Tensor> grad_shards() const;
+  // Sum of squares of the local gradient shards; reduced across shard and replicate ranks
+  // (each element counted once).
+  at::Tensor grad_norm_squared() const;
+
+  int64_t dp_shard_size() const;
+  int64_t dp_shard_rank() const;
+  const FsdpOptions& options() const { return options_; }
+  c10::Device device() const { return device_; }
+
+ private:
+  struct Impl;
+  std::vector<UnitState> units_;
+  dist::Communicator* shard_;
+  dist::Communicator* replicate_;
+  c10::Device device_;
+  FsdpOptions options_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace titan::parallel

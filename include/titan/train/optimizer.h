@@ -1,0 +1,44 @@
+// AdamW / Adam over flat fp32 parameter tensors (one per unit, or one per local shard), with
+// the gradient-norm clip folded into the update as a device-side scale (no host sync).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <vector>
+
+namespace titan::train {
+
+struct OptimizerOptions {
+  std::string name = "AdamW";            // AdamW (decoupled decay) or Adam (L2 in the gradient)
+  std::string implementation = "fused";  // fused | foreach | for-loop: same update
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0.1;
+};
+
+class Optimizer {
+ public:
+  // params/grads: parallel lists of fp32 tensors (same shapes), updated in place.
+  Optimizer(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+            OptimizerOptions options);
+
+  // One update with learning rate `lr`. `grad_divisor` (fp32 scalar tensor on the params'
+  // device, or undefined) divides every gradient first: the clip coefficient's inverse.
+  void step(double lr, const at::Tensor& grad_divisor);
+
+  int64_t step_count() const { return steps_taken_; }
+  // State for checkpoints: exp_avg and exp_avg_sq per parameter, and the step count.
+  std::vector<at::Tensor>& exp_avg() { return exp_avg_; }
+  std::vector<at::Tensor>& exp_avg_sq() { return exp_avg_sq_; }
+  void set_step_count(int64_t steps);
+
+ private:
+  std::vector<at::Tensor> params_, grads_, exp_avg_, exp_avg_sq_, state_steps_;
+  OptimizerOptions options_;
+  int64_t steps_taken_ = 0;
+};
+
+// Global L2 norm of all gradients (fp32 scalar tensor on device; local part only: callers
+// all-reduce the square across ranks before taking the root).
+at::Tensor grad_norm_squared(const std::vector<at::Tensor>& grads);
+
+}  // namespace titan::train

@@ -1,0 +1,67 @@
+// The Trainer: builds everything a job needs in the order it is needed (config -> launch and
+// mesh -> device -> tokenizer and data -> model on the meta device -> parallelize and
+// materialize -> optimizer and schedule -> metrics), then runs the training loop.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <optional>
+
+#include "titan/config/job_config.h"
+#include "titan/data/dataloader.h"
+#include "titan/data/tokenizer.h"
+#include "titan/metrics/metrics.h"
+#include "titan/model/llama_args.h"
+#include "titan/parallel/fsdp.h"
+#include "titan/train/lr_scheduler.h"
+#include "titan/train/model_runner.h"
+#include "titan/train/optimizer.h"
+#include "titan/util/device.h"
+
+namespace titan::train {
+
+struct TrainSummary {
+  int64_t steps_run = 0;
+  double first_loss = 0;
+  double last_loss = 0;
+};
+
+class Trainer {
+ public:
+  explicit Trainer(config::JobConfig config);
+  ~Trainer();
+
+  // Runs from the current step to training.steps.
+  TrainSummary train();
+  // One optimizer step (all micro-batches); returns the global mean token loss (device
+  // scalar) and the pre-clip gradient norm (device scalar).
+  std::pair<at::Tensor, at::Tensor> train_step();
+  // Mean validation loss over validation.steps batches (or the whole validation set).
+  double validate();
+
+  int64_t step() const { return step_; }
+  parallel::FsdpModel& model() { return *fsdp_; }
+  data::DataLoader& dataloader() { return *loader_; }
+  const model::LlamaArgs& model_args() const { return args_; }
+
+ private:
+  config::JobConfig cfg_;
+  DeviceInfo device_;
+  model::LlamaArgs args_;
+  std::shared_ptr<const data::Tokenizer> tokenizer_;
+  std::unique_ptr<data::DataLoader> loader_;
+  std::unique_ptr<parallel::FsdpModel> fsdp_;
+  std::unique_ptr<ModelRunner> runner_;
+  std::unique_ptr<Optimizer> optimizer_;
+  std::unique_ptr<LrScheduler> scheduler_;
+  std::unique_ptr<metrics::MetricsLogger> metrics_;
+  int64_t step_ = 0;
+  int64_t grad_accum_steps_ = 1;
+  int64_t dp_size_ = 1;
+  int64_t dp_rank_ = 0;
+  double flops_per_token_ = 0;
+  double data_seconds_window_ = 0;
+};
+
+}  // namespace titan::train

@@ -1,0 +1,30 @@
+// The compute device: what it is, its peak rate for MFU, memory statistics, synchronization.
+#pragma once
+
+#include <c10/core/Device.h>
+
+#include <cstdint>
+#include <string>
+
+namespace titan {
+
+struct DeviceInfo {
+  c10::Device device{c10::kCPU};
+  std::string name;
+  double peak_flops = 0;       // dense bf16 FLOP/s, 0 when unknown (no MFU then)
+  int64_t total_memory_bytes = 0;
+};
+
+int cuda_device_count();
+DeviceInfo describe_device(const c10::Device& device);
+
+struct MemoryStats {
+  double max_active_gib = 0;    // peak memory held by tensors
+  double max_reserved_gib = 0;  // peak memory held by the caching allocator (CUDA) or RSS (CPU)
+  double max_reserved_pct = 0;  // of the device's total
+};
+MemoryStats memory_stats(const c10::Device& device);
+void reset_peak_memory(const c10::Device& device);
+void synchronize(const c10::Device& device);
+
+}  // namespace titan

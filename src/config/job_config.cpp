@@ -1,0 +1,859 @@
+// The option table behind JobConfig: one row per key with type, default, range and help;
+// TOML and CLI parsing, aliases for older spellings, and error messages with suggestions.
+#include "titan/config/job_config.h"
+
+#include <toml++/toml.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <map>
+#include <sstream>
+#include <variant>
+
+#include "titan/model/llama_args.h"
+#include "titan/util/error.h"
+#include "titan/util/strings.h"
+
+namespace titan::config {
+namespace {
+
+enum class Type { Bool, Int, Float, OptFloat, String, StringList };
+
+const char* type_name(Type t) {
+  switch (t) {
+    case Type::Bool: return "a boolean (true/false)";
+    case Type::Int: return "an integer";
+    case Type::Float: return "a number";
+    case Type::OptFloat: return "a number (or \"none\")";
+    case Type::String: return "a string";
+    case Type::StringList: return "a list of strings";
+  }
+  return "?";
+}
+
+using Value = std::variant<bool, int64_t, double, std::optional<double>, std::string,
+                           std::vector<std::string>>;
+
+struct Option {
+  std::string path;  // "section.key"
+  Type type;
+  std::string help;
+  std::function<Value(const JobConfig&)> get;
+  std::function<void(JobConfig&, const Value&)> set;
+  std::optional<double> min;  // inclusive bounds for numbers
+  std::optional<double> max;
+  bool min_exclusive = false;
+  std::vector<std::string> choices;  // allowed strings (each list element for lists)
+};
+
+template <typename Sec, typename T>
+Option make_option(const std::string& path, Sec JobConfig::*sec, T Sec::*field, Type type,
+                   std::string help) {
+  Option o;
+  o.path = path;
+  o.type = type;
+  o.help = std::move(help);
+  o.get = [sec, field](const JobConfig& c) -> Value { return Value((c.*sec).*field); };
+  o.set = [sec, field](JobConfig& c, const Value& v) { (c.*sec).*field = std::get<T>(v); };
+  return o;
+}
+
+struct Registry {
+  std::vector<Option> options;
+  std::map<std::string, std::string> aliases;         // old full path -> new full path
+  std::map<std::string, std::string> section_aliases;  // old section -> new section
+
+  Option& add(Option o) {
+    options.push_back(std::move(o));
+    return options.back();
+  }
+  const Option* find(const std::string& path) const {
+    for (const auto& o : options) {
+      if (o.path == path) return &o;
+    }
+    return nullptr;
+  }
+};
+
+// Shorthands for the table below.
+template <typename Sec, typename T>
+Option& opt(Registry& r, const std::string& path, Sec JobConfig::*sec, T Sec::*field,
+            std::string help) {
+  Type t;
+  if constexpr (std::is_same_v<T, bool>) {
+    t = Type::Bool;
+  } else if constexpr (std::is_same_v<T, int64_t>) {
+    t = Type::Int;
+  } else if constexpr (std::is_same_v<T, double>) {
+    t = Type::Float;
+  } else if constexpr (std::is_same_v<T, std::optional<double>>) {
+    t = Type::OptFloat;
+  } else if constexpr (std::is_same_v<T, std::string>) {
+    t = Type::String;
+  } else {
+    t = Type::StringList;
+  }
+  return r.add(make_option(path, sec, field, t, std::move(help)));
+}
+
+Option& range(Option& o, std::optional<double> lo, std::optional<double> hi = std::nullopt,
+              bool lo_exclusive = false) {
+  o.min = lo;
+  o.max = hi;
+  o.min_exclusive = lo_exclusive;
+  return o;
+}
+Option& choices(Option& o, std::vector<std::string> c) {
+  o.choices = std::move(c);
+  return o;
+}
+
+Registry build_registry() {
+  Registry r;
+  using J = JobConfig;
+  // [job]
+  opt(r, "job.config_file", &J::job, &JobSection::config_file, "TOML job file to read first");
+  opt(r, "job.dump_folder", &J::job, &JobSection::dump_folder,
+      "Folder for metrics, checkpoints, traces and TensorBoard files");
+  opt(r, "job.description", &J::job, &JobSection::description, "Free-form job description");
+  opt(r, "job.print_config", &J::job, &JobSection::print_config,
+      "Print the full resolved config at start");
+  r.aliases["job.print_args"] = "job.print_config";
+
+  // [profiling]
+  opt(r, "profiling.enable_profiling", &J::profiling, &ProfilingSection::enable_profiling,
+      "Write Chrome traces of profiled steps");
+  opt(r, "profiling.save_traces_folder", &J::profiling, &ProfilingSection::save_traces_folder,
+      "Trace folder under job.dump_folder");
+  range(opt(r, "profiling.profile_freq", &J::profiling, &ProfilingSection::profile_freq,
+            "Profile one window every this many steps"),
+        1);
+  range(opt(r, "profiling.profiler_warmup", &J::profiling, &ProfilingSection::profiler_warmup,
+            "Steps of warm-up before each profiled window"),
+        0);
+  range(opt(r, "profiling.profiler_active", &J::profiling, &ProfilingSection::profiler_active,
+            "Steps recorded per profiled window"),
+        1);
+  opt(r, "profiling.enable_memory_snapshot", &J::profiling,
+      &ProfilingSection::enable_memory_snapshot,
+      "Dump CUDA caching-allocator snapshots (and on out-of-memory)");
+  opt(r, "profiling.save_memory_snapshot_folder", &J::profiling,
+      &ProfilingSection::save_memory_snapshot_folder, "Memory snapshot folder under dump_folder");
+
+  // [metrics]
+  range(opt(r, "metrics.log_freq", &J::metrics, &MetricsSection::log_freq,
+            "Log metrics every this many steps"),
+        1);
+  opt(r, "metrics.enable_tensorboard", &J::metrics, &MetricsSection::enable_tensorboard,
+      "Write TensorBoard event files");
+  opt(r, "metrics.disable_color_printing", &J::metrics, &MetricsSection::disable_color_printing,
+      "Plain (uncolored) log output");
+  opt(r, "metrics.save_tb_folder", &J::metrics, &MetricsSection::save_tb_folder,
+      "TensorBoard folder under job.dump_folder");
+  opt(r, "metrics.save_for_all_ranks", &J::metrics, &MetricsSection::save_for_all_ranks,
+      "Write metrics files for every rank, not only rank 0");
+  opt(r, "metrics.enable_wandb", &J::metrics, &MetricsSection::enable_wandb,
+      "Weights & Biases logging (not available in titan)");
+
+  // [model]
+  choices(opt(r, "model.name", &J::model, &ModelSection::name, "Model family"), {"llama3"});
+  opt(r, "model.flavor", &J::model, &ModelSection::flavor,
+      "Model size: debugmodel, 1B, 3B, 8B, 70B, 405B");
+  opt(r, "model.hf_assets_path", &J::model, &ModelSection::hf_assets_path,
+      "Folder with tokenizer.json or tokenizer.model (and HF weights); empty: byte tokenizer");
+  opt(r, "model.tokenizer_path", &J::model, &ModelSection::tokenizer_path,
+      "Tokenizer file (tokenizer.json or tiktoken tokenizer.model); overrides hf_assets_path");
+  opt(r, "model.converters", &J::model, &ModelSection::converters,
+      "Model converters to apply, e.g. [\"float8\"]");
+  opt(r, "model.print_after_conversion", &J::model, &ModelSection::print_after_conversion,
+      "Print the model after converters ran");
+
+  // [optimizer]
+  choices(opt(r, "optimizer.name", &J::optimizer, &OptimizerSection::name, "Optimizer"),
+          {"AdamW", "Adam"});
+  range(opt(r, "optimizer.lr", &J::optimizer, &OptimizerSection::lr, "Peak learning rate"), 0.0,
+        std::nullopt, true);
+  range(opt(r, "optimizer.beta1", &J::optimizer, &OptimizerSection::beta1, "Adam beta1"), 0.0,
+        1.0);
+  range(opt(r, "optimizer.beta2", &J::optimizer, &OptimizerSection::beta2, "Adam beta2"), 0.0,
+        1.0);
+  range(opt(r, "optimizer.eps", &J::optimizer, &OptimizerSection::eps, "Adam epsilon"), 0.0,
+        std::nullopt, true);
+  range(opt(r, "optimizer.weight_decay", &J::optimizer, &OptimizerSection::weight_decay,
+            "Weight decay"),
+        0.0);
+  choices(opt(r, "optimizer.implementation", &J::optimizer, &OptimizerSection::implementation,
+              "fused (one kernel), foreach (batched ops) or for-loop"),
+          {"fused", "foreach", "for-loop"});
+  opt(r, "optimizer.early_step_in_backward", &J::optimizer,
+      &OptimizerSection::early_step_in_backward, "Step each parameter during backward");
+
+  // [lr_scheduler]
+  range(opt(r, "lr_scheduler.warmup_steps", &J::lr_scheduler, &LrSchedulerSection::warmup_steps,
+            "Linear warm-up steps"),
+        0);
+  range(opt(r, "lr_scheduler.decay_ratio", &J::lr_scheduler, &LrSchedulerSection::decay_ratio,
+            "Fraction of steps spent decaying (unset: all steps after warm-up)"),
+        0.0, 1.0);
+  choices(opt(r, "lr_scheduler.decay_type", &J::lr_scheduler, &LrSchedulerSection::decay_type,
+              "Decay shape"),
+          {"linear", "sqrt", "cosine"});
+  range(opt(r, "lr_scheduler.min_lr_factor", &J::lr_scheduler,
+            &LrSchedulerSection::min_lr_factor, "Final lr as a fraction of the peak"),
+        0.0, 1.0);
+
+  // [training]
+  opt(r, "training.dataset", &J::training, &TrainingSection::dataset,
+      "Dataset name: titan_corpus (built in), or any name with training.dataset_path");
+  opt(r, "training.dataset_path", &J::training, &TrainingSection::dataset_path,
+      "Local text/JSONL file or folder, or titan token shards");
+  opt(r, "training.dataset_text_field", &J::training, &TrainingSection::dataset_text_field,
+      "JSONL field holding the document text");
+  range(opt(r, "training.local_batch_size", &J::training, &TrainingSection::local_batch_size,
+            "Sequences per micro-batch per data-parallel rank"),
+        1);
+  opt(r, "training.global_batch_size", &J::training, &TrainingSection::global_batch_size,
+      "Sequences per optimizer step across ranks (-1: local x dp); more means accumulation");
+  range(opt(r, "training.seq_len", &J::training, &TrainingSection::seq_len, "Sequence length"), 2);
+  range(opt(r, "training.max_norm", &J::training, &TrainingSection::max_norm,
+            "Gradient-norm clipping threshold (<= 0 disables)"),
+        std::nullopt);
+  range(opt(r, "training.steps", &J::training, &TrainingSection::steps, "Optimizer steps"), 1);
+  opt(r, "training.enable_cpu_offload", &J::training, &TrainingSection::enable_cpu_offload,
+      "Keep sharded parameters and optimizer state in host memory");
+  choices(opt(r, "training.mixed_precision_param", &J::training,
+              &TrainingSection::mixed_precision_param, "Compute dtype of parameters on GPU"),
+          {"bfloat16", "float32"});
+  choices(opt(r, "training.mixed_precision_reduce", &J::training,
+              &TrainingSection::mixed_precision_reduce, "Dtype of gradient reductions"),
+          {"float32", "bfloat16"});
+  range(opt(r, "training.gc_freq", &J::training, &TrainingSection::gc_freq,
+            "Accepted for torchtitan compatibility (Python GC; nothing to do in titan)"),
+        1);
+  opt(r, "training.use_cuda_graphs", &J::training, &TrainingSection::use_cuda_graphs,
+      "Capture the steady-state step in a CUDA graph where shapes are static");
+  opt(r, "training.fused_kernels", &J::training, &TrainingSection::fused_kernels,
+      "Use titan's fused CUDA kernels (RMSNorm, RoPE, SwiGLU, cross-entropy, AdamW)");
+  r.aliases["training.batch_size"] = "training.local_batch_size";
+  r.aliases["training.seed"] = "debug.seed";
+  r.aliases["training.deterministic"] = "debug.deterministic";
+  r.aliases["training.data_parallel_shard_degree"] = "parallelism.data_parallel_shard_degree";
+  r.aliases["training.data_parallel_replicate_degree"] =
+      "parallelism.data_parallel_replicate_degree";
+  r.aliases["training.tensor_parallel_degree"] = "parallelism.tensor_parallel_degree";
+  r.aliases["training.compile"] = "compile.enable";
+
+  // [parallelism]
+  range(opt(r, "parallelism.data_parallel_replicate_degree", &J::parallelism,
+            &ParallelismSection::data_parallel_replicate_degree,
+            "Replicas (DDP / the replicate dim of HSDP)"),
+        1);
+  opt(r, "parallelism.data_parallel_shard_degree", &J::parallelism,
+      &ParallelismSection::data_parallel_shard_degree,
+      "FSDP shard degree (-1: whatever the other degrees leave of the world size)");
+  choices(opt(r, "parallelism.fsdp_reshard_after_forward", &J::parallelism,
+              &ParallelismSection::fsdp_reshard_after_forward,
+              "Free gathered parameters after forward: default, always, never"),
+          {"default", "always", "never"});
+  range(opt(r, "parallelism.tensor_parallel_degree", &J::parallelism,
+            &ParallelismSection::tensor_parallel_degree, "Tensor-parallel degree"),
+        1);
+  opt(r, "parallelism.disable_loss_parallel", &J::parallelism,
+      &ParallelismSection::disable_loss_parallel, "Gather logits before the loss under TP");
+  opt(r, "parallelism.enable_async_tensor_parallel", &J::parallelism,
+      &ParallelismSection::enable_async_tensor_parallel, "Overlap TP communication with matmuls");
+  range(opt(r, "parallelism.pipeline_parallel_degree", &J::parallelism,
+            &ParallelismSection::pipeline_parallel_degree, "Pipeline stages"),
+        1);
+  opt(r, "parallelism.pipeline_parallel_split_points", &J::parallelism,
+      &ParallelismSection::pipeline_parallel_split_points,
+      "Module names where stages begin, e.g. [\"layers.4\"]");
+  opt(r, "parallelism.pipeline_parallel_schedule", &J::parallelism,
+      &ParallelismSection::pipeline_parallel_schedule, "Pipeline schedule");
+  range(opt(r, "parallelism.pipeline_parallel_microbatch_size", &J::parallelism,
+            &ParallelismSection::pipeline_parallel_microbatch_size, "Sequences per microbatch"),
+        1);
+  range(opt(r, "parallelism.context_parallel_degree", &J::parallelism,
+            &ParallelismSection::context_parallel_degree, "Context-parallel degree"),
+        1);
+  choices(opt(r, "parallelism.context_parallel_rotate_method", &J::parallelism,
+              &ParallelismSection::context_parallel_rotate_method, "Ring attention rotation"),
+          {"allgather", "alltoall"});
+  range(opt(r, "parallelism.expert_parallel_degree", &J::parallelism,
+            &ParallelismSection::expert_parallel_degree, "Expert-parallel degree (MoE)"),
+        1);
+  opt(r, "parallelism.enable_compiled_autograd", &J::parallelism,
+      &ParallelismSection::enable_compiled_autograd,
+      "Accepted for torchtitan compatibility; titan has no autograd to compile");
+  r.aliases["experimental.pipeline_parallel_degree"] = "parallelism.pipeline_parallel_degree";
+  r.aliases["experimental.pipeline_parallel_split_points"] =
+      "parallelism.pipeline_parallel_split_points";
+  r.aliases["experimental.pipeline_parallel_schedule"] = "parallelism.pipeline_parallel_schedule";
+  r.aliases["experimental.context_parallel_degree"] = "parallelism.context_parallel_degree";
+  r.aliases["experimental.enable_async_tensor_parallel"] =
+      "parallelism.enable_async_tensor_parallel";
+
+  // [checkpoint]
+  opt(r, "checkpoint.enable", &J::checkpoint, &CheckpointSection::enable, "Save checkpoints");
+  opt(r, "checkpoint.folder", &J::checkpoint, &CheckpointSection::folder,
+      "Checkpoint folder under job.dump_folder");
+  range(opt(r, "checkpoint.interval", &J::checkpoint, &CheckpointSection::interval,
+            "Save every this many steps"),
+        1);
+  opt(r, "checkpoint.initial_load_path", &J::checkpoint, &CheckpointSection::initial_load_path,
+      "Checkpoint (or HF folder) to start from when the folder has none");
+  opt(r, "checkpoint.initial_load_model_only", &J::checkpoint,
+      &CheckpointSection::initial_load_model_only, "Load only weights from initial_load_path");
+  opt(r, "checkpoint.initial_load_in_hf", &J::checkpoint, &CheckpointSection::initial_load_in_hf,
+      "initial_load_path holds Hugging Face safetensors");
+  opt(r, "checkpoint.last_save_model_only", &J::checkpoint,
+      &CheckpointSection::last_save_model_only, "The final save holds only weights");
+  opt(r, "checkpoint.last_save_in_hf", &J::checkpoint, &CheckpointSection::last_save_in_hf,
+      "The final save is in Hugging Face format");
+  choices(opt(r, "checkpoint.export_dtype", &J::checkpoint, &CheckpointSection::export_dtype,
+              "Dtype of model-only saves"),
+          {"float32", "bfloat16", "float16"});
+  choices(opt(r, "checkpoint.async_mode", &J::checkpoint, &CheckpointSection::async_mode,
+              "disabled, async, or async_with_pinned_mem"),
+          {"disabled", "async", "async_with_pinned_mem"});
+  opt(r, "checkpoint.keep_latest_k", &J::checkpoint, &CheckpointSection::keep_latest_k,
+      "Keep this many newest checkpoints (0: all)");
+  opt(r, "checkpoint.load_step", &J::checkpoint, &CheckpointSection::load_step,
+      "Resume from this step (-1: newest complete)");
+  opt(r, "checkpoint.exclude_from_loading", &J::checkpoint,
+      &CheckpointSection::exclude_from_loading,
+      "State not to restore: model, optimizer, lr_scheduler, dataloader, train_state");
+  opt(r, "checkpoint.enable_first_step_checkpoint", &J::checkpoint,
+      &CheckpointSection::enable_first_step_checkpoint, "Also save after step 1");
+  opt(r, "checkpoint.create_seed_checkpoint", &J::checkpoint,
+      &CheckpointSection::create_seed_checkpoint, "Write step-0 weights and exit");
+  r.aliases["checkpoint.enable_checkpoint"] = "checkpoint.enable";
+  r.aliases["checkpoint.model_weights_only"] = "checkpoint.last_save_model_only";
+
+  // [activation_checkpoint]
+  choices(opt(r, "activation_checkpoint.mode", &J::activation_checkpoint,
+              &ActivationCheckpointSection::mode, "none, selective, or full"),
+          {"none", "selective", "full"});
+  opt(r, "activation_checkpoint.selective_ac_option", &J::activation_checkpoint,
+      &ActivationCheckpointSection::selective_ac_option,
+      "Integer k (every k-th block) or \"op\" (recompute cheap ops only)");
+
+  // [compile]
+  opt(r, "compile.enable", &J::compile, &CompileSection::enable,
+      "Accepted for torchtitan compatibility; titan is compiled ahead of time");
+  opt(r, "compile.components", &J::compile, &CompileSection::components,
+      "Accepted for torchtitan compatibility");
+
+  // [quantize.linear.float8] (older spelling: [float8])
+  opt(r, "quantize.linear.float8.enable_fsdp_float8_all_gather", &J::float8,
+      &Float8Section::enable_fsdp_float8_all_gather, "All-gather float8 weights under FSDP");
+  opt(r, "quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp", &J::float8,
+      &Float8Section::precompute_float8_dynamic_scale_for_fsdp,
+      "One scale all-reduce for all float8 weights");
+  opt(r, "quantize.linear.float8.recipe_name", &J::float8, &Float8Section::recipe_name,
+      "Float8 recipe (empty: tensorwise)");
+  opt(r, "quantize.linear.float8.filter_fqns", &J::float8, &Float8Section::filter_fqns,
+      "Linear layers kept in high precision");
+  opt(r, "quantize.linear.float8.emulate", &J::float8, &Float8Section::emulate,
+      "Emulate float8 arithmetic (for tests)");
+  {
+    // The older switch: enable_float8_linear = true means model.converters += "float8".
+    Option o;
+    o.path = "quantize.linear.float8.enable_float8_linear";
+    o.type = Type::Bool;
+    o.help = "Older spelling of model.converters = [\"float8\"]";
+    o.get = [](const JobConfig& c) -> Value {
+      const auto& v = c.model.converters;
+      return Value(std::find(v.begin(), v.end(), "float8") != v.end());
+    };
+    o.set = [](JobConfig& c, const Value& v) {
+      auto& conv = c.model.converters;
+      bool on = std::get<bool>(v);
+      bool has = std::find(conv.begin(), conv.end(), "float8") != conv.end();
+      if (on && !has) conv.push_back("float8");
+      if (!on && has) conv.erase(std::find(conv.begin(), conv.end(), "float8"));
+    };
+    r.add(std::move(o));
+  }
+  r.section_aliases["float8"] = "quantize.linear.float8";
+  r.aliases["training.enable_float8_linear"] = "quantize.linear.float8.enable_float8_linear";
+
+  // [comm]
+  range(opt(r, "comm.init_timeout_seconds", &J::comm, &CommSection::init_timeout_seconds,
+            "Rendezvous / first collective timeout"),
+        1);
+  range(opt(r, "comm.train_timeout_seconds", &J::comm, &CommSection::train_timeout_seconds,
+            "Collective timeout during training (watchdog)"),
+        1);
+  range(opt(r, "comm.trace_buf_size", &J::comm, &CommSection::trace_buf_size,
+            "Flight-recorder entries kept per rank"),
+        0);
+  opt(r, "comm.save_traces_folder", &J::comm, &CommSection::save_traces_folder,
+      "Flight-recorder dump folder under job.dump_folder");
+
+  // [validation]
+  opt(r, "validation.enabled", &J::validation, &ValidationSection::enabled,
+      "Evaluate loss on a validation set");
+  opt(r, "validation.dataset", &J::validation, &ValidationSection::dataset,
+      "Validation dataset name");
+  opt(r, "validation.dataset_path", &J::validation, &ValidationSection::dataset_path,
+      "Validation data path");
+  range(opt(r, "validation.local_batch_size", &J::validation,
+            &ValidationSection::local_batch_size, "Validation batch size"),
+        1);
+  range(opt(r, "validation.seq_len", &J::validation, &ValidationSection::seq_len,
+            "Validation sequence length"),
+        2);
+  range(opt(r, "validation.freq", &J::validation, &ValidationSection::freq,
+            "Validate every this many steps"),
+        1);
+  opt(r, "validation.steps", &J::validation, &ValidationSection::steps,
+      "Validation batches per evaluation (-1: the whole validation set)");
+
+  // [debug]
+  range(opt(r, "debug.seed", &J::debug, &DebugSection::seed, "Random seed"), 0);
+  opt(r, "debug.deterministic", &J::debug, &DebugSection::deterministic,
+      "Deterministic algorithms only");
+  return r;
+}
+
+const Registry& registry() {
+  static const Registry r = build_registry();
+  return r;
+}
+
+// Where a value came from, for messages.
+struct Origin {
+  std::string where;  // "configs/x.toml:3:7" or "command line argument '--a.b'"
+};
+
+std::string resolve_alias(const std::string& path, const Registry& r) {
+  if (auto it = r.aliases.find(path); it != r.aliases.end()) return it->second;
+  for (const auto& [old_sec, new_sec] : r.section_aliases) {
+    if (path.rfind(old_sec + ".", 0) == 0) return new_sec + path.substr(old_sec.size());
+  }
+  return path;
+}
+
+std::string suggestion(const std::string& path, const Registry& r) {
+  std::vector<std::string> names;
+  for (const auto& o : r.options) names.push_back(o.path);
+  for (const auto& [a, _] : r.aliases) names.push_back(a);
+  std::string best = util::nearest(path, names);
+  return best.empty() ? std::string() : "; did you mean " + best + "?";
+}
+
+[[noreturn]] void unknown_key(const std::string& path, const Origin& origin) {
+  const Registry& r = registry();
+  // An unknown section gets a section-level hint when no key is close.
+  fail("unknown key ", path, " (", origin.where, ")", suggestion(path, r));
+}
+
+std::string format_number(double v) {
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
+
+void check_value(const Option& o, const Value& v, const Origin& origin) {
+  auto bad = [&](const std::string& what) {
+    fail(o.path, ": ", what, " (", origin.where, ")");
+  };
+  std::optional<double> num;
+  if (auto* i = std::get_if<int64_t>(&v)) num = static_cast<double>(*i);
+  if (auto* d = std::get_if<double>(&v)) num = *d;
+  if (auto* od = std::get_if<std::optional<double>>(&v); od && od->has_value()) num = **od;
+  if (num) {
+    if (std::isnan(*num)) bad("expected a number, got nan");
+    bool low = o.min && (o.min_exclusive ? *num <= *o.min : *num < *o.min);
+    bool high = o.max && *num > *o.max;
+    if (low || high) {
+      std::string expect;
+      if (o.min && o.max) {
+        expect = "in [" + format_number(*o.min) + ", " + format_number(*o.max) + "]";
+      } else if (o.min) {
+        expect = std::string(o.min_exclusive ? "> " : ">= ") + format_number(*o.min);
+      } else {
+        expect = "<= " + format_number(*o.max);
+      }
+      bad("value " + format_number(*num) + " is out of range: expected " + expect);
+    }
+  }
+  if (!o.choices.empty()) {
+    std::vector<std::string> items;
+    if (auto* s = std::get_if<std::string>(&v)) items.push_back(*s);
+    if (auto* l = std::get_if<std::vector<std::string>>(&v)) items = *l;
+    for (const auto& item : items) {
+      if (std::find(o.choices.begin(), o.choices.end(), item) == o.choices.end()) {
+        std::string list = util::join(o.choices, ", ");
+        std::string near = util::nearest(item, o.choices);
+        bad("\"" + item + "\" is not one of: " + list +
+            (near.empty() ? "" : "; did you mean \"" + near + "\"?"));
+      }
+    }
+  }
+}
+
+// ---- values from TOML ----
+
+std::string where_in(const toml::node& node, const std::string& source) {
+  const auto& b = node.source().begin;
+  return source + ":" + std::to_string(b.line) + ":" + std::to_string(b.column);
+}
+
+std::string toml_kind(const toml::node& n) {
+  if (n.is_boolean()) return "boolean";
+  if (n.is_integer()) return "integer";
+  if (n.is_floating_point()) return "float";
+  if (n.is_string()) return "string";
+  if (n.is_array()) return "array";
+  if (n.is_table()) return "table";
+  return "date/time";
+}
+
+Value value_from_toml(const Option& o, const toml::node& n, const Origin& origin) {
+  auto wrong = [&]() -> Value {
+    fail(o.path, ": expected ", type_name(o.type), ", got ", toml_kind(n), " (", origin.where,
+         ")");
+  };
+  switch (o.type) {
+    case Type::Bool:
+      if (auto b = n.value_exact<bool>()) return *b;
+      return wrong();
+    case Type::Int:
+      if (auto i = n.value_exact<int64_t>()) return *i;
+      return wrong();
+    case Type::Float:
+      if (auto d = n.value_exact<double>()) return *d;
+      if (auto i = n.value_exact<int64_t>()) return static_cast<double>(*i);
+      return wrong();
+    case Type::OptFloat:
+      if (auto d = n.value_exact<double>()) return std::optional<double>(*d);
+      if (auto i = n.value_exact<int64_t>()) return std::optional<double>(static_cast<double>(*i));
+      if (auto s = n.value_exact<std::string>(); s && util::lower(*s) == "none")
+        return std::optional<double>();
+      return wrong();
+    case Type::String:
+      if (auto s = n.value_exact<std::string>()) return *s;
+      // Integers are accepted where torchtitan writes numbers as strings (selective_ac_option).
+      if (auto i = n.value_exact<int64_t>()) return std::to_string(*i);
+      return wrong();
+    case Type::StringList: {
+      const toml::array* arr = n.as_array();
+      if (!arr) return wrong();
+      std::vector<std::string> out;
+      for (const auto& el : *arr) {
+        if (auto s = el.value_exact<std::string>()) {
+          out.push_back(*s);
+        } else {
+          fail(o.path, ": expected a list of strings, found a ", toml_kind(el), " element (",
+               origin.where, ")");
+        }
+      }
+      return out;
+    }
+  }
+  return wrong();
+}
+
+void walk_table(JobConfig& config, const toml::table& table, const std::string& prefix,
+                const std::string& source) {
+  const Registry& r = registry();
+  for (const auto& [key, node] : table) {
+    std::string path = prefix.empty() ? std::string(key.str()) : prefix + "." + std::string(key.str());
+    Origin origin{where_in(node, source)};
+    std::string resolved = resolve_alias(path, r);
+    const Option* o = r.find(resolved);
+    if (!o && node.is_table()) {
+      walk_table(config, *node.as_table(), path, source);
+      continue;
+    }
+    if (!o) unknown_key(path, origin);
+    Value v = value_from_toml(*o, node, origin);
+    check_value(*o, v, origin);
+    o->set(config, v);
+  }
+}
+
+// ---- values from the command line ----
+
+std::optional<bool> parse_bool(const std::string& s) {
+  std::string l = util::lower(s);
+  if (l == "true" || l == "1" || l == "yes" || l == "on") return true;
+  if (l == "false" || l == "0" || l == "no" || l == "off") return false;
+  return std::nullopt;
+}
+
+Value value_from_string(const Option& o, const std::string& text, const Origin& origin) {
+  auto wrong = [&]() -> Value {
+    fail(o.path, ": expected ", type_name(o.type), ", got \"", text, "\" (", origin.where, ")");
+  };
+  switch (o.type) {
+    case Type::Bool:
+      if (auto b = parse_bool(text)) return *b;
+      return wrong();
+    case Type::Int: {
+      int64_t v = 0;
+      if (util::parse_int(text, v)) return v;
+      return wrong();
+    }
+    case Type::Float: {
+      double v = 0;
+      if (util::parse_double(text, v)) return v;
+      return wrong();
+    }
+    case Type::OptFloat: {
+      if (util::lower(text) == "none" || text.empty()) return std::optional<double>();
+      double v = 0;
+      if (util::parse_double(text, v)) return std::optional<double>(v);
+      return wrong();
+    }
+    case Type::String:
+      return text;
+    case Type::StringList: {
+      std::vector<std::string> out;
+      std::string t = text;
+      if (!t.empty() && t.front() == '[' && t.back() == ']') t = t.substr(1, t.size() - 2);
+      for (auto& part : util::split(t, ',')) {
+        std::string item = util::trim(part);
+        if (item.size() >= 2 && (item.front() == '"' || item.front() == '\'') &&
+            item.back() == item.front()) {
+          item = item.substr(1, item.size() - 2);
+        }
+        if (!item.empty()) out.push_back(item);
+      }
+      return out;
+    }
+  }
+  return wrong();
+}
+
+struct CliOverride {
+  std::string path;   // as written, normalized ('-' -> '_')
+  std::optional<std::string> value;
+  std::string arg;    // original spelling, for messages
+};
+
+std::vector<CliOverride> parse_cli(const std::vector<std::string>& args) {
+  const Registry& r = registry();
+  std::vector<CliOverride> out;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a.rfind("--", 0) != 0 || a.size() <= 2) {
+      fail("unexpected command line argument '", a, "': options look like --section.key value");
+    }
+    std::string body = a.substr(2);
+    CliOverride ov;
+    ov.arg = a;
+    if (auto eq = body.find('='); eq != std::string::npos) {
+      ov.path = body.substr(0, eq);
+      ov.value = body.substr(eq + 1);
+    } else {
+      ov.path = body;
+    }
+    std::replace(ov.path.begin(), ov.path.end(), '-', '_');
+    if (!ov.value) {
+      const Option* o = r.find(resolve_alias(ov.path, r));
+      bool is_bool = o && o->type == Type::Bool;
+      bool next_is_value = i + 1 < args.size() && args[i + 1].rfind("--", 0) != 0;
+      if (is_bool) {
+        // Bare flag means true; an explicit true/false may follow.
+        if (next_is_value && parse_bool(args[i + 1])) ov.value = args[++i];
+      } else if (i + 1 < args.size()) {
+        ov.value = args[++i];
+      } else if (o) {
+        fail(ov.path, ": expected ", type_name(o->type), " after '", a,
+             "', but the command line ends there");
+      }
+    }
+    out.push_back(ov);
+  }
+  return out;
+}
+
+void apply_override(JobConfig& config, const CliOverride& ov) {
+  const Registry& r = registry();
+  Origin origin{"command line argument '" + ov.arg + "'"};
+  const Option* o = r.find(resolve_alias(ov.path, r));
+  if (!o) unknown_key(ov.path, origin);
+  Value v = ov.value ? value_from_string(*o, *ov.value, origin) : Value(true);
+  check_value(*o, v, origin);
+  o->set(config, v);
+}
+
+// ---- printing ----
+
+std::string toml_value(const Value& v) {
+  struct {
+    std::string operator()(bool b) const { return b ? "true" : "false"; }
+    std::string operator()(int64_t i) const { return std::to_string(i); }
+    std::string operator()(double d) const {
+      std::ostringstream s;
+      s.precision(17);
+      s << d;
+      std::string t = s.str();
+      if (t.find_first_of(".eEn") == std::string::npos) t += ".0";
+      return t;
+    }
+    std::string operator()(const std::optional<double>& d) const {
+      return d ? (*this)(*d) : "\"none\"";
+    }
+    std::string operator()(const std::string& s) const { return util::quote(s); }
+    std::string operator()(const std::vector<std::string>& l) const {
+      std::vector<std::string> q;
+      for (const auto& s : l) q.push_back(util::quote(s));
+      return "[" + util::join(q, ", ") + "]";
+    }
+  } visitor;
+  return std::visit(visitor, v);
+}
+
+std::string section_of(const std::string& path) { return path.substr(0, path.rfind('.')); }
+std::string key_of(const std::string& path) { return path.substr(path.rfind('.') + 1); }
+
+}  // namespace
+
+void apply_toml(JobConfig& config, const std::string& toml_text, const std::string& source_name) {
+  toml::table table;
+  try {
+    table = toml::parse(toml_text, source_name);
+  } catch (const toml::parse_error& e) {
+    const auto& b = e.source().begin;
+    fail(source_name, ":", b.line, ":", b.column, ": malformed TOML: ", e.description());
+  }
+  walk_table(config, table, "", source_name);
+}
+
+void apply_cli(JobConfig& config, const std::vector<std::string>& args) {
+  for (const auto& ov : parse_cli(args)) apply_override(config, ov);
+}
+
+JobConfig load_job_config(const std::vector<std::string>& args) {
+  JobConfig config;
+  std::vector<CliOverride> overrides = parse_cli(args);
+  // The config file applies first, whatever its position on the command line.
+  for (const auto& ov : overrides) {
+    if (ov.path == "job.config_file") apply_override(config, ov);
+  }
+  if (!config.job.config_file.empty()) {
+    std::ifstream in(config.job.config_file);
+    TITAN_CHECK(in.good(), "job.config_file: cannot open '", config.job.config_file, "'");
+    std::stringstream buf;
+    buf << in.rdbuf();
+    std::string file = config.job.config_file;
+    apply_toml(config, buf.str(), file);
+    config.job.config_file = file;
+  }
+  for (const auto& ov : overrides) apply_override(config, ov);
+  validate(config);
+  return config;
+}
+
+void validate(const JobConfig& c) {
+  // Flavor names live with the model; list them in the message.
+  const auto flavors = model::llama_flavor_names();
+  if (std::find(flavors.begin(), flavors.end(), c.model.flavor) == flavors.end()) {
+    std::string near = util::nearest(c.model.flavor, flavors);
+    fail("model.flavor: unknown flavor \"", c.model.flavor, "\"; expected one of ",
+         util::join(flavors, ", "), near.empty() ? "" : "; did you mean \"" + near + "\"?");
+  }
+  const auto& ac = c.activation_checkpoint;
+  if (ac.mode == "selective" && ac.selective_ac_option != "op") {
+    int64_t k = 0;
+    TITAN_CHECK(util::parse_int(ac.selective_ac_option, k) && k >= 1,
+                "activation_checkpoint.selective_ac_option: expected a positive integer or "
+                "\"op\", got \"",
+                ac.selective_ac_option, "\"");
+  }
+  const auto& t = c.training;
+  TITAN_CHECK(t.global_batch_size == -1 || t.global_batch_size >= 1,
+              "training.global_batch_size: expected -1 or a positive integer, got ",
+              t.global_batch_size);
+  TITAN_CHECK(c.parallelism.data_parallel_shard_degree == -1 ||
+                  c.parallelism.data_parallel_shard_degree >= 1,
+              "parallelism.data_parallel_shard_degree: expected -1 or a positive integer, got ",
+              c.parallelism.data_parallel_shard_degree);
+  TITAN_CHECK(c.validation.steps == -1 || c.validation.steps >= 1,
+              "validation.steps: expected -1 or a positive integer, got ", c.validation.steps);
+  TITAN_CHECK(c.checkpoint.keep_latest_k >= 0,
+              "checkpoint.keep_latest_k: expected >= 0, got ", c.checkpoint.keep_latest_k);
+  TITAN_CHECK(c.checkpoint.load_step >= -1, "checkpoint.load_step: expected -1 or a step >= 0, got ",
+              c.checkpoint.load_step);
+  TITAN_CHECK(!c.metrics.enable_wandb,
+              "metrics.enable_wandb: Weights & Biases is not available in titan (no Python); "
+              "use metrics.enable_tensorboard = true");
+  TITAN_CHECK(!c.optimizer.early_step_in_backward,
+              "optimizer.early_step_in_backward: not supported: titan clips the gradient norm "
+              "across the whole mesh before stepping, which needs every gradient first");
+  for (const auto& conv : c.model.converters) {
+    if (conv == "float8" || conv == "quantize.linear.float8") {
+      fail("model.converters: \"", conv, "\" (float8 training) is not available in this titan "
+           "release yet; remove it from model.converters");
+    }
+    fail("model.converters: unknown converter \"", conv, "\"; titan knows \"float8\"");
+  }
+  const auto& p = c.parallelism;
+  auto unsupported = [](const char* key, int64_t v, const char* what) {
+    fail("parallelism.", key, " = ", v, ": ", what,
+         " is not available in this titan release yet; set it to 1");
+  };
+  if (p.tensor_parallel_degree != 1)
+    unsupported("tensor_parallel_degree", p.tensor_parallel_degree, "tensor parallelism");
+  if (p.pipeline_parallel_degree != 1)
+    unsupported("pipeline_parallel_degree", p.pipeline_parallel_degree, "pipeline parallelism");
+  if (p.context_parallel_degree != 1)
+    unsupported("context_parallel_degree", p.context_parallel_degree, "context parallelism");
+  if (p.expert_parallel_degree != 1)
+    unsupported("expert_parallel_degree", p.expert_parallel_degree,
+                "expert parallelism (Llama 3 has no experts)");
+  TITAN_CHECK(!p.enable_async_tensor_parallel,
+              "parallelism.enable_async_tensor_parallel: needs tensor parallelism, which is not "
+              "available in this titan release yet");
+}
+
+std::string to_toml(const JobConfig& config) {
+  const Registry& r = registry();
+  std::ostringstream out;
+  std::string current;
+  for (const auto& o : r.options) {
+    std::string sec = section_of(o.path);
+    if (sec != current) {
+      out << (current.empty() ? "" : "\n") << "[" << sec << "]\n";
+      current = sec;
+    }
+    out << key_of(o.path) << " = " << toml_value(o.get(config)) << "\n";
+  }
+  return out.str();
+}
+
+std::string help_text() {
+  const Registry& r = registry();
+  JobConfig defaults;
+  std::ostringstream out;
+  out << "usage: titan_train [--job.config_file FILE.toml] [--section.key VALUE ...]\n"
+         "       titan_train --help\n\n"
+         "Every option below can be set in the TOML file or overridden on the command line\n"
+         "(--section.key value, --section.key=value, or a bare --section.flag for true).\n";
+  std::string current;
+  for (const auto& o : r.options) {
+    std::string sec = section_of(o.path);
+    if (sec != current) {
+      out << "\n[" << sec << "]\n";
+      current = sec;
+    }
+    out << "  --" << o.path << " (" << type_name(o.type)
+        << ", default " << toml_value(o.get(defaults)) << ")\n      " << o.help;
+    if (!o.choices.empty()) out << " {" << util::join(o.choices, ", ") << "}";
+    out << "\n";
+  }
+  out << "\nOlder spellings accepted:";
+  for (const auto& [a, b] : r.aliases) out << "\n  " << a << " -> " << b;
+  for (const auto& [a, b] : r.section_aliases) out << "\n  [" << a << "] -> [" << b << "]";
+  out << "\n";
+  return out.str();
+}
+
+}  // namespace titan::config

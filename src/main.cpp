@@ -1,0 +1,38 @@
+// titan_train: reads the job config (TOML + CLI overrides), builds the trainer, trains.
+#include <exception>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "titan/config/job_config.h"
+#include "titan/train/trainer.h"
+#include "titan/util/error.h"
+#include "titan/util/log.h"
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  for (const auto& a : args) {
+    if (a == "--help" || a == "-h") {
+      std::cout << titan::config::help_text();
+      return 0;
+    }
+  }
+  try {
+    titan::config::JobConfig config = titan::config::load_job_config(args);
+    titan::log::init(-1, true, !config.metrics.disable_color_printing);
+    if (config.job.print_config) {
+      std::cout << "# resolved job config\n" << titan::config::to_toml(config) << std::flush;
+    }
+    titan::log::info("job: {}{}", config.job.description,
+                     config.job.config_file.empty() ? "" : " (" + config.job.config_file + ")");
+    titan::train::Trainer trainer(std::move(config));
+    trainer.train();
+    return 0;
+  } catch (const titan::Error& e) {
+    std::cerr << "titan_train: error: " << e.what() << std::endl;
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "titan_train: internal error: " << e.what() << std::endl;
+    return 3;
+  }
+}

@@ -1,0 +1,156 @@
+// Explicit forward/backward of the Llama 3 block, embedding and weight views.
+#include "titan/model/llama.h"
+
+#include <ATen/ATen.h>
+
+#include "titan/ops/linear.h"
+#include "titan/ops/rmsnorm.h"
+#include "titan/ops/rope.h"
+#include "titan/ops/swiglu.h"
+
+namespace titan::model {
+namespace {
+
+at::Tensor view2d(const at::Tensor& flat, int64_t offset, int64_t rows, int64_t cols) {
+  return flat.narrow(0, offset, rows * cols).view({rows, cols});
+}
+
+}  // namespace
+
+BlockWeights block_views(const UnitLayout& unit, const at::Tensor& flat) {
+  const BlockOffsets o = block_offsets(unit);
+  const auto& wq = unit.param("attention.wq.weight");
+  const auto& wk = unit.param("attention.wk.weight");
+  const auto& wo = unit.param("attention.wo.weight");
+  const auto& w1 = unit.param("feed_forward.w1.weight");
+  const auto& w2 = unit.param("feed_forward.w2.weight");
+  const int64_t dim = wq.shape[1];
+  const int64_t qkv_rows = wq.shape[0] + 2 * wk.shape[0];
+  BlockWeights w;
+  w.attention_norm = flat.narrow(0, o.attention_norm, dim);
+  w.wqkv = view2d(flat, o.wqkv, qkv_rows, dim);
+  w.wo = view2d(flat, o.wo, wo.shape[0], wo.shape[1]);
+  w.ffn_norm = flat.narrow(0, o.ffn_norm, dim);
+  w.w13 = view2d(flat, o.w13, 2 * w1.shape[0], dim);
+  w.w2 = view2d(flat, o.w2, w2.shape[0], w2.shape[1]);
+  return w;
+}
+
+namespace {
+
+// The forward proper; `keep_all` stores every intermediate in `s`, otherwise only what the
+// Matmuls policy keeps (the caller drops more for InputOnly).
+at::Tensor forward_impl(const LlamaArgs& a, const BlockWeights& w, const Rope& rope,
+                        const at::Tensor& x, bool keep_all, BlockSaved& s) {
+  const int64_t b = x.size(0), seq = x.size(1);
+  const int64_t hd = a.head_dim(), nh = a.n_heads, nkv = a.n_kv_heads;
+  auto [xn1, rstd1] = ops::rmsnorm_forward(x, w.attention_norm, a.norm_eps);
+  at::Tensor qkv = ops::linear_forward(xn1, w.wqkv).view({b, seq, nh + 2 * nkv, hd});
+  at::Tensor q = ops::rope_apply(qkv.narrow(2, 0, nh), rope.cos, rope.sin);
+  at::Tensor k = ops::rope_apply(qkv.narrow(2, nh, nkv), rope.cos, rope.sin);
+  at::Tensor v = qkv.narrow(2, nh + nkv, nkv);
+  at::Tensor o = ops::attention_forward(q, k, v, s.attn).reshape({b, seq, nh * hd});
+  at::Tensor h = x + ops::linear_forward(o, w.wo);
+  auto [hn2, rstd2] = ops::rmsnorm_forward(h, w.ffn_norm, a.norm_eps);
+  at::Tensor ab = ops::linear_forward(hn2, w.w13);
+  at::Tensor g = ops::swiglu_forward(ab);
+  at::Tensor out = h + ops::linear_forward(g, w.w2);
+  s.x = x;
+  s.qkv = qkv;
+  s.o = o;
+  s.h = h;
+  s.ab = ab;
+  if (keep_all) {
+    s.rstd1 = rstd1;
+    s.xn1 = xn1;
+    s.q = q;
+    s.k = k;
+    s.rstd2 = rstd2;
+    s.hn2 = hn2;
+    s.g = g;
+  } else {
+    // The attention kernel's own references to q/k are dropped too: backward rebuilds them.
+    s.attn.q = at::Tensor();
+    s.attn.k = at::Tensor();
+    s.attn.v = at::Tensor();
+  }
+  return out;
+}
+
+}  // namespace
+
+at::Tensor block_forward(const LlamaArgs& args, const BlockWeights& w, const Rope& rope,
+                         const at::Tensor& x, SavePolicy policy, BlockSaved& saved) {
+  saved.clear();
+  saved.policy = policy;
+  at::Tensor out = forward_impl(args, w, rope, x, policy == SavePolicy::All, saved);
+  if (policy == SavePolicy::InputOnly) {
+    at::Tensor input = saved.x;
+    saved.clear();
+    saved.policy = policy;
+    saved.x = input;
+  }
+  return out;
+}
+
+at::Tensor block_backward(const LlamaArgs& a, const BlockWeights& w, const Rope& rope,
+                          const at::Tensor& dout, BlockSaved& s, const BlockGrads& grads) {
+  const int64_t b = dout.size(0), seq = dout.size(1);
+  const int64_t hd = a.head_dim(), nh = a.n_heads, nkv = a.n_kv_heads;
+  if (s.policy == SavePolicy::InputOnly) {
+    // Recompute the block, keeping what the Matmuls policy keeps.
+    at::Tensor x = s.x;
+    s.clear();
+    forward_impl(a, w, rope, x, /*keep_all=*/false, s);
+    s.policy = SavePolicy::Matmuls;
+  }
+  if (s.policy == SavePolicy::Matmuls) {
+    // Recompute the cheap elementwise parts from the saved matmul outputs.
+    std::tie(s.xn1, s.rstd1) = ops::rmsnorm_forward(s.x, w.attention_norm, a.norm_eps);
+    s.q = ops::rope_apply(s.qkv.narrow(2, 0, nh), rope.cos, rope.sin);
+    s.k = ops::rope_apply(s.qkv.narrow(2, nh, nkv), rope.cos, rope.sin);
+    // The kernel's saved output and logsumexp stay; only its input views are rebuilt.
+    ops::attention_bind_inputs(s.q, s.k, s.qkv.narrow(2, nh + nkv, nkv), s.attn);
+    std::tie(s.hn2, s.rstd2) = ops::rmsnorm_forward(s.h, w.ffn_norm, a.norm_eps);
+    s.g = ops::swiglu_forward(s.ab);
+  }
+  // Feed-forward: out = h + w2(swiglu(w13(norm(h)))).
+  ops::linear_backward_weight_accumulate(dout, s.g, grads.w2);
+  at::Tensor dg = ops::linear_backward_input(dout, w.w2);
+  at::Tensor dab = ops::swiglu_backward(dg, s.ab);
+  ops::linear_backward_weight_accumulate(dab, s.hn2, grads.w13);
+  at::Tensor dhn2 = ops::linear_backward_input(dab, w.w13);
+  at::Tensor ffn_norm_grad = grads.ffn_norm;
+  at::Tensor dh = dout + ops::rmsnorm_backward(dhn2, s.h, w.ffn_norm, s.rstd2, ffn_norm_grad);
+  // Attention: h = x + wo(attn(rope(q), rope(k), v)).
+  ops::linear_backward_weight_accumulate(dh, s.o, grads.wo);
+  at::Tensor d_o = ops::linear_backward_input(dh, w.wo).view({b, seq, nh, hd});
+  auto [dq, dk, dv] = ops::attention_backward(d_o, s.attn, nkv);
+  at::Tensor dqkv = at::empty({b, seq, nh + 2 * nkv, hd}, dout.options());
+  dqkv.narrow(2, 0, nh).copy_(ops::rope_apply(dq, rope.cos, rope.sin, /*inverse=*/true));
+  dqkv.narrow(2, nh, nkv).copy_(ops::rope_apply(dk, rope.cos, rope.sin, /*inverse=*/true));
+  dqkv.narrow(2, nh + nkv, nkv).copy_(dv);
+  at::Tensor dqkv_flat = dqkv.view({b, seq, (nh + 2 * nkv) * hd});
+  ops::linear_backward_weight_accumulate(dqkv_flat, s.xn1, grads.wqkv);
+  at::Tensor dxn1 = ops::linear_backward_input(dqkv_flat, w.wqkv);
+  at::Tensor attn_norm_grad = grads.attention_norm;
+  at::Tensor dx =
+      dh + ops::rmsnorm_backward(dxn1, s.x, w.attention_norm, s.rstd1, attn_norm_grad);
+  s.clear();
+  return dx;
+}
+
+at::Tensor embedding_forward(const at::Tensor& table, const at::Tensor& tokens,
+                             at::ScalarType dtype) {
+  at::Tensor rows = at::index_select(table, 0, tokens.reshape({-1}));
+  auto sizes = tokens.sizes().vec();
+  sizes.push_back(table.size(1));
+  return rows.to(dtype).view(sizes);
+}
+
+void embedding_backward(const at::Tensor& dh, const at::Tensor& tokens, at::Tensor& grad_table) {
+  grad_table.index_add_(0, tokens.reshape({-1}),
+                        dh.reshape({-1, dh.size(-1)}).to(grad_table.scalar_type()));
+}
+
+}  // namespace titan::model

@@ -1,0 +1,83 @@
+// Llama 3 flavor table (dims from torchtitan / Meta's model cards) and size arithmetic.
+#include "titan/model/llama_args.h"
+
+#include "titan/util/error.h"
+#include "titan/util/strings.h"
+
+namespace titan::model {
+
+int64_t LlamaArgs::ffn_hidden_dim() const {
+  int64_t hidden = 2 * (4 * dim) / 3;
+  if (ffn_dim_multiplier) hidden = static_cast<int64_t>(*ffn_dim_multiplier * hidden);
+  return multiple_of * ((hidden + multiple_of - 1) / multiple_of);
+}
+
+int64_t LlamaArgs::params_per_block() const {
+  const int64_t hd = head_dim();
+  const int64_t attn = dim * (n_heads * hd) + 2 * dim * (n_kv_heads * hd) + (n_heads * hd) * dim;
+  const int64_t ffn = 3 * dim * ffn_hidden_dim();
+  return attn + ffn + 2 * dim;  // two RMSNorm weights
+}
+
+int64_t LlamaArgs::total_params() const {
+  // embeddings + blocks + final norm + untied output projection
+  return embedding_params() + n_layers * params_per_block() + dim + vocab_size * dim;
+}
+
+double LlamaArgs::training_flops_per_token(int64_t seq_len) const {
+  const double dense = 6.0 * static_cast<double>(total_params() - embedding_params());
+  const double attn = 12.0 * n_layers * n_heads * head_dim() * static_cast<double>(seq_len);
+  return dense + attn;
+}
+
+namespace {
+
+struct Flavor {
+  const char* name;
+  LlamaArgs args;
+};
+
+LlamaArgs make(int64_t dim, int64_t layers, int64_t heads, int64_t kv_heads, int64_t vocab,
+               int64_t multiple_of, std::optional<double> mult) {
+  LlamaArgs a;
+  a.dim = dim;
+  a.n_layers = layers;
+  a.n_heads = heads;
+  a.n_kv_heads = kv_heads;
+  a.vocab_size = vocab;
+  a.multiple_of = multiple_of;
+  a.ffn_dim_multiplier = mult;
+  return a;
+}
+
+const std::vector<Flavor>& flavors() {
+  static const std::vector<Flavor> table = {
+      {"debugmodel", make(256, 6, 16, 16, 2000, 256, std::nullopt)},
+      {"1B", make(2048, 16, 32, 8, 128256, 1024, 1.5)},
+      {"3B", make(3072, 28, 24, 8, 128256, 1024, 1.0)},
+      {"8B", make(4096, 32, 32, 8, 128256, 1024, 1.3)},
+      {"70B", make(8192, 80, 64, 8, 128256, 4096, 1.3)},
+      {"405B", make(16384, 126, 128, 8, 128256, 4096, 1.2)},
+  };
+  return table;
+}
+
+}  // namespace
+
+std::vector<std::string> llama_flavor_names() {
+  std::vector<std::string> names;
+  for (const auto& f : flavors()) names.push_back(f.name);
+  return names;
+}
+
+LlamaArgs llama_flavor(const std::string& name) {
+  for (const auto& f : flavors()) {
+    if (name == f.name) return f.args;
+  }
+  std::string near = util::nearest(name, llama_flavor_names());
+  fail("model.flavor: unknown flavor \"", name, "\"; expected one of ",
+       util::join(llama_flavor_names(), ", "),
+       near.empty() ? "" : "; did you mean \"" + near + "\"?");
+}
+
+}  // namespace titan::model

@@ -1,0 +1,44 @@
+// Linear-layer products for the explicit forward/backward.
+#include "titan/ops/linear.h"
+
+#include <ATen/ATen.h>
+
+#include "titan/ops/dispatch.h"
+#ifdef TITAN_WITH_CUDA
+#include "titan/kernels/kernels.h"
+#endif
+
+namespace titan::ops {
+
+at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w) {
+  auto sizes = x.sizes().vec();
+  at::Tensor y = at::mm(x.reshape({-1, x.size(-1)}), w.t());
+  sizes.back() = w.size(0);
+  return y.view(sizes);
+}
+
+at::Tensor linear_backward_input(const at::Tensor& dy, const at::Tensor& w) {
+  auto sizes = dy.sizes().vec();
+  at::Tensor dx = at::mm(dy.reshape({-1, dy.size(-1)}), w);
+  sizes.back() = w.size(1);
+  return dx.view(sizes);
+}
+
+void linear_backward_weight_accumulate(const at::Tensor& dy, const at::Tensor& x,
+                                       const at::Tensor& grad_w) {
+  at::Tensor dy2 = dy.reshape({-1, dy.size(-1)});
+  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+#ifdef TITAN_WITH_CUDA
+  if (dy2.is_cuda()) {
+    kernels::gemm_tn_accumulate_fp32(dy2, x2, grad_w);
+    return;
+  }
+#endif
+  if (dy2.scalar_type() == grad_w.scalar_type()) {
+    grad_w.addmm_(dy2.t(), x2);
+  } else {
+    grad_w.add_(at::mm(dy2.t(), x2).to(grad_w.scalar_type()));
+  }
+}
+
+}  // namespace titan::ops

@@ -1,0 +1,49 @@
+// RMSNorm: ATen reference and dispatch to the fused CUDA kernel.
+#include "titan/ops/rmsnorm.h"
+
+#include <ATen/ATen.h>
+
+#include "titan/ops/dispatch.h"
+#ifdef TITAN_WITH_CUDA
+#include "titan/kernels/kernels.h"
+#endif
+
+namespace titan::ops {
+
+std::tuple<at::Tensor, at::Tensor> rmsnorm_forward_ref(const at::Tensor& x,
+                                                       const at::Tensor& weight, double eps) {
+  at::Tensor xf = x.to(at::kFloat);
+  at::Tensor rstd = at::rsqrt(xf.pow(2).mean(-1) + eps);
+  at::Tensor y = (xf * rstd.unsqueeze(-1) * weight.to(at::kFloat)).to(x.scalar_type());
+  return {y, rstd};
+}
+
+at::Tensor rmsnorm_backward_ref(const at::Tensor& dy, const at::Tensor& x,
+                                const at::Tensor& weight, const at::Tensor& rstd,
+                                const at::Tensor& weight_grad) {
+  const int64_t d = x.size(-1);
+  at::Tensor xhat = x.to(at::kFloat) * rstd.unsqueeze(-1);
+  at::Tensor dyf = dy.to(at::kFloat);
+  weight_grad.add_((dyf * xhat).reshape({-1, d}).sum(0));
+  at::Tensor dxhat = dyf * weight.to(at::kFloat);
+  at::Tensor dot = (dxhat * xhat).mean(-1, /*keepdim=*/true);
+  return (rstd.unsqueeze(-1) * (dxhat - xhat * dot)).to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                   double eps) {
+#ifdef TITAN_WITH_CUDA
+  if (use_fused(x)) return kernels::rmsnorm_forward(x, weight, eps);
+#endif
+  return rmsnorm_forward_ref(x, weight, eps);
+}
+
+at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& rstd, const at::Tensor& weight_grad) {
+#ifdef TITAN_WITH_CUDA
+  if (use_fused(x)) return kernels::rmsnorm_backward(dy, x, weight, rstd, weight_grad);
+#endif
+  return rmsnorm_backward_ref(dy, x, weight, rstd, weight_grad);
+}
+
+}  // namespace titan::ops

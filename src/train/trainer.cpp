@@ -1,0 +1,268 @@
+// The training loop, top to bottom.
+#include "titan/train/trainer.h"
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+
+#include "titan/data/dataset.h"
+#include "titan/model/layout.h"
+#include "titan/ops/attention.h"
+#include "titan/ops/dispatch.h"
+#include "titan/util/error.h"
+#include "titan/util/log.h"
+#include "titan/util/strings.h"
+
+namespace titan::train {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+c10::Device pick_device() {
+  if (const char* force = std::getenv("TITAN_DEVICE"); force && std::string(force) == "cpu") {
+    return c10::Device(c10::kCPU);
+  }
+  if (cuda_device_count() > 0) {
+    int local = 0;
+    if (const char* lr = std::getenv("LOCAL_RANK")) local = std::atoi(lr);
+    return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local % cuda_device_count()));
+  }
+  return c10::Device(c10::kCPU);
+}
+
+}  // namespace
+
+Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
+  const auto& c = cfg_;
+  // Launch and mesh: a single process for now.
+  if (const char* ws = std::getenv("WORLD_SIZE"); ws && std::atoi(ws) > 1) {
+    fail("WORLD_SIZE=", ws, ": multi-process training is not available in this build yet");
+  }
+  at::manual_seed(static_cast<uint64_t>(c.debug.seed));
+  if (c.debug.deterministic) at::globalContext().setDeterministicAlgorithms(true, false);
+
+  // Device.
+  const c10::Device device = pick_device();
+  device_ = describe_device(device);
+  ops::set_fused_kernels(c.training.fused_kernels);
+  const bool cuda = device.is_cuda();
+  at::ScalarType param_dtype = at::kFloat;
+  if (cuda && c.training.mixed_precision_param == "bfloat16") param_dtype = at::kBFloat16;
+  if (!cuda && c.training.mixed_precision_param == "bfloat16") {
+    log::info("CPU run: computing in float32 (training.mixed_precision_param applies on GPU)");
+  }
+  if (c.compile.enable) {
+    log::info("compile.enable: not applicable to titan (ahead-of-time compiled, fused kernels "
+              "built in); ignored");
+  }
+  log::info("device: {}{}", device_.name,
+            cuda ? fmt::format(" (cuda:{}), {:.1f} GiB", device.index(),
+                               device_.total_memory_bytes / 1073741824.0)
+                 : "");
+
+  // Model arguments and data.
+  args_ = model::llama_flavor(c.model.flavor);
+  tokenizer_ = data::build_tokenizer(c.model.tokenizer_path, c.model.hf_assets_path);
+  log::info("tokenizer: {}", tokenizer_->describe());
+  dp_size_ = 1;
+  dp_rank_ = 0;
+  const int64_t micro_tokens = c.training.local_batch_size * dp_size_;
+  int64_t global = c.training.global_batch_size;
+  if (global < 0) global = micro_tokens;
+  TITAN_CHECK(global % micro_tokens == 0,
+              "training.global_batch_size (", global, ") must be a multiple of local_batch_size (",
+              c.training.local_batch_size, ") x data-parallel degree (", dp_size_, ") = ",
+              micro_tokens);
+  grad_accum_steps_ = global / micro_tokens;
+  data::DatasetOptions dopts;
+  dopts.name = c.training.dataset;
+  dopts.path = c.training.dataset_path;
+  dopts.text_field = c.training.dataset_text_field;
+  dopts.dp_rank = dp_rank_;
+  dopts.dp_size = dp_size_;
+  dopts.vocab_size = args_.vocab_size;
+  data::LoaderOptions lopts;
+  lopts.batch_size = c.training.local_batch_size;
+  lopts.seq_len = c.training.seq_len;
+  lopts.pin_memory = cuda;
+  loader_ = std::make_unique<data::DataLoader>(data::make_source(dopts, tokenizer_), lopts);
+  log::info("dataset: {}", loader_->describe());
+
+  // Model: layouts only (no memory) until the data-parallel owner materializes its shards.
+  auto units = model::llama_units(args_);
+  log::info("model: llama3 {} | {} parameters | dim {} layers {} heads {} kv_heads {} ffn {} "
+            "vocab {}",
+            c.model.flavor, util::with_commas(args_.total_params()), args_.dim, args_.n_layers,
+            args_.n_heads, args_.n_kv_heads, args_.ffn_hidden_dim(), args_.vocab_size);
+  parallel::FsdpOptions fopts;
+  fopts.param_dtype = param_dtype;
+  fopts.reduce_dtype = c.training.mixed_precision_reduce == "bfloat16" ? at::kBFloat16 : at::kFloat;
+  const auto& reshard = c.parallelism.fsdp_reshard_after_forward;
+  // One rank keeps the compute copies from forward to backward unless told otherwise.
+  fopts.reshard = reshard == "always"    ? parallel::ReshardPolicy::Always
+                  : reshard == "default" ? parallel::ReshardPolicy::Never
+                                         : parallel::ReshardPolicy::Never;
+  fopts.cpu_offload = c.training.enable_cpu_offload;
+  const auto t_init = Clock::now();
+  fsdp_ = std::make_unique<parallel::FsdpModel>(std::move(units), nullptr, nullptr, device,
+                                                fopts);
+  fsdp_->init_weights(c.debug.seed);
+  log::info("initialized weights in {:.2f}s (seed {})", seconds_since(t_init), c.debug.seed);
+
+  ActivationPolicy ac{c.activation_checkpoint.mode, c.activation_checkpoint.selective_ac_option};
+  runner_ = std::make_unique<ModelRunner>(args_, *fsdp_, ac);
+  log::info("activation checkpointing: {}{}", ac.mode,
+            ac.mode == "selective" ? " (" + ac.option + ")" : "");
+  if (cuda) log::info("attention kernel: {}", ops::attention_backend_name(true));
+
+  OptimizerOptions oopts;
+  oopts.name = c.optimizer.name;
+  oopts.implementation = c.optimizer.implementation;
+  oopts.beta1 = c.optimizer.beta1;
+  oopts.beta2 = c.optimizer.beta2;
+  oopts.eps = c.optimizer.eps;
+  oopts.weight_decay = c.optimizer.weight_decay;
+  optimizer_ = std::make_unique<Optimizer>(fsdp_->master_shards(), fsdp_->grad_shards(), oopts);
+  scheduler_ = std::make_unique<LrScheduler>(c.optimizer.lr, c.lr_scheduler.warmup_steps,
+                                             c.training.steps, c.lr_scheduler.decay_ratio,
+                                             c.lr_scheduler.decay_type,
+                                             c.lr_scheduler.min_lr_factor);
+  flops_per_token_ = args_.training_flops_per_token(c.training.seq_len);
+
+  metrics::MetricsOptions mopts;
+  mopts.dump_folder = c.job.dump_folder;
+  mopts.enable_tensorboard = c.metrics.enable_tensorboard;
+  mopts.tb_folder = c.metrics.save_tb_folder;
+  mopts.color = !c.metrics.disable_color_printing;
+  mopts.rank = 0;
+  metrics_ = std::make_unique<metrics::MetricsLogger>(mopts);
+  log::info("training: {} steps, local batch {}, seq_len {}, global batch {} ({} micro-batch(es) "
+            "per step), peak lr {}, warmup {}",
+            c.training.steps, c.training.local_batch_size, c.training.seq_len, global,
+            grad_accum_steps_, c.optimizer.lr, scheduler_->warmup_steps());
+}
+
+Trainer::~Trainer() = default;
+
+std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
+  const auto& c = cfg_;
+  const c10::Device device = fsdp_->device();
+  fsdp_->zero_grad();
+  const double tokens_per_step = static_cast<double>(c.training.local_batch_size) *
+                                 c.training.seq_len * grad_accum_steps_ * dp_size_;
+  at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
+  for (int64_t micro = 0; micro < grad_accum_steps_; ++micro) {
+    at::Tensor batch = loader_->next();
+    TITAN_CHECK(batch.defined(), "internal: training data ended");
+    data_seconds_window_ += loader_->last_wait_seconds();
+    at::Tensor tokens = batch.to(device, /*non_blocking=*/true);
+    loss_sum.add_(runner_->forward_backward(tokens, 1.0 / tokens_per_step,
+                                            micro + 1 == grad_accum_steps_));
+  }
+  fsdp_->finish_grad_reduction();
+  at::Tensor grad_norm = fsdp_->grad_norm_squared().sqrt();
+  at::Tensor divisor;
+  if (c.training.max_norm > 0) {
+    // clip coefficient min(1, max_norm / (norm + 1e-6)) applied as a divisor >= 1.
+    divisor = ((grad_norm + 1e-6) / c.training.max_norm).clamp_min(1.0);
+  }
+  ++step_;
+  optimizer_->step(scheduler_->lr_at(step_), divisor);
+  return {loss_sum / tokens_per_step, grad_norm};
+}
+
+TrainSummary Trainer::train() {
+  const auto& c = cfg_;
+  TrainSummary summary;
+  const c10::Device device = fsdp_->device();
+  reset_peak_memory(device);
+  synchronize(device);
+  auto window_start = Clock::now();
+  int64_t window_steps = 0;
+  const auto run_start = Clock::now();
+  const int64_t first_step = step_ + 1;
+  while (step_ < c.training.steps) {
+    auto [loss, grad_norm] = train_step();
+    ++window_steps;
+    ++summary.steps_run;
+    const bool log_now = step_ == first_step || step_ % c.metrics.log_freq == 0 ||
+                         step_ == c.training.steps;
+    if (log_now) {
+      const double loss_v = loss.item<double>();  // synchronizes
+      const double gn = grad_norm.item<double>();
+      TITAN_CHECK(std::isfinite(loss_v), "loss is ", loss_v, " at step ", step_,
+                  ": training diverged (try a lower optimizer.lr or training.max_norm)");
+      const double window_s = seconds_since(window_start);
+      const double step_s = window_s / window_steps;
+      metrics::StepMetrics m;
+      m.step = step_;
+      m.loss = loss_v;
+      m.grad_norm = gn;
+      m.lr = scheduler_->lr_at(step_);
+      const double tokens = static_cast<double>(c.training.local_batch_size) *
+                            c.training.seq_len * grad_accum_steps_;
+      m.tokens_per_second = tokens / step_s;
+      m.tflops = m.tokens_per_second * flops_per_token_ / 1e12;
+      if (device_.peak_flops > 0) m.mfu_pct = 100.0 * m.tflops * 1e12 / device_.peak_flops;
+      m.memory = memory_stats(device);
+      m.step_seconds = step_s;
+      m.data_seconds = data_seconds_window_ / window_steps;
+      m.eta_seconds = step_s * static_cast<double>(c.training.steps - step_);
+      metrics_->log_step(m);
+      if (summary.steps_run == 1) summary.first_loss = loss_v;
+      summary.last_loss = loss_v;
+      window_start = Clock::now();
+      window_steps = 0;
+      data_seconds_window_ = 0;
+    }
+    if (c.validation.enabled && step_ % c.validation.freq == 0) {
+      const auto t0 = Clock::now();
+      const double vloss = validate();
+      metrics_->log_validation(step_, vloss, seconds_since(t0));
+      window_start = Clock::now();
+    }
+  }
+  log::info("training finished: {} steps in {}", summary.steps_run,
+            metrics::format_duration(seconds_since(run_start)));
+  return summary;
+}
+
+double Trainer::validate() {
+  const auto& c = cfg_;
+  const c10::Device device = fsdp_->device();
+  data::DatasetOptions dopts;
+  dopts.name = c.validation.dataset;
+  dopts.path = c.validation.dataset_path;
+  dopts.text_field = c.training.dataset_text_field;
+  dopts.dp_rank = dp_rank_;
+  dopts.dp_size = dp_size_;
+  dopts.vocab_size = args_.vocab_size;
+  data::LoaderOptions lopts;
+  lopts.batch_size = c.validation.local_batch_size;
+  lopts.seq_len = c.validation.seq_len;
+  lopts.infinite = false;
+  lopts.pin_memory = device.is_cuda();
+  data::DataLoader loader(data::make_source(dopts, tokenizer_), lopts);
+  at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
+  int64_t batches = 0;
+  while (c.validation.steps < 0 || batches < c.validation.steps) {
+    at::Tensor batch = loader.next();
+    if (!batch.defined()) break;
+    loss_sum.add_(runner_->forward_loss(batch.to(device, true)));
+    ++batches;
+  }
+  TITAN_CHECK(batches > 0, "validation: dataset ", loader.describe(),
+              " holds less than one batch (validation.local_batch_size x (seq_len + 1) tokens)");
+  const double tokens = static_cast<double>(batches) * c.validation.local_batch_size *
+                        c.validation.seq_len;
+  return loss_sum.item<double>() / tokens;
+}
+
+}  // namespace titan::train

@@ -1,0 +1,110 @@
+// Device description and memory statistics (CUDA caching allocator, or process RSS on CPU).
+#include "titan/util/device.h"
+
+#include <fstream>
+#include <string>
+#include <unistd.h>
+
+#ifdef TITAN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
+namespace titan {
+namespace {
+
+[[maybe_unused]] double peak_bf16_for(const std::string& name) {
+  // Dense bf16 peaks (SXM parts); the H100/H200 number matches the reference trainer's.
+  if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos ||
+      name.find("H800") != std::string::npos || name.find("GH200") != std::string::npos) {
+    return 989e12;
+  }
+  if (name.find("B200") != std::string::npos) return 2250e12;
+  if (name.find("A100") != std::string::npos || name.find("A800") != std::string::npos) {
+    return 312e12;
+  }
+  if (name.find("L40S") != std::string::npos) return 362e12;
+  return 0;
+}
+
+int64_t read_status_kib(const char* key) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(key, 0) == 0) return std::stoll(line.substr(std::string(key).size()));
+  }
+  return 0;
+}
+
+}  // namespace
+
+int cuda_device_count() {
+#ifdef TITAN_WITH_CUDA
+  return static_cast<int>(c10::cuda::device_count());
+#else
+  return 0;
+#endif
+}
+
+DeviceInfo describe_device(const c10::Device& device) {
+  DeviceInfo info;
+  info.device = device;
+#ifdef TITAN_WITH_CUDA
+  if (device.is_cuda()) {
+    const auto* prop = at::cuda::getDeviceProperties(device.index());
+    info.name = prop->name;
+    info.total_memory_bytes = static_cast<int64_t>(prop->totalGlobalMem);
+    info.peak_flops = peak_bf16_for(info.name);
+    return info;
+  }
+#endif
+  info.name = "CPU (" + std::to_string(sysconf(_SC_NPROCESSORS_ONLN)) + " cores)";
+  info.total_memory_bytes =
+      static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGE_SIZE));
+  return info;
+}
+
+MemoryStats memory_stats(const c10::Device& device) {
+  MemoryStats m;
+  constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+#ifdef TITAN_WITH_CUDA
+  if (device.is_cuda()) {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    using c10::CachingAllocator::StatType;
+    const auto agg = static_cast<size_t>(StatType::AGGREGATE);
+    m.max_active_gib = static_cast<double>(stats.active_bytes[agg].peak) / kGiB;
+    m.max_reserved_gib = static_cast<double>(stats.reserved_bytes[agg].peak) / kGiB;
+    const auto* prop = at::cuda::getDeviceProperties(device.index());
+    m.max_reserved_pct = 100.0 * static_cast<double>(stats.reserved_bytes[agg].peak) /
+                         static_cast<double>(prop->totalGlobalMem);
+    return m;
+  }
+#endif
+  (void)device;
+  const double hwm = static_cast<double>(read_status_kib("VmHWM:")) * 1024.0;
+  m.max_active_gib = hwm / kGiB;
+  m.max_reserved_gib = hwm / kGiB;
+  const double total =
+      static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE));
+  m.max_reserved_pct = 100.0 * hwm / total;
+  return m;
+}
+
+void reset_peak_memory(const c10::Device& device) {
+#ifdef TITAN_WITH_CUDA
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#else
+  (void)device;
+#endif
+}
+
+void synchronize(const c10::Device& device) {
+#ifdef TITAN_WITH_CUDA
+  if (device.is_cuda()) c10::cuda::device_synchronize();
+#else
+  (void)device;
+#endif
+}
+
+}  // namespace titan

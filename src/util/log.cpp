@@ -1,0 +1,32 @@
+// Logger set-up for titan_train and tests.
+#include "titan/util/log.h"
+
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/sinks/stdout_sinks.h>
+
+#include <cstdlib>
+
+namespace titan::log {
+
+void init(int rank, bool enabled, bool color) {
+  spdlog::sink_ptr sink;
+  if (color) {
+    sink = std::make_shared<spdlog::sinks::stdout_color_sink_mt>();
+  } else {
+    sink = std::make_shared<spdlog::sinks::stdout_sink_mt>();
+  }
+  auto logger = std::make_shared<spdlog::logger>("titan", sink);
+  std::string pattern = "[titan] %Y-%m-%d %H:%M:%S %^%l%$ ";
+  if (rank >= 0) {
+    pattern = "[titan] [rank " + std::to_string(rank) + "] %Y-%m-%d %H:%M:%S %^%l%$ ";
+  }
+  logger->set_pattern(pattern + "%v");
+  logger->set_level(enabled ? spdlog::level::info : spdlog::level::warn);
+  if (const char* level = std::getenv("TITAN_LOG_LEVEL")) {
+    logger->set_level(spdlog::level::from_str(level));
+  }
+  logger->flush_on(spdlog::level::info);
+  spdlog::set_default_logger(logger);
+}
+
+}  // namespace titan::log

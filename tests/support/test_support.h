@@ -1,0 +1,44 @@
+// Helpers shared by the test suites: temporary folders, running titan_train, comparing tensors.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <vector>
+
+namespace titan::test {
+
+// A fresh folder under the system temp dir, removed on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+struct ProcessResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+
+// Runs `argv` (argv[0] a path) with extra environment entries, capturing its output.
+ProcessResult run_process(const std::vector<std::string>& argv,
+                          const std::vector<std::string>& env = {});
+// Runs titan_train with `args`.
+ProcessResult run_titan_train(const std::vector<std::string>& args,
+                              const std::vector<std::string>& env = {});
+
+std::string read_file(const std::string& path);
+void write_file(const std::string& path, const std::string& text);
+
+// ||a - b|| / ||b|| in float64.
+double relative_error(const at::Tensor& a, const at::Tensor& b);
+
+// Losses per step from a metrics.jsonl file.
+std::vector<double> read_losses(const std::string& jsonl_path);
+
+}  // namespace titan::test

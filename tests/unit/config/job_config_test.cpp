@@ -1,0 +1,209 @@
+// Config: TOML + CLI parsing, aliases, and every class of bad input.
+#include <gtest/gtest.h>
+
+#include "support/test_support.h"
+#include "titan/config/job_config.h"
+#include "titan/util/error.h"
+
+using titan::Error;
+using titan::config::apply_cli;
+using titan::config::apply_toml;
+using titan::config::JobConfig;
+using titan::config::load_job_config;
+
+namespace {
+
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST(JobConfig, DefaultsMatchTorchtitan) {
+  JobConfig c;
+  EXPECT_EQ(c.training.local_batch_size, 8);
+  EXPECT_EQ(c.training.seq_len, 2048);
+  EXPECT_EQ(c.training.steps, 10000);
+  EXPECT_DOUBLE_EQ(c.optimizer.lr, 8e-4);
+  EXPECT_DOUBLE_EQ(c.optimizer.beta2, 0.95);
+  EXPECT_EQ(c.lr_scheduler.warmup_steps, 200);
+  EXPECT_FALSE(c.lr_scheduler.decay_ratio.has_value());
+  EXPECT_EQ(c.parallelism.data_parallel_shard_degree, -1);
+  EXPECT_EQ(c.activation_checkpoint.mode, "selective");
+  EXPECT_EQ(c.comm.train_timeout_seconds, 100);
+  EXPECT_EQ(c.checkpoint.async_mode, "disabled");
+}
+
+TEST(JobConfig, TomlSetsValuesOfEveryType) {
+  JobConfig c;
+  apply_toml(c, R"(
+[training]
+steps = 42
+max_norm = 0.5
+dataset_path = "/data/x"
+[lr_scheduler]
+decay_ratio = 0.25
+[model]
+converters = []
+[metrics]
+enable_tensorboard = true
+[activation_checkpoint]
+selective_ac_option = 3
+)",
+             "job.toml");
+  EXPECT_EQ(c.training.steps, 42);
+  EXPECT_DOUBLE_EQ(c.training.max_norm, 0.5);
+  EXPECT_EQ(c.training.dataset_path, "/data/x");
+  EXPECT_DOUBLE_EQ(*c.lr_scheduler.decay_ratio, 0.25);
+  EXPECT_TRUE(c.metrics.enable_tensorboard);
+  EXPECT_EQ(c.activation_checkpoint.selective_ac_option, "3");
+}
+
+TEST(JobConfig, IntegerAcceptedWhereFloatExpected) {
+  JobConfig c;
+  apply_toml(c, "[optimizer]\nlr = 1\n", "x.toml");
+  EXPECT_DOUBLE_EQ(c.optimizer.lr, 1.0);
+}
+
+TEST(JobConfig, CliOverridesInAllForms) {
+  JobConfig c;
+  apply_cli(c, {"--training.steps", "7", "--optimizer.lr=0.01", "--metrics.enable_tensorboard",
+                "--parallelism.data_parallel_shard_degree", "-1", "--training.local-batch-size",
+                "3", "--checkpoint.exclude_from_loading", "optimizer,dataloader",
+                "--debug.deterministic", "false"});
+  EXPECT_EQ(c.training.steps, 7);
+  EXPECT_DOUBLE_EQ(c.optimizer.lr, 0.01);
+  EXPECT_TRUE(c.metrics.enable_tensorboard);
+  EXPECT_EQ(c.parallelism.data_parallel_shard_degree, -1);
+  EXPECT_EQ(c.training.local_batch_size, 3);
+  ASSERT_EQ(c.checkpoint.exclude_from_loading.size(), 2u);
+  EXPECT_EQ(c.checkpoint.exclude_from_loading[1], "dataloader");
+  EXPECT_FALSE(c.debug.deterministic);
+}
+
+TEST(JobConfig, OlderSpellingsAreAliases) {
+  JobConfig c;
+  apply_toml(c, R"(
+[training]
+batch_size = 5
+data_parallel_shard_degree = 2
+tensor_parallel_degree = 1
+seed = 9
+[experimental]
+pipeline_parallel_degree = 1
+[checkpoint]
+enable_checkpoint = true
+[float8]
+enable_fsdp_float8_all_gather = true
+)",
+             "old.toml");
+  EXPECT_EQ(c.training.local_batch_size, 5);
+  EXPECT_EQ(c.parallelism.data_parallel_shard_degree, 2);
+  EXPECT_EQ(c.debug.seed, 9);
+  EXPECT_TRUE(c.checkpoint.enable);
+  EXPECT_TRUE(c.float8.enable_fsdp_float8_all_gather);
+  apply_cli(c, {"--job.print_args"});
+  EXPECT_TRUE(c.job.print_config);
+}
+
+TEST(JobConfig, QuantizeSectionIsNestedTable) {
+  JobConfig c;
+  apply_toml(c, "[quantize.linear.float8]\nemulate = true\nfilter_fqns = [\"output\", \"x\"]\n",
+             "q.toml");
+  EXPECT_TRUE(c.float8.emulate);
+  EXPECT_EQ(c.float8.filter_fqns.size(), 2u);
+}
+
+TEST(JobConfig, UnknownKeyNamesPathAndSuggestsNearest) {
+  JobConfig c;
+  std::string msg = error_of([&] { apply_cli(c, {"--training.stpes", "10"}); });
+  EXPECT_NE(msg.find("unknown key training.stpes"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("did you mean training.steps?"), std::string::npos) << msg;
+  msg = error_of([&] { apply_toml(c, "[optimiser]\nlr = 0.1\n", "f.toml"); });
+  EXPECT_NE(msg.find("unknown key optimiser.lr"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("did you mean optimizer.lr?"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("f.toml:2:"), std::string::npos) << msg;
+}
+
+TEST(JobConfig, WrongTypeNamesKeyExpectedTypeAndLocation) {
+  JobConfig c;
+  std::string msg = error_of([&] { apply_toml(c, "[training]\nsteps = \"ten\"\n", "t.toml"); });
+  EXPECT_NE(msg.find("training.steps: expected an integer, got string"), std::string::npos)
+      << msg;
+  EXPECT_NE(msg.find("t.toml:2:9"), std::string::npos) << msg;
+  msg = error_of([&] { apply_cli(c, {"--optimizer.lr", "fast"}); });
+  EXPECT_NE(msg.find("optimizer.lr: expected a number, got \"fast\""), std::string::npos) << msg;
+  msg = error_of([&] { apply_cli(c, {"--training.steps", "1.5"}); });
+  EXPECT_NE(msg.find("expected an integer"), std::string::npos) << msg;
+  msg = error_of([&] { apply_toml(c, "[model]\nconverters = [1]\n", "l.toml"); });
+  EXPECT_NE(msg.find("model.converters: expected a list of strings"), std::string::npos) << msg;
+}
+
+TEST(JobConfig, ImpossibleValuesNameTheRange) {
+  JobConfig c;
+  std::string msg = error_of([&] { apply_cli(c, {"--training.steps", "0"}); });
+  EXPECT_NE(msg.find("training.steps: value 0 is out of range: expected >= 1"), std::string::npos)
+      << msg;
+  msg = error_of([&] { apply_cli(c, {"--lr_scheduler.decay_ratio", "1.5"}); });
+  EXPECT_NE(msg.find("expected in [0, 1]"), std::string::npos) << msg;
+  msg = error_of([&] { apply_cli(c, {"--optimizer.lr", "0"}); });
+  EXPECT_NE(msg.find("expected > 0"), std::string::npos) << msg;
+  msg = error_of([&] { apply_cli(c, {"--lr_scheduler.decay_type", "cosin"}); });
+  EXPECT_NE(msg.find("\"cosin\" is not one of: linear, sqrt, cosine; did you mean \"cosine\"?"),
+            std::string::npos)
+      << msg;
+}
+
+TEST(JobConfig, CrossFieldValidation) {
+  std::string msg = error_of([] { load_job_config({"--model.flavor", "8b"}); });
+  EXPECT_NE(msg.find("model.flavor: unknown flavor \"8b\""), std::string::npos) << msg;
+  EXPECT_NE(msg.find("did you mean \"8B\"?"), std::string::npos) << msg;
+  msg = error_of([] { load_job_config({"--activation_checkpoint.selective_ac_option", "x"}); });
+  EXPECT_NE(msg.find("activation_checkpoint.selective_ac_option"), std::string::npos) << msg;
+  msg = error_of([] { load_job_config({"--parallelism.tensor_parallel_degree", "2"}); });
+  EXPECT_NE(msg.find("parallelism.tensor_parallel_degree = 2"), std::string::npos) << msg;
+  msg = error_of([] { load_job_config({"--model.converters", "float8"}); });
+  EXPECT_NE(msg.find("float8"), std::string::npos) << msg;
+}
+
+TEST(JobConfig, MalformedTomlReportsLineAndColumn) {
+  JobConfig c;
+  std::string msg = error_of([&] { apply_toml(c, "[training]\nsteps = = 3\n", "bad.toml"); });
+  EXPECT_NE(msg.find("bad.toml:2:"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("malformed TOML"), std::string::npos) << msg;
+}
+
+TEST(JobConfig, ConfigFileLoadsFirstThenOverrides) {
+  titan::test::TempDir dir;
+  titan::test::write_file(dir.file("job.toml"), "[training]\nsteps = 5\nseq_len = 64\n");
+  JobConfig c = load_job_config({"--training.steps", "9", "--job.config_file", dir.file("job.toml")});
+  EXPECT_EQ(c.training.steps, 9);
+  EXPECT_EQ(c.training.seq_len, 64);
+  std::string msg = error_of([&] { load_job_config({"--job.config_file", dir.file("none.toml")}); });
+  EXPECT_NE(msg.find("cannot open"), std::string::npos) << msg;
+}
+
+TEST(JobConfig, PrintedConfigParsesBackToTheSameValues) {
+  JobConfig c;
+  apply_cli(c, {"--training.steps", "77", "--lr_scheduler.decay_ratio", "0.3"});
+  std::string text = titan::config::to_toml(c);
+  JobConfig d;
+  apply_toml(d, text, "printed");
+  EXPECT_EQ(d.training.steps, 77);
+  EXPECT_DOUBLE_EQ(*d.lr_scheduler.decay_ratio, 0.3);
+  EXPECT_EQ(titan::config::to_toml(d), text);
+}
+
+TEST(JobConfigCli, BadInputExitsNonZeroWithMessage) {
+  auto r = titan::test::run_titan_train({"--training.stpes", "3"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("did you mean training.steps?"), std::string::npos) << r.output;
+  r = titan::test::run_titan_train({"--help"});
+  EXPECT_EQ(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--training.steps"), std::string::npos);
+}

@@ -1,0 +1,155 @@
+// The explicit forward/backward against the autograd reference, and model arithmetic.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include "support/reference_llama.h"
+#include "support/test_support.h"
+#include "titan/model/init.h"
+#include "titan/model/layout.h"
+#include "titan/model/llama_args.h"
+#include "titan/parallel/fsdp.h"
+#include "titan/train/model_runner.h"
+
+using namespace titan;
+
+TEST(LlamaArgs, ParameterCountsMatchKnownModels) {
+  EXPECT_EQ(model::llama_flavor("8B").total_params(), 8030261248LL);
+  EXPECT_EQ(model::llama_flavor("70B").total_params(), 70553706496LL);
+  EXPECT_EQ(model::llama_flavor("405B").total_params(), 405853388800LL);
+  EXPECT_EQ(model::llama_flavor("1B").total_params(), 1498482688LL);
+  EXPECT_EQ(model::llama_flavor("3B").total_params(), 3606752256LL);
+  EXPECT_EQ(model::llama_flavor("8B").ffn_hidden_dim(), 14336);
+  EXPECT_EQ(model::llama_flavor("70B").ffn_hidden_dim(), 28672);
+  EXPECT_EQ(model::llama_flavor("405B").ffn_hidden_dim(), 53248);
+}
+
+TEST(LlamaArgs, UnitLayoutCoversEveryParameterOnce) {
+  for (const auto& flavor : model::llama_flavor_names()) {
+    auto args = model::llama_flavor(flavor);
+    auto units = model::llama_units(args);
+    int64_t total = 0;
+    for (const auto& u : units) {
+      for (const auto& p : u.params) {
+        EXPECT_EQ(p.offset % model::kParamAlignElements, 0) << p.name;
+        EXPECT_LE(p.offset + p.numel, u.numel) << p.name;
+        total += p.numel;
+      }
+    }
+    EXPECT_EQ(total, args.total_params()) << flavor;
+    EXPECT_EQ(units.size(), static_cast<size_t>(args.n_layers + 2));
+  }
+}
+
+TEST(LlamaArgs, FlopsPerTokenFollowsTorchtitanFormula) {
+  auto a = model::llama_flavor("8B");
+  const double expected = 6.0 * (8030261248.0 - 128256.0 * 4096) + 12.0 * 32 * 32 * 128 * 4096;
+  EXPECT_DOUBLE_EQ(a.training_flops_per_token(4096), expected);
+}
+
+namespace {
+
+struct TinyRun {
+  double loss;
+  std::vector<at::Tensor> grads;
+  std::vector<at::Tensor> params;
+};
+
+TinyRun run_titan(const model::LlamaArgs& args, const at::Tensor& tokens,
+                  const std::string& ac_mode, const std::string& ac_option) {
+  parallel::FsdpModel fsdp(model::llama_units(args), nullptr, nullptr, c10::Device(c10::kCPU),
+                           parallel::FsdpOptions{});
+  fsdp.init_weights(3);
+  train::ModelRunner runner(args, fsdp, train::ActivationPolicy{ac_mode, ac_option});
+  const double n = static_cast<double>(tokens.size(0) * (tokens.size(1) - 1));
+  at::Tensor loss_sum = runner.forward_backward(tokens, 1.0 / n, true);
+  fsdp.finish_grad_reduction();
+  TinyRun r;
+  r.loss = loss_sum.item<double>() / n;
+  for (size_t i = 0; i < fsdp.num_units(); ++i) {
+    r.grads.push_back(fsdp.unit(i).grad.clone());
+    r.params.push_back(fsdp.unit(i).master.clone());
+  }
+  return r;
+}
+
+at::Tensor tiny_tokens(const model::LlamaArgs& args, int64_t b, int64_t s) {
+  at::manual_seed(11);
+  return at::randint(0, args.vocab_size, {b, s + 1}, at::kLong);
+}
+
+}  // namespace
+
+TEST(LlamaModel, ExplicitBackwardMatchesAutograd) {
+  auto args = test::tiny_llama_args();
+  auto tokens = tiny_tokens(args, 2, 16);
+  auto r = run_titan(args, tokens, "none", "");
+  auto units = model::llama_units(args);
+  auto ref = test::reference_loss_and_grads(args, units, r.params, tokens);
+  EXPECT_NEAR(r.loss, ref.loss_mean, 1e-5 * ref.loss_mean);
+  for (size_t i = 0; i < units.size(); ++i) {
+    EXPECT_LT(test::relative_error(r.grads[i], ref.unit_grads[i]), 1e-4) << units[i].name;
+  }
+}
+
+TEST(LlamaModel, ActivationCheckpointModesGiveTheSameGradients) {
+  auto args = test::tiny_llama_args();
+  args.n_layers = 4;
+  auto tokens = tiny_tokens(args, 2, 12);
+  auto base = run_titan(args, tokens, "none", "");
+  for (auto [mode, option] : std::vector<std::pair<std::string, std::string>>{
+           {"full", ""}, {"selective", "op"}, {"selective", "2"}, {"selective", "1"}}) {
+    auto r = run_titan(args, tokens, mode, option);
+    EXPECT_DOUBLE_EQ(r.loss, base.loss) << mode << " " << option;
+    for (size_t i = 0; i < r.grads.size(); ++i) {
+      EXPECT_LT(test::relative_error(r.grads[i], base.grads[i]), 1e-6)
+          << mode << " " << option << " unit " << i;
+    }
+  }
+}
+
+TEST(LlamaInit, SameWeightsWhateverTheSplit) {
+  auto args = test::tiny_llama_args();
+  auto units = model::llama_units(args);
+  const auto& u = units[1];
+  at::Tensor full = at::empty({u.numel}, at::dtype(at::kFloat));
+  model::init_unit_range(u, 7, 0, full);
+  // Three uneven pieces give the same elements.
+  const int64_t cuts[] = {0, 1000, 7777, u.numel};
+  for (int i = 0; i < 3; ++i) {
+    at::Tensor part = at::empty({cuts[i + 1] - cuts[i]}, at::dtype(at::kFloat));
+    model::init_unit_range(u, 7, cuts[i], part);
+    EXPECT_TRUE(at::equal(part, full.narrow(0, cuts[i], cuts[i + 1] - cuts[i])));
+  }
+  // A different seed gives different weights.
+  at::Tensor other = at::empty({u.numel}, at::dtype(at::kFloat));
+  model::init_unit_range(u, 8, 0, other);
+  EXPECT_FALSE(at::equal(other, full));
+}
+
+TEST(LlamaInit, DistributionsFollowTorchtitan) {
+  model::LlamaArgs args = model::llama_flavor("debugmodel");
+  auto units = model::llama_units(args);
+  auto stats = [&](const model::UnitLayout& u, const std::string& name) {
+    const auto& p = u.param(name);
+    at::Tensor t = at::empty({p.numel}, at::dtype(at::kFloat));
+    model::init_unit_range(u, 0, p.offset, t);
+    return std::make_tuple(t.mean().item<double>(), t.std().item<double>(),
+                           t.abs().max().item<double>());
+  };
+  auto [m0, s0, x0] = stats(units[0], "tok_embeddings.weight");
+  EXPECT_NEAR(m0, 0.0, 0.01);
+  EXPECT_NEAR(s0, 1.0, 0.01);
+  auto [m1, s1, x1] = stats(units[1], "attention.wq.weight");
+  EXPECT_NEAR(s1, 0.02, 0.0005);
+  auto [m2, s2, x2] = stats(units[3], "attention.wo.weight");  // layer 2: 0.02 / sqrt(6)
+  EXPECT_NEAR(s2, 0.02 / std::sqrt(6.0), 0.0003);
+  const auto& head = units.back();
+  auto [m3, s3, x3] = stats(head, "output.weight");
+  const double out_std = 1.0 / 16.0;
+  EXPECT_LE(x3, 3 * out_std + 1e-6);  // truncated at 3 std
+  EXPECT_NEAR(s3, out_std * 0.986, 0.002);  // std of a normal truncated at +-3 sigma
+  auto [m4, s4, x4] = stats(units[1], "attention_norm.weight");
+  EXPECT_DOUBLE_EQ(m4, 1.0);
+  EXPECT_DOUBLE_EQ(s4, 0.0);
+  (void)m1; (void)x0; (void)x1; (void)m2; (void)x2; (void)m3; (void)x4;
+}

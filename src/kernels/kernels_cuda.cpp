@@ -1,0 +1,164 @@
+// Tensor-level entry points of titan's CUDA kernels: checks, allocation, current stream, and
+// the cuBLAS call for fp32-accumulated weight gradients. Falls back to the ATen reference when
+// a shape or layout is outside what a kernel handles.
+#include "titan/kernels/kernels.h"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cublas_v2.h>
+
+#include "launchers.h"
+#include "titan/ops/rmsnorm.h"
+#include "titan/ops/rope.h"
+#include "titan/ops/swiglu.h"
+#include "titan/util/error.h"
+
+namespace titan::kernels {
+namespace {
+
+bool supported(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat;
+}
+launch::DType dtype_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 ? launch::DType::BF16 : launch::DType::F32;
+}
+int64_t vec_of(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? 8 : 4; }
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+
+#define TITAN_CUBLAS_CHECK(expr)                                                     \
+  do {                                                                               \
+    cublasStatus_t _s = (expr);                                                      \
+    TORCH_CHECK(_s == CUBLAS_STATUS_SUCCESS, "cuBLAS error ", static_cast<int>(_s), \
+                " at " __FILE__ ":", __LINE__);                                      \
+  } while (0)
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x_in, const at::Tensor& w,
+                                                   double eps) {
+  const int64_t dim = x_in.size(-1);
+  at::Tensor x = x_in.contiguous();
+  if (!supported(x) || w.scalar_type() != x.scalar_type() || dim % vec_of(x) != 0 ||
+      !aligned16(x) || !aligned16(w)) {
+    return ops::rmsnorm_forward_ref(x_in, w, eps);
+  }
+  const int64_t rows = x.numel() / dim;
+  at::Tensor y = at::empty_like(x);
+  auto rsizes = x.sizes().vec();
+  rsizes.pop_back();
+  at::Tensor rstd = at::empty(rsizes, x.options().dtype(at::kFloat));
+  launch::rmsnorm_forward(dtype_of(x), x.data_ptr(), w.data_ptr(), y.data_ptr(),
+                          rstd.data_ptr<float>(), rows, dim, static_cast<float>(eps), stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y, rstd};
+}
+
+at::Tensor rmsnorm_backward(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& w,
+                            const at::Tensor& rstd, const at::Tensor& weight_grad) {
+  const int64_t dim = x_in.size(-1);
+  at::Tensor x = x_in.contiguous();
+  at::Tensor dy = dy_in.contiguous();
+  if (!supported(x) || dy.scalar_type() != x.scalar_type() || w.scalar_type() != x.scalar_type() ||
+      dim % vec_of(x) != 0 || !aligned16(x) || !aligned16(dy) || !aligned16(w) ||
+      weight_grad.scalar_type() != at::kFloat || !weight_grad.is_contiguous()) {
+    return ops::rmsnorm_backward_ref(dy_in, x_in, w, rstd, weight_grad);
+  }
+  const int64_t rows = x.numel() / dim;
+  at::Tensor dx = at::empty_like(x);
+  const int blocks = launch::rmsnorm_backward_blocks(rows);
+  at::Tensor partial = at::empty({blocks, dim}, x.options().dtype(at::kFloat));
+  launch::rmsnorm_backward(dtype_of(x), dy.data_ptr(), x.data_ptr(), w.data_ptr(),
+                           rstd.contiguous().data_ptr<float>(), dx.data_ptr(),
+                           partial.data_ptr<float>(), weight_grad.data_ptr<float>(), rows, dim,
+                           stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dx;
+}
+
+at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      bool inverse) {
+  if (!supported(x) || x.dim() != 4 || x.stride(3) != 1 || x.size(3) % 2 != 0 ||
+      (x.scalar_type() == at::kBFloat16 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 != 0)) {
+    return ops::rope_apply_ref(x, cos, sin, inverse);
+  }
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  launch::rope(dtype_of(x), x.data_ptr(), x.stride(0), x.stride(1), x.stride(2),
+               c.data_ptr<float>(), s.data_ptr<float>(), out.data_ptr(), x.size(0), x.size(1),
+               x.size(2), x.size(3), inverse, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor swiglu_forward(const at::Tensor& ab_in) {
+  const int64_t f = ab_in.size(-1) / 2;
+  at::Tensor ab = ab_in.contiguous();
+  if (!supported(ab) || f % vec_of(ab) != 0 || !aligned16(ab)) return ops::swiglu_forward_ref(ab_in);
+  auto sizes = ab.sizes().vec();
+  sizes.back() = f;
+  at::Tensor g = at::empty(sizes, ab.options());
+  launch::swiglu_forward(dtype_of(ab), ab.data_ptr(), g.data_ptr(), ab.numel() / (2 * f), f,
+                         stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return g;
+}
+
+at::Tensor swiglu_backward(const at::Tensor& dg_in, const at::Tensor& ab_in) {
+  const int64_t f = ab_in.size(-1) / 2;
+  at::Tensor ab = ab_in.contiguous();
+  at::Tensor dg = dg_in.contiguous();
+  if (!supported(ab) || dg.scalar_type() != ab.scalar_type() || f % vec_of(ab) != 0 ||
+      !aligned16(ab) || !aligned16(dg)) {
+    return ops::swiglu_backward_ref(dg_in, ab_in);
+  }
+  at::Tensor dab = at::empty_like(ab);
+  launch::swiglu_backward(dtype_of(ab), dg.data_ptr(), ab.data_ptr(), dab.data_ptr(),
+                          ab.numel() / (2 * f), f, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dab;
+}
+
+at::Tensor cross_entropy_fwd_bwd(at::Tensor& logits, const at::Tensor& targets, double grad_scale,
+                                 bool write_grad) {
+  TITAN_CHECK(logits.dim() == 2 && logits.is_contiguous() && supported(logits) &&
+                  logits.size(1) % vec_of(logits) == 0 && aligned16(logits),
+              "internal: cross_entropy kernel needs contiguous [rows, V] logits, V % 8 == 0");
+  const int64_t rows = logits.size(0);
+  at::Tensor losses = at::empty({rows}, logits.options().dtype(at::kFloat));
+  at::Tensor tgt = targets.contiguous().to(at::kLong);
+  launch::cross_entropy(dtype_of(logits), logits.data_ptr(), tgt.data_ptr<int64_t>(),
+                        losses.data_ptr<float>(), rows, logits.size(1),
+                        static_cast<float>(grad_scale), write_grad, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return losses.sum();
+}
+
+void gemm_tn_accumulate_fp32(const at::Tensor& dy_in, const at::Tensor& x_in,
+                             const at::Tensor& grad) {
+  TITAN_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous(),
+              "internal: fp32 contiguous gradient expected");
+  at::Tensor dy = dy_in.contiguous();
+  at::Tensor x = x_in.contiguous();
+  if (dy.scalar_type() == at::kFloat) {
+    grad.view({dy.size(1), x.size(1)}).addmm_(dy.t(), x);
+    return;
+  }
+  TITAN_CHECK(dy.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16,
+              "internal: bf16 operands expected");
+  const int64_t n = dy.size(0), out = dy.size(1), in = x.size(1);
+  // Row-major grad[out, in] is column-major grad^T[in, out] = x^T[in, N] * dy[N, out].
+  const float alpha = 1.f, beta = 1.f;
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  TITAN_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(in),
+                                  static_cast<int>(out), static_cast<int>(n), &alpha,
+                                  x.data_ptr(), CUDA_R_16BF, static_cast<int>(in), dy.data_ptr(),
+                                  CUDA_R_16BF, static_cast<int>(out), &beta, grad.data_ptr(),
+                                  CUDA_R_32F, static_cast<int>(in), CUBLAS_COMPUTE_32F,
+                                  CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace titan::kernels

@@ -1,0 +1,36 @@
+// Raw-pointer launchers of titan's CUDA kernels. No torch headers: the .cu files compile with
+// a bare nvcc (CI checks that), and src/kernels/kernels_cuda.cpp adapts tensors to them.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace titan::kernels::launch {
+
+// dtype codes shared by the launchers
+enum class DType : int { F32 = 0, BF16 = 1 };
+
+void rmsnorm_forward(DType dt, const void* x, const void* w, void* y, float* rstd, int64_t rows,
+                     int64_t dim, float eps, cudaStream_t stream);
+// partial: fp32 scratch of [blocks, dim] where blocks = rmsnorm_backward_blocks(rows).
+int rmsnorm_backward_blocks(int64_t rows);
+void rmsnorm_backward(DType dt, const void* dy, const void* x, const void* w, const float* rstd,
+                      void* dx, float* partial, float* weight_grad, int64_t rows, int64_t dim,
+                      cudaStream_t stream);
+
+// x: element (b, s, h, j) at x + b*xs0 + s*xs1 + h*xs2 + j; out contiguous [B, S, H, hd].
+void rope(DType dt, const void* x, int64_t xs0, int64_t xs1, int64_t xs2, const float* cos,
+          const float* sin, void* out, int64_t b, int64_t s, int64_t h, int64_t hd, bool inverse,
+          cudaStream_t stream);
+
+void swiglu_forward(DType dt, const void* ab, void* g, int64_t rows, int64_t f,
+                    cudaStream_t stream);
+void swiglu_backward(DType dt, const void* dg, const void* ab, void* dab, int64_t rows, int64_t f,
+                     cudaStream_t stream);
+
+// losses: fp32 [rows] per-row loss; logits overwritten by the gradient when write_grad.
+void cross_entropy(DType dt, void* logits, const int64_t* targets, float* losses, int64_t rows,
+                   int64_t vocab, float grad_scale, bool write_grad, cudaStream_t stream);
+
+}  // namespace titan::kernels::launch

@@ -1,0 +1,149 @@
+// titan's CUDA kernels against their ATen references, on fresh random inputs each run.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include "support/test_support.h"
+#include "titan/kernels/kernels.h"
+#include "titan/model/llama_args.h"
+#include "titan/ops/attention.h"
+#include "titan/ops/cross_entropy.h"
+#include "titan/ops/dispatch.h"
+#include "titan/ops/rmsnorm.h"
+#include "titan/ops/rope.h"
+#include "titan/ops/swiglu.h"
+
+using namespace titan;
+using test::relative_error;
+
+namespace {
+
+at::TensorOptions cuda(at::ScalarType t) { return at::TensorOptions().dtype(t).device(at::kCUDA); }
+
+// Tolerance by dtype: bf16 outputs are rounded once more than the fp32-internal reference.
+double tol(at::ScalarType t) { return t == at::kBFloat16 ? 1e-2 : 1e-5; }
+
+class KernelTest : public ::testing::TestWithParam<at::ScalarType> {};
+
+}  // namespace
+
+TEST_P(KernelTest, RmsNormForwardBackwardMatchReference) {
+  const auto dt = GetParam();
+  for (int64_t dim : {256, 2048, 4096, 16384}) {
+    at::Tensor x = at::randn({3, 37, dim}, cuda(dt));
+    at::Tensor w = (1 + 0.1 * at::randn({dim}, cuda(at::kFloat))).to(dt);
+    auto [y, r] = kernels::rmsnorm_forward(x, w, 1e-5);
+    auto [y_ref, r_ref] = ops::rmsnorm_forward_ref(x, w, 1e-5);
+    EXPECT_LT(relative_error(y, y_ref), tol(dt)) << dim;
+    EXPECT_LT(relative_error(r, r_ref), 1e-5) << dim;
+    at::Tensor dy = at::randn_like(x);
+    at::Tensor gw = at::randn({dim}, cuda(at::kFloat));
+    at::Tensor gw_ref = gw.clone();
+    at::Tensor dx = kernels::rmsnorm_backward(dy, x, w, r, gw);
+    at::Tensor dx_ref = ops::rmsnorm_backward_ref(dy, x, w, r_ref, gw_ref);
+    EXPECT_LT(relative_error(dx, dx_ref), tol(dt)) << dim;
+    EXPECT_LT(relative_error(gw, gw_ref), 1e-4) << dim;
+  }
+}
+
+TEST_P(KernelTest, RopeMatchesReferenceOnStridedViews) {
+  const auto dt = GetParam();
+  auto args = model::llama_flavor("1B");
+  const int64_t b = 2, s = 77, h = 32, kv = 8, hd = 64;
+  at::Tensor qkv = at::randn({b, s, h + 2 * kv, hd}, cuda(dt));
+  auto [c, sn] = ops::rope_tables(args, s, at::TensorOptions().device(at::kCUDA));
+  for (bool inverse : {false, true}) {
+    at::Tensor q = qkv.narrow(2, 0, h), k = qkv.narrow(2, h, kv);
+    EXPECT_LT(relative_error(kernels::rope_apply(q, c, sn, inverse),
+                             ops::rope_apply_ref(q, c, sn, inverse)),
+              tol(dt));
+    EXPECT_LT(relative_error(kernels::rope_apply(k, c, sn, inverse),
+                             ops::rope_apply_ref(k, c, sn, inverse)),
+              tol(dt));
+  }
+  // Rotating forward then back returns the input.
+  at::Tensor q = qkv.narrow(2, 0, h);
+  at::Tensor back = kernels::rope_apply(kernels::rope_apply(q, c, sn, false), c, sn, true);
+  EXPECT_LT(relative_error(back, q), 2 * tol(dt));
+}
+
+TEST_P(KernelTest, SwigluForwardBackwardMatchReference) {
+  const auto dt = GetParam();
+  at::Tensor ab = at::randn({5, 33, 2 * 1536}, cuda(dt));
+  at::Tensor dg = at::randn({5, 33, 1536}, cuda(dt));
+  EXPECT_LT(relative_error(kernels::swiglu_forward(ab), ops::swiglu_forward_ref(ab)), tol(dt));
+  EXPECT_LT(relative_error(kernels::swiglu_backward(dg, ab), ops::swiglu_backward_ref(dg, ab)),
+            tol(dt));
+}
+
+TEST_P(KernelTest, CrossEntropyLossAndGradientMatchReference) {
+  const auto dt = GetParam();
+  for (int64_t vocab : {2000, 128256}) {
+    at::Tensor logits = (3 * at::randn({64, vocab}, cuda(at::kFloat))).to(dt);
+    at::Tensor tgt = at::randint(0, vocab, {64}, cuda(at::kLong));
+    at::Tensor lf = logits.to(at::kFloat);
+    at::Tensor lse = at::logsumexp(lf, 1);
+    at::Tensor loss_ref = (lse - lf.gather(1, tgt.unsqueeze(1)).squeeze(1)).sum();
+    at::Tensor grad_ref = at::softmax(lf, 1);
+    grad_ref.scatter_add_(1, tgt.unsqueeze(1), at::full({64, 1}, -1.0, grad_ref.options()));
+    grad_ref.mul_(0.125);
+    at::Tensor work = logits.clone();
+    at::Tensor loss = kernels::cross_entropy_fwd_bwd(work, tgt, 0.125, true);
+    EXPECT_LT(relative_error(loss, loss_ref), 1e-5) << vocab;
+    EXPECT_LT(relative_error(work, grad_ref), tol(dt)) << vocab;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, KernelTest, ::testing::Values(at::kBFloat16, at::kFloat));
+
+TEST(Kernels, WeightGradientGemmAccumulatesInFp32) {
+  at::Tensor dy = at::randn({1000, 384}, cuda(at::kBFloat16));
+  at::Tensor x = at::randn({1000, 256}, cuda(at::kBFloat16));
+  at::Tensor grad = at::randn({384, 256}, cuda(at::kFloat));
+  at::Tensor expected = grad + at::mm(dy.to(at::kFloat).t(), x.to(at::kFloat));
+  kernels::gemm_tn_accumulate_fp32(dy, x, grad);
+  EXPECT_LT(relative_error(grad, expected), 1e-5);
+}
+
+TEST(Kernels, HeadLossFusedMatchesUnfused) {
+  const int64_t n = 300, d = 256, v = 2000;
+  at::Tensor h = at::randn({n, d}, cuda(at::kBFloat16));
+  at::Tensor nw = at::ones({d}, cuda(at::kBFloat16));
+  at::Tensor ow = (0.05 * at::randn({v, d}, cuda(at::kFloat))).to(at::kBFloat16);
+  at::Tensor tgt = at::randint(0, v, {n}, cuda(at::kLong));
+  at::Tensor ng1 = at::zeros({d}, cuda(at::kFloat)), og1 = at::zeros({v, d}, cuda(at::kFloat));
+  at::Tensor ng2 = ng1.clone(), og2 = og1.clone();
+  ops::set_fused_kernels(true);
+  auto fused = ops::head_forward_backward(h, nw, ow, tgt, 1e-5, 1.0 / n, &ng1, &og1);
+  ops::set_fused_kernels(false);
+  auto plain = ops::head_forward_backward(h, nw, ow, tgt, 1e-5, 1.0 / n, &ng2, &og2);
+  ops::set_fused_kernels(true);
+  EXPECT_LT(relative_error(fused.loss_sum, plain.loss_sum), 1e-4);
+  EXPECT_LT(relative_error(fused.dh, plain.dh), 2e-2);
+  EXPECT_LT(relative_error(og1, og2), 2e-2);
+  EXPECT_LT(relative_error(ng1, ng2), 2e-2);
+}
+
+TEST(Kernels, AttentionBackwardMatchesAutograd) {
+  const int64_t b = 2, s = 128, h = 8, kv = 2, hd = 64;
+  at::Tensor q = at::randn({b, s, h, hd}, cuda(at::kBFloat16));
+  at::Tensor k = at::randn({b, s, kv, hd}, cuda(at::kBFloat16));
+  at::Tensor v = at::randn({b, s, kv, hd}, cuda(at::kBFloat16));
+  ops::AttentionSaved saved;
+  at::Tensor out = ops::attention_forward(q, k, v, saved);
+  at::Tensor dout = at::randn_like(out);
+  auto [dq, dk, dv] = ops::attention_backward(dout, saved, kv);
+  // Reference: math attention in fp32 with autograd.
+  at::Tensor qf = q.to(at::kFloat).transpose(1, 2).set_requires_grad(true);
+  at::Tensor kf = k.to(at::kFloat).transpose(1, 2).set_requires_grad(true);
+  at::Tensor vf = v.to(at::kFloat).transpose(1, 2).set_requires_grad(true);
+  at::Tensor ke = kf.repeat_interleave(h / kv, 1), ve = vf.repeat_interleave(h / kv, 1);
+  at::Tensor scores = at::matmul(qf, ke.transpose(-1, -2)) / std::sqrt(double(hd));
+  scores = scores.masked_fill(at::ones({s, s}, cuda(at::kBool)).triu(1), -INFINITY);
+  at::Tensor ref = at::matmul(at::softmax(scores, -1), ve).transpose(1, 2);
+  ref.backward(dout.to(at::kFloat));
+  EXPECT_LT(relative_error(out, ref), 2e-2);
+  EXPECT_LT(relative_error(dq, qf.grad().transpose(1, 2)), 3e-2);
+  EXPECT_LT(relative_error(dk, kf.grad().transpose(1, 2)), 3e-2);
+  EXPECT_LT(relative_error(dv, vf.grad().transpose(1, 2)), 3e-2);
+  std::printf("attention backend: %s\n", ops::attention_backend_name(true).c_str());
+}

@@ -19,7 +19,7 @@ site="$("$PY" -c 'import site; print(site.getsitepackages()[0])')"
 torch_prefix="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
 nccl_root="$site/nvidia/nccl"
 cudnn_root="$site/nvidia/cudnn"
-export LD_LIBRARY_PATH="$nccl_root/lib:$cudnn_root/lib:${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$nccl_root/lib:$cudnn_root/lib:$site/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
 export TORCH_CUDA_ARCH_LIST=9.0a
 export PATH="/usr/local/cuda/bin:$PATH"
 

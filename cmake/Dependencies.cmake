@@ -60,7 +60,7 @@ if(TITAN_CUDA)
   # NCCL: TITAN_NCCL_ROOT, or the nvidia-nccl wheel beside the PyTorch that provided LibTorch.
   set(TITAN_NCCL_ROOT "" CACHE PATH "NCCL install (include/, lib/)")
   find_path(NCCL_INCLUDE_DIR nccl.h HINTS ${TITAN_NCCL_ROOT}/include $ENV{NCCL_ROOT}/include)
-  find_library(NCCL_LIBRARY NAMES nccl libnccl.so.2 HINTS ${TITAN_NCCL_ROOT}/lib $ENV{NCCL_ROOT}/lib)
+  find_library(NCCL_LIBRARY NAMES nccl libnccl.so.2 NAMES_PER_DIR HINTS ${TITAN_NCCL_ROOT}/lib $ENV{NCCL_ROOT}/lib)
   if(NOT NCCL_INCLUDE_DIR OR NOT NCCL_LIBRARY)
     message(FATAL_ERROR "CUDA LibTorch found but NCCL not: set TITAN_NCCL_ROOT")
   endif()

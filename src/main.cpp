@@ -16,6 +16,10 @@ int main(int argc, char** argv) {
       std::cout << titan::config::help_text();
       return 0;
     }
+    if (a == "--help-markdown") {
+      std::cout << titan::config::markdown_reference();
+      return 0;
+    }
   }
   try {
     titan::config::JobConfig config = titan::config::load_job_config(args);

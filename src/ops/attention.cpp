@@ -68,8 +68,9 @@ void attention_bind_inputs(const at::Tensor& q, const at::Tensor& k, const at::T
                            AttentionSaved& saved) {
   int64_t rep = q.size(2) / k.size(2);
 #ifdef TITAN_WITH_CUDA
-  if (q.is_cuda()) {
-    std::call_once(g_probe_once, probe_flash_gqa, q.options());
+  saved.efficient = q.is_cuda() && q.scalar_type() == at::kFloat;
+  if (q.is_cuda() && !saved.efficient) {
+    std::call_once(g_probe_once, probe_flash_gqa, q.options().dtype(at::kBFloat16));
     if (g_flash_native_gqa) rep = 1;
   }
 #endif
@@ -83,6 +84,15 @@ at::Tensor attention_forward(const at::Tensor& q, const at::Tensor& k, const at:
   const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
   attention_bind_inputs(q, k, v, saved);
 #ifdef TITAN_WITH_CUDA
+  if (saved.efficient) {
+    auto res = at::_scaled_dot_product_efficient_attention(saved.q, saved.k, saved.v,
+                                                           std::nullopt, true, 0.0, true, scale);
+    saved.out = std::get<0>(res);
+    saved.logsumexp = std::get<1>(res);
+    saved.philox_seed = std::get<2>(res);
+    saved.philox_offset = std::get<3>(res);
+    return saved.out.transpose(1, 2);
+  }
   if (q.is_cuda()) {
     auto res = at::_scaled_dot_product_flash_attention(saved.q, saved.k, saved.v, 0.0, true,
                                                        false, scale);
@@ -112,7 +122,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   const double scale = 1.0 / std::sqrt(static_cast<double>(saved.q.size(3)));
   at::Tensor dq, dk, dv;
 #ifdef TITAN_WITH_CUDA
-  if (dout.is_cuda()) {
+  if (saved.efficient) {
+    auto res = at::_scaled_dot_product_efficient_attention_backward(
+        dout.transpose(1, 2), saved.q, saved.k, saved.v, at::Tensor(), saved.out,
+        saved.logsumexp, saved.philox_seed, saved.philox_offset, 0.0, {true, true, true, false},
+        true, scale);
+    dq = std::get<0>(res);
+    dk = std::get<1>(res);
+    dv = std::get<2>(res);
+  } else if (dout.is_cuda()) {
     auto res = at::_scaled_dot_product_flash_attention_backward(
         dout.transpose(1, 2), saved.q, saved.k, saved.v, saved.out, saved.logsumexp,
         saved.cum_seq_q, saved.cum_seq_k, saved.max_q, saved.max_k, 0.0, true, saved.philox_seed,

@@ -3,10 +3,17 @@
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <array>
+#include <chrono>
+#include <thread>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -95,6 +102,112 @@ std::vector<double> read_losses(const std::string& jsonl_path) {
     if (j.contains("loss")) out.push_back(j["loss"].get<double>());
   }
   return out;
+}
+
+int free_port() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  const int port = ntohs(addr.sin_port);
+  close(fd);
+  return port;
+}
+
+std::vector<ProcessResult> run_ranks(const std::vector<std::string>& argv, int world,
+                                     const std::vector<std::string>& env, double timeout_s,
+                                     const std::vector<int>& ranks_to_start) {
+  const int port = free_port();
+  std::vector<int> ranks = ranks_to_start;
+  if (ranks.empty()) {
+    for (int r = 0; r < world; ++r) ranks.push_back(r);
+  }
+  struct Child {
+    pid_t pid;
+    int fd;
+    bool done = false;
+  };
+  std::vector<Child> children;
+  std::vector<ProcessResult> results(ranks.size());
+  for (int r : ranks) {
+    int pipefd[2];
+    if (pipe(pipefd) != 0) throw std::runtime_error("pipe failed");
+    pid_t pid = fork();
+    if (pid == 0) {
+      dup2(pipefd[1], 1);
+      dup2(pipefd[1], 2);
+      close(pipefd[0]);
+      close(pipefd[1]);
+      std::vector<std::string> vars = {"RANK=" + std::to_string(r),
+                                       "WORLD_SIZE=" + std::to_string(world),
+                                       "LOCAL_RANK=" + std::to_string(r),
+                                       "LOCAL_WORLD_SIZE=" + std::to_string(world),
+                                       "MASTER_ADDR=127.0.0.1",
+                                       "MASTER_PORT=" + std::to_string(port),
+                                       "TITAN_DEVICE=cpu",
+                                       "OMP_NUM_THREADS=1"};
+      vars.insert(vars.end(), env.begin(), env.end());
+      for (const auto& e : vars) putenv(strdup(e.c_str()));
+      std::vector<char*> args;
+      for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      args.push_back(nullptr);
+      execv(args[0], args.data());
+      _exit(127);
+    }
+    close(pipefd[1]);
+    children.push_back({pid, pipefd[0]});
+  }
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+  size_t remaining = children.size();
+  std::array<char, 4096> buf;
+  while (remaining > 0) {
+    std::vector<pollfd> fds;
+    for (auto& c : children) {
+      if (!c.done) fds.push_back({c.fd, POLLIN, 0});
+    }
+    poll(fds.data(), fds.size(), 100);
+    for (size_t i = 0; i < children.size(); ++i) {
+      auto& c = children[i];
+      if (c.done) continue;
+      ssize_t n;
+      while (true) {
+        pollfd p{c.fd, POLLIN, 0};
+        if (poll(&p, 1, 0) <= 0) break;
+        n = read(c.fd, buf.data(), buf.size());
+        if (n <= 0) {
+          int status = 0;
+          waitpid(c.pid, &status, 0);
+          results[i].exit_code =
+              WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+          close(c.fd);
+          c.done = true;
+          --remaining;
+          break;
+        }
+        results[i].output.append(buf.data(), static_cast<size_t>(n));
+      }
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      for (size_t i = 0; i < children.size(); ++i) {
+        auto& c = children[i];
+        if (c.done) continue;
+        kill(c.pid, SIGKILL);
+        int status = 0;
+        waitpid(c.pid, &status, 0);
+        results[i].exit_code = -9;  // killed at the deadline
+        results[i].output += "\n[killed after the test's deadline]";
+        close(c.fd);
+        c.done = true;
+      }
+      break;
+    }
+  }
+  return results;
 }
 
 }  // namespace titan::test

@@ -42,3 +42,16 @@ double relative_error(const at::Tensor& a, const at::Tensor& b);
 std::vector<double> read_losses(const std::string& jsonl_path);
 
 }  // namespace titan::test
+
+namespace titan::test {
+
+// Starts `world` processes of `argv` as ranks of one job on loopback (RANK, WORLD_SIZE,
+// LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT set; a free port chosen), waits up to
+// `timeout_s` and kills whatever still runs. `ranks_to_start` (empty: all) starts a subset.
+std::vector<ProcessResult> run_ranks(const std::vector<std::string>& argv, int world,
+                                     const std::vector<std::string>& env, double timeout_s,
+                                     const std::vector<int>& ranks_to_start = {});
+// A TCP port free on 127.0.0.1 right now.
+int free_port();
+
+}  // namespace titan::test

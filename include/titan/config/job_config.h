@@ -192,5 +192,7 @@ std::string to_toml(const JobConfig& config);
 
 // Help text listing every option with its type, default and description.
 std::string help_text();
+// The same as a Markdown reference (docs/CONFIG.md).
+std::string markdown_reference();
 
 }  // namespace titan::config

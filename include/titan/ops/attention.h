@@ -17,6 +17,7 @@ struct AttentionSaved {
   // flash (CUDA) bookkeeping
   at::Tensor cum_seq_q, cum_seq_k, philox_seed, philox_offset;
   int64_t max_q = 0, max_k = 0;
+  bool efficient = false;  // fp32 on CUDA: the memory-efficient kernel (flash needs 16-bit)
 };
 
 // q: [B, S, H, hd], k/v: [B, S, Hkv, hd] (last dim contiguous). Returns out [B, S, H, hd].

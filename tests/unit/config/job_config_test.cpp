@@ -207,3 +207,9 @@ TEST(JobConfigCli, BadInputExitsNonZeroWithMessage) {
   EXPECT_EQ(r.exit_code, 0);
   EXPECT_NE(r.output.find("--training.steps"), std::string::npos);
 }
+
+TEST(JobConfigDocs, ConfigReferenceInDocsIsCurrent) {
+  const std::string path = std::string(TITAN_SOURCE_DIR) + "/docs/CONFIG.md";
+  EXPECT_EQ(titan::test::read_file(path), titan::config::markdown_reference())
+      << "docs/CONFIG.md is stale: regenerate with titan_train --help-markdown > docs/CONFIG.md";
+}

@@ -4,7 +4,11 @@
 #include <string>
 #include <vector>
 
+#include <cstdlib>
+
 #include "titan/config/job_config.h"
+#include "titan/dist/launch.h"
+#include "titan/util/strings.h"
 #include "titan/train/trainer.h"
 #include "titan/util/error.h"
 #include "titan/util/log.h"
@@ -23,8 +27,19 @@ int main(int argc, char** argv) {
   }
   try {
     titan::config::JobConfig config = titan::config::load_job_config(args);
-    titan::log::init(-1, true, !config.metrics.disable_color_printing);
-    if (config.job.print_config) {
+    const auto env = titan::dist::read_launch_env();
+    // Rank 0 logs; LOG_RANK=all (or a list such as 0,3) shows others too.
+    bool show = env.rank == 0;
+    if (const char* lr = std::getenv("LOG_RANK")) {
+      const std::string wanted = lr;
+      show = wanted == "all";
+      for (const auto& r : titan::util::split(wanted, ',')) {
+        if (titan::util::trim(r) == std::to_string(env.rank)) show = true;
+      }
+    }
+    titan::log::init(env.world_size > 1 ? env.rank : -1, show,
+                     !config.metrics.disable_color_printing);
+    if (config.job.print_config && show) {
       std::cout << "# resolved job config\n" << titan::config::to_toml(config) << std::flush;
     }
     titan::log::info("job: {}{}", config.job.description,

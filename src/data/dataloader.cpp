@@ -41,8 +41,9 @@ LoaderState LoaderState::from_json(const std::string& text) {
 
 DataLoader::DataLoader(std::unique_ptr<DocumentSource> source, LoaderOptions options)
     : source_(std::move(source)), options_(options) {
-  TITAN_CHECK(options_.batch_size >= 1 && options_.seq_len >= 1,
-              "internal: bad loader batch/seq");
+  TITAN_CHECK(options_.batch_size >= 1 && options_.seq_len >= 1 && options_.dp_size >= 1 &&
+                  options_.dp_rank >= 0 && options_.dp_rank < options_.dp_size,
+              "internal: bad loader batch/seq/dp");
   description_ = source_->describe();
   cursor_.position = source_->position();
   consumed_ = cursor_;
@@ -53,7 +54,7 @@ DataLoader::~DataLoader() { stop_thread(); }
 
 DataLoader::Item DataLoader::produce() {
   const int64_t window = options_.seq_len + 1;
-  const size_t need = static_cast<size_t>(options_.batch_size * window);
+  const size_t need = static_cast<size_t>(options_.batch_size * options_.dp_size * window);
   bool read_any_this_epoch = false;
   while (cursor_.carry.size() < need) {
     const size_t before = cursor_.carry.size();
@@ -76,9 +77,11 @@ DataLoader::Item DataLoader::produce() {
   auto opts = at::TensorOptions().dtype(at::kLong).pinned_memory(options_.pin_memory);
   at::Tensor batch = at::empty({options_.batch_size, window}, opts);
   int64_t* dst = batch.data_ptr<int64_t>();
-  for (size_t i = 0; i < need; ++i) dst[i] = cursor_.carry[i];
+  const size_t mine = static_cast<size_t>(options_.batch_size * window);
+  const size_t first = static_cast<size_t>(options_.dp_rank) * mine;
+  for (size_t i = 0; i < mine; ++i) dst[i] = cursor_.carry[first + i];
   cursor_.carry.erase(cursor_.carry.begin(), cursor_.carry.begin() + static_cast<long>(need));
-  cursor_.windows += options_.batch_size;
+  cursor_.windows += options_.batch_size * options_.dp_size;
   cursor_.position = source_->position();
   return Item{batch, cursor_};
 }

@@ -36,7 +36,8 @@ at::Tensor ModelRunner::embed(const at::Tensor& inputs) {
   // With unsharded storage the fp32 table is read directly: no full-table cast per step.
   const auto& u = fsdp_.unit(0);
   const int64_t v = args_.vocab_size, d = args_.dim;
-  at::Tensor table = fsdp_.dp_shard_size() == 1 ? u.master : fsdp_.gather(0);
+  const bool local = fsdp_.dp_shard_size() == 1 && u.master.device() == fsdp_.device();
+  at::Tensor table = local ? u.master : fsdp_.gather(0);
   at::Tensor h = model::embedding_forward(table.narrow(0, 0, v * d).view({v, d}), inputs,
                                           compute_dtype_);
   fsdp_.release(0, /*after_forward=*/true);
@@ -105,6 +106,7 @@ at::Tensor ModelRunner::forward_backward(const at::Tensor& tokens, double grad_s
   at::Tensor table_grad = eg.narrow(0, 0, v * d).view({v, d});
   model::embedding_backward(dh, inputs, table_grad);
   fsdp_.reduce_grad(0, last_microbatch);
+  fsdp_.release(0, /*after_forward=*/false);
   return res.loss_sum;
 }
 

@@ -82,10 +82,4 @@ void Optimizer::step(double lr, const at::Tensor& grad_divisor) {
   for (size_t i = 0; i < params_.size(); ++i) update_one(i);
 }
 
-at::Tensor grad_norm_squared(const std::vector<at::Tensor>& grads) {
-  TITAN_CHECK(!grads.empty(), "internal: no gradients");
-  auto norms = at::_foreach_norm(grads, 2);
-  return at::stack(norms).to(at::kFloat).square().sum();
-}
-
 }  // namespace titan::train

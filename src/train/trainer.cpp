@@ -41,16 +41,21 @@ c10::Device pick_device() {
 
 Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   const auto& c = cfg_;
-  // Launch and mesh: a single process for now.
-  if (const char* ws = std::getenv("WORLD_SIZE"); ws && std::atoi(ws) > 1) {
-    fail("WORLD_SIZE=", ws, ": multi-process training is not available in this build yet");
-  }
   at::manual_seed(static_cast<uint64_t>(c.debug.seed));
   if (c.debug.deterministic) at::globalContext().setDeterministicAlgorithms(true, false);
 
-  // Device.
+  // Launch, device, and the mesh with its communicators.
+  const auto env = dist::read_launch_env();
   const c10::Device device = pick_device();
   device_ = describe_device(device);
+  if (device.is_cuda() && env.world_size > 1) {
+    TITAN_CHECK(env.local_world_size <= cuda_device_count(),
+                "LOCAL_WORLD_SIZE ", env.local_world_size, " exceeds the ", cuda_device_count(),
+                " visible GPUs on this node");
+  }
+  runtime_ = std::make_unique<dist::Runtime>(env, cfg_, device);
+  const auto& mesh = runtime_->mesh();
+  log::info("launch: {} | {}", env.source, mesh.describe());
   ops::set_fused_kernels(c.training.fused_kernels);
   const bool cuda = device.is_cuda();
   at::ScalarType param_dtype = at::kFloat;
@@ -71,8 +76,8 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   args_ = model::llama_flavor(c.model.flavor);
   tokenizer_ = data::build_tokenizer(c.model.tokenizer_path, c.model.hf_assets_path);
   log::info("tokenizer: {}", tokenizer_->describe());
-  dp_size_ = 1;
-  dp_rank_ = 0;
+  dp_size_ = mesh.size("dp");
+  dp_rank_ = mesh.group_rank("dp");
   const int64_t micro_tokens = c.training.local_batch_size * dp_size_;
   int64_t global = c.training.global_batch_size;
   if (global < 0) global = micro_tokens;
@@ -92,6 +97,10 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   lopts.batch_size = c.training.local_batch_size;
   lopts.seq_len = c.training.seq_len;
   lopts.pin_memory = cuda;
+  lopts.dp_rank = dp_rank_;
+  lopts.dp_size = dp_size_;
+  dopts.dp_rank = 0;  // windows are dealt by the loader (see LoaderOptions)
+  dopts.dp_size = 1;
   loader_ = std::make_unique<data::DataLoader>(data::make_source(dopts, tokenizer_), lopts);
   log::info("dataset: {}", loader_->describe());
 
@@ -105,15 +114,26 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   fopts.param_dtype = param_dtype;
   fopts.reduce_dtype = c.training.mixed_precision_reduce == "bfloat16" ? at::kBFloat16 : at::kFloat;
   const auto& reshard = c.parallelism.fsdp_reshard_after_forward;
-  // One rank keeps the compute copies from forward to backward unless told otherwise.
-  fopts.reshard = reshard == "always"    ? parallel::ReshardPolicy::Always
-                  : reshard == "default" ? parallel::ReshardPolicy::Never
-                                         : parallel::ReshardPolicy::Never;
+  dist::Communicator* shard_group = mesh.group("dp_shard");
+  // Unsharded units keep their compute copies from forward to backward unless told otherwise:
+  // re-casting them would only cost time.
+  fopts.reshard = reshard == "always"  ? parallel::ReshardPolicy::Always
+                  : reshard == "never" ? parallel::ReshardPolicy::Never
+                  : shard_group        ? parallel::ReshardPolicy::Default
+                                       : parallel::ReshardPolicy::Never;
   fopts.cpu_offload = c.training.enable_cpu_offload;
   const auto t_init = Clock::now();
-  fsdp_ = std::make_unique<parallel::FsdpModel>(std::move(units), nullptr, nullptr, device,
-                                                fopts);
+  fsdp_ = std::make_unique<parallel::FsdpModel>(std::move(units), shard_group,
+                                                mesh.group("dp_replicate"), device, fopts);
   fsdp_->init_weights(c.debug.seed);
+  {
+    // fp32 parameters + gradients + two AdamW moments, as held by this rank.
+    int64_t elements = 0;
+    for (size_t i = 0; i < fsdp_->num_units(); ++i) elements += fsdp_->unit(i).shard_numel;
+    log::info("parameter state: {:.2f} MiB per rank ({} of {} elements per unit set; dp_shard {})",
+              elements * 16.0 / (1 << 20), util::with_commas(elements),
+              util::with_commas(args_.total_params()), fsdp_->dp_shard_size());
+  }
   log::info("initialized weights in {:.2f}s (seed {})", seconds_since(t_init), c.debug.seed);
 
   ActivationPolicy ac{c.activation_checkpoint.mode, c.activation_checkpoint.selective_ac_option};
@@ -141,7 +161,9 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   mopts.enable_tensorboard = c.metrics.enable_tensorboard;
   mopts.tb_folder = c.metrics.save_tb_folder;
   mopts.color = !c.metrics.disable_color_printing;
-  mopts.rank = 0;
+  mopts.rank = env.rank;
+  mopts.write_files = env.rank == 0 || c.metrics.save_for_all_ranks;
+  mopts.enable_tensorboard = mopts.enable_tensorboard && mopts.write_files;
   metrics_ = std::make_unique<metrics::MetricsLogger>(mopts);
   log::info("training: {} steps, local batch {}, seq_len {}, global batch {} ({} micro-batch(es) "
             "per step), peak lr {}, warmup {}",
@@ -172,9 +194,12 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
   if (c.training.max_norm > 0) {
     // clip coefficient min(1, max_norm / (norm + 1e-6)) applied as a divisor >= 1.
     divisor = ((grad_norm + 1e-6) / c.training.max_norm).clamp_min(1.0);
+    divisor = divisor.to(fsdp_->unit(0).master.device());
   }
   ++step_;
   optimizer_->step(scheduler_->lr_at(step_), divisor);
+  // The logged loss is the mean over the global batch.
+  if (auto* dp = runtime_->mesh().group("dp")) dp->all_reduce(loss_sum, dist::ReduceOp::Sum);
   return {loss_sum / tokens_per_step, grad_norm};
 }
 
@@ -182,6 +207,7 @@ TrainSummary Trainer::train() {
   const auto& c = cfg_;
   TrainSummary summary;
   const c10::Device device = fsdp_->device();
+  runtime_->enter_training();
   reset_peak_memory(device);
   synchronize(device);
   auto window_start = Clock::now();
@@ -249,6 +275,10 @@ double Trainer::validate() {
   lopts.seq_len = c.validation.seq_len;
   lopts.infinite = false;
   lopts.pin_memory = device.is_cuda();
+  lopts.dp_rank = dp_rank_;
+  lopts.dp_size = dp_size_;
+  dopts.dp_rank = 0;
+  dopts.dp_size = 1;
   data::DataLoader loader(data::make_source(dopts, tokenizer_), lopts);
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
   int64_t batches = 0;
@@ -259,9 +289,11 @@ double Trainer::validate() {
     ++batches;
   }
   TITAN_CHECK(batches > 0, "validation: dataset ", loader.describe(),
-              " holds less than one batch (validation.local_batch_size x (seq_len + 1) tokens)");
+              " holds less than one batch (validation.local_batch_size x (seq_len + 1) tokens "
+              "per data-parallel rank)");
+  if (auto* dp = runtime_->mesh().group("dp")) dp->all_reduce(loss_sum, dist::ReduceOp::Sum);
   const double tokens = static_cast<double>(batches) * c.validation.local_batch_size *
-                        c.validation.seq_len;
+                        c.validation.seq_len * dp_size_;
   return loss_sum.item<double>() / tokens;
 }
 

@@ -26,8 +26,16 @@ struct LoaderState {
   static LoaderState from_json(const std::string& json);  // throws titan::Error
 };
 
+// Data parallelism deals windows, not documents: every rank reads the same global stream and
+// keeps its slice [dp_rank * batch, (dp_rank + 1) * batch) of each group of dp_size * batch
+// windows. The global batch is therefore the same for any number of ranks (a 4-rank run sees
+// exactly the tokens of a 1-rank run with 4x the batch), and the loader state is the same on
+// every rank. The cost is that each rank packs the whole stream; pre-tokenized shards
+// (titan_tokenize) make that a memory copy.
 struct LoaderOptions {
-  int64_t batch_size = 8;
+  int64_t batch_size = 8;  // per rank
+  int64_t dp_rank = 0;
+  int64_t dp_size = 1;
   int64_t seq_len = 2048;
   bool infinite = true;     // re-loop over epochs (training); false stops (validation)
   int prefetch_batches = 2; // 0: no background thread

@@ -37,8 +37,4 @@ class Optimizer {
   int64_t steps_taken_ = 0;
 };
 
-// Global L2 norm of all gradients (fp32 scalar tensor on device; local part only: callers
-// all-reduce the square across ranks before taking the root).
-at::Tensor grad_norm_squared(const std::vector<at::Tensor>& grads);
-
 }  // namespace titan::train

@@ -11,6 +11,7 @@
 #include "titan/config/job_config.h"
 #include "titan/data/dataloader.h"
 #include "titan/data/tokenizer.h"
+#include "titan/dist/runtime.h"
 #include "titan/metrics/metrics.h"
 #include "titan/model/llama_args.h"
 #include "titan/parallel/fsdp.h"
@@ -41,12 +42,14 @@ class Trainer {
   double validate();
 
   int64_t step() const { return step_; }
+  dist::Runtime& runtime() { return *runtime_; }
   parallel::FsdpModel& model() { return *fsdp_; }
   data::DataLoader& dataloader() { return *loader_; }
   const model::LlamaArgs& model_args() const { return args_; }
 
  private:
   config::JobConfig cfg_;
+  std::unique_ptr<dist::Runtime> runtime_;
   DeviceInfo device_;
   model::LlamaArgs args_;
   std::shared_ptr<const data::Tokenizer> tokenizer_;

@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
-# Sets up if needed, builds titan_train, and trains: CONFIG_FILE (default
-# configs/debug_model.toml), NPROC processes (default: all local GPUs, else 1), and any
-# arguments are passed to titan_train as overrides, e.g.
+# Sets up if needed, builds titan_train, and trains. Environment:
+#   CONFIG_FILE  job file (default configs/debug_model.toml)
+#   NPROC        processes on this machine (default: the number of local GPUs, else 1); uses
+#                torchrun when it is installed, else scripts/launch.sh
+#   LOG_RANK     ranks whose output is shown (default 0; "all", or a list such as 0,1)
+# Arguments are passed to titan_train as config overrides:
 #   ./scripts/train.sh --training.steps 50
+#   NPROC=4 ./scripts/train.sh --parallelism.data_parallel_shard_degree 4
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 BUILD_TARGETS=titan_train "$TITAN_REPO/scripts/build.sh"
 cd "$TITAN_REPO"
 build_dir="${BUILD_DIR:-build}"
 config="${CONFIG_FILE:-configs/debug_model.toml}"
-titan_exec "$build_dir/titan_train" --job.config_file "$config" "$@"
+[ -f "$config" ] || titan_die "CONFIG_FILE=$config: no such file"
+gpus=0
+command -v nvidia-smi >/dev/null 2>&1 && gpus="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
+nproc="${NPROC:-$((gpus > 0 ? gpus : 1))}"
+export LOG_RANK="${LOG_RANK:-0}" NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+  NVSHMEM_DISABLE_NVLS=1
+if [ "$nproc" -gt 1 ] && command -v torchrun >/dev/null 2>&1; then
+  exec torchrun --standalone --nproc_per_node="$nproc" --local-ranks-filter="$LOG_RANK" \
+    --no-python "$build_dir/titan_train" --job.config_file "$config" "$@"
+fi
+NPROC="$nproc" titan_exec scripts/launch.sh "$build_dir/titan_train" --job.config_file "$config" "$@"

@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 
+#include "titan/checkpoint/hf.h"
 #include "titan/config/job_config.h"
 #include "titan/dist/launch.h"
 #include "titan/util/strings.h"
@@ -26,6 +27,10 @@ int main(int argc, char** argv) {
     }
   }
   try {
+    if (!args.empty() && args[0] == "convert") {
+      titan::log::init(-1, true, false);
+      return titan::checkpoint::run_convert(std::vector<std::string>(args.begin() + 1, args.end()));
+    }
     titan::config::JobConfig config = titan::config::load_job_config(args);
     const auto env = titan::dist::read_launch_env();
     // Rank 0 logs; LOG_RANK=all (or a list such as 0,3) shows others too.

@@ -7,20 +7,11 @@
 #include <filesystem>
 #include <unistd.h>
 
+#include "titan/util/crc32c.h"
 #include "titan/util/error.h"
 
 namespace titan::metrics {
 namespace {
-
-std::array<uint32_t, 256> make_table() {
-  std::array<uint32_t, 256> t{};
-  for (uint32_t i = 0; i < 256; ++i) {
-    uint32_t c = i;
-    for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-    t[i] = c;
-  }
-  return t;
-}
 
 void put_varint(std::string& out, uint64_t v) {
   while (v >= 0x80) {
@@ -63,19 +54,6 @@ double now_seconds() {
 
 }  // namespace
 
-uint32_t crc32c(const void* data, size_t n) {
-  static const auto table = make_table();
-  const auto* p = static_cast<const unsigned char*>(data);
-  uint32_t c = 0xFFFFFFFFu;
-  for (size_t i = 0; i < n; ++i) c = table[(c ^ p[i]) & 0xFF] ^ (c >> 8);
-  return c ^ 0xFFFFFFFFu;
-}
-
-uint32_t masked_crc32c(const void* data, size_t n) {
-  const uint32_t c = crc32c(data, n);
-  return ((c >> 15) | (c << 17)) + 0xA282EAD8u;
-}
-
 TensorBoardWriter::TensorBoardWriter(const std::string& folder) {
   std::filesystem::create_directories(folder);
   char host[256] = "localhost";
@@ -99,9 +77,9 @@ void TensorBoardWriter::write_record(const std::string& data) {
   std::string rec;
   const uint64_t len = data.size();
   put_fixed<uint64_t>(rec, len);
-  put_fixed<uint32_t>(rec, masked_crc32c(rec.data(), 8));
+  put_fixed<uint32_t>(rec, util::masked_crc32c(rec.data(), 8));
   rec += data;
-  put_fixed<uint32_t>(rec, masked_crc32c(data.data(), data.size()));
+  put_fixed<uint32_t>(rec, util::masked_crc32c(data.data(), data.size()));
   TITAN_CHECK(std::fwrite(rec.data(), 1, rec.size(), file_) == rec.size(),
               "cannot write TensorBoard file ", path_);
 }

@@ -156,6 +156,17 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
                                              c.lr_scheduler.min_lr_factor);
   flops_per_token_ = args_.training_flops_per_token(c.training.seq_len);
 
+  // Checkpoints: resume from the newest complete one, or start from initial_load_path.
+  checkpoint::TrainerState cstate;
+  cstate.model = fsdp_.get();
+  cstate.optimizer = optimizer_.get();
+  cstate.loader = loader_.get();
+  cstate.args = args_;
+  cstate.flavor = c.model.flavor;
+  checkpointer_ = std::make_unique<checkpoint::Checkpointer>(cfg_, *runtime_, cstate);
+  step_ = checkpointer_->load_at_start();
+  if (step_ > 0) log::info("resuming after step {}", step_);
+
   metrics::MetricsOptions mopts;
   mopts.dump_folder = c.job.dump_folder;
   mopts.enable_tensorboard = c.metrics.enable_tensorboard;
@@ -206,6 +217,13 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
 TrainSummary Trainer::train() {
   const auto& c = cfg_;
   TrainSummary summary;
+  if (c.checkpoint.create_seed_checkpoint) {
+    checkpointer_->save(0, /*model_only=*/true, at::kFloat);
+    checkpointer_->wait();
+    log::info("seed checkpoint written to {}; exiting (checkpoint.create_seed_checkpoint)",
+              checkpointer_->folder());
+    return summary;
+  }
   const c10::Device device = fsdp_->device();
   runtime_->enter_training();
   reset_peak_memory(device);
@@ -248,6 +266,7 @@ TrainSummary Trainer::train() {
       window_steps = 0;
       data_seconds_window_ = 0;
     }
+    checkpointer_->maybe_save(step_, step_ == c.training.steps);
     if (c.validation.enabled && step_ % c.validation.freq == 0) {
       const auto t0 = Clock::now();
       const double vloss = validate();
@@ -255,6 +274,7 @@ TrainSummary Trainer::train() {
       window_start = Clock::now();
     }
   }
+  checkpointer_->wait();
   log::info("training finished: {} steps in {}", summary.steps_run,
             metrics::format_duration(seconds_since(run_start)));
   return summary;

@@ -26,8 +26,4 @@ class TensorBoardWriter {
   std::FILE* file_ = nullptr;
 };
 
-// CRC-32C (Castagnoli) and TFRecord's masking of it.
-uint32_t crc32c(const void* data, size_t n);
-uint32_t masked_crc32c(const void* data, size_t n);
-
 }  // namespace titan::metrics

@@ -8,6 +8,7 @@
 #include <memory>
 #include <optional>
 
+#include "titan/checkpoint/checkpointer.h"
 #include "titan/config/job_config.h"
 #include "titan/data/dataloader.h"
 #include "titan/data/tokenizer.h"
@@ -43,6 +44,7 @@ class Trainer {
 
   int64_t step() const { return step_; }
   dist::Runtime& runtime() { return *runtime_; }
+  checkpoint::Checkpointer& checkpointer() { return *checkpointer_; }
   parallel::FsdpModel& model() { return *fsdp_; }
   data::DataLoader& dataloader() { return *loader_; }
   const model::LlamaArgs& model_args() const { return args_; }
@@ -59,6 +61,7 @@ class Trainer {
   std::unique_ptr<Optimizer> optimizer_;
   std::unique_ptr<LrScheduler> scheduler_;
   std::unique_ptr<metrics::MetricsLogger> metrics_;
+  std::unique_ptr<checkpoint::Checkpointer> checkpointer_;
   int64_t step_ = 0;
   int64_t grad_accum_steps_ = 1;
   int64_t dp_size_ = 1;

@@ -1,0 +1,92 @@
+// Distributed checkpoints: <dump_folder>/<checkpoint.folder>/step-N/ holds one safetensors shard
+// file per writing rank and one metadata.json index that says, for every tensor, its global
+// shape and dtype and which file holds which flat element range (with CRC-32C per 4 MiB block),
+// plus the training step, optimizer step count, data loader position, the mesh it was written
+// with, and every rank's RNG state. Any mesh can load any checkpoint: each rank reads just the
+// ranges its own shards need. Saves are atomic: ranks write into step-N.partial/, rank 0 writes
+// the index last and renames the folder; anything without an index is ignored and cleaned up.
+// Async modes snapshot the state to host memory on the step and write it on a thread.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "titan/config/job_config.h"
+#include "titan/model/llama_args.h"
+
+namespace titan::dist {
+class Runtime;
+}
+namespace titan::parallel {
+class FsdpModel;
+}
+namespace titan::train {
+class Optimizer;
+}
+namespace titan::data {
+class DataLoader;
+}
+
+namespace titan::checkpoint {
+
+struct SaveStats {
+  double stall_seconds = 0;  // time the training loop was blocked by the save
+  double write_seconds = 0;  // time to write and commit (on the thread in async modes)
+  int64_t bytes = 0;         // bytes this rank wrote
+};
+
+// The parts of the trainer a checkpoint covers. Optimizer and loader may be null.
+struct TrainerState {
+  parallel::FsdpModel* model = nullptr;
+  train::Optimizer* optimizer = nullptr;
+  data::DataLoader* loader = nullptr;
+  model::LlamaArgs args;
+  std::string flavor;
+};
+
+class Checkpointer {
+ public:
+  Checkpointer(const config::JobConfig& config, dist::Runtime& runtime, TrainerState state);
+  ~Checkpointer();  // waits for an asynchronous save in flight
+
+  // Resumes from the newest complete checkpoint in the folder (or checkpoint.load_step), else
+  // from checkpoint.initial_load_path; returns the step to continue after (0: fresh start).
+  int64_t load_at_start();
+  // Saves when the schedule says so (interval, first step, last step).
+  void maybe_save(int64_t step, bool last_step);
+  // Saves now. `model_only`: weights only, in `dtype`.
+  void save(int64_t step, bool model_only, at::ScalarType dtype);
+  // Waits for an asynchronous save to be committed.
+  void wait();
+  const SaveStats& last_stats() const { return last_; }
+
+  // Loads `step_dir` (a complete step folder) into the state; `what` chooses among
+  // model, optimizer, dataloader, train_state. Returns the stored step.
+  int64_t load(const std::string& step_dir, const std::vector<std::string>& what);
+  // Complete step folders in `folder`, oldest first, as (step, path).
+  static std::vector<std::pair<int64_t, std::string>> complete_steps(const std::string& folder);
+  const std::string& folder() const { return folder_; }
+
+ private:
+  struct Snapshot;
+  std::unique_ptr<Snapshot> snapshot(int64_t step, bool model_only, at::ScalarType dtype,
+                                     bool pinned);
+  void write(std::unique_ptr<Snapshot> snap);
+  void commit(const Snapshot& snap, const std::string& report);
+  void barrier(const std::string& key, int64_t step);
+
+  const config::JobConfig& config_;
+  dist::Runtime& runtime_;
+  TrainerState state_;
+  std::string folder_;
+  std::thread writer_;
+  std::exception_ptr writer_error_;
+  SaveStats last_;
+};
+
+}  // namespace titan::checkpoint

@@ -1,0 +1,80 @@
+// safetensors files: an 8-byte little-endian header length, a JSON header mapping each tensor
+// name to {dtype, shape, data_offsets}, then the raw little-endian data. Used for titan's
+// checkpoint shards and for Hugging Face weights. Reads are positioned (pread), so a rank can
+// fetch just the byte range it needs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace titan::checkpoint {
+
+struct TensorInfo {
+  std::string dtype;  // safetensors name: F32, BF16, F16, I64, I32, U8, F8_E4M3, ...
+  std::vector<int64_t> shape;
+  int64_t begin = 0;  // byte offsets inside the data section
+  int64_t end = 0;
+  int64_t numel() const;
+};
+
+std::string safetensors_dtype(at::ScalarType t);
+at::ScalarType scalar_type_of(const std::string& safetensors_dtype);  // throws for unknown
+
+// Writes tensors one after another; the header is computed up front from the declared list.
+class SafetensorsWriter {
+ public:
+  // Declares every tensor (name, dtype, shape) in file order, plus string metadata.
+  SafetensorsWriter(std::string path, std::vector<std::pair<std::string, TensorInfo>> tensors,
+                    std::map<std::string, std::string> metadata = {});
+  ~SafetensorsWriter();
+  // Appends the next declared tensor's bytes (contiguous CPU tensor of the declared dtype).
+  void write(const std::string& name, const at::Tensor& cpu_tensor);
+  // Flushes and fsyncs; returns the file's size. Throws titan::Error on any I/O failure.
+  int64_t close();
+  // CRC-32C of each kCrcBlockBytes block of each tensor's bytes (valid after writing), so a
+  // reader can verify any byte range by reading the blocks that cover it.
+  const std::map<std::string, std::vector<uint32_t>>& block_crcs() const { return crcs_; }
+
+ private:
+  std::string path_;
+  std::vector<std::pair<std::string, TensorInfo>> tensors_;
+  size_t next_ = 0;
+  int fd_ = -1;
+  std::map<std::string, std::vector<uint32_t>> crcs_;
+};
+
+constexpr int64_t kCrcBlockBytes = int64_t(4) << 20;
+
+class SafetensorsReader {
+ public:
+  // Opens and parses the header; throws titan::Error naming the file if it is not safetensors.
+  explicit SafetensorsReader(std::string path);
+  ~SafetensorsReader();
+  const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  bool has(const std::string& name) const { return tensors_.count(name) > 0; }
+  const TensorInfo& info(const std::string& name) const;
+  // The whole tensor, or elements [first, first + count) of its flattened data, as a CPU
+  // tensor of the stored dtype (1-D for ranges).
+  at::Tensor read(const std::string& name) const;
+  at::Tensor read_range(const std::string& name, int64_t first, int64_t count) const;
+  // Raw bytes [begin, end) of the data section.
+  void read_bytes(int64_t begin, int64_t end, void* out) const;
+  const std::string& path() const { return path_; }
+  int64_t file_size() const { return file_size_; }
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  int64_t data_start_ = 0;
+  int64_t file_size_ = 0;
+  std::map<std::string, TensorInfo> tensors_;
+  std::map<std::string, std::string> metadata_;
+};
+
+}  // namespace titan::checkpoint

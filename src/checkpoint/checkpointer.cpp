@@ -1,0 +1,611 @@
+// Sharded, reshardable, atomic, optionally asynchronous checkpoints.
+#include "titan/checkpoint/checkpointer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <fcntl.h>
+#include <nlohmann/json.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <regex>
+
+#include "titan/checkpoint/hf.h"
+#include "titan/checkpoint/safetensors.h"
+#include "titan/data/dataloader.h"
+#include "titan/dist/runtime.h"
+#include "titan/parallel/fsdp.h"
+#include "titan/train/optimizer.h"
+#include "titan/util/crc32c.h"
+#include "titan/util/device.h"
+#include "titan/util/error.h"
+#include "titan/util/log.h"
+#include "titan/util/strings.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace titan::checkpoint {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+void fsync_path(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+std::string step_name(int64_t step) { return "step-" + std::to_string(step); }
+
+std::vector<uint8_t> to_bytes(const std::string& s) {
+  return std::vector<uint8_t>(s.begin(), s.end());
+}
+
+// Which state kinds a checkpoint tensor name belongs to.
+const char* kModel = "model";
+const char* kExpAvg = "optim.exp_avg";
+const char* kExpAvgSq = "optim.exp_avg_sq";
+bool kind_is_model(const std::string& k) { return k == kModel; }
+
+}  // namespace
+
+struct Checkpointer::Snapshot {
+  struct Entry {
+    std::string kind;   // model / optim.exp_avg / optim.exp_avg_sq
+    std::string param;  // parameter name
+    std::vector<int64_t> shape;
+    int64_t offset = 0;  // first flat element of the parameter held here
+    int64_t numel = 0;
+    at::Tensor source;  // view of the live state (device), copied at write time (sync)
+    at::Tensor host;    // host copy taken at snapshot time (async)
+    std::string key() const { return kind + "/" + param + "/" + std::to_string(offset); }
+  };
+  int64_t step = 0;
+  int64_t save_index = 0;
+  bool model_only = false;
+  at::ScalarType dtype = at::kFloat;
+  std::vector<Entry> entries;
+  std::vector<std::pair<std::string, at::Tensor>> rng;  // host tensors
+  std::string loader_state;
+  int64_t optimizer_steps = 0;
+  Clock::time_point started;
+};
+
+Checkpointer::Checkpointer(const config::JobConfig& config, dist::Runtime& runtime,
+                           TrainerState state)
+    : config_(config), runtime_(runtime), state_(std::move(state)) {
+  folder_ = (fs::path(config.job.dump_folder) / config.checkpoint.folder).string();
+}
+
+Checkpointer::~Checkpointer() {
+  try {
+    wait();
+  } catch (const std::exception& e) {
+    log::error("checkpoint: {}", e.what());
+  }
+}
+
+std::vector<std::pair<int64_t, std::string>> Checkpointer::complete_steps(
+    const std::string& folder) {
+  std::vector<std::pair<int64_t, std::string>> out;
+  if (!fs::is_directory(folder)) return out;
+  static const std::regex re("^step-([0-9]+)$");
+  for (const auto& e : fs::directory_iterator(folder)) {
+    std::smatch m;
+    const std::string name = e.path().filename().string();
+    if (e.is_directory() && std::regex_match(name, m, re) &&
+        fs::exists(e.path() / "metadata.json")) {
+      out.emplace_back(std::stoll(m[1]), e.path().string());
+    }
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+void Checkpointer::barrier(const std::string& key, int64_t save_index) {
+  c10d::Store* store = runtime_.store();
+  if (!store) return;
+  const std::string k = "titan/ckpt/" + std::to_string(save_index) + "/" + key;
+  if (runtime_.env().rank == 0) {
+    store->set(k, to_bytes("1"));
+  } else {
+    store->wait({k}, std::chrono::seconds(config_.comm.init_timeout_seconds));
+  }
+}
+
+std::unique_ptr<Checkpointer::Snapshot> Checkpointer::snapshot(int64_t step, bool model_only,
+                                                               at::ScalarType dtype,
+                                                               bool pinned) {
+  static int64_t save_counter = 0;
+  auto snap = std::make_unique<Snapshot>();
+  snap->step = step;
+  snap->save_index = save_counter++;
+  snap->model_only = model_only;
+  snap->dtype = dtype;
+  snap->started = Clock::now();
+  const bool writes_tensors = runtime_.mesh().coordinate("dp_replicate") == 0;
+  auto& fsdp = *state_.model;
+  std::vector<std::pair<std::string, std::vector<at::Tensor>*>> kinds;
+  std::vector<at::Tensor> masters = fsdp.master_shards();
+  kinds.emplace_back(kModel, &masters);
+  if (!model_only && state_.optimizer) {
+    kinds.emplace_back(kExpAvg, &state_.optimizer->exp_avg());
+    kinds.emplace_back(kExpAvgSq, &state_.optimizer->exp_avg_sq());
+  }
+  if (writes_tensors) {
+    for (const auto& [kind, tensors] : kinds) {
+      for (size_t i = 0; i < fsdp.num_units(); ++i) {
+        const auto& u = fsdp.unit(i);
+        const int64_t lo = u.shard_begin, hi = u.shard_begin + u.shard_numel;
+        for (const auto& p : u.layout.params) {
+          const int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel);
+          if (a >= b) continue;
+          Snapshot::Entry e;
+          e.kind = kind;
+          e.param = p.name;
+          e.shape = p.shape;
+          e.offset = a - p.offset;
+          e.numel = b - a;
+          e.source = (*tensors)[i].narrow(0, a - lo, b - a);
+          snap->entries.push_back(std::move(e));
+        }
+      }
+    }
+  }
+  // Host copies for asynchronous writes: the training loop may change the state right after.
+  const bool async = config_.checkpoint.async_mode != "disabled";
+  if (async) {
+    for (auto& e : snap->entries) {
+      auto opts = at::TensorOptions().dtype(kind_is_model(e.kind) ? dtype : at::kFloat);
+      if (pinned && e.source.is_cuda()) opts = opts.pinned_memory(true);
+      e.host = at::empty({e.numel}, opts);
+      e.host.copy_(e.source, /*non_blocking=*/pinned);
+    }
+    if (!snap->entries.empty() && snap->entries.front().source.is_cuda()) {
+      synchronize(snap->entries.front().source.device());
+    }
+  }
+  snap->rng.emplace_back("rng/cpu", at::detail::getDefaultCPUGenerator().get_state());
+  if (state_.loader) snap->loader_state = state_.loader->state().to_json();
+  if (state_.optimizer) snap->optimizer_steps = state_.optimizer->step_count();
+  return snap;
+}
+
+void Checkpointer::save(int64_t step, bool model_only, at::ScalarType dtype) {
+  wait();  // one save at a time
+  const auto t0 = Clock::now();
+  const std::string& mode = config_.checkpoint.async_mode;
+  auto snap = snapshot(step, model_only, dtype, mode == "async_with_pinned_mem");
+  if (mode == "disabled") {
+    write(std::move(snap));
+    last_.stall_seconds = since(t0);
+    log::info("checkpoint: saved step {} to {} in {:.2f}s ({:.1f} MiB from this rank)", step,
+              folder_, last_.stall_seconds, last_.bytes / 1048576.0);
+    return;
+  }
+  last_.stall_seconds = since(t0);
+  writer_error_ = nullptr;
+  writer_ = std::thread([this, s = std::move(snap)]() mutable {
+    try {
+      write(std::move(s));
+    } catch (...) {
+      writer_error_ = std::current_exception();
+    }
+  });
+  log::info("checkpoint: step {} snapshot taken in {:.2f}s; writing in the background", step,
+            last_.stall_seconds);
+}
+
+void Checkpointer::wait() {
+  if (writer_.joinable()) {
+    writer_.join();
+    if (writer_error_) {
+      auto e = writer_error_;
+      writer_error_ = nullptr;
+      std::rethrow_exception(e);
+    }
+    log::info("checkpoint: background save committed ({:.2f}s to write)", last_.write_seconds);
+  }
+}
+
+void Checkpointer::write(std::unique_ptr<Snapshot> snap) {
+  const auto t0 = Clock::now();
+  const auto& env = runtime_.env();
+  const std::string final_dir = (fs::path(folder_) / step_name(snap->step)).string();
+  const std::string staging = final_dir + ".partial";
+  if (env.rank == 0) {
+    fs::create_directories(folder_);
+    fs::remove_all(staging);
+    fs::create_directories(staging);
+  }
+  barrier("staging_ready", snap->save_index);
+
+  // This rank's shard file.
+  char fname[64];
+  std::snprintf(fname, sizeof(fname), "shard-%05d-of-%05d.safetensors", env.rank,
+                env.world_size);
+  std::vector<std::pair<std::string, TensorInfo>> decl;
+  for (const auto& e : snap->entries) {
+    TensorInfo info;
+    info.dtype = safetensors_dtype(kind_is_model(e.kind) ? snap->dtype : at::kFloat);
+    info.shape = {e.numel};
+    decl.emplace_back(e.key(), info);
+  }
+  for (const auto& [name, t] : snap->rng) {
+    TensorInfo info;
+    info.dtype = "U8";
+    info.shape = {t.numel()};
+    decl.emplace_back(name, info);
+  }
+  const std::string path = (fs::path(staging) / fname).string();
+  SafetensorsWriter writer(path, decl, {{"format", "titan-checkpoint-shard"},
+                                        {"rank", std::to_string(env.rank)}});
+  for (const auto& e : snap->entries) {
+    at::Tensor host = e.host.defined()
+                          ? e.host
+                          : e.source.to(at::kCPU, kind_is_model(e.kind) ? snap->dtype : at::kFloat)
+                                .contiguous();
+    writer.write(e.key(), host);
+  }
+  for (const auto& [name, t] : snap->rng) writer.write(name, t.contiguous());
+  const int64_t bytes = writer.close();
+
+  json report;
+  report["rank"] = env.rank;
+  report["file"] = fname;
+  report["bytes"] = bytes;
+  auto& chunks = report["chunks"] = json::array();
+  for (const auto& e : snap->entries) {
+    chunks.push_back({{"kind", e.kind},
+                      {"param", e.param},
+                      {"shape", e.shape},
+                      {"offset", e.offset},
+                      {"numel", e.numel},
+                      {"key", e.key()},
+                      {"crc32c", writer.block_crcs().at(e.key())}});
+  }
+  last_.bytes = bytes;
+  if (c10d::Store* store = runtime_.store()) {
+    store->set("titan/ckpt/" + std::to_string(snap->save_index) + "/report/" +
+                   std::to_string(env.rank),
+               to_bytes(report.dump()));
+  }
+  if (env.rank == 0) commit(*snap, report.dump());
+  last_.write_seconds = since(t0);
+}
+
+void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
+  const auto& env = runtime_.env();
+  const std::string final_dir = (fs::path(folder_) / step_name(snap.step)).string();
+  const std::string staging = final_dir + ".partial";
+  json meta;
+  meta["format"] = "titan-checkpoint";
+  meta["version"] = 1;
+  meta["step"] = snap.step;
+  meta["model_only"] = snap.model_only;
+  meta["dtype"] = safetensors_dtype(snap.dtype);
+  const auto& a = state_.args;
+  meta["model"] = {{"name", "llama3"},           {"flavor", state_.flavor},
+                   {"dim", a.dim},               {"n_layers", a.n_layers},
+                   {"n_heads", a.n_heads},       {"n_kv_heads", a.n_kv_heads},
+                   {"vocab_size", a.vocab_size}, {"ffn_hidden_dim", a.ffn_hidden_dim()},
+                   {"rope_theta", a.rope_theta}, {"norm_eps", a.norm_eps}};
+  const auto& d = runtime_.mesh().dims();
+  meta["mesh"] = {{"world", d.world}, {"pp", d.pp}, {"dp_replicate", d.dp_replicate},
+                  {"dp_shard", d.dp_shard}, {"cp", d.cp}, {"tp", d.tp}};
+  meta["train_state"] = {{"step", snap.step}};
+  meta["optimizer"] = {{"name", config_.optimizer.name}, {"steps", snap.optimizer_steps}};
+  meta["lr_scheduler"] = {{"last_step", snap.step}};
+  if (!snap.loader_state.empty()) meta["dataloader"] = json::parse(snap.loader_state);
+  auto& tensors = meta["tensors"] = json::object();
+  auto& files = meta["files"] = json::object();
+  auto add_report = [&](const json& r) {
+    files[r["file"].get<std::string>()] = {{"bytes", r["bytes"]}, {"rank", r["rank"]}};
+    for (const auto& c : r["chunks"]) {
+      const std::string name = c["kind"].get<std::string>() == kModel
+                                   ? c["param"].get<std::string>()
+                                   : c["kind"].get<std::string>() + "/" + c["param"].get<std::string>();
+      auto& t = tensors[name];
+      t["shape"] = c["shape"];
+      t["dtype"] = c["kind"].get<std::string>() == kModel ? safetensors_dtype(snap.dtype) : "F32";
+      t["chunks"].push_back({{"file", r["file"]},
+                             {"key", c["key"]},
+                             {"offset", c["offset"]},
+                             {"numel", c["numel"]},
+                             {"crc32c_block_bytes", kCrcBlockBytes},
+                             {"crc32c", c["crc32c"]}});
+    }
+  };
+  add_report(json::parse(own_report));
+  if (c10d::Store* store = runtime_.store()) {
+    for (int r = 1; r < env.world_size; ++r) {
+      const std::string key = "titan/ckpt/" + std::to_string(snap.save_index) + "/report/" +
+                              std::to_string(r);
+      store->wait({key}, std::chrono::seconds(config_.comm.init_timeout_seconds));
+      auto v = store->get(key);
+      add_report(json::parse(std::string(v.begin(), v.end())));
+    }
+  }
+  for (auto& [name, t] : tensors.items()) {
+    auto& chunks = t["chunks"];
+    std::sort(chunks.begin(), chunks.end(), [](const json& x, const json& y) {
+      return x["offset"].get<int64_t>() < y["offset"].get<int64_t>();
+    });
+  }
+  meta["rng"] = {{"cpu", "rng/cpu in each rank's shard file"},
+                 {"seed", config_.debug.seed}};
+  // The index is written last: its presence is what makes the folder a checkpoint.
+  const std::string tmp = (fs::path(staging) / "metadata.json.tmp").string();
+  {
+    std::ofstream out(tmp);
+    out << meta.dump(1);
+    out.flush();
+    TITAN_CHECK(out.good(), "checkpoint: cannot write ", tmp);
+  }
+  fsync_path(tmp);
+  fs::rename(tmp, fs::path(staging) / "metadata.json");
+  fsync_path(staging);
+  if (fs::exists(final_dir)) {
+    const std::string old = final_dir + ".old";
+    fs::remove_all(old);
+    fs::rename(final_dir, old);
+    fs::rename(staging, final_dir);
+    fs::remove_all(old);
+  } else {
+    fs::rename(staging, final_dir);
+  }
+  fsync_path(folder_);
+  // Retention: only complete checkpoints count, and only older ones go.
+  const int64_t keep = config_.checkpoint.keep_latest_k;
+  if (keep > 0) {
+    auto steps = complete_steps(folder_);
+    for (size_t i = 0; i + static_cast<size_t>(keep) < steps.size(); ++i) {
+      fs::remove_all(steps[i].second);
+      log::info("checkpoint: removed {} (keep_latest_k = {})", steps[i].second, keep);
+    }
+  }
+}
+
+namespace {
+
+struct Chunk {
+  std::string file, key;
+  int64_t offset = 0, numel = 0;
+  int64_t block_bytes = kCrcBlockBytes;
+  std::vector<uint32_t> crcs;
+};
+
+// Reads elements [first, first + count) of a chunk, verifying the CRC of every 4 MiB block it
+// touches.
+at::Tensor read_verified(const SafetensorsReader& reader, const Chunk& c, int64_t first,
+                         int64_t count) {
+  const TensorInfo& info = reader.info(c.key);
+  const int64_t es = static_cast<int64_t>(c10::elementSize(scalar_type_of(info.dtype)));
+  const int64_t total = info.end - info.begin;
+  const int64_t lo = (first * es) / c.block_bytes * c.block_bytes;
+  const int64_t hi = std::min(total, ((first + count) * es + c.block_bytes - 1) / c.block_bytes *
+                                         c.block_bytes);
+  std::vector<char> buf(static_cast<size_t>(hi - lo));
+  reader.read_bytes(info.begin + lo, info.begin + hi, buf.data());
+  for (int64_t b = lo; b < hi; b += c.block_bytes) {
+    const size_t idx = static_cast<size_t>(b / c.block_bytes);
+    const int64_t len = std::min(c.block_bytes, total - b);
+    TITAN_CHECK(idx < c.crcs.size() &&
+                    util::crc32c(buf.data() + (b - lo), static_cast<size_t>(len)) == c.crcs[idx],
+                "checkpoint file ", reader.path(), " is corrupted: bytes ", b, "..", b + len,
+                " of tensor ", c.key, " fail their CRC-32C check");
+  }
+  at::Tensor out = at::empty({count}, at::TensorOptions().dtype(scalar_type_of(info.dtype)));
+  std::memcpy(out.data_ptr(), buf.data() + (first * es - lo), static_cast<size_t>(count * es));
+  return out;
+}
+
+}  // namespace
+
+int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::string>& what) {
+  const auto t0 = Clock::now();
+  auto wants = [&](const char* k) { return std::find(what.begin(), what.end(), k) != what.end(); };
+  const std::string meta_path = (fs::path(step_dir) / "metadata.json").string();
+  json meta;
+  try {
+    std::ifstream in(meta_path);
+    TITAN_CHECK(in.good(), "cannot open ", meta_path);
+    meta = json::parse(in);
+    TITAN_CHECK(meta.value("format", "") == "titan-checkpoint", meta_path,
+                " is not a titan checkpoint index");
+  } catch (const json::exception& e) {
+    fail("checkpoint index ", meta_path, " is malformed: ", e.what());
+  }
+  // The model must be the same shape.
+  const auto& a = state_.args;
+  const auto& m = meta["model"];
+  TITAN_CHECK(m["dim"] == a.dim && m["n_layers"] == a.n_layers && m["n_heads"] == a.n_heads &&
+                  m["n_kv_heads"] == a.n_kv_heads && m["vocab_size"] == a.vocab_size,
+              "checkpoint ", step_dir, " holds a different model (", m.dump(),
+              ") than this job's flavor ", state_.flavor);
+  // Files: present and of the recorded size (truncation shows here).
+  std::map<std::string, std::unique_ptr<SafetensorsReader>> readers;
+  auto reader = [&](const std::string& file) -> const SafetensorsReader& {
+    auto it = readers.find(file);
+    if (it != readers.end()) return *it->second;
+    const std::string path = (fs::path(step_dir) / file).string();
+    TITAN_CHECK(fs::exists(path), "checkpoint ", step_dir, " misses its file ", file);
+    const int64_t want = meta["files"][file]["bytes"].get<int64_t>();
+    const int64_t have = static_cast<int64_t>(fs::file_size(path));
+    TITAN_CHECK(have == want, "checkpoint file ", path, " is truncated or damaged: ", have,
+                " bytes, the index says ", want);
+    return *(readers[file] = std::make_unique<SafetensorsReader>(path));
+  };
+  auto chunks_of = [&](const std::string& name) {
+    std::vector<Chunk> out;
+    if (!meta["tensors"].contains(name)) return out;
+    for (const auto& c : meta["tensors"][name]["chunks"]) {
+      Chunk k;
+      k.file = c["file"];
+      k.key = c["key"];
+      k.offset = c["offset"];
+      k.numel = c["numel"];
+      k.block_bytes = c.value("crc32c_block_bytes", kCrcBlockBytes);
+      k.crcs = c["crc32c"].get<std::vector<uint32_t>>();
+      out.push_back(std::move(k));
+    }
+    return out;
+  };
+  // Fills `dst` (this rank's shard of unit i, device tensor) from tensors named by `prefix`.
+  auto fill = [&](const std::string& prefix, std::vector<at::Tensor>& dsts) {
+    auto& fsdp = *state_.model;
+    for (size_t i = 0; i < fsdp.num_units(); ++i) {
+      const auto& u = fsdp.unit(i);
+      const int64_t lo = u.shard_begin, hi = u.shard_begin + u.shard_numel;
+      at::Tensor host = at::zeros({u.shard_numel}, at::kFloat);
+      for (const auto& p : u.layout.params) {
+        const int64_t a0 = std::max(lo, p.offset), b0 = std::min(hi, p.offset + p.numel);
+        if (a0 >= b0) continue;
+        const int64_t first = a0 - p.offset, last = b0 - p.offset;  // param-flat range
+        const std::string name = prefix.empty() ? p.name : prefix + "/" + p.name;
+        auto chunks = chunks_of(name);
+        TITAN_CHECK(!chunks.empty(), "checkpoint ", step_dir, " has no tensor ", name);
+        int64_t covered = 0;
+        for (const auto& c : chunks) {
+          const int64_t s = std::max(first, c.offset), e = std::min(last, c.offset + c.numel);
+          if (s >= e) continue;
+          at::Tensor part = read_verified(reader(c.file), c, s - c.offset, e - s);
+          host.narrow(0, p.offset + s - lo, e - s).copy_(part);
+          covered += e - s;
+        }
+        TITAN_CHECK(covered == last - first, "checkpoint ", step_dir, " covers ", covered,
+                    " of the ", last - first, " elements of ", name, " this rank needs");
+      }
+      dsts[i].copy_(host);
+    }
+  };
+  if (wants("model")) {
+    std::vector<at::Tensor> masters = state_.model->master_shards();
+    fill("", masters);
+  }
+  if (wants("optimizer") && state_.optimizer) {
+    if (meta.value("model_only", false)) {
+      log::info("checkpoint: {} holds weights only; the optimizer starts fresh", step_dir);
+    } else {
+      fill(kExpAvg, state_.optimizer->exp_avg());
+      fill(kExpAvgSq, state_.optimizer->exp_avg_sq());
+      state_.optimizer->set_step_count(meta["optimizer"]["steps"].get<int64_t>());
+    }
+  }
+  if (wants("dataloader") && state_.loader && meta.contains("dataloader")) {
+    state_.loader->load_state(data::LoaderState::from_json(meta["dataloader"].dump()));
+  }
+  // RNG: restored when this rank wrote a file with the same world size.
+  const auto& env = runtime_.env();
+  if (meta["mesh"]["world"].get<int64_t>() == env.world_size) {
+    char fname[64];
+    std::snprintf(fname, sizeof(fname), "shard-%05d-of-%05d.safetensors", env.rank,
+                  env.world_size);
+    if (meta["files"].contains(fname)) {
+      const auto& r = reader(fname);
+      if (r.has("rng/cpu")) {
+        at::Generator gen = at::detail::getDefaultCPUGenerator();
+        std::lock_guard<std::mutex> lock(gen.mutex());
+        gen.set_state(r.read("rng/cpu"));
+      }
+    }
+  }
+  const int64_t step = meta["train_state"]["step"].get<int64_t>();
+  log::info("checkpoint: loaded {} ({}) in {:.2f}s", step_dir, util::join(what, ", "), since(t0));
+  return step;
+}
+
+int64_t Checkpointer::load_at_start() {
+  const auto& ck = config_.checkpoint;
+  // Saves that never finished are not checkpoints: clean them up.
+  if (runtime_.env().rank == 0 && fs::is_directory(folder_)) {
+    for (const auto& e : fs::directory_iterator(folder_)) {
+      const std::string name = e.path().filename().string();
+      if (name.size() > 8 && name.substr(name.size() - 8) == ".partial") {
+        log::warn("checkpoint: removing {}, left by a save that did not finish",
+                  e.path().string());
+        fs::remove_all(e.path());
+      }
+    }
+  }
+  std::vector<std::string> what = {"model", "optimizer", "dataloader", "train_state"};
+  for (const auto& x : ck.exclude_from_loading) {
+    TITAN_CHECK(x == "model" || x == "optimizer" || x == "dataloader" || x == "train_state" ||
+                    x == "lr_scheduler",
+                "checkpoint.exclude_from_loading: unknown entry \"", x,
+                "\"; expected model, optimizer, lr_scheduler, dataloader or train_state");
+    what.erase(std::remove(what.begin(), what.end(), x), what.end());
+  }
+  auto steps = complete_steps(folder_);
+  if (!steps.empty() && ck.enable) {
+    std::string dir = steps.back().second;
+    if (ck.load_step >= 0) {
+      auto it = std::find_if(steps.begin(), steps.end(),
+                             [&](const auto& s) { return s.first == ck.load_step; });
+      std::vector<std::string> have;
+      for (const auto& s : steps) have.push_back(std::to_string(s.first));
+      TITAN_CHECK(it != steps.end(), "checkpoint.load_step = ", ck.load_step,
+                  ": no complete checkpoint of that step in ", folder_, " (have: ",
+                  util::join(have, ", "), ")");
+      dir = it->second;
+    }
+    const int64_t step = load(dir, what);
+    return std::find(what.begin(), what.end(), "train_state") != what.end() ? step : 0;
+  }
+  if (!ck.initial_load_path.empty()) {
+    if (ck.initial_load_in_hf) {
+      import_hf(ck.initial_load_path, state_);
+      return 0;
+    }
+    // A step folder, or a checkpoint folder holding step folders (newest taken).
+    std::string dir = ck.initial_load_path;
+    if (!fs::exists(fs::path(dir) / "metadata.json")) {
+      auto inner = complete_steps(dir);
+      TITAN_CHECK(!inner.empty(), "checkpoint.initial_load_path: ", dir,
+                  " is neither a checkpoint step folder nor a folder holding one");
+      dir = inner.back().second;
+    }
+    std::vector<std::string> init_what = {"model"};
+    if (!ck.initial_load_model_only) init_what = what;
+    load(dir, init_what);
+  }
+  return 0;
+}
+
+void Checkpointer::maybe_save(int64_t step, bool last_step) {
+  const auto& ck = config_.checkpoint;
+  if (!ck.enable) return;
+  const bool due = step % ck.interval == 0 || (step == 1 && ck.enable_first_step_checkpoint);
+  if (last_step) {
+    if (ck.last_save_in_hf) {
+      wait();
+      export_hf((fs::path(folder_) / (step_name(step) + "-hf")).string(), state_, runtime_,
+                ck.export_dtype);
+      return;
+    }
+    if (ck.last_save_model_only) {
+      const at::ScalarType dt = ck.export_dtype == "bfloat16" ? at::kBFloat16
+                                : ck.export_dtype == "float16" ? at::kHalf
+                                                               : at::kFloat;
+      save(step, /*model_only=*/true, dt);
+      return;
+    }
+  }
+  if (due || last_step) save(step, /*model_only=*/false, at::kFloat);
+}
+
+}  // namespace titan::checkpoint

@@ -1,0 +1,283 @@
+// Hugging Face Llama safetensors import/export.
+#include "titan/checkpoint/hf.h"
+
+#include <ATen/ATen.h>
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <regex>
+
+#include "titan/checkpoint/safetensors.h"
+#include "titan/dist/runtime.h"
+#include "titan/parallel/fsdp.h"
+#include "titan/util/error.h"
+#include "titan/util/log.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace titan::checkpoint {
+namespace {
+
+const std::vector<std::pair<std::string, std::string>>& layer_names() {
+  static const std::vector<std::pair<std::string, std::string>> m = {
+      {"attention_norm.weight", "input_layernorm.weight"},
+      {"attention.wq.weight", "self_attn.q_proj.weight"},
+      {"attention.wk.weight", "self_attn.k_proj.weight"},
+      {"attention.wv.weight", "self_attn.v_proj.weight"},
+      {"attention.wo.weight", "self_attn.o_proj.weight"},
+      {"ffn_norm.weight", "post_attention_layernorm.weight"},
+      {"feed_forward.w1.weight", "mlp.gate_proj.weight"},
+      {"feed_forward.w3.weight", "mlp.up_proj.weight"},
+      {"feed_forward.w2.weight", "mlp.down_proj.weight"}};
+  return m;
+}
+
+}  // namespace
+
+std::string hf_name(const std::string& t) {
+  if (t == "tok_embeddings.weight") return "model.embed_tokens.weight";
+  if (t == "norm.weight") return "model.norm.weight";
+  if (t == "output.weight") return "lm_head.weight";
+  static const std::regex re("^layers\\.([0-9]+)\\.(.+)$");
+  std::smatch m;
+  if (std::regex_match(t, m, re)) {
+    for (const auto& [a, b] : layer_names()) {
+      if (m[2] == a) return "model.layers." + std::string(m[1]) + "." + b;
+    }
+  }
+  fail("internal: no Hugging Face name for parameter ", t);
+}
+
+std::string titan_name(const std::string& h) {
+  if (h == "model.embed_tokens.weight") return "tok_embeddings.weight";
+  if (h == "model.norm.weight") return "norm.weight";
+  if (h == "lm_head.weight") return "output.weight";
+  static const std::regex re("^model\\.layers\\.([0-9]+)\\.(.+)$");
+  std::smatch m;
+  if (std::regex_match(h, m, re)) {
+    for (const auto& [a, b] : layer_names()) {
+      if (m[2] == b) return "layers." + std::string(m[1]) + "." + a;
+    }
+  }
+  fail("unknown Hugging Face Llama tensor ", h);
+}
+
+at::Tensor permute_to_hf(const at::Tensor& w, int64_t heads) {
+  const int64_t rows = w.size(0), cols = w.size(1);
+  return w.view({heads, rows / heads / 2, 2, cols}).transpose(1, 2).reshape({rows, cols});
+}
+
+at::Tensor permute_from_hf(const at::Tensor& w, int64_t heads) {
+  const int64_t rows = w.size(0), cols = w.size(1);
+  return w.view({heads, 2, rows / heads / 2, cols}).transpose(1, 2).reshape({rows, cols});
+}
+
+namespace {
+
+// Which file holds each HF tensor.
+std::map<std::string, std::string> weight_map(const std::string& folder) {
+  std::map<std::string, std::string> out;
+  const fs::path index = fs::path(folder) / "model.safetensors.index.json";
+  if (fs::exists(index)) {
+    try {
+      std::ifstream in(index);
+      json j = json::parse(in);
+      for (auto it = j.at("weight_map").begin(); it != j.at("weight_map").end(); ++it) {
+        out[it.key()] = (fs::path(folder) / it->get<std::string>()).string();
+      }
+    } catch (const json::exception& e) {
+      fail(index.string(), " is malformed: ", e.what());
+    }
+    return out;
+  }
+  const fs::path single = fs::path(folder) / "model.safetensors";
+  TITAN_CHECK(fs::exists(single), "checkpoint.initial_load_path: ", folder,
+              " holds neither model.safetensors.index.json nor model.safetensors");
+  SafetensorsReader r(single.string());
+  for (const auto& [name, _] : r.tensors()) out[name] = single.string();
+  return out;
+}
+
+void check_config(const std::string& folder, const model::LlamaArgs& a) {
+  const fs::path cfg = fs::path(folder) / "config.json";
+  TITAN_CHECK(fs::exists(cfg), "Hugging Face folder ", folder, " has no config.json");
+  json j;
+  try {
+    std::ifstream in(cfg);
+    j = json::parse(in);
+  } catch (const json::exception& e) {
+    fail(cfg.string(), " is malformed: ", e.what());
+  }
+  auto expect = [&](const char* key, int64_t want) {
+    TITAN_CHECK(j.contains(key) && j[key].get<int64_t>() == want, cfg.string(), ": ", key, " is ",
+                j.contains(key) ? j[key].dump() : "missing", " but the model has ", want,
+                " (pick the matching model.flavor)");
+  };
+  expect("hidden_size", a.dim);
+  expect("num_hidden_layers", a.n_layers);
+  expect("num_attention_heads", a.n_heads);
+  expect("num_key_value_heads", a.n_kv_heads);
+  expect("intermediate_size", a.ffn_hidden_dim());
+  expect("vocab_size", a.vocab_size);
+}
+
+}  // namespace
+
+void import_hf(const std::string& folder, TrainerState& state) {
+  const auto& a = state.args;
+  check_config(folder, a);
+  auto files = weight_map(folder);
+  std::map<std::string, std::unique_ptr<SafetensorsReader>> readers;
+  auto reader = [&](const std::string& path) -> SafetensorsReader& {
+    auto& r = readers[path];
+    if (!r) r = std::make_unique<SafetensorsReader>(path);
+    return *r;
+  };
+  const bool tied = !files.count("lm_head.weight");
+  auto& fsdp = *state.model;
+  int64_t elements = 0;
+  for (size_t i = 0; i < fsdp.num_units(); ++i) {
+    const auto& u = fsdp.unit(i);
+    const int64_t lo = u.shard_begin, hi = u.shard_begin + u.shard_numel;
+    at::Tensor host = at::zeros({u.shard_numel}, at::kFloat);
+    for (const auto& p : u.layout.params) {
+      const int64_t a0 = std::max(lo, p.offset), b0 = std::min(hi, p.offset + p.numel);
+      if (a0 >= b0) continue;
+      std::string hname = hf_name(p.name);
+      if (tied && hname == "lm_head.weight") hname = "model.embed_tokens.weight";
+      TITAN_CHECK(files.count(hname), "Hugging Face folder ", folder, " has no tensor ", hname);
+      SafetensorsReader& r = reader(files[hname]);
+      const TensorInfo& info = r.info(hname);
+      TITAN_CHECK(info.shape == p.shape, files[hname], ": ", hname, " has shape ",
+                  at::IntArrayRef(info.shape), ", expected ", at::IntArrayRef(p.shape));
+      const int64_t cols = p.shape.size() == 2 ? p.shape[1] : 1;
+      const int64_t first = a0 - p.offset, last = b0 - p.offset;
+      at::Tensor part;
+      const bool is_q = p.name.find("attention.wq") != std::string::npos;
+      const bool is_k = p.name.find("attention.wk") != std::string::npos;
+      if (is_q || is_k) {
+        // Read the whole heads covering the rows, un-permute, slice.
+        const int64_t hd = a.head_dim();
+        const int64_t row0 = first / cols, row1 = (last + cols - 1) / cols;
+        const int64_t h0 = row0 / hd, h1 = (row1 + hd - 1) / hd;
+        at::Tensor heads =
+            r.read_range(hname, h0 * hd * cols, (h1 - h0) * hd * cols).view({(h1 - h0) * hd, cols});
+        at::Tensor meta = permute_from_hf(heads.to(at::kFloat), h1 - h0).reshape({-1});
+        part = meta.narrow(0, first - h0 * hd * cols, last - first);
+      } else {
+        part = r.read_range(hname, first, last - first).to(at::kFloat);
+      }
+      host.narrow(0, a0 - lo, b0 - a0).copy_(part);
+      elements += b0 - a0;
+    }
+    fsdp.unit(i).master.copy_(host);
+  }
+  log::info("checkpoint: imported {} weights of this rank from Hugging Face folder {}{}",
+            elements, folder, tied ? " (tied embeddings: output = embed_tokens)" : "");
+}
+
+void export_hf(const std::string& folder, TrainerState& state, dist::Runtime& runtime,
+               const std::string& dtype) {
+  const at::ScalarType dt = dtype == "bfloat16" ? at::kBFloat16
+                            : dtype == "float16" ? at::kHalf
+                                                 : at::kFloat;
+  auto& fsdp = *state.model;
+  const bool writer = runtime.env().rank == 0;
+  dist::Communicator* shard = runtime.mesh().group("dp_shard");
+  // Full tensors in HF order, gathered unit by unit.
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (size_t i = 0; i < fsdp.num_units(); ++i) {
+    const auto& u = fsdp.unit(i);
+    at::Tensor full = u.master;
+    if (shard) {
+      full = at::empty({u.shard_numel * shard->size()}, u.master.options());
+      shard->all_gather_into(full, u.master);
+    }
+    if (!writer) continue;
+    full = full.to(at::kCPU);
+    for (const auto& p : u.layout.params) {
+      at::Tensor t = full.narrow(0, p.offset, p.numel).view(p.shape);
+      if (p.name.find("attention.wq") != std::string::npos) {
+        t = permute_to_hf(t, state.args.n_heads);
+      } else if (p.name.find("attention.wk") != std::string::npos) {
+        t = permute_to_hf(t, state.args.n_kv_heads);
+      }
+      tensors.emplace_back(hf_name(p.name), t.to(dt).contiguous());
+    }
+  }
+  if (!writer) return;
+  const std::string staging = folder + ".partial";
+  fs::remove_all(staging);
+  fs::create_directories(staging);
+  // Files of at most ~5 GB, in HF's naming.
+  constexpr int64_t kMaxFileBytes = int64_t(5) << 30;
+  std::vector<std::vector<size_t>> groups(1);
+  int64_t bytes = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const int64_t b = tensors[i].second.numel() * tensors[i].second.element_size();
+    if (bytes > 0 && bytes + b > kMaxFileBytes) {
+      groups.emplace_back();
+      bytes = 0;
+    }
+    groups.back().push_back(i);
+    bytes += b;
+  }
+  json index;
+  index["metadata"]["total_size"] = 0;
+  int64_t total = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    char name[64];
+    std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", g + 1, groups.size());
+    std::vector<std::pair<std::string, TensorInfo>> decl;
+    for (size_t i : groups[g]) {
+      TensorInfo info;
+      info.dtype = safetensors_dtype(dt);
+      info.shape = tensors[i].second.sizes().vec();
+      decl.emplace_back(tensors[i].first, info);
+    }
+    SafetensorsWriter w((fs::path(staging) / name).string(), decl, {{"format", "pt"}});
+    for (size_t i : groups[g]) {
+      w.write(tensors[i].first, tensors[i].second);
+      index["weight_map"][tensors[i].first] = name;
+      total += tensors[i].second.numel() * tensors[i].second.element_size();
+    }
+    w.close();
+  }
+  index["metadata"]["total_size"] = total;
+  std::ofstream(fs::path(staging) / "model.safetensors.index.json") << index.dump(2);
+  const auto& a = state.args;
+  json cfg = {{"architectures", {"LlamaForCausalLM"}},
+              {"model_type", "llama"},
+              {"hidden_size", a.dim},
+              {"intermediate_size", a.ffn_hidden_dim()},
+              {"num_hidden_layers", a.n_layers},
+              {"num_attention_heads", a.n_heads},
+              {"num_key_value_heads", a.n_kv_heads},
+              {"head_dim", a.head_dim()},
+              {"vocab_size", a.vocab_size},
+              {"rms_norm_eps", a.norm_eps},
+              {"rope_theta", a.rope_theta},
+              {"hidden_act", "silu"},
+              {"tie_word_embeddings", false},
+              {"attention_bias", false},
+              {"mlp_bias", false},
+              {"torch_dtype", dtype},
+              {"max_position_embeddings", 131072}};
+  if (a.rope_scaling_factor > 0) {
+    cfg["rope_scaling"] = {{"rope_type", "llama3"},
+                           {"factor", a.rope_scaling_factor},
+                           {"low_freq_factor", a.rope_low_freq_factor},
+                           {"high_freq_factor", a.rope_high_freq_factor},
+                           {"original_max_position_embeddings", a.rope_original_max_positions}};
+  }
+  std::ofstream(fs::path(staging) / "config.json") << cfg.dump(2);
+  if (fs::exists(folder)) fs::remove_all(folder);
+  fs::rename(staging, folder);
+  log::info("checkpoint: wrote Hugging Face weights ({:.1f} MiB, {}) to {}", total / 1048576.0,
+            dtype, folder);
+}
+
+}  // namespace titan::checkpoint

@@ -58,6 +58,20 @@ do_train() {
     --metrics.log_freq 10 --job.dump_folder "$OUT/train_debug" --metrics.disable_color_printing
 }
 
+do_profile1b() {
+  "$BUILD_DIR/titan_train" --job.config_file configs/llama3_1b.toml --training.local_batch_size 4 \
+    --training.seq_len 2048 --activation_checkpoint.mode none --training.steps 10 \
+    --metrics.log_freq 5 --profiling.enable_profiling --profiling.profile_freq 10 \
+    --profiling.profiler_active 2 --profiling.profiler_warmup 2 --job.dump_folder "$OUT/profile_1b" \
+    --metrics.enable_tensorboard false --metrics.disable_color_printing &&
+    "$PY" scripts/trace_summary.py "$OUT/profile_1b/profile_traces/iteration_10/rank0_trace.json" --steps 2
+}
+
+do_gdbtest() {
+  cuda-gdb -batch -ex run -ex bt --args "$BUILD_DIR/tests/titan_gpu_tests" \
+    --gtest_filter=GpuTraining.FusedKernelLossCurveMatchesUnfusedWithinBf16Noise 2>&1 | tail -60
+}
+
 for s in "${stages[@]}"; do
   case "$s" in
     build) run_stage build do_build || { tail -50 "$OUT/build.log"; exit 1; } ;;
@@ -66,6 +80,8 @@ for s in "${stages[@]}"; do
     train) run_stage train_debug do_train; grep -E "step:|error" "$OUT/train_debug.log" | tail -8 ;;
     bench1b) run_stage bench_1b scripts/bench.sh 1b; tail -6 "$OUT/bench_1b.log" ;;
     bench3b) run_stage bench_3b scripts/bench.sh 3b; tail -6 "$OUT/bench_3b.log" ;;
+    profile1b) run_stage profile_1b do_profile1b; tail -28 "$OUT/profile_1b.log" ;;
+    gdbtest) run_stage gdbtest do_gdbtest; tail -40 "$OUT/gdbtest.log" ;;
     *) note "unknown stage $s" ;;
   esac
 done

@@ -12,11 +12,13 @@
 #include <cstring>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <mutex>
 #include <regex>
+#include <thread>
 
 #include "titan/checkpoint/hf.h"
 #include "titan/checkpoint/safetensors.h"
@@ -263,11 +265,20 @@ void Checkpointer::write(std::unique_ptr<Snapshot> snap) {
   }
   for (const auto& [name, t] : snap->rng) writer.write(name, t.contiguous());
   const int64_t bytes = writer.close();
+  // Test-only hook (tests/integration/checkpoint_test.cpp): holds the save between the shard
+  // file and the commit so a test can kill the process while step-N.partial exists.
+  if (const char* delay = std::getenv("TITAN_TEST_SAVE_DELAY_MS")) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::atoll(delay)));
+  }
 
   json report;
   report["rank"] = env.rank;
   report["file"] = fname;
   report["bytes"] = bytes;
+  // The RNG states are verified on load like the tensors.
+  for (const auto& [name, t] : snap->rng) {
+    report["rng_crc32c"][name] = writer.block_crcs().at(name);
+  }
   auto& chunks = report["chunks"] = json::array();
   for (const auto& e : snap->entries) {
     chunks.push_back({{"kind", e.kind},
@@ -314,7 +325,8 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
   auto& tensors = meta["tensors"] = json::object();
   auto& files = meta["files"] = json::object();
   auto add_report = [&](const json& r) {
-    files[r["file"].get<std::string>()] = {{"bytes", r["bytes"]}, {"rank", r["rank"]}};
+    auto& f = files[r["file"].get<std::string>()] = {{"bytes", r["bytes"]}, {"rank", r["rank"]}};
+    if (r.contains("rng_crc32c")) f["crc32c"] = r["rng_crc32c"];
     for (const auto& c : r["chunks"]) {
       const std::string name = c["kind"].get<std::string>() == kModel
                                    ? c["param"].get<std::string>()
@@ -393,7 +405,13 @@ struct Chunk {
 // touches.
 at::Tensor read_verified(const SafetensorsReader& reader, const Chunk& c, int64_t first,
                          int64_t count) {
+  // A header that disagrees with the index is damage too (a flipped byte in a name or shape).
+  TITAN_CHECK(reader.has(c.key), "checkpoint file ", reader.path(),
+              " is corrupted: its header has no tensor ", c.key, " (the index lists one)");
   const TensorInfo& info = reader.info(c.key);
+  TITAN_CHECK(c.block_bytes > 0 && first >= 0 && count >= 0 && first + count <= info.numel(),
+              "checkpoint file ", reader.path(), " is corrupted: tensor ", c.key, " holds ",
+              info.numel(), " elements, the index asks for [", first, ", ", first + count, ")");
   const int64_t es = static_cast<int64_t>(c10::elementSize(scalar_type_of(info.dtype)));
   const int64_t total = info.end - info.begin;
   const int64_t lo = (first * es) / c.block_bytes * c.block_bytes;
@@ -430,6 +448,9 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
   } catch (const json::exception& e) {
     fail("checkpoint index ", meta_path, " is malformed: ", e.what());
   }
+  // An index that parses but lacks or mistypes an entry is malformed too (not an internal
+  // error).
+  try {
   // The model must be the same shape.
   const auto& a = state_.args;
   const auto& m = meta["model"];
@@ -448,7 +469,13 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
     const int64_t have = static_cast<int64_t>(fs::file_size(path));
     TITAN_CHECK(have == want, "checkpoint file ", path, " is truncated or damaged: ", have,
                 " bytes, the index says ", want);
-    return *(readers[file] = std::make_unique<SafetensorsReader>(path));
+    std::unique_ptr<SafetensorsReader> r;
+    try {
+      r = std::make_unique<SafetensorsReader>(path);
+    } catch (const Error& e) {
+      fail("checkpoint file ", path, " is corrupted: ", e.what());
+    }
+    return *(readers[file] = std::move(r));
   };
   auto chunks_of = [&](const std::string& name) {
     std::vector<Chunk> out;
@@ -496,6 +523,7 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
   if (wants("model")) {
     std::vector<at::Tensor> masters = state_.model->master_shards();
     fill("", masters);
+    state_.model->refresh_shadows();
   }
   if (wants("optimizer") && state_.optimizer) {
     if (meta.value("model_only", false)) {
@@ -517,16 +545,31 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
                   env.world_size);
     if (meta["files"].contains(fname)) {
       const auto& r = reader(fname);
+      const json& f = meta["files"][fname];
       if (r.has("rng/cpu")) {
+        at::Tensor state;
+        if (f.contains("crc32c") && f["crc32c"].contains("rng/cpu")) {
+          Chunk c;
+          c.file = fname;
+          c.key = "rng/cpu";
+          c.numel = r.info(c.key).numel();
+          c.crcs = f["crc32c"]["rng/cpu"].get<std::vector<uint32_t>>();
+          state = read_verified(r, c, 0, c.numel);
+        } else {
+          state = r.read("rng/cpu");  // written before the index recorded RNG checksums
+        }
         at::Generator gen = at::detail::getDefaultCPUGenerator();
         std::lock_guard<std::mutex> lock(gen.mutex());
-        gen.set_state(r.read("rng/cpu"));
+        gen.set_state(state);
       }
     }
   }
   const int64_t step = meta["train_state"]["step"].get<int64_t>();
   log::info("checkpoint: loaded {} ({}) in {:.2f}s", step_dir, util::join(what, ", "), since(t0));
   return step;
+  } catch (const json::exception& e) {
+    fail("checkpoint index ", meta_path, " is malformed: ", e.what());
+  }
 }
 
 int64_t Checkpointer::load_at_start() {
@@ -551,6 +594,9 @@ int64_t Checkpointer::load_at_start() {
     what.erase(std::remove(what.begin(), what.end(), x), what.end());
   }
   auto steps = complete_steps(folder_);
+  // An explicit step must not silently become a fresh start.
+  TITAN_CHECK(!ck.enable || ck.load_step < 0 || !steps.empty(), "checkpoint.load_step = ",
+              ck.load_step, ": no complete checkpoint in ", folder_, " (have: none)");
   if (!steps.empty() && ck.enable) {
     std::string dir = steps.back().second;
     if (ck.load_step >= 0) {

@@ -175,6 +175,7 @@ void import_hf(const std::string& folder, TrainerState& state) {
     }
     fsdp.unit(i).master.copy_(host);
   }
+  fsdp.refresh_shadows();
   log::info("checkpoint: imported {} weights of this rank from Hugging Face folder {}{}",
             elements, folder, tied ? " (tied embeddings: output = embed_tokens)" : "");
 }

@@ -137,6 +137,24 @@ at::Tensor cross_entropy_fwd_bwd(at::Tensor& logits, const at::Tensor& targets, 
   return losses.sum();
 }
 
+void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                const at::Tensor& exp_avg_sq, const at::Tensor& shadow, const at::Tensor& hyper,
+                const at::Tensor& divisor, bool decoupled) {
+  for (const at::Tensor* t : {&param, &grad, &exp_avg, &exp_avg_sq}) {
+    TITAN_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    aligned16(*t) && t->numel() == param.numel(),
+                "internal: adamw_step needs contiguous aligned fp32 CUDA tensors");
+  }
+  TITAN_CHECK(!shadow.defined() || (shadow.scalar_type() == at::kBFloat16 &&
+                                    shadow.numel() == param.numel() && aligned16(shadow)),
+              "internal: adamw_step shadow must be bf16 of the parameter's size");
+  launch::adamw(param.data_ptr<float>(), grad.data_ptr<float>(), exp_avg.data_ptr<float>(),
+                exp_avg_sq.data_ptr<float>(), shadow.defined() ? shadow.data_ptr() : nullptr,
+                param.numel(), hyper.data_ptr<float>(),
+                divisor.defined() ? divisor.data_ptr<float>() : nullptr, decoupled, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void gemm_tn_accumulate_fp32(const at::Tensor& dy_in, const at::Tensor& x_in,
                              const at::Tensor& grad) {
   TITAN_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous(),

@@ -33,4 +33,10 @@ void swiglu_backward(DType dt, const void* dg, const void* ab, void* dab, int64_
 void cross_entropy(DType dt, void* logits, const int64_t* targets, float* losses, int64_t rows,
                    int64_t vocab, float grad_scale, bool write_grad, cudaStream_t stream);
 
+// One flat parameter: p, g, m, v fp32 (16-byte aligned); shadow_bf16 (optional) receives the
+// updated parameter in bf16. hyper (device): lr, beta1, beta2, eps, weight_decay, lr / bc1,
+// 1 / sqrt(bc2). divisor (device, optional): the gradient is divided by it (clipping).
+void adamw(float* p, const float* g, float* m, float* v, void* shadow_bf16, int64_t n,
+           const float* hyper, const float* divisor, bool decoupled, cudaStream_t stream);
+
 }  // namespace titan::kernels::launch

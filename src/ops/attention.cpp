@@ -1,15 +1,23 @@
 // Causal GQA attention: explicit forward/backward over ATen's fused SDPA kernels.
-// CUDA: flash attention with native grouped KV heads (checked once against an expanded-KV
-// run; if the kernel disagrees, KV heads are expanded). CPU: ATen's flash-for-CPU with KV
-// heads expanded (its backward does not take grouped heads).
+// CUDA bf16/fp16: flash attention or cuDNN attention, whichever the probe at first use finds
+// faster on the run's own shape (both checked against each other; TITAN_ATTENTION=flash|cudnn
+// forces one); grouped KV heads are passed natively where the kernel handles them, expanded
+// otherwise. CUDA fp32: the memory-efficient kernel. CPU: ATen's flash-for-CPU with KV heads
+// expanded (its backward does not take grouped heads).
 #include "titan/ops/attention.h"
 
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <mutex>
 
 #include "titan/util/error.h"
+#include "titan/util/log.h"
+
+#ifdef TITAN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
 
 namespace titan::ops {
 namespace {
@@ -28,29 +36,183 @@ at::Tensor reduce_kv(const at::Tensor& g, int64_t rep) {
   return g.reshape({s[0], s[1], s[2] / rep, rep, s[3]}).sum(3);
 }
 
-#ifdef TITAN_WITH_CUDA
-std::once_flag g_probe_once;
-bool g_flash_native_gqa = false;
+double scale_of(int64_t hd) { return 1.0 / std::sqrt(static_cast<double>(hd)); }
 
-void probe_flash_gqa(const at::TensorOptions& opts) {
-  // A small causal GQA problem through the native path and through expanded heads.
-  at::Tensor q = at::randn({1, 64, 4, 64}, opts);
-  at::Tensor k = at::randn({1, 64, 2, 64}, opts);
-  at::Tensor v = at::randn({1, 64, 2, 64}, opts);
-  try {
-    auto native = at::_scaled_dot_product_flash_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                          v.transpose(1, 2), 0.0, true);
-    auto expanded = at::_scaled_dot_product_flash_attention(
-        q.transpose(1, 2), expand_kv(k, 2).transpose(1, 2), expand_kv(v, 2).transpose(1, 2), 0.0,
-        true);
-    double diff = (std::get<0>(native).to(at::kFloat) - std::get<0>(expanded).to(at::kFloat))
-                      .abs()
-                      .max()
-                      .item<double>();
-    g_flash_native_gqa = diff < 1e-2;
-  } catch (const std::exception&) {
-    g_flash_native_gqa = false;
+// Runs the chosen kernel's forward on already bound inputs.
+void kernel_forward(AttentionSaved& s) {
+  const double scale = scale_of(s.q.size(3));
+  switch (s.backend) {
+    case AttentionBackend::CudaCudnn: {
+      auto r = at::_scaled_dot_product_cudnn_attention(s.q, s.k, s.v, std::nullopt, true, 0.0,
+                                                       true, false, scale);
+      s.out = std::get<0>(r);
+      s.logsumexp = std::get<1>(r);
+      s.cum_seq_q = std::get<2>(r);
+      s.cum_seq_k = std::get<3>(r);
+      s.max_q = std::get<4>(r).guard_int(__FILE__, __LINE__);
+      s.max_k = std::get<5>(r).guard_int(__FILE__, __LINE__);
+      s.philox_seed = std::get<6>(r);
+      s.philox_offset = std::get<7>(r);
+      return;
+    }
+    case AttentionBackend::CudaFlash: {
+      auto r = at::_scaled_dot_product_flash_attention(s.q, s.k, s.v, 0.0, true, false, scale);
+      s.out = std::get<0>(r);
+      s.logsumexp = std::get<1>(r);
+      s.cum_seq_q = std::get<2>(r);
+      s.cum_seq_k = std::get<3>(r);
+      s.max_q = std::get<4>(r).guard_int(__FILE__, __LINE__);
+      s.max_k = std::get<5>(r).guard_int(__FILE__, __LINE__);
+      s.philox_seed = std::get<6>(r);
+      s.philox_offset = std::get<7>(r);
+      return;
+    }
+    case AttentionBackend::CudaEfficient: {
+      auto r = at::_scaled_dot_product_efficient_attention(s.q, s.k, s.v, std::nullopt, true, 0.0,
+                                                           true, scale);
+      s.out = std::get<0>(r);
+      s.logsumexp = std::get<1>(r);
+      s.philox_seed = std::get<2>(r);
+      s.philox_offset = std::get<3>(r);
+      return;
+    }
+    case AttentionBackend::CpuFlash: {
+      auto r = at::_scaled_dot_product_flash_attention_for_cpu(s.q, s.k, s.v, 0.0, true,
+                                                               std::nullopt, scale);
+      s.out = std::get<0>(r);
+      s.logsumexp = std::get<1>(r);
+      return;
+    }
   }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(const at::Tensor& dout_bhsd,
+                                                               const AttentionSaved& s) {
+  const double scale = scale_of(s.q.size(3));
+  switch (s.backend) {
+    case AttentionBackend::CudaCudnn:
+      return at::_scaled_dot_product_cudnn_attention_backward(
+          dout_bhsd, s.q, s.k, s.v, s.out, s.logsumexp, s.philox_seed, s.philox_offset,
+          at::Tensor(), s.cum_seq_q, s.cum_seq_k, s.max_q, s.max_k, 0.0, true, scale);
+    case AttentionBackend::CudaFlash:
+      return at::_scaled_dot_product_flash_attention_backward(
+          dout_bhsd, s.q, s.k, s.v, s.out, s.logsumexp, s.cum_seq_q, s.cum_seq_k, s.max_q,
+          s.max_k, 0.0, true, s.philox_seed, s.philox_offset, scale);
+    case AttentionBackend::CudaEfficient: {
+      auto r = at::_scaled_dot_product_efficient_attention_backward(
+          dout_bhsd, s.q, s.k, s.v, at::Tensor(), s.out, s.logsumexp, s.philox_seed,
+          s.philox_offset, 0.0, {true, true, true, false}, true, scale);
+      return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+    }
+    case AttentionBackend::CpuFlash:
+      return at::_scaled_dot_product_flash_attention_for_cpu_backward(
+          dout_bhsd, s.q, s.k, s.v, s.out, s.logsumexp, 0.0, true, std::nullopt, scale);
+  }
+  fail("internal: unknown attention backend");
+}
+
+struct Choice {
+  AttentionBackend backend = AttentionBackend::CudaFlash;
+  bool native_gqa = false;
+};
+
+#ifdef TITAN_WITH_CUDA
+std::mutex g_mu;
+bool g_chosen = false;
+Choice g_choice;
+std::string g_description = "not chosen yet";
+
+// Times fwd+bwd of a candidate on the real shape; returns ms, or -1 when it fails or disagrees
+// with the reference outputs.
+double try_candidate(Choice c, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& dout, const at::Tensor* ref_out, const at::Tensor* ref_dq,
+                     at::Tensor* out_copy, at::Tensor* dq_copy) {
+  try {
+    const int64_t rep = q.size(2) / k.size(2);
+    auto run = [&]() {
+      AttentionSaved s;
+      s.backend = c.backend;
+      s.q = q.transpose(1, 2);
+      s.k = expand_kv(k, c.native_gqa ? 1 : rep).transpose(1, 2);
+      s.v = expand_kv(v, c.native_gqa ? 1 : rep).transpose(1, 2);
+      kernel_forward(s);
+      auto g = kernel_backward(dout.transpose(1, 2), s);
+      return std::make_pair(s.out.transpose(1, 2), std::get<0>(g).transpose(1, 2));
+    };
+    auto [o, dq] = run();  // warm-up (and correctness)
+    if (ref_out) {
+      const double eo = ((o.to(at::kFloat) - ref_out->to(at::kFloat)).norm() /
+                         ref_out->to(at::kFloat).norm())
+                            .item<double>();
+      const double eg = ((dq.to(at::kFloat) - ref_dq->to(at::kFloat)).norm() /
+                         ref_dq->to(at::kFloat).norm())
+                            .item<double>();
+      if (!(eo < 2e-2 && eg < 5e-2)) return -1;
+    }
+    if (out_copy) *out_copy = o.clone();
+    if (dq_copy) *dq_copy = dq.clone();
+    auto stream = at::cuda::getCurrentCUDAStream();
+    cudaEvent_t t0, t1;
+    cudaEventCreate(&t0);
+    cudaEventCreate(&t1);
+    cudaEventRecord(t0, stream);
+    for (int i = 0; i < 3; ++i) run();
+    cudaEventRecord(t1, stream);
+    cudaEventSynchronize(t1);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, t0, t1);
+    cudaEventDestroy(t0);
+    cudaEventDestroy(t1);
+    return ms / 3;
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+void choose(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  // Candidates on copies of the real inputs (random data of the same shape and dtype).
+  at::Tensor qq = at::randn_like(q), kk = at::randn_like(k), vv = at::randn_like(v);
+  at::Tensor dout = at::randn_like(qq);
+  at::Tensor ref_out, ref_dq;
+  const double flash_exp = try_candidate({AttentionBackend::CudaFlash, false}, qq, kk, vv, dout,
+                                         nullptr, nullptr, &ref_out, &ref_dq);
+  TITAN_CHECK(flash_exp > 0, "internal: flash attention failed on this GPU");
+  std::vector<std::pair<Choice, double>> results = {{{AttentionBackend::CudaFlash, false}, flash_exp}};
+  const bool gqa = q.size(2) != k.size(2);
+  if (gqa) {
+    results.push_back({{AttentionBackend::CudaFlash, true},
+                       try_candidate({AttentionBackend::CudaFlash, true}, qq, kk, vv, dout,
+                                     &ref_out, &ref_dq, nullptr, nullptr)});
+    results.push_back({{AttentionBackend::CudaCudnn, true},
+                       try_candidate({AttentionBackend::CudaCudnn, true}, qq, kk, vv, dout,
+                                     &ref_out, &ref_dq, nullptr, nullptr)});
+  }
+  results.push_back({{AttentionBackend::CudaCudnn, false},
+                     try_candidate({AttentionBackend::CudaCudnn, false}, qq, kk, vv, dout,
+                                   &ref_out, &ref_dq, nullptr, nullptr)});
+  // The fastest correct candidate, or the fastest of the forced kind (TITAN_ATTENTION).
+  const char* force_env = std::getenv("TITAN_ATTENTION");
+  const std::string force = force_env ? force_env : "";
+  auto name_of = [](AttentionBackend b) { return b == AttentionBackend::CudaCudnn ? "cudnn" : "flash"; };
+  Choice best;
+  double best_ms = -1;
+  std::string report;
+  for (const auto& [c, ms] : results) {
+    report += std::string(name_of(c.backend)) + (c.native_gqa ? "+gqa " : " ") +
+              (ms > 0 ? fmt::format("{:.2f}ms", ms) : std::string("n/a")) + "; ";
+    if (ms <= 0 || (!force.empty() && force != name_of(c.backend))) continue;
+    if (best_ms < 0 || ms < best_ms) {
+      best = c;
+      best_ms = ms;
+    }
+  }
+  TITAN_CHECK(best_ms > 0, "TITAN_ATTENTION=", force, ": that attention kernel does not run here (",
+              report, ")");
+  g_choice = best;
+  g_description = std::string(best.backend == AttentionBackend::CudaCudnn ? "cuDNN" : "flash") +
+                  (best.native_gqa ? " (native GQA)" : (gqa ? " (expanded KV heads)" : "")) +
+                  " [fwd+bwd probe: " + report + "]";
+  log::info("attention kernel: {}", g_description);
 }
 #endif
 
@@ -58,7 +220,7 @@ void probe_flash_gqa(const at::TensorOptions& opts) {
 
 std::string attention_backend_name(bool cuda) {
 #ifdef TITAN_WITH_CUDA
-  if (cuda) return g_flash_native_gqa ? "flash (native GQA)" : "flash (expanded KV heads)";
+  if (cuda) return g_description;
 #endif
   (void)cuda;
   return "flash-for-CPU (expanded KV heads)";
@@ -66,51 +228,32 @@ std::string attention_backend_name(bool cuda) {
 
 void attention_bind_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            AttentionSaved& saved) {
-  int64_t rep = q.size(2) / k.size(2);
+  const int64_t rep = q.size(2) / k.size(2);
+  bool native = false;
+  if (!q.is_cuda()) {
+    saved.backend = AttentionBackend::CpuFlash;
+  } else if (q.scalar_type() == at::kFloat) {
+    saved.backend = AttentionBackend::CudaEfficient;
+  } else {
 #ifdef TITAN_WITH_CUDA
-  saved.efficient = q.is_cuda() && q.scalar_type() == at::kFloat;
-  if (q.is_cuda() && !saved.efficient) {
-    std::call_once(g_probe_once, probe_flash_gqa, q.options().dtype(at::kBFloat16));
-    if (g_flash_native_gqa) rep = 1;
-  }
+    std::lock_guard<std::mutex> lock(g_mu);
+    if (!g_chosen) {
+      choose(q, k, v);
+      g_chosen = true;
+    }
+    saved.backend = g_choice.backend;
+    native = g_choice.native_gqa;
 #endif
+  }
   saved.q = q.transpose(1, 2);
-  saved.k = expand_kv(k, rep).transpose(1, 2);
-  saved.v = expand_kv(v, rep).transpose(1, 2);
+  saved.k = expand_kv(k, native ? 1 : rep).transpose(1, 2);
+  saved.v = expand_kv(v, native ? 1 : rep).transpose(1, 2);
 }
 
 at::Tensor attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              AttentionSaved& saved) {
-  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
   attention_bind_inputs(q, k, v, saved);
-#ifdef TITAN_WITH_CUDA
-  if (saved.efficient) {
-    auto res = at::_scaled_dot_product_efficient_attention(saved.q, saved.k, saved.v,
-                                                           std::nullopt, true, 0.0, true, scale);
-    saved.out = std::get<0>(res);
-    saved.logsumexp = std::get<1>(res);
-    saved.philox_seed = std::get<2>(res);
-    saved.philox_offset = std::get<3>(res);
-    return saved.out.transpose(1, 2);
-  }
-  if (q.is_cuda()) {
-    auto res = at::_scaled_dot_product_flash_attention(saved.q, saved.k, saved.v, 0.0, true,
-                                                       false, scale);
-    saved.out = std::get<0>(res);
-    saved.logsumexp = std::get<1>(res);
-    saved.cum_seq_q = std::get<2>(res);
-    saved.cum_seq_k = std::get<3>(res);
-    saved.max_q = std::get<4>(res).guard_int(__FILE__, __LINE__);
-    saved.max_k = std::get<5>(res).guard_int(__FILE__, __LINE__);
-    saved.philox_seed = std::get<6>(res);
-    saved.philox_offset = std::get<7>(res);
-    return saved.out.transpose(1, 2);
-  }
-#endif
-  auto res = at::_scaled_dot_product_flash_attention_for_cpu(saved.q, saved.k, saved.v, 0.0,
-                                                             true, std::nullopt, scale);
-  saved.out = std::get<0>(res);
-  saved.logsumexp = std::get<1>(res);
+  kernel_forward(saved);
   return saved.out.transpose(1, 2);
 }
 
@@ -118,38 +261,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
                                                                   const AttentionSaved& saved,
                                                                   int64_t hkv) {
   const int64_t h = saved.q.size(1);
-  const int64_t rep = h / hkv;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(saved.q.size(3)));
-  at::Tensor dq, dk, dv;
-#ifdef TITAN_WITH_CUDA
-  if (saved.efficient) {
-    auto res = at::_scaled_dot_product_efficient_attention_backward(
-        dout.transpose(1, 2), saved.q, saved.k, saved.v, at::Tensor(), saved.out,
-        saved.logsumexp, saved.philox_seed, saved.philox_offset, 0.0, {true, true, true, false},
-        true, scale);
-    dq = std::get<0>(res);
-    dk = std::get<1>(res);
-    dv = std::get<2>(res);
-  } else if (dout.is_cuda()) {
-    auto res = at::_scaled_dot_product_flash_attention_backward(
-        dout.transpose(1, 2), saved.q, saved.k, saved.v, saved.out, saved.logsumexp,
-        saved.cum_seq_q, saved.cum_seq_k, saved.max_q, saved.max_k, 0.0, true, saved.philox_seed,
-        saved.philox_offset, scale);
-    dq = std::get<0>(res);
-    dk = std::get<1>(res);
-    dv = std::get<2>(res);
-  } else
-#endif
-  {
-    auto res = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-        dout.transpose(1, 2), saved.q, saved.k, saved.v, saved.out, saved.logsumexp, 0.0, true,
-        std::nullopt, scale);
-    dq = std::get<0>(res);
-    dk = std::get<1>(res);
-    dv = std::get<2>(res);
-  }
-  const int64_t r = saved.k.size(1) == hkv ? 1 : rep;
-  return {dq.transpose(1, 2), reduce_kv(dk.transpose(1, 2), r), reduce_kv(dv.transpose(1, 2), r)};
+  const int64_t rep = saved.k.size(1) == hkv ? 1 : h / hkv;
+  auto [dq, dk, dv] = kernel_backward(dout.transpose(1, 2), saved);
+  return {dq.transpose(1, 2), reduce_kv(dk.transpose(1, 2), rep), reduce_kv(dv.transpose(1, 2), rep)};
 }
 
 }  // namespace titan::ops

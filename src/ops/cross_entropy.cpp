@@ -31,14 +31,20 @@ HeadResult head_forward_backward(const at::Tensor& h, const at::Tensor& norm_w,
   auto [hn, rstd] = rmsnorm_forward(h, norm_w, norm_eps);
   at::Tensor dhn = compute_grad ? at::empty_like(hn) : at::Tensor();
   at::Tensor loss_sum = at::zeros({}, h.options().dtype(at::kFloat));
-  const int64_t chunk = head_chunk_rows(n, vocab, int64_t(512) << 20);
+  // The fused kernel keeps only the compute-dtype logits (its gradient overwrites them), so
+  // its chunks can be larger: fewer, taller GEMMs.
+  const bool fused = use_fused(h) && vocab % 8 == 0;
+  (void)fused;
+  const int64_t chunk = fused ? std::min<int64_t>(n, std::max<int64_t>(
+                                                        128, (int64_t(1) << 30) / (vocab * 2) / 128 * 128))
+                              : head_chunk_rows(n, vocab, int64_t(512) << 20);
   for (int64_t start = 0; start < n; start += chunk) {
     const int64_t len = std::min(chunk, n - start);
     at::Tensor hc = hn.narrow(0, start, len);
     at::Tensor tgt = targets.narrow(0, start, len);
     at::Tensor logits = at::mm(hc, out_w.t());
 #ifdef TITAN_WITH_CUDA
-    if (use_fused(logits)) {
+    if (fused) {
       // One pass over the logits: loss and (in place) the gradient of the logits.
       loss_sum.add_(kernels::cross_entropy_fwd_bwd(logits, tgt, grad_scale, compute_grad));
       if (compute_grad) {

@@ -35,7 +35,6 @@ struct Pending {
 
 struct FsdpModel::Impl {
   std::vector<dist::WorkPtr> gathers;  // per unit: an all-gather in flight
-  std::vector<at::Tensor> shard_compute;  // per unit: the shard cast to param_dtype (this step)
   std::deque<Pending> pending;            // reductions whose results are not folded in yet
   std::vector<dist::WorkPtr> final_works; // replicate all-reduces to wait for at the end
   std::vector<bool> grad_written;         // per unit: shard gradient holds this step's data
@@ -59,7 +58,6 @@ FsdpModel::FsdpModel(std::vector<model::UnitLayout> units, dist::Communicator* s
     units_.push_back(std::move(u));
   }
   impl_->gathers.resize(units_.size());
-  impl_->shard_compute.resize(units_.size());
   impl_->grad_written.assign(units_.size(), false);
   TITAN_CHECK(!options_.cpu_offload || device_.is_cuda(),
               "training.enable_cpu_offload: offloading needs a CUDA device (this run is on CPU, "
@@ -81,7 +79,25 @@ void FsdpModel::init_weights(int64_t seed) {
     u.master = at::empty({u.shard_numel}, opts);
     model::init_unit_range(u.layout, seed, u.shard_begin, u.master);
     u.grad = at::zeros({u.shard_numel}, opts);
+    if (options_.param_dtype != at::kFloat || u.master.device() != device_) {
+      u.shadow = at::empty({u.shard_numel},
+                           at::TensorOptions().dtype(options_.param_dtype).device(device_));
+    }
   }
+  refresh_shadows();
+}
+
+std::vector<at::Tensor> FsdpModel::shadows() const {
+  std::vector<at::Tensor> out;
+  for (const auto& u : units_) out.push_back(u.shadow);
+  return out;
+}
+
+void FsdpModel::refresh_shadows() {
+  for (auto& u : units_) {
+    if (u.shadow.defined()) u.shadow.copy_(u.master, /*non_blocking=*/true);
+  }
+  release_all();
 }
 
 bool FsdpModel::reshard_after_forward(size_t i) const {
@@ -102,10 +118,7 @@ void FsdpModel::prefetch(size_t i) {
   if (i >= units_.size() || !shard_) return;
   UnitState& u = units_[i];
   if (u.gathered || impl_->gathers[i]) return;
-  at::Tensor& sc = impl_->shard_compute[i];
-  if (!sc.defined()) {
-    sc = u.master.to(device_, options_.param_dtype, /*non_blocking=*/true);
-  }
+  const at::Tensor& sc = u.shadow.defined() ? u.shadow : u.master;
   u.full = at::empty({u.shard_numel * dp_shard_size()},
                      at::TensorOptions().dtype(options_.param_dtype).device(device_));
   impl_->gathers[i] = shard_->all_gather_into(u.full, sc, /*async=*/true);
@@ -115,11 +128,7 @@ const at::Tensor& FsdpModel::gather(size_t i) {
   UnitState& u = units_[i];
   if (u.gathered) return u.full;
   if (!shard_) {
-    if (u.master.device() == device_ && u.master.scalar_type() == options_.param_dtype) {
-      u.full = u.master;
-    } else {
-      u.full = u.master.to(device_, options_.param_dtype, /*non_blocking=*/true);
-    }
+    u.full = u.shadow.defined() ? u.shadow : u.master;
   } else {
     prefetch(i);
     impl_->gathers[i]->wait();
@@ -241,7 +250,6 @@ void FsdpModel::zero_grad() {
   for (size_t i = 0; i < units_.size(); ++i) {
     if (!shard_ && !options_.cpu_offload) units_[i].grad.zero_();
     impl_->grad_written[i] = false;
-    impl_->shard_compute[i] = at::Tensor();  // weights changed at the last step
   }
 }
 

@@ -2,6 +2,7 @@
 #include "titan/train/model_runner.h"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
 #include "titan/ops/cross_entropy.h"
 #include "titan/ops/rope.h"
@@ -72,7 +73,12 @@ at::Tensor ModelRunner::forward_backward(const at::Tensor& tokens, double grad_s
 
   std::vector<model::BlockSaved> saved(static_cast<size_t>(args_.n_layers));
   fsdp_.prefetch(1);
-  at::Tensor h = blocks_forward(embed(inputs), &saved);
+  at::Tensor h;
+  {
+    RECORD_USER_SCOPE("titan/forward");
+    h = blocks_forward(embed(inputs), &saved);
+  }
+  RECORD_USER_SCOPE("titan/head_loss_and_backward");
 
   // Head: norm + output + loss, and their backward, in one pass.
   const auto& hl = fsdp_.unit(head).layout;
@@ -94,6 +100,7 @@ at::Tensor ModelRunner::forward_backward(const at::Tensor& tokens, double grad_s
   const model::Rope& rope = rope_for(seq, tokens.device());
   at::Tensor dh = res.dh.view({b, seq, d});
   for (size_t i = static_cast<size_t>(args_.n_layers); i >= 1; --i) {
+    RECORD_USER_SCOPE("titan/backward_block");
     if (i > 1) fsdp_.prefetch(i - 1);
     const auto w = model::block_views(fsdp_.unit(i).layout, fsdp_.gather(i));
     const auto g = model::block_views(fsdp_.unit(i).layout, fsdp_.full_grad(i));

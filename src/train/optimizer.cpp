@@ -5,13 +5,22 @@
 
 #include <cmath>
 
+#include "titan/ops/dispatch.h"
 #include "titan/util/error.h"
+#ifdef TITAN_WITH_CUDA
+#include "titan/kernels/kernels.h"
+#endif
 
 namespace titan::train {
 
 Optimizer::Optimizer(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
-                     OptimizerOptions options)
-    : params_(std::move(params)), grads_(std::move(grads)), options_(std::move(options)) {
+                     OptimizerOptions options, std::vector<at::Tensor> shadows)
+    : params_(std::move(params)),
+      grads_(std::move(grads)),
+      shadows_(std::move(shadows)),
+      options_(std::move(options)) {
+  TITAN_CHECK(shadows_.empty() || shadows_.size() == params_.size(),
+              "internal: optimizer shadows/params mismatch");
   TITAN_CHECK(params_.size() == grads_.size(), "internal: optimizer params/grads mismatch");
   for (const auto& p : params_) {
     exp_avg_.push_back(at::zeros_like(p));
@@ -26,13 +35,58 @@ void Optimizer::set_step_count(int64_t steps) {
 }
 
 void Optimizer::step(double lr, const at::Tensor& grad_divisor) {
+  update(lr, grad_divisor);
+  // Paths without a fused shadow write refresh the compute copies here.
+  if (!shadow_written_) {
+    for (size_t i = 0; i < shadows_.size(); ++i) {
+      if (shadows_[i].defined()) shadows_[i].copy_(params_[i], /*non_blocking=*/true);
+    }
+  }
+}
+
+void Optimizer::update(double lr, const at::Tensor& grad_divisor) {
   ++steps_taken_;
+  shadow_written_ = false;
   const auto& o = options_;
   const bool decoupled = o.name == "AdamW";
   if (params_.empty()) return;
+#ifdef TITAN_WITH_CUDA
+  if (o.implementation == "fused" && params_.front().is_cuda() && ops::fused_kernels_enabled()) {
+    const double t = static_cast<double>(steps_taken_);
+    const double bc1 = 1.0 - std::pow(o.beta1, t);
+    const double bc2 = 1.0 - std::pow(o.beta2, t);
+    // A fresh pinned host tensor per step: the caching host allocator keeps it until the
+    // asynchronous copy has read it.
+    at::Tensor h = at::empty({8}, at::TensorOptions().dtype(at::kFloat).pinned_memory(true));
+    float* hp = h.data_ptr<float>();
+    hp[0] = static_cast<float>(lr);
+    hp[1] = static_cast<float>(o.beta1);
+    hp[2] = static_cast<float>(o.beta2);
+    hp[3] = static_cast<float>(o.eps);
+    hp[4] = static_cast<float>(o.weight_decay);
+    hp[5] = static_cast<float>(lr / bc1);
+    hp[6] = static_cast<float>(1.0 / std::sqrt(bc2));
+    hp[7] = 0.f;
+    if (!hyper_.defined()) hyper_ = at::empty({8}, params_.front().options());
+    hyper_.copy_(h, /*non_blocking=*/true);
+    at::Tensor divisor = grad_divisor.defined() ? grad_divisor.to(at::kFloat) : at::Tensor();
+    for (size_t i = 0; i < params_.size(); ++i) {
+      at::Tensor shadow = shadows_.empty() ? at::Tensor() : shadows_[i];
+      kernels::adamw_step(params_[i], grads_[i], exp_avg_[i], exp_avg_sq_[i],
+                          shadow.defined() && shadow.scalar_type() == at::kBFloat16 ? shadow
+                                                                                    : at::Tensor(),
+                          hyper_, divisor, decoupled);
+      if (shadow.defined() && shadow.scalar_type() != at::kBFloat16) {
+        shadow.copy_(params_[i], true);
+      }
+    }
+    shadow_written_ = true;
+    return;
+  }
+#endif
   if (o.implementation == "fused") {
     // The fused kernels read the step count but do not advance it (torch.optim does that).
-    at::_foreach_add_(state_steps_, 1);
+    for (auto& st : state_steps_) st.fill_(static_cast<double>(steps_taken_));
     std::optional<at::Tensor> scale;
     if (grad_divisor.defined()) scale = grad_divisor;
     if (decoupled) {

@@ -2,6 +2,7 @@
 #include "titan/train/trainer.h"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
 #include <chrono>
 #include <cmath>
@@ -9,6 +10,7 @@
 #include <filesystem>
 
 #include "titan/data/dataset.h"
+#include "titan/metrics/profiler.h"
 #include "titan/model/layout.h"
 #include "titan/ops/attention.h"
 #include "titan/ops/dispatch.h"
@@ -140,7 +142,6 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   runner_ = std::make_unique<ModelRunner>(args_, *fsdp_, ac);
   log::info("activation checkpointing: {}{}", ac.mode,
             ac.mode == "selective" ? " (" + ac.option + ")" : "");
-  if (cuda) log::info("attention kernel: {}", ops::attention_backend_name(true));
 
   OptimizerOptions oopts;
   oopts.name = c.optimizer.name;
@@ -149,7 +150,8 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   oopts.beta2 = c.optimizer.beta2;
   oopts.eps = c.optimizer.eps;
   oopts.weight_decay = c.optimizer.weight_decay;
-  optimizer_ = std::make_unique<Optimizer>(fsdp_->master_shards(), fsdp_->grad_shards(), oopts);
+  optimizer_ = std::make_unique<Optimizer>(fsdp_->master_shards(), fsdp_->grad_shards(), oopts,
+                                           fsdp_->shadows());
   scheduler_ = std::make_unique<LrScheduler>(c.optimizer.lr, c.lr_scheduler.warmup_steps,
                                              c.training.steps, c.lr_scheduler.decay_ratio,
                                              c.lr_scheduler.decay_type,
@@ -192,14 +194,22 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
                                  c.training.seq_len * grad_accum_steps_ * dp_size_;
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
   for (int64_t micro = 0; micro < grad_accum_steps_; ++micro) {
-    at::Tensor batch = loader_->next();
+    at::Tensor batch;
+    {
+      RECORD_USER_SCOPE("titan/data");
+      batch = loader_->next();
+    }
     TITAN_CHECK(batch.defined(), "internal: training data ended");
     data_seconds_window_ += loader_->last_wait_seconds();
     at::Tensor tokens = batch.to(device, /*non_blocking=*/true);
     loss_sum.add_(runner_->forward_backward(tokens, 1.0 / tokens_per_step,
                                             micro + 1 == grad_accum_steps_));
   }
-  fsdp_->finish_grad_reduction();
+  {
+    RECORD_USER_SCOPE("titan/grad_reduction_wait");
+    fsdp_->finish_grad_reduction();
+  }
+  RECORD_USER_SCOPE("titan/clip_and_optimizer");
   at::Tensor grad_norm = fsdp_->grad_norm_squared().sqrt();
   at::Tensor divisor;
   if (c.training.max_norm > 0) {
@@ -232,8 +242,11 @@ TrainSummary Trainer::train() {
   int64_t window_steps = 0;
   const auto run_start = Clock::now();
   const int64_t first_step = step_ + 1;
+  metrics::Profiler profiler(cfg_, runtime_->env().rank, device.is_cuda());
   while (step_ < c.training.steps) {
+    profiler.step_begin(step_ + 1);
     auto [loss, grad_norm] = train_step();
+    profiler.step_end(step_);
     ++window_steps;
     ++summary.steps_run;
     const bool log_now = step_ == first_step || step_ % c.metrics.log_freq == 0 ||

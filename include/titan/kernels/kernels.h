@@ -32,4 +32,11 @@ at::Tensor cross_entropy_fwd_bwd(at::Tensor& logits, const at::Tensor& targets,
 // accumulation and an fp32 output, so weight gradients never round to bf16.
 void gemm_tn_accumulate_fp32(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad);
 
+// AdamW (decoupled) or Adam (L2) step of one flat fp32 parameter with its state; writes the
+// bf16 `shadow` (if defined). hyper: device fp32 [7] (see launchers.h); divisor: device fp32
+// scalar or undefined.
+void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                const at::Tensor& exp_avg_sq, const at::Tensor& shadow, const at::Tensor& hyper,
+                const at::Tensor& divisor, bool decoupled);
+
 }  // namespace titan::kernels

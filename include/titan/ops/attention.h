@@ -9,15 +9,17 @@
 
 namespace titan::ops {
 
+enum class AttentionBackend { CpuFlash, CudaFlash, CudaCudnn, CudaEfficient };
+
 // What forward must keep for backward.
 struct AttentionSaved {
+  AttentionBackend backend = AttentionBackend::CpuFlash;
   at::Tensor q, k, v;   // [B, H(q)/Hkv(k,v), S, hd] views as passed to the kernel
   at::Tensor out;       // [B, H, S, hd] view
   at::Tensor logsumexp; // kernel-specific
   // flash (CUDA) bookkeeping
   at::Tensor cum_seq_q, cum_seq_k, philox_seed, philox_offset;
   int64_t max_q = 0, max_k = 0;
-  bool efficient = false;  // fp32 on CUDA: the memory-efficient kernel (flash needs 16-bit)
 };
 
 // q: [B, S, H, hd], k/v: [B, S, Hkv, hd] (last dim contiguous). Returns out [B, S, H, hd].
@@ -33,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
                                                                   const AttentionSaved& saved,
                                                                   int64_t n_kv_heads);
 
-// Name of the kernel family in use on `device_type` ("flash", "cudnn", "cpu-flash").
+// The kernel chosen for CUDA (after the first call), or the CPU kernel.
 std::string attention_backend_name(bool cuda);
 
 }  // namespace titan::ops

@@ -45,6 +45,8 @@ struct UnitState {
   int64_t shard_begin = 0;   // first flat element this rank owns
   at::Tensor master;         // fp32 [shard_numel]: the optimizer's parameter
   at::Tensor grad;           // fp32 [shard_numel]: accumulated, reduced gradient
+  at::Tensor shadow;         // the shard in param_dtype on the device (when that differs from
+                             // the fp32 master); rewritten by the optimizer every step
   at::Tensor full;           // gathered weights [numel] in param_dtype while materialized
   at::Tensor full_grad;      // fp32 [numel] gradient of the full unit during its backward
   bool gathered = false;
@@ -86,6 +88,11 @@ class FsdpModel {
   // Zeroes shard gradients for the next step.
   void zero_grad();
 
+  // Compute-dtype copies of the shards, one per unit (undefined where the master serves).
+  std::vector<at::Tensor> shadows() const;
+  // Recasts the shadows from the masters (after masters changed outside the optimizer:
+  // initialization, checkpoint or HF loads).
+  void refresh_shadows();
   std::vector<at::Tensor> master_shards() const;
   std::vector<at::Tensor> grad_shards() const;
   // Sum of squares of the local gradient shards; reduced across shard and replicate ranks

@@ -17,9 +17,12 @@ struct OptimizerOptions {
 
 class Optimizer {
  public:
-  // params/grads: parallel lists of fp32 tensors (same shapes), updated in place.
+  // params/grads: parallel lists of fp32 tensors (same shapes), updated in place. `shadows`
+  // (empty, or one per parameter, undefined where unused): lower-precision copies of the
+  // parameters rewritten after every step (the compute weights; CUDA writes them in the same
+  // kernel as the update).
   Optimizer(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
-            OptimizerOptions options);
+            OptimizerOptions options, std::vector<at::Tensor> shadows = {});
 
   // One update with learning rate `lr`. `grad_divisor` (fp32 scalar tensor on the params'
   // device, or undefined) divides every gradient first: the clip coefficient's inverse.
@@ -32,7 +35,10 @@ class Optimizer {
   void set_step_count(int64_t steps);
 
  private:
-  std::vector<at::Tensor> params_, grads_, exp_avg_, exp_avg_sq_, state_steps_;
+  void update(double lr, const at::Tensor& grad_divisor);
+  bool shadow_written_ = false;
+  std::vector<at::Tensor> params_, grads_, exp_avg_, exp_avg_sq_, state_steps_, shadows_;
+  at::Tensor hyper_;  // device copy of the step's hyper-parameters (CUDA fused path)
   OptimizerOptions options_;
   int64_t steps_taken_ = 0;
 };

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Kernel-level breakdown of one profiled step from a titan Chrome trace (Kineto JSON):
+GPU time per category (matmul, attention, elementwise/norm, loss, optimizer, communication,
+copies), the GPU idle time between kernels (launch gaps), and the top kernels.
+Usage: scripts/trace_summary.py TRACE.json [--steps N]"""
+import json, re, sys
+from collections import defaultdict
+
+CATEGORIES = [
+    ("communication", r"nccl|ncclDevKernel|ncclKernel"),
+    ("attention", r"flash|fmha|cudnn.*attn|sdpa|attention|cutlass.*fmha|mha"),
+    ("matmul", r"gemm|sm90_xmma|cutlass|nvjet|cublas|xmma|matmul|wgmma"),
+    ("loss", r"ce_kernel|cross_entropy|log_softmax|nll"),
+    ("optimizer", r"adam|multi_tensor_apply|fused_adam"),
+    ("norm/rope/swiglu (titan)", r"rmsnorm|rope_kernel|swiglu|sum_partials"),
+    ("copies/memset", r"memcpy|memset|Memcpy|Memset|copy_kernel|CatArrayBatched"),
+    ("other elementwise/reduce", r"."),
+]
+
+def main():
+    path = sys.argv[1]
+    steps = 1
+    if "--steps" in sys.argv:
+        steps = int(sys.argv[sys.argv.index("--steps") + 1])
+    events = json.load(open(path))["traceEvents"]
+    gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not gpu:
+        print("no GPU events in", path); return
+    per_cat = defaultdict(float); per_kernel = defaultdict(lambda: [0.0, 0])
+    for e in gpu:
+        name = e["name"]
+        for cat, pat in CATEGORIES:
+            if re.search(pat, name, re.I):
+                per_cat[cat] += e["dur"]; break
+        k = per_kernel[name[:90]]; k[0] += e["dur"]; k[1] += 1
+    # Busy time = union of kernel intervals (streams overlap), span = first start to last end.
+    ivs = sorted((e["ts"], e["ts"] + e["dur"]) for e in gpu)
+    busy = 0.0; cur_s, cur_e = ivs[0]
+    for s, e in ivs[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s; cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = ivs[-1][1] - ivs[0][0]
+    total = sum(per_cat.values())
+    print(f"profiled steps: {steps}; GPU span {span/1e3/steps:.1f} ms/step, busy {busy/1e3/steps:.1f} ms/step, "
+          f"idle (launch gaps / host waits) {(span-busy)/1e3/steps:.1f} ms/step, kernels {len(gpu)//steps}/step")
+    print(f"{'category':34s} {'ms/step':>9s} {'share':>7s}")
+    for cat, _ in CATEGORIES:
+        if per_cat[cat]:
+            print(f"{cat:34s} {per_cat[cat]/1e3/steps:9.2f} {100*per_cat[cat]/total:6.1f}%")
+    print("top kernels (ms/step, calls/step):")
+    for name, (d, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:15]:
+        print(f"  {d/1e3/steps:8.2f} {n//steps:5d}  {name}")
+
+if __name__ == "__main__":
+    main()

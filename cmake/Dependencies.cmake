@@ -16,6 +16,11 @@ else()
 endif()
 message(STATUS "titan: LibTorch ${Torch_VERSION} at ${TORCH_INSTALL_PREFIX}; CUDA ${TITAN_CUDA}")
 
+# pip wheels of LibTorch export copies of some libstdc++ symbols (std::filesystem among them)
+# built with another toolchain; the first DT_NEEDED library that defines a symbol wins, so
+# libstdc++ goes first and our calls never land in those copies (they crashed remove_all).
+string(APPEND CMAKE_EXE_LINKER_FLAGS " -Wl,--push-state,--no-as-needed -lstdc++ -Wl,--pop-state")
+
 add_library(titan_deps INTERFACE)
 target_link_libraries(titan_deps INTERFACE ${TORCH_LIBRARIES})
 

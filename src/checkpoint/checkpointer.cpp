@@ -451,122 +451,122 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
   // An index that parses but lacks or mistypes an entry is malformed too (not an internal
   // error).
   try {
-  // The model must be the same shape.
-  const auto& a = state_.args;
-  const auto& m = meta["model"];
-  TITAN_CHECK(m["dim"] == a.dim && m["n_layers"] == a.n_layers && m["n_heads"] == a.n_heads &&
-                  m["n_kv_heads"] == a.n_kv_heads && m["vocab_size"] == a.vocab_size,
-              "checkpoint ", step_dir, " holds a different model (", m.dump(),
-              ") than this job's flavor ", state_.flavor);
-  // Files: present and of the recorded size (truncation shows here).
-  std::map<std::string, std::unique_ptr<SafetensorsReader>> readers;
-  auto reader = [&](const std::string& file) -> const SafetensorsReader& {
-    auto it = readers.find(file);
-    if (it != readers.end()) return *it->second;
-    const std::string path = (fs::path(step_dir) / file).string();
-    TITAN_CHECK(fs::exists(path), "checkpoint ", step_dir, " misses its file ", file);
-    const int64_t want = meta["files"][file]["bytes"].get<int64_t>();
-    const int64_t have = static_cast<int64_t>(fs::file_size(path));
-    TITAN_CHECK(have == want, "checkpoint file ", path, " is truncated or damaged: ", have,
-                " bytes, the index says ", want);
-    std::unique_ptr<SafetensorsReader> r;
-    try {
-      r = std::make_unique<SafetensorsReader>(path);
-    } catch (const Error& e) {
-      fail("checkpoint file ", path, " is corrupted: ", e.what());
-    }
-    return *(readers[file] = std::move(r));
-  };
-  auto chunks_of = [&](const std::string& name) {
-    std::vector<Chunk> out;
-    if (!meta["tensors"].contains(name)) return out;
-    for (const auto& c : meta["tensors"][name]["chunks"]) {
-      Chunk k;
-      k.file = c["file"];
-      k.key = c["key"];
-      k.offset = c["offset"];
-      k.numel = c["numel"];
-      k.block_bytes = c.value("crc32c_block_bytes", kCrcBlockBytes);
-      k.crcs = c["crc32c"].get<std::vector<uint32_t>>();
-      out.push_back(std::move(k));
-    }
-    return out;
-  };
-  // Fills `dst` (this rank's shard of unit i, device tensor) from tensors named by `prefix`.
-  auto fill = [&](const std::string& prefix, std::vector<at::Tensor>& dsts) {
-    auto& fsdp = *state_.model;
-    for (size_t i = 0; i < fsdp.num_units(); ++i) {
-      const auto& u = fsdp.unit(i);
-      const int64_t lo = u.shard_begin, hi = u.shard_begin + u.shard_numel;
-      at::Tensor host = at::zeros({u.shard_numel}, at::kFloat);
-      for (const auto& p : u.layout.params) {
-        const int64_t a0 = std::max(lo, p.offset), b0 = std::min(hi, p.offset + p.numel);
-        if (a0 >= b0) continue;
-        const int64_t first = a0 - p.offset, last = b0 - p.offset;  // param-flat range
-        const std::string name = prefix.empty() ? p.name : prefix + "/" + p.name;
-        auto chunks = chunks_of(name);
-        TITAN_CHECK(!chunks.empty(), "checkpoint ", step_dir, " has no tensor ", name);
-        int64_t covered = 0;
-        for (const auto& c : chunks) {
-          const int64_t s = std::max(first, c.offset), e = std::min(last, c.offset + c.numel);
-          if (s >= e) continue;
-          at::Tensor part = read_verified(reader(c.file), c, s - c.offset, e - s);
-          host.narrow(0, p.offset + s - lo, e - s).copy_(part);
-          covered += e - s;
-        }
-        TITAN_CHECK(covered == last - first, "checkpoint ", step_dir, " covers ", covered,
-                    " of the ", last - first, " elements of ", name, " this rank needs");
+    // The model must be the same shape.
+    const auto& a = state_.args;
+    const auto& m = meta["model"];
+    TITAN_CHECK(m["dim"] == a.dim && m["n_layers"] == a.n_layers && m["n_heads"] == a.n_heads &&
+                    m["n_kv_heads"] == a.n_kv_heads && m["vocab_size"] == a.vocab_size,
+                "checkpoint ", step_dir, " holds a different model (", m.dump(),
+                ") than this job's flavor ", state_.flavor);
+    // Files: present and of the recorded size (truncation shows here).
+    std::map<std::string, std::unique_ptr<SafetensorsReader>> readers;
+    auto reader = [&](const std::string& file) -> const SafetensorsReader& {
+      auto it = readers.find(file);
+      if (it != readers.end()) return *it->second;
+      const std::string path = (fs::path(step_dir) / file).string();
+      TITAN_CHECK(fs::exists(path), "checkpoint ", step_dir, " misses its file ", file);
+      const int64_t want = meta["files"][file]["bytes"].get<int64_t>();
+      const int64_t have = static_cast<int64_t>(fs::file_size(path));
+      TITAN_CHECK(have == want, "checkpoint file ", path, " is truncated or damaged: ", have,
+                  " bytes, the index says ", want);
+      std::unique_ptr<SafetensorsReader> r;
+      try {
+        r = std::make_unique<SafetensorsReader>(path);
+      } catch (const Error& e) {
+        fail("checkpoint file ", path, " is corrupted: ", e.what());
       }
-      dsts[i].copy_(host);
-    }
-  };
-  if (wants("model")) {
-    std::vector<at::Tensor> masters = state_.model->master_shards();
-    fill("", masters);
-    state_.model->refresh_shadows();
-  }
-  if (wants("optimizer") && state_.optimizer) {
-    if (meta.value("model_only", false)) {
-      log::info("checkpoint: {} holds weights only; the optimizer starts fresh", step_dir);
-    } else {
-      fill(kExpAvg, state_.optimizer->exp_avg());
-      fill(kExpAvgSq, state_.optimizer->exp_avg_sq());
-      state_.optimizer->set_step_count(meta["optimizer"]["steps"].get<int64_t>());
-    }
-  }
-  if (wants("dataloader") && state_.loader && meta.contains("dataloader")) {
-    state_.loader->load_state(data::LoaderState::from_json(meta["dataloader"].dump()));
-  }
-  // RNG: restored when this rank wrote a file with the same world size.
-  const auto& env = runtime_.env();
-  if (meta["mesh"]["world"].get<int64_t>() == env.world_size) {
-    char fname[64];
-    std::snprintf(fname, sizeof(fname), "shard-%05d-of-%05d.safetensors", env.rank,
-                  env.world_size);
-    if (meta["files"].contains(fname)) {
-      const auto& r = reader(fname);
-      const json& f = meta["files"][fname];
-      if (r.has("rng/cpu")) {
-        at::Tensor state;
-        if (f.contains("crc32c") && f["crc32c"].contains("rng/cpu")) {
-          Chunk c;
-          c.file = fname;
-          c.key = "rng/cpu";
-          c.numel = r.info(c.key).numel();
-          c.crcs = f["crc32c"]["rng/cpu"].get<std::vector<uint32_t>>();
-          state = read_verified(r, c, 0, c.numel);
-        } else {
-          state = r.read("rng/cpu");  // written before the index recorded RNG checksums
+      return *(readers[file] = std::move(r));
+    };
+    auto chunks_of = [&](const std::string& name) {
+      std::vector<Chunk> out;
+      if (!meta["tensors"].contains(name)) return out;
+      for (const auto& c : meta["tensors"][name]["chunks"]) {
+        Chunk k;
+        k.file = c["file"];
+        k.key = c["key"];
+        k.offset = c["offset"];
+        k.numel = c["numel"];
+        k.block_bytes = c.value("crc32c_block_bytes", kCrcBlockBytes);
+        k.crcs = c["crc32c"].get<std::vector<uint32_t>>();
+        out.push_back(std::move(k));
+      }
+      return out;
+    };
+    // Fills `dst` (this rank's shard of unit i, device tensor) from tensors named by `prefix`.
+    auto fill = [&](const std::string& prefix, std::vector<at::Tensor>& dsts) {
+      auto& fsdp = *state_.model;
+      for (size_t i = 0; i < fsdp.num_units(); ++i) {
+        const auto& u = fsdp.unit(i);
+        const int64_t lo = u.shard_begin, hi = u.shard_begin + u.shard_numel;
+        at::Tensor host = at::zeros({u.shard_numel}, at::kFloat);
+        for (const auto& p : u.layout.params) {
+          const int64_t a0 = std::max(lo, p.offset), b0 = std::min(hi, p.offset + p.numel);
+          if (a0 >= b0) continue;
+          const int64_t first = a0 - p.offset, last = b0 - p.offset;  // param-flat range
+          const std::string name = prefix.empty() ? p.name : prefix + "/" + p.name;
+          auto chunks = chunks_of(name);
+          TITAN_CHECK(!chunks.empty(), "checkpoint ", step_dir, " has no tensor ", name);
+          int64_t covered = 0;
+          for (const auto& c : chunks) {
+            const int64_t s = std::max(first, c.offset), e = std::min(last, c.offset + c.numel);
+            if (s >= e) continue;
+            at::Tensor part = read_verified(reader(c.file), c, s - c.offset, e - s);
+            host.narrow(0, p.offset + s - lo, e - s).copy_(part);
+            covered += e - s;
+          }
+          TITAN_CHECK(covered == last - first, "checkpoint ", step_dir, " covers ", covered,
+                      " of the ", last - first, " elements of ", name, " this rank needs");
         }
-        at::Generator gen = at::detail::getDefaultCPUGenerator();
-        std::lock_guard<std::mutex> lock(gen.mutex());
-        gen.set_state(state);
+        dsts[i].copy_(host);
+      }
+    };
+    if (wants("model")) {
+      std::vector<at::Tensor> masters = state_.model->master_shards();
+      fill("", masters);
+      state_.model->refresh_shadows();
+    }
+    if (wants("optimizer") && state_.optimizer) {
+      if (meta.value("model_only", false)) {
+        log::info("checkpoint: {} holds weights only; the optimizer starts fresh", step_dir);
+      } else {
+        fill(kExpAvg, state_.optimizer->exp_avg());
+        fill(kExpAvgSq, state_.optimizer->exp_avg_sq());
+        state_.optimizer->set_step_count(meta["optimizer"]["steps"].get<int64_t>());
       }
     }
-  }
-  const int64_t step = meta["train_state"]["step"].get<int64_t>();
-  log::info("checkpoint: loaded {} ({}) in {:.2f}s", step_dir, util::join(what, ", "), since(t0));
-  return step;
+    if (wants("dataloader") && state_.loader && meta.contains("dataloader")) {
+      state_.loader->load_state(data::LoaderState::from_json(meta["dataloader"].dump()));
+    }
+    // RNG: restored when this rank wrote a file with the same world size.
+    const auto& env = runtime_.env();
+    if (meta["mesh"]["world"].get<int64_t>() == env.world_size) {
+      char fname[64];
+      std::snprintf(fname, sizeof(fname), "shard-%05d-of-%05d.safetensors", env.rank,
+                    env.world_size);
+      if (meta["files"].contains(fname)) {
+        const auto& r = reader(fname);
+        const json& f = meta["files"][fname];
+        if (r.has("rng/cpu")) {
+          at::Tensor state;
+          if (f.contains("crc32c") && f["crc32c"].contains("rng/cpu")) {
+            Chunk c;
+            c.file = fname;
+            c.key = "rng/cpu";
+            c.numel = r.info(c.key).numel();
+            c.crcs = f["crc32c"]["rng/cpu"].get<std::vector<uint32_t>>();
+            state = read_verified(r, c, 0, c.numel);
+          } else {
+            state = r.read("rng/cpu");  // written before the index recorded RNG checksums
+          }
+          at::Generator gen = at::detail::getDefaultCPUGenerator();
+          std::lock_guard<std::mutex> lock(gen.mutex());
+          gen.set_state(state);
+        }
+      }
+    }
+    const int64_t step = meta["train_state"]["step"].get<int64_t>();
+    log::info("checkpoint: loaded {} ({}) in {:.2f}s", step_dir, util::join(what, ", "), since(t0));
+    return step;
   } catch (const json::exception& e) {
     fail("checkpoint index ", meta_path, " is malformed: ", e.what());
   }
@@ -595,8 +595,9 @@ int64_t Checkpointer::load_at_start() {
   }
   auto steps = complete_steps(folder_);
   // An explicit step must not silently become a fresh start.
-  TITAN_CHECK(!ck.enable || ck.load_step < 0 || !steps.empty(), "checkpoint.load_step = ",
-              ck.load_step, ": no complete checkpoint in ", folder_, " (have: none)");
+  TITAN_CHECK(!ck.enable || ck.load_step < 0 || !steps.empty(),
+              "checkpoint.load_step = ", ck.load_step, ": no complete checkpoint in ", folder_,
+              " (have: none)");
   if (!steps.empty() && ck.enable) {
     std::string dir = steps.back().second;
     if (ck.load_step >= 0) {

@@ -58,14 +58,15 @@ std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x_in, const
 }
 
 at::Tensor rmsnorm_backward(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& w,
-                            const at::Tensor& rstd, const at::Tensor& weight_grad) {
+                            const at::Tensor& rstd, const at::Tensor& weight_grad,
+                            bool accumulate) {
   const int64_t dim = x_in.size(-1);
   at::Tensor x = x_in.contiguous();
   at::Tensor dy = dy_in.contiguous();
   if (!supported(x) || dy.scalar_type() != x.scalar_type() || w.scalar_type() != x.scalar_type() ||
       dim % vec_of(x) != 0 || !aligned16(x) || !aligned16(dy) || !aligned16(w) ||
       weight_grad.scalar_type() != at::kFloat || !weight_grad.is_contiguous()) {
-    return ops::rmsnorm_backward_ref(dy_in, x_in, w, rstd, weight_grad);
+    return ops::rmsnorm_backward_ref(dy_in, x_in, w, rstd, weight_grad, accumulate);
   }
   const int64_t rows = x.numel() / dim;
   at::Tensor dx = at::empty_like(x);
@@ -74,23 +75,32 @@ at::Tensor rmsnorm_backward(const at::Tensor& dy_in, const at::Tensor& x_in, con
   launch::rmsnorm_backward(dtype_of(x), dy.data_ptr(), x.data_ptr(), w.data_ptr(),
                            rstd.contiguous().data_ptr<float>(), dx.data_ptr(),
                            partial.data_ptr<float>(), weight_grad.data_ptr<float>(), rows, dim,
-                           stream());
+                           accumulate, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dx;
 }
 
+void rope_apply_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                    bool inverse, const at::Tensor& out) {
+  TITAN_CHECK(x.dim() == 4 && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
+              "internal: rope_apply_out needs matching [B, S, H, hd] tensors");
+  if (!supported(x) || x.stride(3) != 1 || out.stride(3) != 1 || x.size(3) % 2 != 0 ||
+      x.stride(2) % 2 != 0 || out.stride(2) % 2 != 0) {
+    out.copy_(ops::rope_apply_ref(x, cos, sin, inverse));
+    return;
+  }
+  at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  const int64_t xs[3] = {x.stride(0), x.stride(1), x.stride(2)};
+  const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
+  launch::rope(dtype_of(x), x.data_ptr(), xs, out.data_ptr(), os, c.data_ptr<float>(),
+               s.data_ptr<float>(), x.size(0), x.size(1), x.size(2), x.size(3), inverse, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       bool inverse) {
-  if (!supported(x) || x.dim() != 4 || x.stride(3) != 1 || x.size(3) % 2 != 0 ||
-      (x.scalar_type() == at::kBFloat16 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 4 != 0)) {
-    return ops::rope_apply_ref(x, cos, sin, inverse);
-  }
   at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor c = cos.contiguous(), s = sin.contiguous();
-  launch::rope(dtype_of(x), x.data_ptr(), x.stride(0), x.stride(1), x.stride(2),
-               c.data_ptr<float>(), s.data_ptr<float>(), out.data_ptr(), x.size(0), x.size(1),
-               x.size(2), x.size(3), inverse, stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  rope_apply_out(x, cos, sin, inverse, out);
   return out;
 }
 
@@ -155,21 +165,26 @@ void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void gemm_tn_accumulate_fp32(const at::Tensor& dy_in, const at::Tensor& x_in,
-                             const at::Tensor& grad) {
+void gemm_tn_fp32(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& grad,
+                  bool accumulate) {
   TITAN_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous(),
               "internal: fp32 contiguous gradient expected");
   at::Tensor dy = dy_in.contiguous();
   at::Tensor x = x_in.contiguous();
   if (dy.scalar_type() == at::kFloat) {
-    grad.view({dy.size(1), x.size(1)}).addmm_(dy.t(), x);
+    at::Tensor g = grad.view({dy.size(1), x.size(1)});
+    if (accumulate) {
+      g.addmm_(dy.t(), x);
+    } else {
+      at::mm_out(g, dy.t(), x);
+    }
     return;
   }
   TITAN_CHECK(dy.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16,
               "internal: bf16 operands expected");
   const int64_t n = dy.size(0), out = dy.size(1), in = x.size(1);
   // Row-major grad[out, in] is column-major grad^T[in, out] = x^T[in, N] * dy[N, out].
-  const float alpha = 1.f, beta = 1.f;
+  const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   TITAN_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(in),
                                   static_cast<int>(out), static_cast<int>(n), &alpha,

@@ -17,12 +17,12 @@ void rmsnorm_forward(DType dt, const void* x, const void* w, void* y, float* rst
 int rmsnorm_backward_blocks(int64_t rows);
 void rmsnorm_backward(DType dt, const void* dy, const void* x, const void* w, const float* rstd,
                       void* dx, float* partial, float* weight_grad, int64_t rows, int64_t dim,
-                      cudaStream_t stream);
+                      bool accumulate, cudaStream_t stream);
 
-// x: element (b, s, h, j) at x + b*xs0 + s*xs1 + h*xs2 + j; out contiguous [B, S, H, hd].
-void rope(DType dt, const void* x, int64_t xs0, int64_t xs1, int64_t xs2, const float* cos,
-          const float* sin, void* out, int64_t b, int64_t s, int64_t h, int64_t hd, bool inverse,
-          cudaStream_t stream);
+// x: element (b, s, h, j) at x + b*xs[0] + s*xs[1] + h*xs[2] + j; out likewise with os.
+void rope(DType dt, const void* x, const int64_t* xs, void* out, const int64_t* os,
+          const float* cos, const float* sin, int64_t b, int64_t s, int64_t h, int64_t hd,
+          bool inverse, cudaStream_t stream);
 
 void swiglu_forward(DType dt, const void* ab, void* g, int64_t rows, int64_t f,
                     cudaStream_t stream);

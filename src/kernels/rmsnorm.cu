@@ -102,12 +102,12 @@ __global__ void __launch_bounds__(1024) rmsnorm_bwd(const T* __restrict__ dy, co
 }
 
 __global__ void sum_partials(const float* __restrict__ partial, float* __restrict__ out,
-                             int blocks, int64_t dim) {
+                             int blocks, int64_t dim, bool accumulate) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col >= dim) return;
   float s = 0.f;
   for (int b = 0; b < blocks; ++b) s += partial[b * dim + col];
-  out[col] += s;
+  out[col] = accumulate ? out[col] + s : s;
 }
 
 int threads_for(int64_t dim, int vec) {
@@ -118,7 +118,7 @@ int threads_for(int64_t dim, int vec) {
 template <typename T>
 void bwd_launch(const void* dy, const void* x, const void* w, const float* rstd, void* dx,
                 float* partial, float* weight_grad, int64_t rows, int64_t dim,
-                cudaStream_t stream) {
+                bool accumulate, cudaStream_t stream) {
   constexpr int V = Vec<T>::N;
   const int blocks = launch::rmsnorm_backward_blocks(rows);
   const int threads = threads_for(dim, V);
@@ -136,8 +136,8 @@ void bwd_launch(const void* dy, const void* x, const void* w, const float* rstd,
         static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(w), rstd,
         static_cast<T*>(dx), partial, rows, dim);
   }
-  sum_partials<<<static_cast<unsigned>((dim + 255) / 256), 256, 0, stream>>>(partial, weight_grad,
-                                                                            blocks, dim);
+  sum_partials<<<static_cast<unsigned>((dim + 255) / 256), 256, 0, stream>>>(
+      partial, weight_grad, blocks, dim, accumulate);
 }
 
 }  // namespace
@@ -164,12 +164,13 @@ int rmsnorm_backward_blocks(int64_t rows) {
 
 void rmsnorm_backward(DType dt, const void* dy, const void* x, const void* w, const float* rstd,
                       void* dx, float* partial, float* weight_grad, int64_t rows, int64_t dim,
-                      cudaStream_t stream) {
+                      bool accumulate, cudaStream_t stream) {
   if (rows == 0) return;
   if (dt == DType::BF16) {
-    bwd_launch<__nv_bfloat16>(dy, x, w, rstd, dx, partial, weight_grad, rows, dim, stream);
+    bwd_launch<__nv_bfloat16>(dy, x, w, rstd, dx, partial, weight_grad, rows, dim, accumulate,
+                              stream);
   } else {
-    bwd_launch<float>(dy, x, w, rstd, dx, partial, weight_grad, rows, dim, stream);
+    bwd_launch<float>(dy, x, w, rstd, dx, partial, weight_grad, rows, dim, accumulate, stream);
   }
 }
 

@@ -94,7 +94,8 @@ at::Tensor block_forward(const LlamaArgs& args, const BlockWeights& w, const Rop
 }
 
 at::Tensor block_backward(const LlamaArgs& a, const BlockWeights& w, const Rope& rope,
-                          const at::Tensor& dout, BlockSaved& s, const BlockGrads& grads) {
+                          const at::Tensor& dout, BlockSaved& s, const BlockGrads& grads,
+                          bool acc) {
   const int64_t b = dout.size(0), seq = dout.size(1);
   const int64_t hd = a.head_dim(), nh = a.n_heads, nkv = a.n_kv_heads;
   if (s.policy == SavePolicy::InputOnly) {
@@ -115,27 +116,27 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockWeights& w, const Rope&
     s.g = ops::swiglu_forward(s.ab);
   }
   // Feed-forward: out = h + w2(swiglu(w13(norm(h)))).
-  ops::linear_backward_weight_accumulate(dout, s.g, grads.w2);
+  ops::linear_backward_weight(dout, s.g, grads.w2, acc);
   at::Tensor dg = ops::linear_backward_input(dout, w.w2);
   at::Tensor dab = ops::swiglu_backward(dg, s.ab);
-  ops::linear_backward_weight_accumulate(dab, s.hn2, grads.w13);
+  ops::linear_backward_weight(dab, s.hn2, grads.w13, acc);
   at::Tensor dhn2 = ops::linear_backward_input(dab, w.w13);
   at::Tensor ffn_norm_grad = grads.ffn_norm;
-  at::Tensor dh = dout + ops::rmsnorm_backward(dhn2, s.h, w.ffn_norm, s.rstd2, ffn_norm_grad);
+  at::Tensor dh = dout + ops::rmsnorm_backward(dhn2, s.h, w.ffn_norm, s.rstd2, ffn_norm_grad, acc);
   // Attention: h = x + wo(attn(rope(q), rope(k), v)).
-  ops::linear_backward_weight_accumulate(dh, s.o, grads.wo);
+  ops::linear_backward_weight(dh, s.o, grads.wo, acc);
   at::Tensor d_o = ops::linear_backward_input(dh, w.wo).view({b, seq, nh, hd});
   auto [dq, dk, dv] = ops::attention_backward(d_o, s.attn, nkv);
   at::Tensor dqkv = at::empty({b, seq, nh + 2 * nkv, hd}, dout.options());
-  dqkv.narrow(2, 0, nh).copy_(ops::rope_apply(dq, rope.cos, rope.sin, /*inverse=*/true));
-  dqkv.narrow(2, nh, nkv).copy_(ops::rope_apply(dk, rope.cos, rope.sin, /*inverse=*/true));
+  ops::rope_apply_out(dq, rope.cos, rope.sin, /*inverse=*/true, dqkv.narrow(2, 0, nh));
+  ops::rope_apply_out(dk, rope.cos, rope.sin, /*inverse=*/true, dqkv.narrow(2, nh, nkv));
   dqkv.narrow(2, nh + nkv, nkv).copy_(dv);
   at::Tensor dqkv_flat = dqkv.view({b, seq, (nh + 2 * nkv) * hd});
-  ops::linear_backward_weight_accumulate(dqkv_flat, s.xn1, grads.wqkv);
+  ops::linear_backward_weight(dqkv_flat, s.xn1, grads.wqkv, acc);
   at::Tensor dxn1 = ops::linear_backward_input(dqkv_flat, w.wqkv);
   at::Tensor attn_norm_grad = grads.attention_norm;
   at::Tensor dx =
-      dh + ops::rmsnorm_backward(dxn1, s.x, w.attention_norm, s.rstd1, attn_norm_grad);
+      dh + ops::rmsnorm_backward(dxn1, s.x, w.attention_norm, s.rstd1, attn_norm_grad, acc);
   s.clear();
   return dx;
 }
@@ -148,7 +149,9 @@ at::Tensor embedding_forward(const at::Tensor& table, const at::Tensor& tokens,
   return rows.to(dtype).view(sizes);
 }
 
-void embedding_backward(const at::Tensor& dh, const at::Tensor& tokens, at::Tensor& grad_table) {
+void embedding_backward(const at::Tensor& dh, const at::Tensor& tokens, at::Tensor& grad_table,
+                        bool accumulate) {
+  if (!accumulate) grad_table.zero_();
   grad_table.index_add_(0, tokens.reshape({-1}),
                         dh.reshape({-1, dh.size(-1)}).to(grad_table.scalar_type()));
 }

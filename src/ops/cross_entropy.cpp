@@ -25,7 +25,7 @@ int64_t head_chunk_rows(int64_t n_rows, int64_t vocab, int64_t budget_bytes) {
 HeadResult head_forward_backward(const at::Tensor& h, const at::Tensor& norm_w,
                                  const at::Tensor& out_w, const at::Tensor& targets,
                                  double norm_eps, double grad_scale, at::Tensor* norm_grad,
-                                 at::Tensor* out_grad, bool compute_grad) {
+                                 at::Tensor* out_grad, bool compute_grad, bool accumulate) {
   const int64_t n = h.size(0);
   const int64_t vocab = out_w.size(0);
   auto [hn, rstd] = rmsnorm_forward(h, norm_w, norm_eps);
@@ -48,8 +48,8 @@ HeadResult head_forward_backward(const at::Tensor& h, const at::Tensor& norm_w,
       // One pass over the logits: loss and (in place) the gradient of the logits.
       loss_sum.add_(kernels::cross_entropy_fwd_bwd(logits, tgt, grad_scale, compute_grad));
       if (compute_grad) {
-        dhn.narrow(0, start, len).copy_(at::mm(logits, out_w));
-        linear_backward_weight_accumulate(logits, hc, *out_grad);
+        at::mm_out(dhn.narrow(0, start, len), logits, out_w);
+        linear_backward_weight(logits, hc, *out_grad, accumulate || start > 0);
       }
       continue;
     }
@@ -64,12 +64,12 @@ HeadResult head_forward_backward(const at::Tensor& h, const at::Tensor& norm_w,
       p.mul_(grad_scale);
       at::Tensor dl = p.to(h.scalar_type());
       dhn.narrow(0, start, len).copy_(at::mm(dl, out_w));
-      linear_backward_weight_accumulate(dl, hc, *out_grad);
+      linear_backward_weight(dl, hc, *out_grad, accumulate || start > 0);
     }
   }
   HeadResult r;
   r.loss_sum = loss_sum;
-  if (compute_grad) r.dh = rmsnorm_backward(dhn, h, norm_w, rstd, *norm_grad);
+  if (compute_grad) r.dh = rmsnorm_backward(dhn, h, norm_w, rstd, *norm_grad, accumulate);
   return r;
 }
 

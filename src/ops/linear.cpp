@@ -24,20 +24,26 @@ at::Tensor linear_backward_input(const at::Tensor& dy, const at::Tensor& w) {
   return dx.view(sizes);
 }
 
-void linear_backward_weight_accumulate(const at::Tensor& dy, const at::Tensor& x,
-                                       const at::Tensor& grad_w) {
+void linear_backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
+                            bool accumulate) {
   at::Tensor dy2 = dy.reshape({-1, dy.size(-1)});
   at::Tensor x2 = x.reshape({-1, x.size(-1)});
 #ifdef TITAN_WITH_CUDA
   if (dy2.is_cuda()) {
-    kernels::gemm_tn_accumulate_fp32(dy2, x2, grad_w);
+    kernels::gemm_tn_fp32(dy2, x2, grad_w, accumulate);
     return;
   }
 #endif
   if (dy2.scalar_type() == grad_w.scalar_type()) {
-    grad_w.addmm_(dy2.t(), x2);
-  } else {
+    if (accumulate) {
+      grad_w.addmm_(dy2.t(), x2);
+    } else {
+      at::mm_out(const_cast<at::Tensor&>(grad_w), dy2.t(), x2);
+    }
+  } else if (accumulate) {
     grad_w.add_(at::mm(dy2.t(), x2).to(grad_w.scalar_type()));
+  } else {
+    grad_w.copy_(at::mm(dy2.t(), x2));
   }
 }
 

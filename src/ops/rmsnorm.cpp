@@ -20,11 +20,16 @@ std::tuple<at::Tensor, at::Tensor> rmsnorm_forward_ref(const at::Tensor& x,
 
 at::Tensor rmsnorm_backward_ref(const at::Tensor& dy, const at::Tensor& x,
                                 const at::Tensor& weight, const at::Tensor& rstd,
-                                const at::Tensor& weight_grad) {
+                                const at::Tensor& weight_grad, bool accumulate) {
   const int64_t d = x.size(-1);
   at::Tensor xhat = x.to(at::kFloat) * rstd.unsqueeze(-1);
   at::Tensor dyf = dy.to(at::kFloat);
-  weight_grad.add_((dyf * xhat).reshape({-1, d}).sum(0));
+  at::Tensor dw = (dyf * xhat).reshape({-1, d}).sum(0);
+  if (accumulate) {
+    weight_grad.add_(dw);
+  } else {
+    weight_grad.copy_(dw);
+  }
   at::Tensor dxhat = dyf * weight.to(at::kFloat);
   at::Tensor dot = (dxhat * xhat).mean(-1, /*keepdim=*/true);
   return (rstd.unsqueeze(-1) * (dxhat - xhat * dot)).to(x.scalar_type());
@@ -39,11 +44,12 @@ std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at
 }
 
 at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& rstd, const at::Tensor& weight_grad) {
+                            const at::Tensor& rstd, const at::Tensor& weight_grad,
+                            bool accumulate) {
 #ifdef TITAN_WITH_CUDA
-  if (use_fused(x)) return kernels::rmsnorm_backward(dy, x, weight, rstd, weight_grad);
+  if (use_fused(x)) return kernels::rmsnorm_backward(dy, x, weight, rstd, weight_grad, accumulate);
 #endif
-  return rmsnorm_backward_ref(dy, x, weight, rstd, weight_grad);
+  return rmsnorm_backward_ref(dy, x, weight, rstd, weight_grad, accumulate);
 }
 
 }  // namespace titan::ops

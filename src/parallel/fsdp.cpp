@@ -153,15 +153,26 @@ void FsdpModel::release_all() {
   for (size_t i = 0; i < units_.size(); ++i) release(i, /*after_forward=*/false);
 }
 
-at::Tensor& FsdpModel::full_grad(size_t i) {
+at::Tensor& FsdpModel::full_grad(size_t i, bool* accumulate) {
   UnitState& u = units_[i];
-  if (u.full_grad.defined()) return u.full_grad;
   if (!shard_ && !options_.cpu_offload) {
-    u.full_grad = u.grad;  // unsharded: accumulate in place
-  } else {
-    u.full_grad = at::zeros({u.shard_numel * dp_shard_size()},
-                            at::TensorOptions().dtype(at::kFloat).device(device_));
+    // Unsharded: the shard gradient itself; the step's first micro-batch overwrites it. Its
+    // alignment gaps were zeroed at allocation and are never written.
+    u.full_grad = u.grad;
+    *accumulate = impl_->grad_written[i];
+    return u.full_grad;
   }
+  // A fresh buffer per micro-batch: every parameter's gradient is written once, so only the
+  // gaps between parameters (and the padding to a multiple of dp_shard) need zeros.
+  u.full_grad = at::empty({u.shard_numel * dp_shard_size()},
+                          at::TensorOptions().dtype(at::kFloat).device(device_));
+  int64_t pos = 0;
+  for (const auto& p : u.layout.params) {
+    if (p.offset > pos) u.full_grad.narrow(0, pos, p.offset - pos).zero_();
+    pos = p.offset + p.numel;
+  }
+  if (u.full_grad.numel() > pos) u.full_grad.narrow(0, pos, u.full_grad.numel() - pos).zero_();
+  *accumulate = false;
   return u.full_grad;
 }
 
@@ -245,12 +256,9 @@ void FsdpModel::finish_grad_reduction() {
 void FsdpModel::zero_grad() {
   // Weights changed at the last step: nothing gathered before may be used again.
   release_all();
-  // Sharded gradients are overwritten by the first reduction of the step; only unsharded
-  // ones, which the backward accumulates into directly, need zeros.
-  for (size_t i = 0; i < units_.size(); ++i) {
-    if (!shard_ && !options_.cpu_offload) units_[i].grad.zero_();
-    impl_->grad_written[i] = false;
-  }
+  // Nothing is zeroed: the first micro-batch of a step overwrites every gradient (unsharded
+  // units in the backward itself, sharded ones when the first reduction lands).
+  for (size_t i = 0; i < units_.size(); ++i) impl_->grad_written[i] = false;
 }
 
 std::vector<at::Tensor> FsdpModel::master_shards() const {

@@ -85,13 +85,14 @@ at::Tensor ModelRunner::forward_backward(const at::Tensor& tokens, double grad_s
   const auto& norm_slot = hl.param("norm.weight");
   const auto& out_slot = hl.param("output.weight");
   const at::Tensor& hw = fsdp_.gather(head);
-  at::Tensor& hg = fsdp_.full_grad(head);
+  bool acc = false;
+  at::Tensor& hg = fsdp_.full_grad(head, &acc);
   at::Tensor norm_grad = hg.narrow(0, norm_slot.offset, d);
   at::Tensor out_grad = hg.narrow(0, out_slot.offset, v * d).view({v, d});
   auto res = ops::head_forward_backward(
       h.reshape({b * seq, d}), hw.narrow(0, norm_slot.offset, d),
       hw.narrow(0, out_slot.offset, v * d).view({v, d}), labels, args_.norm_eps, grad_scale,
-      &norm_grad, &out_grad);
+      &norm_grad, &out_grad, /*compute_grad=*/true, acc);
   h = at::Tensor();
   fsdp_.reduce_grad(head, last_microbatch);
   fsdp_.release(head, /*after_forward=*/false);
@@ -103,15 +104,15 @@ at::Tensor ModelRunner::forward_backward(const at::Tensor& tokens, double grad_s
     RECORD_USER_SCOPE("titan/backward_block");
     if (i > 1) fsdp_.prefetch(i - 1);
     const auto w = model::block_views(fsdp_.unit(i).layout, fsdp_.gather(i));
-    const auto g = model::block_views(fsdp_.unit(i).layout, fsdp_.full_grad(i));
-    dh = model::block_backward(args_, w, rope, dh, saved[i - 1], g);
+    const auto g = model::block_views(fsdp_.unit(i).layout, fsdp_.full_grad(i, &acc));
+    dh = model::block_backward(args_, w, rope, dh, saved[i - 1], g, acc);
     fsdp_.reduce_grad(i, last_microbatch);
     fsdp_.release(i, /*after_forward=*/false);
   }
   // Embedding: scatter-add of the input gradient; needs no weights.
-  at::Tensor& eg = fsdp_.full_grad(0);
+  at::Tensor& eg = fsdp_.full_grad(0, &acc);
   at::Tensor table_grad = eg.narrow(0, 0, v * d).view({v, d});
-  model::embedding_backward(dh, inputs, table_grad);
+  model::embedding_backward(dh, inputs, table_grad, acc);
   fsdp_.reduce_grad(0, last_microbatch);
   fsdp_.release(0, /*after_forward=*/false);
   return res.loss_sum;

@@ -2,6 +2,8 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "support/test_support.h"
 #include "titan/kernels/kernels.h"
 #include "titan/model/llama_args.h"
@@ -95,13 +97,50 @@ TEST_P(KernelTest, CrossEntropyLossAndGradientMatchReference) {
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, KernelTest, ::testing::Values(at::kBFloat16, at::kFloat));
 
-TEST(Kernels, WeightGradientGemmAccumulatesInFp32) {
+TEST(Kernels, WeightGradientGemmAccumulatesOrOverwritesInFp32) {
   at::Tensor dy = at::randn({1000, 384}, cuda(at::kBFloat16));
   at::Tensor x = at::randn({1000, 256}, cuda(at::kBFloat16));
+  at::Tensor product = at::mm(dy.to(at::kFloat).t(), x.to(at::kFloat));
   at::Tensor grad = at::randn({384, 256}, cuda(at::kFloat));
-  at::Tensor expected = grad + at::mm(dy.to(at::kFloat).t(), x.to(at::kFloat));
-  kernels::gemm_tn_accumulate_fp32(dy, x, grad);
+  at::Tensor expected = grad + product;
+  kernels::gemm_tn_fp32(dy, x, grad, /*accumulate=*/true);
   EXPECT_LT(relative_error(grad, expected), 1e-5);
+  grad.fill_(std::nanf(""));  // overwrite must not read the old contents
+  kernels::gemm_tn_fp32(dy, x, grad, /*accumulate=*/false);
+  EXPECT_LT(relative_error(grad, product), 1e-5);
+}
+
+TEST(Kernels, RopeWritesIntoStridedOutput) {
+  auto args = model::llama_flavor("8B");
+  at::Tensor dq = at::randn({2, 64, 32, 128}, cuda(at::kBFloat16));
+  at::Tensor dqkv = at::full({2, 64, 48, 128}, std::nanf(""), cuda(at::kBFloat16));
+  auto [c, sn] = ops::rope_tables(args, 64, at::TensorOptions().device(at::kCUDA));
+  kernels::rope_apply_out(dq, c, sn, true, dqkv.narrow(2, 0, 32));
+  EXPECT_LT(relative_error(dqkv.narrow(2, 0, 32), ops::rope_apply_ref(dq, c, sn, true)), 1e-2);
+  EXPECT_TRUE(dqkv.narrow(2, 32, 16).isnan().all().item<bool>());  // nothing else touched
+}
+
+TEST(Kernels, FusedAdamWMatchesReferenceUpdate) {
+  const int64_t n = 100003;  // not a multiple of 4: the tail path runs too
+  at::Tensor p = at::randn({n}, cuda(at::kFloat)), g = at::randn({n}, cuda(at::kFloat));
+  at::Tensor m = at::randn({n}, cuda(at::kFloat)).abs() * 0.1, v = at::rand({n}, cuda(at::kFloat));
+  at::Tensor p2 = p.clone(), m2 = m.clone(), v2 = v.clone();
+  at::Tensor shadow = at::empty({n}, cuda(at::kBFloat16));
+  const double lr = 1e-3, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1, t = 7, div = 2.5;
+  const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
+  at::Tensor hyper = at::tensor({float(lr), float(b1), float(b2), float(eps), float(wd),
+                                 float(lr / bc1), float(1 / std::sqrt(bc2)), 0.f},
+                                cuda(at::kFloat));
+  at::Tensor divisor = at::full({}, div, cuda(at::kFloat));
+  kernels::adamw_step(p, g, m, v, shadow, hyper, divisor, /*decoupled=*/true);
+  at::Tensor gd = g / div;
+  m2 = b1 * m2 + (1 - b1) * gd;
+  v2 = b2 * v2 + (1 - b2) * gd * gd;
+  p2 = p2 * (1 - lr * wd) - (lr / bc1) * m2 / (v2.sqrt() / std::sqrt(bc2) + eps);
+  EXPECT_LT(relative_error(p, p2), 1e-6);
+  EXPECT_LT(relative_error(m, m2), 1e-6);
+  EXPECT_LT(relative_error(v, v2), 1e-6);
+  EXPECT_LT(relative_error(shadow, p2), 1e-2);
 }
 
 TEST(Kernels, HeadLossFusedMatchesUnfused) {

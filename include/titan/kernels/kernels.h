@@ -13,11 +13,15 @@ std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at
                                                    double eps);
 // Returns dx; adds dweight into weight_grad (fp32 [D]).
 at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& rstd, const at::Tensor& weight_grad);
+                            const at::Tensor& rstd, const at::Tensor& weight_grad,
+                            bool accumulate);
 
 // RoPE on interleaved pairs; x: [B, S, H, hd] with unit stride in the last dim.
 at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       bool inverse);
+// The same into `out` (any strides with a unit last dim, e.g. a slice of dqkv).
+void rope_apply_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                    bool inverse, const at::Tensor& out);
 
 // SwiGLU: ab [..., 2F] -> silu(a) * b [..., F]; backward -> d(ab).
 at::Tensor swiglu_forward(const at::Tensor& ab);
@@ -28,9 +32,11 @@ at::Tensor swiglu_backward(const at::Tensor& dg, const at::Tensor& ab);
 at::Tensor cross_entropy_fwd_bwd(at::Tensor& logits, const at::Tensor& targets,
                                  double grad_scale, bool write_grad);
 
-// grad (fp32 [out, in]) += dy^T x with dy [N, out], x [N, in] in bf16: cuBLAS with fp32
-// accumulation and an fp32 output, so weight gradients never round to bf16.
-void gemm_tn_accumulate_fp32(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad);
+// grad (fp32 [out, in]) (+)= dy^T x with dy [N, out], x [N, in] in bf16: cuBLAS with fp32
+// accumulation and an fp32 output, so weight gradients never round to bf16. Without
+// `accumulate` the old contents are neither read nor kept (beta = 0).
+void gemm_tn_fp32(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad,
+                  bool accumulate);
 
 // AdamW (decoupled) or Adam (L2) step of one flat fp32 parameter with its state; writes the
 // bf16 `shadow` (if defined). hyper: device fp32 [7] (see launchers.h); divisor: device fp32

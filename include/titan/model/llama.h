@@ -52,15 +52,17 @@ struct Rope {
 at::Tensor block_forward(const LlamaArgs& args, const BlockWeights& w, const Rope& rope,
                          const at::Tensor& x, SavePolicy policy, BlockSaved& saved);
 
-// dout: gradient of the block output. Accumulates weight gradients into `grads` (fp32) and
-// returns the gradient of the block input. Releases `saved`.
+// dout: gradient of the block output. Adds weight gradients into `grads` (fp32), or writes
+// them when `accumulate` is false, and returns the gradient of the block input. Releases `saved`.
 at::Tensor block_backward(const LlamaArgs& args, const BlockWeights& w, const Rope& rope,
-                          const at::Tensor& dout, BlockSaved& saved, const BlockGrads& grads);
+                          const at::Tensor& dout, BlockSaved& saved, const BlockGrads& grads,
+                          bool accumulate = true);
 
 // Embedding lookup: table [V, D] (any float dtype) -> [B, S, D] in `dtype`.
 at::Tensor embedding_forward(const at::Tensor& table, const at::Tensor& tokens,
                              at::ScalarType dtype);
-// grad_table (fp32 [V, D]) += scatter of dh over the token ids.
-void embedding_backward(const at::Tensor& dh, const at::Tensor& tokens, at::Tensor& grad_table);
+// grad_table (fp32 [V, D]) += scatter of dh over the token ids (zeroed first if !accumulate).
+void embedding_backward(const at::Tensor& dh, const at::Tensor& tokens, at::Tensor& grad_table,
+                        bool accumulate = true);
 
 }  // namespace titan::model

@@ -13,15 +13,17 @@ namespace titan::ops {
 std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at::Tensor& weight,
                                                    double eps);
 
-// Returns dx (x's dtype); adds d(weight) into `weight_grad` (fp32 [D]).
+// Returns dx (x's dtype); adds d(weight) into `weight_grad` (fp32 [D]), or overwrites it
+// when `accumulate` is false.
 at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& rstd, const at::Tensor& weight_grad);
+                            const at::Tensor& rstd, const at::Tensor& weight_grad,
+                            bool accumulate = true);
 
 // ATen reference versions (used by tests and as the CPU path).
 std::tuple<at::Tensor, at::Tensor> rmsnorm_forward_ref(const at::Tensor& x,
                                                        const at::Tensor& weight, double eps);
 at::Tensor rmsnorm_backward_ref(const at::Tensor& dy, const at::Tensor& x,
                                 const at::Tensor& weight, const at::Tensor& rstd,
-                                const at::Tensor& weight_grad);
+                                const at::Tensor& weight_grad, bool accumulate = true);
 
 }  // namespace titan::ops

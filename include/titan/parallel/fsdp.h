@@ -78,8 +78,10 @@ class FsdpModel {
   // Frees every gathered unit (after a forward-only pass; weights change at the next step).
   void release_all();
 
-  // fp32 buffer the unit's full gradient accumulates into during its backward.
-  at::Tensor& full_grad(size_t i);
+  // fp32 buffer the unit's full gradient goes into during its backward. `accumulate` tells
+  // whether its contents must be added to (a later micro-batch of an unsharded unit) or may be
+  // overwritten (every parameter's gradient written once; alignment gaps are kept zero).
+  at::Tensor& full_grad(size_t i, bool* accumulate);
   // The unit's backward is done for this micro-batch: reduce its gradient into the shard
   // (`last_microbatch`: DDP/HSDP replicas reduce only then).
   void reduce_grad(size_t i, bool last_microbatch);

@@ -52,13 +52,13 @@ fi
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"tps"' in l]
 t = rows[-1]
-print(f"titan:        tps/gpu {t['tps']:,.0f}  mfu {t['mfu']:.2f}%  max_mem {t['max_memory_gib']:.1f} GiB  step {t['step_seconds']:.3f}s")
+print(f"titan:        tps/gpu {t['tps']:,.0f}  mfu {t['mfu']:.2f}%  max_mem {t['max_active_memory_gib']:.1f} GiB allocated ({t['max_memory_gib']:.1f} reserved)  step {t['step_seconds']:.3f}s")
 for r in sys.argv[2:]:
     name, js = r.split(" ", 1)
     try:
         ref = json.loads(js)
     except Exception:
         print(f"{name}: no result"); continue
-    print(f"{name}:      tps/gpu {ref['tps_per_gpu']:,}  mfu {100*ref['mfu']:.2f}%  max_mem {ref['max_mem_gib']:.1f} GiB  step {ref['step_s']:.3f}s"
+    print(f"{name}:      tps/gpu {ref['tps_per_gpu']:,}  mfu {100*ref['mfu']:.2f}%  max_mem {ref['max_mem_gib']:.1f} GiB allocated  step {ref['step_s']:.3f}s"
           f"   -> titan/ref tps ratio {t['tps']/ref['tps_per_gpu']:.3f}")
 PYEOF

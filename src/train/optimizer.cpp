@@ -35,55 +35,74 @@ void Optimizer::set_step_count(int64_t steps) {
 }
 
 void Optimizer::step(double lr, const at::Tensor& grad_divisor) {
-  update(lr, grad_divisor);
-  // Paths without a fused shadow write refresh the compute copies here.
-  if (!shadow_written_) {
-    for (size_t i = 0; i < shadows_.size(); ++i) {
-      if (shadows_[i].defined()) shadows_[i].copy_(params_[i], /*non_blocking=*/true);
-    }
-  }
+  prepare(lr);
+  apply(grad_divisor);
 }
 
-void Optimizer::update(double lr, const at::Tensor& grad_divisor) {
+namespace {
+bool cuda_fused(const std::vector<at::Tensor>& params, const OptimizerOptions& o) {
+#ifdef TITAN_WITH_CUDA
+  return o.implementation == "fused" && !params.empty() && params.front().is_cuda() &&
+         ops::fused_kernels_enabled();
+#else
+  (void)params;
+  (void)o;
+  return false;
+#endif
+}
+}  // namespace
+
+void Optimizer::prepare(double lr) {
   ++steps_taken_;
-  shadow_written_ = false;
+  lr_ = lr;
+  if (!cuda_fused(params_, options_)) return;
+  const auto& o = options_;
+  const double t = static_cast<double>(steps_taken_);
+  const double bc1 = 1.0 - std::pow(o.beta1, t);
+  const double bc2 = 1.0 - std::pow(o.beta2, t);
+  // A fresh pinned host tensor per step: the caching host allocator keeps it until the
+  // asynchronous copy has read it.
+  at::Tensor h = at::empty({8}, at::TensorOptions().dtype(at::kFloat).pinned_memory(true));
+  float* hp = h.data_ptr<float>();
+  hp[0] = static_cast<float>(lr);
+  hp[1] = static_cast<float>(o.beta1);
+  hp[2] = static_cast<float>(o.beta2);
+  hp[3] = static_cast<float>(o.eps);
+  hp[4] = static_cast<float>(o.weight_decay);
+  hp[5] = static_cast<float>(lr / bc1);
+  hp[6] = static_cast<float>(1.0 / std::sqrt(bc2));
+  hp[7] = 0.f;
+  if (!hyper_.defined()) hyper_ = at::empty({8}, params_.front().options());
+  hyper_.copy_(h, /*non_blocking=*/true);
+}
+
+void Optimizer::apply(const at::Tensor& grad_divisor) {
   const auto& o = options_;
   const bool decoupled = o.name == "AdamW";
+  const double lr = lr_;
   if (params_.empty()) return;
 #ifdef TITAN_WITH_CUDA
-  if (o.implementation == "fused" && params_.front().is_cuda() && ops::fused_kernels_enabled()) {
-    const double t = static_cast<double>(steps_taken_);
-    const double bc1 = 1.0 - std::pow(o.beta1, t);
-    const double bc2 = 1.0 - std::pow(o.beta2, t);
-    // A fresh pinned host tensor per step: the caching host allocator keeps it until the
-    // asynchronous copy has read it.
-    at::Tensor h = at::empty({8}, at::TensorOptions().dtype(at::kFloat).pinned_memory(true));
-    float* hp = h.data_ptr<float>();
-    hp[0] = static_cast<float>(lr);
-    hp[1] = static_cast<float>(o.beta1);
-    hp[2] = static_cast<float>(o.beta2);
-    hp[3] = static_cast<float>(o.eps);
-    hp[4] = static_cast<float>(o.weight_decay);
-    hp[5] = static_cast<float>(lr / bc1);
-    hp[6] = static_cast<float>(1.0 / std::sqrt(bc2));
-    hp[7] = 0.f;
-    if (!hyper_.defined()) hyper_ = at::empty({8}, params_.front().options());
-    hyper_.copy_(h, /*non_blocking=*/true);
+  if (cuda_fused(params_, o)) {
     at::Tensor divisor = grad_divisor.defined() ? grad_divisor.to(at::kFloat) : at::Tensor();
     for (size_t i = 0; i < params_.size(); ++i) {
       at::Tensor shadow = shadows_.empty() ? at::Tensor() : shadows_[i];
+      const bool bf16 = shadow.defined() && shadow.scalar_type() == at::kBFloat16;
       kernels::adamw_step(params_[i], grads_[i], exp_avg_[i], exp_avg_sq_[i],
-                          shadow.defined() && shadow.scalar_type() == at::kBFloat16 ? shadow
-                                                                                    : at::Tensor(),
-                          hyper_, divisor, decoupled);
-      if (shadow.defined() && shadow.scalar_type() != at::kBFloat16) {
-        shadow.copy_(params_[i], true);
-      }
+                          bf16 ? shadow : at::Tensor(), hyper_, divisor, decoupled);
+      if (shadow.defined() && !bf16) shadow.copy_(params_[i], true);
     }
-    shadow_written_ = true;
     return;
   }
 #endif
+  update_aten(lr, grad_divisor, decoupled);
+  // These paths do not write the compute copies themselves.
+  for (size_t i = 0; i < shadows_.size(); ++i) {
+    if (shadows_[i].defined()) shadows_[i].copy_(params_[i], /*non_blocking=*/true);
+  }
+}
+
+void Optimizer::update_aten(double lr, const at::Tensor& grad_divisor, bool decoupled) {
+  const auto& o = options_;
   if (o.implementation == "fused") {
     // The fused kernels read the step count but do not advance it (torch.optim does that).
     for (auto& st : state_steps_) st.fill_(static_cast<double>(steps_taken_));
@@ -104,7 +123,7 @@ void Optimizer::update(double lr, const at::Tensor& grad_divisor) {
   const double bc2 = 1.0 - std::pow(o.beta2, t);
   const double step_size = lr / bc1;
   const double bc2_sqrt = std::sqrt(bc2);
-  for (auto& s : state_steps_) s.add_(1);
+  for (auto& st : state_steps_) st.fill_(t);
   std::vector<at::Tensor> g = grads_;
   if (grad_divisor.defined()) {
     g = at::_foreach_div(grads_, grad_divisor);

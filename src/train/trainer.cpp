@@ -3,6 +3,12 @@
 
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
+#ifdef TITAN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
 
 #include <chrono>
 #include <cmath>
@@ -186,7 +192,27 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
 
 Trainer::~Trainer() = default;
 
-std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
+// A captured step: static device buffers for the tokens, and the outputs it leaves.
+struct Trainer::StepGraph {
+#ifdef TITAN_WITH_CUDA
+  at::cuda::CUDAGraph graph;
+#endif
+  std::vector<at::Tensor> tokens;
+  at::Tensor loss, grad_norm;
+  bool ready = false;
+  bool failed = false;
+};
+
+bool Trainer::graph_active() const { return graph_ && graph_->ready; }
+
+bool Trainer::graph_eligible() const {
+  // Single-GPU runs without offload: multi-rank steps are bound by communication and compute
+  // already, and NCCL calls stay out of captured graphs here.
+  return cfg_.training.use_cuda_graphs && fsdp_->device().is_cuda() &&
+         runtime_->env().world_size == 1 && !cfg_.training.enable_cpu_offload;
+}
+
+std::pair<at::Tensor, at::Tensor> Trainer::step_body(const std::vector<at::Tensor>& tokens) {
   const auto& c = cfg_;
   const c10::Device device = fsdp_->device();
   fsdp_->zero_grad();
@@ -194,15 +220,8 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
                                  c.training.seq_len * grad_accum_steps_ * dp_size_;
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
   for (int64_t micro = 0; micro < grad_accum_steps_; ++micro) {
-    at::Tensor batch;
-    {
-      RECORD_USER_SCOPE("titan/data");
-      batch = loader_->next();
-    }
-    TITAN_CHECK(batch.defined(), "internal: training data ended");
-    data_seconds_window_ += loader_->last_wait_seconds();
-    at::Tensor tokens = batch.to(device, /*non_blocking=*/true);
-    loss_sum.add_(runner_->forward_backward(tokens, 1.0 / tokens_per_step,
+    loss_sum.add_(runner_->forward_backward(tokens[static_cast<size_t>(micro)],
+                                            1.0 / tokens_per_step,
                                             micro + 1 == grad_accum_steps_));
   }
   {
@@ -217,11 +236,68 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
     divisor = ((grad_norm + 1e-6) / c.training.max_norm).clamp_min(1.0);
     divisor = divisor.to(fsdp_->unit(0).master.device());
   }
-  ++step_;
-  optimizer_->step(scheduler_->lr_at(step_), divisor);
+  optimizer_->apply(divisor);
   // The logged loss is the mean over the global batch.
   if (auto* dp = runtime_->mesh().group("dp")) dp->all_reduce(loss_sum, dist::ReduceOp::Sum);
   return {loss_sum / tokens_per_step, grad_norm};
+}
+
+std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
+  const c10::Device device = fsdp_->device();
+  std::vector<at::Tensor> batches;
+  for (int64_t micro = 0; micro < grad_accum_steps_; ++micro) {
+    RECORD_USER_SCOPE("titan/data");
+    at::Tensor batch = loader_->next();
+    TITAN_CHECK(batch.defined(), "internal: training data ended");
+    data_seconds_window_ += loader_->last_wait_seconds();
+    batches.push_back(batch);
+  }
+  ++step_;
+  optimizer_->prepare(scheduler_->lr_at(step_));
+#ifdef TITAN_WITH_CUDA
+  if (graph_eligible() && !(graph_ && graph_->failed) && step_ > graph_warmup_steps_) {
+    if (!graph_) {
+      graph_ = std::make_unique<StepGraph>();
+      for (const auto& b : batches) graph_->tokens.push_back(at::empty(b.sizes(), b.options().device(device).pinned_memory(false)));
+    }
+    for (size_t m = 0; m < batches.size(); ++m) graph_->tokens[m].copy_(batches[m], true);
+    if (graph_->ready) {
+      graph_->graph.replay();
+      return {graph_->loss, graph_->grad_norm};
+    }
+    // Capture this step once, then replay it (capturing does not run the work). Blocks cached
+    // by the eager warm-up go back first so the graph's private pool can reuse that memory.
+    synchronize(device);
+    c10::cuda::CUDACachingAllocator::emptyCache();
+    try {
+      graph_->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+      try {
+        std::tie(graph_->loss, graph_->grad_norm) = step_body(graph_->tokens);
+      } catch (...) {
+        cudaGraph_t partial = nullptr;
+        cudaStreamEndCapture(at::cuda::getCurrentCUDAStream().stream(), &partial);
+        if (partial) cudaGraphDestroy(partial);
+        throw;
+      }
+      graph_->graph.capture_end();
+      graph_->ready = true;
+      log::info("CUDA graph: captured the step ({} micro-batch(es)); replaying it from step {}",
+                grad_accum_steps_, step_);
+      graph_->graph.replay();
+      return {graph_->loss, graph_->grad_norm};
+    } catch (const std::exception& e) {
+      std::string what = e.what();
+      what = what.substr(0, what.find('\n'));
+      log::warn("CUDA graph capture failed ({}); this run continues without graphs", what);
+      cudaGetLastError();
+      graph_->failed = true;
+      fsdp_->release_all();
+    }
+  }
+#endif
+  std::vector<at::Tensor> tokens;
+  for (const auto& b : batches) tokens.push_back(b.to(device, /*non_blocking=*/true));
+  return step_body(tokens);
 }
 
 TrainSummary Trainer::train() {
@@ -243,6 +319,11 @@ TrainSummary Trainer::train() {
   const auto run_start = Clock::now();
   const int64_t first_step = step_ + 1;
   metrics::Profiler profiler(cfg_, runtime_->env().rank, device.is_cuda());
+#ifdef TITAN_WITH_CUDA
+  // The loop runs on a side stream: CUDA graphs cannot capture the legacy default stream.
+  std::optional<c10::cuda::CUDAStreamGuard> stream_guard;
+  if (device.is_cuda()) stream_guard.emplace(c10::cuda::getStreamFromPool(false, device.index()));
+#endif
   while (step_ < c.training.steps) {
     profiler.step_begin(step_ + 1);
     auto [loss, grad_norm] = train_step();

@@ -57,3 +57,26 @@ TEST(GpuTraining, FusedKernelLossCurveMatchesUnfusedWithinBf16Noise) {
   EXPECT_LT(max_rel, 0.03);
   EXPECT_LT(fused.back(), fused.front() - 2.0);
 }
+
+TEST(GpuTraining, CudaGraphStepsEqualEagerSteps) {
+  test::TempDir dir;
+  auto run = [&](const std::string& graphs) {
+    const std::string out = dir.file("graphs_" + graphs);
+    auto r = test::run_process(
+        {TITAN_TRAIN_BINARY, "--job.config_file",
+         std::string(TITAN_SOURCE_DIR) + "/configs/debug_model.toml", "--training.steps", "12",
+         "--metrics.log_freq", "1", "--training.use_cuda_graphs", graphs, "--job.dump_folder",
+         out},
+        {});
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    if (graphs == "true") {
+      EXPECT_NE(r.output.find("CUDA graph: captured"), std::string::npos) << r.output;
+    }
+    return test::read_losses(out + "/metrics.jsonl");
+  };
+  auto eager = run("false");
+  auto graphs = run("true");
+  ASSERT_EQ(eager.size(), 12u);
+  ASSERT_EQ(graphs.size(), 12u);
+  for (size_t i = 0; i < eager.size(); ++i) EXPECT_DOUBLE_EQ(graphs[i], eager[i]) << i;
+}

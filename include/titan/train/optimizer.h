@@ -27,6 +27,11 @@ class Optimizer {
   // One update with learning rate `lr`. `grad_divisor` (fp32 scalar tensor on the params'
   // device, or undefined) divides every gradient first: the clip coefficient's inverse.
   void step(double lr, const at::Tensor& grad_divisor);
+  // The same in two halves, for CUDA graphs: prepare() advances the step count and stages the
+  // step's hyper-parameters on the device (host work, outside a graph); apply() launches the
+  // update (device work only, capturable, reading the staged values).
+  void prepare(double lr);
+  void apply(const at::Tensor& grad_divisor);
 
   int64_t step_count() const { return steps_taken_; }
   // State for checkpoints: exp_avg and exp_avg_sq per parameter, and the step count.
@@ -35,8 +40,8 @@ class Optimizer {
   void set_step_count(int64_t steps);
 
  private:
-  void update(double lr, const at::Tensor& grad_divisor);
-  bool shadow_written_ = false;
+  void update_aten(double lr, const at::Tensor& grad_divisor, bool decoupled);
+  double lr_ = 0;
   std::vector<at::Tensor> params_, grads_, exp_avg_, exp_avg_sq_, state_steps_, shadows_;
   at::Tensor hyper_;  // device copy of the step's hyper-parameters (CUDA fused path)
   OptimizerOptions options_;

@@ -43,6 +43,8 @@ class Trainer {
   double validate();
 
   int64_t step() const { return step_; }
+  // Whether the steady-state step now replays a captured CUDA graph.
+  bool graph_active() const;
   dist::Runtime& runtime() { return *runtime_; }
   checkpoint::Checkpointer& checkpointer() { return *checkpointer_; }
   parallel::FsdpModel& model() { return *fsdp_; }
@@ -50,6 +52,14 @@ class Trainer {
   const model::LlamaArgs& model_args() const { return args_; }
 
  private:
+  // The device work of one step (tokens already on the device, optimizer prepared): gradient
+  // reset, micro-batches, reductions, clipping, update. Returns (mean loss, grad norm).
+  std::pair<at::Tensor, at::Tensor> step_body(const std::vector<at::Tensor>& tokens);
+  bool graph_eligible() const;
+  struct StepGraph;
+  std::unique_ptr<StepGraph> graph_;
+  int64_t graph_warmup_steps_ = 2;
+
   config::JobConfig cfg_;
   std::unique_ptr<dist::Runtime> runtime_;
   DeviceInfo device_;

@@ -48,7 +48,8 @@ HeadResult head_forward_backward(const at::Tensor& h, const at::Tensor& norm_w,
       // One pass over the logits: loss and (in place) the gradient of the logits.
       loss_sum.add_(kernels::cross_entropy_fwd_bwd(logits, tgt, grad_scale, compute_grad));
       if (compute_grad) {
-        at::mm_out(dhn.narrow(0, start, len), logits, out_w);
+        at::Tensor dst = dhn.narrow(0, start, len);
+        at::mm_out(dst, logits, out_w);
         linear_backward_weight(logits, hc, *out_grad, accumulate || start > 0);
       }
       continue;

@@ -36,8 +36,11 @@ class ByteTokenizer : public Tokenizer {
   std::string describe() const override { return "byte tokenizer (258 ids)"; }
 };
 
-// The tokenizer a job asks for: model.tokenizer_path, else a tokenizer.json /
-// tokenizer.model in model.hf_assets_path, else the byte tokenizer.
+// The tokenizer a job asks for: model.tokenizer_path (a tokenizer.json, else read as a tiktoken
+// tokenizer.model), else the first of tokenizer.json, tokenizer.model and
+// original/tokenizer.model in model.hf_assets_path, else the byte tokenizer (also, with a
+// warning, when that folder holds none). Throws titan::Error for missing paths and malformed
+// or unsupported files. Byte-level BPE: titan/data/bpe_tokenizer.h.
 std::unique_ptr<Tokenizer> build_tokenizer(const std::string& tokenizer_path,
                                            const std::string& hf_assets_path);
 

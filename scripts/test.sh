@@ -4,6 +4,9 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 "$TITAN_REPO/scripts/build.sh"
+# CUDA code cannot run here, but it must compile: kernels with the host's nvcc, CUDA-only C++
+# paths as a syntax check (skipped where the host has no /usr/local/cuda).
+"$TITAN_REPO/scripts/check_cuda.sh"
 cd "$TITAN_REPO"
 build_dir="${BUILD_DIR:-build}"
 titan_exec bash -c "cd '$build_dir' && ctest --output-on-failure -j $(titan_jobs) --timeout 1200 $(printf '%q ' "$@")"

@@ -71,8 +71,7 @@ MemoryStats memory_stats(const c10::Device& device) {
 #ifdef TITAN_WITH_CUDA
   if (device.is_cuda()) {
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-    using c10::CachingAllocator::StatType;
-    const auto agg = static_cast<size_t>(StatType::AGGREGATE);
+    const size_t agg = 0;  // StatType::AGGREGATE (its namespace moved between LibTorch versions)
     m.max_active_gib = static_cast<double>(stats.active_bytes[agg].peak) / kGiB;
     m.max_reserved_gib = static_cast<double>(stats.reserved_bytes[agg].peak) / kGiB;
     const auto* prop = at::cuda::getDeviceProperties(device.index());

@@ -40,7 +40,7 @@ TEST_P(KernelTest, RmsNormForwardBackwardMatchReference) {
     at::Tensor dy = at::randn_like(x);
     at::Tensor gw = at::randn({dim}, cuda(at::kFloat));
     at::Tensor gw_ref = gw.clone();
-    at::Tensor dx = kernels::rmsnorm_backward(dy, x, w, r, gw);
+    at::Tensor dx = kernels::rmsnorm_backward(dy, x, w, r, gw, /*accumulate=*/true);
     at::Tensor dx_ref = ops::rmsnorm_backward_ref(dy, x, w, r_ref, gw_ref);
     EXPECT_LT(relative_error(dx, dx_ref), tol(dt)) << dim;
     EXPECT_LT(relative_error(gw, gw_ref), 1e-4) << dim;

@@ -1,4 +1,5 @@
 // Sharded, reshardable, atomic, optionally asynchronous checkpoints.
+#include "titan/util/fs.h"
 #include "titan/checkpoint/checkpointer.h"
 
 #include <ATen/ATen.h>
@@ -104,14 +105,14 @@ Checkpointer::~Checkpointer() {
 std::vector<std::pair<int64_t, std::string>> Checkpointer::complete_steps(
     const std::string& folder) {
   std::vector<std::pair<int64_t, std::string>> out;
-  if (!fs::is_directory(folder)) return out;
+  if (!util::is_directory(util::path_str(folder))) return out;
   static const std::regex re("^step-([0-9]+)$");
-  for (const auto& e : fs::directory_iterator(folder)) {
+  for (const auto& name : util::list_directory(folder)) {
     std::smatch m;
-    const std::string name = e.path().filename().string();
-    if (e.is_directory() && std::regex_match(name, m, re) &&
-        fs::exists(e.path() / "metadata.json")) {
-      out.emplace_back(std::stoll(m[1]), e.path().string());
+    const std::string path = util::join_path(folder, name);
+    if (util::is_directory(path) && std::regex_match(name, m, re) &&
+        util::path_exists(util::join_path(path, "metadata.json"))) {
+      out.emplace_back(std::stoll(m[1]), path);
     }
   }
   std::sort(out.begin(), out.end());
@@ -230,9 +231,9 @@ void Checkpointer::write(std::unique_ptr<Snapshot> snap) {
   const std::string final_dir = (fs::path(folder_) / step_name(snap->step)).string();
   const std::string staging = final_dir + ".partial";
   if (env.rank == 0) {
-    fs::create_directories(folder_);
-    fs::remove_all(staging);
-    fs::create_directories(staging);
+    util::make_directories(util::path_str(folder_));
+    util::remove_tree(util::path_str(staging));
+    util::make_directories(util::path_str(staging));
   }
   barrier("staging_ready", snap->save_index);
 
@@ -369,16 +370,16 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
     TITAN_CHECK(out.good(), "checkpoint: cannot write ", tmp);
   }
   fsync_path(tmp);
-  fs::rename(tmp, fs::path(staging) / "metadata.json");
+  util::rename_path(util::path_str(tmp), util::path_str(fs::path(staging) / "metadata.json"));
   fsync_path(staging);
-  if (fs::exists(final_dir)) {
+  if (util::path_exists(util::path_str(final_dir))) {
     const std::string old = final_dir + ".old";
-    fs::remove_all(old);
-    fs::rename(final_dir, old);
-    fs::rename(staging, final_dir);
-    fs::remove_all(old);
+    util::remove_tree(util::path_str(old));
+    util::rename_path(util::path_str(final_dir), util::path_str(old));
+    util::rename_path(util::path_str(staging), util::path_str(final_dir));
+    util::remove_tree(util::path_str(old));
   } else {
-    fs::rename(staging, final_dir);
+    util::rename_path(util::path_str(staging), util::path_str(final_dir));
   }
   fsync_path(folder_);
   // Retention: only complete checkpoints count, and only older ones go.
@@ -386,7 +387,7 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
   if (keep > 0) {
     auto steps = complete_steps(folder_);
     for (size_t i = 0; i + static_cast<size_t>(keep) < steps.size(); ++i) {
-      fs::remove_all(steps[i].second);
+      util::remove_tree(util::path_str(steps[i].second));
       log::info("checkpoint: removed {} (keep_latest_k = {})", steps[i].second, keep);
     }
   }
@@ -464,9 +465,9 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
       auto it = readers.find(file);
       if (it != readers.end()) return *it->second;
       const std::string path = (fs::path(step_dir) / file).string();
-      TITAN_CHECK(fs::exists(path), "checkpoint ", step_dir, " misses its file ", file);
+      TITAN_CHECK(util::path_exists(util::path_str(path)), "checkpoint ", step_dir, " misses its file ", file);
       const int64_t want = meta["files"][file]["bytes"].get<int64_t>();
-      const int64_t have = static_cast<int64_t>(fs::file_size(path));
+      const int64_t have = util::file_size(util::path_str(path));
       TITAN_CHECK(have == want, "checkpoint file ", path, " is truncated or damaged: ", have,
                   " bytes, the index says ", want);
       std::unique_ptr<SafetensorsReader> r;
@@ -575,13 +576,30 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
 int64_t Checkpointer::load_at_start() {
   const auto& ck = config_.checkpoint;
   // Saves that never finished are not checkpoints: clean them up.
-  if (runtime_.env().rank == 0 && fs::is_directory(folder_)) {
-    for (const auto& e : fs::directory_iterator(folder_)) {
-      const std::string name = e.path().filename().string();
+  if (runtime_.env().rank == 0 && util::is_directory(util::path_str(folder_))) {
+    // A re-save of an existing step renames step-N to step-N.old, then step-N.partial to
+    // step-N. A crash between the two renames leaves no step-N: finish (a complete .partial
+    // has its index) or undo (bring .old back) that commit first.
+    for (const auto& name : util::list_directory(folder_)) {
+      if (name.size() <= 4 || name.substr(name.size() - 4) != ".old") continue;
+      const std::string base = util::join_path(folder_, name.substr(0, name.size() - 4));
+      const std::string old = util::join_path(folder_, name);
+      if (util::path_exists(base)) {
+        util::remove_tree(old);
+      } else if (util::path_exists(util::join_path(base + ".partial", "metadata.json"))) {
+        util::rename_path(base + ".partial", base);
+        util::remove_tree(old);
+        log::warn("checkpoint: finished the interrupted commit of {}", base);
+      } else {
+        util::rename_path(old, base);
+        log::warn("checkpoint: restored {} after an interrupted re-save", base);
+      }
+    }
+    for (const auto& name : util::list_directory(folder_)) {
       if (name.size() > 8 && name.substr(name.size() - 8) == ".partial") {
-        log::warn("checkpoint: removing {}, left by a save that did not finish",
-                  e.path().string());
-        fs::remove_all(e.path());
+        const std::string path = util::join_path(folder_, name);
+        log::warn("checkpoint: removing {}, left by a save that did not finish", path);
+        util::remove_tree(path);
       }
     }
   }
@@ -620,7 +638,7 @@ int64_t Checkpointer::load_at_start() {
     }
     // A step folder, or a checkpoint folder holding step folders (newest taken).
     std::string dir = ck.initial_load_path;
-    if (!fs::exists(fs::path(dir) / "metadata.json")) {
+    if (!util::path_exists(util::path_str(fs::path(dir) / "metadata.json"))) {
       auto inner = complete_steps(dir);
       TITAN_CHECK(!inner.empty(), "checkpoint.initial_load_path: ", dir,
                   " is neither a checkpoint step folder nor a folder holding one");

@@ -5,6 +5,7 @@
 #include <fstream>
 #include <iostream>
 
+#include "titan/util/fs.h"
 #include "titan/checkpoint/checkpointer.h"
 #include "titan/checkpoint/hf.h"
 #include "titan/dist/runtime.h"
@@ -78,12 +79,12 @@ int run_convert(const std::vector<std::string>& args) {
               "convert: --to (hf or titan), --input and --output are required\n", kUsage);
   TITAN_CHECK(dtype == "float32" || dtype == "bfloat16" || dtype == "float16",
               "convert: --dtype must be float32, bfloat16 or float16, got ", dtype);
-  TITAN_CHECK(fs::exists(input), "convert: --input ", input, " does not exist");
+  TITAN_CHECK(util::path_exists(util::path_str(input)), "convert: --input ", input, " does not exist");
 
   std::string step_dir;
   if (to == "hf") {
     step_dir = input;
-    if (!fs::exists(fs::path(step_dir) / "metadata.json")) {
+    if (!util::path_exists(util::path_str(fs::path(step_dir) / "metadata.json"))) {
       auto steps = Checkpointer::complete_steps(input);
       TITAN_CHECK(!steps.empty(), "convert: ", input, " holds no complete checkpoint");
       step_dir = steps.back().second;

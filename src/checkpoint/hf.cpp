@@ -1,4 +1,5 @@
 // Hugging Face Llama safetensors import/export.
+#include "titan/util/fs.h"
 #include "titan/checkpoint/hf.h"
 
 #include <ATen/ATen.h>
@@ -81,7 +82,7 @@ namespace {
 std::map<std::string, std::string> weight_map(const std::string& folder) {
   std::map<std::string, std::string> out;
   const fs::path index = fs::path(folder) / "model.safetensors.index.json";
-  if (fs::exists(index)) {
+  if (util::path_exists(util::path_str(index))) {
     try {
       std::ifstream in(index);
       json j = json::parse(in);
@@ -94,7 +95,7 @@ std::map<std::string, std::string> weight_map(const std::string& folder) {
     return out;
   }
   const fs::path single = fs::path(folder) / "model.safetensors";
-  TITAN_CHECK(fs::exists(single), "checkpoint.initial_load_path: ", folder,
+  TITAN_CHECK(util::path_exists(util::path_str(single)), "checkpoint.initial_load_path: ", folder,
               " holds neither model.safetensors.index.json nor model.safetensors");
   SafetensorsReader r(single.string());
   for (const auto& [name, _] : r.tensors()) out[name] = single.string();
@@ -103,7 +104,7 @@ std::map<std::string, std::string> weight_map(const std::string& folder) {
 
 void check_config(const std::string& folder, const model::LlamaArgs& a) {
   const fs::path cfg = fs::path(folder) / "config.json";
-  TITAN_CHECK(fs::exists(cfg), "Hugging Face folder ", folder, " has no config.json");
+  TITAN_CHECK(util::path_exists(util::path_str(cfg)), "Hugging Face folder ", folder, " has no config.json");
   json j;
   try {
     std::ifstream in(cfg);
@@ -211,8 +212,8 @@ void export_hf(const std::string& folder, TrainerState& state, dist::Runtime& ru
   }
   if (!writer) return;
   const std::string staging = folder + ".partial";
-  fs::remove_all(staging);
-  fs::create_directories(staging);
+  util::remove_tree(util::path_str(staging));
+  util::make_directories(util::path_str(staging));
   // Files of at most ~5 GB, in HF's naming.
   constexpr int64_t kMaxFileBytes = int64_t(5) << 30;
   std::vector<std::vector<size_t>> groups(1);
@@ -275,8 +276,8 @@ void export_hf(const std::string& folder, TrainerState& state, dist::Runtime& ru
                            {"original_max_position_embeddings", a.rope_original_max_positions}};
   }
   std::ofstream(fs::path(staging) / "config.json") << cfg.dump(2);
-  if (fs::exists(folder)) fs::remove_all(folder);
-  fs::rename(staging, folder);
+  if (util::path_exists(util::path_str(folder))) util::remove_tree(util::path_str(folder));
+  util::rename_path(util::path_str(staging), util::path_str(folder));
   log::info("checkpoint: wrote Hugging Face weights ({:.1f} MiB, {}) to {}", total / 1048576.0,
             dtype, folder);
 }

@@ -1,4 +1,5 @@
 // Choosing a document source from the job's dataset options.
+#include "titan/util/fs.h"
 #include "titan/data/dataset.h"
 
 #include <algorithm>
@@ -16,7 +17,7 @@ std::unique_ptr<DocumentSource> make_file_source(const DatasetOptions& o,
   DataFiles files = list_data_files(o.path);
   TITAN_CHECK(files.shards.empty() || files.text.empty(), "dataset path ", o.path,
               " mixes pre-tokenized shards (.bin) and text files; use one kind per dataset");
-  const bool folder = std::filesystem::is_directory(o.path);
+  const bool folder = util::is_directory(util::path_str(o.path));
   if (!files.shards.empty()) {
     const std::string label =
         folder ? std::to_string(files.shards.size()) + " token shard(s) under " + o.path

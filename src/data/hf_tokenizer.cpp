@@ -8,6 +8,7 @@
 #include <unordered_set>
 
 #include "io.h"
+#include "titan/util/fs.h"
 #include "titan/data/bpe_tokenizer.h"
 #include "titan/util/error.h"
 
@@ -267,7 +268,7 @@ std::unique_ptr<BpeTokenizer> load_hf_tokenizer(const std::string& path) {
   spec.bos_id = lookup("<|begin_of_text|>");
   spec.eos_id = lookup("<|end_of_text|>");
   const auto config_path = std::filesystem::path(path).parent_path() / "tokenizer_config.json";
-  if ((spec.bos_id < 0 || spec.eos_id < 0) && std::filesystem::exists(config_path)) {
+  if ((spec.bos_id < 0 || spec.eos_id < 0) && util::path_exists(util::path_str(config_path))) {
     json cfg;
     try {
       cfg = json::parse(io::read_file(config_path.string(), "tokenizer config"));

@@ -1,4 +1,5 @@
 // Listing data files, and reading text/JSONL documents in order from a byte position.
+#include "titan/util/fs.h"
 #include "titan/data/text_reader.h"
 
 #include <nlohmann/json.hpp>
@@ -59,9 +60,9 @@ bool is_blank(std::string_view s) {
 DataFiles list_data_files(const std::string& path) {
   const fs::path root(path);
   std::error_code ec;
-  TITAN_CHECK(fs::exists(root, ec), "dataset path ", path, " does not exist");
+  TITAN_CHECK(util::path_exists(util::path_str(root)), "dataset path ", path, " does not exist");
   std::vector<fs::path> candidates;
-  const bool folder = fs::is_directory(root);
+  const bool folder = util::is_directory(util::path_str(root));
   if (folder) {
     for (auto it = fs::recursive_directory_iterator(root, ec); !ec && it != fs::end(it);
          it.increment(ec)) {
@@ -88,7 +89,7 @@ DataFiles list_data_files(const std::string& path) {
       ++ignored;
       continue;
     }
-    const auto size = fs::file_size(p, ec);
+    const auto size = util::file_size(util::path_str(p));
     if (!ec && size == 0) {
       ++empty;
       continue;
@@ -133,9 +134,8 @@ void TextReader::seek(int64_t file, int64_t offset) {
               files_.size(), " files");
   if (file < static_cast<int64_t>(files_.size())) {
     const auto& path = files_[static_cast<size_t>(file)].path;
-    std::error_code ec;
-    const auto size = static_cast<int64_t>(fs::file_size(path, ec));
-    TITAN_CHECK(!ec && offset <= size, "resume position: byte offset ", offset,
+    const auto size = util::file_size(util::path_str(path));
+    TITAN_CHECK(size >= 0 && offset <= size, "resume position: byte offset ", offset,
                 " is beyond the end of ", path, " (", size,
                 " bytes); the dataset changed since the position was saved");
   }

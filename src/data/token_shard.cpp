@@ -1,4 +1,5 @@
 // Reading and writing pre-tokenized binary shards.
+#include "titan/util/fs.h"
 #include "titan/data/token_shard.h"
 
 #include <bit>
@@ -57,9 +58,8 @@ ShardHeader check_header(const std::string& path, std::FILE* f) {
   TITAN_CHECK(h.token_bytes == 2 || h.token_bytes == 4, "token shard ", path,
               ": bytes per token is ", h.token_bytes, " (expected 2 for uint16 or 4 for uint32)");
   TITAN_CHECK(h.tokens >= 0 && h.vocab_size >= 0, "token shard ", path, ": corrupt header");
-  std::error_code ec;
-  const auto size = static_cast<int64_t>(std::filesystem::file_size(path, ec));
-  TITAN_CHECK(!ec, "token shard ", path, ": cannot read its size");
+  const auto size = util::file_size(path);
+  TITAN_CHECK(size >= 0, "token shard ", path, ": cannot read its size");
   const int64_t expected = kShardHeaderBytes + h.tokens * h.token_bytes;
   TITAN_CHECK(size == expected, "token shard ", path, ": the header says ", h.tokens, " tokens (",
               expected, " bytes) but the file has ", size,
@@ -187,9 +187,7 @@ void ShardWriter::finish() {
     std::remove(tmp_path_.c_str());
     fail("error writing ", tmp_path_);
   }
-  std::error_code ec;
-  std::filesystem::rename(tmp_path_, path_, ec);
-  TITAN_CHECK(!ec, "cannot rename ", tmp_path_, " to ", path_, " (", ec.message(), ")");
+  util::rename_path(tmp_path_, path_);
 }
 
 }  // namespace titan::data

@@ -1,6 +1,7 @@
 // Picks the tokenizer from model.tokenizer_path / model.hf_assets_path.
 #include <filesystem>
 
+#include "titan/util/fs.h"
 #include "titan/data/bpe_tokenizer.h"
 #include "titan/data/tokenizer.h"
 #include "titan/util/error.h"
@@ -31,9 +32,9 @@ std::unique_ptr<Tokenizer> build_tokenizer(const std::string& tokenizer_path,
                                            const std::string& hf_assets_path) {
   if (!tokenizer_path.empty()) {
     const fs::path p(tokenizer_path);
-    TITAN_CHECK(fs::exists(p), "model.tokenizer_path: ", tokenizer_path,
+    TITAN_CHECK(util::path_exists(util::path_str(p)), "model.tokenizer_path: ", tokenizer_path,
                 " does not exist (expected a tokenizer.json or a tiktoken tokenizer.model)");
-    if (fs::is_directory(p)) {
+    if (util::is_directory(util::path_str(p))) {
       const fs::path found = find_in_folder(p);
       TITAN_CHECK(!found.empty(), "model.tokenizer_path: folder ", tokenizer_path,
                   " holds no tokenizer.json, tokenizer.model or original/tokenizer.model");
@@ -42,7 +43,7 @@ std::unique_ptr<Tokenizer> build_tokenizer(const std::string& tokenizer_path,
     return load_file(p);
   }
   if (!hf_assets_path.empty()) {
-    TITAN_CHECK(fs::is_directory(hf_assets_path), "model.hf_assets_path: folder ", hf_assets_path,
+    TITAN_CHECK(util::is_directory(util::path_str(hf_assets_path)), "model.hf_assets_path: folder ", hf_assets_path,
                 " does not exist");
     const fs::path found = find_in_folder(hf_assets_path);
     if (!found.empty()) return load_file(found);

@@ -1,4 +1,5 @@
 // Flight recorder ring and the watchdog that turns a hang into an error.
+#include "titan/util/fs.h"
 #include "titan/dist/flight_recorder.h"
 
 #include <nlohmann/json.hpp>
@@ -174,7 +175,7 @@ void Watchdog::fire(const CollectiveRecord& stuck) {
   // 1. Dump this rank's records.
   std::string dump_path;
   try {
-    std::filesystem::create_directories(options_.dump_folder);
+    util::make_directories(util::path_str(options_.dump_folder));
     dump_path = (std::filesystem::path(options_.dump_folder) /
                  ("rank_" + std::to_string(options_.rank) + ".json"))
                     .string();

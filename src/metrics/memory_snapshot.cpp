@@ -2,6 +2,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "titan/util/fs.h"
 #include "titan/metrics/profiler.h"
 #include "titan/util/log.h"
 
@@ -14,7 +15,7 @@ namespace titan::metrics {
 
 #ifdef TITAN_WITH_CUDA
 bool write_memory_snapshot(const std::string& path) {
-  std::filesystem::create_directories(std::filesystem::path(path).parent_path());
+  util::make_directories(util::path_str(std::filesystem::path(path).parent_path()));
   const std::string bytes = torch::cuda::_memory_snapshot_pickled();
   std::ofstream(path, std::ios::binary) << bytes;
   return true;

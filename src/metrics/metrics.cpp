@@ -1,4 +1,5 @@
 // Metrics output: log line, JSONL records, TensorBoard scalars.
+#include "titan/util/fs.h"
 #include "titan/metrics/metrics.h"
 
 #include <nlohmann/json.hpp>
@@ -31,7 +32,7 @@ std::string format_duration(double seconds) {
 
 MetricsLogger::MetricsLogger(MetricsOptions options) : options_(std::move(options)) {
   if (options_.write_files) {
-    std::filesystem::create_directories(options_.dump_folder);
+    util::make_directories(util::path_str(options_.dump_folder));
     const std::string name = options_.rank == 0
                                  ? "metrics.jsonl"
                                  : "metrics_rank" + std::to_string(options_.rank) + ".jsonl";

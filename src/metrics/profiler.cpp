@@ -1,4 +1,5 @@
 // Kineto-based step profiler and the memory-snapshot schedule.
+#include "titan/util/fs.h"
 #include "titan/metrics/profiler.h"
 
 #include <torch/csrc/autograd/profiler_kineto.h>
@@ -73,7 +74,7 @@ void Profiler::step_end(int64_t step) {
     active_ = false;
     prepared_ = false;
     const auto dir = std::filesystem::path(trace_root_) / ("iteration_" + std::to_string(step));
-    std::filesystem::create_directories(dir);
+    util::make_directories(util::path_str(dir));
     const std::string path = (dir / ("rank" + std::to_string(rank_) + "_trace.json")).string();
     result->save(path);
     log::info("profiler: wrote {} (steps {}-{})", path, step - cfg_.profiler_active + 1, step);
@@ -83,7 +84,7 @@ void Profiler::step_end(int64_t step) {
 
 void Profiler::dump_memory_snapshot(int64_t step) {
   const auto dir = std::filesystem::path(snapshot_root_) / ("iteration_" + std::to_string(step));
-  std::filesystem::create_directories(dir);
+  util::make_directories(util::path_str(dir));
   const std::string path =
       (dir / ("rank" + std::to_string(rank_) + "_memory_snapshot.pickle")).string();
   if (write_memory_snapshot(path)) log::info("memory snapshot: wrote {}", path);

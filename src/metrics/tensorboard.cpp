@@ -1,4 +1,5 @@
 // TensorBoard event files (TFRecord + Event protos encoded by hand).
+#include "titan/util/fs.h"
 #include "titan/metrics/tensorboard.h"
 
 #include <array>
@@ -55,7 +56,7 @@ double now_seconds() {
 }  // namespace
 
 TensorBoardWriter::TensorBoardWriter(const std::string& folder) {
-  std::filesystem::create_directories(folder);
+  util::make_directories(util::path_str(folder));
   char host[256] = "localhost";
   gethostname(host, sizeof(host) - 1);
   const auto t = static_cast<long long>(now_seconds());

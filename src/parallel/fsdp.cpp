@@ -79,7 +79,8 @@ void FsdpModel::init_weights(int64_t seed) {
     u.master = at::empty({u.shard_numel}, opts);
     model::init_unit_range(u.layout, seed, u.shard_begin, u.master);
     u.grad = at::zeros({u.shard_numel}, opts);
-    if (options_.param_dtype != at::kFloat || u.master.device() != device_) {
+    const bool differs = options_.param_dtype != at::kFloat || u.master.device() != device_;
+    if (differs && (shard_ != nullptr || options_.persistent_compute_weights)) {
       u.shadow = at::empty({u.shard_numel},
                            at::TensorOptions().dtype(options_.param_dtype).device(device_));
     }
@@ -128,7 +129,13 @@ const at::Tensor& FsdpModel::gather(size_t i) {
   UnitState& u = units_[i];
   if (u.gathered) return u.full;
   if (!shard_) {
-    u.full = u.shadow.defined() ? u.shadow : u.master;
+    if (u.shadow.defined()) {
+      u.full = u.shadow;
+    } else if (u.master.device() == device_ && u.master.scalar_type() == options_.param_dtype) {
+      u.full = u.master;
+    } else {
+      u.full = u.master.to(device_, options_.param_dtype, /*non_blocking=*/true);
+    }
   } else {
     prefetch(i);
     impl_->gathers[i]->wait();

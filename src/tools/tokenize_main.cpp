@@ -10,6 +10,7 @@
 #include <iostream>
 #include <thread>
 
+#include "titan/util/fs.h"
 #include "titan/data/bpe_trainer.h"
 #include "titan/data/corpus.h"
 #include "titan/data/text_reader.h"
@@ -168,7 +169,7 @@ std::vector<data::TextFile> input_files(const Options& o, int64_t& total_bytes) 
     TITAN_CHECK(found.shards.empty(), "input ", in,
                 " holds token shards (.bin); titan_tokenize reads text and JSONL files");
     for (auto& f : found.text) {
-      total_bytes += static_cast<int64_t>(fs::file_size(f.path));
+      total_bytes += util::file_size(util::path_str(f.path));
       files.push_back(std::move(f));
     }
   }
@@ -183,7 +184,7 @@ int64_t bytes_done(const data::TextReader& reader, const std::vector<int64_t>& f
 
 int export_corpus(const Options& o) {
   if (fs::path(o.output).has_parent_path())
-    fs::create_directories(fs::path(o.output).parent_path());
+    util::make_directories(util::path_str(fs::path(o.output).parent_path()));
   std::ofstream out(o.output, std::ios::binary | std::ios::trunc);
   TITAN_CHECK(out, "cannot write ", o.output);
   const int64_t n = std::min(o.export_corpus, data::corpus_documents(o.split));
@@ -221,7 +222,7 @@ int64_t for_each_document(const std::vector<data::TextFile>& files, const std::s
 std::vector<int64_t> file_starts(const std::vector<data::TextFile>& files) {
   std::vector<int64_t> start = {0};
   for (const auto& f : files)
-    start.push_back(start.back() + static_cast<int64_t>(fs::file_size(f.path)));
+    start.push_back(start.back() + util::file_size(util::path_str(f.path)));
   return start;
 }
 
@@ -244,7 +245,7 @@ int train_bpe(const Options& o) {
         ranks.size());
   }
   if (fs::path(o.output).has_parent_path())
-    fs::create_directories(fs::path(o.output).parent_path());
+    util::make_directories(util::path_str(fs::path(o.output).parent_path()));
   data::write_tiktoken_file(o.output, ranks);
   log::info("wrote {} ranks to {} (vocabulary with Llama 3's 256 special tokens: {})", ranks.size(),
             o.output, ranks.size() + 256);
@@ -263,7 +264,7 @@ int tokenize(const Options& o) {
   TITAN_CHECK(width == 4 || vocab <= 65536, "--dtype uint16: the tokenizer has ", vocab,
               " ids, more than uint16 holds");
 
-  fs::create_directories(o.output);
+  util::make_directories(util::path_str(o.output));
   for (const auto& e : fs::directory_iterator(o.output)) {
     const std::string name = e.path().filename().string();
     if (name.rfind("shard_", 0) == 0 && e.path().extension() == ".bin") {

@@ -123,12 +123,16 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   fopts.reduce_dtype = c.training.mixed_precision_reduce == "bfloat16" ? at::kBFloat16 : at::kFloat;
   const auto& reshard = c.parallelism.fsdp_reshard_after_forward;
   dist::Communicator* shard_group = mesh.group("dp_shard");
-  // Unsharded units keep their compute copies from forward to backward unless told otherwise:
-  // re-casting them would only cost time.
+  // Unsharded units keep compute-dtype copies of the weights for the whole run (the optimizer
+  // rewrites them), so nothing is cast or gathered per step; with activation checkpointing on,
+  // the user is short of memory, and "default" then frees them after use, as FSDP2 does.
+  const bool ac_on = c.activation_checkpoint.mode != "none";
+  fopts.persistent_compute_weights =
+      shard_group != nullptr || reshard == "never" || (reshard == "default" && !ac_on);
   fopts.reshard = reshard == "always"  ? parallel::ReshardPolicy::Always
                   : reshard == "never" ? parallel::ReshardPolicy::Never
-                  : shard_group        ? parallel::ReshardPolicy::Default
-                                       : parallel::ReshardPolicy::Never;
+                  : shard_group || ac_on ? parallel::ReshardPolicy::Default
+                                         : parallel::ReshardPolicy::Never;
   fopts.cpu_offload = c.training.enable_cpu_offload;
   const auto t_init = Clock::now();
   fsdp_ = std::make_unique<parallel::FsdpModel>(std::move(units), shard_group,
@@ -208,8 +212,11 @@ bool Trainer::graph_active() const { return graph_ && graph_->ready; }
 bool Trainer::graph_eligible() const {
   // Single-GPU runs without offload: multi-rank steps are bound by communication and compute
   // already, and NCCL calls stay out of captured graphs here.
+  // The update must read its learning rate from device memory (titan's fused AdamW); ATen's
+  // optimizers take it as a host number, which a graph would freeze.
   return cfg_.training.use_cuda_graphs && fsdp_->device().is_cuda() &&
-         runtime_->env().world_size == 1 && !cfg_.training.enable_cpu_offload;
+         runtime_->env().world_size == 1 && !cfg_.training.enable_cpu_offload &&
+         cfg_.training.fused_kernels && cfg_.optimizer.implementation == "fused";
 }
 
 std::pair<at::Tensor, at::Tensor> Trainer::step_body(const std::vector<at::Tensor>& tokens) {

@@ -1,5 +1,6 @@
 // Test helpers: temp folders, subprocesses, tensor comparisons.
 #include "support/test_support.h"
+#include "titan/util/fs.h"
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
@@ -32,7 +33,7 @@ TempDir::TempDir() {
 
 TempDir::~TempDir() {
   std::error_code ec;
-  std::filesystem::remove_all(path_, ec);
+  util::remove_tree(util::path_str(path_));
 }
 
 ProcessResult run_process(const std::vector<std::string>& argv,

@@ -36,6 +36,9 @@ struct FsdpOptions {
   at::ScalarType reduce_dtype = at::kFloat;  // dtype of gradient reductions
   ReshardPolicy reshard = ReshardPolicy::Default;
   bool cpu_offload = false;  // shards and optimizer state in pinned host memory
+  // Keep the shard in param_dtype on the device between steps (the optimizer writes it); when
+  // false, unsharded units are cast from the fp32 master at each use instead.
+  bool persistent_compute_weights = true;
 };
 
 // One unit's storage on this rank.

@@ -1,0 +1,36 @@
+// File-system helpers on plain POSIX calls. pip builds of LibTorch export their own copies of
+// some std::filesystem functions (built with another toolchain), and calls that resolve to
+// them have crashed (remove_all); titan's file handling therefore does not depend on
+// std::filesystem's compiled parts.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace titan::util {
+
+bool path_exists(const std::string& path);
+bool is_directory(const std::string& path);
+int64_t file_size(const std::string& path);  // -1 when missing
+// mkdir -p; throws titan::Error naming the path on failure.
+void make_directories(const std::string& path);
+// rm -rf; a missing path is fine. Throws titan::Error on failure.
+void remove_tree(const std::string& path);
+// rename(2) (atomic within one file system); throws titan::Error naming both paths.
+void rename_path(const std::string& from, const std::string& to);
+// Names in a directory (not "." or ".."), sorted.
+std::vector<std::string> list_directory(const std::string& path);
+// "a/b" from ("a", "b"), without doubling the separator.
+std::string join_path(const std::string& a, const std::string& b);
+std::string parent_path(const std::string& path);
+
+// A path as a string, from std::string, const char* or a std::filesystem::path-like object.
+inline std::string path_str(const std::string& s) { return s; }
+inline std::string path_str(const char* s) { return s; }
+template <typename P>
+auto path_str(const P& p) -> decltype(p.string()) {
+  return p.string();
+}
+
+}  // namespace titan::util

@@ -72,6 +72,77 @@ do_gdbtest() {
     --gtest_filter=GpuTraining.FusedKernelLossCurveMatchesUnfusedWithinBf16Noise 2>&1 | tail -60
 }
 
+ngpu() { nvidia-smi -L | grep -c '^GPU'; }
+trun() {  # trun NPROC CMD...: torchrun-style launch of a binary
+  local n="$1"
+  shift
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node="$n" --no-python "$@"
+}
+
+do_nccl() {
+  for n in 2 "$(ngpu)"; do
+    echo "== NCCL collectives on $n GPUs"
+    TITAN_DEVICE=cuda trun "$n" "$BUILD_DIR/tests/titan_dist_worker" collectives \
+      --parallelism.data_parallel_replicate_degree 2 || return 1
+  done
+  echo "== NCCL collectives, 2 x 2 mesh with tp"
+  TITAN_DEVICE=cuda trun "$(ngpu)" "$BUILD_DIR/tests/titan_dist_worker" collectives \
+    --parallelism.tensor_parallel_degree 2 || return 1
+  echo "== watchdog with NCCL: rank 1 skips a collective"
+  TITAN_DEVICE=cuda CUDA_VISIBLE_DEVICES=0,1 trun 2 "$BUILD_DIR/tests/titan_dist_worker" hang \
+    --comm.train_timeout_seconds 5 --job.dump_folder "$OUT/hang"
+  echo "hang run exit code: $? (4 expected: the watchdog ended it)"
+}
+
+do_bw() {
+  echo "== titan all-gather / reduce-scatter bus bandwidth on $(ngpu) GPUs (GB/s)"
+  TITAN_DEVICE=cuda trun "$(ngpu)" "$BUILD_DIR/tests/titan_dist_worker" bench | grep '^{'
+  echo "== torch.distributed"
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node="$(ngpu)" scripts/bench_comm.py | grep '^{'
+}
+
+do_ddp1b() {
+  CUDA_VISIBLE_DEVICES=0,1 trun 2 "$BUILD_DIR/titan_train" --job.config_file configs/llama3_1b.toml \
+    --parallelism.data_parallel_replicate_degree 2 --parallelism.data_parallel_shard_degree 1 \
+    --training.local_batch_size 4 --training.seq_len 2048 --activation_checkpoint.mode none \
+    --training.steps 20 --metrics.log_freq 10 --job.dump_folder "$OUT/ddp1b" \
+    --metrics.enable_tensorboard false --metrics.disable_color_printing
+}
+
+do_parity2() {
+  local common=(--job.config_file configs/debug_model.toml --training.steps 30 --metrics.log_freq 1
+    --metrics.disable_color_printing)
+  CUDA_VISIBLE_DEVICES=0 "$BUILD_DIR/titan_train" "${common[@]}" --training.local_batch_size 8 \
+    --job.dump_folder "$OUT/parity_1gpu" >/dev/null 2>&1
+  CUDA_VISIBLE_DEVICES=0,1 trun 2 "$BUILD_DIR/titan_train" "${common[@]}" \
+    --training.local_batch_size 4 --job.dump_folder "$OUT/parity_fsdp2" >/dev/null 2>&1
+  "$PY" - "$OUT/parity_1gpu/metrics.jsonl" "$OUT/parity_fsdp2/metrics.jsonl" <<'PYEOF'
+import json, sys
+a = [json.loads(l)["loss"] for l in open(sys.argv[1])]
+b = [json.loads(l)["loss"] for l in open(sys.argv[2])]
+rel = max(abs(x - y) / x for x, y in zip(a, b))
+print(f"bf16 FSDP-2 vs 1 GPU, {len(a)} steps: loss {a[0]:.4f} -> {a[-1]:.4f} vs {b[-1]:.4f}; max relative difference {rel:.2e}")
+PYEOF
+}
+
+do_ckpt8b() {
+  local dump=/dev/shm/titan_ckpt8b common
+  rm -rf "$dump"
+  common=(--job.config_file configs/llama3_8b.toml --training.local_batch_size 2
+    --training.seq_len 4096 --activation_checkpoint.mode none --metrics.log_freq 5
+    --checkpoint.enable --checkpoint.interval 5 --checkpoint.last_save_model_only false
+    --checkpoint.keep_latest_k 1 --job.dump_folder "$dump" --metrics.enable_tensorboard false
+    --metrics.disable_color_printing)
+  echo "== 8B FSDP-4: synchronous saves at steps 5 and 10 (dump folder on tmpfs)"
+  trun "$(ngpu)" "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 10 2>&1 |
+    grep -E "checkpoint|step:|error"
+  echo "== resume from step 10, asynchronous saves (pinned memory) at 15 and 20"
+  trun "$(ngpu)" "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 20 \
+    --checkpoint.async_mode async_with_pinned_mem 2>&1 | grep -E "checkpoint|resum|step:|error"
+  du -sh "$dump"/checkpoint/* 2>/dev/null
+  rm -rf "$dump"
+}
+
 for s in "${stages[@]}"; do
   case "$s" in
     build) run_stage build do_build || { tail -50 "$OUT/build.log"; exit 1; } ;;
@@ -82,6 +153,12 @@ for s in "${stages[@]}"; do
     bench3b) run_stage bench_3b scripts/bench.sh 3b; tail -6 "$OUT/bench_3b.log" ;;
     profile1b) run_stage profile_1b do_profile1b; tail -28 "$OUT/profile_1b.log" ;;
     gdbtest) run_stage gdbtest do_gdbtest; tail -40 "$OUT/gdbtest.log" ;;
+    nccl) run_stage nccl do_nccl; grep -E "==|OK|error|exit code" "$OUT/nccl.log" | tail -20 ;;
+    bw) run_stage bw do_bw; cat "$OUT/bw.log" ;;
+    ddp1b) run_stage ddp1b do_ddp1b; grep -E "step:|launch|error" "$OUT/ddp1b.log" | tail -4 ;;
+    parity2) run_stage parity2 do_parity2; tail -2 "$OUT/parity2.log" ;;
+    bench8b) run_stage bench_8b scripts/bench.sh 8b; tail -5 "$OUT/bench_8b.log" ;;
+    ckpt8b) run_stage ckpt8b do_ckpt8b; cat "$OUT/ckpt8b.log" | cut -c1-220 ;;
     *) note "unknown stage $s" ;;
   esac
 done

@@ -33,7 +33,8 @@ results=()
 for compile in ${REF_COMPILE:-0 1}; do
   echo "== reference (compile=$compile): $flavor batch $batch seq $seq ac $ac on $nproc GPU(s)"
   line="$("$PY" -m torch.distributed.run --standalone --nproc_per_node="$nproc" "$ref" \
-    --flavor "$flavor" --batch "$batch" --seq "$seq" --compile "$compile" "${ref_ac[@]}" 2>&1 |
+    --flavor "$flavor" --batch "$batch" --seq "$seq" --compile "$compile" "${ref_ac[@]}" \
+    --steps "${REF_STEPS:-30}" --warmup "${REF_WARMUP:-10}" 2>&1 |
     tee "$OUT/ref_${scenario}_c$compile.log" | grep '^{' | tail -1)"
   echo "$line"
   results+=("ref_c$compile $line")
@@ -45,7 +46,7 @@ if [ "$nproc" -gt 1 ]; then
     "$BUILD_DIR/titan_train")
 fi
 "${launcher[@]}" --job.config_file "$cfg" --training.local_batch_size "$batch" \
-  --training.seq_len "$seq" "${titan_ac[@]}" --training.steps 30 --metrics.log_freq 10 \
+  --training.seq_len "$seq" "${titan_ac[@]}" --training.steps "${TITAN_STEPS:-30}" --metrics.log_freq 10 \
   --lr_scheduler.warmup_steps 5 --job.dump_folder "$OUT/titan_$scenario" \
   --metrics.disable_color_printing ${TITAN_ARGS:-} 2>&1 | tee "$OUT/titan_${scenario}.log" | grep -E "step:|error"
 "$PY" - "$OUT/titan_$scenario/metrics.jsonl" "${results[@]}" <<'PYEOF'

@@ -125,19 +125,27 @@ print(f"bf16 FSDP-2 vs 1 GPU, {len(a)} steps: loss {a[0]:.4f} -> {a[-1]:.4f} vs 
 PYEOF
 }
 
+do_titan3b() {
+  CUDA_VISIBLE_DEVICES=0 "$BUILD_DIR/titan_train" --job.config_file configs/llama3_3b.toml \
+    --training.local_batch_size 2 --training.seq_len 4096 --activation_checkpoint.mode selective \
+    --activation_checkpoint.selective_ac_option 2 --training.steps 20 --metrics.log_freq 10 \
+    --job.dump_folder "$OUT/titan3b" --metrics.enable_tensorboard false --metrics.disable_color_printing
+  "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/titan3b/metrics.jsonl')][-1];print('3B titan: tps', round(r['tps']), 'mfu', round(r['mfu'],2), 'allocated GiB', round(r['max_active_memory_gib'],1))"
+}
+
 do_ckpt8b() {
   local dump=/dev/shm/titan_ckpt8b common
   rm -rf "$dump"
   common=(--job.config_file configs/llama3_8b.toml --training.local_batch_size 2
     --training.seq_len 4096 --activation_checkpoint.mode none --metrics.log_freq 5
-    --checkpoint.enable --checkpoint.interval 5 --checkpoint.last_save_model_only false
+    --checkpoint.enable --checkpoint.interval 3 --checkpoint.last_save_model_only false
     --checkpoint.keep_latest_k 1 --job.dump_folder "$dump" --metrics.enable_tensorboard false
     --metrics.disable_color_printing)
-  echo "== 8B FSDP-4: synchronous saves at steps 5 and 10 (dump folder on tmpfs)"
-  trun "$(ngpu)" "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 10 2>&1 |
+  echo "== 8B FSDP-4: synchronous saves at steps 3 and 6 (dump folder on tmpfs)"
+  trun "$(ngpu)" "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 6 2>&1 |
     grep -E "checkpoint|step:|error"
-  echo "== resume from step 10, asynchronous saves (pinned memory) at 15 and 20"
-  trun "$(ngpu)" "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 20 \
+  echo "== resume from step 6, asynchronous save (pinned memory) at step 9"
+  trun "$(ngpu)" "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 9 \
     --checkpoint.async_mode async_with_pinned_mem 2>&1 | grep -E "checkpoint|resum|step:|error"
   du -sh "$dump"/checkpoint/* 2>/dev/null
   rm -rf "$dump"
@@ -157,7 +165,8 @@ for s in "${stages[@]}"; do
     bw) run_stage bw do_bw; cat "$OUT/bw.log" ;;
     ddp1b) run_stage ddp1b do_ddp1b; grep -E "step:|launch|error" "$OUT/ddp1b.log" | tail -4 ;;
     parity2) run_stage parity2 do_parity2; tail -2 "$OUT/parity2.log" ;;
-    bench8b) run_stage bench_8b scripts/bench.sh 8b; tail -5 "$OUT/bench_8b.log" ;;
+    bench8b) REF_COMPILE="${REF_COMPILE:-0 1}" run_stage bench_8b scripts/bench.sh 8b; tail -5 "$OUT/bench_8b.log" ;;
+    titan3b) run_stage titan_3b do_titan3b; grep -E "step:|error" "$OUT/titan_3b.log" | tail -2 ;;
     ckpt8b) run_stage ckpt8b do_ckpt8b; cat "$OUT/ckpt8b.log" | cut -c1-220 ;;
     *) note "unknown stage $s" ;;
   esac

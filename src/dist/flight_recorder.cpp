@@ -229,7 +229,13 @@ void Watchdog::fire(const CollectiveRecord& stuck) {
   if (options_.rank == 0 && options_.world_size > 1) {
     std::this_thread::sleep_for(std::chrono::duration<double>(4 * options_.poll_interval_s + 2));
   }
-  // 3. Stop all communication and end the process.
+  // 3. Stop all communication and end the process. Aborting a communicator whose kernel is
+  // stuck can itself block, so the process ends at a deadline whatever the abort does.
+  std::thread([] {
+    std::this_thread::sleep_for(std::chrono::seconds(5));
+    std::fflush(nullptr);
+    std::_Exit(4);
+  }).detach();
   try {
     if (abort_all_) abort_all_();
   } catch (...) {

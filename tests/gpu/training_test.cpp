@@ -67,7 +67,7 @@ TEST(GpuTraining, CudaGraphStepsEqualEagerSteps) {
          std::string(TITAN_SOURCE_DIR) + "/configs/debug_model.toml", "--training.steps", "12",
          "--metrics.log_freq", "1", "--training.use_cuda_graphs", graphs, "--job.dump_folder",
          out},
-        {});
+        {"TITAN_ATTENTION=flash"});
     EXPECT_EQ(r.exit_code, 0) << r.output;
     if (graphs == "true") {
       EXPECT_NE(r.output.find("CUDA graph: captured"), std::string::npos) << r.output;
@@ -78,5 +78,8 @@ TEST(GpuTraining, CudaGraphStepsEqualEagerSteps) {
   auto graphs = run("true");
   ASSERT_EQ(eager.size(), 12u);
   ASSERT_EQ(graphs.size(), 12u);
-  for (size_t i = 0; i < eager.size(); ++i) EXPECT_DOUBLE_EQ(graphs[i], eager[i]) << i;
+  // Not bitwise: CUDA's index_add and the attention backward accumulate with atomics, so two
+  // eager runs already differ around 1e-5 (seen on H200); a graph replaying stale inputs or a
+  // frozen learning rate would be off by far more within these steps.
+  for (size_t i = 0; i < eager.size(); ++i) EXPECT_NEAR(graphs[i], eager[i], 1e-3 * eager[i]) << i;
 }

@@ -72,7 +72,9 @@ MemoryStats memory_stats(const c10::Device& device) {
   if (device.is_cuda()) {
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
     const size_t agg = 0;  // StatType::AGGREGATE (its namespace moved between LibTorch versions)
-    m.max_active_gib = static_cast<double>(stats.active_bytes[agg].peak) / kGiB;
+    // allocated_bytes, not active_bytes: active also counts freed blocks still waiting for a
+    // communication stream to finish with them.
+    m.max_active_gib = static_cast<double>(stats.allocated_bytes[agg].peak) / kGiB;
     m.max_reserved_gib = static_cast<double>(stats.reserved_bytes[agg].peak) / kGiB;
     const auto* prop = at::cuda::getDeviceProperties(device.index());
     m.max_reserved_pct = 100.0 * static_cast<double>(stats.reserved_bytes[agg].peak) /

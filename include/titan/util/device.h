@@ -19,7 +19,8 @@ int cuda_device_count();
 DeviceInfo describe_device(const c10::Device& device);
 
 struct MemoryStats {
-  double max_active_gib = 0;    // peak memory held by tensors
+  double max_active_gib = 0;    // peak memory held by tensors (allocated bytes, as
+                                // torch.cuda.max_memory_allocated reports)
   double max_reserved_gib = 0;  // peak memory held by the caching allocator (CUDA) or RSS (CPU)
   double max_reserved_pct = 0;  // of the device's total
 };

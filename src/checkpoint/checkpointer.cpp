@@ -1,19 +1,19 @@
 // Sharded, reshardable, atomic, optionally asynchronous checkpoints.
-#include "titan/util/fs.h"
 #include "titan/checkpoint/checkpointer.h"
+#include "titan/util/fs.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <fcntl.h>
+#include <unistd.h>
 #include <nlohmann/json.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
-#include <unistd.h>
 
 #include <algorithm>
-#include <cstring>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -52,7 +52,9 @@ void fsync_path(const std::string& path) {
   }
 }
 
-std::string step_name(int64_t step) { return "step-" + std::to_string(step); }
+std::string step_name(int64_t step) {
+  return "step-" + std::to_string(step);
+}
 
 std::vector<uint8_t> to_bytes(const std::string& s) {
   return std::vector<uint8_t>(s.begin(), s.end());
@@ -62,7 +64,9 @@ std::vector<uint8_t> to_bytes(const std::string& s) {
 const char* kModel = "model";
 const char* kExpAvg = "optim.exp_avg";
 const char* kExpAvgSq = "optim.exp_avg_sq";
-bool kind_is_model(const std::string& k) { return k == kModel; }
+bool kind_is_model(const std::string& k) {
+  return k == kModel;
+}
 
 }  // namespace
 
@@ -131,8 +135,7 @@ void Checkpointer::barrier(const std::string& key, int64_t save_index) {
 }
 
 std::unique_ptr<Checkpointer::Snapshot> Checkpointer::snapshot(int64_t step, bool model_only,
-                                                               at::ScalarType dtype,
-                                                               bool pinned) {
+                                                               at::ScalarType dtype, bool pinned) {
   static int64_t save_counter = 0;
   auto snap = std::make_unique<Snapshot>();
   snap->step = step;
@@ -150,22 +153,17 @@ std::unique_ptr<Checkpointer::Snapshot> Checkpointer::snapshot(int64_t step, boo
     kinds.emplace_back(kExpAvgSq, &state_.optimizer->exp_avg_sq());
   }
   if (writes_tensors) {
+    const auto slices = fsdp.shard_slices();
     for (const auto& [kind, tensors] : kinds) {
-      for (size_t i = 0; i < fsdp.num_units(); ++i) {
-        const auto& u = fsdp.unit(i);
-        const int64_t lo = u.shard_begin, hi = u.shard_begin + u.shard_numel;
-        for (const auto& p : u.layout.params) {
-          const int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel);
-          if (a >= b) continue;
-          Snapshot::Entry e;
-          e.kind = kind;
-          e.param = p.name;
-          e.shape = p.shape;
-          e.offset = a - p.offset;
-          e.numel = b - a;
-          e.source = (*tensors)[i].narrow(0, a - lo, b - a);
-          snap->entries.push_back(std::move(e));
-        }
+      for (const auto& s : slices) {
+        Snapshot::Entry e;
+        e.kind = kind;
+        e.param = s.param->name;
+        e.shape = s.param->shape;
+        e.offset = s.param_offset;
+        e.numel = s.numel;
+        e.source = (*tensors)[s.unit].narrow(0, s.shard_offset, s.numel);
+        snap->entries.push_back(std::move(e));
       }
     }
   }
@@ -239,8 +237,7 @@ void Checkpointer::write(std::unique_ptr<Snapshot> snap) {
 
   // This rank's shard file.
   char fname[64];
-  std::snprintf(fname, sizeof(fname), "shard-%05d-of-%05d.safetensors", env.rank,
-                env.world_size);
+  std::snprintf(fname, sizeof(fname), "shard-%05d-of-%05d.safetensors", env.rank, env.world_size);
   std::vector<std::pair<std::string, TensorInfo>> decl;
   for (const auto& e : snap->entries) {
     TensorInfo info;
@@ -255,13 +252,13 @@ void Checkpointer::write(std::unique_ptr<Snapshot> snap) {
     decl.emplace_back(name, info);
   }
   const std::string path = (fs::path(staging) / fname).string();
-  SafetensorsWriter writer(path, decl, {{"format", "titan-checkpoint-shard"},
-                                        {"rank", std::to_string(env.rank)}});
+  SafetensorsWriter writer(
+      path, decl, {{"format", "titan-checkpoint-shard"}, {"rank", std::to_string(env.rank)}});
   for (const auto& e : snap->entries) {
-    at::Tensor host = e.host.defined()
-                          ? e.host
-                          : e.source.to(at::kCPU, kind_is_model(e.kind) ? snap->dtype : at::kFloat)
-                                .contiguous();
+    at::Tensor host =
+        e.host.defined()
+            ? e.host
+            : e.source.to(at::kCPU, kind_is_model(e.kind) ? snap->dtype : at::kFloat).contiguous();
     writer.write(e.key(), host);
   }
   for (const auto& [name, t] : snap->rng) writer.write(name, t.contiguous());
@@ -292,9 +289,9 @@ void Checkpointer::write(std::unique_ptr<Snapshot> snap) {
   }
   last_.bytes = bytes;
   if (c10d::Store* store = runtime_.store()) {
-    store->set("titan/ckpt/" + std::to_string(snap->save_index) + "/report/" +
-                   std::to_string(env.rank),
-               to_bytes(report.dump()));
+    store->set(
+        "titan/ckpt/" + std::to_string(snap->save_index) + "/report/" + std::to_string(env.rank),
+        to_bytes(report.dump()));
   }
   if (env.rank == 0) commit(*snap, report.dump());
   last_.write_seconds = since(t0);
@@ -311,13 +308,18 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
   meta["model_only"] = snap.model_only;
   meta["dtype"] = safetensors_dtype(snap.dtype);
   const auto& a = state_.args;
-  meta["model"] = {{"name", "llama3"},           {"flavor", state_.flavor},
-                   {"dim", a.dim},               {"n_layers", a.n_layers},
-                   {"n_heads", a.n_heads},       {"n_kv_heads", a.n_kv_heads},
-                   {"vocab_size", a.vocab_size}, {"ffn_hidden_dim", a.ffn_hidden_dim()},
-                   {"rope_theta", a.rope_theta}, {"norm_eps", a.norm_eps}};
+  meta["model"] = {{"name", "llama3"},
+                   {"flavor", state_.flavor},
+                   {"dim", a.dim},
+                   {"n_layers", a.n_layers},
+                   {"n_heads", a.n_heads},
+                   {"n_kv_heads", a.n_kv_heads},
+                   {"vocab_size", a.vocab_size},
+                   {"ffn_hidden_dim", a.ffn_hidden_dim()},
+                   {"rope_theta", a.rope_theta},
+                   {"norm_eps", a.norm_eps}};
   const auto& d = runtime_.mesh().dims();
-  meta["mesh"] = {{"world", d.world}, {"pp", d.pp}, {"dp_replicate", d.dp_replicate},
+  meta["mesh"] = {{"world", d.world},       {"pp", d.pp}, {"dp_replicate", d.dp_replicate},
                   {"dp_shard", d.dp_shard}, {"cp", d.cp}, {"tp", d.tp}};
   meta["train_state"] = {{"step", snap.step}};
   meta["optimizer"] = {{"name", config_.optimizer.name}, {"steps", snap.optimizer_steps}};
@@ -329,9 +331,10 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
     auto& f = files[r["file"].get<std::string>()] = {{"bytes", r["bytes"]}, {"rank", r["rank"]}};
     if (r.contains("rng_crc32c")) f["crc32c"] = r["rng_crc32c"];
     for (const auto& c : r["chunks"]) {
-      const std::string name = c["kind"].get<std::string>() == kModel
-                                   ? c["param"].get<std::string>()
-                                   : c["kind"].get<std::string>() + "/" + c["param"].get<std::string>();
+      const std::string name =
+          c["kind"].get<std::string>() == kModel
+              ? c["param"].get<std::string>()
+              : c["kind"].get<std::string>() + "/" + c["param"].get<std::string>();
       auto& t = tensors[name];
       t["shape"] = c["shape"];
       t["dtype"] = c["kind"].get<std::string>() == kModel ? safetensors_dtype(snap.dtype) : "F32";
@@ -346,8 +349,8 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
   add_report(json::parse(own_report));
   if (c10d::Store* store = runtime_.store()) {
     for (int r = 1; r < env.world_size; ++r) {
-      const std::string key = "titan/ckpt/" + std::to_string(snap.save_index) + "/report/" +
-                              std::to_string(r);
+      const std::string key =
+          "titan/ckpt/" + std::to_string(snap.save_index) + "/report/" + std::to_string(r);
       store->wait({key}, std::chrono::seconds(config_.comm.init_timeout_seconds));
       auto v = store->get(key);
       add_report(json::parse(std::string(v.begin(), v.end())));
@@ -359,8 +362,7 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
       return x["offset"].get<int64_t>() < y["offset"].get<int64_t>();
     });
   }
-  meta["rng"] = {{"cpu", "rng/cpu in each rank's shard file"},
-                 {"seed", config_.debug.seed}};
+  meta["rng"] = {{"cpu", "rng/cpu in each rank's shard file"}, {"seed", config_.debug.seed}};
   // The index is written last: its presence is what makes the folder a checkpoint.
   const std::string tmp = (fs::path(staging) / "metadata.json.tmp").string();
   {
@@ -416,8 +418,8 @@ at::Tensor read_verified(const SafetensorsReader& reader, const Chunk& c, int64_
   const int64_t es = static_cast<int64_t>(c10::elementSize(scalar_type_of(info.dtype)));
   const int64_t total = info.end - info.begin;
   const int64_t lo = (first * es) / c.block_bytes * c.block_bytes;
-  const int64_t hi = std::min(total, ((first + count) * es + c.block_bytes - 1) / c.block_bytes *
-                                         c.block_bytes);
+  const int64_t hi =
+      std::min(total, ((first + count) * es + c.block_bytes - 1) / c.block_bytes * c.block_bytes);
   std::vector<char> buf(static_cast<size_t>(hi - lo));
   reader.read_bytes(info.begin + lo, info.begin + hi, buf.data());
   for (int64_t b = lo; b < hi; b += c.block_bytes) {
@@ -465,7 +467,8 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
       auto it = readers.find(file);
       if (it != readers.end()) return *it->second;
       const std::string path = (fs::path(step_dir) / file).string();
-      TITAN_CHECK(util::path_exists(util::path_str(path)), "checkpoint ", step_dir, " misses its file ", file);
+      TITAN_CHECK(util::path_exists(util::path_str(path)), "checkpoint ", step_dir,
+                  " misses its file ", file);
       const int64_t want = meta["files"][file]["bytes"].get<int64_t>();
       const int64_t have = util::file_size(util::path_str(path));
       TITAN_CHECK(have == want, "checkpoint file ", path, " is truncated or damaged: ", have,
@@ -496,30 +499,27 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
     // Fills `dst` (this rank's shard of unit i, device tensor) from tensors named by `prefix`.
     auto fill = [&](const std::string& prefix, std::vector<at::Tensor>& dsts) {
       auto& fsdp = *state_.model;
+      std::vector<at::Tensor> hosts;
       for (size_t i = 0; i < fsdp.num_units(); ++i) {
-        const auto& u = fsdp.unit(i);
-        const int64_t lo = u.shard_begin, hi = u.shard_begin + u.shard_numel;
-        at::Tensor host = at::zeros({u.shard_numel}, at::kFloat);
-        for (const auto& p : u.layout.params) {
-          const int64_t a0 = std::max(lo, p.offset), b0 = std::min(hi, p.offset + p.numel);
-          if (a0 >= b0) continue;
-          const int64_t first = a0 - p.offset, last = b0 - p.offset;  // param-flat range
-          const std::string name = prefix.empty() ? p.name : prefix + "/" + p.name;
-          auto chunks = chunks_of(name);
-          TITAN_CHECK(!chunks.empty(), "checkpoint ", step_dir, " has no tensor ", name);
-          int64_t covered = 0;
-          for (const auto& c : chunks) {
-            const int64_t s = std::max(first, c.offset), e = std::min(last, c.offset + c.numel);
-            if (s >= e) continue;
-            at::Tensor part = read_verified(reader(c.file), c, s - c.offset, e - s);
-            host.narrow(0, p.offset + s - lo, e - s).copy_(part);
-            covered += e - s;
-          }
-          TITAN_CHECK(covered == last - first, "checkpoint ", step_dir, " covers ", covered,
-                      " of the ", last - first, " elements of ", name, " this rank needs");
-        }
-        dsts[i].copy_(host);
+        hosts.push_back(at::zeros({fsdp.unit(i).shard_numel}, at::kFloat));
       }
+      for (const auto& sl : fsdp.shard_slices()) {
+        const int64_t first = sl.param_offset, last = sl.param_offset + sl.numel;
+        const std::string name = prefix.empty() ? sl.param->name : prefix + "/" + sl.param->name;
+        auto chunks = chunks_of(name);
+        TITAN_CHECK(!chunks.empty(), "checkpoint ", step_dir, " has no tensor ", name);
+        int64_t covered = 0;
+        for (const auto& c : chunks) {
+          const int64_t s = std::max(first, c.offset), e = std::min(last, c.offset + c.numel);
+          if (s >= e) continue;
+          at::Tensor part = read_verified(reader(c.file), c, s - c.offset, e - s);
+          hosts[sl.unit].narrow(0, sl.shard_offset + s - first, e - s).copy_(part);
+          covered += e - s;
+        }
+        TITAN_CHECK(covered == last - first, "checkpoint ", step_dir, " covers ", covered,
+                    " of the ", last - first, " elements of ", name, " this rank needs");
+      }
+      for (size_t i = 0; i < fsdp.num_units(); ++i) dsts[i].copy_(hosts[i]);
     };
     if (wants("model")) {
       std::vector<at::Tensor> masters = state_.model->master_shards();
@@ -624,8 +624,8 @@ int64_t Checkpointer::load_at_start() {
       std::vector<std::string> have;
       for (const auto& s : steps) have.push_back(std::to_string(s.first));
       TITAN_CHECK(it != steps.end(), "checkpoint.load_step = ", ck.load_step,
-                  ": no complete checkpoint of that step in ", folder_, " (have: ",
-                  util::join(have, ", "), ")");
+                  ": no complete checkpoint of that step in ", folder_,
+                  " (have: ", util::join(have, ", "), ")");
       dir = it->second;
     }
     const int64_t step = load(dir, what);
@@ -663,7 +663,7 @@ void Checkpointer::maybe_save(int64_t step, bool last_step) {
       return;
     }
     if (ck.last_save_model_only) {
-      const at::ScalarType dt = ck.export_dtype == "bfloat16" ? at::kBFloat16
+      const at::ScalarType dt = ck.export_dtype == "bfloat16"  ? at::kBFloat16
                                 : ck.export_dtype == "float16" ? at::kHalf
                                                                : at::kFloat;
       save(step, /*model_only=*/true, dt);

@@ -1,6 +1,6 @@
 // Hugging Face Llama safetensors import/export.
-#include "titan/util/fs.h"
 #include "titan/checkpoint/hf.h"
+#include "titan/util/fs.h"
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
@@ -104,7 +104,8 @@ std::map<std::string, std::string> weight_map(const std::string& folder) {
 
 void check_config(const std::string& folder, const model::LlamaArgs& a) {
   const fs::path cfg = fs::path(folder) / "config.json";
-  TITAN_CHECK(util::path_exists(util::path_str(cfg)), "Hugging Face folder ", folder, " has no config.json");
+  TITAN_CHECK(util::path_exists(util::path_str(cfg)), "Hugging Face folder ", folder,
+              " has no config.json");
   json j;
   try {
     std::ifstream in(cfg);
@@ -140,50 +141,48 @@ void import_hf(const std::string& folder, TrainerState& state) {
   const bool tied = !files.count("lm_head.weight");
   auto& fsdp = *state.model;
   int64_t elements = 0;
+  std::vector<at::Tensor> hosts;
   for (size_t i = 0; i < fsdp.num_units(); ++i) {
-    const auto& u = fsdp.unit(i);
-    const int64_t lo = u.shard_begin, hi = u.shard_begin + u.shard_numel;
-    at::Tensor host = at::zeros({u.shard_numel}, at::kFloat);
-    for (const auto& p : u.layout.params) {
-      const int64_t a0 = std::max(lo, p.offset), b0 = std::min(hi, p.offset + p.numel);
-      if (a0 >= b0) continue;
-      std::string hname = hf_name(p.name);
-      if (tied && hname == "lm_head.weight") hname = "model.embed_tokens.weight";
-      TITAN_CHECK(files.count(hname), "Hugging Face folder ", folder, " has no tensor ", hname);
-      SafetensorsReader& r = reader(files[hname]);
-      const TensorInfo& info = r.info(hname);
-      TITAN_CHECK(info.shape == p.shape, files[hname], ": ", hname, " has shape ",
-                  at::IntArrayRef(info.shape), ", expected ", at::IntArrayRef(p.shape));
-      const int64_t cols = p.shape.size() == 2 ? p.shape[1] : 1;
-      const int64_t first = a0 - p.offset, last = b0 - p.offset;
-      at::Tensor part;
-      const bool is_q = p.name.find("attention.wq") != std::string::npos;
-      const bool is_k = p.name.find("attention.wk") != std::string::npos;
-      if (is_q || is_k) {
-        // Read the whole heads covering the rows, un-permute, slice.
-        const int64_t hd = a.head_dim();
-        const int64_t row0 = first / cols, row1 = (last + cols - 1) / cols;
-        const int64_t h0 = row0 / hd, h1 = (row1 + hd - 1) / hd;
-        at::Tensor heads =
-            r.read_range(hname, h0 * hd * cols, (h1 - h0) * hd * cols).view({(h1 - h0) * hd, cols});
-        at::Tensor meta = permute_from_hf(heads.to(at::kFloat), h1 - h0).reshape({-1});
-        part = meta.narrow(0, first - h0 * hd * cols, last - first);
-      } else {
-        part = r.read_range(hname, first, last - first).to(at::kFloat);
-      }
-      host.narrow(0, a0 - lo, b0 - a0).copy_(part);
-      elements += b0 - a0;
-    }
-    fsdp.unit(i).master.copy_(host);
+    hosts.push_back(at::zeros({fsdp.unit(i).shard_numel}, at::kFloat));
   }
+  for (const auto& sl : fsdp.shard_slices()) {
+    const auto& p = *sl.param;
+    std::string hname = hf_name(p.name);
+    if (tied && hname == "lm_head.weight") hname = "model.embed_tokens.weight";
+    TITAN_CHECK(files.count(hname), "Hugging Face folder ", folder, " has no tensor ", hname);
+    SafetensorsReader& r = reader(files[hname]);
+    const TensorInfo& info = r.info(hname);
+    TITAN_CHECK(info.shape == p.shape, files[hname], ": ", hname, " has shape ",
+                at::IntArrayRef(info.shape), ", expected ", at::IntArrayRef(p.shape));
+    const int64_t cols = p.shape.size() == 2 ? p.shape[1] : 1;
+    const int64_t first = sl.param_offset, last = sl.param_offset + sl.numel;
+    at::Tensor part;
+    const bool is_q = p.name.find("attention.wq") != std::string::npos;
+    const bool is_k = p.name.find("attention.wk") != std::string::npos;
+    if (is_q || is_k) {
+      // Read the whole heads covering the rows, un-permute, slice.
+      const int64_t hd = a.head_dim();
+      const int64_t row0 = first / cols, row1 = (last + cols - 1) / cols;
+      const int64_t h0 = row0 / hd, h1 = (row1 + hd - 1) / hd;
+      at::Tensor heads =
+          r.read_range(hname, h0 * hd * cols, (h1 - h0) * hd * cols).view({(h1 - h0) * hd, cols});
+      at::Tensor meta = permute_from_hf(heads.to(at::kFloat), h1 - h0).reshape({-1});
+      part = meta.narrow(0, first - h0 * hd * cols, last - first);
+    } else {
+      part = r.read_range(hname, first, last - first).to(at::kFloat);
+    }
+    hosts[sl.unit].narrow(0, sl.shard_offset, sl.numel).copy_(part);
+    elements += sl.numel;
+  }
+  for (size_t i = 0; i < fsdp.num_units(); ++i) fsdp.unit(i).master.copy_(hosts[i]);
   fsdp.refresh_shadows();
-  log::info("checkpoint: imported {} weights of this rank from Hugging Face folder {}{}",
-            elements, folder, tied ? " (tied embeddings: output = embed_tokens)" : "");
+  log::info("checkpoint: imported {} weights of this rank from Hugging Face folder {}{}", elements,
+            folder, tied ? " (tied embeddings: output = embed_tokens)" : "");
 }
 
 void export_hf(const std::string& folder, TrainerState& state, dist::Runtime& runtime,
                const std::string& dtype) {
-  const at::ScalarType dt = dtype == "bfloat16" ? at::kBFloat16
+  const at::ScalarType dt = dtype == "bfloat16"  ? at::kBFloat16
                             : dtype == "float16" ? at::kHalf
                                                  : at::kFloat;
   auto& fsdp = *state.model;

@@ -28,16 +28,16 @@ namespace titan::parallel {
 struct Pending {
   size_t unit = 0;
   dist::WorkPtr work;
-  at::Tensor reduced;      // reduce-scatter output to add into the shard gradient (or empty)
-  at::Tensor keep_alive;   // the full gradient buffer the reduction reads
+  at::Tensor reduced;           // reduce-scatter output to add into the shard gradient (or empty)
+  at::Tensor keep_alive;        // the full gradient buffer the reduction reads
   bool then_replicate = false;  // HSDP: all-reduce the shard gradient over dp_replicate after
 };
 
 struct FsdpModel::Impl {
-  std::vector<dist::WorkPtr> gathers;  // per unit: an all-gather in flight
-  std::deque<Pending> pending;            // reductions whose results are not folded in yet
-  std::vector<dist::WorkPtr> final_works; // replicate all-reduces to wait for at the end
-  std::vector<bool> grad_written;         // per unit: shard gradient holds this step's data
+  std::vector<dist::WorkPtr> gathers;      // per unit: an all-gather in flight
+  std::deque<Pending> pending;             // reductions whose results are not folded in yet
+  std::vector<dist::WorkPtr> final_works;  // replicate all-reduces to wait for at the end
+  std::vector<bool> grad_written;          // per unit: shard gradient holds this step's data
 };
 
 FsdpModel::FsdpModel(std::vector<model::UnitLayout> units, dist::Communicator* shard,
@@ -66,8 +66,12 @@ FsdpModel::FsdpModel(std::vector<model::UnitLayout> units, dist::Communicator* s
 
 FsdpModel::~FsdpModel() = default;
 
-int64_t FsdpModel::dp_shard_size() const { return shard_ ? shard_->size() : 1; }
-int64_t FsdpModel::dp_shard_rank() const { return shard_ ? shard_->rank() : 0; }
+int64_t FsdpModel::dp_shard_size() const {
+  return shard_ ? shard_->size() : 1;
+}
+int64_t FsdpModel::dp_shard_rank() const {
+  return shard_ ? shard_->rank() : 0;
+}
 
 void FsdpModel::init_weights(int64_t seed) {
   // Shards are initialized where they will live; every rank draws only its own elements, and
@@ -209,13 +213,7 @@ void FsdpModel::reduce_grad(size_t i, bool last_microbatch) {
   TITAN_CHECK(u.full_grad.defined(), "internal: reduce_grad of unit ", u.layout.name,
               " without a gradient");
   // Fold in reductions of earlier units first: they were issued a whole unit of backward ago.
-  while (!impl_->pending.empty()) {
-    Pending p = std::move(impl_->pending.front());
-    impl_->pending.pop_front();
-    const bool first = !impl_->grad_written[p.unit];
-    complete(p, units_[p.unit], first, replicate_, impl_->final_works);
-    impl_->grad_written[p.unit] = true;
-  }
+  fold_pending();
   Pending p;
   p.unit = i;
   if (shard_) {
@@ -248,7 +246,7 @@ void FsdpModel::reduce_grad(size_t i, bool last_microbatch) {
   u.full_grad = at::Tensor();
 }
 
-void FsdpModel::finish_grad_reduction() {
+void FsdpModel::fold_pending() {
   while (!impl_->pending.empty()) {
     Pending p = std::move(impl_->pending.front());
     impl_->pending.pop_front();
@@ -256,6 +254,23 @@ void FsdpModel::finish_grad_reduction() {
     complete(p, units_[p.unit], first, replicate_, impl_->final_works);
     impl_->grad_written[p.unit] = true;
   }
+}
+
+std::vector<ShardSlice> FsdpModel::shard_slices() const {
+  std::vector<ShardSlice> out;
+  for (size_t i = 0; i < units_.size(); ++i) {
+    const auto& u = units_[i];
+    const int64_t lo = u.shard_begin, hi = u.shard_begin + u.shard_numel;
+    for (const auto& p : u.layout.params) {
+      const int64_t a = std::max(lo, p.offset), b = std::min(hi, p.offset + p.numel);
+      if (a < b) out.push_back({i, &p, a - lo, a - p.offset, b - a});
+    }
+  }
+  return out;
+}
+
+void FsdpModel::finish_grad_reduction() {
+  fold_pending();
   for (auto& w : impl_->final_works) w->wait();
   impl_->final_works.clear();
 }

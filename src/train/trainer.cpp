@@ -57,8 +57,8 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   const c10::Device device = pick_device();
   device_ = describe_device(device);
   if (device.is_cuda() && env.world_size > 1) {
-    TITAN_CHECK(env.local_world_size <= cuda_device_count(),
-                "LOCAL_WORLD_SIZE ", env.local_world_size, " exceeds the ", cuda_device_count(),
+    TITAN_CHECK(env.local_world_size <= cuda_device_count(), "LOCAL_WORLD_SIZE ",
+                env.local_world_size, " exceeds the ", cuda_device_count(),
                 " visible GPUs on this node");
   }
   runtime_ = std::make_unique<dist::Runtime>(env, cfg_, device);
@@ -72,8 +72,9 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
     log::info("CPU run: computing in float32 (training.mixed_precision_param applies on GPU)");
   }
   if (c.compile.enable) {
-    log::info("compile.enable: not applicable to titan (ahead-of-time compiled, fused kernels "
-              "built in); ignored");
+    log::info(
+        "compile.enable: not applicable to titan (ahead-of-time compiled, fused kernels "
+        "built in); ignored");
   }
   log::info("device: {}{}", device_.name,
             cuda ? fmt::format(" (cuda:{}), {:.1f} GiB", device.index(),
@@ -89,35 +90,21 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   const int64_t micro_tokens = c.training.local_batch_size * dp_size_;
   int64_t global = c.training.global_batch_size;
   if (global < 0) global = micro_tokens;
-  TITAN_CHECK(global % micro_tokens == 0,
-              "training.global_batch_size (", global, ") must be a multiple of local_batch_size (",
-              c.training.local_batch_size, ") x data-parallel degree (", dp_size_, ") = ",
-              micro_tokens);
+  TITAN_CHECK(global % micro_tokens == 0, "training.global_batch_size (", global,
+              ") must be a multiple of local_batch_size (", c.training.local_batch_size,
+              ") x data-parallel degree (", dp_size_, ") = ", micro_tokens);
   grad_accum_steps_ = global / micro_tokens;
-  data::DatasetOptions dopts;
-  dopts.name = c.training.dataset;
-  dopts.path = c.training.dataset_path;
-  dopts.text_field = c.training.dataset_text_field;
-  dopts.dp_rank = dp_rank_;
-  dopts.dp_size = dp_size_;
-  dopts.vocab_size = args_.vocab_size;
-  data::LoaderOptions lopts;
-  lopts.batch_size = c.training.local_batch_size;
-  lopts.seq_len = c.training.seq_len;
-  lopts.pin_memory = cuda;
-  lopts.dp_rank = dp_rank_;
-  lopts.dp_size = dp_size_;
-  dopts.dp_rank = 0;  // windows are dealt by the loader (see LoaderOptions)
-  dopts.dp_size = 1;
-  loader_ = std::make_unique<data::DataLoader>(data::make_source(dopts, tokenizer_), lopts);
+  loader_ = make_loader(c.training.dataset, c.training.dataset_path, c.training.local_batch_size,
+                        c.training.seq_len, /*infinite=*/true, cuda);
   log::info("dataset: {}", loader_->describe());
 
   // Model: layouts only (no memory) until the data-parallel owner materializes its shards.
   auto units = model::llama_units(args_);
-  log::info("model: llama3 {} | {} parameters | dim {} layers {} heads {} kv_heads {} ffn {} "
-            "vocab {}",
-            c.model.flavor, util::with_commas(args_.total_params()), args_.dim, args_.n_layers,
-            args_.n_heads, args_.n_kv_heads, args_.ffn_hidden_dim(), args_.vocab_size);
+  log::info(
+      "model: llama3 {} | {} parameters | dim {} layers {} heads {} kv_heads {} ffn {} "
+      "vocab {}",
+      c.model.flavor, util::with_commas(args_.total_params()), args_.dim, args_.n_layers,
+      args_.n_heads, args_.n_kv_heads, args_.ffn_hidden_dim(), args_.vocab_size);
   parallel::FsdpOptions fopts;
   fopts.param_dtype = param_dtype;
   fopts.reduce_dtype = c.training.mixed_precision_reduce == "bfloat16" ? at::kBFloat16 : at::kFloat;
@@ -129,8 +116,8 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   const bool ac_on = c.activation_checkpoint.mode != "none";
   fopts.persistent_compute_weights =
       shard_group != nullptr || reshard == "never" || (reshard == "default" && !ac_on);
-  fopts.reshard = reshard == "always"  ? parallel::ReshardPolicy::Always
-                  : reshard == "never" ? parallel::ReshardPolicy::Never
+  fopts.reshard = reshard == "always"    ? parallel::ReshardPolicy::Always
+                  : reshard == "never"   ? parallel::ReshardPolicy::Never
                   : shard_group || ac_on ? parallel::ReshardPolicy::Default
                                          : parallel::ReshardPolicy::Never;
   fopts.cpu_offload = c.training.enable_cpu_offload;
@@ -162,10 +149,9 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   oopts.weight_decay = c.optimizer.weight_decay;
   optimizer_ = std::make_unique<Optimizer>(fsdp_->master_shards(), fsdp_->grad_shards(), oopts,
                                            fsdp_->shadows());
-  scheduler_ = std::make_unique<LrScheduler>(c.optimizer.lr, c.lr_scheduler.warmup_steps,
-                                             c.training.steps, c.lr_scheduler.decay_ratio,
-                                             c.lr_scheduler.decay_type,
-                                             c.lr_scheduler.min_lr_factor);
+  scheduler_ = std::make_unique<LrScheduler>(
+      c.optimizer.lr, c.lr_scheduler.warmup_steps, c.training.steps, c.lr_scheduler.decay_ratio,
+      c.lr_scheduler.decay_type, c.lr_scheduler.min_lr_factor);
   flops_per_token_ = args_.training_flops_per_token(c.training.seq_len);
 
   // Checkpoints: resume from the newest complete one, or start from initial_load_path.
@@ -188,10 +174,11 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   mopts.write_files = env.rank == 0 || c.metrics.save_for_all_ranks;
   mopts.enable_tensorboard = mopts.enable_tensorboard && mopts.write_files;
   metrics_ = std::make_unique<metrics::MetricsLogger>(mopts);
-  log::info("training: {} steps, local batch {}, seq_len {}, global batch {} ({} micro-batch(es) "
-            "per step), peak lr {}, warmup {}",
-            c.training.steps, c.training.local_batch_size, c.training.seq_len, global,
-            grad_accum_steps_, c.optimizer.lr, scheduler_->warmup_steps());
+  log::info(
+      "training: {} steps, local batch {}, seq_len {}, global batch {} ({} micro-batch(es) "
+      "per step), peak lr {}, warmup {}",
+      c.training.steps, c.training.local_batch_size, c.training.seq_len, global, grad_accum_steps_,
+      c.optimizer.lr, scheduler_->warmup_steps());
 }
 
 Trainer::~Trainer() = default;
@@ -207,7 +194,9 @@ struct Trainer::StepGraph {
   bool failed = false;
 };
 
-bool Trainer::graph_active() const { return graph_ && graph_->ready; }
+bool Trainer::graph_active() const {
+  return graph_ && graph_->ready;
+}
 
 bool Trainer::graph_eligible() const {
   // Single-GPU runs without offload: multi-rank steps are bound by communication and compute
@@ -228,8 +217,7 @@ std::pair<at::Tensor, at::Tensor> Trainer::step_body(const std::vector<at::Tenso
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
   for (int64_t micro = 0; micro < grad_accum_steps_; ++micro) {
     loss_sum.add_(runner_->forward_backward(tokens[static_cast<size_t>(micro)],
-                                            1.0 / tokens_per_step,
-                                            micro + 1 == grad_accum_steps_));
+                                            1.0 / tokens_per_step, micro + 1 == grad_accum_steps_));
   }
   {
     RECORD_USER_SCOPE("titan/grad_reduction_wait");
@@ -265,7 +253,9 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
   if (graph_eligible() && !(graph_ && graph_->failed) && step_ > graph_warmup_steps_) {
     if (!graph_) {
       graph_ = std::make_unique<StepGraph>();
-      for (const auto& b : batches) graph_->tokens.push_back(at::empty(b.sizes(), b.options().device(device).pinned_memory(false)));
+      for (const auto& b : batches)
+        graph_->tokens.push_back(
+            at::empty(b.sizes(), b.options().device(device).pinned_memory(false)));
     }
     for (size_t m = 0; m < batches.size(); ++m) graph_->tokens[m].copy_(batches[m], true);
     if (graph_->ready) {
@@ -337,8 +327,8 @@ TrainSummary Trainer::train() {
     profiler.step_end(step_);
     ++window_steps;
     ++summary.steps_run;
-    const bool log_now = step_ == first_step || step_ % c.metrics.log_freq == 0 ||
-                         step_ == c.training.steps;
+    const bool log_now =
+        step_ == first_step || step_ % c.metrics.log_freq == 0 || step_ == c.training.steps;
     if (log_now) {
       const double loss_v = loss.item<double>();  // synchronizes
       const double gn = grad_norm.item<double>();
@@ -351,8 +341,8 @@ TrainSummary Trainer::train() {
       m.loss = loss_v;
       m.grad_norm = gn;
       m.lr = scheduler_->lr_at(step_);
-      const double tokens = static_cast<double>(c.training.local_batch_size) *
-                            c.training.seq_len * grad_accum_steps_;
+      const double tokens =
+          static_cast<double>(c.training.local_batch_size) * c.training.seq_len * grad_accum_steps_;
       m.tokens_per_second = tokens / step_s;
       m.tflops = m.tokens_per_second * flops_per_token_ / 1e12;
       if (device_.peak_flops > 0) m.mfu_pct = 100.0 * m.tflops * 1e12 / device_.peak_flops;
@@ -381,26 +371,34 @@ TrainSummary Trainer::train() {
   return summary;
 }
 
+std::unique_ptr<data::DataLoader> Trainer::make_loader(const std::string& dataset,
+                                                       const std::string& path, int64_t batch,
+                                                       int64_t seq_len, bool infinite,
+                                                       bool pin_memory) const {
+  data::DatasetOptions dopts;
+  dopts.name = dataset;
+  dopts.path = path;
+  dopts.text_field = cfg_.training.dataset_text_field;
+  dopts.dp_rank = 0;  // windows are dealt by the loader (see LoaderOptions)
+  dopts.dp_size = 1;
+  dopts.vocab_size = args_.vocab_size;
+  data::LoaderOptions lopts;
+  lopts.batch_size = batch;
+  lopts.seq_len = seq_len;
+  lopts.infinite = infinite;
+  lopts.pin_memory = pin_memory;
+  lopts.dp_rank = dp_rank_;
+  lopts.dp_size = dp_size_;
+  return std::make_unique<data::DataLoader>(data::make_source(dopts, tokenizer_), lopts);
+}
+
 double Trainer::validate() {
   const auto& c = cfg_;
   const c10::Device device = fsdp_->device();
-  data::DatasetOptions dopts;
-  dopts.name = c.validation.dataset;
-  dopts.path = c.validation.dataset_path;
-  dopts.text_field = c.training.dataset_text_field;
-  dopts.dp_rank = dp_rank_;
-  dopts.dp_size = dp_size_;
-  dopts.vocab_size = args_.vocab_size;
-  data::LoaderOptions lopts;
-  lopts.batch_size = c.validation.local_batch_size;
-  lopts.seq_len = c.validation.seq_len;
-  lopts.infinite = false;
-  lopts.pin_memory = device.is_cuda();
-  lopts.dp_rank = dp_rank_;
-  lopts.dp_size = dp_size_;
-  dopts.dp_rank = 0;
-  dopts.dp_size = 1;
-  data::DataLoader loader(data::make_source(dopts, tokenizer_), lopts);
+  auto loader_ptr = make_loader(c.validation.dataset, c.validation.dataset_path,
+                                c.validation.local_batch_size, c.validation.seq_len,
+                                /*infinite=*/false, device.is_cuda());
+  data::DataLoader& loader = *loader_ptr;
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
   int64_t batches = 0;
   while (c.validation.steps < 0 || batches < c.validation.steps) {

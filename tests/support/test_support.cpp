@@ -1,9 +1,10 @@
 // Test helpers: temp folders, subprocesses, tensor comparisons.
 #include "support/test_support.h"
+
+#include "titan/util/error.h"
 #include "titan/util/fs.h"
 
 #include <ATen/ATen.h>
-#include <nlohmann/json.hpp>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -11,16 +12,17 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <nlohmann/json.hpp>
 
 #include <array>
 #include <chrono>
-#include <thread>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
+#include <thread>
 
 namespace titan::test {
 
@@ -36,8 +38,20 @@ TempDir::~TempDir() {
   util::remove_tree(util::path_str(path_));
 }
 
-ProcessResult run_process(const std::vector<std::string>& argv,
-                          const std::vector<std::string>& env) {
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+namespace {
+
+// Starts argv[0] with `env` added and stdout+stderr into a pipe; returns the pipe's read end.
+pid_t spawn(const std::vector<std::string>& argv, const std::vector<std::string>& env,
+            int* read_fd) {
   int pipefd[2];
   if (pipe(pipefd) != 0) throw std::runtime_error("pipe failed");
   pid_t pid = fork();
@@ -46,7 +60,7 @@ ProcessResult run_process(const std::vector<std::string>& argv,
     dup2(pipefd[1], 2);
     close(pipefd[0]);
     close(pipefd[1]);
-    for (const auto& e : env) putenv(const_cast<char*>(strdup(e.c_str())));
+    for (const auto& e : env) putenv(strdup(e.c_str()));
     std::vector<char*> args;
     for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
@@ -54,11 +68,21 @@ ProcessResult run_process(const std::vector<std::string>& argv,
     _exit(127);
   }
   close(pipefd[1]);
+  *read_fd = pipefd[0];
+  return pid;
+}
+
+}  // namespace
+
+ProcessResult run_process(const std::vector<std::string>& argv,
+                          const std::vector<std::string>& env) {
+  int fd = -1;
+  const pid_t pid = spawn(argv, env, &fd);
   ProcessResult r;
   std::array<char, 4096> buf;
   ssize_t n;
-  while ((n = read(pipefd[0], buf.data(), buf.size())) > 0) r.output.append(buf.data(), n);
-  close(pipefd[0]);
+  while ((n = read(fd, buf.data(), buf.size())) > 0) r.output.append(buf.data(), n);
+  close(fd);
   int status = 0;
   waitpid(pid, &status, 0);
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
@@ -135,32 +159,18 @@ std::vector<ProcessResult> run_ranks(const std::vector<std::string>& argv, int w
   std::vector<Child> children;
   std::vector<ProcessResult> results(ranks.size());
   for (int r : ranks) {
-    int pipefd[2];
-    if (pipe(pipefd) != 0) throw std::runtime_error("pipe failed");
-    pid_t pid = fork();
-    if (pid == 0) {
-      dup2(pipefd[1], 1);
-      dup2(pipefd[1], 2);
-      close(pipefd[0]);
-      close(pipefd[1]);
-      std::vector<std::string> vars = {"RANK=" + std::to_string(r),
-                                       "WORLD_SIZE=" + std::to_string(world),
-                                       "LOCAL_RANK=" + std::to_string(r),
-                                       "LOCAL_WORLD_SIZE=" + std::to_string(world),
-                                       "MASTER_ADDR=127.0.0.1",
-                                       "MASTER_PORT=" + std::to_string(port),
-                                       "TITAN_DEVICE=cpu",
-                                       "OMP_NUM_THREADS=1"};
-      vars.insert(vars.end(), env.begin(), env.end());
-      for (const auto& e : vars) putenv(strdup(e.c_str()));
-      std::vector<char*> args;
-      for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-      args.push_back(nullptr);
-      execv(args[0], args.data());
-      _exit(127);
-    }
-    close(pipefd[1]);
-    children.push_back({pid, pipefd[0]});
+    std::vector<std::string> vars = {"RANK=" + std::to_string(r),
+                                     "WORLD_SIZE=" + std::to_string(world),
+                                     "LOCAL_RANK=" + std::to_string(r),
+                                     "LOCAL_WORLD_SIZE=" + std::to_string(world),
+                                     "MASTER_ADDR=127.0.0.1",
+                                     "MASTER_PORT=" + std::to_string(port),
+                                     "TITAN_DEVICE=cpu",
+                                     "OMP_NUM_THREADS=1"};
+    vars.insert(vars.end(), env.begin(), env.end());
+    int fd = -1;
+    const pid_t pid = spawn(argv, vars, &fd);
+    children.push_back({pid, fd});
   }
   const auto deadline = std::chrono::steady_clock::now() +
                         std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
@@ -183,8 +193,7 @@ std::vector<ProcessResult> run_ranks(const std::vector<std::string>& argv, int w
         if (n <= 0) {
           int status = 0;
           waitpid(c.pid, &status, 0);
-          results[i].exit_code =
-              WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+          results[i].exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
           close(c.fd);
           c.done = true;
           --remaining;

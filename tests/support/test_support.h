@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,9 @@ void write_file(const std::string& path, const std::string& text);
 
 // ||a - b|| / ||b|| in float64.
 double relative_error(const at::Tensor& a, const at::Tensor& b);
+
+// The message of the titan::Error `fn` throws, or "" when it throws none.
+std::string error_of(const std::function<void()>& fn);
 
 // Losses per step from a metrics.jsonl file.
 std::vector<double> read_losses(const std::string& jsonl_path);

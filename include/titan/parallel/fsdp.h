@@ -31,6 +31,15 @@ namespace titan::parallel {
 
 enum class ReshardPolicy { Default, Always, Never };
 
+// The part of one parameter held in this rank's shard of its unit.
+struct ShardSlice {
+  size_t unit = 0;
+  const model::ParamSlot* param = nullptr;
+  int64_t shard_offset = 0;  // first element inside the unit's shard
+  int64_t param_offset = 0;  // first element inside the flattened parameter
+  int64_t numel = 0;
+};
+
 struct FsdpOptions {
   at::ScalarType param_dtype = at::kFloat;   // compute dtype of gathered weights
   at::ScalarType reduce_dtype = at::kFloat;  // dtype of gradient reductions
@@ -44,14 +53,14 @@ struct FsdpOptions {
 // One unit's storage on this rank.
 struct UnitState {
   model::UnitLayout layout;
-  int64_t shard_numel = 0;   // elements this rank owns (padded length / dp_shard)
-  int64_t shard_begin = 0;   // first flat element this rank owns
-  at::Tensor master;         // fp32 [shard_numel]: the optimizer's parameter
-  at::Tensor grad;           // fp32 [shard_numel]: accumulated, reduced gradient
-  at::Tensor shadow;         // the shard in param_dtype on the device (when that differs from
-                             // the fp32 master); rewritten by the optimizer every step
-  at::Tensor full;           // gathered weights [numel] in param_dtype while materialized
-  at::Tensor full_grad;      // fp32 [numel] gradient of the full unit during its backward
+  int64_t shard_numel = 0;  // elements this rank owns (padded length / dp_shard)
+  int64_t shard_begin = 0;  // first flat element this rank owns
+  at::Tensor master;        // fp32 [shard_numel]: the optimizer's parameter
+  at::Tensor grad;          // fp32 [shard_numel]: accumulated, reduced gradient
+  at::Tensor shadow;        // the shard in param_dtype on the device (when that differs from
+                            // the fp32 master); rewritten by the optimizer every step
+  at::Tensor full;          // gathered weights [numel] in param_dtype while materialized
+  at::Tensor full_grad;     // fp32 [numel] gradient of the full unit during its backward
   bool gathered = false;
 };
 
@@ -98,6 +107,8 @@ class FsdpModel {
   // Recasts the shadows from the masters (after masters changed outside the optimizer:
   // initialization, checkpoint or HF loads).
   void refresh_shadows();
+  // Every (parameter, element range) this rank holds, unit by unit.
+  std::vector<ShardSlice> shard_slices() const;
   std::vector<at::Tensor> master_shards() const;
   std::vector<at::Tensor> grad_shards() const;
   // Sum of squares of the local gradient shards; reduced across shard and replicate ranks
@@ -110,6 +121,7 @@ class FsdpModel {
   c10::Device device() const { return device_; }
 
  private:
+  void fold_pending();
   struct Impl;
   std::vector<UnitState> units_;
   dist::Communicator* shard_;

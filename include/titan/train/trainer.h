@@ -56,6 +56,10 @@ class Trainer {
   // reset, micro-batches, reductions, clipping, update. Returns (mean loss, grad norm).
   std::pair<at::Tensor, at::Tensor> step_body(const std::vector<at::Tensor>& tokens);
   bool graph_eligible() const;
+  // A loader over `dataset` / `path` dealing windows to this data-parallel rank.
+  std::unique_ptr<data::DataLoader> make_loader(const std::string& dataset, const std::string& path,
+                                                int64_t batch, int64_t seq_len, bool infinite,
+                                                bool pin_memory) const;
   struct StepGraph;
   std::unique_ptr<StepGraph> graph_;
   int64_t graph_warmup_steps_ = 2;

@@ -13,14 +13,7 @@ using titan::config::load_job_config;
 
 namespace {
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using titan::test::error_of;
 
 }  // namespace
 
@@ -133,8 +126,7 @@ TEST(JobConfig, UnknownKeyNamesPathAndSuggestsNearest) {
 TEST(JobConfig, WrongTypeNamesKeyExpectedTypeAndLocation) {
   JobConfig c;
   std::string msg = error_of([&] { apply_toml(c, "[training]\nsteps = \"ten\"\n", "t.toml"); });
-  EXPECT_NE(msg.find("training.steps: expected an integer, got string"), std::string::npos)
-      << msg;
+  EXPECT_NE(msg.find("training.steps: expected an integer, got string"), std::string::npos) << msg;
   EXPECT_NE(msg.find("t.toml:2:9"), std::string::npos) << msg;
   msg = error_of([&] { apply_cli(c, {"--optimizer.lr", "fast"}); });
   EXPECT_NE(msg.find("optimizer.lr: expected a number, got \"fast\""), std::string::npos) << msg;
@@ -181,10 +173,13 @@ TEST(JobConfig, MalformedTomlReportsLineAndColumn) {
 TEST(JobConfig, ConfigFileLoadsFirstThenOverrides) {
   titan::test::TempDir dir;
   titan::test::write_file(dir.file("job.toml"), "[training]\nsteps = 5\nseq_len = 64\n");
-  JobConfig c = load_job_config({"--training.steps", "9", "--job.config_file", dir.file("job.toml")});
+  JobConfig c =
+      load_job_config({"--training.steps", "9", "--job.config_file", dir.file("job.toml")});
   EXPECT_EQ(c.training.steps, 9);
   EXPECT_EQ(c.training.seq_len, 64);
-  std::string msg = error_of([&] { load_job_config({"--job.config_file", dir.file("none.toml")}); });
+  std::string msg = error_of([&] {
+    load_job_config({"--job.config_file", dir.file("none.toml")});
+  });
   EXPECT_NE(msg.find("cannot open"), std::string::npos) << msg;
 }
 

@@ -21,14 +21,7 @@ dist::LaunchEnv env_of(const std::map<std::string, std::string>& vars) {
   });
 }
 
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using titan::test::error_of;
 
 void expect_all_ok(const std::vector<test::ProcessResult>& results, const char* what) {
   for (size_t r = 0; r < results.size(); ++r) {
@@ -40,8 +33,12 @@ void expect_all_ok(const std::vector<test::ProcessResult>& results, const char* 
 }  // namespace
 
 TEST(LaunchEnv, TorchrunVariables) {
-  auto e = env_of({{"RANK", "3"}, {"WORLD_SIZE", "8"}, {"LOCAL_RANK", "1"},
-                   {"LOCAL_WORLD_SIZE", "2"}, {"MASTER_ADDR", "node7"}, {"MASTER_PORT", "1234"}});
+  auto e = env_of({{"RANK", "3"},
+                   {"WORLD_SIZE", "8"},
+                   {"LOCAL_RANK", "1"},
+                   {"LOCAL_WORLD_SIZE", "2"},
+                   {"MASTER_ADDR", "node7"},
+                   {"MASTER_PORT", "1234"}});
   EXPECT_EQ(e.rank, 3);
   EXPECT_EQ(e.world_size, 8);
   EXPECT_EQ(e.local_rank, 1);
@@ -52,8 +49,11 @@ TEST(LaunchEnv, TorchrunVariables) {
 }
 
 TEST(LaunchEnv, SlurmFallbackAndNodelist) {
-  auto e = env_of({{"SLURM_PROCID", "9"}, {"SLURM_NTASKS", "16"}, {"SLURM_LOCALID", "1"},
-                   {"SLURM_NTASKS_PER_NODE", "8"}, {"SLURM_JOB_NODELIST", "gpu[03-04,09],login1"},
+  auto e = env_of({{"SLURM_PROCID", "9"},
+                   {"SLURM_NTASKS", "16"},
+                   {"SLURM_LOCALID", "1"},
+                   {"SLURM_NTASKS_PER_NODE", "8"},
+                   {"SLURM_JOB_NODELIST", "gpu[03-04,09],login1"},
                    {"SLURM_JOB_ID", "123456"}});
   EXPECT_EQ(e.rank, 9);
   EXPECT_EQ(e.world_size, 16);
@@ -72,8 +72,9 @@ TEST(LaunchEnv, NoEnvironmentIsOneProcessAndBadValuesAreNamed) {
   EXPECT_EQ(e.rank, 0);
   auto msg = error_of([] { env_of({{"RANK", "x"}, {"WORLD_SIZE", "2"}}); });
   EXPECT_NE(msg.find("RANK=\"x\""), std::string::npos) << msg;
-  msg = error_of([] { env_of({{"RANK", "2"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"},
-                              {"MASTER_PORT", "1"}}); });
+  msg = error_of([] {
+    env_of({{"RANK", "2"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "1"}});
+  });
   EXPECT_NE(msg.find("rank 2 is outside the world of 2"), std::string::npos) << msg;
   msg = error_of([] { env_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}}); });
   EXPECT_NE(msg.find("MASTER_ADDR"), std::string::npos) << msg;
@@ -131,13 +132,12 @@ INSTANTIATE_TEST_SUITE_P(
                                                     "2"}),
         std::make_tuple(4, std::vector<std::string>{"--parallelism.tensor_parallel_degree", "2"}),
         // 2 x 2 x 2 meshes: replicate x shard x tp, and pp x cp x tp.
-        std::make_tuple(8, std::vector<std::string>{"--parallelism.data_parallel_replicate_degree",
-                                                    "2", "--parallelism.tensor_parallel_degree",
-                                                    "2"}),
+        std::make_tuple(8,
+                        std::vector<std::string>{"--parallelism.data_parallel_replicate_degree",
+                                                 "2", "--parallelism.tensor_parallel_degree", "2"}),
         std::make_tuple(8, std::vector<std::string>{"--parallelism.pipeline_parallel_degree", "2",
                                                     "--parallelism.context_parallel_degree", "2",
-                                                    "--parallelism.tensor_parallel_degree",
-                                                    "2"})));
+                                                    "--parallelism.tensor_parallel_degree", "2"})));
 
 TEST(Watchdog, SkippedCollectiveBecomesAClearErrorWithinTheTimeout) {
   test::TempDir dir;
@@ -160,8 +160,8 @@ TEST(Watchdog, SkippedCollectiveBecomesAClearErrorWithinTheTimeout) {
 }
 
 TEST(Rendezvous, MissingPeerIsNamed) {
-  auto results = test::run_ranks({TITAN_DIST_WORKER, "idle", "--comm.init_timeout_seconds", "3"},
-                                 3, {}, 60, {0, 1});
+  auto results = test::run_ranks({TITAN_DIST_WORKER, "idle", "--comm.init_timeout_seconds", "3"}, 3,
+                                 {}, 60, {0, 1});
   ASSERT_EQ(results.size(), 2u);
   EXPECT_NE(results[0].exit_code, 0);
   EXPECT_NE(results[0].output.find("ranks 2 of 3 did not arrive"), std::string::npos)

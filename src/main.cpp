@@ -9,10 +9,10 @@
 #include "titan/checkpoint/hf.h"
 #include "titan/config/job_config.h"
 #include "titan/dist/launch.h"
-#include "titan/util/strings.h"
 #include "titan/train/trainer.h"
 #include "titan/util/error.h"
 #include "titan/util/log.h"
+#include "titan/util/strings.h"
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);

@@ -5,13 +5,13 @@
 #include <fstream>
 #include <iostream>
 
-#include "titan/util/fs.h"
 #include "titan/checkpoint/checkpointer.h"
 #include "titan/checkpoint/hf.h"
 #include "titan/dist/runtime.h"
 #include "titan/model/layout.h"
 #include "titan/parallel/fsdp.h"
 #include "titan/util/error.h"
+#include "titan/util/fs.h"
 #include "titan/util/log.h"
 
 namespace fs = std::filesystem;
@@ -79,7 +79,8 @@ int run_convert(const std::vector<std::string>& args) {
               "convert: --to (hf or titan), --input and --output are required\n", kUsage);
   TITAN_CHECK(dtype == "float32" || dtype == "bfloat16" || dtype == "float16",
               "convert: --dtype must be float32, bfloat16 or float16, got ", dtype);
-  TITAN_CHECK(util::path_exists(util::path_str(input)), "convert: --input ", input, " does not exist");
+  TITAN_CHECK(util::path_exists(util::path_str(input)), "convert: --input ", input,
+              " does not exist");
 
   std::string step_dir;
   if (to == "hf") {
@@ -120,7 +121,7 @@ int run_convert(const std::vector<std::string>& args) {
     export_hf(output, state, runtime, dtype);
   } else {
     import_hf(input, state);
-    const at::ScalarType dt = dtype == "bfloat16" ? at::kBFloat16
+    const at::ScalarType dt = dtype == "bfloat16"  ? at::kBFloat16
                               : dtype == "float16" ? at::kHalf
                                                    : at::kFloat;
     ck.save(0, /*model_only=*/true, dt);

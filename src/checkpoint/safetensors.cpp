@@ -3,9 +3,9 @@
 
 #include <ATen/ATen.h>
 #include <fcntl.h>
-#include <nlohmann/json.hpp>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <nlohmann/json.hpp>
 
 #include <cerrno>
 #include <cstring>
@@ -39,11 +39,17 @@ std::string safetensors_dtype(at::ScalarType t) {
 }
 
 at::ScalarType scalar_type_of(const std::string& d) {
-  static const std::map<std::string, at::ScalarType> m = {
-      {"F32", at::kFloat},   {"BF16", at::kBFloat16}, {"F16", at::kHalf},
-      {"F64", at::kDouble},  {"I64", at::kLong},      {"I32", at::kInt},
-      {"U8", at::kByte},     {"I8", at::kChar},       {"BOOL", at::kBool},
-      {"F8_E4M3", at::kFloat8_e4m3fn}, {"F8_E5M2", at::kFloat8_e5m2}};
+  static const std::map<std::string, at::ScalarType> m = {{"F32", at::kFloat},
+                                                          {"BF16", at::kBFloat16},
+                                                          {"F16", at::kHalf},
+                                                          {"F64", at::kDouble},
+                                                          {"I64", at::kLong},
+                                                          {"I32", at::kInt},
+                                                          {"U8", at::kByte},
+                                                          {"I8", at::kChar},
+                                                          {"BOOL", at::kBool},
+                                                          {"F8_E4M3", at::kFloat8_e4m3fn},
+                                                          {"F8_E5M2", at::kFloat8_e5m2}};
   auto it = m.find(d);
   TITAN_CHECK(it != m.end(), "unsupported safetensors dtype \"", d, "\"");
   return it->second;
@@ -79,8 +85,8 @@ SafetensorsWriter::SafetensorsWriter(std::string path,
     info.begin = offset;
     info.end = offset + bytes;
     offset += bytes;
-    header[name] = {{"dtype", info.dtype}, {"shape", info.shape},
-                    {"data_offsets", {info.begin, info.end}}};
+    header[name] = {
+        {"dtype", info.dtype}, {"shape", info.shape}, {"data_offsets", {info.begin, info.end}}};
   }
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::string text = header.dump();
@@ -101,15 +107,16 @@ void SafetensorsWriter::write(const std::string& name, const at::Tensor& t) {
   TITAN_CHECK(next_ < tensors_.size() && tensors_[next_].first == name,
               "internal: safetensors tensor ", name, " written out of order in ", path_);
   const TensorInfo& info = tensors_[next_++].second;
-  TITAN_CHECK(!t.is_cuda() && t.is_contiguous() && safetensors_dtype(t.scalar_type()) == info.dtype &&
-                  t.numel() == info.numel(),
+  TITAN_CHECK(!t.is_cuda() && t.is_contiguous() &&
+                  safetensors_dtype(t.scalar_type()) == info.dtype && t.numel() == info.numel(),
               "internal: tensor ", name, " does not match its declaration in ", path_);
   const size_t bytes = static_cast<size_t>(info.end - info.begin);
   write_all(fd_, t.data_ptr(), bytes, path_);
   auto& blocks = crcs_[name];
   const auto* p = static_cast<const char*>(t.data_ptr());
   for (size_t off = 0; off < bytes; off += static_cast<size_t>(kCrcBlockBytes)) {
-    blocks.push_back(util::crc32c(p + off, std::min(bytes - off, static_cast<size_t>(kCrcBlockBytes))));
+    blocks.push_back(
+        util::crc32c(p + off, std::min(bytes - off, static_cast<size_t>(kCrcBlockBytes))));
   }
 }
 
@@ -131,8 +138,8 @@ SafetensorsReader::SafetensorsReader(std::string path) : path_(std::move(path)) 
   ::fstat(fd_, &st);
   file_size_ = static_cast<int64_t>(st.st_size);
   uint64_t len = 0;
-  TITAN_CHECK(file_size_ >= 8 && ::pread(fd_, &len, 8, 0) == 8,
-              path_, " is not a safetensors file (shorter than its 8-byte header length)");
+  TITAN_CHECK(file_size_ >= 8 && ::pread(fd_, &len, 8, 0) == 8, path_,
+              " is not a safetensors file (shorter than its 8-byte header length)");
   TITAN_CHECK(len <= 100u * 1024 * 1024 && static_cast<int64_t>(8 + len) <= file_size_, path_,
               " is not a safetensors file or is truncated (header length ", len, ", file size ",
               file_size_, ")");
@@ -161,11 +168,11 @@ SafetensorsReader::SafetensorsReader(std::string path) : path_(std::move(path)) 
       TITAN_CHECK(offs.size() == 2, "bad data_offsets");
       info.begin = offs[0];
       info.end = offs[1];
-      TITAN_CHECK(info.end - info.begin == info.numel() * element_size(info.dtype),
-                  "tensor ", it.key(), " has ", info.end - info.begin, " bytes for shape of ",
-                  info.numel(), " elements");
-      TITAN_CHECK(data_start_ + info.end <= file_size_, path_, " is truncated: tensor ",
-                  it.key(), " ends at byte ", data_start_ + info.end, " of ", file_size_);
+      TITAN_CHECK(info.end - info.begin == info.numel() * element_size(info.dtype), "tensor ",
+                  it.key(), " has ", info.end - info.begin, " bytes for shape of ", info.numel(),
+                  " elements");
+      TITAN_CHECK(data_start_ + info.end <= file_size_, path_, " is truncated: tensor ", it.key(),
+                  " ends at byte ", data_start_ + info.end, " of ", file_size_);
       tensors_[it.key()] = info;
     } catch (const nlohmann::json::exception& e) {
       fail(path_, ": malformed entry for tensor ", it.key(), ": ", e.what());
@@ -208,8 +215,8 @@ at::Tensor SafetensorsReader::read(const std::string& name) const {
 at::Tensor SafetensorsReader::read_range(const std::string& name, int64_t first,
                                          int64_t count) const {
   const TensorInfo& i = info(name);
-  TITAN_CHECK(first >= 0 && count >= 0 && first + count <= i.numel(), "internal: range [",
-              first, ", ", first + count, ") outside tensor ", name, " of ", i.numel());
+  TITAN_CHECK(first >= 0 && count >= 0 && first + count <= i.numel(), "internal: range [", first,
+              ", ", first + count, ") outside tensor ", name, " of ", i.numel());
   const int64_t es = element_size(i.dtype);
   at::Tensor t = at::empty({count}, at::TensorOptions().dtype(scalar_type_of(i.dtype)));
   read_bytes(i.begin + first * es, i.begin + (first + count) * es, t.data_ptr());

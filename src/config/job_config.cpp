@@ -63,7 +63,7 @@ Option make_option(const std::string& path, Sec JobConfig::*sec, T Sec::*field, 
 
 struct Registry {
   std::vector<Option> options;
-  std::map<std::string, std::string> aliases;         // old full path -> new full path
+  std::map<std::string, std::string> aliases;          // old full path -> new full path
   std::map<std::string, std::string> section_aliases;  // old section -> new section
 
   Option& add(Option o) {
@@ -176,10 +176,8 @@ Registry build_registry() {
           {"AdamW", "Adam"});
   range(opt(r, "optimizer.lr", &J::optimizer, &OptimizerSection::lr, "Peak learning rate"), 0.0,
         std::nullopt, true);
-  range(opt(r, "optimizer.beta1", &J::optimizer, &OptimizerSection::beta1, "Adam beta1"), 0.0,
-        1.0);
-  range(opt(r, "optimizer.beta2", &J::optimizer, &OptimizerSection::beta2, "Adam beta2"), 0.0,
-        1.0);
+  range(opt(r, "optimizer.beta1", &J::optimizer, &OptimizerSection::beta1, "Adam beta1"), 0.0, 1.0);
+  range(opt(r, "optimizer.beta2", &J::optimizer, &OptimizerSection::beta2, "Adam beta2"), 0.0, 1.0);
   range(opt(r, "optimizer.eps", &J::optimizer, &OptimizerSection::eps, "Adam epsilon"), 0.0,
         std::nullopt, true);
   range(opt(r, "optimizer.weight_decay", &J::optimizer, &OptimizerSection::weight_decay,
@@ -201,8 +199,8 @@ Registry build_registry() {
   choices(opt(r, "lr_scheduler.decay_type", &J::lr_scheduler, &LrSchedulerSection::decay_type,
               "Decay shape"),
           {"linear", "sqrt", "cosine"});
-  range(opt(r, "lr_scheduler.min_lr_factor", &J::lr_scheduler,
-            &LrSchedulerSection::min_lr_factor, "Final lr as a fraction of the peak"),
+  range(opt(r, "lr_scheduler.min_lr_factor", &J::lr_scheduler, &LrSchedulerSection::min_lr_factor,
+            "Final lr as a fraction of the peak"),
         0.0, 1.0);
 
   // [training]
@@ -401,8 +399,8 @@ Registry build_registry() {
       "Validation dataset name");
   opt(r, "validation.dataset_path", &J::validation, &ValidationSection::dataset_path,
       "Validation data path");
-  range(opt(r, "validation.local_batch_size", &J::validation,
-            &ValidationSection::local_batch_size, "Validation batch size"),
+  range(opt(r, "validation.local_batch_size", &J::validation, &ValidationSection::local_batch_size,
+            "Validation batch size"),
         1);
   range(opt(r, "validation.seq_len", &J::validation, &ValidationSection::seq_len,
             "Validation sequence length"),
@@ -459,9 +457,7 @@ std::string format_number(double v) {
 }
 
 void check_value(const Option& o, const Value& v, const Origin& origin) {
-  auto bad = [&](const std::string& what) {
-    fail(o.path, ": ", what, " (", origin.where, ")");
-  };
+  auto bad = [&](const std::string& what) { fail(o.path, ": ", what, " (", origin.where, ")"); };
   std::optional<double> num;
   if (auto* i = std::get_if<int64_t>(&v)) num = static_cast<double>(*i);
   if (auto* d = std::get_if<double>(&v)) num = *d;
@@ -516,8 +512,7 @@ std::string toml_kind(const toml::node& n) {
 
 Value value_from_toml(const Option& o, const toml::node& n, const Origin& origin) {
   auto wrong = [&]() -> Value {
-    fail(o.path, ": expected ", type_name(o.type), ", got ", toml_kind(n), " (", origin.where,
-         ")");
+    fail(o.path, ": expected ", type_name(o.type), ", got ", toml_kind(n), " (", origin.where, ")");
   };
   switch (o.type) {
     case Type::Bool:
@@ -563,7 +558,8 @@ void walk_table(JobConfig& config, const toml::table& table, const std::string& 
                 const std::string& source) {
   const Registry& r = registry();
   for (const auto& [key, node] : table) {
-    std::string path = prefix.empty() ? std::string(key.str()) : prefix + "." + std::string(key.str());
+    std::string path =
+        prefix.empty() ? std::string(key.str()) : prefix + "." + std::string(key.str());
     Origin origin{where_in(node, source)};
     std::string resolved = resolve_alias(path, r);
     const Option* o = r.find(resolved);
@@ -611,8 +607,7 @@ Value value_from_string(const Option& o, const std::string& text, const Origin& 
       if (util::parse_double(text, v)) return std::optional<double>(v);
       return wrong();
     }
-    case Type::String:
-      return text;
+    case Type::String: return text;
     case Type::StringList: {
       std::vector<std::string> out;
       std::string t = text;
@@ -632,9 +627,9 @@ Value value_from_string(const Option& o, const std::string& text, const Origin& 
 }
 
 struct CliOverride {
-  std::string path;   // as written, normalized ('-' -> '_')
+  std::string path;  // as written, normalized ('-' -> '_')
   std::optional<std::string> value;
-  std::string arg;    // original spelling, for messages
+  std::string arg;  // original spelling, for messages
 };
 
 std::vector<CliOverride> parse_cli(const std::vector<std::string>& args) {
@@ -711,8 +706,12 @@ std::string toml_value(const Value& v) {
   return std::visit(visitor, v);
 }
 
-std::string section_of(const std::string& path) { return path.substr(0, path.rfind('.')); }
-std::string key_of(const std::string& path) { return path.substr(path.rfind('.') + 1); }
+std::string section_of(const std::string& path) {
+  return path.substr(0, path.rfind('.'));
+}
+std::string key_of(const std::string& path) {
+  return path.substr(path.rfind('.') + 1);
+}
 
 }  // namespace
 
@@ -778,10 +777,10 @@ void validate(const JobConfig& c) {
               c.parallelism.data_parallel_shard_degree);
   TITAN_CHECK(c.validation.steps == -1 || c.validation.steps >= 1,
               "validation.steps: expected -1 or a positive integer, got ", c.validation.steps);
-  TITAN_CHECK(c.checkpoint.keep_latest_k >= 0,
-              "checkpoint.keep_latest_k: expected >= 0, got ", c.checkpoint.keep_latest_k);
-  TITAN_CHECK(c.checkpoint.load_step >= -1, "checkpoint.load_step: expected -1 or a step >= 0, got ",
-              c.checkpoint.load_step);
+  TITAN_CHECK(c.checkpoint.keep_latest_k >= 0, "checkpoint.keep_latest_k: expected >= 0, got ",
+              c.checkpoint.keep_latest_k);
+  TITAN_CHECK(c.checkpoint.load_step >= -1,
+              "checkpoint.load_step: expected -1 or a step >= 0, got ", c.checkpoint.load_step);
   TITAN_CHECK(!c.metrics.enable_wandb,
               "metrics.enable_wandb: Weights & Biases is not available in titan (no Python); "
               "use metrics.enable_tensorboard = true");
@@ -790,7 +789,8 @@ void validate(const JobConfig& c) {
               "across the whole mesh before stepping, which needs every gradient first");
   for (const auto& conv : c.model.converters) {
     if (conv == "float8" || conv == "quantize.linear.float8") {
-      fail("model.converters: \"", conv, "\" (float8 training) is not available in this titan "
+      fail("model.converters: \"", conv,
+           "\" (float8 training) is not available in this titan "
            "release yet; remove it from model.converters");
     }
     fail("model.converters: unknown converter \"", conv, "\"; titan knows \"float8\"");
@@ -848,8 +848,8 @@ std::string markdown_reference() {
     if (!o.choices.empty()) help += " (one of: " + util::join(o.choices, ", ") + ")";
     std::string def = toml_value(o.get(defaults));
     std::replace(def.begin(), def.end(), '|', '/');
-    out << "| `" << key_of(o.path) << "` | " << type_name(o.type) << " | `" << def << "` | "
-        << help << " |\n";
+    out << "| `" << key_of(o.path) << "` | " << type_name(o.type) << " | `" << def << "` | " << help
+        << " |\n";
   }
   out << "\n## Older spellings accepted\n\n| old | new |\n|---|---|\n";
   for (const auto& [a, b] : r.aliases) out << "| `" << a << "` | `" << b << "` |\n";
@@ -872,8 +872,8 @@ std::string help_text() {
       out << "\n[" << sec << "]\n";
       current = sec;
     }
-    out << "  --" << o.path << " (" << type_name(o.type)
-        << ", default " << toml_value(o.get(defaults)) << ")\n      " << o.help;
+    out << "  --" << o.path << " (" << type_name(o.type) << ", default "
+        << toml_value(o.get(defaults)) << ")\n      " << o.help;
     if (!o.choices.empty()) out << " {" << util::join(o.choices, ", ") << "}";
     out << "\n";
   }

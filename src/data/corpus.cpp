@@ -29,38 +29,37 @@ class Rng {
 };
 
 const std::array<const char*, 24> kNames = {
-    "Ada",   "Ben",   "Cleo",  "Dara", "Eli",   "Fay",   "Gus",  "Hana",
-    "Ivo",   "Juno",  "Kai",   "Lena", "Milo",  "Nina",  "Otto", "Pia",
-    "Quinn", "Rosa",  "Sami",  "Tom",  "Uma",   "Vera",  "Wren", "Zoe"};
+    "Ada",  "Ben",  "Cleo", "Dara", "Eli",   "Fay",  "Gus",  "Hana", "Ivo", "Juno", "Kai",  "Lena",
+    "Milo", "Nina", "Otto", "Pia",  "Quinn", "Rosa", "Sami", "Tom",  "Uma", "Vera", "Wren", "Zoe"};
 const std::array<const char*, 20> kAnimals = {
-    "cat",  "dog",   "fox",    "owl",   "bear",  "mouse", "horse",  "rabbit", "duck", "goat",
-    "frog", "otter", "badger", "crow",  "deer",  "wolf",  "turtle", "lamb",   "hen",  "seal"};
+    "cat",  "dog",   "fox",    "owl",  "bear", "mouse", "horse",  "rabbit", "duck", "goat",
+    "frog", "otter", "badger", "crow", "deer", "wolf",  "turtle", "lamb",   "hen",  "seal"};
 const std::array<const char*, 16> kAdjectives = {
-    "small", "big",   "quiet", "brave", "clever", "sleepy", "happy", "old",
+    "small", "big",   "quiet", "brave", "clever",  "sleepy", "happy", "old",
     "young", "tired", "kind",  "shy",   "curious", "gentle", "busy",  "proud"};
 const std::array<const char*, 16> kColors = {
-    "red", "blue", "green", "yellow", "white", "black", "brown", "grey",
-    "orange", "purple", "pink", "golden", "silver", "dark", "pale", "bright"};
-const std::array<const char*, 14> kPlaces = {
-    "forest", "river", "village", "garden", "hill", "lake", "meadow",
-    "barn", "market", "bridge", "castle", "harbor", "valley", "library"};
-const std::array<const char*, 14> kThings = {
-    "apples", "books", "stones", "coins", "shells", "pencils", "cups",
-    "hats", "keys", "boxes", "candles", "flowers", "ribbons", "marbles"};
-const std::array<const char*, 12> kVerbsPast = {
-    "found", "saw", "followed", "helped", "called", "visited",
-    "met", "watched", "greeted", "chased", "carried", "painted"};
-const std::array<const char*, 8> kFeelings = {
-    "glad", "surprised", "calm", "excited", "hungry", "worried", "proud", "sleepy"};
-const std::array<const char*, 7> kDays = {"Monday", "Tuesday", "Wednesday", "Thursday",
+    "red",    "blue",   "green", "yellow", "white",  "black", "brown", "grey",
+    "orange", "purple", "pink",  "golden", "silver", "dark",  "pale",  "bright"};
+const std::array<const char*, 14> kPlaces = {"forest", "river",  "village", "garden", "hill",
+                                             "lake",   "meadow", "barn",    "market", "bridge",
+                                             "castle", "harbor", "valley",  "library"};
+const std::array<const char*, 14> kThings = {"apples",  "books",   "stones",  "coins",  "shells",
+                                             "pencils", "cups",    "hats",    "keys",   "boxes",
+                                             "candles", "flowers", "ribbons", "marbles"};
+const std::array<const char*, 12> kVerbsPast = {"found",   "saw",     "followed", "helped",
+                                                "called",  "visited", "met",      "watched",
+                                                "greeted", "chased",  "carried",  "painted"};
+const std::array<const char*, 8> kFeelings = {"glad",   "surprised", "calm",  "excited",
+                                              "hungry", "worried",   "proud", "sleepy"};
+const std::array<const char*, 7> kDays = {"Monday", "Tuesday",  "Wednesday", "Thursday",
                                           "Friday", "Saturday", "Sunday"};
-const std::array<const char*, 12> kMonths = {"January", "February", "March",     "April",
-                                             "May",     "June",     "July",      "August",
-                                             "September", "October", "November", "December"};
+const std::array<const char*, 12> kMonths = {"January",   "February", "March",    "April",
+                                             "May",       "June",     "July",     "August",
+                                             "September", "October",  "November", "December"};
 const std::array<const char*, 21> kNumberWords = {
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
-    "eighteen", "nineteen", "twenty"};
+    "zero",     "one",     "two",     "three",     "four",     "five",     "six",
+    "seven",    "eight",   "nine",    "ten",       "eleven",   "twelve",   "thirteen",
+    "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"};
 
 std::string cap(std::string s) {
   if (!s.empty() && s[0] >= 'a' && s[0] <= 'z') s[0] = static_cast<char>(s[0] - 'a' + 'A');
@@ -81,21 +80,17 @@ std::string story(Rng& r) {
         out += std::string(" One day, ") + name + " " + r.pick(kVerbsPast) + " a " +
                r.pick(kColors) + " " + r.pick(kAnimals) + " by the " + r.pick(kPlaces) + ".";
         break;
-      case 1:
-        out += std::string(" The ") + animal + " felt " + r.pick(kFeelings) + ".";
-        break;
+      case 1: out += std::string(" The ") + animal + " felt " + r.pick(kFeelings) + "."; break;
       case 2: {
         const int64_t k = 2 + r.below(9);
-        out += " " + name + " had " + kNumberWords[static_cast<size_t>(k)] + " " +
-               r.pick(kThings) + ".";
+        out += " " + name + " had " + kNumberWords[static_cast<size_t>(k)] + " " + r.pick(kThings) +
+               ".";
         break;
       }
       case 3:
-        out += std::string(" \"Hello,\" said ") + name + ". \"I am a " + adj + " " + animal +
-               ".\"";
+        out += std::string(" \"Hello,\" said ") + name + ". \"I am a " + adj + " " + animal + ".\"";
         break;
-      default:
-        out += std::string(" In the evening, ") + name + " went back to the " + place + ".";
+      default: out += std::string(" In the evening, ") + name + " went back to the " + place + ".";
     }
   }
   out += " The end.";
@@ -119,8 +114,8 @@ std::string arithmetic(Rng& r) {
       }
       default: {
         const int64_t x = r.below(13), y = r.below(13);
-        out += std::to_string(x) + " times " + std::to_string(y) + " is " +
-               std::to_string(x * y) + ". ";
+        out += std::to_string(x) + " times " + std::to_string(y) + " is " + std::to_string(x * y) +
+               ". ";
       }
     }
   }

@@ -9,8 +9,7 @@ namespace {
 
 class CorpusSource : public DocumentSource {
  public:
-  CorpusSource(std::string split, std::shared_ptr<const Tokenizer> tok, int64_t rank,
-               int64_t size)
+  CorpusSource(std::string split, std::shared_ptr<const Tokenizer> tok, int64_t rank, int64_t size)
       : split_(std::move(split)), tok_(std::move(tok)), rank_(rank), size_(size) {
     pos_.doc = rank_;
   }

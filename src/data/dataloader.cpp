@@ -50,7 +50,9 @@ DataLoader::DataLoader(std::unique_ptr<DocumentSource> source, LoaderOptions opt
   start_thread();
 }
 
-DataLoader::~DataLoader() { stop_thread(); }
+DataLoader::~DataLoader() {
+  stop_thread();
+}
 
 DataLoader::Item DataLoader::produce() {
   const int64_t window = options_.seq_len + 1;
@@ -68,10 +70,10 @@ DataLoader::Item DataLoader::produce() {
       cursor_.position = pos;
       return Item{at::Tensor(), cursor_};
     }
-    TITAN_CHECK(read_any_this_epoch || cursor_.windows > 0 || !cursor_.carry.empty(),
-                "dataset ", description_, " yields no tokens for this rank");
-    log::info("dataset {}: epoch {} finished after {} windows; re-looping", description_,
-              pos.epoch, cursor_.windows);
+    TITAN_CHECK(read_any_this_epoch || cursor_.windows > 0 || !cursor_.carry.empty(), "dataset ",
+                description_, " yields no tokens for this rank");
+    log::info("dataset {}: epoch {} finished after {} windows; re-looping", description_, pos.epoch,
+              cursor_.windows);
     read_any_this_epoch = false;
   }
   auto opts = at::TensorOptions().dtype(at::kLong).pinned_memory(options_.pin_memory);
@@ -147,7 +149,9 @@ at::Tensor DataLoader::next() {
   return item.batch;
 }
 
-LoaderState DataLoader::state() const { return consumed_; }
+LoaderState DataLoader::state() const {
+  return consumed_;
+}
 
 void DataLoader::load_state(const LoaderState& state) {
   stop_thread();

@@ -1,6 +1,6 @@
 // Choosing a document source from the job's dataset options.
-#include "titan/util/fs.h"
 #include "titan/data/dataset.h"
+#include "titan/util/fs.h"
 
 #include <algorithm>
 #include <filesystem>

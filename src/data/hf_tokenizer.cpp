@@ -8,9 +8,9 @@
 #include <unordered_set>
 
 #include "io.h"
-#include "titan/util/fs.h"
 #include "titan/data/bpe_tokenizer.h"
 #include "titan/util/error.h"
+#include "titan/util/fs.h"
 
 namespace titan::data {
 namespace {

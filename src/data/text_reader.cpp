@@ -1,6 +1,6 @@
 // Listing data files, and reading text/JSONL documents in order from a byte position.
-#include "titan/util/fs.h"
 #include "titan/data/text_reader.h"
+#include "titan/util/fs.h"
 
 #include <nlohmann/json.hpp>
 

@@ -1,6 +1,6 @@
 // Reading and writing pre-tokenized binary shards.
-#include "titan/util/fs.h"
 #include "titan/data/token_shard.h"
+#include "titan/util/fs.h"
 
 #include <bit>
 #include <cerrno>

@@ -1,10 +1,10 @@
 // Picks the tokenizer from model.tokenizer_path / model.hf_assets_path.
 #include <filesystem>
 
-#include "titan/util/fs.h"
 #include "titan/data/bpe_tokenizer.h"
 #include "titan/data/tokenizer.h"
 #include "titan/util/error.h"
+#include "titan/util/fs.h"
 #include "titan/util/log.h"
 
 namespace titan::data {
@@ -43,8 +43,8 @@ std::unique_ptr<Tokenizer> build_tokenizer(const std::string& tokenizer_path,
     return load_file(p);
   }
   if (!hf_assets_path.empty()) {
-    TITAN_CHECK(util::is_directory(util::path_str(hf_assets_path)), "model.hf_assets_path: folder ", hf_assets_path,
-                " does not exist");
+    TITAN_CHECK(util::is_directory(util::path_str(hf_assets_path)), "model.hf_assets_path: folder ",
+                hf_assets_path, " does not exist");
     const fs::path found = find_in_folder(hf_assets_path);
     if (!found.empty()) return load_file(found);
     log::warn(

@@ -94,8 +94,8 @@ WorkPtr Communicator::send_recv(const std::vector<P2POp>& ops, bool async) {
 WorkPtr Communicator::all_to_all(const at::Tensor& out, const at::Tensor& in, bool async) {
   check_dense(out, "all_to_all", name_);
   check_dense(in, "all_to_all", name_);
-  TITAN_CHECK(out.numel() == in.numel() && in.numel() % size_ == 0,
-              "internal: all_to_all on ", name_, " needs equal sizes divisible by ", size_);
+  TITAN_CHECK(out.numel() == in.numel() && in.numel() % size_ == 0, "internal: all_to_all on ",
+              name_, " needs equal sizes divisible by ", size_);
   return run("all_to_all", in, async, [&] { return do_all_to_all(out, in); });
 }
 

@@ -18,10 +18,9 @@ ParallelDims ParallelDims::from_config(const config::ParallelismSection& p, int6
   d.tp = p.tensor_parallel_degree;
   const int64_t others = d.pp * d.dp_replicate * d.cp * d.tp;
   if (p.data_parallel_shard_degree == -1) {
-    TITAN_CHECK(world % others == 0,
-                "parallelism: world size ", world, " is not divisible by pipeline (", d.pp,
-                ") x data_parallel_replicate (", d.dp_replicate, ") x context (", d.cp,
-                ") x tensor (", d.tp, ") = ", others,
+    TITAN_CHECK(world % others == 0, "parallelism: world size ", world,
+                " is not divisible by pipeline (", d.pp, ") x data_parallel_replicate (",
+                d.dp_replicate, ") x context (", d.cp, ") x tensor (", d.tp, ") = ", others,
                 ", so data_parallel_shard_degree = -1 cannot take the rest");
     d.dp_shard = world / others;
   } else {
@@ -37,8 +36,8 @@ ParallelDims ParallelDims::from_config(const config::ParallelismSection& p, int6
 
 std::string ParallelDims::describe() const {
   std::ostringstream s;
-  s << "world " << world << " = pp " << pp << " x dp_replicate " << dp_replicate
-    << " x dp_shard " << dp_shard << " x cp " << cp << " x tp " << tp;
+  s << "world " << world << " = pp " << pp << " x dp_replicate " << dp_replicate << " x dp_shard "
+    << dp_shard << " x cp " << cp << " x tp " << tp;
   std::vector<std::string> on;
   if (ddp_only()) on.push_back("DDP");
   if (hsdp_enabled()) on.push_back("HSDP");
@@ -88,8 +87,8 @@ DeviceMesh::DeviceMesh(ParallelDims dims, int rank, Communicator* world)
     coord_[d] = rest % dim_size(d);
     rest /= dim_size(d);
   }
-  const std::vector<std::string> groups = {"pp", "dp_replicate", "dp_shard", "cp", "tp",
-                                           "dp", "dp_shard_cp", "dp_cp"};
+  const std::vector<std::string> groups = {"pp", "dp_replicate", "dp_shard",    "cp",
+                                           "tp", "dp",           "dp_shard_cp", "dp_cp"};
   std::map<std::vector<std::string>, Communicator*> by_effective_dims;
   for (const auto& g : groups) {
     if (size(g) <= 1 || world == nullptr) continue;
@@ -120,7 +119,9 @@ DeviceMesh::DeviceMesh(ParallelDims dims, int rank, Communicator* world)
   }
 }
 
-int64_t DeviceMesh::coordinate(const std::string& dim) const { return coord_[dim_index(dim)]; }
+int64_t DeviceMesh::coordinate(const std::string& dim) const {
+  return coord_[dim_index(dim)];
+}
 
 int64_t DeviceMesh::size(const std::string& group) const {
   int64_t n = 1;

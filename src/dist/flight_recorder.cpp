@@ -1,6 +1,6 @@
 // Flight recorder ring and the watchdog that turns a hang into an error.
-#include "titan/util/fs.h"
 #include "titan/dist/flight_recorder.h"
+#include "titan/util/fs.h"
 
 #include <nlohmann/json.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
@@ -17,8 +17,7 @@
 namespace titan::dist {
 
 double wall_seconds() {
-  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
 uint64_t FlightRecorder::begin(const std::string& group, const std::vector<int>* ranks,
@@ -127,7 +126,9 @@ std::string progress_key(const std::string& group, int rank) {
 
 Watchdog::Watchdog(FlightRecorder& recorder, c10d::Store* store, WatchdogOptions options,
                    std::function<void()> abort_all)
-    : recorder_(recorder), store_(store), options_(std::move(options)),
+    : recorder_(recorder),
+      store_(store),
+      options_(std::move(options)),
       abort_all_(std::move(abort_all)) {
   thread_ = std::thread([this] { loop(); });
 }
@@ -209,12 +210,13 @@ void Watchdog::fire(const CollectiveRecord& stuck) {
   std::ostringstream msg;
   msg << "titan_train: error: [rank " << options_.rank << "] collective " << stuck.op << " #"
       << stuck.group_seq << " on group " << stuck.group << " (ranks "
-      << util::join([&] {
-           std::vector<std::string> s;
-           for (int r : members) s.push_back(std::to_string(r));
-           return s;
-         }(),
-                    ",")
+      << util::join(
+             [&] {
+               std::vector<std::string> s;
+               for (int r : members) s.push_back(std::to_string(r));
+               return s;
+             }(),
+             ",")
       << "; " << stuck.numel << " " << stuck.dtype << " elements) did not finish within "
       << options_.timeout_s << " s (comm.train_timeout_seconds); ";
   if (!missing.empty()) {

@@ -86,8 +86,7 @@ class GlooCommunicator : public Communicator {
     at::Tensor o = out, i = in;
     c10d::ReduceScatterOptions opts;
     opts.reduceOp = to_c10d(op);
-    return wrap({pg_->_reduce_scatter_base(o, i, opts)},
-                op == ReduceOp::Avg ? out : at::Tensor());
+    return wrap({pg_->_reduce_scatter_base(o, i, opts)}, op == ReduceOp::Avg ? out : at::Tensor());
   }
   WorkPtr do_broadcast(const at::Tensor& t, int root) override {
     std::vector<at::Tensor> v{t};
@@ -130,7 +129,9 @@ class GlooCommunicator : public Communicator {
 
 }  // namespace
 
-bool gloo_available() { return true; }
+bool gloo_available() {
+  return true;
+}
 
 std::unique_ptr<Communicator> make_gloo_world(c10d::Store* store, int rank, int size,
                                               std::chrono::milliseconds timeout,
@@ -140,8 +141,8 @@ std::unique_ptr<Communicator> make_gloo_world(c10d::Store* store, int rank, int 
   std::vector<int> ranks(static_cast<size_t>(size));
   for (int i = 0; i < size; ++i) ranks[static_cast<size_t>(i)] = i;
   auto prefix = c10::make_intrusive<c10d::PrefixStore>("titan/group/world", owned);
-  return std::make_unique<GlooCommunicator>("world", prefix, rank, size, std::move(ranks),
-                                             timeout, recorder);
+  return std::make_unique<GlooCommunicator>("world", prefix, rank, size, std::move(ranks), timeout,
+                                            recorder);
 }
 
 }  // namespace titan::dist
@@ -149,11 +150,14 @@ std::unique_ptr<Communicator> make_gloo_world(c10d::Store* store, int rank, int 
 #else  // no Gloo headers in this LibTorch
 
 namespace titan::dist {
-bool gloo_available() { return false; }
+bool gloo_available() {
+  return false;
+}
 std::unique_ptr<Communicator> make_gloo_world(c10d::Store*, int, int, std::chrono::milliseconds,
                                               FlightRecorder*) {
-  fail("CPU multi-process training needs Gloo, which this LibTorch build lacks (pip wheels ship "
-       "no Gloo headers); use CUDA devices (NCCL) or build against Debian's LibTorch");
+  fail(
+      "CPU multi-process training needs Gloo, which this LibTorch build lacks (pip wheels ship "
+      "no Gloo headers); use CUDA devices (NCCL) or build against Debian's LibTorch");
 }
 }  // namespace titan::dist
 #endif

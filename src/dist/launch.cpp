@@ -58,13 +58,11 @@ LaunchEnv read_launch_env(const std::function<const char*(const char*)>& getenv)
     env.world_size = parse_env_int(getenv, "WORLD_SIZE", 1);
     env.rank = parse_env_int(getenv, "RANK", 0);
     env.local_rank = getenv("LOCAL_RANK") ? parse_env_int(getenv, "LOCAL_RANK", 0) : env.rank;
-    env.local_world_size = getenv("LOCAL_WORLD_SIZE")
-                               ? parse_env_int(getenv, "LOCAL_WORLD_SIZE", 1)
-                               : env.world_size;
+    env.local_world_size =
+        getenv("LOCAL_WORLD_SIZE") ? parse_env_int(getenv, "LOCAL_WORLD_SIZE", 1) : env.world_size;
     if (env.world_size > 1) {
       TITAN_CHECK(getenv("MASTER_ADDR") != nullptr,
-                  "environment variable MASTER_ADDR is not set (WORLD_SIZE=", env.world_size,
-                  ")");
+                  "environment variable MASTER_ADDR is not set (WORLD_SIZE=", env.world_size, ")");
       env.master_addr = getenv("MASTER_ADDR");
       env.master_port = parse_env_int(getenv, "MASTER_PORT", 1);
     }
@@ -96,9 +94,8 @@ LaunchEnv read_launch_env(const std::function<const char*(const char*)>& getenv)
   }
   TITAN_CHECK(env.rank < env.world_size, "rank ", env.rank, " is outside the world of ",
               env.world_size, " processes (", env.source, " environment)");
-  TITAN_CHECK(env.local_rank < env.local_world_size || env.source == "slurm",
-              "LOCAL_RANK ", env.local_rank, " must be below LOCAL_WORLD_SIZE ",
-              env.local_world_size);
+  TITAN_CHECK(env.local_rank < env.local_world_size || env.source == "slurm", "LOCAL_RANK ",
+              env.local_rank, " must be below LOCAL_WORLD_SIZE ", env.local_world_size);
   TITAN_CHECK(env.master_port > 0 && env.master_port < 65536, "MASTER_PORT ", env.master_port,
               " is not a TCP port");
   return env;

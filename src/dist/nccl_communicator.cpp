@@ -22,17 +22,17 @@
 namespace titan::dist {
 namespace {
 
-#define TITAN_NCCL_CHECK(expr)                                                            \
-  do {                                                                                    \
-    ncclResult_t _r = (expr);                                                             \
-    TITAN_CHECK(_r == ncclSuccess, "NCCL error in " #expr ": ", ncclGetErrorString(_r),  \
-                " (", ncclGetLastError(nullptr), ")");                                    \
+#define TITAN_NCCL_CHECK(expr)                                                                \
+  do {                                                                                        \
+    ncclResult_t _r = (expr);                                                                 \
+    TITAN_CHECK(_r == ncclSuccess, "NCCL error in " #expr ": ", ncclGetErrorString(_r), " (", \
+                ncclGetLastError(nullptr), ")");                                              \
   } while (0)
 
-#define TITAN_CUDA_CHECK(expr)                                                            \
-  do {                                                                                    \
-    cudaError_t _e = (expr);                                                              \
-    TITAN_CHECK(_e == cudaSuccess, "CUDA error in " #expr ": ", cudaGetErrorString(_e));  \
+#define TITAN_CUDA_CHECK(expr)                                                           \
+  do {                                                                                   \
+    cudaError_t _e = (expr);                                                             \
+    TITAN_CHECK(_e == cudaSuccess, "CUDA error in " #expr ": ", cudaGetErrorString(_e)); \
   } while (0)
 
 ncclDataType_t nccl_type(at::ScalarType t) {
@@ -73,7 +73,8 @@ class NcclWork : public Work {
   }
   void wait() override {
     c10::cuda::CUDAGuard guard(device_);
-    TITAN_CUDA_CHECK(cudaStreamWaitEvent(at::cuda::getCurrentCUDAStream(device_).stream(), end_, 0));
+    TITAN_CUDA_CHECK(
+        cudaStreamWaitEvent(at::cuda::getCurrentCUDAStream(device_).stream(), end_, 0));
   }
   bool started() override { return cudaEventQuery(start_) == cudaSuccess; }
   bool completed() override { return cudaEventQuery(end_) == cudaSuccess; }
@@ -217,7 +218,9 @@ class NcclCommunicator : public Communicator {
 
 }  // namespace
 
-bool nccl_available() { return true; }
+bool nccl_available() {
+  return true;
+}
 
 std::unique_ptr<Communicator> make_nccl_world(c10d::Store* store, int rank, int size,
                                               c10::Device device, FlightRecorder* recorder) {
@@ -248,7 +251,9 @@ std::unique_ptr<Communicator> make_nccl_world(c10d::Store* store, int rank, int 
 #else  // CPU build
 
 namespace titan::dist {
-bool nccl_available() { return false; }
+bool nccl_available() {
+  return false;
+}
 std::unique_ptr<Communicator> make_nccl_world(c10d::Store*, int, int, c10::Device,
                                               FlightRecorder*) {
   fail("internal: this titan build has no CUDA/NCCL support");

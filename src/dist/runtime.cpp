@@ -19,12 +19,18 @@ struct Rendezvous {
   c10::intrusive_ptr<c10d::TCPStore> store;
 };
 
-c10d::Store* rendezvous_store(const Rendezvous& r) { return r.store.get(); }
+c10d::Store* rendezvous_store(const Rendezvous& r) {
+  return r.store.get();
+}
 
 namespace {
 
-std::vector<uint8_t> bytes(const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); }
-std::string text(const std::vector<uint8_t>& b) { return std::string(b.begin(), b.end()); }
+std::vector<uint8_t> bytes(const std::string& s) {
+  return std::vector<uint8_t>(s.begin(), s.end());
+}
+std::string text(const std::vector<uint8_t>& b) {
+  return std::string(b.begin(), b.end());
+}
 
 // c10 errors carry a C++ backtrace after the message; users need only the first line.
 std::string short_what(const std::exception& e) {
@@ -112,7 +118,8 @@ struct Runtime::StoreHolder {
 };
 
 Runtime::Runtime(const LaunchEnv& env, const config::JobConfig& config, c10::Device device)
-    : env_(env), config_(config),
+    : env_(env),
+      config_(config),
       recorder_(static_cast<size_t>(std::max<int64_t>(1, config.comm.trace_buf_size))) {
   const auto dims = ParallelDims::from_config(config.parallelism, env.world_size);
   if (env.world_size > 1) {
@@ -124,9 +131,8 @@ Runtime::Runtime(const LaunchEnv& env, const config::JobConfig& config, c10::Dev
     wopts.rank = env.rank;
     wopts.world_size = env.world_size;
     wopts.timeout_s = init_s;
-    wopts.dump_folder = (std::filesystem::path(config.job.dump_folder) /
-                         config.comm.save_traces_folder)
-                            .string();
+    wopts.dump_folder =
+        (std::filesystem::path(config.job.dump_folder) / config.comm.save_traces_folder).string();
     if (device.is_cuda()) {
       world_ = make_nccl_world(store, env.rank, env.world_size, device, &recorder_);
     } else {
@@ -161,9 +167,8 @@ void Runtime::enter_training() {
   wopts.rank = env_.rank;
   wopts.world_size = env_.world_size;
   wopts.timeout_s = static_cast<double>(config_.comm.train_timeout_seconds);
-  wopts.dump_folder = (std::filesystem::path(config_.job.dump_folder) /
-                       config_.comm.save_traces_folder)
-                          .string();
+  wopts.dump_folder =
+      (std::filesystem::path(config_.job.dump_folder) / config_.comm.save_traces_folder).string();
   watchdog_ = std::make_unique<Watchdog>(recorder_, store(), wopts, [this] { abort_all(); });
 }
 

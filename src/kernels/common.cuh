@@ -49,8 +49,12 @@ struct Vec<float> {
   }
 };
 
-__device__ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ inline float to_float(float v) { return v; }
+__device__ inline float to_float(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+__device__ inline float to_float(float v) {
+  return v;
+}
 template <typename T>
 __device__ inline T from_float(float v);
 template <>

@@ -22,9 +22,9 @@ __device__ inline MaxSum combine(MaxSum a, MaxSum b) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(1024) ce_kernel(T* __restrict__ logits, const int64_t* __restrict__ targets,
-                          float* __restrict__ losses, int64_t vocab, float scale,
-                          bool write_grad) {
+__global__ void __launch_bounds__(1024)
+    ce_kernel(T* __restrict__ logits, const int64_t* __restrict__ targets,
+              float* __restrict__ losses, int64_t vocab, float scale, bool write_grad) {
   constexpr int V = Vec<T>::N;
   __shared__ MaxSum shared[32];
   __shared__ float lse_shared;

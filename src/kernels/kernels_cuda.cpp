@@ -23,17 +23,21 @@ bool supported(const at::Tensor& t) {
 launch::DType dtype_of(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 ? launch::DType::BF16 : launch::DType::F32;
 }
-int64_t vec_of(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? 8 : 4; }
+int64_t vec_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 ? 8 : 4;
+}
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+cudaStream_t stream() {
+  return at::cuda::getCurrentCUDAStream().stream();
+}
 
-#define TITAN_CUBLAS_CHECK(expr)                                                     \
-  do {                                                                               \
-    cublasStatus_t _s = (expr);                                                      \
+#define TITAN_CUBLAS_CHECK(expr)                                                    \
+  do {                                                                              \
+    cublasStatus_t _s = (expr);                                                     \
     TORCH_CHECK(_s == CUBLAS_STATUS_SUCCESS, "cuBLAS error ", static_cast<int>(_s), \
-                " at " __FILE__ ":", __LINE__);                                      \
+                " at " __FILE__ ":", __LINE__);                                     \
   } while (0)
 
 }  // namespace
@@ -80,8 +84,8 @@ at::Tensor rmsnorm_backward(const at::Tensor& dy_in, const at::Tensor& x_in, con
   return dx;
 }
 
-void rope_apply_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                    bool inverse, const at::Tensor& out) {
+void rope_apply_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse,
+                    const at::Tensor& out) {
   TITAN_CHECK(x.dim() == 4 && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
               "internal: rope_apply_out needs matching [B, S, H, hd] tensors");
   if (!supported(x) || x.stride(3) != 1 || out.stride(3) != 1 || x.size(3) % 2 != 0 ||
@@ -107,7 +111,8 @@ at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 at::Tensor swiglu_forward(const at::Tensor& ab_in) {
   const int64_t f = ab_in.size(-1) / 2;
   at::Tensor ab = ab_in.contiguous();
-  if (!supported(ab) || f % vec_of(ab) != 0 || !aligned16(ab)) return ops::swiglu_forward_ref(ab_in);
+  if (!supported(ab) || f % vec_of(ab) != 0 || !aligned16(ab))
+    return ops::swiglu_forward_ref(ab_in);
   auto sizes = ab.sizes().vec();
   sizes.back() = f;
   at::Tensor g = at::empty(sizes, ab.options());
@@ -187,11 +192,10 @@ void gemm_tn_fp32(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Ten
   const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
   TITAN_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_T, static_cast<int>(in),
-                                  static_cast<int>(out), static_cast<int>(n), &alpha,
-                                  x.data_ptr(), CUDA_R_16BF, static_cast<int>(in), dy.data_ptr(),
-                                  CUDA_R_16BF, static_cast<int>(out), &beta, grad.data_ptr(),
-                                  CUDA_R_32F, static_cast<int>(in), CUBLAS_COMPUTE_32F,
-                                  CUBLAS_GEMM_DEFAULT));
+                                  static_cast<int>(out), static_cast<int>(n), &alpha, x.data_ptr(),
+                                  CUDA_R_16BF, static_cast<int>(in), dy.data_ptr(), CUDA_R_16BF,
+                                  static_cast<int>(out), &beta, grad.data_ptr(), CUDA_R_32F,
+                                  static_cast<int>(in), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace titan::kernels

@@ -11,8 +11,9 @@ namespace {
 using dev::Vec;
 
 template <typename T>
-__global__ void __launch_bounds__(1024) rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
-                            float* __restrict__ rstd, int64_t dim, float eps) {
+__global__ void __launch_bounds__(1024)
+    rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                float* __restrict__ rstd, int64_t dim, float eps) {
   __shared__ float shared[32];
   constexpr int V = Vec<T>::N;
   const int64_t row = blockIdx.x;
@@ -41,10 +42,10 @@ __global__ void __launch_bounds__(1024) rmsnorm_fwd(const T* __restrict__ x, con
 // Each block walks rows blockIdx.x, blockIdx.x + gridDim.x, ...; thread t owns the vectors
 // t, t + blockDim.x, ... of a row (at most NV of them) and accumulates their weight gradient.
 template <typename T, int NV>
-__global__ void __launch_bounds__(1024) rmsnorm_bwd(const T* __restrict__ dy, const T* __restrict__ x,
-                            const T* __restrict__ w, const float* __restrict__ rstd,
-                            T* __restrict__ dx, float* __restrict__ partial, int64_t rows,
-                            int64_t dim) {
+__global__ void __launch_bounds__(1024)
+    rmsnorm_bwd(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
+                const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ partial,
+                int64_t rows, int64_t dim) {
   __shared__ float shared[32];
   constexpr int V = Vec<T>::N;
   float acc[NV][V];
@@ -101,8 +102,8 @@ __global__ void __launch_bounds__(1024) rmsnorm_bwd(const T* __restrict__ dy, co
   }
 }
 
-__global__ void sum_partials(const float* __restrict__ partial, float* __restrict__ out,
-                             int blocks, int64_t dim, bool accumulate) {
+__global__ void sum_partials(const float* __restrict__ partial, float* __restrict__ out, int blocks,
+                             int64_t dim, bool accumulate) {
   const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (col >= dim) return;
   float s = 0.f;
@@ -117,8 +118,8 @@ int threads_for(int64_t dim, int vec) {
 
 template <typename T>
 void bwd_launch(const void* dy, const void* x, const void* w, const float* rstd, void* dx,
-                float* partial, float* weight_grad, int64_t rows, int64_t dim,
-                bool accumulate, cudaStream_t stream) {
+                float* partial, float* weight_grad, int64_t rows, int64_t dim, bool accumulate,
+                cudaStream_t stream) {
   constexpr int V = Vec<T>::N;
   const int blocks = launch::rmsnorm_backward_blocks(rows);
   const int threads = threads_for(dim, V);

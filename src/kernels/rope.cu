@@ -74,14 +74,14 @@ unsigned grid_for(int64_t work) {
 }
 
 template <typename T>
-void run(const void* x, void* out, const float* cos, const float* sin, const Geometry& g,
-         int64_t b, bool inverse, cudaStream_t stream) {
+void run(const void* x, void* out, const float* cos, const float* sin, const Geometry& g, int64_t b,
+         bool inverse, cudaStream_t stream) {
   constexpr int V = Vec<T>::N;
   const float sign = inverse ? -1.f : 1.f;
-  const bool vec_ok =
-      g.hd % V == 0 && g.xs0 % V == 0 && g.xs1 % V == 0 && g.xs2 % V == 0 && g.os0 % V == 0 &&
-      g.os1 % V == 0 && g.os2 % V == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-      reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const bool vec_ok = g.hd % V == 0 && g.xs0 % V == 0 && g.xs1 % V == 0 && g.xs2 % V == 0 &&
+                      g.os0 % V == 0 && g.os1 % V == 0 && g.os2 % V == 0 &&
+                      reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(out) % 16 == 0;
   const int64_t elements = b * g.s_len * g.heads * g.hd;
   if (vec_ok) {
     rope_vec_kernel<T><<<grid_for(elements / V), 256, 0, stream>>>(

@@ -8,7 +8,9 @@ namespace {
 
 using dev::Vec;
 
-__device__ inline float sigmoid(float a) { return 1.f / (1.f + __expf(-a)); }
+__device__ inline float sigmoid(float a) {
+  return 1.f / (1.f + __expf(-a));
+}
 
 template <typename T>
 __global__ void swiglu_fwd(const T* __restrict__ ab, T* __restrict__ g, int64_t rows, int64_t f) {
@@ -28,8 +30,8 @@ __global__ void swiglu_fwd(const T* __restrict__ ab, T* __restrict__ g, int64_t 
 }
 
 template <typename T>
-__global__ void swiglu_bwd(const T* __restrict__ dg, const T* __restrict__ ab,
-                           T* __restrict__ dab, int64_t rows, int64_t f) {
+__global__ void swiglu_bwd(const T* __restrict__ dg, const T* __restrict__ ab, T* __restrict__ dab,
+                           int64_t rows, int64_t f) {
   constexpr int V = Vec<T>::N;
   const int64_t per_row = f / V;
   const int64_t total = rows * per_row;

@@ -2,8 +2,8 @@
 #include <filesystem>
 #include <fstream>
 
-#include "titan/util/fs.h"
 #include "titan/metrics/profiler.h"
+#include "titan/util/fs.h"
 #include "titan/util/log.h"
 
 #ifdef TITAN_WITH_CUDA
@@ -36,7 +36,9 @@ void start_memory_history(const std::string& oom_folder, int rank) {
       });
 }
 #else
-bool write_memory_snapshot(const std::string&) { return false; }
+bool write_memory_snapshot(const std::string&) {
+  return false;
+}
 void start_memory_history(const std::string&, int) {}
 #endif
 

@@ -1,6 +1,6 @@
 // Metrics output: log line, JSONL records, TensorBoard scalars.
-#include "titan/util/fs.h"
 #include "titan/metrics/metrics.h"
+#include "titan/util/fs.h"
 
 #include <nlohmann/json.hpp>
 
@@ -53,11 +53,12 @@ void MetricsLogger::log_step(const StepMetrics& m) {
   const char* c = options_.color ? "\033[36m" : "";
   const char* r = options_.color ? "\033[39m" : "";
   std::string mfu = m.mfu_pct ? fmt::format("{:.2f}%", *m.mfu_pct) : std::string("n/a");
-  log::info("{}step: {:>5}{}  loss: {:8.4f}  grad_norm: {:7.4f}  lr: {:.3e}  memory: {:5.2f}GiB"
-            "({:.2f}%)  tps: {}  tflops: {:.2f}  mfu: {}  data: {:.1f}ms  eta: {}",
-            c, m.step, r, m.loss, m.grad_norm, m.lr, m.memory.max_reserved_gib,
-            m.memory.max_reserved_pct, util::with_commas(std::llround(m.tokens_per_second)),
-            m.tflops, mfu, m.data_seconds * 1e3, format_duration(m.eta_seconds));
+  log::info(
+      "{}step: {:>5}{}  loss: {:8.4f}  grad_norm: {:7.4f}  lr: {:.3e}  memory: {:5.2f}GiB"
+      "({:.2f}%)  tps: {}  tflops: {:.2f}  mfu: {}  data: {:.1f}ms  eta: {}",
+      c, m.step, r, m.loss, m.grad_norm, m.lr, m.memory.max_reserved_gib, m.memory.max_reserved_pct,
+      util::with_commas(std::llround(m.tokens_per_second)), m.tflops, mfu, m.data_seconds * 1e3,
+      format_duration(m.eta_seconds));
   if (jsonl_.is_open()) {
     nlohmann::json j;
     j["step"] = m.step;

@@ -1,6 +1,6 @@
 // Kineto-based step profiler and the memory-snapshot schedule.
-#include "titan/util/fs.h"
 #include "titan/metrics/profiler.h"
+#include "titan/util/fs.h"
 
 #include <torch/csrc/autograd/profiler_kineto.h>
 
@@ -16,7 +16,9 @@ using torch::profiler::impl::ActivityType;
 using torch::profiler::impl::ProfilerConfig;
 using torch::profiler::impl::ProfilerState;
 
-ProfilerConfig kineto_config() { return ProfilerConfig(ProfilerState::KINETO, false, false, false); }
+ProfilerConfig kineto_config() {
+  return ProfilerConfig(ProfilerState::KINETO, false, false, false);
+}
 
 std::set<ActivityType> activities(bool cuda) {
   std::set<ActivityType> a{ActivityType::CPU};

@@ -1,12 +1,12 @@
 // TensorBoard event files (TFRecord + Event protos encoded by hand).
-#include "titan/util/fs.h"
 #include "titan/metrics/tensorboard.h"
+#include "titan/util/fs.h"
 
+#include <unistd.h>
 #include <array>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
-#include <unistd.h>
 
 #include "titan/util/crc32c.h"
 #include "titan/util/error.h"
@@ -49,8 +49,7 @@ std::string event(double wall_time, int64_t step, const std::string* file_versio
 }
 
 double now_seconds() {
-  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
 }  // namespace
@@ -60,9 +59,8 @@ TensorBoardWriter::TensorBoardWriter(const std::string& folder) {
   char host[256] = "localhost";
   gethostname(host, sizeof(host) - 1);
   const auto t = static_cast<long long>(now_seconds());
-  path_ = (std::filesystem::path(folder) /
-           ("events.out.tfevents." + std::to_string(t) + "." + host + "." +
-            std::to_string(getpid()) + ".titan"))
+  path_ = (std::filesystem::path(folder) / ("events.out.tfevents." + std::to_string(t) + "." +
+                                            host + "." + std::to_string(getpid()) + ".titan"))
               .string();
   file_ = std::fopen(path_.c_str(), "wb");
   TITAN_CHECK(file_ != nullptr, "metrics.save_tb_folder: cannot create ", path_);
@@ -96,6 +94,8 @@ void TensorBoardWriter::add_scalar(const std::string& tag, double value, int64_t
   write_record(event(now_seconds(), step, nullptr, &summary));
 }
 
-void TensorBoardWriter::flush() { std::fflush(file_); }
+void TensorBoardWriter::flush() {
+  std::fflush(file_);
+}
 
 }  // namespace titan::metrics

@@ -9,7 +9,9 @@
 namespace titan::model {
 namespace {
 
-constexpr int64_t as_signed(uint64_t v) { return static_cast<int64_t>(v); }
+constexpr int64_t as_signed(uint64_t v) {
+  return static_cast<int64_t>(v);
+}
 
 // Logical right shift on int64 tensors (ATen's shift is arithmetic).
 at::Tensor shr(const at::Tensor& x, int s) {
@@ -25,7 +27,9 @@ uint64_t fnv1a(const std::string& s, uint64_t h = 1469598103934665603ULL) {
   return h;
 }
 
-double normal_cdf(double x) { return 0.5 * std::erfc(-x / std::sqrt(2.0)); }
+double normal_cdf(double x) {
+  return 0.5 * std::erfc(-x / std::sqrt(2.0));
+}
 
 }  // namespace
 
@@ -58,8 +62,8 @@ void init_unit_range(const UnitLayout& unit, int64_t seed, int64_t flat_begin, a
         dst.fill_(1.0);
         continue;
       }
-      at::Tensor idx = at::arange(start - p.offset, start - p.offset + len,
-                                  out.options().dtype(at::kLong));
+      at::Tensor idx =
+          at::arange(start - p.offset, start - p.offset + len, out.options().dtype(at::kLong));
       at::Tensor u = hashed_uniform(idx, key);
       double lo_cdf = 0.0, hi_cdf = 1.0;
       if (p.init.kind == InitKind::TruncNormal) {

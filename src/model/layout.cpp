@@ -35,7 +35,9 @@ void finish(UnitLayout& u) {
   u.numel = (u.numel + kParamAlignElements - 1) / kParamAlignElements * kParamAlignElements;
 }
 
-InitSpec trunc(double std) { return {InitKind::TruncNormal, std, -2.0, 2.0}; }
+InitSpec trunc(double std) {
+  return {InitKind::TruncNormal, std, -2.0, 2.0};
+}
 
 }  // namespace
 
@@ -58,8 +60,8 @@ std::vector<UnitLayout> llama_units(const LlamaArgs& a) {
     u.name = "layers." + std::to_string(l);
     const std::string p = u.name + ".";
     // torchtitan: depth-scaled std for the projections that write into the residual stream.
-    const double depth_std = a.depth_init ? 0.02 / std::sqrt(2.0 * (l + 1))
-                                          : 0.02 / std::sqrt(2.0 * a.n_layers);
+    const double depth_std =
+        a.depth_init ? 0.02 / std::sqrt(2.0 * (l + 1)) : 0.02 / std::sqrt(2.0 * a.n_layers);
     add(u, p + "attention_norm.weight", {a.dim}, {});
     add(u, p + "attention.wq.weight", {a.n_heads * hd, a.dim}, trunc(0.02));
     add(u, p + "attention.wk.weight", {a.n_kv_heads * hd, a.dim}, trunc(0.02));
@@ -95,9 +97,9 @@ BlockOffsets block_offsets(const UnitLayout& u) {
   TITAN_CHECK(wk.offset == wq.offset + wq.numel && wv.offset == wk.offset + wk.numel &&
                   w3.offset == w1.offset + w1.numel,
               "internal: fused projections of ", u.name, " are not adjacent");
-  return {u.param("attention_norm.weight").offset, wq.offset,
-          u.param("attention.wo.weight").offset,   u.param("ffn_norm.weight").offset,
-          w1.offset,                               u.param("feed_forward.w2.weight").offset};
+  return {
+      u.param("attention_norm.weight").offset, wq.offset, u.param("attention.wo.weight").offset,
+      u.param("ffn_norm.weight").offset,       w1.offset, u.param("feed_forward.w2.weight").offset};
 }
 
 }  // namespace titan::model

@@ -26,7 +26,9 @@ namespace {
 at::Tensor expand_kv(const at::Tensor& kv, int64_t rep) {
   if (rep == 1) return kv;
   auto s = kv.sizes();
-  return kv.unsqueeze(3).expand({s[0], s[1], s[2], rep, s[3]}).reshape({s[0], s[1], s[2] * rep, s[3]});
+  return kv.unsqueeze(3)
+      .expand({s[0], s[1], s[2], rep, s[3]})
+      .reshape({s[0], s[1], s[2] * rep, s[3]});
 }
 
 // Sum the gradients of repeated heads back onto their KV head: [B,S,Hkv*rep,hd] -> [B,S,Hkv,hd].
@@ -36,15 +38,17 @@ at::Tensor reduce_kv(const at::Tensor& g, int64_t rep) {
   return g.reshape({s[0], s[1], s[2] / rep, rep, s[3]}).sum(3);
 }
 
-double scale_of(int64_t hd) { return 1.0 / std::sqrt(static_cast<double>(hd)); }
+double scale_of(int64_t hd) {
+  return 1.0 / std::sqrt(static_cast<double>(hd));
+}
 
 // Runs the chosen kernel's forward on already bound inputs.
 void kernel_forward(AttentionSaved& s) {
   const double scale = scale_of(s.q.size(3));
   switch (s.backend) {
     case AttentionBackend::CudaCudnn: {
-      auto r = at::_scaled_dot_product_cudnn_attention(s.q, s.k, s.v, std::nullopt, true, 0.0,
-                                                       true, false, scale);
+      auto r = at::_scaled_dot_product_cudnn_attention(s.q, s.k, s.v, std::nullopt, true, 0.0, true,
+                                                       false, scale);
       s.out = std::get<0>(r);
       s.logsumexp = std::get<1>(r);
       s.cum_seq_q = std::get<2>(r);
@@ -96,8 +100,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(const at::Tensor&
           at::Tensor(), s.cum_seq_q, s.cum_seq_k, s.max_q, s.max_k, 0.0, true, scale);
     case AttentionBackend::CudaFlash:
       return at::_scaled_dot_product_flash_attention_backward(
-          dout_bhsd, s.q, s.k, s.v, s.out, s.logsumexp, s.cum_seq_q, s.cum_seq_k, s.max_q,
-          s.max_k, 0.0, true, s.philox_seed, s.philox_offset, scale);
+          dout_bhsd, s.q, s.k, s.v, s.out, s.logsumexp, s.cum_seq_q, s.cum_seq_k, s.max_q, s.max_k,
+          0.0, true, s.philox_seed, s.philox_offset, scale);
     case AttentionBackend::CudaEfficient: {
       auto r = at::_scaled_dot_product_efficient_attention_backward(
           dout_bhsd, s.q, s.k, s.v, at::Tensor(), s.out, s.logsumexp, s.philox_seed,
@@ -141,12 +145,12 @@ double try_candidate(Choice c, const at::Tensor& q, const at::Tensor& k, const a
     };
     auto [o, dq] = run();  // warm-up (and correctness)
     if (ref_out) {
-      const double eo = ((o.to(at::kFloat) - ref_out->to(at::kFloat)).norm() /
-                         ref_out->to(at::kFloat).norm())
-                            .item<double>();
-      const double eg = ((dq.to(at::kFloat) - ref_dq->to(at::kFloat)).norm() /
-                         ref_dq->to(at::kFloat).norm())
-                            .item<double>();
+      const double eo =
+          ((o.to(at::kFloat) - ref_out->to(at::kFloat)).norm() / ref_out->to(at::kFloat).norm())
+              .item<double>();
+      const double eg =
+          ((dq.to(at::kFloat) - ref_dq->to(at::kFloat)).norm() / ref_dq->to(at::kFloat).norm())
+              .item<double>();
       if (!(eo < 2e-2 && eg < 5e-2)) return -1;
     }
     if (out_copy) *out_copy = o.clone();
@@ -177,7 +181,8 @@ void choose(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   const double flash_exp = try_candidate({AttentionBackend::CudaFlash, false}, qq, kk, vv, dout,
                                          nullptr, nullptr, &ref_out, &ref_dq);
   TITAN_CHECK(flash_exp > 0, "internal: flash attention failed on this GPU");
-  std::vector<std::pair<Choice, double>> results = {{{AttentionBackend::CudaFlash, false}, flash_exp}};
+  std::vector<std::pair<Choice, double>> results = {
+      {{AttentionBackend::CudaFlash, false}, flash_exp}};
   const bool gqa = q.size(2) != k.size(2);
   if (gqa) {
     results.push_back({{AttentionBackend::CudaFlash, true},
@@ -188,12 +193,14 @@ void choose(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
                                      &ref_out, &ref_dq, nullptr, nullptr)});
   }
   results.push_back({{AttentionBackend::CudaCudnn, false},
-                     try_candidate({AttentionBackend::CudaCudnn, false}, qq, kk, vv, dout,
-                                   &ref_out, &ref_dq, nullptr, nullptr)});
+                     try_candidate({AttentionBackend::CudaCudnn, false}, qq, kk, vv, dout, &ref_out,
+                                   &ref_dq, nullptr, nullptr)});
   // The fastest correct candidate, or the fastest of the forced kind (TITAN_ATTENTION).
   const char* force_env = std::getenv("TITAN_ATTENTION");
   const std::string force = force_env ? force_env : "";
-  auto name_of = [](AttentionBackend b) { return b == AttentionBackend::CudaCudnn ? "cudnn" : "flash"; };
+  auto name_of = [](AttentionBackend b) {
+    return b == AttentionBackend::CudaCudnn ? "cudnn" : "flash";
+  };
   Choice best;
   double best_ms = -1;
   std::string report;
@@ -263,7 +270,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
   const int64_t h = saved.q.size(1);
   const int64_t rep = saved.k.size(1) == hkv ? 1 : h / hkv;
   auto [dq, dk, dv] = kernel_backward(dout.transpose(1, 2), saved);
-  return {dq.transpose(1, 2), reduce_kv(dk.transpose(1, 2), rep), reduce_kv(dv.transpose(1, 2), rep)};
+  return {dq.transpose(1, 2), reduce_kv(dk.transpose(1, 2), rep),
+          reduce_kv(dv.transpose(1, 2), rep)};
 }
 
 }  // namespace titan::ops

@@ -35,9 +35,10 @@ HeadResult head_forward_backward(const at::Tensor& h, const at::Tensor& norm_w,
   // its chunks can be larger: fewer, taller GEMMs.
   const bool fused = use_fused(h) && vocab % 8 == 0;
   (void)fused;
-  const int64_t chunk = fused ? std::min<int64_t>(n, std::max<int64_t>(
-                                                        128, (int64_t(1) << 30) / (vocab * 2) / 128 * 128))
-                              : head_chunk_rows(n, vocab, int64_t(512) << 20);
+  const int64_t chunk =
+      fused ? std::min<int64_t>(
+                  n, std::max<int64_t>(128, (int64_t(1) << 30) / (vocab * 2) / 128 * 128))
+            : head_chunk_rows(n, vocab, int64_t(512) << 20);
   for (int64_t start = 0; start < n; start += chunk) {
     const int64_t len = std::min(chunk, n - start);
     at::Tensor hc = hn.narrow(0, start, len);

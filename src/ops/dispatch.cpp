@@ -8,8 +8,12 @@ namespace {
 std::atomic<bool> g_fused{true};
 }
 
-void set_fused_kernels(bool enabled) { g_fused = enabled; }
-bool fused_kernels_enabled() { return g_fused; }
+void set_fused_kernels(bool enabled) {
+  g_fused = enabled;
+}
+bool fused_kernels_enabled() {
+  return g_fused;
+}
 
 bool use_fused(const at::Tensor& t) {
 #ifdef TITAN_WITH_CUDA

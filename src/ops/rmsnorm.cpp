@@ -18,9 +18,9 @@ std::tuple<at::Tensor, at::Tensor> rmsnorm_forward_ref(const at::Tensor& x,
   return {y, rstd};
 }
 
-at::Tensor rmsnorm_backward_ref(const at::Tensor& dy, const at::Tensor& x,
-                                const at::Tensor& weight, const at::Tensor& rstd,
-                                const at::Tensor& weight_grad, bool accumulate) {
+at::Tensor rmsnorm_backward_ref(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& rstd, const at::Tensor& weight_grad,
+                                bool accumulate) {
   const int64_t d = x.size(-1);
   at::Tensor xhat = x.to(at::kFloat) * rstd.unsqueeze(-1);
   at::Tensor dyf = dy.to(at::kFloat);

@@ -60,8 +60,8 @@ at::Tensor rope_apply_ref(const at::Tensor& x, const at::Tensor& cos, const at::
   return at::stack({o0, o1}, -1).reshape(sizes).to(x.scalar_type());
 }
 
-void rope_apply_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                    bool inverse, const at::Tensor& out) {
+void rope_apply_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse,
+                    const at::Tensor& out) {
 #ifdef TITAN_WITH_CUDA
   if (use_fused(x)) {
     kernels::rope_apply_out(x, cos, sin, inverse, out);

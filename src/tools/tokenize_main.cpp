@@ -10,13 +10,13 @@
 #include <iostream>
 #include <thread>
 
-#include "titan/util/fs.h"
 #include "titan/data/bpe_trainer.h"
 #include "titan/data/corpus.h"
 #include "titan/data/text_reader.h"
 #include "titan/data/token_shard.h"
 #include "titan/data/tokenizer.h"
 #include "titan/util/error.h"
+#include "titan/util/fs.h"
 #include "titan/util/log.h"
 #include "titan/util/strings.h"
 

@@ -17,16 +17,18 @@ LrScheduler::LrScheduler(double peak_lr, int64_t warmup_steps, int64_t training_
       decay_type_(std::move(decay_type)),
       min_lr_factor_(min_lr_factor) {
   if (warmup_steps_ > training_steps) {
-    log::warn("lr_scheduler.warmup_steps ({}) exceeds training.steps ({}); warming up over all steps",
-              warmup_steps_, training_steps);
+    log::warn(
+        "lr_scheduler.warmup_steps ({}) exceeds training.steps ({}); warming up over all steps",
+        warmup_steps_, training_steps);
     warmup_steps_ = training_steps;
   }
   if (decay_ratio) {
     decay_steps_ = static_cast<int64_t>(std::llround(training_steps * *decay_ratio));
     if (warmup_steps_ + decay_steps_ > training_steps) {
-      log::warn("lr_scheduler: warmup ({}) + decay ({}) steps exceed training.steps ({}); "
-                "decay shortened to {}",
-                warmup_steps_, decay_steps_, training_steps, training_steps - warmup_steps_);
+      log::warn(
+          "lr_scheduler: warmup ({}) + decay ({}) steps exceed training.steps ({}); "
+          "decay shortened to {}",
+          warmup_steps_, decay_steps_, training_steps, training_steps - warmup_steps_);
       decay_steps_ = training_steps - warmup_steps_;
     }
   } else {
@@ -58,6 +60,8 @@ double LrScheduler::factor_at(int64_t step) const {
   return min_lr_factor_ + (1.0 - min_lr_factor_) * adj;
 }
 
-double LrScheduler::lr_at(int64_t step) const { return peak_lr_ * factor_at(step); }
+double LrScheduler::lr_at(int64_t step) const {
+  return peak_lr_ * factor_at(step);
+}
 
 }  // namespace titan::train

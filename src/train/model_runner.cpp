@@ -39,8 +39,8 @@ at::Tensor ModelRunner::embed(const at::Tensor& inputs) {
   const int64_t v = args_.vocab_size, d = args_.dim;
   const bool local = fsdp_.dp_shard_size() == 1 && u.master.device() == fsdp_.device();
   at::Tensor table = local ? u.master : fsdp_.gather(0);
-  at::Tensor h = model::embedding_forward(table.narrow(0, 0, v * d).view({v, d}), inputs,
-                                          compute_dtype_);
+  at::Tensor h =
+      model::embedding_forward(table.narrow(0, 0, v * d).view({v, d}), inputs, compute_dtype_);
   fsdp_.release(0, /*after_forward=*/true);
   return h;
 }
@@ -89,10 +89,10 @@ at::Tensor ModelRunner::forward_backward(const at::Tensor& tokens, double grad_s
   at::Tensor& hg = fsdp_.full_grad(head, &acc);
   at::Tensor norm_grad = hg.narrow(0, norm_slot.offset, d);
   at::Tensor out_grad = hg.narrow(0, out_slot.offset, v * d).view({v, d});
-  auto res = ops::head_forward_backward(
-      h.reshape({b * seq, d}), hw.narrow(0, norm_slot.offset, d),
-      hw.narrow(0, out_slot.offset, v * d).view({v, d}), labels, args_.norm_eps, grad_scale,
-      &norm_grad, &out_grad, /*compute_grad=*/true, acc);
+  auto res = ops::head_forward_backward(h.reshape({b * seq, d}), hw.narrow(0, norm_slot.offset, d),
+                                        hw.narrow(0, out_slot.offset, v * d).view({v, d}), labels,
+                                        args_.norm_eps, grad_scale, &norm_grad, &out_grad,
+                                        /*compute_grad=*/true, acc);
   h = at::Tensor();
   fsdp_.reduce_grad(head, last_microbatch);
   fsdp_.release(head, /*after_forward=*/false);
@@ -130,8 +130,8 @@ at::Tensor ModelRunner::forward_loss(const at::Tensor& tokens) {
   const at::Tensor& hw = fsdp_.gather(head);
   auto res = ops::head_forward_backward(
       h.reshape({b * seq, d}), hw.narrow(0, hl.param("norm.weight").offset, d),
-      hw.narrow(0, hl.param("output.weight").offset, v * d).view({v, d}), labels,
-      args_.norm_eps, 0.0, nullptr, nullptr, /*compute_grad=*/false);
+      hw.narrow(0, hl.param("output.weight").offset, v * d).view({v, d}), labels, args_.norm_eps,
+      0.0, nullptr, nullptr, /*compute_grad=*/false);
   fsdp_.release_all();
   return res.loss_sum;
 }

@@ -1,9 +1,9 @@
 // Device description and memory statistics (CUDA caching allocator, or process RSS on CPU).
 #include "titan/util/device.h"
 
+#include <unistd.h>
 #include <fstream>
 #include <string>
-#include <unistd.h>
 
 #ifdef TITAN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>

@@ -46,7 +46,9 @@ void make_directories(const std::string& path) {
 }
 
 namespace {
-int remove_entry(const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }
+int remove_entry(const char* p, const struct stat*, int, struct FTW*) {
+  return ::remove(p);
+}
 }  // namespace
 
 void remove_tree(const std::string& path) {
@@ -56,8 +58,8 @@ void remove_tree(const std::string& path) {
     TITAN_CHECK(::unlink(path.c_str()) == 0, "cannot remove ", path, ": ", std::strerror(errno));
     return;
   }
-  TITAN_CHECK(::nftw(path.c_str(), remove_entry, 32, FTW_DEPTH | FTW_PHYS) == 0,
-              "cannot remove ", path, ": ", std::strerror(errno));
+  TITAN_CHECK(::nftw(path.c_str(), remove_entry, 32, FTW_DEPTH | FTW_PHYS) == 0, "cannot remove ",
+              path, ": ", std::strerror(errno));
 }
 
 void rename_path(const std::string& from, const std::string& to) {

@@ -3,9 +3,9 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <charconv>
 #include <cstdlib>
-#include <cerrno>
 
 namespace titan::util {
 

@@ -132,18 +132,17 @@ void bench(dist::Runtime& rt) {
       const auto t0 = std::chrono::steady_clock::now();
       for (int i = 0; i < iters; ++i) fn();
       synchronize(g_opts.device());
-      return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
-             iters;
+      return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
     };
     const double ag = time_op([&] { c->all_gather_into(full, shard); });
     const double rs = time_op([&] { c->reduce_scatter(shard, full, ReduceOp::Sum); });
     // bus bandwidth as nccl-tests defines it: size * (g - 1) / g / time
     const double factor = static_cast<double>(g - 1) / g;
     if (rt.env().rank == 0) {
-      std::printf("{\"impl\": \"titan\", \"bytes\": %lld, \"all_gather_busbw_gbps\": %.2f, "
-                  "\"reduce_scatter_busbw_gbps\": %.2f}\n",
-                  static_cast<long long>(bytes), bytes * factor / ag / 1e9,
-                  bytes * factor / rs / 1e9);
+      std::printf(
+          "{\"impl\": \"titan\", \"bytes\": %lld, \"all_gather_busbw_gbps\": %.2f, "
+          "\"reduce_scatter_busbw_gbps\": %.2f}\n",
+          static_cast<long long>(bytes), bytes * factor / ag / 1e9, bytes * factor / rs / 1e9);
       std::fflush(stdout);
     }
   }
@@ -173,8 +172,8 @@ int main(int argc, char** argv) {
         check_group(*rt.world(), "world");
         ++groups;
       }
-      for (const char* name : {"pp", "dp_replicate", "dp_shard", "cp", "tp", "dp",
-                               "dp_shard_cp", "dp_cp"}) {
+      for (const char* name :
+           {"pp", "dp_replicate", "dp_shard", "cp", "tp", "dp", "dp_shard_cp", "dp_cp"}) {
         if (Communicator* c = rt.mesh().group(name)) {
           check_group(*c, name);
           ++groups;

@@ -16,8 +16,8 @@ TEST(GpuTraining, Fp32GradientsMatchAutogradReference) {
   at::manual_seed(5);
   at::Tensor tokens = at::randint(0, args.vocab_size, {2, 33}, at::kLong);
   parallel::FsdpOptions opts;
-  parallel::FsdpModel fsdp(model::llama_units(args), nullptr, nullptr,
-                           c10::Device(c10::kCUDA, 0), opts);
+  parallel::FsdpModel fsdp(model::llama_units(args), nullptr, nullptr, c10::Device(c10::kCUDA, 0),
+                           opts);
   fsdp.init_weights(1);
   train::ModelRunner runner(args, fsdp, train::ActivationPolicy{"none", ""});
   const double n = 2 * 32;
@@ -36,10 +36,9 @@ TEST(GpuTraining, FusedKernelLossCurveMatchesUnfusedWithinBf16Noise) {
   auto run = [&](const std::string& fused) {
     const std::string out = dir.file("run_" + fused);
     auto r = test::run_process(
-        {TITAN_TRAIN_BINARY, "--job.config_file", std::string(TITAN_SOURCE_DIR) +
-                                                      "/configs/debug_model.toml",
-         "--training.steps", "50", "--metrics.log_freq", "1", "--training.fused_kernels", fused,
-         "--job.dump_folder", out},
+        {TITAN_TRAIN_BINARY, "--job.config_file",
+         std::string(TITAN_SOURCE_DIR) + "/configs/debug_model.toml", "--training.steps", "50",
+         "--metrics.log_freq", "1", "--training.fused_kernels", fused, "--job.dump_folder", out},
         {});
     EXPECT_EQ(r.exit_code, 0) << r.output;
     return test::read_losses(out + "/metrics.jsonl");
@@ -65,8 +64,7 @@ TEST(GpuTraining, CudaGraphStepsEqualEagerSteps) {
     auto r = test::run_process(
         {TITAN_TRAIN_BINARY, "--job.config_file",
          std::string(TITAN_SOURCE_DIR) + "/configs/debug_model.toml", "--training.steps", "12",
-         "--metrics.log_freq", "1", "--training.use_cuda_graphs", graphs, "--job.dump_folder",
-         out},
+         "--metrics.log_freq", "1", "--training.use_cuda_graphs", graphs, "--job.dump_folder", out},
         {"TITAN_ATTENTION=flash"});
     EXPECT_EQ(r.exit_code, 0) << r.output;
     if (graphs == "true") {

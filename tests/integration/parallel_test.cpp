@@ -19,12 +19,21 @@ struct RunResult {
   std::vector<std::string> outputs;
 };
 
-RunResult train_ranks(const test::TempDir& dir, const std::string& name, int world, int64_t local_batch,
-        std::vector<std::string> extra) {
-  std::vector<std::string> argv = {TITAN_TRAIN_BINARY, "--job.config_file", kDebugConfig,
-                                   "--job.dump_folder", dir.file(name), "--training.steps", "10",
-                                   "--metrics.log_freq", "1", "--training.seq_len", "64",
-                                   "--training.local_batch_size", std::to_string(local_batch),
+RunResult train_ranks(const test::TempDir& dir, const std::string& name, int world,
+                      int64_t local_batch, std::vector<std::string> extra) {
+  std::vector<std::string> argv = {TITAN_TRAIN_BINARY,
+                                   "--job.config_file",
+                                   kDebugConfig,
+                                   "--job.dump_folder",
+                                   dir.file(name),
+                                   "--training.steps",
+                                   "10",
+                                   "--metrics.log_freq",
+                                   "1",
+                                   "--training.seq_len",
+                                   "64",
+                                   "--training.local_batch_size",
+                                   std::to_string(local_batch),
                                    "--metrics.disable_color_printing"};
   argv.insert(argv.end(), extra.begin(), extra.end());
   RunResult r;
@@ -70,14 +79,15 @@ TEST(DataParallel, DdpFsdpHsdpMatchOneProcess) {
   test::TempDir dir;
   RunResult single = train_ranks(dir, "single", 1, 8, {});
   RunResult ddp = train_ranks(dir, "ddp", 2, 4,
-                {"--parallelism.data_parallel_replicate_degree", "2",
-                 "--parallelism.data_parallel_shard_degree", "1"});
+                              {"--parallelism.data_parallel_replicate_degree", "2",
+                               "--parallelism.data_parallel_shard_degree", "1"});
   expect_same(ddp, single, "DDP 2");
   RunResult fsdp2 = train_ranks(dir, "fsdp2", 2, 4, {});
   expect_same(fsdp2, single, "FSDP 2");
   RunResult fsdp4 = train_ranks(dir, "fsdp4", 4, 2, {});
   expect_same(fsdp4, single, "FSDP 4");
-  RunResult hsdp = train_ranks(dir, "hsdp", 4, 2, {"--parallelism.data_parallel_replicate_degree", "2"});
+  RunResult hsdp =
+      train_ranks(dir, "hsdp", 4, 2, {"--parallelism.data_parallel_replicate_degree", "2"});
   expect_same(hsdp, single, "HSDP 2x2");
   // Per-rank parameter + gradient + optimizer memory is about 1/N of the unsharded total.
   const auto one = state_mib(single);
@@ -92,10 +102,11 @@ TEST(DataParallel, DdpFsdpHsdpMatchOneProcess) {
 TEST(DataParallel, ShardingWithGradientAccumulationAndResharding) {
   test::TempDir dir;
   RunResult single = train_ranks(dir, "single", 1, 8, {});
-  RunResult accum = train_ranks(dir, "accum", 2, 2,
-                  {"--training.global_batch_size", "8", "--parallelism.fsdp_reshard_after_forward",
-                   "always"});
+  RunResult accum = train_ranks(
+      dir, "accum", 2, 2,
+      {"--training.global_batch_size", "8", "--parallelism.fsdp_reshard_after_forward", "always"});
   expect_same(accum, single, "FSDP 2 with 2 micro-batches, always reshard");
-  RunResult never = train_ranks(dir, "never", 2, 4, {"--parallelism.fsdp_reshard_after_forward", "never"});
+  RunResult never =
+      train_ranks(dir, "never", 2, 4, {"--parallelism.fsdp_reshard_after_forward", "never"});
   expect_same(never, single, "FSDP 2, never reshard");
 }

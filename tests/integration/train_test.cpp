@@ -16,8 +16,12 @@ const std::string kDebugConfig = std::string(TITAN_SOURCE_DIR) + "/configs/debug
 
 std::vector<double> train(const test::TempDir& dir, const std::string& name,
                           std::vector<std::string> extra) {
-  std::vector<std::string> args = {"--job.config_file", kDebugConfig, "--job.dump_folder",
-                                   dir.file(name), "--metrics.log_freq", "1",
+  std::vector<std::string> args = {"--job.config_file",
+                                   kDebugConfig,
+                                   "--job.dump_folder",
+                                   dir.file(name),
+                                   "--metrics.log_freq",
+                                   "1",
                                    "--metrics.disable_color_printing"};
   args.insert(args.end(), extra.begin(), extra.end());
   auto r = test::run_titan_train(args);
@@ -64,8 +68,8 @@ TEST(Training, GradientAccumulationEqualsOneLargeBatch) {
   auto big = common;
   big.insert(big.end(), {"--training.local_batch_size", "8"});
   auto accum = common;
-  accum.insert(accum.end(), {"--training.local_batch_size", "2", "--training.global_batch_size",
-                             "8"});
+  accum.insert(accum.end(),
+               {"--training.local_batch_size", "2", "--training.global_batch_size", "8"});
   auto a = train(dir, "big", big);
   auto b = train(dir, "accum", accum);
   ASSERT_EQ(a.size(), 6u);
@@ -74,8 +78,8 @@ TEST(Training, GradientAccumulationEqualsOneLargeBatch) {
 }
 
 TEST(Training, EveryShippedConfigLoads) {
-  for (const auto& entry : std::filesystem::directory_iterator(std::string(TITAN_SOURCE_DIR) +
-                                                               "/configs")) {
+  for (const auto& entry :
+       std::filesystem::directory_iterator(std::string(TITAN_SOURCE_DIR) + "/configs")) {
     auto r = test::run_titan_train({"--job.config_file", entry.path().string(), "--help"});
     EXPECT_EQ(r.exit_code, 0) << entry.path();
     auto p = test::run_process({TITAN_TRAIN_BINARY, "--job.config_file", entry.path().string(),

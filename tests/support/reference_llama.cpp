@@ -77,10 +77,10 @@ ReferenceResult reference_loss_and_grads(const model::LlamaArgs& a,
     h = h + at::matmul(g, P(u, "feed_forward.w2.weight").t());
   }
   const size_t head = units.size() - 1;
-  at::Tensor logits = at::matmul(rmsnorm(h, P(head, "norm.weight"), a.norm_eps),
-                                 P(head, "output.weight").t());
-  at::Tensor loss = at::nll_loss(at::log_softmax(logits.reshape({b * s, -1}), -1),
-                                 labels.reshape({-1}));
+  at::Tensor logits =
+      at::matmul(rmsnorm(h, P(head, "norm.weight"), a.norm_eps), P(head, "output.weight").t());
+  at::Tensor loss =
+      at::nll_loss(at::log_softmax(logits.reshape({b * s, -1}), -1), labels.reshape({-1}));
   loss.backward();
   ReferenceResult r;
   r.loss_mean = loss.item<double>();

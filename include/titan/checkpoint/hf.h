@@ -8,8 +8,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <map>
-#include <vector>
 #include <string>
+#include <vector>
 
 #include "titan/checkpoint/checkpointer.h"
 

@@ -37,9 +37,9 @@ struct LoaderOptions {
   int64_t dp_rank = 0;
   int64_t dp_size = 1;
   int64_t seq_len = 2048;
-  bool infinite = true;     // re-loop over epochs (training); false stops (validation)
-  int prefetch_batches = 2; // 0: no background thread
-  bool pin_memory = false;  // page-locked host batches for async H2D copies
+  bool infinite = true;      // re-loop over epochs (training); false stops (validation)
+  int prefetch_batches = 2;  // 0: no background thread
+  bool pin_memory = false;   // page-locked host batches for async H2D copies
 };
 
 class DataLoader {
@@ -65,7 +65,7 @@ class DataLoader {
     at::Tensor batch;  // undefined: end of data
     LoaderState state;
   };
-  Item produce();          // builds one batch from the source (caller holds no lock)
+  Item produce();  // builds one batch from the source (caller holds no lock)
   void start_thread();
   void stop_thread();
   void worker();
@@ -73,8 +73,8 @@ class DataLoader {
   std::unique_ptr<DocumentSource> source_;
   LoaderOptions options_;
   std::string description_;
-  LoaderState cursor_;     // producer-side state (source position + carry)
-  LoaderState consumed_;   // state after the last batch handed out
+  LoaderState cursor_;    // producer-side state (source position + carry)
+  LoaderState consumed_;  // state after the last batch handed out
   double last_wait_s_ = 0;
 
   std::thread thread_;

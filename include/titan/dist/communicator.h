@@ -79,8 +79,7 @@ class Communicator {
 
   virtual WorkPtr do_all_reduce(const at::Tensor& t, ReduceOp op) = 0;
   virtual WorkPtr do_all_gather(const at::Tensor& out, const at::Tensor& in) = 0;
-  virtual WorkPtr do_reduce_scatter(const at::Tensor& out, const at::Tensor& in,
-                                    ReduceOp op) = 0;
+  virtual WorkPtr do_reduce_scatter(const at::Tensor& out, const at::Tensor& in, ReduceOp op) = 0;
   virtual WorkPtr do_broadcast(const at::Tensor& t, int root) = 0;
   virtual WorkPtr do_send_recv(const std::vector<P2POp>& ops) = 0;
   virtual WorkPtr do_all_to_all(const at::Tensor& out, const at::Tensor& in) = 0;

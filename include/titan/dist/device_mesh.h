@@ -65,7 +65,7 @@ class DeviceMesh {
   ParallelDims dims_;
   int rank_;
   std::array<int64_t, 5> coord_{};
-  std::map<std::string, Communicator*> groups_;           // "dp" may alias "dp_shard", ...
+  std::map<std::string, Communicator*> groups_;  // "dp" may alias "dp_shard", ...
   std::vector<std::unique_ptr<Communicator>> owned_;
 };
 

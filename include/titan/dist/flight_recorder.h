@@ -27,15 +27,15 @@ class Store;
 namespace titan::dist {
 
 struct CollectiveRecord {
-  uint64_t id = 0;          // process-wide order
+  uint64_t id = 0;  // process-wide order
   std::string group;
-  uint64_t group_seq = 0;   // the same on every member of the group
+  uint64_t group_seq = 0;  // the same on every member of the group
   const std::vector<int>* ranks = nullptr;
   std::string op;
   int64_t numel = 0;
   std::string dtype;
   double enqueue_s = 0, start_s = -1, end_s = -1;  // wall-clock seconds, -1 unknown
-  WorkPtr work;             // held until completion is observed
+  WorkPtr work;                                    // held until completion is observed
   bool completed = false;
 };
 

@@ -13,15 +13,14 @@ std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at
                                                    double eps);
 // Returns dx; adds dweight into weight_grad (fp32 [D]).
 at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& rstd, const at::Tensor& weight_grad,
-                            bool accumulate);
+                            const at::Tensor& rstd, const at::Tensor& weight_grad, bool accumulate);
 
 // RoPE on interleaved pairs; x: [B, S, H, hd] with unit stride in the last dim.
 at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       bool inverse);
 // The same into `out` (any strides with a unit last dim, e.g. a slice of dqkv).
-void rope_apply_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                    bool inverse, const at::Tensor& out);
+void rope_apply_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse,
+                    const at::Tensor& out);
 
 // SwiGLU: ab [..., 2F] -> silu(a) * b [..., F]; backward -> d(ab).
 at::Tensor swiglu_forward(const at::Tensor& ab);
@@ -29,8 +28,8 @@ at::Tensor swiglu_backward(const at::Tensor& dg, const at::Tensor& ab);
 
 // Cross-entropy over logits [rows, V] (bf16/fp32): returns the fp32 loss sum; when
 // `write_grad`, overwrites logits with (softmax - onehot) * grad_scale in place.
-at::Tensor cross_entropy_fwd_bwd(at::Tensor& logits, const at::Tensor& targets,
-                                 double grad_scale, bool write_grad);
+at::Tensor cross_entropy_fwd_bwd(at::Tensor& logits, const at::Tensor& targets, double grad_scale,
+                                 bool write_grad);
 
 // grad (fp32 [out, in]) (+)= dy^T x with dy [N, out], x [N, in] in bf16: cuBLAS with fp32
 // accumulation and an fp32 output, so weight gradients never round to bf16. Without

@@ -18,20 +18,20 @@ struct StepMetrics {
   double loss = 0;
   double grad_norm = 0;
   double lr = 0;
-  double tokens_per_second = 0;  // per device
-  double tflops = 0;             // per device
-  std::optional<double> mfu_pct; // unknown peak: none
+  double tokens_per_second = 0;   // per device
+  double tflops = 0;              // per device
+  std::optional<double> mfu_pct;  // unknown peak: none
   MemoryStats memory;
   double step_seconds = 0;
-  double data_seconds = 0;       // host time waiting for data per step
+  double data_seconds = 0;  // host time waiting for data per step
   double eta_seconds = 0;
 };
 
 struct MetricsOptions {
   std::string dump_folder;
-  bool write_files = true;         // metrics.jsonl (rank 0, or every rank)
+  bool write_files = true;  // metrics.jsonl (rank 0, or every rank)
   bool enable_tensorboard = false;
-  std::string tb_folder;           // under dump_folder
+  std::string tb_folder;  // under dump_folder
   bool color = true;
   int rank = 0;
 };

@@ -30,16 +30,16 @@ BlockWeights block_views(const UnitLayout& unit, const at::Tensor& flat);
 
 struct BlockSaved {
   SavePolicy policy = SavePolicy::All;
-  at::Tensor x;             // block input [B, S, D]
-  at::Tensor rstd1, xn1;    // attention norm
-  at::Tensor qkv;           // fused projection output [B, S, H + 2K, hd]
-  at::Tensor q, k;          // after RoPE
+  at::Tensor x;           // block input [B, S, D]
+  at::Tensor rstd1, xn1;  // attention norm
+  at::Tensor qkv;         // fused projection output [B, S, H + 2K, hd]
+  at::Tensor q, k;        // after RoPE
   ops::AttentionSaved attn;
-  at::Tensor o;             // attention output [B, S, H*hd]
-  at::Tensor h;             // residual after attention
-  at::Tensor rstd2, hn2;    // ffn norm
-  at::Tensor ab;            // fused w1|w3 output [B, S, 2F]
-  at::Tensor g;             // silu(a) * b
+  at::Tensor o;           // attention output [B, S, H*hd]
+  at::Tensor h;           // residual after attention
+  at::Tensor rstd2, hn2;  // ffn norm
+  at::Tensor ab;          // fused w1|w3 output [B, S, 2F]
+  at::Tensor g;           // silu(a) * b
   void clear() { *this = BlockSaved{}; }
 };
 

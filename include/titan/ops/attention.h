@@ -14,9 +14,9 @@ enum class AttentionBackend { CpuFlash, CudaFlash, CudaCudnn, CudaEfficient };
 // What forward must keep for backward.
 struct AttentionSaved {
   AttentionBackend backend = AttentionBackend::CpuFlash;
-  at::Tensor q, k, v;   // [B, H(q)/Hkv(k,v), S, hd] views as passed to the kernel
-  at::Tensor out;       // [B, H, S, hd] view
-  at::Tensor logsumexp; // kernel-specific
+  at::Tensor q, k, v;    // [B, H(q)/Hkv(k,v), S, hd] views as passed to the kernel
+  at::Tensor out;        // [B, H, S, hd] view
+  at::Tensor logsumexp;  // kernel-specific
   // flash (CUDA) bookkeeping
   at::Tensor cum_seq_q, cum_seq_k, philox_seed, philox_offset;
   int64_t max_q = 0, max_k = 0;

@@ -22,8 +22,8 @@ at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at:
 // ATen reference versions (used by tests and as the CPU path).
 std::tuple<at::Tensor, at::Tensor> rmsnorm_forward_ref(const at::Tensor& x,
                                                        const at::Tensor& weight, double eps);
-at::Tensor rmsnorm_backward_ref(const at::Tensor& dy, const at::Tensor& x,
-                                const at::Tensor& weight, const at::Tensor& rstd,
-                                const at::Tensor& weight_grad, bool accumulate = true);
+at::Tensor rmsnorm_backward_ref(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& rstd, const at::Tensor& weight_grad,
+                                bool accumulate = true);
 
 }  // namespace titan::ops

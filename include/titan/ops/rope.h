@@ -18,8 +18,8 @@ std::tuple<at::Tensor, at::Tensor> rope_tables(const model::LlamaArgs& args, int
 at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       bool inverse = false);
 // The same, written into `out` ([B, S, H, hd], any strides with a unit last dim).
-void rope_apply_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                    bool inverse, const at::Tensor& out);
+void rope_apply_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse,
+                    const at::Tensor& out);
 at::Tensor rope_apply_ref(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                           bool inverse = false);
 

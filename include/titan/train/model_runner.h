@@ -14,8 +14,8 @@
 namespace titan::train {
 
 struct ActivationPolicy {
-  std::string mode = "none";   // none | selective | full
-  std::string option = "2";    // selective: integer k or "op"
+  std::string mode = "none";  // none | selective | full
+  std::string option = "2";   // selective: integer k or "op"
   // Policy of block `layer`: torchtitan checkpoints every k-th block counting from one.
   model::SavePolicy for_layer(int64_t layer) const;
 };

@@ -21,8 +21,8 @@ class Optimizer {
   // (empty, or one per parameter, undefined where unused): lower-precision copies of the
   // parameters rewritten after every step (the compute weights; CUDA writes them in the same
   // kernel as the update).
-  Optimizer(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
-            OptimizerOptions options, std::vector<at::Tensor> shadows = {});
+  Optimizer(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, OptimizerOptions options,
+            std::vector<at::Tensor> shadows = {});
 
   // One update with learning rate `lr`. `grad_divisor` (fp32 scalar tensor on the params'
   // device, or undefined) divides every gradient first: the clip coefficient's inverse.

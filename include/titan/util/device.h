@@ -11,7 +11,7 @@ namespace titan {
 struct DeviceInfo {
   c10::Device device{c10::kCPU};
   std::string name;
-  double peak_flops = 0;       // dense bf16 FLOP/s, 0 when unknown (no MFU then)
+  double peak_flops = 0;  // dense bf16 FLOP/s, 0 when unknown (no MFU then)
   int64_t total_memory_bytes = 0;
 };
 

@@ -33,9 +33,9 @@ template <typename... Args>
 }  // namespace titan
 
 // Checks a condition that depends on user input; throws titan::Error otherwise.
-#define TITAN_CHECK(cond, ...)        \
-  do {                                \
-    if (!(cond)) {                    \
-      ::titan::fail(__VA_ARGS__);     \
-    }                                 \
+#define TITAN_CHECK(cond, ...)    \
+  do {                            \
+    if (!(cond)) {                \
+      ::titan::fail(__VA_ARGS__); \
+    }                             \
   } while (0)

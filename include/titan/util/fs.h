@@ -26,8 +26,12 @@ std::string join_path(const std::string& a, const std::string& b);
 std::string parent_path(const std::string& path);
 
 // A path as a string, from std::string, const char* or a std::filesystem::path-like object.
-inline std::string path_str(const std::string& s) { return s; }
-inline std::string path_str(const char* s) { return s; }
+inline std::string path_str(const std::string& s) {
+  return s;
+}
+inline std::string path_str(const char* s) {
+  return s;
+}
 template <typename P>
 auto path_str(const P& p) -> decltype(p.string()) {
   return p.string();

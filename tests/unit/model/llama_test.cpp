@@ -146,10 +146,16 @@ TEST(LlamaInit, DistributionsFollowTorchtitan) {
   const auto& head = units.back();
   auto [m3, s3, x3] = stats(head, "output.weight");
   const double out_std = 1.0 / 16.0;
-  EXPECT_LE(x3, 3 * out_std + 1e-6);  // truncated at 3 std
+  EXPECT_LE(x3, 3 * out_std + 1e-6);        // truncated at 3 std
   EXPECT_NEAR(s3, out_std * 0.986, 0.002);  // std of a normal truncated at +-3 sigma
   auto [m4, s4, x4] = stats(units[1], "attention_norm.weight");
   EXPECT_DOUBLE_EQ(m4, 1.0);
   EXPECT_DOUBLE_EQ(s4, 0.0);
-  (void)m1; (void)x0; (void)x1; (void)m2; (void)x2; (void)m3; (void)x4;
+  (void)m1;
+  (void)x0;
+  (void)x1;
+  (void)m2;
+  (void)x2;
+  (void)m3;
+  (void)x4;
 }

@@ -31,6 +31,7 @@
 #include "titan/util/device.h"
 #include "titan/util/error.h"
 #include "titan/util/log.h"
+#include "titan/util/progress.h"
 #include "titan/util/strings.h"
 
 namespace fs = std::filesystem;
@@ -254,13 +255,19 @@ void Checkpointer::write(std::unique_ptr<Snapshot> snap) {
   const std::string path = (fs::path(staging) / fname).string();
   SafetensorsWriter writer(
       path, decl, {{"format", "titan-checkpoint-shard"}, {"rank", std::to_string(env.rank)}});
+  double total_bytes = 0;
+  for (const auto& [name, info] : decl) total_bytes += static_cast<double>(info.end - info.begin);
+  util::Progress progress("checkpoint: writing step " + std::to_string(snap->step), total_bytes,
+                          "GiB", 1073741824.0);
   for (const auto& e : snap->entries) {
     at::Tensor host =
         e.host.defined()
             ? e.host
             : e.source.to(at::kCPU, kind_is_model(e.kind) ? snap->dtype : at::kFloat).contiguous();
     writer.write(e.key(), host);
+    progress.advance(static_cast<double>(host.numel() * host.element_size()));
   }
+  progress.finish();
   for (const auto& [name, t] : snap->rng) writer.write(name, t.contiguous());
   const int64_t bytes = writer.close();
   // Test-only hook (tests/integration/checkpoint_test.cpp): holds the save between the shard

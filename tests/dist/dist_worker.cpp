@@ -4,6 +4,7 @@
 //   hang         rank 1 skips a collective; the others' watchdog must fail with a clear error
 //   idle         only the rendezvous (for missing-peer tests)
 //   bench        all-gather / reduce-scatter bus bandwidth, 1 MiB to 1 GiB (GPU)
+//   init         FSDP shards initialized per rank, gathered, equal the one-process weights
 // Usage: titan_dist_worker SCENARIO [--section.key value ...]
 #include <ATen/ATen.h>
 
@@ -17,6 +18,9 @@
 #include "titan/config/job_config.h"
 #include "titan/dist/launch.h"
 #include "titan/dist/runtime.h"
+#include "titan/model/init.h"
+#include "titan/model/layout.h"
+#include "titan/parallel/fsdp.h"
 #include "titan/util/device.h"
 #include "titan/util/error.h"
 #include "titan/util/log.h"
@@ -201,6 +205,27 @@ int main(int argc, char** argv) {
       std::printf("rank %d: rendezvous OK\n", env.rank);
     } else if (scenario == "bench") {
       bench(rt);
+    } else if (scenario == "init") {
+      // Every rank draws only its shard; gathered, the units equal a one-process init.
+      auto args = model::llama_flavor("debugmodel");
+      parallel::FsdpModel fsdp(model::llama_units(args), rt.world(), nullptr, device,
+                               parallel::FsdpOptions{});
+      fsdp.init_weights(cfg.debug.seed);
+      for (size_t i = 0; i < fsdp.num_units(); ++i) {
+        const auto& u = fsdp.unit(i);
+        at::Tensor full = at::empty({u.shard_numel * rt.world()->size()}, u.master.options());
+        rt.world()->all_gather_into(full, u.master);
+        at::Tensor single = at::empty({u.layout.numel}, at::kFloat);
+        model::init_unit_range(u.layout, cfg.debug.seed, 0, single);
+        TITAN_CHECK(at::equal(full.narrow(0, 0, u.layout.numel).cpu(), single), "unit ",
+                    u.layout.name, " differs from the one-process initialization");
+        TITAN_CHECK(full.narrow(0, u.layout.numel, full.numel() - u.layout.numel)
+                            .abs()
+                            .sum()
+                            .item<double>() == 0,
+                    "padding of unit ", u.layout.name, " is not zero");
+      }
+      std::printf("rank %d: initialization OK (shards of %zu units)\n", env.rank, fsdp.num_units());
     } else {
       fail("unknown scenario ", scenario);
     }

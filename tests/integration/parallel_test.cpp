@@ -99,6 +99,14 @@ TEST(DataParallel, DdpFsdpHsdpMatchOneProcess) {
   for (double m : two_by_two) EXPECT_NEAR(m, one[0] / 2, 0.02 * one[0] / 2);
 }
 
+TEST(DataParallel, UnevenShardsOverThreeRanksMatchOneProcess) {
+  // 3 ranks: unit sizes are not multiples of 3 (padding), norm weights split mid-parameter.
+  test::TempDir dir;
+  RunResult single = train_ranks(dir, "single", 1, 6, {});
+  RunResult fsdp3 = train_ranks(dir, "fsdp3", 3, 2, {});
+  expect_same(fsdp3, single, "FSDP 3");
+}
+
 TEST(DataParallel, ShardingWithGradientAccumulationAndResharding) {
   test::TempDir dir;
   RunResult single = train_ranks(dir, "single", 1, 8, {});

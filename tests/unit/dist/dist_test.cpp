@@ -159,6 +159,17 @@ TEST(Watchdog, SkippedCollectiveBecomesAClearErrorWithinTheTimeout) {
   EXPECT_FALSE(test::read_file(dir.path() + "/comm_traces/rank_0.json").empty());
 }
 
+TEST(FsdpInit, ShardedInitializationGathersToTheOneProcessWeights) {
+  for (int world : {2, 3, 4}) {
+    auto results =
+        test::run_ranks({TITAN_DIST_WORKER, "init", "--debug.seed", "5"}, world, {}, 240);
+    for (const auto& r : results) {
+      EXPECT_EQ(r.exit_code, 0) << "world " << world << ":\n" << r.output;
+      EXPECT_NE(r.output.find("initialization OK"), std::string::npos) << r.output;
+    }
+  }
+}
+
 TEST(Rendezvous, MissingPeerIsNamed) {
   auto results = test::run_ranks({TITAN_DIST_WORKER, "idle", "--comm.init_timeout_seconds", "3"}, 3,
                                  {}, 60, {0, 1});

@@ -45,7 +45,7 @@ TEST(LaunchEnv, TorchrunVariables) {
   EXPECT_EQ(e.local_world_size, 2);
   EXPECT_EQ(e.master_addr, "node7");
   EXPECT_EQ(e.master_port, 1234);
-  EXPECT_EQ(e.source, "torchrun");
+  EXPECT_EQ(e.source, "torchrun-style environment");
 }
 
 TEST(LaunchEnv, SlurmFallbackAndNodelist) {

@@ -42,33 +42,31 @@ double scale_of(int64_t hd) {
   return 1.0 / std::sqrt(static_cast<double>(hd));
 }
 
+// Flash and cuDNN return the same 9-tuple: output, logsumexp, sequence bookkeeping, RNG state.
+template <typename R>
+void keep_flash_like(AttentionSaved& s, const R& r) {
+  s.out = std::get<0>(r);
+  s.logsumexp = std::get<1>(r);
+  s.cum_seq_q = std::get<2>(r);
+  s.cum_seq_k = std::get<3>(r);
+  s.max_q = std::get<4>(r).guard_int(__FILE__, __LINE__);
+  s.max_k = std::get<5>(r).guard_int(__FILE__, __LINE__);
+  s.philox_seed = std::get<6>(r);
+  s.philox_offset = std::get<7>(r);
+}
+
 // Runs the chosen kernel's forward on already bound inputs.
 void kernel_forward(AttentionSaved& s) {
   const double scale = scale_of(s.q.size(3));
   switch (s.backend) {
     case AttentionBackend::CudaCudnn: {
-      auto r = at::_scaled_dot_product_cudnn_attention(s.q, s.k, s.v, std::nullopt, true, 0.0, true,
-                                                       false, scale);
-      s.out = std::get<0>(r);
-      s.logsumexp = std::get<1>(r);
-      s.cum_seq_q = std::get<2>(r);
-      s.cum_seq_k = std::get<3>(r);
-      s.max_q = std::get<4>(r).guard_int(__FILE__, __LINE__);
-      s.max_k = std::get<5>(r).guard_int(__FILE__, __LINE__);
-      s.philox_seed = std::get<6>(r);
-      s.philox_offset = std::get<7>(r);
+      keep_flash_like(s, at::_scaled_dot_product_cudnn_attention(s.q, s.k, s.v, std::nullopt, true,
+                                                                 0.0, true, false, scale));
       return;
     }
     case AttentionBackend::CudaFlash: {
-      auto r = at::_scaled_dot_product_flash_attention(s.q, s.k, s.v, 0.0, true, false, scale);
-      s.out = std::get<0>(r);
-      s.logsumexp = std::get<1>(r);
-      s.cum_seq_q = std::get<2>(r);
-      s.cum_seq_k = std::get<3>(r);
-      s.max_q = std::get<4>(r).guard_int(__FILE__, __LINE__);
-      s.max_k = std::get<5>(r).guard_int(__FILE__, __LINE__);
-      s.philox_seed = std::get<6>(r);
-      s.philox_offset = std::get<7>(r);
+      keep_flash_like(
+          s, at::_scaled_dot_product_flash_attention(s.q, s.k, s.v, 0.0, true, false, scale));
       return;
     }
     case AttentionBackend::CudaEfficient: {

@@ -170,6 +170,28 @@ void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+at::Tensor sum_of_squares(const std::vector<at::Tensor>& xs) {
+  TITAN_CHECK(!xs.empty(), "internal: sum_of_squares of no tensors");
+  int64_t blocks = 0;
+  for (const auto& x : xs) {
+    TITAN_CHECK(x.is_cuda() && x.scalar_type() == at::kFloat && x.is_contiguous() && aligned16(x),
+                "internal: sum_of_squares needs contiguous aligned fp32 CUDA tensors");
+    blocks += launch::sum_squares_blocks(x.numel());
+  }
+  // Every block writes its partial, so only an all-empty list needs a zero.
+  const auto opts = xs.front().options().dtype(at::kDouble);
+  if (blocks == 0) return at::zeros({}, opts.dtype(at::kFloat));
+  at::Tensor partials = at::empty({blocks}, opts);
+  int64_t at_block = 0;
+  for (const auto& x : xs) {
+    launch::sum_squares(x.data_ptr<float>(), x.numel(), partials.data_ptr<double>() + at_block,
+                        stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at_block += launch::sum_squares_blocks(x.numel());
+  }
+  return partials.sum().to(at::kFloat);
+}
+
 void gemm_tn_fp32(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& grad,
                   bool accumulate) {
   TITAN_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous(),

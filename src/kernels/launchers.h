@@ -39,4 +39,9 @@ void cross_entropy(DType dt, void* logits, const int64_t* targets, float* losses
 void adamw(float* p, const float* g, float* m, float* v, void* shadow_bf16, int64_t n,
            const float* hyper, const float* divisor, bool decoupled, cudaStream_t stream);
 
+// Sum of squares of x (fp32, 16-byte aligned): writes sum_squares_blocks(n) fp64 partials,
+// whose sum is the result.
+int64_t sum_squares_blocks(int64_t n);
+void sum_squares(const float* x, int64_t n, double* partials, cudaStream_t stream);
+
 }  // namespace titan::kernels::launch

@@ -147,6 +147,20 @@ TEST(Kernels, FusedAdamWMatchesReferenceUpdate) {
   EXPECT_LT(relative_error(shadow, p2), 1e-2);
 }
 
+TEST(Kernels, SumOfSquaresMatchesDoubleReference) {
+  // Sizes cover: a single element, several chunks with a ragged end, empty, and unaligned tails.
+  std::vector<at::Tensor> xs;
+  double expected = 0;
+  for (int64_t n : {int64_t{1}, int64_t{262144 * 3 + 7}, int64_t{0}, int64_t{1001}}) {
+    xs.push_back(at::randn({n}, cuda(at::kFloat)) * 3.0);
+    expected += xs.back().to(at::kDouble).square().sum().item<double>();
+  }
+  const double got = kernels::sum_of_squares(xs).item<double>();
+  EXPECT_NEAR(got, expected, 1e-6 * expected);
+  // Deterministic: the same bits every time.
+  EXPECT_EQ(kernels::sum_of_squares(xs).item<float>(), kernels::sum_of_squares(xs).item<float>());
+}
+
 TEST(Kernels, HeadLossFusedMatchesUnfused) {
   const int64_t n = 300, d = 256, v = 2000;
   at::Tensor h = at::randn({n, d}, cuda(at::kBFloat16));

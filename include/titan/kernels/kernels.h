@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <tuple>
+#include <vector>
 
 namespace titan::kernels {
 
@@ -43,5 +44,9 @@ void gemm_tn_fp32(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g
 void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                 const at::Tensor& exp_avg_sq, const at::Tensor& shadow, const at::Tensor& hyper,
                 const at::Tensor& divisor, bool decoupled);
+
+// Sum of the squares of every element of fp32 CUDA tensors, as an fp32 scalar on the device;
+// accumulated in fp64 per fixed chunk, so deterministic.
+at::Tensor sum_of_squares(const std::vector<at::Tensor>& xs);
 
 }  // namespace titan::kernels

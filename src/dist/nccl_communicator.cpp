@@ -6,6 +6,8 @@
 //      until the operation is done, even if the caller frees the tensor).
 // Work::wait() makes the caller's current stream wait for the end event: later kernels are
 // ordered after the collective, and the host never blocks. The watchdog polls the events.
+// Events come from a per-communicator pool and return to it when the Work is dropped (creating
+// and destroying two events per operation cost more host time than a 1 MiB collective).
 #include "titan/dist/backends.h"
 #include "titan/util/error.h"
 
@@ -18,6 +20,7 @@
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include <cstring>
+#include <mutex>
 
 namespace titan::dist {
 namespace {
@@ -63,23 +66,58 @@ ncclRedOp_t nccl_op(ReduceOp op) {
   return ncclSum;
 }
 
+// Timing-free CUDA events for reuse. Shared by a communicator and its outstanding Work (which
+// may outlive it, e.g. inside the flight recorder), and released from any thread.
+class EventPool {
+ public:
+  ~EventPool() {
+    for (cudaEvent_t e : free_) cudaEventDestroy(e);
+  }
+  cudaEvent_t take() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!free_.empty()) {
+        cudaEvent_t e = free_.back();
+        free_.pop_back();
+        return e;
+      }
+    }
+    cudaEvent_t e = nullptr;
+    TITAN_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    return e;
+  }
+  // Re-recording a returned event is safe even if its last record has not completed yet:
+  // nothing waits on an event after its Work is gone.
+  void give(cudaEvent_t e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(e);
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<cudaEvent_t> free_;
+};
+
 class NcclWork : public Work {
  public:
-  NcclWork(cudaEvent_t start, cudaEvent_t end, c10::DeviceIndex device)
-      : start_(start), end_(end), device_(device) {}
+  NcclWork(std::shared_ptr<EventPool> pool, cudaEvent_t start, cudaEvent_t end,
+           c10::DeviceIndex device)
+      : pool_(std::move(pool)), start_(start), end_(end), device_(device) {}
   ~NcclWork() override {
-    cudaEventDestroy(start_);
-    cudaEventDestroy(end_);
+    pool_->give(start_);
+    pool_->give(end_);
   }
   void wait() override {
     c10::cuda::CUDAGuard guard(device_);
     TITAN_CUDA_CHECK(
         cudaStreamWaitEvent(at::cuda::getCurrentCUDAStream(device_).stream(), end_, 0));
   }
+  void synchronize() override { TITAN_CUDA_CHECK(cudaEventSynchronize(end_)); }
   bool started() override { return cudaEventQuery(start_) == cudaSuccess; }
   bool completed() override { return cudaEventQuery(end_) == cudaSuccess; }
 
  private:
+  std::shared_ptr<EventPool> pool_;
   cudaEvent_t start_, end_;
   c10::DeviceIndex device_;
 };
@@ -194,9 +232,7 @@ class NcclCommunicator : public Communicator {
     cudaStream_t current = at::cuda::getCurrentCUDAStream(device_.index()).stream();
     TITAN_CUDA_CHECK(cudaEventRecord(ready_, current));
     TITAN_CUDA_CHECK(cudaStreamWaitEvent(stream_, ready_, 0));
-    cudaEvent_t start = nullptr, end = nullptr;
-    TITAN_CUDA_CHECK(cudaEventCreateWithFlags(&start, cudaEventDisableTiming));
-    TITAN_CUDA_CHECK(cudaEventCreateWithFlags(&end, cudaEventDisableTiming));
+    cudaEvent_t start = events_->take(), end = events_->take();
     TITAN_CUDA_CHECK(cudaEventRecord(start, stream_));
     TITAN_NCCL_CHECK(call());
     TITAN_CUDA_CHECK(cudaEventRecord(end, stream_));
@@ -206,13 +242,14 @@ class NcclCommunicator : public Communicator {
         c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), comm_stream);
       }
     }
-    return std::make_shared<NcclWork>(start, end, device_.index());
+    return std::make_shared<NcclWork>(events_, start, end, device_.index());
   }
 
   ncclComm_t comm_;
   c10::Device device_;
   cudaStream_t stream_ = nullptr;
   cudaEvent_t ready_ = nullptr;
+  std::shared_ptr<EventPool> events_ = std::make_shared<EventPool>();
   bool aborted_ = false;
 };
 

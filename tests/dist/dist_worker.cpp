@@ -129,24 +129,30 @@ void bench(dist::Runtime& rt) {
     const int64_t n = bytes / 2;  // bf16 elements of the gathered (full) buffer
     at::Tensor full = at::empty({n}, g_opts.dtype(at::kBFloat16));
     at::Tensor shard = at::ones({n / g}, g_opts.dtype(at::kBFloat16));
+    double enqueue_s = 0;  // host time to issue one operation (last timed op)
     auto time_op = [&](auto&& fn) {
       for (int i = 0; i < 5; ++i) fn();
       synchronize(g_opts.device());
       const int iters = bytes >= (int64_t(1) << 28) ? 20 : 50;
       const auto t0 = std::chrono::steady_clock::now();
       for (int i = 0; i < iters; ++i) fn();
+      enqueue_s =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
       synchronize(g_opts.device());
       return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
     };
     const double ag = time_op([&] { c->all_gather_into(full, shard); });
+    const double ag_enqueue = enqueue_s;
     const double rs = time_op([&] { c->reduce_scatter(shard, full, ReduceOp::Sum); });
     // bus bandwidth as nccl-tests defines it: size * (g - 1) / g / time
     const double factor = static_cast<double>(g - 1) / g;
     if (rt.env().rank == 0) {
       std::printf(
           "{\"impl\": \"titan\", \"bytes\": %lld, \"all_gather_busbw_gbps\": %.2f, "
-          "\"reduce_scatter_busbw_gbps\": %.2f}\n",
-          static_cast<long long>(bytes), bytes * factor / ag / 1e9, bytes * factor / rs / 1e9);
+          "\"reduce_scatter_busbw_gbps\": %.2f, \"all_gather_us\": %.1f, "
+          "\"all_gather_enqueue_us\": %.1f}\n",
+          static_cast<long long>(bytes), bytes * factor / ag / 1e9, bytes * factor / rs / 1e9,
+          ag * 1e6, ag_enqueue * 1e6);
       std::fflush(stdout);
     }
   }

@@ -12,6 +12,16 @@
 // the compute stream never waits on a reduction that was just issued. The caching allocator is
 // told which buffers the communication stream uses, so freeing them early is safe.
 // On CPU (Gloo) the same calls run on Gloo's threads; waiting blocks the host.
+// Host run-ahead is bounded: before more than kMaxInFlight gathers/reductions are outstanding,
+// the host blocks on the oldest. Otherwise it would enqueue a whole step ahead of the device,
+// and every unit buffer freed in that window (still in use by the communication stream as far
+// as the allocator knows) would stay unusable until the device caught up: the allocator then
+// reserves fresh memory for each unit (measured: +22 GiB reserved for 3B FSDP-2). One unit of
+// lead keeps the device fed, since a unit's compute takes far longer to run than to enqueue.
+// CPU offload: a unit's reduced gradient shard (all-reduced over dp_replicate on the device
+// first, for HSDP/DDP) is copied to pinned host memory asynchronously on the compute stream;
+// finish_grad_reduction() synchronizes the device once and then does the host-side adds of
+// later micro-batches, so no host code reads a gradient before its copy has landed.
 #include "titan/parallel/fsdp.h"
 
 #include <ATen/ATen.h>
@@ -20,7 +30,12 @@
 
 #include "titan/dist/communicator.h"
 #include "titan/model/init.h"
+#include "titan/ops/dispatch.h"
+#include "titan/util/device.h"
 #include "titan/util/error.h"
+#ifdef TITAN_WITH_CUDA
+#include "titan/kernels/kernels.h"
+#endif
 
 namespace titan::parallel {
 
@@ -33,11 +48,22 @@ struct Pending {
   bool then_replicate = false;  // HSDP: all-reduce the shard gradient over dp_replicate after
 };
 
+// Offload: a gradient copy on its way to host memory, to be added once the device is synced.
+struct HostAdd {
+  size_t unit = 0;
+  at::Tensor staging;  // pinned host copy of a later micro-batch's reduced gradient
+};
+
+constexpr size_t kMaxInFlight = 2;  // outstanding gathers + reductions before the host waits
+
 struct FsdpModel::Impl {
+  std::deque<dist::WorkPtr> in_flight;     // recent gathers/reductions, oldest first
   std::vector<dist::WorkPtr> gathers;      // per unit: an all-gather in flight
   std::deque<Pending> pending;             // reductions whose results are not folded in yet
   std::vector<dist::WorkPtr> final_works;  // replicate all-reduces to wait for at the end
   std::vector<bool> grad_written;          // per unit: shard gradient holds this step's data
+  std::vector<HostAdd> host_adds;          // offload: host-side accumulations after the sync
+  bool host_copies_in_flight = false;      // offload: device-to-host copies not yet synced
 };
 
 FsdpModel::FsdpModel(std::vector<model::UnitLayout> units, dist::Communicator* shard,
@@ -127,6 +153,15 @@ void FsdpModel::prefetch(size_t i) {
   u.full = at::empty({u.shard_numel * dp_shard_size()},
                      at::TensorOptions().dtype(options_.param_dtype).device(device_));
   impl_->gathers[i] = shard_->all_gather_into(u.full, sc, /*async=*/true);
+  throttle(impl_->gathers[i]);
+}
+
+void FsdpModel::throttle(const dist::WorkPtr& work) {
+  impl_->in_flight.push_back(work);
+  while (impl_->in_flight.size() > kMaxInFlight) {
+    impl_->in_flight.front()->synchronize();
+    impl_->in_flight.pop_front();
+  }
 }
 
 const at::Tensor& FsdpModel::gather(size_t i) {
@@ -191,8 +226,24 @@ namespace {
 
 // Folds a finished reduction into the shard gradient; starts the replicate all-reduce.
 void complete(Pending& p, UnitState& u, bool first_write, dist::Communicator* replicate,
-              std::vector<dist::WorkPtr>& final_works) {
+              std::vector<dist::WorkPtr>& final_works, std::vector<HostAdd>& host_adds,
+              bool& host_copies_in_flight, size_t unit) {
   if (p.work) p.work->wait();
+  if (p.reduced.defined() && u.grad.device() != p.reduced.device()) {
+    // Offload: replicas are reduced on the device (every micro-batch: the host accumulates),
+    // then the shard goes to pinned host memory without blocking the host.
+    if (p.then_replicate && replicate) replicate->all_reduce(p.reduced, dist::ReduceOp::Sum);
+    at::Tensor src = p.reduced.scalar_type() == at::kFloat ? p.reduced : p.reduced.to(at::kFloat);
+    if (first_write) {
+      u.grad.copy_(src, /*non_blocking=*/true);
+    } else {
+      at::Tensor staging = at::empty(u.grad.sizes(), u.grad.options().pinned_memory(true));
+      staging.copy_(src, /*non_blocking=*/true);
+      host_adds.push_back({unit, staging});
+    }
+    host_copies_in_flight = true;
+    return;
+  }
   if (p.reduced.defined()) {
     at::Tensor r = p.reduced.to(u.grad.device(), at::kFloat, /*non_blocking=*/true);
     if (first_write) {
@@ -221,13 +272,15 @@ void FsdpModel::reduce_grad(size_t i, bool last_microbatch) {
     if (options_.reduce_dtype != at::kFloat) in = in.to(options_.reduce_dtype);
     at::Tensor out = at::empty({u.shard_numel}, in.options());
     p.work = shard_->reduce_scatter(out, in, dist::ReduceOp::Sum, /*async=*/true);
+    throttle(p.work);
     p.reduced = out;
     p.keep_alive = in;
-    p.then_replicate = last_microbatch && replicate_ != nullptr;
+    // Offload accumulates micro-batches on the host, so each one is all-reduced by itself.
+    p.then_replicate = (last_microbatch || options_.cpu_offload) && replicate_ != nullptr;
     impl_->pending.push_back(std::move(p));
   } else if (options_.cpu_offload) {
     p.reduced = u.full_grad;  // copied into the pinned host gradient
-    p.then_replicate = last_microbatch && replicate_ != nullptr;
+    p.then_replicate = replicate_ != nullptr;
     impl_->pending.push_back(std::move(p));
   } else if (last_microbatch && replicate_) {
     // DDP: gradients accumulated in place; one averaging all-reduce per unit, started now so
@@ -251,7 +304,8 @@ void FsdpModel::fold_pending() {
     Pending p = std::move(impl_->pending.front());
     impl_->pending.pop_front();
     const bool first = !impl_->grad_written[p.unit];
-    complete(p, units_[p.unit], first, replicate_, impl_->final_works);
+    complete(p, units_[p.unit], first, replicate_, impl_->final_works, impl_->host_adds,
+             impl_->host_copies_in_flight, p.unit);
     impl_->grad_written[p.unit] = true;
   }
 }
@@ -273,6 +327,12 @@ void FsdpModel::finish_grad_reduction() {
   fold_pending();
   for (auto& w : impl_->final_works) w->wait();
   impl_->final_works.clear();
+  if (impl_->host_copies_in_flight) {
+    synchronize(device_);  // every device-to-host gradient copy has landed
+    for (auto& a : impl_->host_adds) units_[a.unit].grad.add_(a.staging);
+    impl_->host_adds.clear();
+    impl_->host_copies_in_flight = false;
+  }
 }
 
 void FsdpModel::zero_grad() {
@@ -298,8 +358,13 @@ std::vector<at::Tensor> FsdpModel::grad_shards() const {
 at::Tensor FsdpModel::grad_norm_squared() const {
   at::Tensor sq;
   const auto grads = grad_shards();
-  if (grads.front().is_cuda()) {
-    // One fused kernel for all units; it reduces in a tree, accurate in fp32.
+  if (ops::use_fused(grads.front())) {
+#ifdef TITAN_WITH_CUDA
+    // titan's kernel: one memory-bound pass, fp64 partials per fixed chunk (deterministic).
+    sq = kernels::sum_of_squares(grads);
+#endif
+  } else if (grads.front().is_cuda()) {
+    // ATen's multi-tensor kernel; it reduces in a tree, accurate in fp32.
     sq = at::stack(at::_foreach_norm(grads, 2)).square().sum();
   } else {
     // ATen's CPU norm accumulates fp32 serially (about 3e-5 relative error on a million

@@ -25,6 +25,9 @@ class Work {
   // Orders what comes after it behind the operation: on CUDA the current stream waits for it
   // (the host does not block); on CPU the caller blocks until it is done.
   virtual void wait() = 0;
+  // Blocks the host until the operation is done (CUDA: its end event; CPU: as wait()). Bounds
+  // how far the host runs ahead of the device, e.g. to cap memory awaiting the device.
+  virtual void synchronize() { wait(); }
   // Non-blocking checks: has the operation begun / finished on the device or network?
   virtual bool started() { return true; }
   virtual bool completed() = 0;

@@ -25,7 +25,8 @@
 
 namespace titan::dist {
 class Communicator;
-}
+class Work;
+}  // namespace titan::dist
 
 namespace titan::parallel {
 
@@ -122,6 +123,8 @@ class FsdpModel {
 
  private:
   void fold_pending();
+  // Records an issued collective; blocks the host while too many are outstanding.
+  void throttle(const std::shared_ptr<dist::Work>& work);
   struct Impl;
   std::vector<UnitState> units_;
   dist::Communicator* shard_;

@@ -26,6 +26,13 @@ int main(int argc, char** argv) {
       return 0;
     }
   }
+  // As torchtitan's launcher does: expandable segments keep the CUDA caching allocator's
+  // reserved memory close to what tensors hold (FSDP's per-unit buffers, freed on the
+  // communication stream's schedule, otherwise fragment it). Must precede the first CUDA
+  // allocation; a user's own setting wins.
+  const bool alloc_conf_default =
+      !std::getenv("PYTORCH_ALLOC_CONF") && !std::getenv("PYTORCH_CUDA_ALLOC_CONF");
+  if (alloc_conf_default) setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True", 0);
   try {
     if (!args.empty() && args[0] == "convert") {
       titan::log::init(-1, true, false);
@@ -49,6 +56,9 @@ int main(int argc, char** argv) {
     }
     titan::log::info("job: {}{}", config.job.description,
                      config.job.config_file.empty() ? "" : " (" + config.job.config_file + ")");
+    if (alloc_conf_default) {
+      titan::log::debug("PYTORCH_ALLOC_CONF unset: using expandable_segments:True");
+    }
     titan::train::Trainer trainer(std::move(config));
     trainer.train();
     return 0;

@@ -280,6 +280,11 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
       graph_->ready = true;
       log::info("CUDA graph: captured the step ({} micro-batch(es)); replaying it from step {}",
                 grad_accum_steps_, step_);
+      if (cfg_.profiling.enable_profiling) {
+        log::info(
+            "profiling: traces of replayed steps show the graph, not every kernel; "
+            "--training.use_cuda_graphs false gives a per-kernel breakdown");
+      }
       graph_->graph.replay();
       return {graph_->loss, graph_->grad_norm};
     } catch (const std::exception& e) {

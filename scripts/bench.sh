@@ -5,6 +5,7 @@
 #   1b: Llama 3 1B, 1 GPU, local batch 4, seq 2048, no activation checkpointing
 #   3b: Llama 3 3B, 1 GPU, local batch 2, seq 4096, every 2nd block checkpointed
 #   8b: Llama 3 8B, FSDP over all GPUs, local batch 2, seq 4096
+#   fsdp3b: Llama 3 3B, FSDP over all GPUs, local batch 2, seq 4096, no activation checkpointing
 # REF_COMPILE=0/1 (default 1) picks the reference's torch.compile; BUILD_DIR the titan build.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,7 +21,8 @@ case "$scenario" in
   1b) flavor=1B batch=4 seq=2048 ac=none nproc=1 cfg=configs/llama3_1b.toml ;;
   3b) flavor=3B batch=2 seq=4096 ac=selective nproc=1 cfg=configs/llama3_3b.toml ;;
   8b) flavor=8B batch=2 seq=4096 ac=none nproc="$ngpu" cfg=configs/llama3_8b.toml ;;
-  *) echo "unknown scenario $scenario (1b, 3b, 8b)"; exit 2 ;;
+  fsdp3b) flavor=3B batch=2 seq=4096 ac=none nproc="$ngpu" cfg=configs/llama3_3b.toml ;;
+  *) echo "unknown scenario $scenario (1b, 3b, 8b, fsdp3b)"; exit 2 ;;
 esac
 ref_ac=(--ac "$ac")
 titan_ac=(--activation_checkpoint.mode "$ac")

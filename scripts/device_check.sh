@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine: configure against the installed PyTorch's LibTorch with CUDA + NCCL, build
 # with all cores, run the GPU tests, short GPU training runs and the benchmarks; logs go to
-# $OUT. Stages (default: build test train): build test train bench1b bench3b unit
+# $OUT. Stages (default: build test train): build test train bench1b bench3b unit profile1b
+# snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
 #   scripts/device_check.sh build test train bench1b
 # Needs .deps/ (scripts/device_deps.sh) and, for benchmarks, .bench/ref_train.py.
 set -uo pipefail
@@ -62,9 +63,58 @@ do_profile1b() {
   "$BUILD_DIR/titan_train" --job.config_file configs/llama3_1b.toml --training.local_batch_size 4 \
     --training.seq_len 2048 --activation_checkpoint.mode none --training.steps 10 \
     --metrics.log_freq 5 --profiling.enable_profiling --profiling.profile_freq 10 \
-    --profiling.profiler_active 2 --profiling.profiler_warmup 2 --job.dump_folder "$OUT/profile_1b" \
+    --profiling.profiler_active 2 --profiling.profiler_warmup 2 --training.use_cuda_graphs false \
+    --job.dump_folder "$OUT/profile_1b" \
     --metrics.enable_tensorboard false --metrics.disable_color_printing &&
     "$PY" scripts/trace_summary.py "$OUT/profile_1b/profile_traces/iteration_10/rank0_trace.json" --steps 2
+}
+
+do_snapshot1b() {
+  "$BUILD_DIR/titan_train" --job.config_file configs/llama3_1b.toml --training.local_batch_size 4 \
+    --training.seq_len 2048 --activation_checkpoint.mode none --training.steps 6 \
+    --metrics.log_freq 3 --profiling.enable_memory_snapshot --profiling.profile_freq 6 \
+    --job.dump_folder "$OUT/snapshot_1b" --metrics.enable_tensorboard false \
+    --metrics.disable_color_printing &&
+    "$PY" scripts/snapshot_summary.py \
+      "$OUT/snapshot_1b/memory_snapshot/iteration_6/rank0_memory_snapshot.pickle"
+}
+
+# 3B FSDP over all GPUs, profiled (exposed communication) with a memory snapshot of rank 0.
+do_profilefsdp() {
+  local dump="$OUT/profile_fsdp"
+  trun "$(ngpu)" "$BUILD_DIR/titan_train" --job.config_file configs/llama3_3b.toml \
+    --training.local_batch_size 2 --training.seq_len 4096 --activation_checkpoint.mode none \
+    --training.steps 8 --metrics.log_freq 4 --profiling.enable_profiling \
+    --profiling.profile_freq 8 --profiling.profiler_active 2 --profiling.profiler_warmup 1 \
+    --profiling.enable_memory_snapshot --job.dump_folder "$dump" \
+    --metrics.enable_tensorboard false --metrics.disable_color_printing 2>&1 | grep -E "step:|error|rror"
+  "$PY" scripts/trace_summary.py "$dump/profile_traces/iteration_8/rank0_trace.json" --steps 2
+  "$PY" scripts/snapshot_summary.py "$dump/memory_snapshot/iteration_8/rank0_memory_snapshot.pickle"
+}
+
+# CPU offload (shards and optimizer state in pinned host memory) against the same FSDP run on
+# the device: debug model, 2 GPUs, 20 steps; then (unless OFFLOAD_1B=0) the 1B flavor's speed.
+do_offload() {
+  local common=(--job.config_file configs/debug_model.toml --training.steps 20 --metrics.log_freq 1
+    --metrics.disable_color_printing --metrics.enable_tensorboard false)
+  CUDA_VISIBLE_DEVICES=0,1 trun 2 "$BUILD_DIR/titan_train" "${common[@]}" \
+    --job.dump_folder "$OUT/offload_off" >/dev/null 2>&1 || echo "FSDP run failed"
+  CUDA_VISIBLE_DEVICES=0,1 trun 2 "$BUILD_DIR/titan_train" "${common[@]}" \
+    --training.enable_cpu_offload --job.dump_folder "$OUT/offload_on" 2>&1 | tail -3
+  "$PY" - "$OUT/offload_off/metrics.jsonl" "$OUT/offload_on/metrics.jsonl" <<'PYEOF'
+import json, sys
+a = [json.loads(l)["loss"] for l in open(sys.argv[1])]
+b = [json.loads(l)["loss"] for l in open(sys.argv[2])]
+rel = max(abs(x - y) / x for x, y in zip(a, b))
+print(f"cpu offload vs on-device FSDP-2, {len(a)} steps: loss {a[0]:.4f} -> {a[-1]:.4f} vs {b[-1]:.4f}; max relative difference {rel:.2e}")
+PYEOF
+  [ "${OFFLOAD_1B:-1}" = 1 ] || return 0
+  OMP_NUM_THREADS=$(($(nproc) / 2)) CUDA_VISIBLE_DEVICES=0,1 trun 2 "$BUILD_DIR/titan_train" \
+    --job.config_file configs/llama3_1b.toml \
+    --training.local_batch_size 4 --training.seq_len 2048 --activation_checkpoint.mode none \
+    --training.enable_cpu_offload --training.steps 4 --metrics.log_freq 2 \
+    --job.dump_folder "$OUT/offload_1b" --metrics.enable_tensorboard false \
+    --metrics.disable_color_printing 2>&1 | grep -E "step:|error|rror"
 }
 
 do_gdbtest() {
@@ -90,8 +140,9 @@ do_nccl() {
     --parallelism.tensor_parallel_degree 2 || return 1
   echo "== watchdog with NCCL: rank 1 skips a collective"
   TITAN_DEVICE=cuda CUDA_VISIBLE_DEVICES=0,1 trun 2 "$BUILD_DIR/tests/titan_dist_worker" hang \
-    --comm.train_timeout_seconds 5 --job.dump_folder "$OUT/hang"
-  echo "hang run exit code: $? (4 expected: the watchdog ended it)"
+    --comm.train_timeout_seconds 5 --job.dump_folder "$OUT/hang" 2>&1 | tee "$OUT/hang.log"
+  echo "hang run: torchrun exit code ${PIPESTATUS[0]}; ranks' $(grep -o 'exitcode *: *-*[0-9]*' \
+    "$OUT/hang.log" | tr -s ' ' | sort -u | tr '\n' ' ')(4: the watchdog ended that rank)"
 }
 
 do_bw() {
@@ -161,6 +212,11 @@ for s in "${stages[@]}"; do
     bench3b) run_stage bench_3b scripts/bench.sh 3b; tail -6 "$OUT/bench_3b.log" ;;
     profile1b) run_stage profile_1b do_profile1b; tail -28 "$OUT/profile_1b.log" ;;
     gdbtest) run_stage gdbtest do_gdbtest; tail -40 "$OUT/gdbtest.log" ;;
+    snapshot1b) run_stage snapshot_1b do_snapshot1b; tail -14 "$OUT/snapshot_1b.log" ;;
+    fsdp3b) REF_COMPILE="${REF_COMPILE:-0}" run_stage bench_fsdp3b scripts/bench.sh fsdp3b
+      tail -4 "$OUT/bench_fsdp3b.log" ;;
+    profilefsdp) run_stage profile_fsdp do_profilefsdp; tail -40 "$OUT/profile_fsdp.log" ;;
+    offload) run_stage offload do_offload; tail -8 "$OUT/offload.log" ;;
     nccl) run_stage nccl do_nccl; grep -E "==|OK|error|exit code" "$OUT/nccl.log" | tail -20 ;;
     bw) run_stage bw do_bw; cat "$OUT/bw.log" ;;
     ddp1b) run_stage ddp1b do_ddp1b; grep -E "step:|launch|error" "$OUT/ddp1b.log" | tail -4 ;;

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Kernel-level breakdown of one profiled step from a titan Chrome trace (Kineto JSON):
 GPU time per category (matmul, attention, elementwise/norm, loss, optimizer, communication,
-copies), the GPU idle time between kernels (launch gaps), and the top kernels.
+copies), the GPU idle time between kernels (launch gaps), communication time left exposed
+(NCCL kernels running while no compute kernel runs), and the top kernels.
 Usage: scripts/trace_summary.py TRACE.json [--steps N]"""
 import json, re, sys
 from collections import defaultdict
@@ -43,9 +44,33 @@ def main():
             cur_e = max(cur_e, e)
     busy += cur_e - cur_s
     span = ivs[-1][1] - ivs[0][0]
+    # Exposed communication: time some NCCL kernel runs while no compute kernel does.
+    def union(iv):
+        out = []
+        for a, b in sorted(iv):
+            if out and a <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], b)
+            else:
+                out.append([a, b])
+        return out
+    is_comm = lambda e: re.search(CATEGORIES[0][1], e["name"], re.I)
+    comm = union((e["ts"], e["ts"] + e["dur"]) for e in gpu if is_comm(e))
+    compute = union((e["ts"], e["ts"] + e["dur"]) for e in gpu if not is_comm(e))
+    overlap, j = 0.0, 0
+    for a, b in comm:
+        while j < len(compute) and compute[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(compute) and compute[k][0] < b:
+            overlap += min(b, compute[k][1]) - max(a, compute[k][0])
+            k += 1
+    comm_total = sum(b - a for a, b in comm)
     total = sum(per_cat.values())
     print(f"profiled steps: {steps}; GPU span {span/1e3/steps:.1f} ms/step, busy {busy/1e3/steps:.1f} ms/step, "
           f"idle (launch gaps / host waits) {(span-busy)/1e3/steps:.1f} ms/step, kernels {len(gpu)//steps}/step")
+    if comm:
+        print(f"communication: {comm_total/1e3/steps:.1f} ms/step on the GPU, of which exposed "
+              f"(no compute kernel running) {(comm_total-overlap)/1e3/steps:.1f} ms/step")
     print(f"{'category':34s} {'ms/step':>9s} {'share':>7s}")
     for cat, _ in CATEGORIES:
         if per_cat[cat]:

@@ -35,8 +35,14 @@ flock 9 # a second set-up running at the same time waits for the first
 if [ ! -x "$TITAN_ROOTFS/usr/bin/apt-get" ] || [ ! -f "$TITAN_ROOTFS/.titan-bootstrapped" ]; then
   titan_log "creating the Debian 13 (trixie) build root in $TITAN_ROOTFS (about a minute)"
   rm -rf "$TITAN_ROOTFS.partial"
+  : >"$TITAN_CACHE_DIR/debootstrap.log"
+  # About 80 packages, each retrieved, extracted, unpacked and configured (318 steps measured).
+  titan_watch "debootstrap" "$TITAN_CACHE_DIR/debootstrap.log" 318 \
+    '^I: (Retrieving|Extracting|Unpacking|Configuring) ' &
+  watcher=$!
   debootstrap --variant=minbase trixie "$TITAN_ROOTFS.partial" >"$TITAN_CACHE_DIR/debootstrap.log" 2>&1 ||
-    titan_die "debootstrap failed; see $TITAN_CACHE_DIR/debootstrap.log"
+    { kill "$watcher" 2>/dev/null; titan_die "debootstrap failed; see $TITAN_CACHE_DIR/debootstrap.log"; }
+  kill "$watcher" 2>/dev/null || true
   touch "$TITAN_ROOTFS.partial/.titan-bootstrapped" "$TITAN_ROOTFS.partial/.titan-inside-root"
   rm -rf "$TITAN_ROOTFS"
   mv "$TITAN_ROOTFS.partial" "$TITAN_ROOTFS"
@@ -44,6 +50,9 @@ fi
 
 titan_log "installing build packages into the root (about a minute)"
 cp /etc/resolv.conf "$TITAN_ROOTFS/etc/resolv.conf" 2>/dev/null || true
+: >"$TITAN_CACHE_DIR/apt.log"
+titan_watch "packages" "$TITAN_CACHE_DIR/apt.log" apt '^(Unpacking|Setting up) ' &
+watcher=$!
 unshare --mount --propagation private -- /bin/bash -c '
   set -e
   root="$1"; pkgs="$2"
@@ -53,7 +62,8 @@ unshare --mount --propagation private -- /bin/bash -c '
     DEBIAN_FRONTEND=noninteractive /bin/bash -c "
       apt-get update -q && apt-get install -y -q --no-install-recommends $pkgs && apt-get clean"
 ' titan-setup "$TITAN_ROOTFS" "$TITAN_ROOT_PACKAGES" >"$TITAN_CACHE_DIR/apt.log" 2>&1 ||
-  titan_die "installing packages into the root failed; see $TITAN_CACHE_DIR/apt.log"
+  { kill "$watcher" 2>/dev/null; titan_die "installing packages into the root failed; see $TITAN_CACHE_DIR/apt.log"; }
+kill "$watcher" 2>/dev/null || true
 mkdir -p "$TITAN_ROOTFS/var/cache/ccache"
 printf '%s' "$TITAN_ROOT_PACKAGES" >"$TITAN_ROOT_STAMP"
 titan_log "build root ready"

@@ -16,6 +16,30 @@ python3-safetensors python3-numpy procps libopenblas0-openmp"
 TITAN_ROOT_STAMP="$TITAN_ROOTFS/.titan-root-ready"
 
 titan_log() { printf '[titan] %s\n' "$*" >&2; }
+# titan_watch LABEL LOG TOTAL REGEX: every PERIOD s (default 10) while running in the background,
+# reports how many lines of LOG match REGEX out of TOTAL, with elapsed time and an ETA. TOTAL
+# "apt" takes apt's "N newly installed" count (each package is unpacked and set up: 2N steps).
+titan_watch() {
+  local label="$1" log="$2" total="$3" regex="$4" start=$SECONDS last=-1 n t el
+  while sleep "${TITAN_WATCH_PERIOD:-10}"; do
+    n=$(grep -cE "$regex" "$log" 2>/dev/null) || n=0
+    t="$total"
+    if [ "$t" = apt ]; then
+      t=$(grep -oE '[0-9]+ newly installed' "$log" 2>/dev/null | head -1 | cut -d' ' -f1) || t=0
+      t=$((2 * ${t:-0}))
+    fi
+    [ "$n" = "$last" ] && continue
+    last=$n
+    el=$((SECONDS - start))
+    if [ "$t" -gt 0 ] && [ "$n" -gt 0 ]; then
+      [ "$n" -lt "$t" ] || n=$((t - 1))
+      titan_log "$label: $n/$t steps ($((100 * n / t))%), ${el}s elapsed, about $((el * (t - n) / n))s left"
+    else
+      titan_log "$label: $n steps, ${el}s elapsed"
+    fi
+  done
+}
+
 titan_die() {
   printf '[titan] error: %s\n' "$*" >&2
   exit 1

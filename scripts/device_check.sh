@@ -101,13 +101,8 @@ do_offload() {
     --job.dump_folder "$OUT/offload_off" >/dev/null 2>&1 || echo "FSDP run failed"
   CUDA_VISIBLE_DEVICES=0,1 trun 2 "$BUILD_DIR/titan_train" "${common[@]}" \
     --training.enable_cpu_offload --job.dump_folder "$OUT/offload_on" 2>&1 | tail -3
-  "$PY" - "$OUT/offload_off/metrics.jsonl" "$OUT/offload_on/metrics.jsonl" <<'PYEOF'
-import json, sys
-a = [json.loads(l)["loss"] for l in open(sys.argv[1])]
-b = [json.loads(l)["loss"] for l in open(sys.argv[2])]
-rel = max(abs(x - y) / x for x, y in zip(a, b))
-print(f"cpu offload vs on-device FSDP-2, {len(a)} steps: loss {a[0]:.4f} -> {a[-1]:.4f} vs {b[-1]:.4f}; max relative difference {rel:.2e}")
-PYEOF
+  compare_losses "cpu offload vs on-device FSDP-2" "$OUT/offload_off/metrics.jsonl" \
+    "$OUT/offload_on/metrics.jsonl"
   [ "${OFFLOAD_1B:-1}" = 1 ] || return 0
   OMP_NUM_THREADS=$(($(nproc) / 2)) CUDA_VISIBLE_DEVICES=0,1 trun 2 "$BUILD_DIR/titan_train" \
     --job.config_file configs/llama3_1b.toml \
@@ -120,6 +115,18 @@ PYEOF
 do_gdbtest() {
   cuda-gdb -batch -ex run -ex bt --args "$BUILD_DIR/tests/titan_gpu_tests" \
     --gtest_filter=GpuTraining.FusedKernelLossCurveMatchesUnfusedWithinBf16Noise 2>&1 | tail -60
+}
+
+# compare_losses LABEL A.jsonl B.jsonl: the largest relative loss difference of two runs.
+compare_losses() {
+  "$PY" - "$@" <<'PYEOF'
+import json, sys
+label, fa, fb = sys.argv[1:4]
+a = [json.loads(l)["loss"] for l in open(fa)]
+b = [json.loads(l)["loss"] for l in open(fb)]
+rel = max(abs(x - y) / x for x, y in zip(a, b))
+print(f"{label}, {len(a)} steps: loss {a[0]:.4f} -> {a[-1]:.4f} vs {b[-1]:.4f}; max relative difference {rel:.2e}")
+PYEOF
 }
 
 ngpu() { nvidia-smi -L | grep -c '^GPU'; }
@@ -167,13 +174,8 @@ do_parity2() {
     --job.dump_folder "$OUT/parity_1gpu" >/dev/null 2>&1
   CUDA_VISIBLE_DEVICES=0,1 trun 2 "$BUILD_DIR/titan_train" "${common[@]}" \
     --training.local_batch_size 4 --job.dump_folder "$OUT/parity_fsdp2" >/dev/null 2>&1
-  "$PY" - "$OUT/parity_1gpu/metrics.jsonl" "$OUT/parity_fsdp2/metrics.jsonl" <<'PYEOF'
-import json, sys
-a = [json.loads(l)["loss"] for l in open(sys.argv[1])]
-b = [json.loads(l)["loss"] for l in open(sys.argv[2])]
-rel = max(abs(x - y) / x for x, y in zip(a, b))
-print(f"bf16 FSDP-2 vs 1 GPU, {len(a)} steps: loss {a[0]:.4f} -> {a[-1]:.4f} vs {b[-1]:.4f}; max relative difference {rel:.2e}")
-PYEOF
+  compare_losses "bf16 FSDP-2 vs 1 GPU" "$OUT/parity_1gpu/metrics.jsonl" \
+    "$OUT/parity_fsdp2/metrics.jsonl"
 }
 
 do_titan3b() {

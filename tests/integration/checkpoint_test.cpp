@@ -152,6 +152,16 @@ void expect_steps_match(const JobRun& resumed, const JobRun& reference, int64_t 
   }
 }
 
+// Copies `from_dump`'s step `step` into a fresh `to_dump`, runs 12 steps there on `world` ranks
+// (saving every `every`), and expects it to resume after `step` and match `reference` from then.
+void resume_elsewhere(const std::string& from_dump, int64_t step, const std::string& to_dump,
+                      int world, int64_t every, const JobRun& reference, const std::string& what) {
+  copy_step(from_dump, step, to_dump);
+  const JobRun run = run_job(to_dump, world, 12, checkpoints_every(every));
+  EXPECT_TRUE(resumed_after(run, step)) << what << "\n" << run.output;
+  expect_steps_match(run, reference, step + 1, 12, 1e-5, what);
+}
+
 json read_json(const std::string& path) {
   std::ifstream in(path);
   return json::parse(in);
@@ -279,21 +289,12 @@ TEST(CheckpointResharding, FourToTwoToOneAndOneToFour) {
   ASSERT_EQ(four.exit_code, 0) << four.output;
   EXPECT_EQ(read_json(step_dir(dir.file("four"), 3) + "/metadata.json")["files"].size(), 4u);
 
-  copy_step(dir.file("four"), 3, dir.file("two"));
-  const JobRun two = run_job(dir.file("two"), 2, 12, checkpoints_every(3));
-  EXPECT_TRUE(resumed_after(two, 3)) << two.output;
-  expect_steps_match(two, one, 4, 12, 1e-5, "FSDP 4 -> FSDP 2");
+  resume_elsewhere(dir.file("four"), 3, dir.file("two"), 2, 3, one, "FSDP 4 -> FSDP 2");
 
   // The 2-rank run's own checkpoint (written after resharding) into one process.
-  copy_step(dir.file("two"), 6, dir.file("single"));
-  const JobRun single = run_job(dir.file("single"), 1, 12, checkpoints_every(3));
-  EXPECT_TRUE(resumed_after(single, 6)) << single.output;
-  expect_steps_match(single, one, 7, 12, 1e-5, "FSDP 2 -> 1 process");
+  resume_elsewhere(dir.file("two"), 6, dir.file("single"), 1, 3, one, "FSDP 2 -> 1 process");
 
-  copy_step(dir.file("one"), 9, dir.file("four_again"));
-  const JobRun four_again = run_job(dir.file("four_again"), 4, 12, checkpoints_every(3));
-  EXPECT_TRUE(resumed_after(four_again, 9)) << four_again.output;
-  expect_steps_match(four_again, one, 10, 12, 1e-5, "1 process -> FSDP 4");
+  resume_elsewhere(dir.file("one"), 9, dir.file("four_again"), 4, 3, one, "1 process -> FSDP 4");
 }
 
 // 3. HSDP 2x2 -> FSDP 4; replicas write no tensor data twice.
@@ -317,10 +318,7 @@ TEST(CheckpointResharding, HsdpTwoByTwoToFsdpFour) {
           << name << " " << c["file"];
     }
   }
-  copy_step(dir.file("hsdp"), 6, dir.file("fsdp"));
-  const JobRun fsdp = run_job(dir.file("fsdp"), 4, 12, checkpoints_every(6));
-  EXPECT_TRUE(resumed_after(fsdp, 6)) << fsdp.output;
-  expect_steps_match(fsdp, one, 7, 12, 1e-5, "HSDP 2x2 -> FSDP 4");
+  resume_elsewhere(dir.file("hsdp"), 6, dir.file("fsdp"), 4, 6, one, "HSDP 2x2 -> FSDP 4");
 }
 
 // 4. A process killed while writing step 8 leaves step-8.partial; the next run removes it,

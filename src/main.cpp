@@ -6,11 +6,15 @@
 
 #include <cstdlib>
 
+#include <c10/util/Exception.h>
+
 #include "titan/checkpoint/hf.h"
 #include "titan/config/job_config.h"
 #include "titan/dist/launch.h"
 #include "titan/train/trainer.h"
+#include "titan/util/device.h"
 #include "titan/util/error.h"
+#include "titan/util/fs.h"
 #include "titan/util/log.h"
 #include "titan/util/strings.h"
 
@@ -54,6 +58,11 @@ int main(int argc, char** argv) {
     if (config.job.print_config && show) {
       std::cout << "# resolved job config\n" << titan::config::to_toml(config) << std::flush;
     }
+    if (!config.job.save_config_file.empty() && env.rank == 0) {
+      titan::util::write_file_atomically(
+          config.job.save_config_file, "# resolved job config\n" + titan::config::to_toml(config));
+      titan::log::info("job: resolved config written to {}", config.job.save_config_file);
+    }
     titan::log::info("job: {}{}", config.job.description,
                      config.job.config_file.empty() ? "" : " (" + config.job.config_file + ")");
     if (alloc_conf_default) {
@@ -65,6 +74,17 @@ int main(int argc, char** argv) {
   } catch (const titan::Error& e) {
     std::cerr << "titan_train: error: " << e.what() << std::endl;
     return 2;
+  } catch (const c10::OutOfMemoryError& e) {
+    // The user's problem (model, batch or plan too large for the device), not a bug.
+    std::cerr << "titan_train: error: " << titan::out_of_memory_report(e.what_without_backtrace())
+              << std::endl;
+    if (std::getenv("TITAN_BACKTRACE")) std::cerr << e.what() << std::endl;
+    return 2;
+  } catch (const c10::Error& e) {
+    std::cerr << "titan_train: internal error: "
+              << (std::getenv("TITAN_BACKTRACE") ? e.what() : e.what_without_backtrace())
+              << std::endl;
+    return 3;
   } catch (const std::exception& e) {
     std::cerr << "titan_train: internal error: " << e.what() << std::endl;
     return 3;

@@ -34,7 +34,7 @@ std::string safetensors_dtype(at::ScalarType t) {
     case at::kBool: return "BOOL";
     case at::kFloat8_e4m3fn: return "F8_E4M3";
     case at::kFloat8_e5m2: return "F8_E5M2";
-    default: fail("internal: no safetensors dtype for ", c10::toString(t));
+    default: internal_fail("no safetensors dtype for ", c10::toString(t));
   }
 }
 
@@ -104,12 +104,13 @@ SafetensorsWriter::~SafetensorsWriter() {
 }
 
 void SafetensorsWriter::write(const std::string& name, const at::Tensor& t) {
-  TITAN_CHECK(next_ < tensors_.size() && tensors_[next_].first == name,
-              "internal: safetensors tensor ", name, " written out of order in ", path_);
+  TITAN_INTERNAL_CHECK(next_ < tensors_.size() && tensors_[next_].first == name,
+                       "safetensors tensor ", name, " written out of order in ", path_);
   const TensorInfo& info = tensors_[next_++].second;
-  TITAN_CHECK(!t.is_cuda() && t.is_contiguous() &&
-                  safetensors_dtype(t.scalar_type()) == info.dtype && t.numel() == info.numel(),
-              "internal: tensor ", name, " does not match its declaration in ", path_);
+  TITAN_INTERNAL_CHECK(!t.is_cuda() && t.is_contiguous() &&
+                           safetensors_dtype(t.scalar_type()) == info.dtype &&
+                           t.numel() == info.numel(),
+                       "tensor ", name, " does not match its declaration in ", path_);
   const size_t bytes = static_cast<size_t>(info.end - info.begin);
   write_all(fd_, t.data_ptr(), bytes, path_);
   auto& blocks = crcs_[name];
@@ -121,8 +122,8 @@ void SafetensorsWriter::write(const std::string& name, const at::Tensor& t) {
 }
 
 int64_t SafetensorsWriter::close() {
-  TITAN_CHECK(next_ == tensors_.size(), "internal: ", tensors_.size() - next_,
-              " declared tensors never written to ", path_);
+  TITAN_INTERNAL_CHECK(next_ == tensors_.size(), "", tensors_.size() - next_,
+                       " declared tensors never written to ", path_);
   TITAN_CHECK(::fsync(fd_) == 0, "cannot fsync ", path_, ": ", std::strerror(errno));
   struct stat st {};
   ::fstat(fd_, &st);
@@ -215,8 +216,8 @@ at::Tensor SafetensorsReader::read(const std::string& name) const {
 at::Tensor SafetensorsReader::read_range(const std::string& name, int64_t first,
                                          int64_t count) const {
   const TensorInfo& i = info(name);
-  TITAN_CHECK(first >= 0 && count >= 0 && first + count <= i.numel(), "internal: range [", first,
-              ", ", first + count, ") outside tensor ", name, " of ", i.numel());
+  TITAN_INTERNAL_CHECK(first >= 0 && count >= 0 && first + count <= i.numel(), "range [", first,
+                       ", ", first + count, ") outside tensor ", name, " of ", i.numel());
   const int64_t es = element_size(i.dtype);
   at::Tensor t = at::empty({count}, at::TensorOptions().dtype(scalar_type_of(i.dtype)));
   read_bytes(i.begin + first * es, i.begin + (first + count) * es, t.data_ptr());

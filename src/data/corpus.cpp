@@ -165,7 +165,7 @@ std::string facts(Rng& r) {
 int64_t corpus_documents(const std::string& split) {
   if (split == "train") return 200000;
   if (split == "validation") return 2000;
-  fail("internal: unknown corpus split ", split);
+  internal_fail("unknown corpus split ", split);
 }
 
 std::string corpus_document(const std::string& split, int64_t index) {

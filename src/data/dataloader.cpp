@@ -41,9 +41,9 @@ LoaderState LoaderState::from_json(const std::string& text) {
 
 DataLoader::DataLoader(std::unique_ptr<DocumentSource> source, LoaderOptions options)
     : source_(std::move(source)), options_(options) {
-  TITAN_CHECK(options_.batch_size >= 1 && options_.seq_len >= 1 && options_.dp_size >= 1 &&
-                  options_.dp_rank >= 0 && options_.dp_rank < options_.dp_size,
-              "internal: bad loader batch/seq/dp");
+  TITAN_INTERNAL_CHECK(options_.batch_size >= 1 && options_.seq_len >= 1 && options_.dp_size >= 1 &&
+                           options_.dp_rank >= 0 && options_.dp_rank < options_.dp_size,
+                       "bad loader batch/seq/dp");
   description_ = source_->describe();
   cursor_.position = source_->position();
   consumed_ = cursor_;

@@ -12,8 +12,8 @@ namespace titan::data {
 
 std::unique_ptr<DocumentSource> make_file_source(const DatasetOptions& o,
                                                  std::shared_ptr<const Tokenizer> tokenizer) {
-  TITAN_CHECK(o.dp_size >= 1 && o.dp_rank >= 0 && o.dp_rank < o.dp_size,
-              "internal: data-parallel rank ", o.dp_rank, " of ", o.dp_size);
+  TITAN_INTERNAL_CHECK(o.dp_size >= 1 && o.dp_rank >= 0 && o.dp_rank < o.dp_size,
+                       "data-parallel rank ", o.dp_rank, " of ", o.dp_size);
   DataFiles files = list_data_files(o.path);
   TITAN_CHECK(files.shards.empty() || files.text.empty(), "dataset path ", o.path,
               " mixes pre-tokenized shards (.bin) and text files; use one kind per dataset");

@@ -105,8 +105,8 @@ void ShardReader::close() {
 }
 
 void ShardReader::read(int64_t begin, int64_t count, std::vector<int32_t>& out) {
-  TITAN_CHECK(file_ && begin >= 0 && count >= 0 && begin + count <= header_.tokens,
-              "internal: shard read [", begin, ", ", begin + count, ") outside ", path_);
+  TITAN_INTERNAL_CHECK(file_ && begin >= 0 && count >= 0 && begin + count <= header_.tokens,
+                       "shard read [", begin, ", ", begin + count, ") outside ", path_);
   const size_t width = header_.token_bytes;
   buffer_.resize(static_cast<size_t>(count) * width);
   const auto at = static_cast<off_t>(kShardHeaderBytes + begin * static_cast<int64_t>(width));
@@ -137,7 +137,7 @@ ShardWriter::ShardWriter(std::string path, uint32_t token_bytes, int64_t vocab_s
       tmp_path_(path_ + ".tmp"),
       token_bytes_(token_bytes),
       vocab_size_(vocab_size) {
-  TITAN_CHECK(token_bytes_ == 2 || token_bytes_ == 4, "internal: token width ", token_bytes_);
+  TITAN_INTERNAL_CHECK(token_bytes_ == 2 || token_bytes_ == 4, "token width ", token_bytes_);
   TITAN_CHECK(token_bytes_ == 4 || vocab_size_ <= 65536, "a vocabulary of ", vocab_size_,
               " ids does not fit uint16 tokens");
   file_ = std::fopen(tmp_path_.c_str(), "wb");

@@ -43,8 +43,8 @@ WorkPtr Communicator::run(const char* op, const at::Tensor& t, bool async, F&& i
 
 namespace {
 void check_dense(const at::Tensor& t, const char* what, const std::string& group) {
-  TITAN_CHECK(t.defined() && t.is_contiguous(), "internal: ", what, " on group ", group,
-              " needs a contiguous tensor");
+  TITAN_INTERNAL_CHECK(t.defined() && t.is_contiguous(), "", what, " on group ", group,
+                       " needs a contiguous tensor");
 }
 }  // namespace
 
@@ -56,9 +56,9 @@ WorkPtr Communicator::all_reduce(const at::Tensor& t, ReduceOp op, bool async) {
 WorkPtr Communicator::all_gather_into(const at::Tensor& out, const at::Tensor& in, bool async) {
   check_dense(out, "all_gather", name_);
   check_dense(in, "all_gather", name_);
-  TITAN_CHECK(out.numel() == in.numel() * size_ && out.scalar_type() == in.scalar_type(),
-              "internal: all_gather on ", name_, ": output holds ", out.numel(),
-              " elements, expected ", size_, " x ", in.numel());
+  TITAN_INTERNAL_CHECK(out.numel() == in.numel() * size_ && out.scalar_type() == in.scalar_type(),
+                       "all_gather on ", name_, ": output holds ", out.numel(),
+                       " elements, expected ", size_, " x ", in.numel());
   return run("all_gather", in, async, [&] { return do_all_gather(out, in); });
 }
 
@@ -66,16 +66,16 @@ WorkPtr Communicator::reduce_scatter(const at::Tensor& out, const at::Tensor& in
                                      bool async) {
   check_dense(out, "reduce_scatter", name_);
   check_dense(in, "reduce_scatter", name_);
-  TITAN_CHECK(in.numel() == out.numel() * size_ && out.scalar_type() == in.scalar_type(),
-              "internal: reduce_scatter on ", name_, ": input holds ", in.numel(),
-              " elements, expected ", size_, " x ", out.numel());
+  TITAN_INTERNAL_CHECK(in.numel() == out.numel() * size_ && out.scalar_type() == in.scalar_type(),
+                       "reduce_scatter on ", name_, ": input holds ", in.numel(),
+                       " elements, expected ", size_, " x ", out.numel());
   return run("reduce_scatter", in, async, [&] { return do_reduce_scatter(out, in, op); });
 }
 
 WorkPtr Communicator::broadcast(const at::Tensor& t, int root, bool async) {
   check_dense(t, "broadcast", name_);
-  TITAN_CHECK(root >= 0 && root < size_, "internal: broadcast root ", root, " outside group ",
-              name_);
+  TITAN_INTERNAL_CHECK(root >= 0 && root < size_, "broadcast root ", root, " outside group ",
+                       name_);
   return run("broadcast", t, async, [&] { return do_broadcast(t, root); });
 }
 
@@ -83,8 +83,8 @@ WorkPtr Communicator::send_recv(const std::vector<P2POp>& ops, bool async) {
   int64_t numel = 0;
   for (const auto& o : ops) {
     check_dense(o.tensor, "send/recv", name_);
-    TITAN_CHECK(o.peer >= 0 && o.peer < size_ && o.peer != rank_, "internal: send/recv peer ",
-                o.peer, " invalid in group ", name_);
+    TITAN_INTERNAL_CHECK(o.peer >= 0 && o.peer < size_ && o.peer != rank_, "send/recv peer ",
+                         o.peer, " invalid in group ", name_);
     numel += o.tensor.numel();
   }
   at::Tensor first = ops.empty() ? at::Tensor() : ops.front().tensor;
@@ -94,8 +94,8 @@ WorkPtr Communicator::send_recv(const std::vector<P2POp>& ops, bool async) {
 WorkPtr Communicator::all_to_all(const at::Tensor& out, const at::Tensor& in, bool async) {
   check_dense(out, "all_to_all", name_);
   check_dense(in, "all_to_all", name_);
-  TITAN_CHECK(out.numel() == in.numel() && in.numel() % size_ == 0, "internal: all_to_all on ",
-              name_, " needs equal sizes divisible by ", size_);
+  TITAN_INTERNAL_CHECK(out.numel() == in.numel() && in.numel() % size_ == 0, "all_to_all on ",
+                       name_, " needs equal sizes divisible by ", size_);
   return run("all_to_all", in, async, [&] { return do_all_to_all(out, in); });
 }
 

@@ -67,7 +67,7 @@ std::vector<std::string> DeviceMesh::dims_of(const std::string& group) const {
   for (const char* d : kDims) {
     if (group == d) return {group};
   }
-  fail("internal: unknown mesh group ", group);
+  internal_fail("unknown mesh group ", group);
 }
 
 namespace {
@@ -75,7 +75,7 @@ size_t dim_index(const std::string& name) {
   for (size_t i = 0; i < DeviceMesh::kDims.size(); ++i) {
     if (name == DeviceMesh::kDims[i]) return i;
   }
-  fail("internal: unknown mesh dim ", name);
+  internal_fail("unknown mesh dim ", name);
 }
 }  // namespace
 

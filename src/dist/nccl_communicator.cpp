@@ -53,7 +53,7 @@ ncclDataType_t nccl_type(at::ScalarType t) {
     case at::kFloat8_e4m3fn: return ncclFloat8e4m3;
     case at::kFloat8_e5m2: return ncclFloat8e5m2;
 #endif
-    default: fail("internal: NCCL cannot communicate dtype ", c10::toString(t));
+    default: internal_fail("NCCL cannot communicate dtype ", c10::toString(t));
   }
 }
 
@@ -226,8 +226,8 @@ class NcclCommunicator : public Communicator {
   WorkPtr launch(const std::vector<at::Tensor>& tensors, F&& call) {
     c10::cuda::CUDAGuard guard(device_);
     for (const auto& t : tensors) {
-      TITAN_CHECK(t.is_cuda() && t.device() == device_, "internal: NCCL group ", name(),
-                  " got a tensor on ", t.device(), ", expected ", device_);
+      TITAN_INTERNAL_CHECK(t.is_cuda() && t.device() == device_, "NCCL group ", name(),
+                           " got a tensor on ", t.device(), ", expected ", device_);
     }
     cudaStream_t current = at::cuda::getCurrentCUDAStream(device_.index()).stream();
     TITAN_CUDA_CHECK(cudaEventRecord(ready_, current));
@@ -271,7 +271,7 @@ std::unique_ptr<Communicator> make_nccl_world(c10d::Store* store, int rank, int 
     store->set(key, bytes);
   } else {
     auto bytes = store->get(key);
-    TITAN_CHECK(bytes.size() == sizeof(id), "internal: malformed NCCL id in the store");
+    TITAN_INTERNAL_CHECK(bytes.size() == sizeof(id), "malformed NCCL id in the store");
     std::memcpy(&id, bytes.data(), sizeof(id));
   }
   ncclComm_t comm = nullptr;
@@ -293,7 +293,7 @@ bool nccl_available() {
 }
 std::unique_ptr<Communicator> make_nccl_world(c10d::Store*, int, int, c10::Device,
                                               FlightRecorder*) {
-  fail("internal: this titan build has no CUDA/NCCL support");
+  internal_fail("this titan build has no CUDA/NCCL support");
 }
 }  // namespace titan::dist
 #endif

@@ -86,8 +86,9 @@ at::Tensor rmsnorm_backward(const at::Tensor& dy_in, const at::Tensor& x_in, con
 
 void rope_apply_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse,
                     const at::Tensor& out) {
-  TITAN_CHECK(x.dim() == 4 && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
-              "internal: rope_apply_out needs matching [B, S, H, hd] tensors");
+  TITAN_INTERNAL_CHECK(
+      x.dim() == 4 && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
+      "rope_apply_out needs matching [B, S, H, hd] tensors");
   if (!supported(x) || x.stride(3) != 1 || out.stride(3) != 1 || x.size(3) % 2 != 0 ||
       x.stride(2) % 2 != 0 || out.stride(2) % 2 != 0) {
     out.copy_(ops::rope_apply_ref(x, cos, sin, inverse));
@@ -139,9 +140,9 @@ at::Tensor swiglu_backward(const at::Tensor& dg_in, const at::Tensor& ab_in) {
 
 at::Tensor cross_entropy_fwd_bwd(at::Tensor& logits, const at::Tensor& targets, double grad_scale,
                                  bool write_grad) {
-  TITAN_CHECK(logits.dim() == 2 && logits.is_contiguous() && supported(logits) &&
-                  logits.size(1) % vec_of(logits) == 0 && aligned16(logits),
-              "internal: cross_entropy kernel needs contiguous [rows, V] logits, V % 8 == 0");
+  TITAN_INTERNAL_CHECK(logits.dim() == 2 && logits.is_contiguous() && supported(logits) &&
+                           logits.size(1) % vec_of(logits) == 0 && aligned16(logits),
+                       "cross_entropy kernel needs contiguous [rows, V] logits, V % 8 == 0");
   const int64_t rows = logits.size(0);
   at::Tensor losses = at::empty({rows}, logits.options().dtype(at::kFloat));
   at::Tensor tgt = targets.contiguous().to(at::kLong);
@@ -156,13 +157,13 @@ void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
                 const at::Tensor& exp_avg_sq, const at::Tensor& shadow, const at::Tensor& hyper,
                 const at::Tensor& divisor, bool decoupled) {
   for (const at::Tensor* t : {&param, &grad, &exp_avg, &exp_avg_sq}) {
-    TITAN_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                    aligned16(*t) && t->numel() == param.numel(),
-                "internal: adamw_step needs contiguous aligned fp32 CUDA tensors");
+    TITAN_INTERNAL_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                             aligned16(*t) && t->numel() == param.numel(),
+                         "adamw_step needs contiguous aligned fp32 CUDA tensors");
   }
-  TITAN_CHECK(!shadow.defined() || (shadow.scalar_type() == at::kBFloat16 &&
-                                    shadow.numel() == param.numel() && aligned16(shadow)),
-              "internal: adamw_step shadow must be bf16 of the parameter's size");
+  TITAN_INTERNAL_CHECK(!shadow.defined() || (shadow.scalar_type() == at::kBFloat16 &&
+                                             shadow.numel() == param.numel() && aligned16(shadow)),
+                       "adamw_step shadow must be bf16 of the parameter's size");
   launch::adamw(param.data_ptr<float>(), grad.data_ptr<float>(), exp_avg.data_ptr<float>(),
                 exp_avg_sq.data_ptr<float>(), shadow.defined() ? shadow.data_ptr() : nullptr,
                 param.numel(), hyper.data_ptr<float>(),
@@ -171,11 +172,12 @@ void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
 }
 
 at::Tensor sum_of_squares(const std::vector<at::Tensor>& xs) {
-  TITAN_CHECK(!xs.empty(), "internal: sum_of_squares of no tensors");
+  TITAN_INTERNAL_CHECK(!xs.empty(), "sum_of_squares of no tensors");
   int64_t blocks = 0;
   for (const auto& x : xs) {
-    TITAN_CHECK(x.is_cuda() && x.scalar_type() == at::kFloat && x.is_contiguous() && aligned16(x),
-                "internal: sum_of_squares needs contiguous aligned fp32 CUDA tensors");
+    TITAN_INTERNAL_CHECK(
+        x.is_cuda() && x.scalar_type() == at::kFloat && x.is_contiguous() && aligned16(x),
+        "sum_of_squares needs contiguous aligned fp32 CUDA tensors");
     blocks += launch::sum_squares_blocks(x.numel());
   }
   // Every block writes its partial, so only an all-empty list needs a zero.
@@ -194,8 +196,8 @@ at::Tensor sum_of_squares(const std::vector<at::Tensor>& xs) {
 
 void gemm_tn_fp32(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& grad,
                   bool accumulate) {
-  TITAN_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous(),
-              "internal: fp32 contiguous gradient expected");
+  TITAN_INTERNAL_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous(),
+                       "fp32 contiguous gradient expected");
   at::Tensor dy = dy_in.contiguous();
   at::Tensor x = x_in.contiguous();
   if (dy.scalar_type() == at::kFloat) {
@@ -207,8 +209,8 @@ void gemm_tn_fp32(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Ten
     }
     return;
   }
-  TITAN_CHECK(dy.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16,
-              "internal: bf16 operands expected");
+  TITAN_INTERNAL_CHECK(dy.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16,
+                       "bf16 operands expected");
   const int64_t n = dy.size(0), out = dy.size(1), in = x.size(1);
   // Row-major grad[out, in] is column-major grad^T[in, out] = x^T[in, N] * dy[N, out].
   const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;

@@ -14,7 +14,7 @@ const ParamSlot& UnitLayout::param(const std::string& suffix) const {
       return p;
     }
   }
-  fail("internal: unit ", name, " has no parameter ending in ", suffix);
+  internal_fail("unit ", name, " has no parameter ending in ", suffix);
 }
 
 namespace {
@@ -88,15 +88,15 @@ std::vector<UnitLayout> llama_units(const LlamaArgs& a) {
 }
 
 BlockOffsets block_offsets(const UnitLayout& u) {
-  TITAN_CHECK(u.kind == UnitKind::Block, "internal: block_offsets on unit ", u.name);
+  TITAN_INTERNAL_CHECK(u.kind == UnitKind::Block, "block_offsets on unit ", u.name);
   const auto& wq = u.param("attention.wq.weight");
   const auto& wk = u.param("attention.wk.weight");
   const auto& wv = u.param("attention.wv.weight");
   const auto& w1 = u.param("feed_forward.w1.weight");
   const auto& w3 = u.param("feed_forward.w3.weight");
-  TITAN_CHECK(wk.offset == wq.offset + wq.numel && wv.offset == wk.offset + wk.numel &&
-                  w3.offset == w1.offset + w1.numel,
-              "internal: fused projections of ", u.name, " are not adjacent");
+  TITAN_INTERNAL_CHECK(wk.offset == wq.offset + wq.numel && wv.offset == wk.offset + wk.numel &&
+                           w3.offset == w1.offset + w1.numel,
+                       "fused projections of ", u.name, " are not adjacent");
   return {
       u.param("attention_norm.weight").offset, wq.offset, u.param("attention.wo.weight").offset,
       u.param("ffn_norm.weight").offset,       w1.offset, u.param("feed_forward.w2.weight").offset};

@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kernel_backward(const at::Tensor&
       return at::_scaled_dot_product_flash_attention_for_cpu_backward(
           dout_bhsd, s.q, s.k, s.v, s.out, s.logsumexp, 0.0, true, std::nullopt, scale);
   }
-  fail("internal: unknown attention backend");
+  internal_fail("unknown attention backend");
 }
 
 struct Choice {
@@ -178,7 +178,7 @@ void choose(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   at::Tensor ref_out, ref_dq;
   const double flash_exp = try_candidate({AttentionBackend::CudaFlash, false}, qq, kk, vv, dout,
                                          nullptr, nullptr, &ref_out, &ref_dq);
-  TITAN_CHECK(flash_exp > 0, "internal: flash attention failed on this GPU");
+  TITAN_INTERNAL_CHECK(flash_exp > 0, "flash attention failed on this GPU");
   std::vector<std::pair<Choice, double>> results = {
       {{AttentionBackend::CudaFlash, false}, flash_exp}};
   const bool gqa = q.size(2) != k.size(2);

@@ -261,8 +261,8 @@ void complete(Pending& p, UnitState& u, bool first_write, dist::Communicator* re
 
 void FsdpModel::reduce_grad(size_t i, bool last_microbatch) {
   UnitState& u = units_[i];
-  TITAN_CHECK(u.full_grad.defined(), "internal: reduce_grad of unit ", u.layout.name,
-              " without a gradient");
+  TITAN_INTERNAL_CHECK(u.full_grad.defined(), "reduce_grad of unit ", u.layout.name,
+                       " without a gradient");
   // Fold in reductions of earlier units first: they were issued a whole unit of backward ago.
   fold_pending();
   Pending p;

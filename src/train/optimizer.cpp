@@ -19,9 +19,9 @@ Optimizer::Optimizer(std::vector<at::Tensor> params, std::vector<at::Tensor> gra
       grads_(std::move(grads)),
       shadows_(std::move(shadows)),
       options_(std::move(options)) {
-  TITAN_CHECK(shadows_.empty() || shadows_.size() == params_.size(),
-              "internal: optimizer shadows/params mismatch");
-  TITAN_CHECK(params_.size() == grads_.size(), "internal: optimizer params/grads mismatch");
+  TITAN_INTERNAL_CHECK(shadows_.empty() || shadows_.size() == params_.size(),
+                       "optimizer shadows/params mismatch");
+  TITAN_INTERNAL_CHECK(params_.size() == grads_.size(), "optimizer params/grads mismatch");
   for (const auto& p : params_) {
     exp_avg_.push_back(at::zeros_like(p));
     exp_avg_sq_.push_back(at::zeros_like(p));

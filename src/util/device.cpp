@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 #include <fstream>
+#include <mutex>
 #include <string>
 
 #ifdef TITAN_WITH_CUDA
@@ -106,6 +107,44 @@ void synchronize(const c10::Device& device) {
 #else
   (void)device;
 #endif
+}
+
+namespace {
+std::mutex oom_mutex;
+OomContext& oom_context() {
+  static OomContext context;
+  return context;
+}
+}  // namespace
+
+void set_oom_context(OomContext context) {
+  std::lock_guard<std::mutex> lock(oom_mutex);
+  oom_context() = std::move(context);
+}
+
+std::string out_of_memory_report(const std::string& allocator_message) {
+  OomContext c;
+  {
+    std::lock_guard<std::mutex> lock(oom_mutex);
+    c = oom_context();
+  }
+  // The allocator's first sentence says what it tried and what was free; the rest is advice
+  // for Python users (PYTORCH_CUDA_ALLOC_CONF, ...), replaced by titan's own.
+  std::string what = allocator_message;
+  const size_t cut = what.find(" If reserved but unallocated");
+  if (cut != std::string::npos) what = what.substr(0, cut);
+  while (!what.empty() && (what.back() == '\n' || what.back() == ' ')) what.pop_back();
+  std::string out = "out of memory" + (c.device.empty() ? "" : " on " + c.device) + ": " + what;
+  if (!c.estimate.empty()) out += "\n  this plan needs about " + c.estimate;
+  if (!c.snapshot_path.empty()) {
+    out += "\n  memory snapshot: " + c.snapshot_path + " (open it at pytorch.org/memory_viz)";
+  }
+  out +=
+      "\n  to fit: shard over more GPUs (parallelism.data_parallel_shard_degree), checkpoint "
+      "activations (activation_checkpoint.mode = \"full\" or \"selective\"), lower "
+      "training.local_batch_size or training.seq_len, or keep the optimizer state in host memory "
+      "(training.enable_cpu_offload = true)";
+  return out;
 }
 
 }  // namespace titan

@@ -56,6 +56,9 @@ class Trainer {
   // reset, micro-batches, reductions, clipping, update. Returns (mean loss, grad norm).
   std::pair<at::Tensor, at::Tensor> step_body(const std::vector<at::Tensor>& tokens);
   bool graph_eligible() const;
+  // Logs the per-rank memory estimate of this plan, warns when it exceeds the device, and
+  // registers it for out-of-memory reports.
+  void report_memory_estimate(const ActivationPolicy& ac);
   // A loader over `dataset` / `path` dealing windows to this data-parallel rank.
   std::unique_ptr<data::DataLoader> make_loader(const std::string& dataset, const std::string& path,
                                                 int64_t batch, int64_t seq_len, bool infinite,
@@ -77,6 +80,7 @@ class Trainer {
   std::unique_ptr<metrics::MetricsLogger> metrics_;
   std::unique_ptr<checkpoint::Checkpointer> checkpointer_;
   int64_t step_ = 0;
+  bool estimate_only_ = false;  // memory_estimation.enable: built the plan, allocated nothing
   int64_t grad_accum_steps_ = 1;
   int64_t dp_size_ = 1;
   int64_t dp_rank_ = 0;

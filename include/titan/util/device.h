@@ -28,4 +28,15 @@ MemoryStats memory_stats(const c10::Device& device);
 void reset_peak_memory(const c10::Device& device);
 void synchronize(const c10::Device& device);
 
+// Out-of-memory reporting. The trainer registers what it knows before the first step (the
+// plan's memory estimate, where a snapshot goes); out_of_memory_report() turns the allocator's
+// message into one paragraph for the user: what ran out, needed vs free, and what to change.
+struct OomContext {
+  std::string device;         // "cuda:0 (NVIDIA H200, 139.8 GiB)"
+  std::string estimate;       // "parameters + gradients + optimizer 114.3 GiB, ..." or empty
+  std::string snapshot_path;  // where the out-of-memory snapshot is written, or empty
+};
+void set_oom_context(OomContext context);
+std::string out_of_memory_report(const std::string& allocator_message);
+
 }  // namespace titan

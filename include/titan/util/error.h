@@ -1,4 +1,5 @@
-// The one error path of titan: a user-facing exception, thrown anywhere, caught in main.
+// The error paths of titan: a user-facing exception and an internal (bug) one, thrown anywhere,
+// caught in main.
 #pragma once
 
 #include <sstream>
@@ -24,10 +25,23 @@ std::string concat(Args&&... args) {
 }
 }  // namespace detail
 
+// A broken invariant of titan itself: a bug, never the user's doing. main() prints it as an
+// internal error (exit 3).
+class InternalError : public std::logic_error {
+ public:
+  explicit InternalError(const std::string& message) : std::logic_error(message) {}
+};
+
 // Throws titan::Error with the streamed arguments as message.
 template <typename... Args>
 [[noreturn]] void fail(Args&&... args) {
   throw Error(detail::concat(std::forward<Args>(args)...));
+}
+
+// Throws titan::InternalError with the streamed arguments as message.
+template <typename... Args>
+[[noreturn]] void internal_fail(Args&&... args) {
+  throw InternalError(detail::concat(std::forward<Args>(args)...));
 }
 
 }  // namespace titan
@@ -38,4 +52,12 @@ template <typename... Args>
     if (!(cond)) {                \
       ::titan::fail(__VA_ARGS__); \
     }                             \
+  } while (0)
+
+// Checks one of titan's own invariants; throws titan::InternalError otherwise.
+#define TITAN_INTERNAL_CHECK(cond, ...)    \
+  do {                                     \
+    if (!(cond)) {                         \
+      ::titan::internal_fail(__VA_ARGS__); \
+    }                                      \
   } while (0)

@@ -20,22 +20,25 @@
 namespace titan::config {
 namespace {
 
-enum class Type { Bool, Int, Float, OptFloat, String, StringList };
+enum class Type { Bool, Int, OptInt, Float, OptFloat, String, StringList, StringListList };
 
 const char* type_name(Type t) {
   switch (t) {
     case Type::Bool: return "a boolean (true/false)";
     case Type::Int: return "an integer";
+    case Type::OptInt: return "an integer (or \"none\")";
     case Type::Float: return "a number";
     case Type::OptFloat: return "a number (or \"none\")";
     case Type::String: return "a string";
     case Type::StringList: return "a list of strings";
+    case Type::StringListList: return "a list of lists of strings";
   }
   return "?";
 }
 
-using Value = std::variant<bool, int64_t, double, std::optional<double>, std::string,
-                           std::vector<std::string>>;
+using Value =
+    std::variant<bool, int64_t, std::optional<int64_t>, double, std::optional<double>, std::string,
+                 std::vector<std::string>, std::vector<std::vector<std::string>>>;
 
 struct Option {
   std::string path;  // "section.key"
@@ -47,6 +50,7 @@ struct Option {
   std::optional<double> max;
   bool min_exclusive = false;
   std::vector<std::string> choices;  // allowed strings (each list element for lists)
+  bool hidden = false;               // an older spelling with its own setter: not printed as a key
 };
 
 template <typename Sec, typename T>
@@ -78,25 +82,49 @@ struct Registry {
   }
 };
 
+// The option type of a field type.
+template <typename T>
+Type type_of() {
+  if constexpr (std::is_same_v<T, bool>) {
+    return Type::Bool;
+  } else if constexpr (std::is_same_v<T, int64_t>) {
+    return Type::Int;
+  } else if constexpr (std::is_same_v<T, std::optional<int64_t>>) {
+    return Type::OptInt;
+  } else if constexpr (std::is_same_v<T, double>) {
+    return Type::Float;
+  } else if constexpr (std::is_same_v<T, std::optional<double>>) {
+    return Type::OptFloat;
+  } else if constexpr (std::is_same_v<T, std::string>) {
+    return Type::String;
+  } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+    return Type::StringList;
+  } else {
+    static_assert(std::is_same_v<T, std::vector<std::vector<std::string>>>);
+    return Type::StringListList;
+  }
+}
+
 // Shorthands for the table below.
 template <typename Sec, typename T>
 Option& opt(Registry& r, const std::string& path, Sec JobConfig::*sec, T Sec::*field,
             std::string help) {
-  Type t;
-  if constexpr (std::is_same_v<T, bool>) {
-    t = Type::Bool;
-  } else if constexpr (std::is_same_v<T, int64_t>) {
-    t = Type::Int;
-  } else if constexpr (std::is_same_v<T, double>) {
-    t = Type::Float;
-  } else if constexpr (std::is_same_v<T, std::optional<double>>) {
-    t = Type::OptFloat;
-  } else if constexpr (std::is_same_v<T, std::string>) {
-    t = Type::String;
-  } else {
-    t = Type::StringList;
-  }
-  return r.add(make_option(path, sec, field, t, std::move(help)));
+  return r.add(make_option(path, sec, field, type_of<T>(), std::move(help)));
+}
+
+// An option of a nested section, e.g. [training.dataloader].
+template <typename Sec, typename Sub, typename T>
+Option& opt2(Registry& r, const std::string& path, Sec JobConfig::*sec, Sub Sec::*sub,
+             T Sub::*field, std::string help) {
+  Option o;
+  o.path = path;
+  o.type = type_of<T>();
+  o.help = std::move(help);
+  o.get = [sec, sub, field](const JobConfig& c) -> Value { return Value(((c.*sec).*sub).*field); };
+  o.set = [sec, sub, field](JobConfig& c, const Value& v) {
+    ((c.*sec).*sub).*field = std::get<T>(v);
+  };
+  return r.add(std::move(o));
 }
 
 Option& range(Option& o, std::optional<double> lo, std::optional<double> hi = std::nullopt,
@@ -111,6 +139,25 @@ Option& choices(Option& o, std::vector<std::string> c) {
   return o;
 }
 
+// [<section>.dataloader]: torchtitan's DataLoader keys. titan reads and tokenizes on one
+// background thread per process (and pins batches on GPU runs), so worker processes and
+// prefetch depth have nothing to change; the keys are accepted and reported by print_config.
+template <typename Sec>
+void add_dataloader_options(Registry& r, const std::string& section, Sec JobConfig::*sec,
+                            DataLoaderSection Sec::*sub) {
+  const std::string p = section + ".dataloader.";
+  range(opt2(r, p + "num_workers", sec, sub, &DataLoaderSection::num_workers,
+             "Accepted for torchtitan compatibility (titan loads on a background thread)"),
+        0);
+  opt2(r, p + "persistent_workers", sec, sub, &DataLoaderSection::persistent_workers,
+       "Accepted for torchtitan compatibility");
+  opt2(r, p + "pin_memory", sec, sub, &DataLoaderSection::pin_memory,
+       "Accepted for torchtitan compatibility (titan pins batches on GPU runs)");
+  range(opt2(r, p + "prefetch_factor", sec, sub, &DataLoaderSection::prefetch_factor,
+             "Accepted for torchtitan compatibility"),
+        1);
+}
+
 Registry build_registry() {
   Registry r;
   using J = JobConfig;
@@ -121,6 +168,12 @@ Registry build_registry() {
   opt(r, "job.description", &J::job, &JobSection::description, "Free-form job description");
   opt(r, "job.print_config", &J::job, &JobSection::print_config,
       "Print the full resolved config at start");
+  opt(r, "job.save_config_file", &J::job, &JobSection::save_config_file,
+      "Write the resolved config (TOML) to this path at start");
+  opt(r, "job.custom_config_module", &J::job, &JobSection::custom_config_module,
+      "torchtitan's Python config extension module (not available in titan: no Python)");
+  opt(r, "job.use_for_integration_test", &J::job, &JobSection::use_for_integration_test,
+      "torchtitan v0.1.0 test-suite marker; no effect");
   r.aliases["job.print_args"] = "job.print_config";
 
   // [profiling]
@@ -170,6 +223,9 @@ Registry build_registry() {
       "Model converters to apply, e.g. [\"float8\"]");
   opt(r, "model.print_after_conversion", &J::model, &ModelSection::print_after_conversion,
       "Print the model after converters ran");
+  opt(r, "model.rope_scaling", &J::model, &ModelSection::rope_scaling,
+      "Llama 3.1 RoPE frequency scaling (factor 8, original context 8192), as torchtitan and "
+      "Meta's weights use; false computes plain RoPE");
 
   // [optimizer]
   choices(opt(r, "optimizer.name", &J::optimizer, &OptimizerSection::name, "Optimizer"),
@@ -193,6 +249,9 @@ Registry build_registry() {
   range(opt(r, "lr_scheduler.warmup_steps", &J::lr_scheduler, &LrSchedulerSection::warmup_steps,
             "Linear warm-up steps"),
         0);
+  range(opt(r, "lr_scheduler.total_steps", &J::lr_scheduler, &LrSchedulerSection::total_steps,
+            "Steps the schedule spans (unset: training.steps)"),
+        1);
   range(opt(r, "lr_scheduler.decay_ratio", &J::lr_scheduler, &LrSchedulerSection::decay_ratio,
             "Fraction of steps spent decaying (unset: all steps after warm-up)"),
         0.0, 1.0);
@@ -202,6 +261,7 @@ Registry build_registry() {
   range(opt(r, "lr_scheduler.min_lr_factor", &J::lr_scheduler, &LrSchedulerSection::min_lr_factor,
             "Final lr as a fraction of the peak"),
         0.0, 1.0);
+  r.aliases["lr_scheduler.lr_min"] = "lr_scheduler.min_lr_factor";
 
   // [training]
   opt(r, "training.dataset", &J::training, &TrainingSection::dataset,
@@ -231,10 +291,17 @@ Registry build_registry() {
   range(opt(r, "training.gc_freq", &J::training, &TrainingSection::gc_freq,
             "Accepted for torchtitan compatibility (Python GC; nothing to do in titan)"),
         1);
+  opt(r, "training.gc_debug", &J::training, &TrainingSection::gc_debug,
+      "Accepted for torchtitan compatibility (Python GC debugging; nothing to do in titan)");
+  choices(opt(r, "training.dtype", &J::training, &TrainingSection::dtype,
+              "Dtype of parameters and optimizer state: float32 (mixed precision per "
+              "mixed_precision_param); bfloat16 (pure bf16 training) is not available"),
+          {"float32", "bfloat16"});
   opt(r, "training.use_cuda_graphs", &J::training, &TrainingSection::use_cuda_graphs,
       "Capture the steady-state step in a CUDA graph where shapes are static");
   opt(r, "training.fused_kernels", &J::training, &TrainingSection::fused_kernels,
       "Use titan's fused CUDA kernels (RMSNorm, RoPE, SwiGLU, cross-entropy, AdamW)");
+  add_dataloader_options(r, "training", &J::training, &TrainingSection::dataloader);
   r.aliases["training.batch_size"] = "training.local_batch_size";
   r.aliases["training.seed"] = "debug.seed";
   r.aliases["training.deterministic"] = "debug.deterministic";
@@ -269,20 +336,55 @@ Registry build_registry() {
   opt(r, "parallelism.pipeline_parallel_split_points", &J::parallelism,
       &ParallelismSection::pipeline_parallel_split_points,
       "Module names where stages begin, e.g. [\"layers.4\"]");
+  opt(r, "parallelism.module_fqns_per_model_part", &J::parallelism,
+      &ParallelismSection::module_fqns_per_model_part,
+      "Modules of each pipeline stage, e.g. [[\"tok_embeddings\", \"layers.0\"], "
+      "[\"layers.1\", \"norm\", \"output\"]]");
+  range(opt(r, "parallelism.pipeline_parallel_first_stage_less_layers", &J::parallelism,
+            &ParallelismSection::pipeline_parallel_first_stage_less_layers,
+            "Layers the embedding counts as when splitting stages"),
+        0);
+  range(opt(r, "parallelism.pipeline_parallel_last_stage_less_layers", &J::parallelism,
+            &ParallelismSection::pipeline_parallel_last_stage_less_layers,
+            "Layers the final norm + output count as when splitting stages"),
+        0);
+  range(opt(r, "parallelism.pipeline_parallel_layers_per_stage", &J::parallelism,
+            &ParallelismSection::pipeline_parallel_layers_per_stage,
+            "Layers per (virtual) pipeline stage (unset: 1 stage per rank, 2 for multi-stage "
+            "schedules)"),
+        1);
   opt(r, "parallelism.pipeline_parallel_schedule", &J::parallelism,
       &ParallelismSection::pipeline_parallel_schedule, "Pipeline schedule");
+  opt(r, "parallelism.pipeline_parallel_schedule_csv", &J::parallelism,
+      &ParallelismSection::pipeline_parallel_schedule_csv,
+      "Read the pipeline schedule from this CSV file (one row of actions per rank)");
   range(opt(r, "parallelism.pipeline_parallel_microbatch_size", &J::parallelism,
             &ParallelismSection::pipeline_parallel_microbatch_size, "Sequences per microbatch"),
         1);
+  opt(r, "parallelism.pipeline_parallel_expert_parallel_overlap", &J::parallelism,
+      &ParallelismSection::pipeline_parallel_expert_parallel_overlap,
+      "Accepted for torchtitan compatibility (MoE only; Llama 3 has no experts)");
   range(opt(r, "parallelism.context_parallel_degree", &J::parallelism,
             &ParallelismSection::context_parallel_degree, "Context-parallel degree"),
         1);
+  choices(opt(r, "parallelism.context_parallel_load_balancer", &J::parallelism,
+              &ParallelismSection::context_parallel_load_balancer,
+              "Causal load balancing of context parallel: headtail, ptrr, or none"),
+          {"headtail", "ptrr", "none"});
   choices(opt(r, "parallelism.context_parallel_rotate_method", &J::parallelism,
               &ParallelismSection::context_parallel_rotate_method, "Ring attention rotation"),
           {"allgather", "alltoall"});
   range(opt(r, "parallelism.expert_parallel_degree", &J::parallelism,
             &ParallelismSection::expert_parallel_degree, "Expert-parallel degree (MoE)"),
         1);
+  range(opt(r, "parallelism.expert_tensor_parallel_degree", &J::parallelism,
+            &ParallelismSection::expert_tensor_parallel_degree,
+            "Expert tensor-parallel degree (MoE)"),
+        1);
+  choices(opt(r, "parallelism.expert_parallel_comm_backend", &J::parallelism,
+              &ParallelismSection::expert_parallel_comm_backend,
+              "Expert-parallel communication backend (MoE only; no effect on Llama 3)"),
+          {"standard", "deepep"});
   opt(r, "parallelism.enable_compiled_autograd", &J::parallelism,
       &ParallelismSection::enable_compiled_autograd,
       "Accepted for torchtitan compatibility; titan has no autograd to compile");
@@ -328,21 +430,58 @@ Registry build_registry() {
       &CheckpointSection::enable_first_step_checkpoint, "Also save after step 1");
   opt(r, "checkpoint.create_seed_checkpoint", &J::checkpoint,
       &CheckpointSection::create_seed_checkpoint, "Write step-0 weights and exit");
+  opt(r, "checkpoint.load_only", &J::checkpoint, &CheckpointSection::load_only,
+      "Load checkpoints but never save one");
+  opt(r, "checkpoint.initial_load_in_hf_quantized", &J::checkpoint,
+      &CheckpointSection::initial_load_in_hf_quantized,
+      "initial_load_path holds quantized HF weights (not available in titan)");
+  opt(r, "checkpoint.enable_ft_dataloader_checkpoints", &J::checkpoint,
+      &CheckpointSection::enable_ft_dataloader_checkpoints,
+      "Accepted for torchtitan compatibility (fault-tolerant replicas only)");
   r.aliases["checkpoint.enable_checkpoint"] = "checkpoint.enable";
   r.aliases["checkpoint.model_weights_only"] = "checkpoint.last_save_model_only";
+  r.aliases["checkpoint.last_save_model_weights_only"] = "checkpoint.last_save_model_only";
+  r.aliases["checkpoint.initial_load_model_weights_only"] = "checkpoint.initial_load_model_only";
 
   // [activation_checkpoint]
   choices(opt(r, "activation_checkpoint.mode", &J::activation_checkpoint,
-              &ActivationCheckpointSection::mode, "none, selective, or full"),
-          {"none", "selective", "full"});
+              &ActivationCheckpointSection::mode, "none, selective, full, or memory_budget"),
+          {"none", "selective", "full", "memory_budget"});
   opt(r, "activation_checkpoint.selective_ac_option", &J::activation_checkpoint,
       &ActivationCheckpointSection::selective_ac_option,
       "Integer k (every k-th block) or \"op\" (recompute cheap ops only)");
+  range(opt(r, "activation_checkpoint.memory_budget", &J::activation_checkpoint,
+            &ActivationCheckpointSection::memory_budget,
+            "memory_budget mode: fraction of the no-checkpointing activation memory to keep"),
+        0.0, 1.0);
+  opt(r, "activation_checkpoint.per_op_sac_force_recompute_mm_shapes_by_fqns",
+      &J::activation_checkpoint,
+      &ActivationCheckpointSection::per_op_sac_force_recompute_mm_shapes_by_fqns,
+      "Accepted for torchtitan compatibility (MoE router shapes; Llama 3 has none)");
+  opt(r, "activation_checkpoint.early_stop", &J::activation_checkpoint,
+      &ActivationCheckpointSection::early_stop,
+      "Accepted for torchtitan compatibility (titan recomputes only what a backward reads)");
+  opt(r, "activation_checkpoint.visualize_memory_budget_pareto", &J::activation_checkpoint,
+      &ActivationCheckpointSection::visualize_memory_budget_pareto,
+      "torch.compile partitioner's Pareto plot (not available in titan)");
+  opt(r, "activation_checkpoint.preserve_rng_state", &J::activation_checkpoint,
+      &ActivationCheckpointSection::preserve_rng_state,
+      "Accepted for torchtitan compatibility (titan's forward draws no random numbers, so "
+      "recomputation is exact either way)");
+  choices(opt(r, "activation_checkpoint.determinism_check", &J::activation_checkpoint,
+              &ActivationCheckpointSection::determinism_check,
+              "Accepted for torchtitan compatibility (recomputation is deterministic)"),
+          {"default", "none"});
+  opt(r, "activation_checkpoint.debug", &J::activation_checkpoint,
+      &ActivationCheckpointSection::debug,
+      "PyTorch checkpoint debug traces (not available in titan)");
 
   // [compile]
   opt(r, "compile.enable", &J::compile, &CompileSection::enable,
       "Accepted for torchtitan compatibility; titan is compiled ahead of time");
   opt(r, "compile.components", &J::compile, &CompileSection::components,
+      "Accepted for torchtitan compatibility");
+  opt(r, "compile.backend", &J::compile, &CompileSection::backend,
       "Accepted for torchtitan compatibility");
 
   // [quantize.linear.float8] (older spelling: [float8])
@@ -357,11 +496,15 @@ Registry build_registry() {
       "Linear layers kept in high precision");
   opt(r, "quantize.linear.float8.emulate", &J::float8, &Float8Section::emulate,
       "Emulate float8 arithmetic (for tests)");
+  opt(r, "quantize.linear.float8.force_recompute_fp8_weight_in_bwd", &J::float8,
+      &Float8Section::force_recompute_fp8_weight_in_bwd,
+      "torchtitan v0.1.0 key; accepted, no effect");
   {
     // The older switch: enable_float8_linear = true means model.converters += "float8".
     Option o;
     o.path = "quantize.linear.float8.enable_float8_linear";
     o.type = Type::Bool;
+    o.hidden = true;
     o.help = "Older spelling of model.converters = [\"float8\"]";
     o.get = [](const JobConfig& c) -> Value {
       const auto& v = c.model.converters;
@@ -377,6 +520,38 @@ Registry build_registry() {
     r.add(std::move(o));
   }
   r.section_aliases["float8"] = "quantize.linear.float8";
+
+  // [quantize.linear.mx] (older spelling: [mx]); used only through model.converters.
+  choices(opt(r, "quantize.linear.mx.mxfp8_dim1_cast_kernel_choice", &J::mx,
+              &MxSection::mxfp8_dim1_cast_kernel_choice, "MX dim-1 cast kernel"),
+          {"triton", "cuda", "torch"});
+  opt(r, "quantize.linear.mx.recipe_name", &J::mx, &MxSection::recipe_name, "MX recipe");
+  opt(r, "quantize.linear.mx.filter_fqns", &J::mx, &MxSection::filter_fqns,
+      "Linear layers kept in high precision under MX");
+  {
+    Option o;
+    o.path = "quantize.linear.mx.use_fp8_dim1_cast_triton_kernel";
+    o.type = Type::Bool;
+    o.hidden = true;
+    o.help = "Older spelling of mxfp8_dim1_cast_kernel_choice (true: triton, false: torch)";
+    o.get = [](const JobConfig& c) -> Value {
+      return Value(c.mx.mxfp8_dim1_cast_kernel_choice == "triton");
+    };
+    o.set = [](JobConfig& c, const Value& v) {
+      c.mx.mxfp8_dim1_cast_kernel_choice = std::get<bool>(v) ? "triton" : "torch";
+    };
+    r.add(std::move(o));
+  }
+  r.section_aliases["mx"] = "quantize.linear.mx";
+
+  // [quantize.grouped_mm.*]: MoE grouped GEMMs (Llama 3 has none).
+  opt(r, "quantize.grouped_mm.float8.fqns", &J::grouped_mm, &GroupedMmSection::float8_fqns,
+      "MoE layers with float8 grouped GEMMs (Llama 3 has none)");
+  choices(opt(r, "quantize.grouped_mm.mx.recipe_name", &J::grouped_mm,
+              &GroupedMmSection::mx_recipe_name, "MX recipe of grouped GEMMs"),
+          {"mxfp8"});
+  opt(r, "quantize.grouped_mm.mx.fqns", &J::grouped_mm, &GroupedMmSection::mx_fqns,
+      "MoE layers with MX grouped GEMMs (Llama 3 has none)");
   r.aliases["training.enable_float8_linear"] = "quantize.linear.float8.enable_float8_linear";
 
   // [comm]
@@ -391,10 +566,53 @@ Registry build_registry() {
         0);
   opt(r, "comm.save_traces_folder", &J::comm, &CommSection::save_traces_folder,
       "Flight-recorder dump folder under job.dump_folder");
+  opt(r, "comm.save_traces_file_prefix", &J::comm, &CommSection::save_traces_file_prefix,
+      "Flight-recorder dump file prefix (<prefix><rank>.json)");
+  choices(opt(r, "comm.mode", &J::comm, &CommSection::mode,
+              "default; fake_backend and local_tensor are PyTorch testing modes (not available)"),
+          {"default", "fake_backend", "local_tensor"});
+
+  // [memory_estimation]
+  opt(r, "memory_estimation.enable", &J::memory_estimation, &MemoryEstimationSection::enable,
+      "Log this plan's per-rank memory estimate and exit before training");
+  opt(r, "memory_estimation.disable_fake_mode", &J::memory_estimation,
+      &MemoryEstimationSection::disable_fake_mode,
+      "Accepted for torchtitan compatibility (titan estimates arithmetically)");
+  r.aliases["memory_estimation.enabled"] = "memory_estimation.enable";
+
+  // [fault_tolerance]: TorchFT (not available in titan; rejected when enabled).
+  using FT = FaultToleranceSection;
+  opt(r, "fault_tolerance.enable", &J::fault_tolerance, &FT::enable,
+      "TorchFT fault-tolerant training (not available in titan)");
+  opt(r, "fault_tolerance.process_group", &J::fault_tolerance, &FT::process_group, "TorchFT");
+  opt(r, "fault_tolerance.process_group_timeout_ms", &J::fault_tolerance,
+      &FT::process_group_timeout_ms, "TorchFT");
+  opt(r, "fault_tolerance.replica_id", &J::fault_tolerance, &FT::replica_id, "TorchFT");
+  opt(r, "fault_tolerance.group_size", &J::fault_tolerance, &FT::group_size, "TorchFT");
+  opt(r, "fault_tolerance.min_replica_size", &J::fault_tolerance, &FT::min_replica_size, "TorchFT");
+  opt(r, "fault_tolerance.semi_sync_method", &J::fault_tolerance, &FT::semi_sync_method,
+      "TorchFT semi-synchronous training: local_sgd or diloco (not available in titan)");
+  opt(r, "fault_tolerance.sync_steps", &J::fault_tolerance, &FT::sync_steps, "TorchFT");
+  opt(r, "fault_tolerance.should_quantize", &J::fault_tolerance, &FT::should_quantize, "TorchFT");
+  opt(r, "fault_tolerance.fragment_sync_delay", &J::fault_tolerance, &FT::fragment_sync_delay,
+      "TorchFT");
+  opt(r, "fault_tolerance.fragment_update_alpha", &J::fault_tolerance, &FT::fragment_update_alpha,
+      "TorchFT");
+  opt(r, "fault_tolerance.module_fqns_per_model_fragment", &J::fault_tolerance,
+      &FT::module_fqns_per_model_fragment, "TorchFT");
+  opt(r, "fault_tolerance.num_fragments", &J::fault_tolerance, &FT::num_fragments, "TorchFT");
+
+  // [experimental]
+  opt(r, "experimental.custom_import", &J::experimental, &ExperimentalSection::custom_import,
+      "Python module to import (not available in titan: no Python)");
+  opt(r, "experimental.custom_args_module", &J::experimental,
+      &ExperimentalSection::custom_args_module,
+      "torchtitan v0.1.0's config extension module (not available in titan: no Python)");
 
   // [validation]
-  opt(r, "validation.enabled", &J::validation, &ValidationSection::enabled,
+  opt(r, "validation.enable", &J::validation, &ValidationSection::enable,
       "Evaluate loss on a validation set");
+  r.aliases["validation.enabled"] = "validation.enable";
   opt(r, "validation.dataset", &J::validation, &ValidationSection::dataset,
       "Validation dataset name");
   opt(r, "validation.dataset_path", &J::validation, &ValidationSection::dataset_path,
@@ -410,11 +628,17 @@ Registry build_registry() {
         1);
   opt(r, "validation.steps", &J::validation, &ValidationSection::steps,
       "Validation batches per evaluation (-1: the whole validation set)");
+  add_dataloader_options(r, "validation", &J::validation, &ValidationSection::dataloader);
 
   // [debug]
   range(opt(r, "debug.seed", &J::debug, &DebugSection::seed, "Random seed"), 0);
   opt(r, "debug.deterministic", &J::debug, &DebugSection::deterministic,
       "Deterministic algorithms only");
+  opt(r, "debug.deterministic_warn_only", &J::debug, &DebugSection::deterministic_warn_only,
+      "With debug.deterministic: warn about nondeterministic ops instead of failing");
+  opt(r, "debug.moe_force_load_balance", &J::debug, &DebugSection::moe_force_load_balance,
+      "Accepted for torchtitan compatibility (MoE only; Llama 3 has no experts)");
+  r.aliases["training.debug_moe_force_load_balance"] = "debug.moe_force_load_balance";
   return r;
 }
 
@@ -460,6 +684,9 @@ void check_value(const Option& o, const Value& v, const Origin& origin) {
   auto bad = [&](const std::string& what) { fail(o.path, ": ", what, " (", origin.where, ")"); };
   std::optional<double> num;
   if (auto* i = std::get_if<int64_t>(&v)) num = static_cast<double>(*i);
+  if (auto* oi = std::get_if<std::optional<int64_t>>(&v); oi && oi->has_value()) {
+    num = static_cast<double>(**oi);
+  }
   if (auto* d = std::get_if<double>(&v)) num = *d;
   if (auto* od = std::get_if<std::optional<double>>(&v); od && od->has_value()) num = **od;
   if (num) {
@@ -510,6 +737,34 @@ std::string toml_kind(const toml::node& n) {
   return "date/time";
 }
 
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> out;
+  std::string t = text;
+  if (!t.empty() && t.front() == '[' && t.back() == ']') t = t.substr(1, t.size() - 2);
+  for (auto& part : util::split(t, ',')) {
+    std::string item = util::trim(part);
+    if (item.size() >= 2 && (item.front() == '"' || item.front() == '\'') &&
+        item.back() == item.front()) {
+      item = item.substr(1, item.size() - 2);
+    }
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+std::vector<std::string> strings_of(const Option& o, const toml::array& arr, const Origin& origin) {
+  std::vector<std::string> out;
+  for (const auto& el : arr) {
+    if (auto s = el.value_exact<std::string>()) {
+      out.push_back(*s);
+    } else {
+      fail(o.path, ": expected ", type_name(o.type), ", found a ", toml_kind(el), " element (",
+           origin.where, ")");
+    }
+  }
+  return out;
+}
+
 Value value_from_toml(const Option& o, const toml::node& n, const Origin& origin) {
   auto wrong = [&]() -> Value {
     fail(o.path, ": expected ", type_name(o.type), ", got ", toml_kind(n), " (", origin.where, ")");
@@ -520,6 +775,11 @@ Value value_from_toml(const Option& o, const toml::node& n, const Origin& origin
       return wrong();
     case Type::Int:
       if (auto i = n.value_exact<int64_t>()) return *i;
+      return wrong();
+    case Type::OptInt:
+      if (auto i = n.value_exact<int64_t>()) return std::optional<int64_t>(*i);
+      if (auto s = n.value_exact<std::string>(); s && util::lower(*s) == "none")
+        return std::optional<int64_t>();
       return wrong();
     case Type::Float:
       if (auto d = n.value_exact<double>()) return *d;
@@ -537,16 +797,23 @@ Value value_from_toml(const Option& o, const toml::node& n, const Origin& origin
       if (auto i = n.value_exact<int64_t>()) return std::to_string(*i);
       return wrong();
     case Type::StringList: {
+      // A plain string is a comma-separated list, as torchtitan's command line writes lists.
+      if (auto s = n.value_exact<std::string>()) return split_list(*s);
       const toml::array* arr = n.as_array();
       if (!arr) return wrong();
-      std::vector<std::string> out;
+      return strings_of(o, *arr, origin);
+    }
+    case Type::StringListList: {
+      const toml::array* arr = n.as_array();
+      if (!arr) return wrong();
+      std::vector<std::vector<std::string>> out;
       for (const auto& el : *arr) {
-        if (auto s = el.value_exact<std::string>()) {
-          out.push_back(*s);
-        } else {
-          fail(o.path, ": expected a list of strings, found a ", toml_kind(el), " element (",
-               origin.where, ")");
+        const toml::array* inner = el.as_array();
+        if (!inner) {
+          fail(o.path, ": expected a list of lists of strings, found a ", toml_kind(el),
+               " element (", origin.where, ")");
         }
+        out.push_back(strings_of(o, *inner, origin));
       }
       return out;
     }
@@ -596,6 +863,12 @@ Value value_from_string(const Option& o, const std::string& text, const Origin& 
       if (util::parse_int(text, v)) return v;
       return wrong();
     }
+    case Type::OptInt: {
+      if (util::lower(text) == "none" || text.empty()) return std::optional<int64_t>();
+      int64_t v = 0;
+      if (util::parse_int(text, v)) return std::optional<int64_t>(v);
+      return wrong();
+    }
     case Type::Float: {
       double v = 0;
       if (util::parse_double(text, v)) return v;
@@ -608,19 +881,18 @@ Value value_from_string(const Option& o, const std::string& text, const Origin& 
       return wrong();
     }
     case Type::String: return text;
-    case Type::StringList: {
-      std::vector<std::string> out;
-      std::string t = text;
-      if (!t.empty() && t.front() == '[' && t.back() == ']') t = t.substr(1, t.size() - 2);
-      for (auto& part : util::split(t, ',')) {
-        std::string item = util::trim(part);
-        if (item.size() >= 2 && (item.front() == '"' || item.front() == '\'') &&
-            item.back() == item.front()) {
-          item = item.substr(1, item.size() - 2);
-        }
-        if (!item.empty()) out.push_back(item);
+    case Type::StringList: return split_list(text);
+    case Type::StringListList: {
+      // TOML's array syntax: [["tok_embeddings", "layers.0"], ["layers.1", "norm", "output"]]
+      toml::table t;
+      try {
+        t = toml::parse("v = " + text, origin.where);
+      } catch (const toml::parse_error&) {
+        fail(o.path,
+             ": expected a list of lists of strings such as [[\"a\", \"b\"], [\"c\"]], got \"",
+             text, "\" (", origin.where, ")");
       }
-      return out;
+      return value_from_toml(o, *t.get("v"), origin);
     }
   }
   return wrong();
@@ -685,6 +957,9 @@ std::string toml_value(const Value& v) {
   struct {
     std::string operator()(bool b) const { return b ? "true" : "false"; }
     std::string operator()(int64_t i) const { return std::to_string(i); }
+    std::string operator()(const std::optional<int64_t>& i) const {
+      return i ? std::to_string(*i) : "\"none\"";
+    }
     std::string operator()(double d) const {
       std::ostringstream s;
       s.precision(17);
@@ -700,6 +975,11 @@ std::string toml_value(const Value& v) {
     std::string operator()(const std::vector<std::string>& l) const {
       std::vector<std::string> q;
       for (const auto& s : l) q.push_back(util::quote(s));
+      return "[" + util::join(q, ", ") + "]";
+    }
+    std::string operator()(const std::vector<std::vector<std::string>>& ll) const {
+      std::vector<std::string> q;
+      for (const auto& l : ll) q.push_back((*this)(l));
       return "[" + util::join(q, ", ") + "]";
     }
   } visitor;
@@ -790,11 +1070,60 @@ void validate(const JobConfig& c) {
   for (const auto& conv : c.model.converters) {
     if (conv == "float8" || conv == "quantize.linear.float8") {
       fail("model.converters: \"", conv,
-           "\" (float8 training) is not available in this titan "
-           "release yet; remove it from model.converters");
+           "\" (float8 training) is not available in this titan release yet; remove it from "
+           "model.converters");
+    }
+    if (conv == "mx" || conv == "quantize.linear.mx") {
+      fail("model.converters: \"", conv,
+           "\" (MX-format training) is not available in titan; it needs Blackwell GPUs");
+    }
+    if (conv == "quantize.grouped_mm.float8" || conv == "quantize.grouped_mm.mx") {
+      fail("model.converters: \"", conv,
+           "\" quantizes MoE grouped GEMMs, and Llama 3 has no experts; remove it");
     }
     fail("model.converters: unknown converter \"", conv, "\"; titan knows \"float8\"");
   }
+  // Keys titan accepts for torchtitan compatibility but whose feature it lacks: an error names
+  // the feature instead of silently ignoring the request.
+  auto lacks = [](bool asked, const std::string& key, const std::string& why) {
+    if (asked) fail(key, ": ", why);
+  };
+  lacks(!c.job.custom_config_module.empty(), "job.custom_config_module",
+        "extending the config with a Python module is not available in titan (no Python); "
+        "remove the key");
+  lacks(!c.experimental.custom_import.empty(), "experimental.custom_import",
+        "importing Python modules is not available in titan (no Python); remove the key");
+  lacks(!c.experimental.custom_args_module.empty(), "experimental.custom_args_module",
+        "extending the config with a Python module is not available in titan (no Python); "
+        "remove the key");
+  lacks(c.training.dtype == "bfloat16", "training.dtype",
+        "\"bfloat16\" (pure bf16 training, no fp32 master weights) is not available in titan; "
+        "titan keeps fp32 master weights and computes in bf16 "
+        "(training.mixed_precision_param = \"bfloat16\")");
+  lacks(c.checkpoint.initial_load_in_hf_quantized, "checkpoint.initial_load_in_hf_quantized",
+        "loading quantized Hugging Face checkpoints is not available in titan");
+  lacks(c.activation_checkpoint.visualize_memory_budget_pareto,
+        "activation_checkpoint.visualize_memory_budget_pareto",
+        "the Pareto plot of torch.compile's partitioner is not available in titan");
+  lacks(c.activation_checkpoint.debug, "activation_checkpoint.debug",
+        "PyTorch's checkpoint debug traces are not available in titan (its recomputation is "
+        "explicit: see activation_checkpoint.mode)");
+  lacks(c.activation_checkpoint.mode == "memory_budget", "activation_checkpoint.mode",
+        "\"memory_budget\" is not available in this titan release yet; use \"selective\" or "
+        "\"full\"");
+  lacks(c.comm.mode != "default", "comm.mode",
+        "\"" + c.comm.mode + "\" is a PyTorch testing mode, not available in titan");
+  lacks(c.fault_tolerance.enable, "fault_tolerance.enable",
+        "fault-tolerant training (TorchFT) is not available in titan");
+  lacks(!c.fault_tolerance.semi_sync_method.empty(), "fault_tolerance.semi_sync_method",
+        "semi-synchronous training (TorchFT local_sgd / diloco) is not available in titan");
+  lacks(!c.grouped_mm.float8_fqns.empty(), "quantize.grouped_mm.float8.fqns",
+        "float8 MoE grouped GEMMs: Llama 3 has no experts");
+  lacks(!c.grouped_mm.mx_fqns.empty(), "quantize.grouped_mm.mx.fqns",
+        "MX MoE grouped GEMMs: Llama 3 has no experts");
+  lacks(c.parallelism.expert_tensor_parallel_degree != 1,
+        "parallelism.expert_tensor_parallel_degree",
+        "expert tensor parallelism needs experts, and Llama 3 has none; set it to 1");
   const auto& p = c.parallelism;
   auto unsupported = [](const char* key, int64_t v, const char* what) {
     fail("parallelism.", key, " = ", v, ": ", what,
@@ -819,6 +1148,7 @@ std::string to_toml(const JobConfig& config) {
   std::ostringstream out;
   std::string current;
   for (const auto& o : r.options) {
+    if (o.hidden) continue;
     std::string sec = section_of(o.path);
     if (sec != current) {
       out << (current.empty() ? "" : "\n") << "[" << sec << "]\n";
@@ -839,6 +1169,7 @@ std::string markdown_reference() {
          "`--section.key value`, `--section.key=value`, or a bare `--section.flag` for true.\n";
   std::string current;
   for (const auto& o : r.options) {
+    if (o.hidden) continue;
     std::string sec = section_of(o.path);
     if (sec != current) {
       out << "\n## [" << sec << "]\n\n| key | type | default | meaning |\n|---|---|---|---|\n";
@@ -853,6 +1184,9 @@ std::string markdown_reference() {
   }
   out << "\n## Older spellings accepted\n\n| old | new |\n|---|---|\n";
   for (const auto& [a, b] : r.aliases) out << "| `" << a << "` | `" << b << "` |\n";
+  for (const auto& o : r.options) {
+    if (o.hidden) out << "| `" << o.path << "` | " << o.help << " |\n";
+  }
   for (const auto& [a, b] : r.section_aliases) out << "| `[" << a << "]` | `[" << b << "]` |\n";
   return out.str();
 }
@@ -867,6 +1201,7 @@ std::string help_text() {
          "(--section.key value, --section.key=value, or a bare --section.flag for true).\n";
   std::string current;
   for (const auto& o : r.options) {
+    if (o.hidden) continue;
     std::string sec = section_of(o.path);
     if (sec != current) {
       out << "\n[" << sec << "]\n";
@@ -879,6 +1214,9 @@ std::string help_text() {
   }
   out << "\nOlder spellings accepted:";
   for (const auto& [a, b] : r.aliases) out << "\n  " << a << " -> " << b;
+  for (const auto& o : r.options) {
+    if (o.hidden) out << "\n  " << o.path << ": " << o.help;
+  }
   for (const auto& [a, b] : r.section_aliases) out << "\n  [" << a << "] -> [" << b << "]";
   out << "\n";
   return out.str();

@@ -178,7 +178,7 @@ void Watchdog::fire(const CollectiveRecord& stuck) {
   try {
     util::make_directories(util::path_str(options_.dump_folder));
     dump_path = (std::filesystem::path(options_.dump_folder) /
-                 ("rank_" + std::to_string(options_.rank) + ".json"))
+                 (options_.file_prefix + std::to_string(options_.rank) + ".json"))
                     .string();
     std::ofstream(dump_path) << recorder_.dump_json(options_.rank);
   } catch (const std::exception& e) {

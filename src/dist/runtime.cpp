@@ -133,6 +133,7 @@ Runtime::Runtime(const LaunchEnv& env, const config::JobConfig& config, c10::Dev
     wopts.timeout_s = init_s;
     wopts.dump_folder =
         (std::filesystem::path(config.job.dump_folder) / config.comm.save_traces_folder).string();
+    wopts.file_prefix = config.comm.save_traces_file_prefix;
     if (device.is_cuda()) {
       world_ = make_nccl_world(store, env.rank, env.world_size, device, &recorder_);
     } else {
@@ -169,6 +170,7 @@ void Runtime::enter_training() {
   wopts.timeout_s = static_cast<double>(config_.comm.train_timeout_seconds);
   wopts.dump_folder =
       (std::filesystem::path(config_.job.dump_folder) / config_.comm.save_traces_folder).string();
+  wopts.file_prefix = config_.comm.save_traces_file_prefix;
   watchdog_ = std::make_unique<Watchdog>(recorder_, store(), wopts, [this] { abort_all(); });
 }
 

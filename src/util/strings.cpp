@@ -1,10 +1,13 @@
 // String helpers: parsing, joining, and nearest-match suggestions for error messages.
 #include "titan/util/strings.h"
 
+#include <sstream>
+
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <charconv>
+#include <cmath>
 #include <cstdlib>
 
 namespace titan::util {
@@ -125,6 +128,23 @@ std::string with_commas(int64_t v) {
   if (v < 0) out += '-';
   std::reverse(out.begin(), out.end());
   return out;
+}
+
+std::string format_number(double v) {
+  if (std::isfinite(v) && v == std::floor(v) && std::fabs(v) < 1e15) {
+    return std::to_string(static_cast<int64_t>(v));
+  }
+  std::ostringstream out;
+  out.precision(17);
+  out << v;
+  // The shortest precision that reads back as the same double.
+  for (int p = 1; p <= 17; ++p) {
+    std::ostringstream t;
+    t.precision(p);
+    t << v;
+    if (std::stod(t.str()) == v) return t.str();
+  }
+  return out.str();
 }
 
 }  // namespace titan::util

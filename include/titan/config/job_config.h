@@ -14,6 +14,9 @@ struct JobSection {
   std::string dump_folder = "./outputs";
   std::string description = "titan training job";
   bool print_config = false;
+  std::string save_config_file;           // write the resolved config here (TOML)
+  std::string custom_config_module;       // torchtitan's Python config extension (rejected if set)
+  bool use_for_integration_test = false;  // torchtitan v0.1.0 test-suite marker (no effect)
 };
 
 struct ProfilingSection {
@@ -43,6 +46,9 @@ struct ModelSection {
   std::string tokenizer_path;
   std::vector<std::string> converters;
   bool print_after_conversion = false;
+  // Llama 3.1 RoPE frequency scaling (factor 8, low/high frequency factors 1/4, original
+  // context 8192), as torchtitan >= v0.2.0 and Meta's Llama 3.1 weights use. titan key.
+  bool rope_scaling = true;
 };
 
 struct OptimizerSection {
@@ -58,9 +64,18 @@ struct OptimizerSection {
 
 struct LrSchedulerSection {
   int64_t warmup_steps = 200;
-  std::optional<double> decay_ratio;  // unset: decay over all steps after warm-up
+  std::optional<int64_t> total_steps;  // unset: training.steps
+  std::optional<double> decay_ratio;   // unset: decay over all steps after warm-up
   std::string decay_type = "linear";
   double min_lr_factor = 0.0;
+};
+
+// torchtitan's DataLoader options; titan loads on one background thread per process.
+struct DataLoaderSection {
+  int64_t num_workers = 0;
+  bool persistent_workers = false;
+  bool pin_memory = false;
+  std::optional<int64_t> prefetch_factor;
 };
 
 struct TrainingSection {
@@ -76,8 +91,11 @@ struct TrainingSection {
   std::string mixed_precision_param = "bfloat16";
   std::string mixed_precision_reduce = "float32";
   int64_t gc_freq = 50;
+  bool gc_debug = false;
+  std::string dtype = "float32";  // "bfloat16": pure bf16 training (rejected)
   bool use_cuda_graphs = true;
   bool fused_kernels = true;
+  DataLoaderSection dataloader;
 };
 
 struct ParallelismSection {
@@ -89,11 +107,20 @@ struct ParallelismSection {
   bool enable_async_tensor_parallel = false;
   int64_t pipeline_parallel_degree = 1;
   std::vector<std::string> pipeline_parallel_split_points;
+  std::vector<std::vector<std::string>> module_fqns_per_model_part;
+  int64_t pipeline_parallel_first_stage_less_layers = 1;
+  int64_t pipeline_parallel_last_stage_less_layers = 1;
+  std::optional<int64_t> pipeline_parallel_layers_per_stage;
   std::string pipeline_parallel_schedule = "1F1B";
+  std::string pipeline_parallel_schedule_csv;
   int64_t pipeline_parallel_microbatch_size = 1;
+  bool pipeline_parallel_expert_parallel_overlap = true;
   int64_t context_parallel_degree = 1;
+  std::string context_parallel_load_balancer = "headtail";  // "none": no load balancing
   std::string context_parallel_rotate_method = "allgather";
   int64_t expert_parallel_degree = 1;
+  int64_t expert_tensor_parallel_degree = 1;
+  std::string expert_parallel_comm_backend = "standard";
   bool enable_compiled_autograd = false;
 };
 
@@ -113,16 +140,27 @@ struct CheckpointSection {
   std::vector<std::string> exclude_from_loading;
   bool enable_first_step_checkpoint = false;
   bool create_seed_checkpoint = false;
+  bool load_only = false;  // load, never save
+  bool initial_load_in_hf_quantized = false;
+  bool enable_ft_dataloader_checkpoints = true;
 };
 
 struct ActivationCheckpointSection {
   std::string mode = "selective";
   std::string selective_ac_option = "2";  // an integer k (every k-th block) or "op"
+  double memory_budget = 0.5;
+  std::vector<std::string> per_op_sac_force_recompute_mm_shapes_by_fqns = {"moe.router.gate"};
+  bool early_stop = false;
+  bool visualize_memory_budget_pareto = false;
+  bool preserve_rng_state = true;
+  std::string determinism_check = "default";
+  bool debug = false;
 };
 
 struct CompileSection {
   bool enable = false;
   std::vector<std::string> components = {"model", "loss"};
+  std::string backend = "inductor";
 };
 
 struct Float8Section {
@@ -131,6 +169,48 @@ struct Float8Section {
   std::string recipe_name;
   std::vector<std::string> filter_fqns = {"output"};
   bool emulate = false;
+  bool force_recompute_fp8_weight_in_bwd = false;  // torchtitan v0.1.0 (no effect)
+};
+
+// [quantize.linear.mx]: MX formats need Blackwell GPUs; accepted, used only via converters.
+struct MxSection {
+  std::string mxfp8_dim1_cast_kernel_choice = "triton";
+  std::string recipe_name = "mxfp8_cublas";
+  std::vector<std::string> filter_fqns = {"output"};
+};
+
+// [quantize.grouped_mm.*]: MoE grouped GEMMs (Llama 3 has none).
+struct GroupedMmSection {
+  std::vector<std::string> float8_fqns;
+  std::string mx_recipe_name = "mxfp8";
+  std::vector<std::string> mx_fqns;
+};
+
+struct MemoryEstimationSection {
+  bool enable = false;  // log the per-rank memory estimate and exit before training
+  bool disable_fake_mode = false;
+};
+
+// TorchFT fault tolerance (not available in titan: rejected when enabled).
+struct FaultToleranceSection {
+  bool enable = false;
+  std::string process_group = "gloo";
+  int64_t process_group_timeout_ms = 10000;
+  int64_t replica_id = 0;
+  int64_t group_size = 0;
+  int64_t min_replica_size = 1;
+  std::string semi_sync_method;
+  int64_t sync_steps = 5;
+  bool should_quantize = false;
+  int64_t fragment_sync_delay = 0;
+  double fragment_update_alpha = 0.0;
+  std::vector<std::vector<std::string>> module_fqns_per_model_fragment;
+  int64_t num_fragments = 1;
+};
+
+struct ExperimentalSection {
+  std::string custom_import;
+  std::string custom_args_module;
 };
 
 struct CommSection {
@@ -138,21 +218,26 @@ struct CommSection {
   int64_t train_timeout_seconds = 100;
   int64_t trace_buf_size = 20000;
   std::string save_traces_folder = "comm_traces";
+  std::string save_traces_file_prefix = "rank_";
+  std::string mode = "default";
 };
 
 struct ValidationSection {
-  bool enabled = false;
+  bool enable = false;
   std::string dataset = "titan_corpus_validation";
   std::string dataset_path;
   int64_t local_batch_size = 8;
   int64_t seq_len = 2048;
   int64_t freq = 10;
   int64_t steps = -1;
+  DataLoaderSection dataloader;
 };
 
 struct DebugSection {
   int64_t seed = 0;
   bool deterministic = false;
+  bool deterministic_warn_only = false;
+  bool moe_force_load_balance = false;
 };
 
 struct JobConfig {
@@ -168,7 +253,12 @@ struct JobConfig {
   ActivationCheckpointSection activation_checkpoint;
   CompileSection compile;
   Float8Section float8;
+  MxSection mx;
+  GroupedMmSection grouped_mm;
   CommSection comm;
+  MemoryEstimationSection memory_estimation;
+  FaultToleranceSection fault_tolerance;
+  ExperimentalSection experimental;
   ValidationSection validation;
   DebugSection debug;
 };

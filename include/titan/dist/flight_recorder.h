@@ -67,7 +67,8 @@ struct WatchdogOptions {
   int rank = 0;
   int world_size = 1;
   double timeout_s = 100;
-  std::string dump_folder;  // <job.dump_folder>/<comm.save_traces_folder>
+  std::string dump_folder;            // <job.dump_folder>/<comm.save_traces_folder>
+  std::string file_prefix = "rank_";  // comm.save_traces_file_prefix: <prefix><rank>.json
   double poll_interval_s = 0.5;
 };
 

@@ -19,6 +19,10 @@ void make_directories(const std::string& path);
 void remove_tree(const std::string& path);
 // rename(2) (atomic within one file system); throws titan::Error naming both paths.
 void rename_path(const std::string& from, const std::string& to);
+// Writes `text` to `path` through a temporary file in the same folder, flushed to disk and
+// renamed over `path`: readers see the old or the new file, never part of one. The folder is
+// created if needed. Throws titan::Error naming the path (and the errno text) on failure.
+void write_file_atomically(const std::string& path, const std::string& text);
 // Names in a directory (not "." or ".."), sorted.
 std::vector<std::string> list_directory(const std::string& path);
 // "a/b" from ("a", "b"), without doubling the separator.

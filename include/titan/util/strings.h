@@ -22,5 +22,7 @@ size_t edit_distance(const std::string& a, const std::string& b);
 std::string nearest(const std::string& word, const std::vector<std::string>& candidates);
 // 1234567 -> "1,234,567"
 std::string with_commas(int64_t v);
+// Shortest round-tripping decimal form of a double: 500000, 0.0001, 1e-05.
+std::string format_number(double v);
 
 }  // namespace titan::util

@@ -69,7 +69,51 @@ bool kind_is_model(const std::string& k) {
   return k == kModel;
 }
 
+json rope_scaling_json(const model::LlamaArgs& a) {
+  if (a.rope_scaling_factor <= 0) return json(nullptr);
+  return {{"rope_type", "llama3"},
+          {"factor", a.rope_scaling_factor},
+          {"low_freq_factor", a.rope_low_freq_factor},
+          {"high_freq_factor", a.rope_high_freq_factor},
+          {"original_max_position_embeddings", a.rope_original_max_positions}};
+}
+
+// The RoPE and norm arguments an index records; indexes written before titan recorded RoPE
+// scaling describe unscaled models.
+model::LlamaArgs recorded_args(const json& m, model::LlamaArgs a) {
+  a.rope_theta = m.value("rope_theta", a.rope_theta);
+  a.norm_eps = m.value("norm_eps", a.norm_eps);
+  a.rope_scaling_factor = 0;
+  if (m.contains("rope_scaling") && m["rope_scaling"].is_object()) {
+    const json& rs = m["rope_scaling"];
+    a.rope_scaling_factor = rs.at("factor").get<double>();
+    a.rope_low_freq_factor = rs.at("low_freq_factor").get<double>();
+    a.rope_high_freq_factor = rs.at("high_freq_factor").get<double>();
+    a.rope_original_max_positions = rs.at("original_max_position_embeddings").get<int64_t>();
+  }
+  return a;
+}
+
 }  // namespace
+
+void adopt_checkpoint_model_args(const std::string& step_dir, model::LlamaArgs& args) {
+  const std::string meta_path = (fs::path(step_dir) / "metadata.json").string();
+  try {
+    std::ifstream in(meta_path);
+    if (!in.good()) return;  // load() reports a missing index
+    const json meta = json::parse(in);
+    if (!meta.contains("model")) return;
+    const model::LlamaArgs b = recorded_args(meta["model"], args);
+    if (model::describe_rope(b) != model::describe_rope(args) || b.norm_eps != args.norm_eps) {
+      log::info(
+          "model: RoPE {} and norm_eps {} from checkpoint {} (the configured model has {}, {})",
+          model::describe_rope(b), b.norm_eps, step_dir, model::describe_rope(args), args.norm_eps);
+    }
+    args = b;
+  } catch (const json::exception& e) {
+    fail("checkpoint index ", meta_path, " is malformed: ", e.what());
+  }
+}
 
 struct Checkpointer::Snapshot {
   struct Entry {
@@ -324,7 +368,8 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
                    {"vocab_size", a.vocab_size},
                    {"ffn_hidden_dim", a.ffn_hidden_dim()},
                    {"rope_theta", a.rope_theta},
-                   {"norm_eps", a.norm_eps}};
+                   {"norm_eps", a.norm_eps},
+                   {"rope_scaling", rope_scaling_json(a)}};
   const auto& d = runtime_.mesh().dims();
   meta["mesh"] = {{"world", d.world},       {"pp", d.pp}, {"dp_replicate", d.dp_replicate},
                   {"dp_shard", d.dp_shard}, {"cp", d.cp}, {"tp", d.tp}};
@@ -468,6 +513,14 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
                     m["n_kv_heads"] == a.n_kv_heads && m["vocab_size"] == a.vocab_size,
                 "checkpoint ", step_dir, " holds a different model (", m.dump(),
                 ") than this job's flavor ", state_.flavor);
+    if (wants("model")) {
+      const model::LlamaArgs rec = recorded_args(m, a);
+      TITAN_CHECK(
+          model::describe_rope(rec) == model::describe_rope(a) && rec.norm_eps == a.norm_eps,
+          "checkpoint ", step_dir, " was trained with RoPE ", model::describe_rope(rec),
+          " and norm_eps ", rec.norm_eps, ", but this model has ", model::describe_rope(a), " and ",
+          a.norm_eps, " (model.rope_scaling)");
+    }
     // Files: present and of the recorded size (truncation shows here).
     std::map<std::string, std::unique_ptr<SafetensorsReader>> readers;
     auto reader = [&](const std::string& file) -> const SafetensorsReader& {
@@ -623,17 +676,13 @@ int64_t Checkpointer::load_at_start() {
   TITAN_CHECK(!ck.enable || ck.load_step < 0 || !steps.empty(),
               "checkpoint.load_step = ", ck.load_step, ": no complete checkpoint in ", folder_,
               " (have: none)");
+  const std::string dir = start_dir(config_);
   if (!steps.empty() && ck.enable) {
-    std::string dir = steps.back().second;
-    if (ck.load_step >= 0) {
-      auto it = std::find_if(steps.begin(), steps.end(),
-                             [&](const auto& s) { return s.first == ck.load_step; });
+    if (dir.empty()) {
       std::vector<std::string> have;
       for (const auto& s : steps) have.push_back(std::to_string(s.first));
-      TITAN_CHECK(it != steps.end(), "checkpoint.load_step = ", ck.load_step,
-                  ": no complete checkpoint of that step in ", folder_,
-                  " (have: ", util::join(have, ", "), ")");
-      dir = it->second;
+      fail("checkpoint.load_step = ", ck.load_step, ": no complete checkpoint of that step in ",
+           folder_, " (have: ", util::join(have, ", "), ")");
     }
     const int64_t step = load(dir, what);
     return std::find(what.begin(), what.end(), "train_state") != what.end() ? step : 0;
@@ -643,14 +692,8 @@ int64_t Checkpointer::load_at_start() {
       import_hf(ck.initial_load_path, state_);
       return 0;
     }
-    // A step folder, or a checkpoint folder holding step folders (newest taken).
-    std::string dir = ck.initial_load_path;
-    if (!util::path_exists(util::path_str(fs::path(dir) / "metadata.json"))) {
-      auto inner = complete_steps(dir);
-      TITAN_CHECK(!inner.empty(), "checkpoint.initial_load_path: ", dir,
-                  " is neither a checkpoint step folder nor a folder holding one");
-      dir = inner.back().second;
-    }
+    TITAN_CHECK(!dir.empty(), "checkpoint.initial_load_path: ", ck.initial_load_path,
+                " is neither a checkpoint step folder nor a folder holding one");
     std::vector<std::string> init_what = {"model"};
     if (!ck.initial_load_model_only) init_what = what;
     load(dir, init_what);
@@ -658,9 +701,28 @@ int64_t Checkpointer::load_at_start() {
   return 0;
 }
 
+std::string Checkpointer::start_dir(const config::JobConfig& config) {
+  const auto& ck = config.checkpoint;
+  const auto steps = complete_steps((fs::path(config.job.dump_folder) / ck.folder).string());
+  if (ck.enable && !steps.empty()) {
+    if (ck.load_step < 0) return steps.back().second;
+    for (const auto& s : steps) {
+      if (s.first == ck.load_step) return s.second;
+    }
+    return "";
+  }
+  if (ck.initial_load_path.empty() || ck.initial_load_in_hf) return "";
+  // A step folder, or a checkpoint folder holding step folders (the newest is taken).
+  if (util::path_exists(util::path_str(fs::path(ck.initial_load_path) / "metadata.json"))) {
+    return ck.initial_load_path;
+  }
+  const auto inner = complete_steps(ck.initial_load_path);
+  return inner.empty() ? "" : inner.back().second;
+}
+
 void Checkpointer::maybe_save(int64_t step, bool last_step) {
   const auto& ck = config_.checkpoint;
-  if (!ck.enable) return;
+  if (!ck.enable || ck.load_only) return;
   const bool due = step % ck.interval == 0 || (step == 1 && ck.enable_first_step_checkpoint);
   if (last_step) {
     if (ck.last_save_in_hf) {

@@ -111,6 +111,11 @@ int run_convert(const std::vector<std::string>& args) {
   TrainerState state;
   state.args = model::llama_flavor(flavor);
   state.flavor = flavor;
+  if (to == "hf") {
+    adopt_checkpoint_model_args(step_dir, state.args);
+  } else {
+    adopt_hf_config(input, state.args);
+  }
   parallel::FsdpModel fsdp(model::llama_units(state.args), nullptr, nullptr, c10::Device(c10::kCPU),
                            parallel::FsdpOptions{});
   fsdp.init_weights(0);

@@ -15,6 +15,7 @@
 #include "titan/parallel/fsdp.h"
 #include "titan/util/error.h"
 #include "titan/util/log.h"
+#include "titan/util/strings.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -49,7 +50,7 @@ std::string hf_name(const std::string& t) {
       if (m[2] == a) return "model.layers." + std::string(m[1]) + "." + b;
     }
   }
-  fail("internal: no Hugging Face name for parameter ", t);
+  internal_fail("no Hugging Face name for parameter ", t);
 }
 
 std::string titan_name(const std::string& h) {
@@ -102,7 +103,9 @@ std::map<std::string, std::string> weight_map(const std::string& folder) {
   return out;
 }
 
-void check_config(const std::string& folder, const model::LlamaArgs& a) {
+}  // namespace
+
+bool adopt_hf_config(const std::string& folder, model::LlamaArgs& a) {
   const fs::path cfg = fs::path(folder) / "config.json";
   TITAN_CHECK(util::path_exists(util::path_str(cfg)), "Hugging Face folder ", folder,
               " has no config.json");
@@ -113,24 +116,76 @@ void check_config(const std::string& folder, const model::LlamaArgs& a) {
   } catch (const json::exception& e) {
     fail(cfg.string(), " is malformed: ", e.what());
   }
-  auto expect = [&](const char* key, int64_t want) {
-    TITAN_CHECK(j.contains(key) && j[key].get<int64_t>() == want, cfg.string(), ": ", key, " is ",
-                j.contains(key) ? j[key].dump() : "missing", " but the model has ", want,
-                " (pick the matching model.flavor)");
-  };
-  expect("hidden_size", a.dim);
-  expect("num_hidden_layers", a.n_layers);
-  expect("num_attention_heads", a.n_heads);
-  expect("num_key_value_heads", a.n_kv_heads);
-  expect("intermediate_size", a.ffn_hidden_dim());
-  expect("vocab_size", a.vocab_size);
+  const std::string where = cfg.string();
+  try {
+    auto expect = [&](const char* key, int64_t want) {
+      TITAN_CHECK(j.contains(key) && j[key].is_number_integer() && j[key].get<int64_t>() == want,
+                  where, ": ", key, " is ", j.contains(key) ? j[key].dump() : "missing",
+                  " but the model has ", want, " (pick the matching model.flavor)");
+    };
+    expect("hidden_size", a.dim);
+    expect("num_hidden_layers", a.n_layers);
+    expect("num_attention_heads", a.n_heads);
+    expect("num_key_value_heads", a.n_kv_heads);
+    expect("intermediate_size", a.ffn_hidden_dim());
+    expect("vocab_size", a.vocab_size);
+    if (j.contains("head_dim") && !j["head_dim"].is_null()) expect("head_dim", a.head_dim());
+    if (j.contains("hidden_act")) {
+      TITAN_CHECK(j["hidden_act"] == "silu", where, ": hidden_act is ", j["hidden_act"].dump(),
+                  "; Llama 3 (and titan) use silu");
+    }
+    for (const char* bias : {"attention_bias", "mlp_bias"}) {
+      TITAN_CHECK(!j.value(bias, false), where, ": ", bias,
+                  " is true; Llama 3 (and titan) have no biases");
+    }
+    // Values that vary between Llama 3 releases: the folder's own win, with a log line.
+    model::LlamaArgs b = a;
+    if (j.contains("rope_theta")) b.rope_theta = j["rope_theta"].get<double>();
+    if (j.contains("rms_norm_eps")) b.norm_eps = j["rms_norm_eps"].get<double>();
+    b.rope_scaling_factor = 0;
+    if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
+      const json& rs = j["rope_scaling"];
+      const std::string type = rs.value("rope_type", rs.value("type", std::string("?")));
+      TITAN_CHECK(type == "llama3", where, ": rope_scaling type \"", type,
+                  "\" is not supported; titan implements Llama 3.1's \"llama3\" scaling");
+      b.rope_scaling_factor = rs.at("factor").get<double>();
+      b.rope_low_freq_factor = rs.at("low_freq_factor").get<double>();
+      b.rope_high_freq_factor = rs.at("high_freq_factor").get<double>();
+      b.rope_original_max_positions = rs.at("original_max_position_embeddings").get<int64_t>();
+      TITAN_CHECK(b.rope_scaling_factor > 0 && b.rope_high_freq_factor > b.rope_low_freq_factor,
+                  where, ": rope_scaling needs factor > 0 and high_freq_factor > low_freq_factor");
+    }
+    if (model::describe_rope(b) != model::describe_rope(a)) {
+      log::info("model: RoPE {} from {} (the flavor has {})", model::describe_rope(b), where,
+                model::describe_rope(a));
+    }
+    if (b.norm_eps != a.norm_eps) {
+      log::info("model: rms_norm_eps {} from {} (the flavor has {})", b.norm_eps, where,
+                a.norm_eps);
+    }
+    a = b;
+    const bool tied = j.value("tie_word_embeddings", false);
+    if (tied) {
+      log::info(
+          "model: {} ties the output projection to the embedding (tie_word_embeddings); titan "
+          "starts output.weight as a copy of the embedding and trains the two separately",
+          where);
+    }
+    return tied;
+  } catch (const json::exception& e) {
+    fail(where, " is malformed: ", e.what());
+  }
 }
-
-}  // namespace
 
 void import_hf(const std::string& folder, TrainerState& state) {
   const auto& a = state.args;
-  check_config(folder, a);
+  model::LlamaArgs adopted = a;
+  adopt_hf_config(folder, adopted);
+  TITAN_CHECK(
+      model::describe_rope(adopted) == model::describe_rope(a) && adopted.norm_eps == a.norm_eps,
+      "Hugging Face folder ", folder, " describes RoPE ", model::describe_rope(adopted),
+      " and rms_norm_eps ", adopted.norm_eps, ", this model ", model::describe_rope(a), " and ",
+      a.norm_eps);
   auto files = weight_map(folder);
   std::map<std::string, std::unique_ptr<SafetensorsReader>> readers;
   auto reader = [&](const std::string& path) -> SafetensorsReader& {

@@ -30,6 +30,16 @@ double LlamaArgs::training_flops_per_token(int64_t seq_len) const {
   return dense + attn;
 }
 
+std::string describe_rope(const LlamaArgs& a) {
+  std::string out = "theta " + util::format_number(a.rope_theta);
+  if (a.rope_scaling_factor <= 0) return out + ", no scaling";
+  return out + ", llama3 scaling (factor " + util::format_number(a.rope_scaling_factor) +
+         ", low_freq_factor " + util::format_number(a.rope_low_freq_factor) +
+         ", high_freq_factor " + util::format_number(a.rope_high_freq_factor) +
+         ", original_max_position_embeddings " + std::to_string(a.rope_original_max_positions) +
+         ")";
+}
+
 namespace {
 
 struct Flavor {
@@ -47,14 +57,25 @@ LlamaArgs make(int64_t dim, int64_t layers, int64_t heads, int64_t kv_heads, int
   a.vocab_size = vocab;
   a.multiple_of = multiple_of;
   a.ffn_dim_multiplier = mult;
+  // Llama 3.1 RoPE scaling, as torchtitan (>= v0.2.0) builds every llama3 flavor and Meta's
+  // Llama 3.1 weights use; Llama 3.2's 1B and 3B use factor 32 (set in the table below).
+  a.rope_scaling_factor = 8.0;
+  a.rope_low_freq_factor = 1.0;
+  a.rope_high_freq_factor = 4.0;
+  a.rope_original_max_positions = 8192;
+  return a;
+}
+
+LlamaArgs with_rope_factor(LlamaArgs a, double factor) {
+  a.rope_scaling_factor = factor;
   return a;
 }
 
 const std::vector<Flavor>& flavors() {
   static const std::vector<Flavor> table = {
       {"debugmodel", make(256, 6, 16, 16, 2000, 256, std::nullopt)},
-      {"1B", make(2048, 16, 32, 8, 128256, 1024, 1.5)},
-      {"3B", make(3072, 28, 24, 8, 128256, 1024, 1.0)},
+      {"1B", with_rope_factor(make(2048, 16, 32, 8, 128256, 1024, 1.5), 32.0)},
+      {"3B", with_rope_factor(make(3072, 28, 24, 8, 128256, 1024, 1.0), 32.0)},
       {"8B", make(4096, 32, 32, 8, 128256, 1024, 1.3)},
       {"70B", make(8192, 80, 64, 8, 128256, 4096, 1.3)},
       {"405B", make(16384, 126, 128, 8, 128256, 4096, 1.2)},

@@ -15,11 +15,13 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "titan/checkpoint/hf.h"
 #include "titan/data/dataset.h"
 #include "titan/metrics/profiler.h"
 #include "titan/model/layout.h"
 #include "titan/ops/attention.h"
 #include "titan/ops/dispatch.h"
+#include "titan/parallel/memory_estimate.h"
 #include "titan/util/error.h"
 #include "titan/util/log.h"
 #include "titan/util/strings.h"
@@ -50,7 +52,9 @@ c10::Device pick_device() {
 Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   const auto& c = cfg_;
   at::manual_seed(static_cast<uint64_t>(c.debug.seed));
-  if (c.debug.deterministic) at::globalContext().setDeterministicAlgorithms(true, false);
+  if (c.debug.deterministic) {
+    at::globalContext().setDeterministicAlgorithms(true, c.debug.deterministic_warn_only);
+  }
 
   // Launch, device, and the mesh with its communicators.
   const auto env = dist::read_launch_env();
@@ -83,6 +87,14 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
 
   // Model arguments and data.
   args_ = model::llama_flavor(c.model.flavor);
+  if (!c.model.rope_scaling) args_.rope_scaling_factor = 0;
+  // A run computes the model its weights were trained as: the checkpoint it starts from (or
+  // the HF folder's config.json) decides RoPE and the norm epsilon.
+  if (const std::string start = checkpoint::Checkpointer::start_dir(cfg_); !start.empty()) {
+    checkpoint::adopt_checkpoint_model_args(start, args_);
+  } else if (c.checkpoint.initial_load_in_hf && !c.checkpoint.initial_load_path.empty()) {
+    checkpoint::adopt_hf_config(c.checkpoint.initial_load_path, args_);
+  }
   tokenizer_ = data::build_tokenizer(c.model.tokenizer_path, c.model.hf_assets_path);
   log::info("tokenizer: {}", tokenizer_->describe());
   dp_size_ = mesh.size("dp");
@@ -102,9 +114,10 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   auto units = model::llama_units(args_);
   log::info(
       "model: llama3 {} | {} parameters | dim {} layers {} heads {} kv_heads {} ffn {} "
-      "vocab {}",
+      "vocab {} | RoPE {}",
       c.model.flavor, util::with_commas(args_.total_params()), args_.dim, args_.n_layers,
-      args_.n_heads, args_.n_kv_heads, args_.ffn_hidden_dim(), args_.vocab_size);
+      args_.n_heads, args_.n_kv_heads, args_.ffn_hidden_dim(), args_.vocab_size,
+      model::describe_rope(args_));
   parallel::FsdpOptions fopts;
   fopts.param_dtype = param_dtype;
   fopts.reduce_dtype = c.training.mixed_precision_reduce == "bfloat16" ? at::kBFloat16 : at::kFloat;
@@ -124,6 +137,12 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   const auto t_init = Clock::now();
   fsdp_ = std::make_unique<parallel::FsdpModel>(std::move(units), shard_group,
                                                 mesh.group("dp_replicate"), device, fopts);
+  ActivationPolicy ac{c.activation_checkpoint.mode, c.activation_checkpoint.selective_ac_option};
+  report_memory_estimate(ac);
+  if (c.memory_estimation.enable) {
+    estimate_only_ = true;  // nothing allocated; train() returns at once
+    return;
+  }
   fsdp_->init_weights(c.debug.seed);
   {
     // fp32 parameters + gradients + two AdamW moments, as held by this rank.
@@ -135,7 +154,6 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   }
   log::info("initialized weights in {:.2f}s (seed {})", seconds_since(t_init), c.debug.seed);
 
-  ActivationPolicy ac{c.activation_checkpoint.mode, c.activation_checkpoint.selective_ac_option};
   runner_ = std::make_unique<ModelRunner>(args_, *fsdp_, ac);
   log::info("activation checkpointing: {}{}", ac.mode,
             ac.mode == "selective" ? " (" + ac.option + ")" : "");
@@ -149,9 +167,10 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   oopts.weight_decay = c.optimizer.weight_decay;
   optimizer_ = std::make_unique<Optimizer>(fsdp_->master_shards(), fsdp_->grad_shards(), oopts,
                                            fsdp_->shadows());
-  scheduler_ = std::make_unique<LrScheduler>(
-      c.optimizer.lr, c.lr_scheduler.warmup_steps, c.training.steps, c.lr_scheduler.decay_ratio,
-      c.lr_scheduler.decay_type, c.lr_scheduler.min_lr_factor);
+  scheduler_ = std::make_unique<LrScheduler>(c.optimizer.lr, c.lr_scheduler.warmup_steps,
+                                             c.lr_scheduler.total_steps.value_or(c.training.steps),
+                                             c.lr_scheduler.decay_ratio, c.lr_scheduler.decay_type,
+                                             c.lr_scheduler.min_lr_factor);
   flops_per_token_ = args_.training_flops_per_token(c.training.seq_len);
 
   // Checkpoints: resume from the newest complete one, or start from initial_load_path.
@@ -182,6 +201,56 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
 }
 
 Trainer::~Trainer() = default;
+
+void Trainer::report_memory_estimate(const ActivationPolicy& ac) {
+  const auto& c = cfg_;
+  parallel::MemoryEstimateInputs in;
+  int64_t largest = 0;
+  for (size_t i = 0; i < fsdp_->num_units(); ++i) {
+    const auto& u = fsdp_->unit(i);
+    in.param_state_elements += u.shard_numel;
+    largest = std::max(largest, u.layout.numel);
+  }
+  // Shards keep compute-dtype copies on the device where that differs from the fp32 master
+  // (FsdpModel::init_weights).
+  const auto& fo = fsdp_->options();
+  const bool shadows = (fo.param_dtype != at::kFloat || fo.cpu_offload) &&
+                       (fsdp_->dp_shard_size() > 1 || fo.persistent_compute_weights);
+  if (shadows) in.resident_weight_elements = in.param_state_elements;
+  in.state_on_host = c.training.enable_cpu_offload;
+  in.compute_dtype_bytes = static_cast<int64_t>(c10::elementSize(fsdp_->options().param_dtype));
+  // Gathered units held at once: the one computing and the one prefetched.
+  if (fsdp_->dp_shard_size() > 1 || !fsdp_->options().persistent_compute_weights) {
+    in.resident_weight_elements += 2 * largest;
+  }
+  in.largest_unit_elements = largest;
+  in.microbatch_tokens = c.training.local_batch_size * c.training.seq_len;
+  for (int64_t l = 0; l < args_.n_layers; ++l) in.block_policies.push_back(ac.for_layer(l));
+  const auto est = parallel::estimate_memory(args_, in);
+  log::info("memory estimate: {}", est.describe());
+  OomContext oom;
+  if (device_.device.is_cuda()) {
+    oom.device = fmt::format("cuda:{} ({}, {:.1f} GiB)", device_.device.index(), device_.name,
+                             device_.total_memory_bytes / 1073741824.0);
+    oom.estimate = est.describe();
+    if (c.profiling.enable_memory_snapshot) {
+      oom.snapshot_path =
+          (std::filesystem::path(c.job.dump_folder) / c.profiling.save_memory_snapshot_folder /
+           ("rank" + std::to_string(runtime_->env().rank) + "_oom_snapshot.pickle"))
+              .string();
+    }
+    set_oom_context(oom);
+    if (est.total_bytes() > device_.total_memory_bytes) {
+      log::warn(
+          "memory: this plan needs about {:.1f} GiB per GPU but {} has {:.1f} GiB; expect an "
+          "out-of-memory error. To fit: shard over more GPUs "
+          "(parallelism.data_parallel_shard_degree), checkpoint activations "
+          "(activation_checkpoint.mode = \"full\"), lower training.local_batch_size or "
+          "training.seq_len, or training.enable_cpu_offload = true",
+          est.total_bytes() / 1073741824.0, oom.device, device_.total_memory_bytes / 1073741824.0);
+    }
+  }
+}
 
 // A captured step: static device buffers for the tokens, and the outputs it leaves.
 struct Trainer::StepGraph {
@@ -243,7 +312,7 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
   for (int64_t micro = 0; micro < grad_accum_steps_; ++micro) {
     RECORD_USER_SCOPE("titan/data");
     at::Tensor batch = loader_->next();
-    TITAN_CHECK(batch.defined(), "internal: training data ended");
+    TITAN_INTERNAL_CHECK(batch.defined(), "training data ended");
     data_seconds_window_ += loader_->last_wait_seconds();
     batches.push_back(batch);
   }
@@ -305,6 +374,10 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
 TrainSummary Trainer::train() {
   const auto& c = cfg_;
   TrainSummary summary;
+  if (estimate_only_) {
+    log::info("memory_estimation.enable: the estimate is above; exiting without training");
+    return summary;
+  }
   if (c.checkpoint.create_seed_checkpoint) {
     checkpointer_->save(0, /*model_only=*/true, at::kFloat);
     checkpointer_->wait();
@@ -363,7 +436,7 @@ TrainSummary Trainer::train() {
       data_seconds_window_ = 0;
     }
     checkpointer_->maybe_save(step_, step_ == c.training.steps);
-    if (c.validation.enabled && step_ % c.validation.freq == 0) {
+    if (c.validation.enable && step_ % c.validation.freq == 0) {
       const auto t0 = Clock::now();
       const double vloss = validate();
       metrics_->log_validation(step_, vloss, seconds_since(t0));

@@ -592,23 +592,28 @@ struct LocalModel {
   }
 };
 
-// An independent Llama in plain PyTorch (float64) with Hugging Face's conventions, reading the
-// exported safetensors: rotate_half RoPE, RMSNorm, GQA by repeat_kv, SwiGLU, untied lm_head.
+// An independent Llama in plain PyTorch (float64) with Hugging Face's conventions, reading an
+// HF folder: rotate_half RoPE with Llama 3.1's "llama3" frequency scaling when config.json
+// asks for it, RMSNorm, GQA by repeat_kv, SwiGLU, lm_head (or the embedding when tied).
 const char* kHfLlamaPy = R"PY(
-import json, sys
+import json, math, os, sys
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 folder, tokens_path, out_path = sys.argv[1:4]
 cfg = json.load(open(folder + "/config.json"))
-assert cfg["hidden_act"] == "silu" and not cfg["tie_word_embeddings"], cfg
-assert "rope_scaling" not in cfg, "this reference has no RoPE scaling"
-index = json.load(open(folder + "/model.safetensors.index.json"))
+assert cfg["hidden_act"] == "silu", cfg
 W = {}
-for f in sorted(set(index["weight_map"].values())):
-    W.update(load_file(folder + "/" + f))
+if os.path.exists(folder + "/model.safetensors.index.json"):
+    index = json.load(open(folder + "/model.safetensors.index.json"))
+    for f in sorted(set(index["weight_map"].values())):
+        W.update(load_file(folder + "/" + f))
+else:
+    W.update(load_file(folder + "/model.safetensors"))
 W = {k: v.to(torch.float64) for k, v in W.items()}
+if cfg.get("tie_word_embeddings", False) and "lm_head.weight" not in W:
+    W["lm_head.weight"] = W["model.embed_tokens.weight"]
 
 D, L = cfg["hidden_size"], cfg["num_hidden_layers"]
 H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -627,6 +632,18 @@ def repeat_kv(x, n):  # [KV, S, HD] -> [KV * n, S, HD], each KV head serving n q
     return x[:, None].expand(x.shape[0], n, S, HD).reshape(x.shape[0] * n, S, HD)
 
 inv_freq = 1.0 / (theta ** (torch.arange(0, HD, 2, dtype=torch.float64) / HD))
+rs = cfg.get("rope_scaling")
+if rs:
+    # Llama 3.1: wavelengths beyond old/low are slowed by `factor`, below old/high kept, and
+    # blended linearly in 1/wavelength between.
+    assert rs.get("rope_type", rs.get("type")) == "llama3", rs
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    blend = ((old / wavelen - low) / (high - low)).clamp(0, 1)
+    inv_freq = torch.where(wavelen > old / low, inv_freq / factor,
+               torch.where(wavelen < old / high, inv_freq,
+                           (1 - blend) * inv_freq / factor + blend * inv_freq))
 freqs = torch.outer(torch.arange(S, dtype=torch.float64), inv_freq)
 emb = torch.cat((freqs, freqs), dim=-1)
 cos, sin = emb.cos()[None], emb.sin()[None]
@@ -651,24 +668,91 @@ logits = rms_norm(h, W["model.norm.weight"]) @ W["lm_head.weight"].T
 save_file({"logits": logits.contiguous()}, out_path)
 )PY";
 
-const std::string kPython = "/usr/bin/python3";
+// Hugging Face transformers as the reference where it is installed (the GPU machine): its
+// LlamaForCausalLM scores the folder in float64.
+const char* kTransformersLlamaPy = R"PY(
+import sys
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaForCausalLM
+
+folder, tokens_path, out_path = sys.argv[1:4]
+model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float64, attn_implementation="eager")
+tokens = torch.tensor([[int(t) for t in open(tokens_path).read().split(",")]])
+with torch.no_grad():
+    logits = model(tokens).logits[0]
+save_file({"logits": logits.contiguous()}, out_path)
+)PY";
+
+// Writes a random Llama folder as Hugging Face does: transformers' save_pretrained where it is
+// installed, else config.json + model.safetensors by hand (HF names, rotate_half row order).
+// argv: folder, config.json text; q/k weights are enlarged so attention (and RoPE) matter.
+const char* kWriteHfFolderPy = R"PY(
+import json, os, sys
+import torch
+from safetensors.torch import save_file
+
+folder, cfg_text = sys.argv[1:3]
+cfg = json.loads(cfg_text)
+os.makedirs(folder, exist_ok=True)
+torch.manual_seed(0)
+try:
+    from transformers import LlamaConfig, LlamaForCausalLM
+except ImportError:
+    LlamaForCausalLM = None
+if LlamaForCausalLM is not None:
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif "q_proj" in name or "k_proj" in name:
+                p.normal_(0, 0.3)
+            else:
+                p.normal_(0, 0.05)
+    model.save_pretrained(folder, safe_serialization=True)
+    print("written by transformers")
+    sys.exit(0)
+D, L, V = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+H, KV, F = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]
+HD = D // H
+W = {"model.embed_tokens.weight": 0.05 * torch.randn(V, D),
+     "model.norm.weight": 1 + 0.1 * torch.randn(D)}
+if not cfg.get("tie_word_embeddings", False):
+    W["lm_head.weight"] = 0.05 * torch.randn(V, D)
+for l in range(L):
+    p = "model.layers.%d." % l
+    W[p + "input_layernorm.weight"] = 1 + 0.1 * torch.randn(D)
+    W[p + "post_attention_layernorm.weight"] = 1 + 0.1 * torch.randn(D)
+    W[p + "self_attn.q_proj.weight"] = 0.3 * torch.randn(H * HD, D)
+    W[p + "self_attn.k_proj.weight"] = 0.3 * torch.randn(KV * HD, D)
+    W[p + "self_attn.v_proj.weight"] = 0.05 * torch.randn(KV * HD, D)
+    W[p + "self_attn.o_proj.weight"] = 0.05 * torch.randn(D, H * HD)
+    W[p + "mlp.gate_proj.weight"] = 0.05 * torch.randn(F, D)
+    W[p + "mlp.up_proj.weight"] = 0.05 * torch.randn(F, D)
+    W[p + "mlp.down_proj.weight"] = 0.05 * torch.randn(D, F)
+save_file(W, folder + "/model.safetensors", metadata={"format": "pt"})
+cfg.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu"})
+json.dump(cfg, open(folder + "/config.json", "w"), indent=2)
+print("written by hand")
+)PY";
 
 bool python_has_torch_and_safetensors() {
-  return fs::exists(kPython) &&
-         test::run_process({kPython, "-c", "import torch, safetensors.torch"}).exit_code == 0;
+  return test::python_can_import("torch, safetensors.torch");
 }
 
 // Runs the Python reference on HF folder `hf` for `tokens`; returns its logits [S, vocab].
-at::Tensor python_logits(const test::TempDir& dir, const std::string& hf,
-                         const at::Tensor& tokens) {
-  test::write_file(dir.file("hf_llama.py"), kHfLlamaPy);
+// `transformers`: score with Hugging Face transformers instead of the hand-written Llama.
+at::Tensor python_logits(const test::TempDir& dir, const std::string& hf, const at::Tensor& tokens,
+                         bool transformers = false) {
+  test::write_file(dir.file("hf_llama.py"), transformers ? kTransformersLlamaPy : kHfLlamaPy);
   std::string csv;
   for (int64_t i = 0; i < tokens.numel(); ++i) {
     csv += (i ? "," : "") + std::to_string(tokens[i].item<int64_t>());
   }
   test::write_file(dir.file("tokens.csv"), csv);
-  const auto r = test::run_process({kPython, dir.file("hf_llama.py"), hf, dir.file("tokens.csv"),
-                                    dir.file("logits.safetensors")},
+  const auto r = test::run_process({test::python(), dir.file("hf_llama.py"), hf,
+                                    dir.file("tokens.csv"), dir.file("logits.safetensors")},
                                    {"OMP_NUM_THREADS=1"});
   EXPECT_EQ(r.exit_code, 0) << r.output;
   if (r.exit_code != 0) return at::Tensor();
@@ -683,6 +767,13 @@ double max_relative_error(const at::Tensor& a, const at::Tensor& b) {
 
 at::Tensor fixed_tokens(int64_t n, int64_t vocab) {
   return (at::arange(n, at::kLong) * 131 + 7).remainder(vocab);
+}
+
+// Mean next-token cross-entropy of logits [S, V] on tokens [S] (S - 1 predictions).
+double next_token_loss(const at::Tensor& logits, const at::Tensor& tokens) {
+  const int64_t s = tokens.numel();
+  at::Tensor lp = at::log_softmax(logits.to(at::kDouble).narrow(0, 0, s - 1), 1);
+  return -lp.gather(1, tokens.narrow(0, 1, s - 1).view({-1, 1})).mean().item<double>();
 }
 
 }  // namespace
@@ -797,6 +888,101 @@ TEST(CheckpointHf, GqaModelMatchesIndependentPythonLlama) {
     q.copy_(checkpoint::permute_to_hf(q.clone(), args.n_heads));
   }
   EXPECT_GT(max_relative_error(wrong.logits(tokens), theirs), 1e-3);
+}
+
+// 8d. HF folders as Hugging Face writes Llama 3.1 / 3.2 models (RoPE scaling "llama3", a
+// rope_theta and rms_norm_eps other than the flavor's, tied embeddings), written by
+// transformers where it is installed (the GPU machine) and by hand otherwise: `convert --to
+// titan` adopts config.json's values, titan's loss on the imported weights equals the
+// independent reference's (transformers where installed) to 1e-5 in fp32, and `convert --to
+// hf` writes a folder that scores the same.
+TEST(CheckpointHf, RopeScalingAndTiedFoldersImportExactlyAndRoundTrip) {
+  if (!python_has_torch_and_safetensors())
+    GTEST_SKIP() << "needs python3 with torch and safetensors";
+  const bool transformers = test::python_can_import("transformers");
+  struct Case {
+    const char* name;
+    std::string extra;  // config.json entries beyond the dims
+  };
+  const std::vector<Case> cases = {
+      {"llama31_scaled",
+       R"("rope_theta": 10000.0, "rms_norm_eps": 1e-06, "tie_word_embeddings": false,
+          "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64})"},
+      {"llama32_tied", R"("rope_theta": 500000.0, "rms_norm_eps": 1e-05,
+                          "tie_word_embeddings": true, "rope_scaling": null)"},
+  };
+  const auto flavor = model::llama_flavor("debugmodel");
+  const at::Tensor tokens = fixed_tokens(128, flavor.vocab_size);
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    test::TempDir dir;
+    const std::string config =
+        std::string(R"({"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 16,
+            "num_key_value_heads": 16, "intermediate_size": 768, "vocab_size": 2000,
+            "head_dim": 16, "max_position_embeddings": 2048, )") +
+        c.extra + "}";
+    test::write_file(dir.file("write.py"), kWriteHfFolderPy);
+    auto w = test::run_process({test::python(), dir.file("write.py"), dir.file("hf"), config});
+    ASSERT_EQ(w.exit_code, 0) << w.output;
+    auto in = test::run_titan_train(
+        {"convert", "--to", "titan", "--input", dir.file("hf"), "--output", dir.file("conv")});
+    ASSERT_EQ(in.exit_code, 0) << in.output;
+    // The adopted values are announced and recorded in the checkpoint.
+    const std::string conv = dir.file("conv") + "/step-0";
+    model::LlamaArgs args = flavor;
+    checkpoint::adopt_checkpoint_model_args(conv, args);
+    if (std::string(c.name) == "llama31_scaled") {
+      EXPECT_TRUE(contains(in.output, "RoPE theta 10000, llama3 scaling (factor 8")) << in.output;
+      EXPECT_EQ(args.rope_theta, 10000.0);
+      EXPECT_EQ(args.norm_eps, 1e-6);
+      EXPECT_EQ(args.rope_original_max_positions, 64);
+    } else {
+      EXPECT_TRUE(contains(in.output, "tie_word_embeddings")) << in.output;
+      EXPECT_EQ(args.rope_scaling_factor, 0.0);
+    }
+    LocalModel m(args, "debugmodel", dir.file("local"), /*seed=*/1);
+    m.ck->load(conv, {"model"});
+    const double ours = next_token_loss(m.logits(tokens), tokens);
+    const at::Tensor ref_logits = python_logits(dir, dir.file("hf"), tokens, transformers);
+    ASSERT_TRUE(ref_logits.defined());
+    const double theirs = next_token_loss(ref_logits, tokens);
+    EXPECT_NEAR(ours, theirs, 1e-5 * theirs) << (transformers ? "transformers" : "reference");
+    // Without adopting (the flavor's own RoPE), the scaled model computes something else.
+    if (std::string(c.name) == "llama31_scaled") {
+      LocalModel plain(flavor, "debugmodel", dir.file("plain"), 1);
+      for (size_t i = 0; i < m.fsdp->num_units(); ++i) {
+        plain.fsdp->unit(i).master.copy_(m.fsdp->unit(i).master);
+      }
+      EXPECT_GT(std::abs(next_token_loss(plain.logits(tokens), tokens) - theirs), 1e-3);
+    }
+    // And back to HF: the written folder scores the same.
+    auto out = test::run_titan_train(
+        {"convert", "--to", "hf", "--input", conv, "--output", dir.file("hf2")});
+    ASSERT_EQ(out.exit_code, 0) << out.output;
+    const json cfg2 = read_json(dir.file("hf2") + "/config.json");
+    EXPECT_EQ(cfg2["rope_theta"].get<double>(), args.rope_theta);
+    EXPECT_EQ(cfg2["rms_norm_eps"].get<double>(), args.norm_eps);
+    EXPECT_EQ(cfg2.contains("rope_scaling") && !cfg2["rope_scaling"].is_null(),
+              args.rope_scaling_factor > 0);
+    const at::Tensor back = python_logits(dir, dir.file("hf2"), tokens, transformers);
+    ASSERT_TRUE(back.defined());
+    EXPECT_NEAR(next_token_loss(back, tokens), theirs, 1e-5 * theirs);
+  }
+}
+
+// Folders titan cannot compute exactly are rejected with the key named.
+TEST(CheckpointHf, UnsupportedRopeScalingIsRejected) {
+  test::TempDir dir;
+  fs::create_directories(dir.file("hf"));
+  test::write_file(dir.file("hf") + "/config.json",
+                   R"({"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 16,
+                       "num_key_value_heads": 16, "intermediate_size": 768, "vocab_size": 2000,
+                       "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})");
+  auto r = test::run_titan_train(
+      {"convert", "--to", "titan", "--input", dir.file("hf"), "--output", dir.file("out")});
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_TRUE(contains(r.output, "rope_scaling type \"yarn\" is not supported")) << r.output;
 }
 
 // 9. convert's usage errors exit non-zero with a message.

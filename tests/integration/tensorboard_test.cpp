@@ -99,7 +99,7 @@ TEST(TensorBoard, EventFilesReadBackWithValidCrcsAndTheLoggedValues) {
        "--metrics.enable_tensorboard", "--job.dump_folder", out});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   test::write_file(dir.file("reader.py"), kReader);
-  auto p = test::run_process({"/usr/bin/python3", dir.file("reader.py"), out + "/tb"});
+  auto p = test::run_process({test::python(), dir.file("reader.py"), out + "/tb"});
   ASSERT_EQ(p.exit_code, 0) << p.output;
   auto j = nlohmann::json::parse(p.output);
   EXPECT_EQ(j["version"], "brain.Event:2");

@@ -3,6 +3,7 @@
 
 #include "titan/util/error.h"
 #include "titan/util/fs.h"
+#include "titan/util/strings.h"
 
 #include <ATen/ATen.h>
 #include <arpa/inet.h>
@@ -127,6 +128,31 @@ std::vector<double> read_losses(const std::string& jsonl_path) {
     if (j.contains("loss")) out.push_back(j["loss"].get<double>());
   }
   return out;
+}
+
+std::string python() {
+  if (const char* p = std::getenv("TITAN_TEST_PYTHON"); p && *p) return p;
+  if (const char* path = std::getenv("PATH")) {
+    for (const auto& dir : util::split(path, ':')) {
+      const std::string candidate = dir + "/python3";
+      if (!dir.empty() && access(candidate.c_str(), X_OK) == 0) return candidate;
+    }
+  }
+  return "/usr/bin/python3";
+}
+
+bool python_can_import(const std::string& modules) {
+  const std::string py = python();
+  return access(py.c_str(), X_OK) == 0 &&
+         run_process({py, "-c", "import " + modules}).exit_code == 0;
+}
+
+bool gloo_available() {
+#ifdef TITAN_WITH_GLOO
+  return true;
+#else
+  return false;
+#endif
 }
 
 int free_port() {

@@ -45,7 +45,24 @@ std::string error_of(const std::function<void()>& fn);
 // Losses per step from a metrics.jsonl file.
 std::vector<double> read_losses(const std::string& jsonl_path);
 
+// The Python used for cross-checks: $TITAN_TEST_PYTHON, else the first python3 on PATH, else
+// /usr/bin/python3.
+std::string python();
+// Whether that Python can run `import <modules>`.
+bool python_can_import(const std::string& modules);
+
+// Whether this build can run several CPU ranks (LibTorch with Gloo; pip wheels ship none).
+bool gloo_available();
+
 }  // namespace titan::test
+
+// Skips a test that needs several CPU processes where the build has no Gloo (GPU builds
+// against a pip PyTorch), saying so.
+#define TITAN_REQUIRE_GLOO()                                                                \
+  do {                                                                                      \
+    if (!::titan::test::gloo_available())                                                   \
+      GTEST_SKIP() << "needs several CPU ranks, and this LibTorch has no Gloo (pip wheel)"; \
+  } while (0)
 
 namespace titan::test {
 

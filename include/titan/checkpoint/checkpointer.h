@@ -49,6 +49,11 @@ struct TrainerState {
   std::string flavor;
 };
 
+// The model arguments a checkpoint's index records beyond the flavor's dims (RoPE theta and
+// scaling, norm epsilon) replace those in `args`, with a log line where they differ: a resumed
+// or initialized run computes the model the checkpoint was trained as.
+void adopt_checkpoint_model_args(const std::string& step_dir, model::LlamaArgs& args);
+
 class Checkpointer {
  public:
   Checkpointer(const config::JobConfig& config, dist::Runtime& runtime, TrainerState state);
@@ -68,6 +73,10 @@ class Checkpointer {
   // Loads `step_dir` (a complete step folder) into the state; `what` chooses among
   // model, optimizer, dataloader, train_state. Returns the stored step.
   int64_t load(const std::string& step_dir, const std::vector<std::string>& what);
+  // The step folder a job with `config` starts from: the checkpoint it resumes (newest, or
+  // checkpoint.load_step), else a titan initial_load_path; empty for a fresh start or an HF
+  // initial load. Read-only: load_at_start() loads it.
+  static std::string start_dir(const config::JobConfig& config);
   // Complete step folders in `folder`, oldest first, as (step, path).
   static std::vector<std::pair<int64_t, std::string>> complete_steps(const std::string& folder);
   const std::string& folder() const { return folder_; }

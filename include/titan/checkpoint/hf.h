@@ -24,6 +24,13 @@ std::string titan_name(const std::string& hf_name);
 at::Tensor permute_to_hf(const at::Tensor& w, int64_t heads);
 at::Tensor permute_from_hf(const at::Tensor& w, int64_t heads);
 
+// Reads the folder's config.json: the dims must be those of `args` (a difference names the
+// key); rope_theta, rms_norm_eps and rope_scaling (Llama 3.1's "llama3" type, or none) are
+// adopted into `args`, with a log line where they differ from it; other RoPE scaling types,
+// biases or activations are rejected. Returns tie_word_embeddings (a tied folder's output
+// projection is imported as a copy of the embedding).
+bool adopt_hf_config(const std::string& folder, model::LlamaArgs& args);
+
 // Loads every weight of `state.model` from the HF folder (each rank reads the rows its shards
 // need). config.json must describe the same dims as the model (differences name the key).
 void import_hf(const std::string& folder, TrainerState& state);

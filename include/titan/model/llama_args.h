@@ -19,7 +19,8 @@ struct LlamaArgs {
   std::optional<double> ffn_dim_multiplier;
   double norm_eps = 1e-5;
   double rope_theta = 500000.0;
-  // Llama 3.1-style RoPE frequency scaling (off unless a checkpoint asks for it).
+  // Llama 3.1-style RoPE frequency scaling (every flavor has it, as torchtitan's and Meta's;
+  // model.rope_scaling = false or a checkpoint without it turns it off).
   double rope_scaling_factor = 0.0;  // 0 = no scaling
   double rope_low_freq_factor = 1.0;
   double rope_high_freq_factor = 4.0;
@@ -36,6 +37,9 @@ struct LlamaArgs {
   // torchtitan's formula: 6 * (params - embedding) + 12 * layers * heads * head_dim * seq.
   double training_flops_per_token(int64_t seq_len) const;
 };
+
+// "llama3 scaling (factor 8, low 1, high 4, original 8192)" or "none", for logs and errors.
+std::string describe_rope(const LlamaArgs& args);
 
 // Known flavors in a fixed order: debugmodel, 1B, 3B, 8B, 70B, 405B.
 std::vector<std::string> llama_flavor_names();

@@ -308,7 +308,7 @@ out = {"ids": [enc.encode_ordinary(t) for t in spec["texts"]],
        "n_vocab": enc.n_vocab}
 json.dump(out, open(output, "w"))
 )PY");
-  auto r = test::run_process({"/usr/bin/python3", files.dir.file("reference.py"), files.model,
+  auto r = test::run_process({test::python(), files.dir.file("reference.py"), files.model,
                               files.dir.file("input.json"), files.dir.file("output.json")});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const json ref = json::parse(test::read_file(files.dir.file("output.json")));

@@ -1,9 +1,25 @@
 # Finds titan's dependencies: LibTorch (CPU or CUDA), toml++, spdlog, PCRE2, nlohmann-json,
-# GoogleTest, and on CUDA builds NCCL. System packages first; TITAN_DEPS_DIR (a folder of
-# headers and googletest sources copied from Debian's packages by scripts/device_deps.sh)
-# serves machines without a package manager, such as the GPU machines.
+# GoogleTest, and on CUDA builds NCCL. System packages first; third_party/ (headers, PCRE2's
+# static library and googletest sources copied from Debian's packages by third_party/fetch.sh,
+# see third_party/MANIFEST) serves machines without a package manager, such as the GPU machines.
 
-set(TITAN_DEPS_DIR "" CACHE PATH "Folder with include/ and src/googletest for machines without packages")
+set(TITAN_DEPS_DIR "" CACHE PATH "Folder with include/, lib/ and src/googletest (third_party/ layout)")
+if(NOT TITAN_DEPS_DIR)
+  find_package(tomlplusplus QUIET)
+  find_package(spdlog QUIET)
+  find_package(nlohmann_json QUIET)
+  if(NOT (tomlplusplus_FOUND AND spdlog_FOUND AND nlohmann_json_FOUND))
+    if(EXISTS ${CMAKE_SOURCE_DIR}/third_party/include/toml++/toml.hpp)
+      set(TITAN_DEPS_DIR ${CMAKE_SOURCE_DIR}/third_party)
+      message(STATUS "titan: toml++/spdlog/nlohmann-json not installed; using third_party/")
+    else()
+      message(FATAL_ERROR
+        "titan needs toml++, spdlog and nlohmann-json: install libtomlplusplus-dev "
+        "libspdlog-dev nlohmann-json3-dev libpcre2-dev libgtest-dev, or run third_party/fetch.sh "
+        "on a Debian machine and copy the filled third_party/ folder here")
+    endif()
+  endif()
+endif()
 
 find_package(Torch REQUIRED)
 if(Torch_VERSION AND Torch_VERSION VERSION_LESS 2.4)
@@ -37,11 +53,16 @@ else()
                                              nlohmann_json::nlohmann_json)
 endif()
 
-# PCRE2 (8-bit): Llama 3's pre-tokenizer regex needs its Unicode classes.
+# PCRE2 (8-bit): Llama 3's pre-tokenizer regex needs its Unicode classes. The system's shared
+# library where there is one (nearly every Linux has libpcre2-8.so.0), else third_party's
+# static one.
 find_path(PCRE2_INCLUDE_DIR pcre2.h HINTS ${TITAN_DEPS_DIR}/include)
-find_library(PCRE2_LIBRARY NAMES pcre2-8 libpcre2-8.so.0 HINTS ${TITAN_DEPS_DIR}/lib)
+find_library(PCRE2_LIBRARY NAMES pcre2-8 libpcre2-8.so.0)
+if(NOT PCRE2_LIBRARY AND TITAN_DEPS_DIR)
+  find_library(PCRE2_LIBRARY NAMES libpcre2-8.a HINTS ${TITAN_DEPS_DIR}/lib NO_DEFAULT_PATH)
+endif()
 if(NOT PCRE2_INCLUDE_DIR OR NOT PCRE2_LIBRARY)
-  message(FATAL_ERROR "PCRE2 (libpcre2-dev) not found")
+  message(FATAL_ERROR "PCRE2 not found: install libpcre2-dev, or fill third_party/ (third_party/fetch.sh)")
 endif()
 target_include_directories(titan_deps SYSTEM INTERFACE ${PCRE2_INCLUDE_DIR})
 target_compile_definitions(titan_deps INTERFACE PCRE2_CODE_UNIT_WIDTH=8)
@@ -77,15 +98,24 @@ message(STATUS "titan: gloo ${TITAN_GLOO}, cuda ${TITAN_CUDA}")
 
 # GoogleTest: the system package, or its sources (Debian ships them in /usr/src/googletest).
 if(TITAN_BUILD_TESTS)
+  if(NOT TITAN_DEPS_DIR)
+    find_package(GTest QUIET)
+  endif()
+  if(NOT GTest_FOUND AND EXISTS ${CMAKE_SOURCE_DIR}/third_party/src/googletest/CMakeLists.txt)
+    set(TITAN_GTEST_SOURCES ${CMAKE_SOURCE_DIR}/third_party/src/googletest)
+  endif()
   if(TITAN_DEPS_DIR AND EXISTS ${TITAN_DEPS_DIR}/src/googletest/CMakeLists.txt)
+    set(TITAN_GTEST_SOURCES ${TITAN_DEPS_DIR}/src/googletest)
+  endif()
+  if(TITAN_GTEST_SOURCES)
     set(INSTALL_GTEST OFF CACHE BOOL "" FORCE)
     set(BUILD_GMOCK OFF CACHE BOOL "" FORCE)
-    add_subdirectory(${TITAN_DEPS_DIR}/src/googletest ${CMAKE_BINARY_DIR}/googletest EXCLUDE_FROM_ALL)
+    add_subdirectory(${TITAN_GTEST_SOURCES} ${CMAKE_BINARY_DIR}/googletest EXCLUDE_FROM_ALL)
     if(NOT TARGET GTest::gtest)
       add_library(GTest::gtest ALIAS gtest)
       add_library(GTest::gtest_main ALIAS gtest_main)
     endif()
-  else()
-    find_package(GTest REQUIRED)
+  elseif(NOT GTest_FOUND)
+    message(FATAL_ERROR "GoogleTest not found: install libgtest-dev, or fill third_party/ (third_party/fetch.sh)")
   endif()
 endif()

@@ -19,7 +19,7 @@ done
 titan_log "check_cuda: $(ls src/kernels/*.cu | wc -l) kernel files compile for sm_90a"
 [ "$(titan_mode)" = root ] || exit 0
 # CUDA headers for the syntax check, copied once into the build root.
-inc="$TITAN_ROOTFS/opt/cuda-include"
+inc="$TITAN_ROOTFS/usr/local/titan-cuda-include"
 if [ ! -f "$inc/.copied" ] || [ /usr/local/cuda/include -nt "$inc/.copied" ]; then
   rm -rf "$inc" && mkdir -p "$inc" && cp -a /usr/local/cuda/include/. "$inc/" && touch "$inc/.copied"
 fi
@@ -34,7 +34,7 @@ titan_exec bash -c "
   set -e
   for f in $(echo $files); do
     g++ -std=gnu++20 -fsyntax-only -DTITAN_WITH_CUDA=1 -DPCRE2_CODE_UNIT_WIDTH=8 \
-      -Iinclude -Isrc/kernels -Itests -I/usr/include/torch/csrc/api/include -isystem /opt/cuda-include \
+      -Iinclude -Isrc/kernels -Itests -I/usr/include/torch/csrc/api/include -isystem /usr/local/titan-cuda-include \
       -DTITAN_TRAIN_BINARY='\"\"' -DTITAN_SOURCE_DIR='\"\"' \"\$f\"
   done"
 titan_log "check_cuda: CUDA-only C++ paths pass a syntax check"

@@ -1,28 +1,25 @@
 #!/usr/bin/env bash
-# On a GPU machine: configure against the installed PyTorch's LibTorch with CUDA + NCCL, build
-# with all cores, run the GPU tests, short GPU training runs and the benchmarks; logs go to
-# $OUT. Stages (default: build test train): build test train bench1b bench3b unit profile1b
+# On a GPU machine: builds with the README's build (scripts/build.sh: the installed PyTorch's
+# LibTorch with CUDA, its NCCL and cuDNN, all cores; third_party/ where the machine has no
+# packages), runs the GPU tests, short GPU training runs and the benchmarks; logs go to $OUT.
+# Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
+# oom8b readme
 #   scripts/device_check.sh build test train bench1b
-# Needs .deps/ (scripts/device_deps.sh) and, for benchmarks, .bench/ref_train.py.
+# Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
+# and, for benchmarks, .bench/ref_train.py.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/lib/common.sh
 OUT="${OUT:-/tmp/titan_device_out}"
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
-PY="${PYTHON:-python3}"
-BUILD_DIR="${BUILD_DIR:-build-gpu}"
+PY="${PYTHON:-$(titan_torch_python || echo python3)}"
+export BUILD_DIR="${BUILD_DIR:-build-gpu}"
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(build test train)
-
-site="$("$PY" -c 'import site; print(site.getsitepackages()[0])')"
-torch_prefix="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')"
-nccl_root="$site/nvidia/nccl"
-cudnn_root="$site/nvidia/cudnn"
-export LD_LIBRARY_PATH="$nccl_root/lib:$cudnn_root/lib:$site/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
-export TORCH_CUDA_ARCH_LIST=9.0a
-export PATH="/usr/local/cuda/bin:$PATH"
+titan_runtime_env
 
 summary="$OUT/summary.txt"
 note() { echo "$*" | tee -a "$summary"; }
@@ -39,11 +36,7 @@ run_stage() {
 
 do_build() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_PREFIX_PATH="$torch_prefix" -DTITAN_DEPS_DIR="$PWD/.deps" \
-    -DTITAN_NCCL_ROOT="$nccl_root" -DCUDNN_INCLUDE_PATH="$cudnn_root/include" \
-    -DCUDNN_LIBRARY_PATH="$cudnn_root/lib/libcudnn.so.9" -DCMAKE_CUDA_ARCHITECTURES=90a &&
-    cmake --build "$BUILD_DIR" -j "$(nproc)"
+  ./scripts/build.sh
 }
 
 do_test() {
@@ -110,6 +103,15 @@ do_offload() {
     --training.enable_cpu_offload --training.steps 4 --metrics.log_freq 2 \
     --job.dump_folder "$OUT/offload_1b" --metrics.enable_tensorboard false \
     --metrics.disable_color_printing 2>&1 | grep -E "step:|error|rror"
+}
+
+# configs/llama3_8b.toml on one GPU as a newcomer would run it: the start-up estimate warns,
+# then the out-of-memory error says what ran out and what to change (no stack trace).
+do_oom8b() {
+  "$BUILD_DIR/titan_train" --job.config_file configs/llama3_8b.toml --training.steps 3 \
+    --job.dump_folder "$OUT/oom8b" --metrics.disable_color_printing \
+    --metrics.enable_tensorboard false 2>&1 | grep -vE "^\s*$" | tail -12
+  echo "exit code: ${PIPESTATUS[0]}"
 }
 
 do_gdbtest() {
@@ -226,6 +228,7 @@ for s in "${stages[@]}"; do
     bench8b) REF_COMPILE="${REF_COMPILE:-0 1}" run_stage bench_8b scripts/bench.sh 8b; tail -5 "$OUT/bench_8b.log" ;;
     titan3b) run_stage titan_3b do_titan3b; grep -E "step:|error" "$OUT/titan_3b.log" | tail -2 ;;
     ckpt8b) run_stage ckpt8b do_ckpt8b; cat "$OUT/ckpt8b.log" | cut -c1-220 ;;
+    oom8b) run_stage oom8b do_oom8b; cut -c1-400 "$OUT/oom8b.log" ;;
     *) note "unknown stage $s" ;;
   esac
 done

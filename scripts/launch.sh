@@ -19,11 +19,26 @@ shows_rank() {
   for r in ${want//,/ }; do [ "$r" = "$1" ] && return 0; done
   return 1
 }
+# Each rank runs in its own process group (job control), so stopping a rank stops everything
+# it started (its output filter, anything it spawned) and no process outlives the launch.
+set -m
 pids=()
 tmp="$(mktemp -d)"
-trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$tmp"' EXIT
+stop_ranks() {  # stop_ranks SIGNAL: signal every rank's process group
+  local p
+  for p in "${pids[@]}"; do kill "-$1" -- "-$p" 2>/dev/null; done
+}
+cleanup() {
+  stop_ranks TERM
+  sleep 0.2
+  stop_ranks KILL
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 for ((r = 0; r < nproc; r++)); do
   (
+    set +m
     export RANK=$r WORLD_SIZE=$nproc LOCAL_RANK=$r LOCAL_WORLD_SIZE=$nproc MASTER_ADDR=$addr \
       MASTER_PORT=$port OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(((($(nproc) + nproc - 1) / nproc)))}"
     if shows_rank "$r"; then
@@ -35,6 +50,7 @@ for ((r = 0; r < nproc; r++)); do
   ) &
   pids+=($!)
 done
+set +m  # the groups exist now; no job-control notices while waiting
 status=0
 remaining=$nproc
 while [ "$remaining" -gt 0 ]; do
@@ -46,14 +62,26 @@ while [ "$remaining" -gt 0 ]; do
       if [ "$rc" != 0 ] && [ "$status" = 0 ]; then
         status=$rc
         echo "[launch] rank $r exited with status $rc; stopping the other ranks" >&2
-        kill "${pids[@]}" 2>/dev/null
-        pkill -P $$ 2>/dev/null
       fi
-    else
+    elif kill -0 "${pids[$r]}" 2>/dev/null; then
       remaining=$((remaining + 1))
+    elif [ "$status" = 0 ]; then
+      status=1  # the rank's group was killed before it could report
+      echo "[launch] rank $r ended without an exit status; stopping the other ranks" >&2
     fi
   done
   [ "$status" != 0 ] && break
 done
+if [ "$status" != 0 ]; then
+  # Give the ranks a moment to report, then end every process of every rank.
+  stop_ranks TERM
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    alive=0
+    for p in "${pids[@]}"; do kill -0 -- "-$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.5
+  done
+  stop_ranks KILL
+fi
 wait 2>/dev/null
 exit "$status"

@@ -8,7 +8,9 @@ if [ "$(titan_mode)" = native ]; then
   if [ -f /.titan-inside-root ]; then
     exit 0
   fi
-  titan_log "using the host's LibTorch at $(titan_host_libtorch_prefix)"
+  titan_log "using the host's LibTorch at $(titan_host_libtorch_prefix)$(titan_torch_has_cuda &&
+    echo ' (CUDA: NCCL and cuDNN from its wheel)')"
+  titan_native_packages
   exit 0
 fi
 

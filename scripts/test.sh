@@ -10,3 +10,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 cd "$TITAN_REPO"
 build_dir="${BUILD_DIR:-build}"
 titan_exec bash -c "cd '$build_dir' && ctest --output-on-failure -j $(titan_jobs) --timeout 1200 $(printf '%q ' "$@")"
+# Paths outside the repository, as a user types them (config, data, tokenizer, outputs). Only
+# with the full suite: arguments select a part of it.
+[ "$#" -gt 0 ] || BUILD_DIR="$build_dir" "$TITAN_REPO/scripts/test_host_paths.sh"

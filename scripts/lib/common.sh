@@ -70,6 +70,98 @@ titan_host_libtorch_prefix() {
   return 1
 }
 
+# The Python whose PyTorch provides LibTorch (native mode), or nothing.
+titan_torch_python() {
+  local py
+  for py in "${PYTHON:-}" python3; do
+    [ -n "$py" ] || continue
+    command -v "$py" >/dev/null 2>&1 || continue
+    "$py" -c 'import torch' >/dev/null 2>&1 && { echo "$py"; return 0; }
+  done
+  return 1
+}
+
+# The site-packages folder of the PyTorch wheel (its nvidia/* wheels hold NCCL and cuDNN).
+titan_torch_site() {
+  local py
+  py="$(titan_torch_python)" || return 1
+  "$py" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))'
+}
+
+# Whether the native LibTorch was built with CUDA.
+titan_torch_has_cuda() {
+  local p
+  p="$(titan_host_libtorch_prefix)" || return 1
+  [ -n "$(find "$p/../.." -maxdepth 3 -name 'libtorch_cuda.so' 2>/dev/null | head -1)" ]
+}
+
+# Run-time environment of a native CUDA build: the libraries of the PyTorch wheel's nvidia/*
+# packages (NCCL, cuDNN, cuBLAS, CUDA runtime) on LD_LIBRARY_PATH, the CUDA toolkit on PATH.
+# Does nothing in root mode or without CUDA.
+titan_runtime_env() {
+  [ "$(titan_mode)" = native ] || return 0
+  local site d libs=""
+  site="$(titan_torch_site 2>/dev/null)" || return 0
+  for d in "$site"/nvidia/*/lib; do
+    [ -d "$d" ] && libs="$libs${libs:+:}$d"
+  done
+  [ -n "$libs" ] && export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  [ -d /usr/local/cuda/bin ] && export PATH="/usr/local/cuda/bin:$PATH"
+  return 0
+}
+
+# CMake arguments of a native build: LibTorch's prefix and, with a CUDA PyTorch wheel, the
+# NCCL and cuDNN of its nvidia/* packages and the GPUs' architecture (nvidia-smi; default
+# Hopper, sm_90a). Prints one argument per line.
+titan_native_cmake_args() {
+  local prefix site cap arch
+  prefix="$(titan_host_libtorch_prefix)" || return 0
+  echo "-DCMAKE_PREFIX_PATH=$prefix"
+  titan_torch_has_cuda || return 0
+  site="$(titan_torch_site 2>/dev/null)" || true
+  if [ -n "$site" ] && [ -f "$site/nvidia/nccl/include/nccl.h" ]; then
+    echo "-DTITAN_NCCL_ROOT=$site/nvidia/nccl"
+  fi
+  if [ -n "$site" ] && [ -d "$site/nvidia/cudnn/include" ]; then
+    echo "-DCUDNN_INCLUDE_PATH=$site/nvidia/cudnn/include"
+    local lib
+    lib="$(ls "$site"/nvidia/cudnn/lib/libcudnn.so* 2>/dev/null | head -1)"
+    [ -n "$lib" ] && echo "-DCUDNN_LIBRARY_PATH=$lib"
+  fi
+  cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')"
+  arch="${cap:-90}"
+  # Hopper's wgmma and TMA instructions need the architecture-specific target (sm_90a).
+  [ "$arch" = 90 ] && arch=90a
+  echo "-DCMAKE_CUDA_ARCHITECTURES=$arch"
+}
+
+# Native builds need toml++, spdlog, nlohmann-json, PCRE2 and GoogleTest: the system's
+# packages, else a filled third_party/ (third_party/fetch.sh), else apt-get installs them.
+titan_native_packages() {
+  local have=1 h
+  for h in /usr/include/toml++/toml.hpp /usr/include/spdlog/spdlog.h /usr/include/nlohmann/json.hpp \
+    /usr/include/pcre2.h /usr/include/gtest/gtest.h; do
+    [ -f "$h" ] || have=0
+  done
+  [ "$have" = 1 ] && return 0
+  if [ -f "$TITAN_REPO/third_party/include/toml++/toml.hpp" ]; then
+    titan_log "toml++/spdlog/nlohmann-json/PCRE2/GoogleTest: using third_party/ (see third_party/MANIFEST)"
+    return 0
+  fi
+  local pkgs="libtomlplusplus-dev libspdlog-dev nlohmann-json3-dev libpcre2-dev libgtest-dev"
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    titan_log "installing $pkgs with apt-get"
+    if DEBIAN_FRONTEND=noninteractive apt-get install -y -q $pkgs >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q $pkgs >/dev/null 2>&1; }; then
+      return 0
+    fi
+  fi
+  titan_die "toml++, spdlog, nlohmann-json, PCRE2 and GoogleTest are missing and apt-get could not
+  install them: install $pkgs, or run third_party/fetch.sh on a Debian machine and copy the filled
+  third_party/ folder into this checkout"
+}
+
 # "native" when the host can build titan itself, "root" when the Debian 13 root is used.
 titan_mode() {
   if [ -n "${TITAN_MODE:-}" ]; then
@@ -109,13 +201,32 @@ titan_exec() {
         ;;
     esac
   done
+  # Every host path works inside the root as the user typed it: the host's own top-level
+  # folders (/tmp, /home, /root, /data, /mnt, /work, ...) are bound over the root's at the same
+  # paths; only the operating system's folders (/usr, /etc, /var, ...) stay the root's. The
+  # repository's parent and the working directory are bound wherever they are.
   unshare --mount --propagation private -- /bin/bash -c '
     set -e
     root="$1"; parent="$2"; cwd="$3"; shift 3
-    mkdir -p "$root$parent" "$root/proc" "$root/dev" "$root/tmp"
-    mount --bind "$parent" "$root$parent"
+    mkdir -p "$root/proc" "$root/dev" "$root/tmp"
     mount -t proc proc "$root/proc"
     mount --rbind /dev "$root/dev"
+    for d in /*; do
+      [ -d "$d" ] && [ ! -L "$d" ] || continue
+      case "$d" in
+        /bin | /boot | /dev | /etc | /lib | /lib32 | /lib64 | /libx32 | /lost+found | /proc | \
+          /run | /sbin | /sys | /usr | /var) continue ;;
+      esac
+      [ "$d" -ef "$root" ] && continue
+      mkdir -p "$root$d"
+      mount --rbind "$d" "$root$d"
+    done
+    [ -d /var/tmp ] && mkdir -p "$root/var/tmp" && mount --rbind /var/tmp "$root/var/tmp"
+    for p in "$parent" "$cwd"; do
+      [ -d "$root$p" ] && [ "$root$p" -ef "$p" ] && continue
+      mkdir -p "$root$p"
+      mount --rbind "$p" "$root$p"
+    done
     cmd="$1"; shift
     exec chroot "$root" /usr/bin/env -i HOME=/root LANG=C.UTF-8 \
       PATH=/usr/lib/ccache:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

@@ -11,6 +11,7 @@
 #include "titan/checkpoint/hf.h"
 #include "titan/config/job_config.h"
 #include "titan/dist/launch.h"
+#include "titan/parallel/pipeline/schedule.h"
 #include "titan/train/trainer.h"
 #include "titan/util/device.h"
 #include "titan/util/error.h"
@@ -38,6 +39,10 @@ int main(int argc, char** argv) {
       !std::getenv("PYTORCH_ALLOC_CONF") && !std::getenv("PYTORCH_CUDA_ALLOC_CONF");
   if (alloc_conf_default) setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True", 0);
   try {
+    if (!args.empty() && args[0] == "schedule") {
+      return titan::parallel::pipeline::run_schedule_command(
+          std::vector<std::string>(args.begin() + 1, args.end()));
+    }
     if (!args.empty() && args[0] == "convert") {
       titan::log::init(-1, true, false);
       return titan::checkpoint::run_convert(std::vector<std::string>(args.begin() + 1, args.end()));
@@ -54,7 +59,7 @@ int main(int argc, char** argv) {
       }
     }
     titan::log::init(env.world_size > 1 ? env.rank : -1, show,
-                     !config.metrics.disable_color_printing);
+                     titan::log::colors_wanted(config.metrics.disable_color_printing));
     if (config.job.print_config && show) {
       std::cout << "# resolved job config\n" << titan::config::to_toml(config) << std::flush;
     }

@@ -117,6 +117,52 @@ DeviceMesh::DeviceMesh(ParallelDims dims, int rank, Communicator* world)
     groups_[g] = owned_.back().get();
     by_effective_dims[effective] = owned_.back().get();
   }
+  if (dims_.pp > 1 && world != nullptr) make_pp_links(world);
+}
+
+void DeviceMesh::make_pp_links(Communicator* world) {
+  // Edges (i, i + 1 mod p) between neighbouring pipeline coordinates, colored so that no two
+  // edges of one color share a rank: even/odd edges, and the wrap-around edge of an odd degree
+  // on its own. One split per (color, direction); ranks outside the color's edges take part
+  // without a group.
+  const int64_t p = dims_.pp, q = coord_[0];
+  const int64_t edges = p == 2 ? 1 : p;
+  auto color_of = [&](int64_t i) -> int64_t { return (p % 2 == 1 && i == p - 1) ? 2 : i % 2; };
+  // Index of this rank among the ranks sharing its pipeline coordinate.
+  const int64_t others = static_cast<int64_t>(rank_) % (dims_.world / p);
+  const std::vector<int> pp_members = group_members("pp");
+  for (int64_t c = 0; c < 3; ++c) {
+    bool any = false;
+    for (int64_t i = 0; i < edges; ++i) any = any || color_of(i) == c;
+    if (!any) continue;
+    for (int dir = 0; dir < 2; ++dir) {
+      int64_t edge = -1;
+      for (int64_t i = 0; i < edges; ++i) {
+        if (color_of(i) == c && (q == i || q == (i + 1) % p)) edge = i;
+      }
+      const std::string name = "pp_link" + std::to_string(c) + (dir == 0 ? "_up" : "_down");
+      if (edge < 0) {
+        world->split(name, -1, 0, {});
+        continue;
+      }
+      const int64_t lo = edge, hi = (edge + 1) % p;
+      const std::vector<int> members = {pp_members[static_cast<size_t>(lo)],
+                                        pp_members[static_cast<size_t>(hi)]};
+      const int key = q == lo ? 0 : 1;
+      owned_.push_back(world->split(name, static_cast<int>(others * p + edge), key, members));
+      // dir 0 carries lo -> hi, dir 1 carries hi -> lo.
+      const bool sender = (dir == 0) == (q == lo);
+      pp_links_[{q == lo ? hi : lo, sender}] = owned_.back().get();
+    }
+  }
+}
+
+std::pair<Communicator*, int> DeviceMesh::pp_link(int64_t pp, bool send) const {
+  auto it = pp_links_.find({pp, send});
+  TITAN_INTERNAL_CHECK(it != pp_links_.end(), "no pipeline link between pp ", coord_[0], " and pp ",
+                       pp);
+  const int peer = it->second->global_ranks()[0] == rank_ ? 1 : 0;
+  return {it->second, peer};
 }
 
 int64_t DeviceMesh::coordinate(const std::string& dim) const {

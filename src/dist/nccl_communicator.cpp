@@ -151,6 +151,10 @@ class NcclCommunicator : public Communicator {
                                       std::vector<int> global_ranks) override {
     ncclComm_t sub = nullptr;
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    if (color < 0) {  // not a member of any new group: take part in the split only
+      TITAN_NCCL_CHECK(ncclCommSplit(comm_, NCCL_SPLIT_NOCOLOR, key, &sub, &config));
+      return nullptr;
+    }
     TITAN_NCCL_CHECK(ncclCommSplit(comm_, color, key, &sub, &config));
     const int size = static_cast<int>(global_ranks.size());
     return std::make_unique<NcclCommunicator>(name, sub, key, size, std::move(global_ranks),

@@ -94,8 +94,8 @@ at::Tensor block_forward(const LlamaArgs& args, const BlockWeights& w, const Rop
 }
 
 at::Tensor block_backward(const LlamaArgs& a, const BlockWeights& w, const Rope& rope,
-                          const at::Tensor& dout, BlockSaved& s, const BlockGrads& grads,
-                          bool acc) {
+                          const at::Tensor& dout, BlockSaved& s, const BlockGrads& grads, bool acc,
+                          DeferredWeightGrads* deferred) {
   const int64_t b = dout.size(0), seq = dout.size(1);
   const int64_t hd = a.head_dim(), nh = a.n_heads, nkv = a.n_kv_heads;
   if (s.policy == SavePolicy::InputOnly) {
@@ -115,16 +115,26 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockWeights& w, const Rope&
     std::tie(s.hn2, s.rstd2) = ops::rmsnorm_forward(s.h, w.ffn_norm, a.norm_eps);
     s.g = ops::swiglu_forward(s.ab);
   }
+  // dW = dy^T x now, or its operands kept for block_backward_weight.
+  auto weight_grad = [&](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gw,
+                         at::Tensor DeferredWeightGrads::*d, at::Tensor DeferredWeightGrads::*xs) {
+    if (deferred) {
+      (*deferred).*d = dy;
+      (*deferred).*xs = x;
+    } else {
+      ops::linear_backward_weight(dy, x, gw, acc);
+    }
+  };
   // Feed-forward: out = h + w2(swiglu(w13(norm(h)))).
-  ops::linear_backward_weight(dout, s.g, grads.w2, acc);
+  weight_grad(dout, s.g, grads.w2, &DeferredWeightGrads::d_w2, &DeferredWeightGrads::x_w2);
   at::Tensor dg = ops::linear_backward_input(dout, w.w2);
   at::Tensor dab = ops::swiglu_backward(dg, s.ab);
-  ops::linear_backward_weight(dab, s.hn2, grads.w13, acc);
+  weight_grad(dab, s.hn2, grads.w13, &DeferredWeightGrads::d_w13, &DeferredWeightGrads::x_w13);
   at::Tensor dhn2 = ops::linear_backward_input(dab, w.w13);
   at::Tensor ffn_norm_grad = grads.ffn_norm;
   at::Tensor dh = dout + ops::rmsnorm_backward(dhn2, s.h, w.ffn_norm, s.rstd2, ffn_norm_grad, acc);
   // Attention: h = x + wo(attn(rope(q), rope(k), v)).
-  ops::linear_backward_weight(dh, s.o, grads.wo, acc);
+  weight_grad(dh, s.o, grads.wo, &DeferredWeightGrads::d_wo, &DeferredWeightGrads::x_wo);
   at::Tensor d_o = ops::linear_backward_input(dh, w.wo).view({b, seq, nh, hd});
   auto [dq, dk, dv] = ops::attention_backward(d_o, s.attn, nkv);
   at::Tensor dqkv = at::empty({b, seq, nh + 2 * nkv, hd}, dout.options());
@@ -132,13 +142,22 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockWeights& w, const Rope&
   ops::rope_apply_out(dk, rope.cos, rope.sin, /*inverse=*/true, dqkv.narrow(2, nh, nkv));
   dqkv.narrow(2, nh + nkv, nkv).copy_(dv);
   at::Tensor dqkv_flat = dqkv.view({b, seq, (nh + 2 * nkv) * hd});
-  ops::linear_backward_weight(dqkv_flat, s.xn1, grads.wqkv, acc);
+  weight_grad(dqkv_flat, s.xn1, grads.wqkv, &DeferredWeightGrads::d_wqkv,
+              &DeferredWeightGrads::x_wqkv);
   at::Tensor dxn1 = ops::linear_backward_input(dqkv_flat, w.wqkv);
   at::Tensor attn_norm_grad = grads.attention_norm;
   at::Tensor dx =
       dh + ops::rmsnorm_backward(dxn1, s.x, w.attention_norm, s.rstd1, attn_norm_grad, acc);
   s.clear();
   return dx;
+}
+
+void block_backward_weight(DeferredWeightGrads& d, const BlockGrads& grads, bool acc) {
+  ops::linear_backward_weight(d.d_w2, d.x_w2, grads.w2, acc);
+  ops::linear_backward_weight(d.d_w13, d.x_w13, grads.w13, acc);
+  ops::linear_backward_weight(d.d_wo, d.x_wo, grads.wo, acc);
+  ops::linear_backward_weight(d.d_wqkv, d.x_wqkv, grads.wqkv, acc);
+  d = DeferredWeightGrads{};
 }
 
 at::Tensor embedding_forward(const at::Tensor& table, const at::Tensor& tokens,

@@ -132,17 +132,7 @@ void FsdpModel::refresh_shadows() {
 }
 
 bool FsdpModel::reshard_after_forward(size_t i) const {
-  switch (options_.reshard) {
-    case ReshardPolicy::Always: return true;
-    case ReshardPolicy::Never: return false;
-    case ReshardPolicy::Default: break;
-  }
-  // torchtitan: every unit but the last block reshards; the head is used right away by the
-  // backward, so keeping it saves a gather.
-  const auto kind = units_[i].layout.kind;
-  if (kind == model::UnitKind::Head) return false;
-  if (kind == model::UnitKind::Block && i + 2 == units_.size()) return false;
-  return true;
+  return options_.reshard_after_forward.empty() || options_.reshard_after_forward[i];
 }
 
 void FsdpModel::prefetch(size_t i) {
@@ -201,6 +191,20 @@ void FsdpModel::release_all() {
 
 at::Tensor& FsdpModel::full_grad(size_t i, bool* accumulate) {
   UnitState& u = units_[i];
+  if (options_.accumulate_across_microbatches) {
+    // One buffer for the whole step, zeroed at its first use; every write adds.
+    if (!u.full_grad.defined()) {
+      if (!shard_ && !options_.cpu_offload) {
+        u.grad.zero_();
+        u.full_grad = u.grad;
+      } else {
+        u.full_grad = at::zeros({u.shard_numel * dp_shard_size()},
+                                at::TensorOptions().dtype(at::kFloat).device(device_));
+      }
+    }
+    *accumulate = true;
+    return u.full_grad;
+  }
   if (!shard_ && !options_.cpu_offload) {
     // Unsharded: the shard gradient itself; the step's first micro-batch overwrites it. Its
     // alignment gaps were zeroed at allocation and are never written.
@@ -263,6 +267,7 @@ void FsdpModel::reduce_grad(size_t i, bool last_microbatch) {
   UnitState& u = units_[i];
   TITAN_INTERNAL_CHECK(u.full_grad.defined(), "reduce_grad of unit ", u.layout.name,
                        " without a gradient");
+  if (options_.accumulate_across_microbatches && !last_microbatch) return;
   // Fold in reductions of earlier units first: they were issued a whole unit of backward ago.
   fold_pending();
   Pending p;

@@ -40,7 +40,7 @@ MemoryEstimate estimate_memory(const model::LlamaArgs& a, const MemoryEstimateIn
   // (about 1 GiB of compute-dtype logits at most) with its normalized input.
   const int64_t block_all =
       saved_bytes_per_token(a, model::SavePolicy::All, in.compute_dtype_bytes) * tokens;
-  e.working_bytes = 2 * block_all + in.largest_unit_elements * 4 * 2;
+  e.working_bytes = 2 * block_all + in.gradient_buffer_elements * 4;
   if (in.holds_head) {
     const int64_t logits =
         std::min<int64_t>(int64_t(1) << 30, tokens * a.vocab_size * in.compute_dtype_bytes);

@@ -7,7 +7,6 @@
 #include "support/test_support.h"
 #include "titan/model/layout.h"
 #include "titan/parallel/fsdp.h"
-#include "titan/train/model_runner.h"
 
 using namespace titan;
 
@@ -19,9 +18,8 @@ TEST(GpuTraining, Fp32GradientsMatchAutogradReference) {
   parallel::FsdpModel fsdp(model::llama_units(args), nullptr, nullptr, c10::Device(c10::kCUDA, 0),
                            opts);
   fsdp.init_weights(1);
-  train::ModelRunner runner(args, fsdp, train::ActivationPolicy{"none", ""});
   const double n = 2 * 32;
-  double loss = runner.forward_backward(tokens.cuda(), 1.0 / n, true).item<double>() / n;
+  double loss = test::single_stage_step(args, fsdp, tokens.cuda(), 1.0 / n).item<double>() / n;
   std::vector<at::Tensor> params;
   for (size_t i = 0; i < fsdp.num_units(); ++i) params.push_back(fsdp.unit(i).master.cpu());
   auto ref = test::reference_loss_and_grads(args, model::llama_units(args), params, tokens);

@@ -46,6 +46,7 @@ RunResult train_ranks(const test::TempDir& dir, const std::string& name, int wor
   std::string line;
   while (std::getline(in, line)) {
     auto j = nlohmann::json::parse(line);
+    if (!j.contains("loss")) continue;  // the run's start event
     r.losses.push_back(j["loss"].get<double>());
     r.grad_norms.push_back(j["grad_norm"].get<double>());
   }
@@ -76,6 +77,7 @@ std::vector<double> state_mib(const RunResult& r) {
 }  // namespace
 
 TEST(DataParallel, DdpFsdpHsdpMatchOneProcess) {
+  TITAN_REQUIRE_GLOO();
   test::TempDir dir;
   RunResult single = train_ranks(dir, "single", 1, 8, {});
   RunResult ddp = train_ranks(dir, "ddp", 2, 4,
@@ -100,6 +102,7 @@ TEST(DataParallel, DdpFsdpHsdpMatchOneProcess) {
 }
 
 TEST(DataParallel, UnevenShardsOverThreeRanksMatchOneProcess) {
+  TITAN_REQUIRE_GLOO();
   // 3 ranks: unit sizes are not multiples of 3 (padding), norm weights split mid-parameter.
   test::TempDir dir;
   RunResult single = train_ranks(dir, "single", 1, 6, {});
@@ -108,6 +111,7 @@ TEST(DataParallel, UnevenShardsOverThreeRanksMatchOneProcess) {
 }
 
 TEST(DataParallel, ShardingWithGradientAccumulationAndResharding) {
+  TITAN_REQUIRE_GLOO();
   test::TempDir dir;
   RunResult single = train_ranks(dir, "single", 1, 8, {});
   RunResult accum = train_ranks(
@@ -117,4 +121,139 @@ TEST(DataParallel, ShardingWithGradientAccumulationAndResharding) {
   RunResult never =
       train_ranks(dir, "never", 2, 4, {"--parallelism.fsdp_reshard_after_forward", "never"});
   expect_same(never, single, "FSDP 2, never reshard");
+}
+
+// Pipeline parallelism on CPU (Gloo): every schedule at pipeline degree 2 and 4 computes what
+// one process computes on the same global batch (losses each step and the final weights
+// within 1e-5 in fp32), composed with FSDP, DDP and gradient accumulation.
+namespace {
+
+// Largest ||a - b|| / ||b|| over the weights of two checkpoint step folders.
+double weights_difference(const std::string& a, const std::string& b) {
+  const auto wa = test::read_checkpoint_weights(a), wb = test::read_checkpoint_weights(b);
+  EXPECT_EQ(wa.size(), wb.size());
+  double worst = 0;
+  for (const auto& [name, t] : wb) {
+    if (!wa.count(name)) {
+      ADD_FAILURE() << name << " missing";
+      continue;
+    }
+    worst = std::max(worst, test::relative_error(wa.at(name), t));
+  }
+  return worst;
+}
+
+std::vector<std::string> pp_args(int pp, const std::string& schedule, int64_t microbatch) {
+  return {"--parallelism.pipeline_parallel_degree",          std::to_string(pp),
+          "--parallelism.pipeline_parallel_schedule",        schedule,
+          "--parallelism.pipeline_parallel_microbatch_size", std::to_string(microbatch)};
+}
+
+// The final weights of a run are saved at its last step (fp32, weights only).
+const std::vector<std::string> kFinalSave = {"--checkpoint.enable", "--checkpoint.interval",
+                                             "1000"};
+
+std::vector<std::string> operator+(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+}  // namespace
+
+TEST(Pipeline, EveryScheduleAtDegreeTwoAndFourMatchesOneProcess) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  const RunResult single = train_ranks(dir, "single", 1, 8, kFinalSave);
+  const std::string final_single = dir.file("single") + "/checkpoint/step-10";
+  for (int pp : {2, 4}) {
+    for (const char* schedule : {"GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS",
+                                 "InterleavedZeroBubble", "ZBVZeroBubble"}) {
+      const std::string name = "pp" + std::to_string(pp) + "_" + schedule;
+      SCOPED_TRACE(name);
+      const RunResult r = train_ranks(dir, name, pp, 8, kFinalSave + pp_args(pp, schedule, 2));
+      expect_same(r, single, name.c_str());
+      EXPECT_LT(weights_difference(dir.file(name) + "/checkpoint/step-10", final_single), 1e-5);
+    }
+  }
+}
+
+TEST(Pipeline, ComposesWithFsdpDdpAccumulationAndCheckpointing) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  const RunResult single = train_ranks(dir, "single", 1, 8, kFinalSave);
+  const std::string final_single = dir.file("single") + "/checkpoint/step-10";
+  struct Case {
+    const char* name;
+    int world;
+    int64_t local_batch;
+    std::vector<std::string> extra;
+  };
+  const std::vector<Case> cases = {
+      {"pp2_fsdp2", 4, 4, pp_args(2, "Interleaved1F1B", 1)},
+      {"pp2_ddp2", 4, 4,
+       pp_args(2, "ZBVZeroBubble", 2) +
+           std::vector<std::string>{"--parallelism.data_parallel_replicate_degree", "2",
+                                    "--parallelism.data_parallel_shard_degree", "1"}},
+      {"pp2_accumulation", 2, 4,
+       pp_args(2, "1F1B", 1) + std::vector<std::string>{"--training.global_batch_size", "8"}},
+      {"pp2_full_ac_always_reshard", 4, 4,
+       pp_args(2, "InterleavedZeroBubble", 1) +
+           std::vector<std::string>{"--activation_checkpoint.mode", "full",
+                                    "--parallelism.fsdp_reshard_after_forward", "always"}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    const RunResult r = train_ranks(dir, c.name, c.world, c.local_batch, kFinalSave + c.extra);
+    expect_same(r, single, c.name);
+    EXPECT_LT(weights_difference(dir.file(c.name) + "/checkpoint/step-10", final_single), 1e-5);
+  }
+}
+
+TEST(Pipeline, BadPipelineConfigurationsAreClearErrors) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  struct Case {
+    std::vector<std::string> extra;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {pp_args(2, "1F1B", 3),
+       "training.local_batch_size (8) must be a multiple of "
+       "parallelism.pipeline_parallel_microbatch_size (3)"},
+      {pp_args(2, "Interleaved1F2B", 1), "unknown pipeline schedule \"Interleaved1F2B\""},
+      {pp_args(2, "Interleaved1F1B", 8),
+       "must be a multiple of parallelism.pipeline_parallel_degree"},
+      {pp_args(2, "1F1B", 1) +
+           std::vector<std::string>{"--parallelism.pipeline_parallel_layers_per_stage", "1"},
+       "runs one stage per rank"},
+      {pp_args(2, "ZBVZeroBubble", 1) +
+           std::vector<std::string>{"--parallelism.pipeline_parallel_layers_per_stage", "1"},
+       "exactly two stages on each rank"},
+  };
+  int i = 0;
+  for (const auto& c : cases) {
+    std::vector<std::string> argv = {TITAN_TRAIN_BINARY,
+                                     "--job.config_file",
+                                     kDebugConfig,
+                                     "--job.dump_folder",
+                                     dir.file("bad" + std::to_string(i++)),
+                                     "--training.steps",
+                                     "1",
+                                     "--training.seq_len",
+                                     "32",
+                                     "--training.local_batch_size",
+                                     "8"};
+    argv.insert(argv.end(), c.extra.begin(), c.extra.end());
+    const auto results = test::run_ranks(argv, 2, {}, 120);
+    for (const auto& r : results) {
+      EXPECT_EQ(r.exit_code, 2) << r.output;
+      EXPECT_NE(r.output.find(c.message), std::string::npos) << "want \"" << c.message << "\" in:\n"
+                                                             << r.output;
+    }
+  }
+  // Fewer microbatches than pipeline ranks is allowed, with the bubble it costs stated.
+  const RunResult few = train_ranks(dir, "few", 2, 8, pp_args(2, "1F1B", 8));
+  EXPECT_NE(few.outputs[0].find("1 microbatches for 2 pipeline ranks leave ranks idle"),
+            std::string::npos)
+      << few.outputs[0];
 }

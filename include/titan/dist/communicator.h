@@ -7,6 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -17,6 +18,13 @@ class FlightRecorder;
 
 enum class ReduceOp { Sum, Avg, Max };
 const char* reduce_op_name(ReduceOp op);
+
+// Who among `members` (global ranks) has died, in words ("rank 2 stopped ..."), or "" when
+// unknown; the runtime installs it (heartbeats in the store), backends call it when a transfer
+// fails because a peer went away.
+using PeerDiagnosis = std::function<std::string(const std::vector<int>& members)>;
+void set_peer_diagnosis(PeerDiagnosis diagnosis);
+std::string diagnose_peers(const std::vector<int>& members);
 
 // An operation in flight.
 class Work {
@@ -73,6 +81,7 @@ class Communicator {
 
   // A sub-group: every rank of this communicator calls split() in the same order; ranks with
   // the same `color` form one group, ordered by `key`. `global_ranks`: the new group's members.
+  // A negative color takes part without joining a group (returns nullptr).
   virtual std::unique_ptr<Communicator> split(const std::string& name, int color, int key,
                                               std::vector<int> global_ranks) = 0;
 

@@ -56,16 +56,24 @@ class DeviceMesh {
   // Global ranks of this rank's group.
   std::vector<int> group_members(const std::string& group) const;
   std::string describe() const;
+  // Pipelines: the communicator carrying this rank's point-to-point traffic to (`send`) or from
+  // the rank at pipeline coordinate `pp` (a neighbour: pp +- 1 modulo the degree), and the
+  // peer's rank in it. Each direction between two neighbours has its own two-rank
+  // communicator, so a transfer waiting for its peer never holds up one in the other direction
+  // (NCCL runs the operations of one communicator in order).
+  std::pair<Communicator*, int> pp_link(int64_t pp, bool send) const;
   // Aborts every group communicator (watchdog).
   void abort_all();
 
  private:
   std::vector<std::string> dims_of(const std::string& group) const;
+  void make_pp_links(Communicator* world);
   int64_t dim_size(size_t d) const;
   ParallelDims dims_;
   int rank_;
   std::array<int64_t, 5> coord_{};
-  std::map<std::string, Communicator*> groups_;  // "dp" may alias "dp_shard", ...
+  std::map<std::string, Communicator*> groups_;                 // "dp" may alias "dp_shard", ...
+  std::map<std::pair<int64_t, bool>, Communicator*> pp_links_;  // (neighbour, send)
   std::vector<std::unique_ptr<Communicator>> owned_;
 };
 

@@ -52,11 +52,27 @@ struct Rope {
 at::Tensor block_forward(const LlamaArgs& args, const BlockWeights& w, const Rope& rope,
                          const at::Tensor& x, SavePolicy policy, BlockSaved& saved);
 
+// The operands of a block's four weight-gradient GEMMs (dW = dy^T x), kept when the backward
+// of the input runs first and the weight gradients later (zero-bubble pipeline schedules).
+struct DeferredWeightGrads {
+  at::Tensor d_w2, x_w2;      // feed-forward down projection
+  at::Tensor d_w13, x_w13;    // gate|up projection
+  at::Tensor d_wo, x_wo;      // attention output projection
+  at::Tensor d_wqkv, x_wqkv;  // q|k|v projection
+  bool pending() const { return d_w2.defined(); }
+};
+
 // dout: gradient of the block output. Adds weight gradients into `grads` (fp32), or writes
 // them when `accumulate` is false, and returns the gradient of the block input. Releases `saved`.
+// With `deferred`, the four projection gradients are not computed but their operands kept
+// there for block_backward_weight (the RMSNorm weight gradients are written at once).
 at::Tensor block_backward(const LlamaArgs& args, const BlockWeights& w, const Rope& rope,
                           const at::Tensor& dout, BlockSaved& saved, const BlockGrads& grads,
-                          bool accumulate = true);
+                          bool accumulate = true, DeferredWeightGrads* deferred = nullptr);
+// The deferred projection gradients into `grads` (added, or written when !accumulate); releases
+// `deferred`'s tensors.
+void block_backward_weight(DeferredWeightGrads& deferred, const BlockGrads& grads,
+                           bool accumulate = true);
 
 // Embedding lookup: table [V, D] (any float dtype) -> [B, S, D] in `dtype`.
 at::Tensor embedding_forward(const at::Tensor& table, const at::Tensor& tokens,

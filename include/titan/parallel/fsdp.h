@@ -30,8 +30,6 @@ class Work;
 
 namespace titan::parallel {
 
-enum class ReshardPolicy { Default, Always, Never };
-
 // The part of one parameter held in this rank's shard of its unit.
 struct ShardSlice {
   size_t unit = 0;
@@ -44,7 +42,12 @@ struct ShardSlice {
 struct FsdpOptions {
   at::ScalarType param_dtype = at::kFloat;   // compute dtype of gathered weights
   at::ScalarType reduce_dtype = at::kFloat;  // dtype of gradient reductions
-  ReshardPolicy reshard = ReshardPolicy::Default;
+  // Per unit: free the gathered weights after the unit's forward (the plan decides; empty:
+  // every unit does).
+  std::vector<bool> reshard_after_forward;
+  // Pipelines: a unit's full gradient accumulates over the step's microbatches and is reduced
+  // once, after its last one (otherwise every microbatch's gradient is reduced at once).
+  bool accumulate_across_microbatches = false;
   bool cpu_offload = false;  // shards and optimizer state in pinned host memory
   // Keep the shard in param_dtype on the device between steps (the optimizer writes it); when
   // false, unsharded units are cast from the fp32 master at each use instead.
@@ -84,19 +87,20 @@ class FsdpModel {
   const at::Tensor& gather(size_t i);
   // Starts gathering unit i in the background (no-op where nothing needs communicating).
   void prefetch(size_t i);
-  // Frees unit i's gathered weights if the reshard policy says so (`after_forward`: called
-  // after its forward; false: after its backward).
+  // Frees unit i's gathered weights; after a forward only if the unit reshards after forward.
   void release(size_t i, bool after_forward);
   bool reshard_after_forward(size_t i) const;
   // Frees every gathered unit (after a forward-only pass; weights change at the next step).
   void release_all();
 
   // fp32 buffer the unit's full gradient goes into during its backward. `accumulate` tells
-  // whether its contents must be added to (a later micro-batch of an unsharded unit) or may be
-  // overwritten (every parameter's gradient written once; alignment gaps are kept zero).
+  // whether its contents must be added to (a later micro-batch of an unsharded unit, or any
+  // write when accumulating across microbatches) or may be overwritten (every parameter's
+  // gradient written once; alignment gaps are kept zero).
   at::Tensor& full_grad(size_t i, bool* accumulate);
   // The unit's backward is done for this micro-batch: reduce its gradient into the shard
-  // (`last_microbatch`: DDP/HSDP replicas reduce only then).
+  // (`last_microbatch`: DDP/HSDP replicas reduce only then; when accumulating across
+  // microbatches nothing is reduced before it).
   void reduce_grad(size_t i, bool last_microbatch);
   // Waits for every outstanding reduction; afterwards unit(i).grad is final.
   void finish_grad_reduction();

@@ -19,9 +19,11 @@ struct MemoryEstimateInputs {
   // Compute-dtype weights resident on the device: the shards' shadows plus the gathered full
   // units held at once (FSDP: about two units; unsharded: the whole model's shadow).
   int64_t resident_weight_elements = 0;
-  int64_t largest_unit_elements = 0;   // full fp32 gradient of one unit during its backward
-  int64_t microbatch_tokens = 0;       // sequences x seq_len of one microbatch
-  int64_t microbatches_in_flight = 1;  // whose activations are alive at once (pipelines)
+  // fp32 full-gradient elements alive at the peak: one unit's and its reduction copy, or in a
+  // pipeline every unit's (accumulated over the step).
+  int64_t gradient_buffer_elements = 0;
+  int64_t microbatch_tokens = 0;                  // sequences x seq_len of one microbatch
+  int64_t microbatches_in_flight = 1;             // whose activations are alive at once (pipelines)
   std::vector<model::SavePolicy> block_policies;  // one per block this rank holds
   bool holds_head = true;                         // output projection + loss on this rank
 };

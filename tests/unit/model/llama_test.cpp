@@ -8,7 +8,6 @@
 #include "titan/model/layout.h"
 #include "titan/model/llama_args.h"
 #include "titan/parallel/fsdp.h"
-#include "titan/train/model_runner.h"
 
 using namespace titan;
 
@@ -59,10 +58,8 @@ TinyRun run_titan(const model::LlamaArgs& args, const at::Tensor& tokens,
   parallel::FsdpModel fsdp(model::llama_units(args), nullptr, nullptr, c10::Device(c10::kCPU),
                            parallel::FsdpOptions{});
   fsdp.init_weights(3);
-  train::ModelRunner runner(args, fsdp, train::ActivationPolicy{ac_mode, ac_option});
   const double n = static_cast<double>(tokens.size(0) * (tokens.size(1) - 1));
-  at::Tensor loss_sum = runner.forward_backward(tokens, 1.0 / n, true);
-  fsdp.finish_grad_reduction();
+  at::Tensor loss_sum = test::single_stage_step(args, fsdp, tokens, 1.0 / n, ac_mode, ac_option);
   TinyRun r;
   r.loss = loss_sum.item<double>() / n;
   for (size_t i = 0; i < fsdp.num_units(); ++i) {

@@ -79,7 +79,7 @@ TEST(FsdpRunAhead, HostNeverHasMoreThanTwoCollectivesOutstanding) {
   titan::parallel::FsdpModel fsdp(units, &comm, nullptr, c10::Device(c10::kCPU), {});
   fsdp.init_weights(0);
   for (int step = 0; step < 2; ++step) {
-    // The order ModelRunner issues a step in: forward with prefetch, backward in reverse.
+    // The order a stage issues a step in: forward with prefetch, backward in reverse.
     for (size_t i = 0; i < n; ++i) {
       fsdp.prefetch(i + 1);
       fsdp.gather(i);

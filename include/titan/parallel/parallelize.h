@@ -1,0 +1,74 @@
+// The plan of a run: from the model, the mesh and the config, in torchtitan's order, everything
+// the trainer builds from — the pipeline's stage split and schedule, the microbatching, each
+// block's activation-checkpoint policy and the FSDP units and options of this rank. No policy
+// strings survive into the plan: they are parsed here, once.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "titan/config/job_config.h"
+#include "titan/dist/device_mesh.h"
+#include "titan/model/layout.h"
+#include "titan/model/llama.h"
+#include "titan/model/llama_args.h"
+#include "titan/parallel/fsdp.h"
+#include "titan/parallel/memory_estimate.h"
+#include "titan/parallel/pipeline/schedule.h"
+#include "titan/parallel/pipeline/stage.h"
+
+namespace titan::parallel {
+
+// activation_checkpoint.mode / selective_ac_option, parsed.
+struct CheckpointPolicy {
+  enum class Mode { None, Full, EveryK, Ops };
+  Mode mode = Mode::None;
+  int64_t every = 1;  // EveryK: blocks (layer + 1) % every == 0 keep only their input
+  static CheckpointPolicy from_config(const config::ActivationCheckpointSection& ac);
+  model::SavePolicy for_layer(int64_t layer) const;
+  std::string describe() const;  // "none", "full", "selective (every 2nd block)", "selective (op)"
+};
+
+// The model parts of each stage, from module_fqns_per_model_part, pipeline_parallel_split_points
+// (torchtitan v0.1.0) or torchtitan's even split with the embedding and the head counted as
+// first/last_stage_less_layers layers. Throws titan::Error naming the key for bad input.
+std::vector<pipeline::StageLayout> split_stages(const model::LlamaArgs& args,
+                                                const config::ParallelismSection& p, int pp,
+                                                pipeline::ScheduleKind kind);
+
+struct Plan {
+  int pp = 1;                   // pipeline degree
+  int pp_rank = 0;              // this rank's pipeline coordinate
+  pipeline::Schedule schedule;  // one pass (gradient-accumulation step) of the pipeline
+  std::vector<pipeline::StageLayout> stages;  // every stage
+  std::vector<int> local_stages;              // global indices of this rank's stages
+  int64_t microbatch_size = 1;                // sequences per microbatch
+  int64_t passes = 1;       // schedule passes per optimizer step (gradient accumulation)
+  int64_t local_batch = 1;  // sequences per data-parallel rank per pass
+  CheckpointPolicy checkpointing;
+  std::vector<model::UnitLayout> units;          // this rank's units, stage after stage
+  std::vector<std::vector<size_t>> stage_units;  // per local stage: indices into `units`
+  FsdpOptions fsdp;
+  // Microbatches of each local stage whose activations live at once (simulated schedule).
+  std::vector<int> peak_in_flight;
+
+  int64_t microbatches_per_step() const {
+    return passes * static_cast<int64_t>(schedule.microbatches);
+  }
+  // Multi-line description for the log (stages, schedule, microbatching, bubble).
+  std::string describe() const;
+};
+
+// Builds the plan for this rank (`mesh` gives the degrees and its coordinates). `dp` is the
+// data-parallel degree the global batch divides over; `cuda`: GPU run (bf16 compute).
+Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
+                const config::JobConfig& config, bool cuda);
+
+// This rank's memory estimate under the plan.
+MemoryEstimate estimate_memory(const model::LlamaArgs& args, const Plan& plan,
+                               const std::vector<int64_t>& shard_numels, int64_t seq_len,
+                               bool sharded);
+
+}  // namespace titan::parallel

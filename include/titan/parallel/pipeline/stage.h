@@ -1,0 +1,110 @@
+// A pipeline stage: a contiguous range of the model (the embedding and/or transformer blocks
+// and/or the head = final norm + output projection + loss) that runs the forward, the
+// input-gradient backward and the weight-gradient backward of any microbatch, keeping each
+// microbatch's saved activations until its backward. The executor (executor.h) calls these in
+// the order a schedule gives; with one pipeline rank the whole model is one stage.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "titan/model/llama.h"
+#include "titan/model/llama_args.h"
+#include "titan/parallel/fsdp.h"
+
+namespace titan::parallel::pipeline {
+
+// Which part of the model a stage holds.
+struct StageLayout {
+  int index = 0;           // global stage index
+  bool embedding = false;  // tok_embeddings: the first stage
+  int first_layer = 0;     // transformer blocks [first_layer, first_layer + layers)
+  int layers = 0;
+  bool head = false;             // final norm + output + loss: the last stage
+  std::string describe() const;  // "stage 2: layers.4-layers.8, norm, output"
+};
+
+// RoPE tables per sequence length on the compute device, shared by the stages of a rank.
+class RopeCache {
+ public:
+  explicit RopeCache(model::LlamaArgs args) : args_(std::move(args)) {}
+  const model::Rope& get(int64_t seq_len, const c10::Device& device);
+
+ private:
+  model::LlamaArgs args_;
+  std::map<int64_t, model::Rope> tables_;
+};
+
+struct StageOptions {
+  // Gathered weights stay until the unit's last backward of the step (pipelines: every
+  // microbatch needs them again); otherwise freed after each backward.
+  bool keep_weights_through_step = false;
+  at::ScalarType compute_dtype = at::kFloat;
+};
+
+class Stage {
+ public:
+  // `units`: this stage's units in `fsdp`, in execution order (embedding, blocks, head).
+  // `policies`: the activation-checkpoint policy of each of the stage's blocks.
+  Stage(StageLayout layout, std::vector<size_t> units, model::LlamaArgs args, FsdpModel& fsdp,
+        RopeCache& ropes, std::vector<model::SavePolicy> policies, StageOptions options);
+
+  const StageLayout& layout() const { return layout_; }
+
+  // A new optimizer step of `microbatches` microbatches: the last one's backward reduces the
+  // gradients.
+  void begin_step(int microbatches);
+
+  // Forward of microbatch `mb`. The first stage takes token ids [B, S], the others the previous
+  // stage's output [B, S, D]. The last stage needs `labels` ([B * S] ids): it adds the sum of
+  // token losses to `loss_sum` and, in the same fused pass, computes the gradient of its input
+  // (scaled by `grad_scale`) and of its own weights; it returns nothing. Other stages return
+  // their output.
+  at::Tensor forward(int mb, const at::Tensor& input, const at::Tensor& labels, double grad_scale,
+                     at::Tensor& loss_sum);
+  // Backward of microbatch `mb` from `dout`, the gradient of this stage's output (the last stage
+  // uses its own). `with_weight`: the weight gradients too (B); otherwise they wait for
+  // backward_weight (I, then W). Returns the gradient of the input (undefined on the first
+  // stage).
+  at::Tensor backward(int mb, const at::Tensor& dout, bool with_weight);
+  void backward_weight(int mb);
+
+  // Forward without gradients (validation): the output, or on the last stage the loss sum.
+  at::Tensor forward_eval(const at::Tensor& input, const at::Tensor& labels);
+
+  // Microbatches whose activations are held now.
+  size_t microbatches_in_flight() const { return saved_.size(); }
+
+ private:
+  struct Saved {
+    at::Tensor tokens;  // first stage: input ids, for the embedding's gradient
+    std::vector<model::BlockSaved> blocks;
+    std::vector<model::DeferredWeightGrads> deferred;  // per block, between I and W
+    at::Tensor dh;                                     // last stage: gradient of the head's input
+    at::Tensor embed_grad;        // first stage: gradient of the embedding output, between I and W
+    bool weight_pending = false;  // I ran, W has not
+  };
+  at::Tensor embed(const at::Tensor& tokens);
+  at::Tensor blocks_forward(at::Tensor h, Saved* saved);
+  void weight_done(size_t unit);  // a unit's gradient of this microbatch is complete
+  // Frees a unit's gathered weights after a use, `uses_done` earlier uses of the step before it.
+  void release_after_use(size_t unit, int uses_done);
+
+  StageLayout layout_;
+  std::vector<size_t> units_;  // embedding?, blocks, head?
+  size_t first_block_ = 0;     // index in units_ of the first block
+  model::LlamaArgs args_;
+  FsdpModel& fsdp_;
+  RopeCache& ropes_;
+  std::vector<model::SavePolicy> policies_;
+  StageOptions options_;
+  int step_microbatches_ = 1;
+  int forwards_done_ = 0, backwards_done_ = 0;  // this step
+  std::map<size_t, int> weight_passes_;         // per unit: microbatches whose gradient is complete
+  std::map<int, Saved> saved_;
+};
+
+}  // namespace titan::parallel::pipeline

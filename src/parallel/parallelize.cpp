@@ -1,0 +1,393 @@
+// build_plan: the pipeline split (torchtitan's rules), the schedule and microbatching, the
+// activation-checkpoint policies and this rank's FSDP units and options.
+#include "titan/parallel/parallelize.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+#include <sstream>
+
+#include "titan/util/error.h"
+#include "titan/util/strings.h"
+
+namespace titan::parallel {
+
+using pipeline::ScheduleKind;
+using pipeline::StageLayout;
+
+CheckpointPolicy CheckpointPolicy::from_config(const config::ActivationCheckpointSection& ac) {
+  CheckpointPolicy p;
+  if (ac.mode == "none") return p;
+  if (ac.mode == "full") {
+    p.mode = Mode::Full;
+    return p;
+  }
+  TITAN_CHECK(ac.mode == "selective", "activation_checkpoint.mode: \"", ac.mode,
+              "\" is not available here");
+  if (ac.selective_ac_option == "op") {
+    p.mode = Mode::Ops;
+    return p;
+  }
+  p.mode = Mode::EveryK;
+  TITAN_CHECK(util::parse_int(ac.selective_ac_option, p.every) && p.every >= 1,
+              "activation_checkpoint.selective_ac_option: expected a positive integer or \"op\", "
+              "got \"",
+              ac.selective_ac_option, "\"");
+  return p;
+}
+
+model::SavePolicy CheckpointPolicy::for_layer(int64_t layer) const {
+  switch (mode) {
+    case Mode::None: return model::SavePolicy::All;
+    case Mode::Full: return model::SavePolicy::InputOnly;
+    case Mode::Ops: return model::SavePolicy::Matmuls;
+    case Mode::EveryK: break;
+  }
+  // torchtitan checkpoints every k-th block counting from one.
+  return (layer + 1) % every == 0 ? model::SavePolicy::InputOnly : model::SavePolicy::All;
+}
+
+std::string CheckpointPolicy::describe() const {
+  switch (mode) {
+    case Mode::None: return "none";
+    case Mode::Full: return "full";
+    case Mode::Ops: return "selective (op: matmul and attention outputs kept)";
+    case Mode::EveryK: break;
+  }
+  return every == 1 ? "selective (every block)"
+                    : "selective (every " + std::to_string(every) + " blocks, one checkpointed)";
+}
+
+namespace {
+
+// torchtitan's even split: the embedding counts as `in_w` layers and norm + output as `out_w`;
+// the first (effective % stages) stages take one effective layer more.
+std::vector<StageLayout> even_split(int stages, int64_t layers, int64_t in_w, int64_t out_w) {
+  std::vector<StageLayout> out(static_cast<size_t>(stages));
+  if (stages == 1) {
+    out[0] = {0, true, 0, static_cast<int>(layers), true};
+    return out;
+  }
+  const int64_t effective = layers + in_w + out_w;
+  TITAN_CHECK(stages <= effective, "pipeline: ", stages, " stages but only ", effective,
+              " layers to give them (", layers, " blocks + the embedding counted as ", in_w,
+              " (pipeline_parallel_first_stage_less_layers) + norm and output counted as ", out_w,
+              " (pipeline_parallel_last_stage_less_layers)); use fewer stages");
+  const int64_t base = effective / stages, extra = effective % stages;
+  TITAN_CHECK(in_w <= base && out_w <= base, "pipeline: ", stages, " stages of about ", base,
+              " layers each cannot hold the embedding (", in_w,
+              " layers, pipeline_parallel_first_stage_less_layers) or the head (", out_w,
+              " layers, pipeline_parallel_last_stage_less_layers); lower them or use fewer "
+              "stages");
+  int64_t next = 0;
+  for (int i = 0; i < stages; ++i) {
+    int64_t n = base + (i < extra ? 1 : 0);
+    StageLayout& st = out[static_cast<size_t>(i)];
+    st.index = i;
+    st.embedding = i == 0;
+    st.head = i == stages - 1;
+    if (st.embedding) n -= in_w;
+    if (st.head) n -= out_w;
+    n = std::min(n, layers - next);
+    st.first_layer = static_cast<int>(next);
+    st.layers = static_cast<int>(std::max<int64_t>(0, n));
+    next += st.layers;
+  }
+  TITAN_INTERNAL_CHECK(next == layers, "even split assigned ", next, " of ", layers, " layers");
+  return out;
+}
+
+// Stages from explicit module names per part (module_fqns_per_model_part).
+std::vector<StageLayout> split_by_names(const std::vector<std::vector<std::string>>& parts,
+                                        int64_t layers) {
+  const std::string key = "parallelism.module_fqns_per_model_part";
+  std::vector<StageLayout> out;
+  int64_t next = 0;
+  bool seen_head = false;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    StageLayout st;
+    st.index = static_cast<int>(i);
+    st.first_layer = static_cast<int>(next);
+    TITAN_CHECK(!parts[i].empty(), key, ": part ", i, " is empty");
+    bool norm = false, output = false;
+    for (const auto& name : parts[i]) {
+      TITAN_CHECK(!seen_head, key, ": part ", i, " comes after the one holding norm and output; ",
+                  "the head must be the last part");
+      if (name == "tok_embeddings") {
+        TITAN_CHECK(i == 0 && st.layers == 0, key,
+                    ": tok_embeddings must open the first part (found in part ", i, ")");
+        st.embedding = true;
+      } else if (name == "norm") {
+        norm = true;
+      } else if (name == "output") {
+        output = true;
+      } else if (name.rfind("layers.", 0) == 0) {
+        int64_t l = -1;
+        TITAN_CHECK(util::parse_int(name.substr(7), l) && l >= 0 && l < layers, key, ": \"", name,
+                    "\" is not a layer of this model (layers.0 .. layers.", layers - 1, ")");
+        TITAN_CHECK(!norm && !output, key, ": ", name, " comes after norm/output in part ", i);
+        TITAN_CHECK(l == next, key, ": layers must appear once each, in order; part ", i, " has ",
+                    name, " where layers.", next, " is next");
+        ++next;
+        ++st.layers;
+      } else {
+        fail(key, ": unknown module \"", name,
+             "\"; expected tok_embeddings, layers.<n>, norm or output");
+      }
+    }
+    TITAN_CHECK(norm == output, key, ": norm and output belong to the same (last) part; part ", i,
+                " has only ", norm ? "norm" : "output");
+    st.head = norm;
+    seen_head = norm;
+    out.push_back(st);
+  }
+  TITAN_CHECK(!out.empty() && out.front().embedding, key, ": tok_embeddings must be in part 0");
+  TITAN_CHECK(seen_head, key, ": no part holds norm and output");
+  TITAN_CHECK(next == layers, key, ": the parts hold layers.0 .. layers.", next - 1, " but the ",
+              "model has ", layers, " layers");
+  return out;
+}
+
+// Stages from torchtitan v0.1.0's split points ("layers.4" opens a stage).
+std::vector<StageLayout> split_by_points(const std::vector<std::string>& points, int64_t layers) {
+  const std::string key = "parallelism.pipeline_parallel_split_points";
+  std::vector<int64_t> starts = {0};
+  for (const auto& p : points) {
+    int64_t l = -1;
+    TITAN_CHECK(
+        p.rfind("layers.", 0) == 0 && util::parse_int(p.substr(7), l) && l > 0 && l < layers, key,
+        ": \"", p, "\" is not a layer that can open a stage (layers.1 .. layers.", layers - 1, ")");
+    TITAN_CHECK(l > starts.back(), key, ": split points must be in increasing order");
+    starts.push_back(l);
+  }
+  std::vector<StageLayout> out;
+  for (size_t i = 0; i < starts.size(); ++i) {
+    StageLayout st;
+    st.index = static_cast<int>(i);
+    st.embedding = i == 0;
+    st.head = i + 1 == starts.size();
+    st.first_layer = static_cast<int>(starts[i]);
+    st.layers = static_cast<int>((i + 1 < starts.size() ? starts[i + 1] : layers) - starts[i]);
+    out.push_back(st);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<StageLayout> split_stages(const model::LlamaArgs& args,
+                                      const config::ParallelismSection& p, int pp,
+                                      ScheduleKind kind) {
+  const int64_t layers = args.n_layers;
+  if (!p.module_fqns_per_model_part.empty()) {
+    return split_by_names(p.module_fqns_per_model_part, layers);
+  }
+  if (!p.pipeline_parallel_split_points.empty()) {
+    return split_by_points(p.pipeline_parallel_split_points, layers);
+  }
+  const int64_t in_w = p.pipeline_parallel_first_stage_less_layers;
+  const int64_t out_w = p.pipeline_parallel_last_stage_less_layers;
+  int64_t stages = static_cast<int64_t>(pp) * (pipeline::multi_stage(kind) ? 2 : 1);
+  if (p.pipeline_parallel_layers_per_stage) {
+    const int64_t per = *p.pipeline_parallel_layers_per_stage;
+    stages = (layers + in_w + out_w + per - 1) / per;
+    const std::string why =
+        " (" + std::to_string(layers) + " layers + " + std::to_string(in_w) + " + " +
+        std::to_string(out_w) +
+        " for embedding and head, pipeline_parallel_layers_per_stage = " + std::to_string(per) +
+        ")";
+    TITAN_CHECK(stages % pp == 0, "parallelism.pipeline_parallel_layers_per_stage: ", stages,
+                " stages", why, " do not divide over ", pp, " pipeline ranks");
+    const int64_t per_rank = stages / pp;
+    TITAN_CHECK(pipeline::multi_stage(kind) || per_rank == 1,
+                "parallelism.pipeline_parallel_layers_per_stage: ", pipeline::schedule_name(kind),
+                " runs one stage per rank, but ", stages, " stages", why, " give ", per_rank,
+                " per rank; raise pipeline_parallel_layers_per_stage or use a multi-stage "
+                "schedule");
+    TITAN_CHECK(!pipeline::multi_stage(kind) || per_rank >= 2,
+                "parallelism.pipeline_parallel_layers_per_stage: ", pipeline::schedule_name(kind),
+                " needs at least two stages per rank, but ", stages, " stages", why, " give ",
+                per_rank, "; lower pipeline_parallel_layers_per_stage");
+  }
+  return even_split(static_cast<int>(stages), layers, in_w, out_w);
+}
+
+Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
+                const config::JobConfig& c, bool cuda) {
+  Plan plan;
+  const auto& dims = mesh.dims();
+  const auto& p = c.parallelism;
+  plan.pp = static_cast<int>(dims.pp);
+  plan.pp_rank = static_cast<int>(mesh.coordinate("pp"));
+  plan.checkpointing = CheckpointPolicy::from_config(c.activation_checkpoint);
+
+  // Batch: the global batch over the data-parallel ranks, the rest gradient accumulation.
+  const int64_t dp = mesh.size("dp");
+  const int64_t local = c.training.local_batch_size;
+  int64_t global = c.training.global_batch_size < 0 ? local * dp : c.training.global_batch_size;
+  TITAN_CHECK(global % (local * dp) == 0, "training.global_batch_size (", global,
+              ") must be a multiple of local_batch_size (", local, ") x data-parallel degree (", dp,
+              ") = ", local * dp);
+  const int64_t accumulation = global / (local * dp);
+  plan.local_batch = local;
+
+  if (plan.pp == 1) {
+    // One stage; gradient accumulation is the microbatches of the trivial schedule.
+    plan.stages = {StageLayout{0, true, 0, static_cast<int>(args.n_layers), true}};
+    plan.microbatch_size = local;
+    plan.passes = 1;
+    plan.schedule =
+        pipeline::build_schedule(ScheduleKind::OneFOneB, 1, 1, static_cast<int>(accumulation));
+  } else {
+    const ScheduleKind kind = pipeline::parse_schedule(p.pipeline_parallel_schedule,
+                                                       "parallelism.pipeline_parallel_schedule");
+    plan.stages = split_stages(args, p, plan.pp, kind);
+    plan.microbatch_size = p.pipeline_parallel_microbatch_size;
+    TITAN_CHECK(local % plan.microbatch_size == 0, "training.local_batch_size (", local,
+                ") must be a multiple of parallelism.pipeline_parallel_microbatch_size (",
+                plan.microbatch_size, ") to split into microbatches");
+    const int microbatches = static_cast<int>(local / plan.microbatch_size);
+    plan.passes = accumulation;
+    if (!p.pipeline_parallel_schedule_csv.empty()) {
+      plan.schedule = pipeline::schedule_from_csv(p.pipeline_parallel_schedule_csv, plan.pp,
+                                                  pipeline::v_placement(kind));
+      TITAN_CHECK(plan.schedule.stages == static_cast<int>(plan.stages.size()),
+                  "parallelism.pipeline_parallel_schedule_csv: ", p.pipeline_parallel_schedule_csv,
+                  " schedules ", plan.schedule.stages, " stages, but the model is split into ",
+                  plan.stages.size());
+      TITAN_CHECK(plan.schedule.microbatches == microbatches,
+                  "parallelism.pipeline_parallel_schedule_csv: ", p.pipeline_parallel_schedule_csv,
+                  " schedules ", plan.schedule.microbatches,
+                  " microbatches, but local_batch_size / pipeline_parallel_microbatch_size = ",
+                  microbatches);
+    } else {
+      plan.schedule = pipeline::build_schedule(kind, plan.pp, static_cast<int>(plan.stages.size()),
+                                               microbatches);
+    }
+    pipeline::check_schedule(plan.schedule);
+  }
+  const auto sim = pipeline::simulate(plan.schedule, pipeline::ActionCosts{});
+  plan.peak_in_flight = {sim.peak_in_flight[static_cast<size_t>(plan.pp_rank)]};
+
+  // This rank's units, stage after stage.
+  const auto all_units = model::llama_units(args);
+  plan.local_stages = plan.schedule.stages_of(plan.pp_rank);
+  for (int st : plan.local_stages) {
+    const StageLayout& s = plan.stages[static_cast<size_t>(st)];
+    std::vector<size_t> ids;
+    if (s.embedding) {
+      ids.push_back(plan.units.size());
+      plan.units.push_back(all_units.front());
+    }
+    for (int l = 0; l < s.layers; ++l) {
+      ids.push_back(plan.units.size());
+      plan.units.push_back(all_units[static_cast<size_t>(s.first_layer + l + 1)]);
+    }
+    if (s.head) {
+      ids.push_back(plan.units.size());
+      plan.units.push_back(all_units.back());
+    }
+    plan.stage_units.push_back(std::move(ids));
+  }
+
+  // FSDP / HSDP / DDP over the data-parallel dims.
+  FsdpOptions& f = plan.fsdp;
+  f.param_dtype =
+      cuda && c.training.mixed_precision_param == "bfloat16" ? at::kBFloat16 : at::kFloat;
+  f.reduce_dtype = c.training.mixed_precision_reduce == "bfloat16" ? at::kBFloat16 : at::kFloat;
+  f.cpu_offload = c.training.enable_cpu_offload;
+  f.accumulate_across_microbatches = plan.pp > 1;
+  const bool sharded = mesh.size("dp_shard") > 1;
+  const bool ac_on = plan.checkpointing.mode != CheckpointPolicy::Mode::None;
+  const std::string& reshard = p.fsdp_reshard_after_forward;
+  // Unsharded units keep compute-dtype copies of the weights for the whole run (the optimizer
+  // rewrites them), so nothing is cast or gathered per step; with activation checkpointing on,
+  // the user is short of memory, and "default" then frees them after use, as FSDP2 does.
+  f.persistent_compute_weights = sharded || reshard == "never" || (reshard == "default" && !ac_on);
+  for (const auto& u : plan.units) {
+    bool after_forward = reshard == "always";
+    if (reshard == "default" && plan.pp == 1 && (sharded || ac_on)) {
+      // torchtitan: every unit but the last block reshards; the head is used right away by the
+      // backward, so keeping it saves a gather. (Pipelines keep every unit gathered through
+      // the step, as torchtitan does under PP: each microbatch needs them again.)
+      const bool last_block = u.kind == model::UnitKind::Block && u.layer == args.n_layers - 1;
+      after_forward = u.kind != model::UnitKind::Head && !last_block;
+    }
+    f.reshard_after_forward.push_back(after_forward);
+  }
+  return plan;
+}
+
+std::string Plan::describe() const {
+  std::ostringstream out;
+  if (pp == 1) {
+    out << "pipeline: none (one stage); " << schedule.microbatches << " microbatch(es) of "
+        << microbatch_size << " sequence(s) per step";
+    return out.str();
+  }
+  const auto sim = pipeline::simulate(schedule, pipeline::ActionCosts{});
+  out << "pipeline: " << pp << " ranks, " << stages.size() << " stages, schedule " << schedule.name
+      << "; " << schedule.microbatches << " microbatches of " << microbatch_size
+      << " sequence(s) per pass, " << passes << " pass(es) per step; bubble "
+      << fmt::format("{:.1f}", 100 * sim.bubble) << "% at equal forward/backward/weight costs ("
+      << fmt::format("{:.1f}", 100 * sim.step_idle) << "% of the step with fill and drain)";
+  out << "\npipeline rank " << pp_rank << " holds ";
+  for (size_t i = 0; i < local_stages.size(); ++i) {
+    out << (i ? "; " : "") << stages[static_cast<size_t>(local_stages[i])].describe();
+  }
+  return out.str();
+}
+
+MemoryEstimate estimate_memory(const model::LlamaArgs& args, const Plan& plan,
+                               const std::vector<int64_t>& shard_numels, int64_t seq_len,
+                               bool sharded) {
+  MemoryEstimateInputs in;
+  int64_t largest = 0;
+  for (size_t i = 0; i < plan.units.size(); ++i) {
+    in.param_state_elements += shard_numels[i];
+    largest = std::max(largest, plan.units[i].numel);
+  }
+  const auto& f = plan.fsdp;
+  in.state_on_host = f.cpu_offload;
+  in.compute_dtype_bytes = static_cast<int64_t>(c10::elementSize(f.param_dtype));
+  // Shards keep compute-dtype copies on the device where that differs from the fp32 master.
+  const bool shadows =
+      (f.param_dtype != at::kFloat || f.cpu_offload) && (sharded || f.persistent_compute_weights);
+  if (shadows) in.resident_weight_elements = in.param_state_elements;
+  if (sharded || !f.persistent_compute_weights) {
+    // Gathered units held at once: two while resharding, all of them in a pipeline.
+    int64_t gathered = 2 * largest;
+    if (plan.pp > 1) {
+      gathered = 0;
+      for (const auto& u : plan.units) gathered += u.numel;
+    }
+    in.resident_weight_elements += gathered;
+  }
+  in.gradient_buffer_elements = 2 * largest;
+  in.microbatch_tokens = plan.microbatch_size * seq_len;
+  // Saved activations: the stages' blocks, times the microbatches alive at once per stage.
+  for (int st : plan.local_stages) {
+    const auto& s = plan.stages[static_cast<size_t>(st)];
+    for (int l = 0; l < s.layers; ++l) {
+      in.block_policies.push_back(plan.checkpointing.for_layer(s.first_layer + l));
+    }
+  }
+  const int peak = plan.peak_in_flight.empty() ? 1 : plan.peak_in_flight.front();
+  in.microbatches_in_flight =
+      plan.pp == 1
+          ? 1
+          : std::max<int64_t>(1, (peak + static_cast<int64_t>(plan.local_stages.size()) - 1) /
+                                     static_cast<int64_t>(plan.local_stages.size()));
+  in.holds_head = false;
+  for (int st : plan.local_stages) in.holds_head = in.holds_head || plan.stages[size_t(st)].head;
+  if (plan.pp > 1) {
+    // Pipelines accumulate each unit's full fp32 gradient over the step.
+    in.gradient_buffer_elements = largest;
+    for (const auto& u : plan.units) in.gradient_buffer_elements += u.numel;
+  }
+  return titan::parallel::estimate_memory(args, in);
+}
+
+}  // namespace titan::parallel

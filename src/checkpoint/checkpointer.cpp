@@ -24,6 +24,7 @@
 #include "titan/checkpoint/hf.h"
 #include "titan/checkpoint/safetensors.h"
 #include "titan/data/dataloader.h"
+#include "titan/dist/communicator.h"
 #include "titan/dist/runtime.h"
 #include "titan/parallel/fsdp.h"
 #include "titan/train/optimizer.h"
@@ -67,6 +68,28 @@ const char* kExpAvg = "optim.exp_avg";
 const char* kExpAvgSq = "optim.exp_avg_sq";
 bool kind_is_model(const std::string& k) {
   return k == kModel;
+}
+
+// Whether a step folder's index records finite weights (indexes of older titan versions carry
+// no flag and count as finite: those versions saved whatever the weights were, but only
+// diverged runs produced non-finite ones, and a resume checks again).
+bool index_says_finite(const std::string& dir) {
+  try {
+    std::ifstream in((fs::path(dir) / "metadata.json").string());
+    const json meta = json::parse(in);
+    return meta.value("finite", true);
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+bool index_says_model_only(const std::string& dir) {
+  try {
+    std::ifstream in((fs::path(dir) / "metadata.json").string());
+    return json::parse(in).value("model_only", false);
+  } catch (const std::exception&) {
+    return false;
+  }
 }
 
 json rope_scaling_json(const model::LlamaArgs& a) {
@@ -174,9 +197,19 @@ void Checkpointer::barrier(const std::string& key, int64_t save_index) {
   const std::string k = "titan/ckpt/" + std::to_string(save_index) + "/" + key;
   if (runtime_.env().rank == 0) {
     store->set(k, to_bytes("1"));
-  } else {
-    store->wait({k}, std::chrono::seconds(config_.comm.init_timeout_seconds));
+    return;
   }
+  try {
+    store->wait({k}, runtime_.wait_timeout());
+  } catch (const std::exception&) {
+    fail("checkpoint save: rank 0 did not reach \"", key, "\" within ",
+         runtime_.wait_timeout().count(), " s (", runtime_.wait_timeout_key(),
+         "); it died or hangs, so this save is abandoned");
+  }
+}
+
+void Checkpointer::check_background() {
+  if (writer_.joinable() && writer_done_.load()) wait();
 }
 
 std::unique_ptr<Checkpointer::Snapshot> Checkpointer::snapshot(int64_t step, bool model_only,
@@ -231,8 +264,81 @@ std::unique_ptr<Checkpointer::Snapshot> Checkpointer::snapshot(int64_t step, boo
   return snap;
 }
 
+int64_t Checkpointer::nonfinite_elements(const std::vector<at::Tensor>& tensors) {
+  at::Tensor count;
+  for (const auto& t : tensors) {
+    if (!t.defined()) continue;
+    at::Tensor c = at::logical_not(at::isfinite(t)).sum().to(at::kDouble);
+    count = count.defined() ? count + c : c;
+  }
+  if (!count.defined()) count = at::zeros({}, at::kDouble);
+  at::Tensor total = count.to(at::kFloat).reshape({1});
+  if (auto* world = runtime_.world()) {
+    if (world->backend() == "nccl") total = total.to(state_.model->device());
+    world->all_reduce(total, dist::ReduceOp::Sum);
+  }
+  return static_cast<int64_t>(total.item<double>());
+}
+
+void Checkpointer::check_finite_after_load(const std::string& step_dir,
+                                           const std::vector<at::Tensor>& masters) {
+  const int64_t bad = nonfinite_elements(masters);
+  if (bad == 0) return;
+  TITAN_CHECK(config_.checkpoint.allow_nonfinite_load, "checkpoint ", step_dir, " holds ", bad,
+              " non-finite (NaN/Inf) weight elements: it was saved after training diverged. "
+              "Resume from an earlier step (checkpoint.load_step), or set "
+              "checkpoint.allow_nonfinite_load = true to load it anyway");
+  log::warn(
+      "checkpoint: {} holds {} non-finite weight elements; loaded anyway "
+      "(checkpoint.allow_nonfinite_load)",
+      step_dir, bad);
+}
+
+bool Checkpointer::same_data(const std::string& step_dir, const json& meta) {
+  if (!meta.contains("data") || state_.data_identity.empty()) return true;
+  const json now = json::parse(state_.data_identity);
+  const json& then = meta["data"];
+  std::vector<std::string> changed;
+  for (const char* part : {"tokenizer", "dataset"}) {
+    if (then.contains(part) && now.contains(part) && then[part] != now[part]) {
+      changed.push_back(std::string(part) + ": the checkpoint's " + then[part].dump() +
+                        ", this run's " + now[part].dump());
+    }
+  }
+  if (changed.empty()) return true;
+  TITAN_CHECK(config_.checkpoint.allow_data_change, "checkpoint ", step_dir,
+              " was trained on other data, and its data position would be applied to this "
+              "run's: ",
+              util::join(changed, "; "),
+              ". Use the same tokenizer and dataset, or set checkpoint.allow_data_change = true "
+              "if the change is intended");
+  log::warn(
+      "checkpoint: resuming with other data (checkpoint.allow_data_change): {}; the new data is "
+      "read from its beginning",
+      util::join(changed, "; "));
+  return false;
+}
+
 void Checkpointer::save(int64_t step, bool model_only, at::ScalarType dtype) {
   wait();  // one save at a time
+  // Never save a non-finite state: it would replace the last good checkpoints.
+  std::vector<at::Tensor> state = state_.model->master_shards();
+  if (!model_only && state_.optimizer) {
+    for (const auto& t : state_.optimizer->exp_avg()) state.push_back(t);
+    for (const auto& t : state_.optimizer->exp_avg_sq()) state.push_back(t);
+  }
+  const int64_t bad = nonfinite_elements(state);
+  // Test-only: save what an older titan would have saved (reliability tests need such
+  // checkpoints).
+  finite_ = bad == 0;
+  if (bad > 0 && !std::getenv("TITAN_TEST_ALLOW_NONFINITE_SAVE")) {
+    const auto steps = complete_steps(folder_);
+    fail("training diverged: the state of step ", step, " holds ", bad,
+         " non-finite (NaN/Inf) elements, so it was not saved",
+         steps.empty() ? std::string()
+                       : "; the newest checkpoint, " + steps.back().second + ", is untouched",
+         ". Try a lower optimizer.lr or training.max_norm");
+  }
   const auto t0 = Clock::now();
   const std::string& mode = config_.checkpoint.async_mode;
   auto snap = snapshot(step, model_only, dtype, mode == "async_with_pinned_mem");
@@ -245,12 +351,14 @@ void Checkpointer::save(int64_t step, bool model_only, at::ScalarType dtype) {
   }
   last_.stall_seconds = since(t0);
   writer_error_ = nullptr;
+  writer_done_ = false;
   writer_ = std::thread([this, s = std::move(snap)]() mutable {
     try {
       write(std::move(s));
     } catch (...) {
       writer_error_ = std::current_exception();
     }
+    writer_done_ = true;
   });
   log::info("checkpoint: step {} snapshot taken in {:.2f}s; writing in the background", step,
             last_.stall_seconds);
@@ -269,6 +377,25 @@ void Checkpointer::wait() {
 }
 
 void Checkpointer::write(std::unique_ptr<Snapshot> snap) {
+  const std::string staging = (fs::path(folder_) / step_name(snap->step)).string() + ".partial";
+  try {
+    write_files(*snap);
+  } catch (...) {
+    // A failed save (full disk, a dead peer) leaves nothing behind: its partial folder would
+    // hold the space until the next start.
+    if (runtime_.env().rank == 0) {
+      try {
+        util::remove_tree(util::path_str(staging));
+      } catch (const std::exception& e) {
+        log::warn("checkpoint: could not remove {}: {}", staging, e.what());
+      }
+    }
+    throw;
+  }
+}
+
+void Checkpointer::write_files(Snapshot& snap_ref) {
+  Snapshot* snap = &snap_ref;
   const auto t0 = Clock::now();
   const auto& env = runtime_.env();
   const std::string final_dir = (fs::path(folder_) / step_name(snap->step)).string();
@@ -339,6 +466,12 @@ void Checkpointer::write(std::unique_ptr<Snapshot> snap) {
                       {"crc32c", writer.block_crcs().at(e.key())}});
   }
   last_.bytes = bytes;
+  test_fault_point(env.rank, "save");
+  if (const char* fail_at = std::getenv("TITAN_TEST_FAIL_SAVE")) {
+    // Test-only hook: a save that fails after its shard files, before its commit (as a full
+    // disk would).
+    if (std::to_string(snap->step) == fail_at) fail("checkpoint: test hook failed the save");
+  }
   if (c10d::Store* store = runtime_.store()) {
     store->set(
         "titan/ckpt/" + std::to_string(snap->save_index) + "/report/" + std::to_string(env.rank),
@@ -400,10 +533,21 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
   };
   add_report(json::parse(own_report));
   if (c10d::Store* store = runtime_.store()) {
-    for (int r = 1; r < env.world_size; ++r) {
-      const std::string key =
-          "titan/ckpt/" + std::to_string(snap.save_index) + "/report/" + std::to_string(r);
-      store->wait({key}, std::chrono::seconds(config_.comm.init_timeout_seconds));
+    const std::string prefix = "titan/ckpt/" + std::to_string(snap.save_index) + "/report/";
+    std::vector<std::string> keys;
+    for (int r = 1; r < env.world_size; ++r) keys.push_back(prefix + std::to_string(r));
+    try {
+      store->wait(keys, runtime_.wait_timeout());
+    } catch (const std::exception&) {
+      std::vector<std::string> missing;
+      for (int r = 1; r < env.world_size; ++r) {
+        if (!store->check({prefix + std::to_string(r)})) missing.push_back(std::to_string(r));
+      }
+      fail("checkpoint save of step ", snap.step, ": rank(s) ", util::join(missing, ", "),
+           " did not finish writing within ", runtime_.wait_timeout().count(), " s (",
+           runtime_.wait_timeout_key(), "); they died or hang, so this save is abandoned");
+    }
+    for (const auto& key : keys) {
       auto v = store->get(key);
       add_report(json::parse(std::string(v.begin(), v.end())));
     }
@@ -415,6 +559,12 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
     });
   }
   meta["rng"] = {{"cpu", "rng/cpu in each rank's shard file"}, {"seed", config_.debug.seed}};
+  // Only finite states are saved (the trainer checks before saving); the flag lets retention
+  // and resumes tell them from checkpoints of older titan versions.
+  meta["finite"] = finite_;
+  if (!state_.data_identity.empty()) meta["data"] = json::parse(state_.data_identity);
+  // The index's own checksum: over its compact text without this field.
+  meta["index_crc32c"] = util::crc32c(meta.dump().data(), meta.dump().size());
   // The index is written last: its presence is what makes the folder a checkpoint.
   const std::string tmp = (fs::path(staging) / "metadata.json.tmp").string();
   {
@@ -440,7 +590,16 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
   const int64_t keep = config_.checkpoint.keep_latest_k;
   if (keep > 0) {
     auto steps = complete_steps(folder_);
+    // The newest checkpoint known to hold finite weights is never removed, whatever k says.
+    std::string newest_finite;
+    for (const auto& [step, dir] : steps) {
+      if (index_says_finite(dir)) newest_finite = dir;
+    }
     for (size_t i = 0; i + static_cast<size_t>(keep) < steps.size(); ++i) {
+      if (steps[i].second == newest_finite) {
+        log::info("checkpoint: keeping {}, the newest with finite weights", steps[i].second);
+        continue;
+      }
       util::remove_tree(util::path_str(steps[i].second));
       log::info("checkpoint: removed {} (keep_latest_k = {})", steps[i].second, keep);
     }
@@ -500,9 +659,31 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
     meta = json::parse(in);
     TITAN_CHECK(meta.value("format", "") == "titan-checkpoint", meta_path,
                 " is not a titan checkpoint index");
+    if (meta.contains("index_crc32c")) {
+      json body = meta;
+      body.erase("index_crc32c");
+      const std::string text = body.dump();
+      TITAN_CHECK(util::crc32c(text.data(), text.size()) == meta["index_crc32c"].get<uint32_t>(),
+                  "checkpoint index ", meta_path,
+                  " is corrupted: its content does not match its CRC-32C");
+    } else {
+      log::warn("checkpoint: {} carries no checksum of its own (written by an older titan)",
+                meta_path);
+    }
+    // The folder's step and the index's must agree (a renamed or copied folder).
+    const std::string base = fs::path(step_dir).filename().string();
+    if (base.rfind("step-", 0) == 0 && meta.contains("step")) {
+      int64_t folder_step = -1;
+      if (util::parse_int(base.substr(5), folder_step)) {
+        TITAN_CHECK(folder_step == meta["step"].get<int64_t>(), "checkpoint ", step_dir,
+                    " holds step ", meta["step"].get<int64_t>(), " according to its index, but ",
+                    "the folder is named for step ", folder_step);
+      }
+    }
   } catch (const json::exception& e) {
     fail("checkpoint index ", meta_path, " is malformed: ", e.what());
   }
+  std::vector<std::string> loaded;
   // An index that parses but lacks or mistypes an entry is malformed too (not an internal
   // error).
   try {
@@ -585,6 +766,8 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
       std::vector<at::Tensor> masters = state_.model->master_shards();
       fill("", masters);
       state_.model->refresh_shadows();
+      loaded.push_back("model");
+      check_finite_after_load(step_dir, masters);
     }
     if (wants("optimizer") && state_.optimizer) {
       if (meta.value("model_only", false)) {
@@ -593,10 +776,14 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
         fill(kExpAvg, state_.optimizer->exp_avg());
         fill(kExpAvgSq, state_.optimizer->exp_avg_sq());
         state_.optimizer->set_step_count(meta["optimizer"]["steps"].get<int64_t>());
+        loaded.push_back("optimizer");
       }
     }
     if (wants("dataloader") && state_.loader && meta.contains("dataloader")) {
-      state_.loader->load_state(data::LoaderState::from_json(meta["dataloader"].dump()));
+      if (same_data(step_dir, meta)) {
+        state_.loader->load_state(data::LoaderState::from_json(meta["dataloader"].dump()));
+        loaded.push_back("dataloader");
+      }
     }
     // RNG: restored when this rank wrote a file with the same world size.
     const auto& env = runtime_.env();
@@ -626,7 +813,9 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
       }
     }
     const int64_t step = meta["train_state"]["step"].get<int64_t>();
-    log::info("checkpoint: loaded {} ({}) in {:.2f}s", step_dir, util::join(what, ", "), since(t0));
+    if (wants("train_state")) loaded.push_back("train_state (step " + std::to_string(step) + ")");
+    log::info("checkpoint: loaded {} ({}) in {:.2f}s", step_dir,
+              loaded.empty() ? std::string("nothing") : util::join(loaded, ", "), since(t0));
     return step;
   } catch (const json::exception& e) {
     fail("checkpoint index ", meta_path, " is malformed: ", e.what());
@@ -676,8 +865,29 @@ int64_t Checkpointer::load_at_start() {
   TITAN_CHECK(!ck.enable || ck.load_step < 0 || !steps.empty(),
               "checkpoint.load_step = ", ck.load_step, ": no complete checkpoint in ", folder_,
               " (have: none)");
+  // Folders that look like checkpoints but cannot be one are named, never skipped silently.
+  if (runtime_.env().rank == 0 && util::is_directory(util::path_str(folder_))) {
+    for (const auto& name : util::list_directory(folder_)) {
+      const std::string path = util::join_path(folder_, name);
+      if (name.rfind("step-", 0) == 0 && util::is_directory(path) &&
+          name.find('.') == std::string::npos &&
+          !util::path_exists(util::join_path(path, "metadata.json"))) {
+        log::warn(
+            "checkpoint: skipping {}: it has no metadata.json (its index was deleted or "
+            "never written)",
+            path);
+      }
+    }
+  }
   const std::string dir = start_dir(config_);
   if (!steps.empty() && ck.enable) {
+    if (ck.load_step < 0 && dir != steps.back().second) {
+      log::warn(
+          "checkpoint: {} holds weights only (a finished run's final save); resuming from {}, "
+          "the newest full checkpoint, so the optimizer state and data position are exact (the "
+          "steps after it are trained again)",
+          steps.back().second, dir);
+    }
     if (dir.empty()) {
       std::vector<std::string> have;
       for (const auto& s : steps) have.push_back(std::to_string(s.first));
@@ -705,7 +915,14 @@ std::string Checkpointer::start_dir(const config::JobConfig& config) {
   const auto& ck = config.checkpoint;
   const auto steps = complete_steps((fs::path(config.job.dump_folder) / ck.folder).string());
   if (ck.enable && !steps.empty()) {
-    if (ck.load_step < 0) return steps.back().second;
+    if (ck.load_step < 0) {
+      // A finished run's final save may hold weights only: continuing from it would restart
+      // the optimizer. The newest full checkpoint is the one to extend the run from.
+      for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+        if (!index_says_model_only(it->second)) return it->second;
+      }
+      return steps.back().second;
+    }
     for (const auto& s : steps) {
       if (s.first == ck.load_step) return s.second;
     }
@@ -720,9 +937,15 @@ std::string Checkpointer::start_dir(const config::JobConfig& config) {
   return inner.empty() ? "" : inner.back().second;
 }
 
+bool Checkpointer::due(int64_t step, bool last_step) const {
+  const auto& ck = config_.checkpoint;
+  if (!ck.enable || ck.load_only) return false;
+  return last_step || step % ck.interval == 0 || (step == 1 && ck.enable_first_step_checkpoint);
+}
+
 void Checkpointer::maybe_save(int64_t step, bool last_step) {
   const auto& ck = config_.checkpoint;
-  if (!ck.enable || ck.load_only) return;
+  if (!due(step, last_step)) return;
   const bool due = step % ck.interval == 0 || (step == 1 && ck.enable_first_step_checkpoint);
   if (last_step) {
     if (ck.last_save_in_hf) {

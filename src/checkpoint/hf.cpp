@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
 
 #include <filesystem>
 #include <fstream>
@@ -11,6 +12,7 @@
 #include <regex>
 
 #include "titan/checkpoint/safetensors.h"
+#include "titan/dist/communicator.h"
 #include "titan/dist/runtime.h"
 #include "titan/parallel/fsdp.h"
 #include "titan/util/error.h"
@@ -241,8 +243,14 @@ void export_hf(const std::string& folder, TrainerState& state, dist::Runtime& ru
                             : dtype == "float16" ? at::kHalf
                                                  : at::kFloat;
   auto& fsdp = *state.model;
-  const bool writer = runtime.env().rank == 0;
-  dist::Communicator* shard = runtime.mesh().group("dp_shard");
+  const auto& mesh = runtime.mesh();
+  const int64_t pp = mesh.dims().pp, stage = mesh.coordinate("pp");
+  // One writer per pipeline coordinate (its units), the first rank of its data-parallel group;
+  // global rank 0 (the writer of pipeline coordinate 0) also writes the index and config.
+  const bool writer = mesh.coordinate("dp_replicate") == 0 && mesh.coordinate("dp_shard") == 0 &&
+                      mesh.coordinate("cp") == 0 && mesh.coordinate("tp") == 0;
+  const bool leader = runtime.env().rank == 0;
+  dist::Communicator* shard = mesh.group("dp_shard");
   // Full tensors in HF order, gathered unit by unit.
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (size_t i = 0; i < fsdp.num_units(); ++i) {
@@ -264,11 +272,19 @@ void export_hf(const std::string& folder, TrainerState& state, dist::Runtime& ru
       tensors.emplace_back(hf_name(p.name), t.to(dt).contiguous());
     }
   }
-  if (!writer) return;
   const std::string staging = folder + ".partial";
-  util::remove_tree(util::path_str(staging));
-  util::make_directories(util::path_str(staging));
-  // Files of at most ~5 GB, in HF's naming.
+  c10d::Store* store = runtime.store();
+  static int64_t exports = 0;
+  const std::string key = "titan/hf_export/" + std::to_string(exports++) + "/";
+  if (leader) {
+    util::remove_tree(util::path_str(staging));
+    util::make_directories(util::path_str(staging));
+    if (store) store->set(key + "staging", std::vector<uint8_t>{1});
+  }
+  if (!writer) return;
+  const auto timeout = std::chrono::seconds(600);
+  if (!leader && store) store->wait({key + "staging"}, timeout);
+  // Files of at most ~5 GB, in HF's naming (with pipelines: per stage, stage-numbered).
   constexpr int64_t kMaxFileBytes = int64_t(5) << 30;
   std::vector<std::vector<size_t>> groups(1);
   int64_t bytes = 0;
@@ -281,12 +297,16 @@ void export_hf(const std::string& folder, TrainerState& state, dist::Runtime& ru
     groups.back().push_back(i);
     bytes += b;
   }
-  json index;
-  index["metadata"]["total_size"] = 0;
+  json weight_map = json::object();
   int64_t total = 0;
   for (size_t g = 0; g < groups.size(); ++g) {
-    char name[64];
-    std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", g + 1, groups.size());
+    char name[96];
+    if (pp == 1) {
+      std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", g + 1, groups.size());
+    } else {
+      std::snprintf(name, sizeof(name), "model-pp%05lld-%05zu-of-%05zu.safetensors",
+                    static_cast<long long>(stage), g + 1, groups.size());
+    }
     std::vector<std::pair<std::string, TensorInfo>> decl;
     for (size_t i : groups[g]) {
       TensorInfo info;
@@ -297,12 +317,31 @@ void export_hf(const std::string& folder, TrainerState& state, dist::Runtime& ru
     SafetensorsWriter w((fs::path(staging) / name).string(), decl, {{"format", "pt"}});
     for (size_t i : groups[g]) {
       w.write(tensors[i].first, tensors[i].second);
-      index["weight_map"][tensors[i].first] = name;
+      weight_map[tensors[i].first] = name;
       total += tensors[i].second.numel() * tensors[i].second.element_size();
     }
     w.close();
   }
+  if (!leader) {
+    const std::string report = json{{"weight_map", weight_map}, {"bytes", total}}.dump();
+    store->set(key + "stage/" + std::to_string(stage),
+               std::vector<uint8_t>(report.begin(), report.end()));
+    return;
+  }
+  // The leader merges every stage's files into one index.
+  for (int64_t st = 1; st < pp; ++st) {
+    const std::string k = key + "stage/" + std::to_string(st);
+    store->wait({k}, timeout);
+    const auto v = store->get(k);
+    const json r = json::parse(std::string(v.begin(), v.end()));
+    for (auto it = r["weight_map"].begin(); it != r["weight_map"].end(); ++it) {
+      weight_map[it.key()] = it.value();
+    }
+    total += r["bytes"].get<int64_t>();
+  }
+  json index;
   index["metadata"]["total_size"] = total;
+  index["weight_map"] = weight_map;
   std::ofstream(fs::path(staging) / "model.safetensors.index.json") << index.dump(2);
   const auto& a = state.args;
   json cfg = {{"architectures", {"LlamaForCausalLM"}},

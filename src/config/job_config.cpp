@@ -15,6 +15,7 @@
 
 #include "titan/model/llama_args.h"
 #include "titan/util/error.h"
+#include "titan/util/fs.h"
 #include "titan/util/strings.h"
 
 namespace titan::config {
@@ -432,6 +433,11 @@ Registry build_registry() {
       &CheckpointSection::create_seed_checkpoint, "Write step-0 weights and exit");
   opt(r, "checkpoint.load_only", &J::checkpoint, &CheckpointSection::load_only,
       "Load checkpoints but never save one");
+  opt(r, "checkpoint.allow_data_change", &J::checkpoint, &CheckpointSection::allow_data_change,
+      "Resume even though the tokenizer or dataset differ from the checkpoint's (titan key)");
+  opt(r, "checkpoint.allow_nonfinite_load", &J::checkpoint,
+      &CheckpointSection::allow_nonfinite_load,
+      "Resume from a checkpoint whose weights hold NaN/Inf (titan key)");
   opt(r, "checkpoint.initial_load_in_hf_quantized", &J::checkpoint,
       &CheckpointSection::initial_load_in_hf_quantized,
       "initial_load_path holds quantized HF weights (not available in titan)");
@@ -1019,6 +1025,8 @@ JobConfig load_job_config(const std::vector<std::string>& args) {
   }
   if (!config.job.config_file.empty()) {
     std::ifstream in(config.job.config_file);
+    TITAN_CHECK(!util::is_directory(config.job.config_file), "job.config_file: '",
+                config.job.config_file, "' is a directory; expected a TOML job file");
     TITAN_CHECK(in.good(), "job.config_file: cannot open '", config.job.config_file, "'");
     std::stringstream buf;
     buf << in.rdbuf();
@@ -1131,8 +1139,6 @@ void validate(const JobConfig& c) {
   };
   if (p.tensor_parallel_degree != 1)
     unsupported("tensor_parallel_degree", p.tensor_parallel_degree, "tensor parallelism");
-  if (p.pipeline_parallel_degree != 1)
-    unsupported("pipeline_parallel_degree", p.pipeline_parallel_degree, "pipeline parallelism");
   if (p.context_parallel_degree != 1)
     unsupported("context_parallel_degree", p.context_parallel_degree, "context parallelism");
   if (p.expert_parallel_degree != 1)

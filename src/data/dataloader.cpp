@@ -72,8 +72,21 @@ DataLoader::Item DataLoader::produce() {
     }
     TITAN_CHECK(read_any_this_epoch || cursor_.windows > 0 || !cursor_.carry.empty(), "dataset ",
                 description_, " yields no tokens for this rank");
-    log::info("dataset {}: epoch {} finished after {} windows; re-looping", description_, pos.epoch,
-              cursor_.windows);
+    // A dataset smaller than a batch ends many epochs per batch: say so once, then count.
+    ++epochs_logged_;
+    if (small_warned_) {
+      // counted only
+    } else if (epochs_logged_ == 1 || cursor_.windows > windows_at_last_log_) {
+      log::info("dataset {}: epoch {} finished after {} windows; re-looping", description_,
+                pos.epoch, cursor_.windows);
+      windows_at_last_log_ = cursor_.windows;
+    } else {
+      small_warned_ = true;
+      log::warn(
+          "dataset {} holds less than one batch ({} tokens per step across data-parallel ranks): "
+          "it is repeated within every batch; further epochs are counted, not logged",
+          description_, need);
+    }
     read_any_this_epoch = false;
   }
   auto opts = at::TensorOptions().dtype(at::kLong).pinned_memory(options_.pin_memory);

@@ -28,6 +28,17 @@ fs::path find_in_folder(const fs::path& folder) {
 
 }  // namespace
 
+std::string tokenizer_file(const std::string& tokenizer_path, const std::string& hf_assets_path) {
+  if (!tokenizer_path.empty()) {
+    if (util::is_directory(tokenizer_path)) return find_in_folder(tokenizer_path).string();
+    return tokenizer_path;
+  }
+  if (!hf_assets_path.empty() && util::is_directory(hf_assets_path)) {
+    return find_in_folder(hf_assets_path).string();
+  }
+  return "";
+}
+
 std::unique_ptr<Tokenizer> build_tokenizer(const std::string& tokenizer_path,
                                            const std::string& hf_assets_path) {
   if (!tokenizer_path.empty()) {

@@ -1,12 +1,40 @@
 // Communicator front end: argument checks, flight-recorder records, sync/async handling.
 #include "titan/dist/communicator.h"
 
+#include <mutex>
+
 #include <ATen/ATen.h>
 
 #include "titan/dist/flight_recorder.h"
 #include "titan/util/error.h"
 
 namespace titan::dist {
+
+namespace {
+std::mutex diagnosis_mutex;
+PeerDiagnosis& diagnosis() {
+  static PeerDiagnosis d;
+  return d;
+}
+}  // namespace
+
+void set_peer_diagnosis(PeerDiagnosis d) {
+  std::lock_guard<std::mutex> lock(diagnosis_mutex);
+  diagnosis() = std::move(d);
+}
+
+std::string diagnose_peers(const std::vector<int>& members) {
+  PeerDiagnosis d;
+  {
+    std::lock_guard<std::mutex> lock(diagnosis_mutex);
+    d = diagnosis();
+  }
+  try {
+    return d ? d(members) : std::string();
+  } catch (const std::exception&) {
+    return std::string();
+  }
+}
 
 const char* reduce_op_name(ReduceOp op) {
   switch (op) {

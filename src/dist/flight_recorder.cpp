@@ -124,6 +124,10 @@ std::string progress_key(const std::string& group, int rank) {
 }
 }  // namespace
 
+std::string heartbeat_key(int rank) {
+  return "titan/alive/" + std::to_string(rank);
+}
+
 Watchdog::Watchdog(FlightRecorder& recorder, c10d::Store* store, WatchdogOptions options,
                    std::function<void()> abort_all)
     : recorder_(recorder),
@@ -151,8 +155,11 @@ void Watchdog::loop() {
     }
     try {
       recorder_.poll();
-      // Publish how far each group got, so a stuck peer can tell who never arrived.
+      // Publish how far each group got, so a stuck peer can tell who never arrived, and a
+      // heartbeat, so a failed peer can tell who died.
       if (store_) {
+        const std::string beat = std::to_string(wall_seconds());
+        store_->set(heartbeat_key(options_.rank), std::vector<uint8_t>(beat.begin(), beat.end()));
         for (const auto& [group, seq] : recorder_.progress()) {
           if (published_[group] == seq) continue;
           const std::string v = std::to_string(seq);

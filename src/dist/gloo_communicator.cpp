@@ -12,13 +12,43 @@ namespace titan::dist {
 namespace {
 
 // A c10d work, plus the division that turns a sum into an average (Gloo has no AVG).
+// A transfer that failed because the other side went away: the message of a user's problem (a
+// rank died or was killed), naming the rank when the heartbeats tell.
+[[noreturn]] void peer_failed(const std::string& group, const std::vector<int>& members,
+                              const std::exception& e) {
+  std::string what = e.what();
+  what = what.substr(0, what.find('\n'));
+  const std::string who = diagnose_peers(members);
+  fail("communication on group ", group, " failed: ",
+       who.empty() ? std::string("a peer closed its connection (it died or was killed)") : who,
+       " (", what, ")");
+}
+
+bool looks_like_peer_failure(const std::string& what) {
+  for (const char* s : {"Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                        "Connection refused", "closed by peer"}) {
+    if (what.find(s) != std::string::npos) return true;
+  }
+  return false;
+}
+
 class GlooWork : public Work {
  public:
-  GlooWork(std::vector<c10::intrusive_ptr<c10d::Work>> works, at::Tensor divide, int64_t by)
-      : works_(std::move(works)), divide_(std::move(divide)), by_(by) {}
+  GlooWork(std::vector<c10::intrusive_ptr<c10d::Work>> works, at::Tensor divide, int64_t by,
+           std::string group, std::vector<int> members)
+      : works_(std::move(works)),
+        divide_(std::move(divide)),
+        by_(by),
+        group_(std::move(group)),
+        members_(std::move(members)) {}
   void wait() override {
     if (done_) return;
-    for (auto& w : works_) w->wait();
+    try {
+      for (auto& w : works_) w->wait();
+    } catch (const std::exception& e) {
+      if (looks_like_peer_failure(e.what())) peer_failed(group_, members_, e);
+      throw;
+    }
     if (divide_.defined()) divide_.div_(by_);
     done_ = true;
   }
@@ -34,6 +64,8 @@ class GlooWork : public Work {
   std::vector<c10::intrusive_ptr<c10d::Work>> works_;
   at::Tensor divide_;
   int64_t by_;
+  std::string group_;
+  std::vector<int> members_;
   bool done_ = false;
 };
 
@@ -63,6 +95,7 @@ class GlooCommunicator : public Communicator {
 
   std::unique_ptr<Communicator> split(const std::string& name, int color, int key,
                                       std::vector<int> global_ranks) override {
+    if (color < 0) return nullptr;  // not a member of any new group
     auto prefix = c10::make_intrusive<c10d::PrefixStore>(
         "titan/group/" + name + "/" + std::to_string(color), store_);
     const int size = static_cast<int>(global_ranks.size());
@@ -119,7 +152,8 @@ class GlooCommunicator : public Communicator {
 
  private:
   WorkPtr wrap(std::vector<c10::intrusive_ptr<c10d::Work>> works, at::Tensor divide) {
-    return std::make_shared<GlooWork>(std::move(works), std::move(divide), size());
+    return std::make_shared<GlooWork>(std::move(works), std::move(divide), size(), name(),
+                                      global_ranks());
   }
 
   c10::intrusive_ptr<c10d::Store> store_;

@@ -54,7 +54,7 @@ std::string first_slurm_host(const std::string& nodelist) {
 LaunchEnv read_launch_env(const std::function<const char*(const char*)>& getenv) {
   LaunchEnv env;
   if (getenv("RANK") || getenv("WORLD_SIZE")) {
-    env.source = "torchrun-style environment";
+    env.source = "torchrun-style";
     env.world_size = parse_env_int(getenv, "WORLD_SIZE", 1);
     env.rank = parse_env_int(getenv, "RANK", 0);
     env.local_rank = getenv("LOCAL_RANK") ? parse_env_int(getenv, "LOCAL_RANK", 0) : env.rank;

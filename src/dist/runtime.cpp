@@ -3,15 +3,24 @@
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <netdb.h>
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <future>
+#include <map>
 #include <thread>
 
+#include <nlohmann/json.hpp>
+
 #include "titan/dist/backends.h"
+#include "titan/util/crc32c.h"
 #include "titan/util/error.h"
 #include "titan/util/log.h"
 #include "titan/util/strings.h"
+#include "titan/util/version.h"
 
 namespace titan::dist {
 
@@ -41,9 +50,74 @@ std::string short_what(const std::exception& e) {
 
 }  // namespace
 
-std::shared_ptr<Rendezvous> rendezvous(const LaunchEnv& env, double timeout_s) {
+std::string rendezvous_identity(const LaunchEnv& env, const config::JobConfig& config) {
+  config::JobConfig c = config;
+  c.job.config_file.clear();  // the same job may be read from different paths
+  const std::string text = config::to_toml(c);
+  return nlohmann::json{{"world", env.world_size},
+                        {"version", titan_version()},
+                        {"config_crc32c", util::crc32c(text.data(), text.size())}}
+      .dump();
+}
+
+namespace {
+
+// How `theirs` differs from `mine` (rendezvous identities), in words; "" when they agree.
+std::string identity_difference(const std::string& mine, const std::string& theirs, int rank) {
+  if (mine.empty() || theirs.empty() || mine == theirs) return "";
+  try {
+    const auto a = nlohmann::json::parse(mine), b = nlohmann::json::parse(theirs);
+    const std::string r = "rank " + std::to_string(rank);
+    if (a["world"] != b["world"]) {
+      return r + " has WORLD_SIZE " + b["world"].dump() + " where rank 0 has " + a["world"].dump();
+    }
+    if (a["version"] != b["version"]) {
+      return r + " runs titan " + b["version"].get<std::string>() + ", rank 0 " +
+             a["version"].get<std::string>() + " (the same build must run on every rank)";
+    }
+    if (a["config_crc32c"] != b["config_crc32c"]) {
+      return r +
+             " resolved a different job config than rank 0 (other overrides or another "
+             "config file content); every rank must run the same job";
+    }
+  } catch (const std::exception&) {
+    return "rank " + std::to_string(rank) + " sent an unreadable identity";
+  }
+  return "";
+}
+
+}  // namespace
+
+namespace {
+
+// MASTER_ADDR must resolve within the init timeout: a resolver that hangs (a name no DNS server
+// answers for) would otherwise hold the rank far longer than comm.init_timeout_seconds.
+void check_resolvable(const std::string& host, double timeout_s) {
+  auto result = std::make_shared<std::promise<std::string>>();
+  std::future<std::string> done = result->get_future();
+  std::thread([host, result] {
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    addrinfo* info = nullptr;
+    const int rc = ::getaddrinfo(host.c_str(), nullptr, &hints, &info);
+    if (info) ::freeaddrinfo(info);
+    result->set_value(rc == 0 ? std::string() : std::string(::gai_strerror(rc)));
+  }).detach();
+  const auto wait = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+  TITAN_CHECK(done.wait_for(wait) == std::future_status::ready, "MASTER_ADDR ", host,
+              " could not be resolved within ", timeout_s, " s (comm.init_timeout_seconds)");
+  const std::string err = done.get();
+  TITAN_CHECK(err.empty(), "MASTER_ADDR ", host, " cannot be resolved: ", err);
+}
+
+}  // namespace
+
+std::shared_ptr<Rendezvous> rendezvous(const LaunchEnv& env, double timeout_s,
+                                       const std::string& identity) {
   auto r = std::make_shared<Rendezvous>();
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
+  if (env.rank != 0) check_resolvable(env.master_addr, timeout_s);
   c10d::TCPStoreOptions opts;
   opts.port = static_cast<uint16_t>(env.master_port);
   opts.isServer = env.rank == 0;
@@ -62,6 +136,7 @@ std::shared_ptr<Rendezvous> rendezvous(const LaunchEnv& env, double timeout_s) {
          env.master_port, " (MASTER_ADDR:MASTER_PORT, served by rank 0) within ", timeout_s,
          " s (comm.init_timeout_seconds): ", short_what(e));
   }
+  r->store->set("titan/hello/" + std::to_string(env.rank), bytes(identity));
   r->store->set("titan/arrived/" + std::to_string(env.rank), bytes("1"));
   const std::string done_key = "titan/rendezvous_done";
   if (env.rank == 0) {
@@ -77,6 +152,11 @@ std::shared_ptr<Rendezvous> rendezvous(const LaunchEnv& env, double timeout_s) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
     std::string outcome = "ok";
+    for (int i = 1; i < env.world_size && missing.empty() && outcome == "ok"; ++i) {
+      const std::string diff =
+          identity_difference(identity, text(r->store->get("titan/hello/" + std::to_string(i))), i);
+      if (!diff.empty()) outcome = diff;
+    }
     if (!missing.empty()) {
       std::vector<std::string> names;
       for (int m : missing) names.push_back(std::to_string(m));
@@ -109,6 +189,10 @@ std::shared_ptr<Rendezvous> rendezvous(const LaunchEnv& env, double timeout_s) {
            " s (comm.init_timeout_seconds): ", short_what(e));
     }
     TITAN_CHECK(outcome == "ok", "rendezvous failed: ", outcome);
+    // A rank beyond rank 0's world (another WORLD_SIZE) was never checked by it: compare here.
+    const std::string diff =
+        identity_difference(text(r->store->get("titan/hello/0")), identity, env.rank);
+    TITAN_CHECK(diff.empty(), "rendezvous failed: ", diff);
   }
   return r;
 }
@@ -125,8 +209,9 @@ Runtime::Runtime(const LaunchEnv& env, const config::JobConfig& config, c10::Dev
   if (env.world_size > 1) {
     const double init_s = static_cast<double>(config.comm.init_timeout_seconds);
     store_ = std::make_unique<StoreHolder>();
-    store_->rdzv = rendezvous(env, init_s);
+    store_->rdzv = rendezvous(env, init_s, rendezvous_identity(env, config));
     c10d::Store* store = rendezvous_store(*store_->rdzv);
+    set_peer_diagnosis([this](const std::vector<int>& members) { return dead_peers(members); });
     WatchdogOptions wopts;
     wopts.rank = env.rank;
     wopts.world_size = env.world_size;
@@ -152,7 +237,37 @@ void Runtime::abort_all() {
   if (world_) world_->abort();
 }
 
+std::string Runtime::dead_peers(const std::vector<int>& members) const {
+  c10d::Store* s = store();
+  if (!s) return "";
+  auto read = [&](int r) -> std::string {
+    const std::string key = heartbeat_key(r);
+    if (!s->check({key})) return "";
+    return text(s->get(key));
+  };
+  std::map<int, std::string> before;
+  try {
+    for (int r : members) {
+      if (r != env_.rank) before[r] = read(r);
+    }
+    // Heartbeats come every half second: a rank whose value does not move in two seconds is
+    // gone.
+    std::this_thread::sleep_for(std::chrono::seconds(2));
+    std::vector<std::string> dead;
+    for (const auto& [r, v] : before) {
+      if (read(r) == v) dead.push_back(std::to_string(r));
+    }
+    if (dead.empty()) return "";
+    return "rank " + util::join(dead, ", rank ") + (dead.size() == 1 ? " stopped" : " stopped") +
+           " (no heartbeat for 2 s): it died or was killed";
+  } catch (const std::exception&) {
+    // The store lives in rank 0's process: unreachable means rank 0 is gone.
+    return "rank 0 (which serves the rendezvous store) is unreachable: it died or was killed";
+  }
+}
+
 Runtime::~Runtime() {
+  set_peer_diagnosis(nullptr);
   watchdog_.reset();
   mesh_.reset();
   world_.reset();
@@ -162,7 +277,17 @@ c10d::Store* Runtime::store() const {
   return store_ ? rendezvous_store(*store_->rdzv) : nullptr;
 }
 
+std::chrono::seconds Runtime::wait_timeout() const {
+  return std::chrono::seconds(training_ ? config_.comm.train_timeout_seconds
+                                        : config_.comm.init_timeout_seconds);
+}
+
+const char* Runtime::wait_timeout_key() const {
+  return training_ ? "comm.train_timeout_seconds" : "comm.init_timeout_seconds";
+}
+
 void Runtime::enter_training() {
+  training_ = true;
   if (!watchdog_) return;
   WatchdogOptions wopts;
   wopts.rank = env_.rank;

@@ -14,6 +14,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <functional>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
 
 #include "titan/checkpoint/hf.h"
 #include "titan/data/dataset.h"
@@ -22,7 +27,9 @@
 #include "titan/ops/attention.h"
 #include "titan/ops/dispatch.h"
 #include "titan/parallel/memory_estimate.h"
+#include "titan/util/crc32c.h"
 #include "titan/util/error.h"
+#include "titan/util/fs.h"
 #include "titan/util/log.h"
 #include "titan/util/strings.h"
 
@@ -58,6 +65,11 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
 
   // Launch, device, and the mesh with its communicators.
   const auto env = dist::read_launch_env();
+  // One run per dump folder: a second one would replace this one's checkpoints and interleave
+  // its metrics. Rank 0 holds the lock (the kernel drops it when the process ends).
+  if (env.rank == 0 && !c.memory_estimation.enable) {
+    dump_lock_ = std::make_unique<util::FolderLock>(c.job.dump_folder, "job.dump_folder");
+  }
   const c10::Device device = pick_device();
   device_ = describe_device(device);
   if (device.is_cuda() && env.world_size > 1) {
@@ -70,11 +82,6 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   log::info("launch: {} | {}", env.source, mesh.describe());
   ops::set_fused_kernels(c.training.fused_kernels);
   const bool cuda = device.is_cuda();
-  at::ScalarType param_dtype = at::kFloat;
-  if (cuda && c.training.mixed_precision_param == "bfloat16") param_dtype = at::kBFloat16;
-  if (!cuda && c.training.mixed_precision_param == "bfloat16") {
-    log::info("CPU run: computing in float32 (training.mixed_precision_param applies on GPU)");
-  }
   if (c.compile.enable) {
     log::info(
         "compile.enable: not applicable to titan (ahead-of-time compiled, fused kernels "
@@ -97,53 +104,45 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   }
   tokenizer_ = data::build_tokenizer(c.model.tokenizer_path, c.model.hf_assets_path);
   log::info("tokenizer: {}", tokenizer_->describe());
-  dp_size_ = mesh.size("dp");
-  dp_rank_ = mesh.group_rank("dp");
-  const int64_t micro_tokens = c.training.local_batch_size * dp_size_;
-  int64_t global = c.training.global_batch_size;
-  if (global < 0) global = micro_tokens;
-  TITAN_CHECK(global % micro_tokens == 0, "training.global_batch_size (", global,
-              ") must be a multiple of local_batch_size (", c.training.local_batch_size,
-              ") x data-parallel degree (", dp_size_, ") = ", micro_tokens);
-  grad_accum_steps_ = global / micro_tokens;
-  loader_ = make_loader(c.training.dataset, c.training.dataset_path, c.training.local_batch_size,
-                        c.training.seq_len, /*infinite=*/true, cuda);
-  log::info("dataset: {}", loader_->describe());
-
-  // Model: layouts only (no memory) until the data-parallel owner materializes its shards.
-  auto units = model::llama_units(args_);
   log::info(
       "model: llama3 {} | {} parameters | dim {} layers {} heads {} kv_heads {} ffn {} "
       "vocab {} | RoPE {}",
       c.model.flavor, util::with_commas(args_.total_params()), args_.dim, args_.n_layers,
       args_.n_heads, args_.n_kv_heads, args_.ffn_hidden_dim(), args_.vocab_size,
       model::describe_rope(args_));
-  parallel::FsdpOptions fopts;
-  fopts.param_dtype = param_dtype;
-  fopts.reduce_dtype = c.training.mixed_precision_reduce == "bfloat16" ? at::kBFloat16 : at::kFloat;
-  const auto& reshard = c.parallelism.fsdp_reshard_after_forward;
-  dist::Communicator* shard_group = mesh.group("dp_shard");
-  // Unsharded units keep compute-dtype copies of the weights for the whole run (the optimizer
-  // rewrites them), so nothing is cast or gathered per step; with activation checkpointing on,
-  // the user is short of memory, and "default" then frees them after use, as FSDP2 does.
-  const bool ac_on = c.activation_checkpoint.mode != "none";
-  fopts.persistent_compute_weights =
-      shard_group != nullptr || reshard == "never" || (reshard == "default" && !ac_on);
-  fopts.reshard = reshard == "always"    ? parallel::ReshardPolicy::Always
-                  : reshard == "never"   ? parallel::ReshardPolicy::Never
-                  : shard_group || ac_on ? parallel::ReshardPolicy::Default
-                                         : parallel::ReshardPolicy::Never;
-  fopts.cpu_offload = c.training.enable_cpu_offload;
+
+  // The plan: pipeline stages and schedule, microbatching, checkpointing, FSDP units.
+  plan_ = parallel::build_plan(args_, mesh, cfg_, cuda);
+  for (const auto& line : util::split(plan_.describe(), '\n')) log::info("{}", line);
+  if (plan_.pp > 1 && plan_.schedule.microbatches < plan_.pp) {
+    log::warn(
+        "pipeline: {} microbatches for {} pipeline ranks leave ranks idle most of the step (see "
+        "the bubble above); more microbatches (a larger training.local_batch_size or a smaller "
+        "pipeline_parallel_microbatch_size) fill the pipeline",
+        plan_.schedule.microbatches, plan_.pp);
+  }
+  dp_size_ = mesh.size("dp");
+  dp_rank_ = mesh.group_rank("dp");
+  accumulation_ = plan_.pp == 1 ? plan_.schedule.microbatches : plan_.passes;
+  loader_ = make_loader(c.training.dataset, c.training.dataset_path, c.training.local_batch_size,
+                        c.training.seq_len, /*infinite=*/true, cuda);
+  log::info("dataset: {}", loader_->describe());
+
+  // This rank's units: layouts only (no memory) until the data-parallel owner materializes its
+  // shards.
+  if (!cuda && c.training.mixed_precision_param == "bfloat16") {
+    log::info("CPU run: computing in float32 (training.mixed_precision_param applies on GPU)");
+  }
   const auto t_init = Clock::now();
-  fsdp_ = std::make_unique<parallel::FsdpModel>(std::move(units), shard_group,
-                                                mesh.group("dp_replicate"), device, fopts);
-  ActivationPolicy ac{c.activation_checkpoint.mode, c.activation_checkpoint.selective_ac_option};
-  report_memory_estimate(ac);
+  fsdp_ = std::make_unique<parallel::FsdpModel>(plan_.units, mesh.group("dp_shard"),
+                                                mesh.group("dp_replicate"), device, plan_.fsdp);
+  report_memory_estimate();
   if (c.memory_estimation.enable) {
     estimate_only_ = true;  // nothing allocated; train() returns at once
     return;
   }
   fsdp_->init_weights(c.debug.seed);
+  health_ = at::zeros({2}, at::TensorOptions().dtype(at::kLong).device(device));
   {
     // fp32 parameters + gradients + two AdamW moments, as held by this rank.
     int64_t elements = 0;
@@ -154,9 +153,30 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   }
   log::info("initialized weights in {:.2f}s (seed {})", seconds_since(t_init), c.debug.seed);
 
-  runner_ = std::make_unique<ModelRunner>(args_, *fsdp_, ac);
-  log::info("activation checkpointing: {}{}", ac.mode,
-            ac.mode == "selective" ? " (" + ac.option + ")" : "");
+  // Stages and the executor of the schedule.
+  ropes_ = std::make_unique<parallel::pipeline::RopeCache>(args_);
+  parallel::pipeline::StageOptions sopts;
+  sopts.keep_weights_through_step = plan_.pp > 1;
+  sopts.compute_dtype = plan_.fsdp.param_dtype;
+  std::map<int, parallel::pipeline::Stage*> by_index;
+  for (size_t i = 0; i < plan_.local_stages.size(); ++i) {
+    const auto& layout = plan_.stages[static_cast<size_t>(plan_.local_stages[i])];
+    std::vector<model::SavePolicy> policies;
+    for (int l = 0; l < layout.layers; ++l) {
+      policies.push_back(plan_.checkpointing.for_layer(layout.first_layer + l));
+    }
+    stages_.push_back(std::make_unique<parallel::pipeline::Stage>(
+        layout, plan_.stage_units[i], args_, *fsdp_, *ropes_, std::move(policies), sopts));
+    by_index[layout.index] = stages_.back().get();
+  }
+  parallel::pipeline::LinkFn links = [&mesh](int pp_rank, bool send) {
+    auto [comm, peer] = mesh.pp_link(pp_rank, send);
+    return parallel::pipeline::PipeLink{comm, peer};
+  };
+  executor_ = std::make_unique<parallel::pipeline::Executor>(plan_.schedule, plan_.pp_rank,
+                                                             std::move(by_index), std::move(links),
+                                                             args_.dim, plan_.fsdp.param_dtype);
+  log::info("activation checkpointing: {}", plan_.checkpointing.describe());
 
   OptimizerOptions oopts;
   oopts.name = c.optimizer.name;
@@ -180,53 +200,98 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   cstate.loader = loader_.get();
   cstate.args = args_;
   cstate.flavor = c.model.flavor;
+  cstate.data_identity = data_identity();
   checkpointer_ = std::make_unique<checkpoint::Checkpointer>(cfg_, *runtime_, cstate);
+  if (!c.checkpoint.enable && env.rank == 0) {
+    const auto existing = checkpoint::Checkpointer::complete_steps(checkpointer_->folder());
+    if (!existing.empty()) {
+      log::warn(
+          "checkpoint: {} holds {} checkpoint(s) (newest: step {}) that this run does NOT use: "
+          "checkpoint.enable is false, so training starts from step 1. Set "
+          "checkpoint.enable = true to resume, or use another job.dump_folder. (They are "
+          "left untouched.)",
+          checkpointer_->folder(), existing.size(), existing.back().first);
+    }
+  }
   step_ = checkpointer_->load_at_start();
+  health_base_ = step_;
   if (step_ > 0) log::info("resuming after step {}", step_);
 
   metrics::MetricsOptions mopts;
   mopts.dump_folder = c.job.dump_folder;
   mopts.enable_tensorboard = c.metrics.enable_tensorboard;
   mopts.tb_folder = c.metrics.save_tb_folder;
-  mopts.color = !c.metrics.disable_color_printing;
+  mopts.color = log::colors_wanted(c.metrics.disable_color_printing);
   mopts.rank = env.rank;
+  mopts.start_step = step_;
   mopts.write_files = env.rank == 0 || c.metrics.save_for_all_ranks;
   mopts.enable_tensorboard = mopts.enable_tensorboard && mopts.write_files;
   metrics_ = std::make_unique<metrics::MetricsLogger>(mopts);
   log::info(
-      "training: {} steps, local batch {}, seq_len {}, global batch {} ({} micro-batch(es) "
-      "per step), peak lr {}, warmup {}",
-      c.training.steps, c.training.local_batch_size, c.training.seq_len, global, grad_accum_steps_,
-      c.optimizer.lr, scheduler_->warmup_steps());
+      "training: {} steps, local batch {}, seq_len {}, global batch {} ({} batch(es) of the "
+      "loader per step), peak lr {}, warmup {}",
+      c.training.steps, c.training.local_batch_size, c.training.seq_len,
+      c.training.local_batch_size * accumulation_ * dp_size_, accumulation_, c.optimizer.lr,
+      scheduler_->warmup_steps());
 }
 
 Trainer::~Trainer() = default;
 
-void Trainer::report_memory_estimate(const ActivationPolicy& ac) {
+std::string Trainer::data_identity() const {
   const auto& c = cfg_;
-  parallel::MemoryEstimateInputs in;
-  int64_t largest = 0;
-  for (size_t i = 0; i < fsdp_->num_units(); ++i) {
-    const auto& u = fsdp_->unit(i);
-    in.param_state_elements += u.shard_numel;
-    largest = std::max(largest, u.layout.numel);
+  nlohmann::json tok;
+  tok["kind"] = tokenizer_->describe();
+  tok["vocab_size"] = tokenizer_->vocab_size();
+  const std::string file = data::tokenizer_file(c.model.tokenizer_path, c.model.hf_assets_path);
+  if (!file.empty()) {
+    std::ifstream in(file, std::ios::binary);
+    std::stringstream buf;
+    buf << in.rdbuf();
+    const std::string bytes = buf.str();
+    tok["file_crc32c"] = util::crc32c(bytes.data(), bytes.size());
   }
-  // Shards keep compute-dtype copies on the device where that differs from the fp32 master
-  // (FsdpModel::init_weights).
-  const auto& fo = fsdp_->options();
-  const bool shadows = (fo.param_dtype != at::kFloat || fo.cpu_offload) &&
-                       (fsdp_->dp_shard_size() > 1 || fo.persistent_compute_weights);
-  if (shadows) in.resident_weight_elements = in.param_state_elements;
-  in.state_on_host = c.training.enable_cpu_offload;
-  in.compute_dtype_bytes = static_cast<int64_t>(c10::elementSize(fsdp_->options().param_dtype));
-  // Gathered units held at once: the one computing and the one prefetched.
-  if (fsdp_->dp_shard_size() > 1 || !fsdp_->options().persistent_compute_weights) {
-    in.resident_weight_elements += 2 * largest;
+  // The dataset by name and by its files' sizes (relative names: moving it keeps it the same).
+  nlohmann::json ds;
+  ds["name"] = c.training.dataset;
+  if (!c.training.dataset_path.empty()) {
+    std::vector<std::pair<std::string, int64_t>> files;
+    const std::string& root = c.training.dataset_path;
+    std::function<void(const std::string&)> walk = [&](const std::string& rel) {
+      const std::string path = rel.empty() ? root : util::join_path(root, rel);
+      if (!util::is_directory(path)) {
+        files.emplace_back(rel.empty() ? std::filesystem::path(root).filename().string() : rel,
+                           util::file_size(path));
+        return;
+      }
+      for (const auto& name : util::list_directory(path)) {
+        walk(rel.empty() ? name : util::join_path(rel, name));
+      }
+    };
+    walk("");
+    ds["files"] = files;
   }
-  in.largest_unit_elements = largest;
-  in.microbatch_tokens = c.training.local_batch_size * c.training.seq_len;
-  for (int64_t l = 0; l < args_.n_layers; ++l) in.block_policies.push_back(ac.for_layer(l));
-  const auto est = parallel::estimate_memory(args_, in);
+  return nlohmann::json{{"tokenizer", tok}, {"dataset", ds}}.dump();
+}
+
+void Trainer::check_health() {
+  const at::Tensor h = health_.to(at::kCPU);
+  const int64_t first = h[0].item<int64_t>();
+  if (first == 0) return;
+  const int64_t step = health_base_ + first;
+  const auto saved = checkpoint::Checkpointer::complete_steps(checkpointer_->folder());
+  fail(
+      "training diverged: the loss or gradient norm became non-finite (NaN/Inf) at step ", step,
+      "; nothing from that step on was saved",
+      saved.empty() ? std::string() : " (newest checkpoint: " + saved.back().second + ")",
+      ". Try a lower optimizer.lr, a smaller training.max_norm, or more lr_scheduler.warmup_steps");
+}
+
+void Trainer::report_memory_estimate() {
+  const auto& c = cfg_;
+  std::vector<int64_t> shards;
+  for (size_t i = 0; i < fsdp_->num_units(); ++i) shards.push_back(fsdp_->unit(i).shard_numel);
+  const auto est = parallel::estimate_memory(args_, plan_, shards, c.training.seq_len,
+                                             fsdp_->dp_shard_size() > 1);
   log::info("memory estimate: {}", est.describe());
   OomContext oom;
   if (device_.device.is_cuda()) {
@@ -277,23 +342,40 @@ bool Trainer::graph_eligible() const {
          cfg_.training.fused_kernels && cfg_.optimizer.implementation == "fused";
 }
 
-std::pair<at::Tensor, at::Tensor> Trainer::step_body(const std::vector<at::Tensor>& tokens) {
+std::vector<at::Tensor> Trainer::microbatches_of(const at::Tensor& batch) const {
+  std::vector<at::Tensor> out;
+  for (int64_t first = 0; first < batch.size(0); first += plan_.microbatch_size) {
+    out.push_back(batch.narrow(0, first, plan_.microbatch_size));
+  }
+  return out;
+}
+
+std::pair<at::Tensor, at::Tensor> Trainer::step_body(const std::vector<at::Tensor>& batches) {
   const auto& c = cfg_;
   const c10::Device device = fsdp_->device();
   fsdp_->zero_grad();
+  for (auto& stage : stages_) stage->begin_step(static_cast<int>(plan_.microbatches_per_step()));
   const double tokens_per_step = static_cast<double>(c.training.local_batch_size) *
-                                 c.training.seq_len * grad_accum_steps_ * dp_size_;
+                                 c.training.seq_len * accumulation_ * dp_size_;
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
-  for (int64_t micro = 0; micro < grad_accum_steps_; ++micro) {
-    loss_sum.add_(runner_->forward_backward(tokens[static_cast<size_t>(micro)],
-                                            1.0 / tokens_per_step, micro + 1 == grad_accum_steps_));
+  if (plan_.pp == 1) {
+    // The trivial schedule: each loader batch is one microbatch.
+    executor_->run(batches, 1.0 / tokens_per_step, loss_sum);
+  } else {
+    for (const auto& batch : batches) {
+      executor_->run(microbatches_of(batch), 1.0 / tokens_per_step, loss_sum);
+    }
   }
   {
     RECORD_USER_SCOPE("titan/grad_reduction_wait");
     fsdp_->finish_grad_reduction();
   }
   RECORD_USER_SCOPE("titan/clip_and_optimizer");
-  at::Tensor grad_norm = fsdp_->grad_norm_squared().sqrt();
+  at::Tensor grad_sq = fsdp_->grad_norm_squared();
+  // Pipeline ranks hold disjoint units: their squares add up.
+  auto* pp = runtime_->mesh().group("pp");
+  if (pp) pp->all_reduce(grad_sq, dist::ReduceOp::Sum);
+  at::Tensor grad_norm = grad_sq.sqrt();
   at::Tensor divisor;
   if (c.training.max_norm > 0) {
     // clip coefficient min(1, max_norm / (norm + 1e-6)) applied as a divisor >= 1.
@@ -301,15 +383,26 @@ std::pair<at::Tensor, at::Tensor> Trainer::step_body(const std::vector<at::Tenso
     divisor = divisor.to(fsdp_->unit(0).master.device());
   }
   optimizer_->apply(divisor);
-  // The logged loss is the mean over the global batch.
+  // The logged loss is the mean over the global batch: the last stage's sums, over every
+  // pipeline and data-parallel rank, so every rank (rank 0 too) holds the true value.
+  if (pp) pp->all_reduce(loss_sum, dist::ReduceOp::Sum);
   if (auto* dp = runtime_->mesh().group("dp")) dp->all_reduce(loss_sum, dist::ReduceOp::Sum);
-  return {loss_sum / tokens_per_step, grad_norm};
+  at::Tensor mean_loss = loss_sum / tokens_per_step;
+  // Divergence, every step: the first step whose loss or gradient norm (both already reduced
+  // over every rank) is not finite stays on the device, read with the next metrics or before
+  // the next save; no synchronization here.
+  at::Tensor counter = health_.narrow(0, 1, 1);
+  counter.add_(1);
+  at::Tensor bad = at::logical_not(at::isfinite(mean_loss + grad_norm.to(mean_loss.device())));
+  at::Tensor first = health_.narrow(0, 0, 1);
+  first.copy_(at::where(at::logical_and(first.eq(0), bad.reshape({1})), counter, first));
+  return {mean_loss, grad_norm};
 }
 
 std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
   const c10::Device device = fsdp_->device();
   std::vector<at::Tensor> batches;
-  for (int64_t micro = 0; micro < grad_accum_steps_; ++micro) {
+  for (int64_t micro = 0; micro < accumulation_; ++micro) {
     RECORD_USER_SCOPE("titan/data");
     at::Tensor batch = loader_->next();
     TITAN_INTERNAL_CHECK(batch.defined(), "training data ended");
@@ -348,7 +441,7 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
       graph_->graph.capture_end();
       graph_->ready = true;
       log::info("CUDA graph: captured the step ({} micro-batch(es)); replaying it from step {}",
-                grad_accum_steps_, step_);
+                accumulation_, step_);
       if (cfg_.profiling.enable_profiling) {
         log::info(
             "profiling: traces of replayed steps show the graph, not every kernel; "
@@ -403,15 +496,15 @@ TrainSummary Trainer::train() {
     profiler.step_begin(step_ + 1);
     auto [loss, grad_norm] = train_step();
     profiler.step_end(step_);
+    test_fault_point(runtime_->env().rank, "step" + std::to_string(step_));
     ++window_steps;
     ++summary.steps_run;
     const bool log_now =
         step_ == first_step || step_ % c.metrics.log_freq == 0 || step_ == c.training.steps;
     if (log_now) {
-      const double loss_v = loss.item<double>();  // synchronizes
+      check_health();  // synchronizes
+      const double loss_v = loss.item<double>();
       const double gn = grad_norm.item<double>();
-      TITAN_CHECK(std::isfinite(loss_v), "loss is ", loss_v, " at step ", step_,
-                  ": training diverged (try a lower optimizer.lr or training.max_norm)");
       const double window_s = seconds_since(window_start);
       const double step_s = window_s / window_steps;
       metrics::StepMetrics m;
@@ -419,8 +512,10 @@ TrainSummary Trainer::train() {
       m.loss = loss_v;
       m.grad_norm = gn;
       m.lr = scheduler_->lr_at(step_);
-      const double tokens =
-          static_cast<double>(c.training.local_batch_size) * c.training.seq_len * grad_accum_steps_;
+      // Per device, as torchtitan counts: a pipeline's ranks share their data-parallel rank's
+      // tokens.
+      const double tokens = static_cast<double>(c.training.local_batch_size) * c.training.seq_len *
+                            accumulation_ / plan_.pp;
       m.tokens_per_second = tokens / step_s;
       m.tflops = m.tokens_per_second * flops_per_token_ / 1e12;
       if (device_.peak_flops > 0) m.mfu_pct = 100.0 * m.tflops * 1e12 / device_.peak_flops;
@@ -434,6 +529,12 @@ TrainSummary Trainer::train() {
       window_start = Clock::now();
       window_steps = 0;
       data_seconds_window_ = 0;
+    }
+    checkpointer_->check_background();
+    // (TITAN_TEST_ALLOW_NONFINITE_SAVE: tests make the checkpoints older versions made.)
+    if (checkpointer_->due(step_, step_ == c.training.steps) &&
+        !std::getenv("TITAN_TEST_ALLOW_NONFINITE_SAVE")) {
+      check_health();
     }
     checkpointer_->maybe_save(step_, step_ == c.training.steps);
     if (c.validation.enable && step_ % c.validation.freq == 0) {
@@ -478,16 +579,31 @@ double Trainer::validate() {
                                 /*infinite=*/false, device.is_cuda());
   data::DataLoader& loader = *loader_ptr;
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
+  // Forward only through the pipeline: each batch in microbatches of the training size.
+  const int64_t mbs = plan_.pp == 1 ? c.validation.local_batch_size : plan_.microbatch_size;
+  TITAN_CHECK(c.validation.local_batch_size % mbs == 0, "validation.local_batch_size (",
+              c.validation.local_batch_size,
+              ") must be a multiple of parallelism.pipeline_parallel_microbatch_size (", mbs, ")");
+  const auto eval = parallel::pipeline::build_eval_schedule(
+      plan_.pp, static_cast<int>(plan_.stages.size()),
+      static_cast<int>(c.validation.local_batch_size / mbs), plan_.schedule.stage_rank);
   int64_t batches = 0;
   while (c.validation.steps < 0 || batches < c.validation.steps) {
     at::Tensor batch = loader.next();
     if (!batch.defined()) break;
-    loss_sum.add_(runner_->forward_loss(batch.to(device, true)));
+    batch = batch.to(device, true);
+    std::vector<at::Tensor> parts;
+    for (int64_t first = 0; first < batch.size(0); first += mbs) {
+      parts.push_back(batch.narrow(0, first, mbs));
+    }
+    executor_->run_eval(eval, parts, loss_sum);
     ++batches;
   }
+  fsdp_->release_all();
   TITAN_CHECK(batches > 0, "validation: dataset ", loader.describe(),
               " holds less than one batch (validation.local_batch_size x (seq_len + 1) tokens "
               "per data-parallel rank)");
+  if (auto* pp = runtime_->mesh().group("pp")) pp->all_reduce(loss_sum, dist::ReduceOp::Sum);
   if (auto* dp = runtime_->mesh().group("dp")) dp->all_reduce(loss_sum, dist::ReduceOp::Sum);
   const double tokens = static_cast<double>(batches) * c.validation.local_batch_size *
                         c.validation.seq_len * dp_size_;

@@ -4,6 +4,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 
 #include "titan/util/error.h"
 
@@ -24,6 +26,11 @@ bool path_exists(const std::string& path) {
 bool is_directory(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+bool is_regular_file(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
 
 int64_t file_size(const std::string& path) {
@@ -124,6 +131,41 @@ std::string parent_path(const std::string& path) {
   if (slash == std::string::npos) return ".";
   if (slash == 0) return "/";
   return path.substr(0, slash);
+}
+
+FolderLock::FolderLock(const std::string& folder, const std::string& user) {
+  make_directories(folder);
+  const std::string path = join_path(folder, ".titan.lock");
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  TITAN_CHECK(fd_ >= 0, user, ": cannot create the lock file ", path, ": ", std::strerror(errno));
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    char buf[512] = {0};
+    const ssize_t n = ::pread(fd_, buf, sizeof(buf) - 1, 0);
+    std::string holder = n > 0 ? std::string(buf, static_cast<size_t>(n)) : "another process";
+    while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+    ::close(fd_);
+    fd_ = -1;
+    TITAN_CHECK(err != EWOULDBLOCK, user, " ", folder, " is in use by another titan run (", holder,
+                "); wait for it to finish, stop it, or choose another folder");
+    fail(user, ": cannot lock ", path, ": ", std::strerror(err));
+  }
+  char host[256] = {0};
+  ::gethostname(host, sizeof(host) - 1);
+  char when[64] = {0};
+  const time_t now = ::time(nullptr);
+  struct tm tm {};
+  ::localtime_r(&now, &tm);
+  ::strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S", &tm);
+  const std::string owner = "host " + std::string(host) + ", pid " + std::to_string(::getpid()) +
+                            ", started " + when + "\n";
+  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, owner.data(), owner.size(), 0) < 0) {
+    // The lock holds without the description; a second run then names no holder.
+  }
+}
+
+FolderLock::~FolderLock() {
+  if (fd_ >= 0) ::close(fd_);  // closing the last descriptor releases the flock
 }
 
 }  // namespace titan::util

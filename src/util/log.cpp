@@ -1,12 +1,18 @@
 // Logger set-up for titan_train and tests.
 #include "titan/util/log.h"
 
+#include <unistd.h>
+
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/sinks/stdout_sinks.h>
 
 #include <cstdlib>
 
 namespace titan::log {
+
+bool colors_wanted(bool disabled_by_config) {
+  return !disabled_by_config && ::isatty(STDOUT_FILENO) == 1;
+}
 
 void init(int rank, bool enabled, bool color) {
   spdlog::sink_ptr sink;

@@ -1,5 +1,6 @@
 // String helpers: parsing, joining, and nearest-match suggestions for error messages.
 #include "titan/util/strings.h"
+#include "titan/util/error.h"
 
 #include <sstream>
 
@@ -8,6 +9,7 @@
 #include <cerrno>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 
 namespace titan::util {
@@ -148,3 +150,16 @@ std::string format_number(double v) {
 }
 
 }  // namespace titan::util
+
+namespace titan {
+
+void test_fault_point(int rank, const std::string& point) {
+  const char* spec = std::getenv("TITAN_TEST_FAULT");
+  if (!spec) return;
+  if (std::string(spec) == std::to_string(rank) + ":" + point) {
+    std::fflush(nullptr);
+    std::_Exit(137);
+  }
+}
+
+}  // namespace titan

@@ -41,6 +41,11 @@ TEST(Training, DebugModelLossFallsAndEveryMetricIsLogged) {
   std::string line;
   std::getline(in, line);
   auto j = nlohmann::json::parse(line);
+  // The log opens with the run's start event, then one record per logged step.
+  EXPECT_EQ(j["event"], "start");
+  EXPECT_EQ(j["step"], 0);
+  std::getline(in, line);
+  j = nlohmann::json::parse(line);
   for (const char* key : {"step", "loss", "grad_norm", "lr", "tps", "tflops", "mfu",
                           "max_memory_gib", "step_seconds", "data_seconds"}) {
     EXPECT_TRUE(j.contains(key)) << key;

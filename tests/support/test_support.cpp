@@ -1,6 +1,10 @@
 // Test helpers: temp folders, subprocesses, tensor comparisons.
 #include "support/test_support.h"
 
+#include "titan/checkpoint/safetensors.h"
+#include "titan/config/job_config.h"
+#include "titan/parallel/parallelize.h"
+#include "titan/parallel/pipeline/stage.h"
 #include "titan/util/error.h"
 #include "titan/util/fs.h"
 #include "titan/util/strings.h"
@@ -147,6 +151,63 @@ bool python_can_import(const std::string& modules) {
          run_process({py, "-c", "import " + modules}).exit_code == 0;
 }
 
+at::Tensor single_stage_step(const model::LlamaArgs& args, parallel::FsdpModel& fsdp,
+                             const at::Tensor& tokens, double grad_scale,
+                             const std::string& ac_mode, const std::string& ac_option) {
+  config::ActivationCheckpointSection ac;
+  ac.mode = ac_mode;
+  ac.selective_ac_option = ac_option;
+  const auto policy = parallel::CheckpointPolicy::from_config(ac);
+  std::vector<model::SavePolicy> policies;
+  for (int64_t l = 0; l < args.n_layers; ++l) policies.push_back(policy.for_layer(l));
+  std::vector<size_t> units;
+  for (size_t i = 0; i < fsdp.num_units(); ++i) units.push_back(i);
+  parallel::pipeline::RopeCache ropes(args);
+  parallel::pipeline::StageOptions opts;
+  opts.compute_dtype = fsdp.options().param_dtype;
+  parallel::pipeline::Stage stage({0, true, 0, static_cast<int>(args.n_layers), true}, units, args,
+                                  fsdp, ropes, policies, opts);
+  stage.begin_step(1);
+  const int64_t seq = tokens.size(1) - 1;
+  at::Tensor loss_sum =
+      at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(tokens.device()));
+  stage.forward(0, tokens.narrow(1, 0, seq), tokens.narrow(1, 1, seq).reshape({-1}), grad_scale,
+                loss_sum);
+  stage.backward(0, at::Tensor(), /*with_weight=*/true);
+  fsdp.finish_grad_reduction();
+  return loss_sum;
+}
+
+at::Tensor read_checkpoint_tensor(const std::string& dir, const std::string& name) {
+  std::ifstream in(dir + "/metadata.json");
+  const nlohmann::json meta = nlohmann::json::parse(in);
+  const auto& t = meta.at("tensors").at(name);
+  const auto shape = t.at("shape").get<std::vector<int64_t>>();
+  int64_t numel = 1;
+  for (int64_t s : shape) numel *= s;
+  at::Tensor out = at::empty({numel}, checkpoint::scalar_type_of(t.at("dtype").get<std::string>()));
+  int64_t covered = 0;
+  for (const auto& c : t.at("chunks")) {
+    checkpoint::SafetensorsReader r(dir + "/" + c.at("file").get<std::string>());
+    const int64_t offset = c.at("offset"), n = c.at("numel");
+    out.narrow(0, offset, n).copy_(r.read(c.at("key").get<std::string>()));
+    covered += n;
+  }
+  if (covered != numel) throw std::runtime_error("checkpoint " + dir + " misses part of " + name);
+  return out.view(shape);
+}
+
+std::map<std::string, at::Tensor> read_checkpoint_weights(const std::string& dir) {
+  std::ifstream in(dir + "/metadata.json");
+  const nlohmann::json meta = nlohmann::json::parse(in);
+  std::map<std::string, at::Tensor> out;
+  for (auto it = meta.at("tensors").begin(); it != meta.at("tensors").end(); ++it) {
+    if (it.key().find('/') == std::string::npos)
+      out[it.key()] = read_checkpoint_tensor(dir, it.key());
+  }
+  return out;
+}
+
 bool gloo_available() {
 #ifdef TITAN_WITH_GLOO
   return true;
@@ -171,7 +232,8 @@ int free_port() {
 
 std::vector<ProcessResult> run_ranks(const std::vector<std::string>& argv, int world,
                                      const std::vector<std::string>& env, double timeout_s,
-                                     const std::vector<int>& ranks_to_start) {
+                                     const std::vector<int>& ranks_to_start,
+                                     const std::vector<std::vector<std::string>>& rank_env) {
   const int port = free_port();
   std::vector<int> ranks = ranks_to_start;
   if (ranks.empty()) {
@@ -194,8 +256,16 @@ std::vector<ProcessResult> run_ranks(const std::vector<std::string>& argv, int w
                                      "TITAN_DEVICE=cpu",
                                      "OMP_NUM_THREADS=1"};
     vars.insert(vars.end(), env.begin(), env.end());
+    std::vector<std::string> rank_argv = argv;
+    if (static_cast<size_t>(r) < rank_env.size()) {
+      for (const auto& e : rank_env[static_cast<size_t>(r)]) {
+        // NAME=VALUE entries are environment; options and their values are arguments.
+        const bool is_env = e.rfind("--", 0) != 0 && e.find('=') != std::string::npos;
+        (is_env ? vars : rank_argv).push_back(e);
+      }
+    }
     int fd = -1;
-    const pid_t pid = spawn(argv, vars, &fd);
+    const pid_t pid = spawn(rank_argv, vars, &fd);
     children.push_back({pid, fd});
   }
   const auto deadline = std::chrono::steady_clock::now() +

@@ -4,8 +4,12 @@
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
+
+#include "titan/model/llama_args.h"
+#include "titan/parallel/fsdp.h"
 
 namespace titan::test {
 
@@ -51,6 +55,20 @@ std::string python();
 // Whether that Python can run `import <modules>`.
 bool python_can_import(const std::string& modules);
 
+// One optimizer step's forward and backward of `tokens` ([B, S + 1]) through the whole model
+// as one pipeline stage, with the activation-checkpoint mode and option of the config; weight
+// gradients land in `fsdp`'s shard gradients (reductions finished). Returns the loss sum.
+at::Tensor single_stage_step(const model::LlamaArgs& args, parallel::FsdpModel& fsdp,
+                             const at::Tensor& tokens, double grad_scale,
+                             const std::string& ac_mode = "none",
+                             const std::string& ac_option = "2");
+
+// A tensor of a titan checkpoint step folder, assembled from its chunks (stored dtype, full
+// shape); `name` as the index lists it ("layers.0.attention.wq.weight", "optim.exp_avg/...").
+at::Tensor read_checkpoint_tensor(const std::string& step_dir, const std::string& name);
+// Every model weight of a checkpoint step folder, by parameter name.
+std::map<std::string, at::Tensor> read_checkpoint_weights(const std::string& step_dir);
+
 // Whether this build can run several CPU ranks (LibTorch with Gloo; pip wheels ship none).
 bool gloo_available();
 
@@ -68,10 +86,13 @@ namespace titan::test {
 
 // Starts `world` processes of `argv` as ranks of one job on loopback (RANK, WORLD_SIZE,
 // LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT set; a free port chosen), waits up to
-// `timeout_s` and kills whatever still runs. `ranks_to_start` (empty: all) starts a subset.
+// `timeout_s` and kills whatever still runs. `ranks_to_start` (empty: all) starts a subset;
+// `rank_env[r]` adds (or overrides) environment entries (NAME=VALUE) of rank r only; its other
+// entries (options and their values) are appended to that rank's arguments.
 std::vector<ProcessResult> run_ranks(const std::vector<std::string>& argv, int world,
                                      const std::vector<std::string>& env, double timeout_s,
-                                     const std::vector<int>& ranks_to_start = {});
+                                     const std::vector<int>& ranks_to_start = {},
+                                     const std::vector<std::vector<std::string>>& rank_env = {});
 // A TCP port free on 127.0.0.1 right now.
 int free_port();
 

@@ -10,11 +10,14 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
 #include <memory>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <nlohmann/json_fwd.hpp>
 
 #include "titan/config/job_config.h"
 #include "titan/model/llama_args.h"
@@ -47,6 +50,8 @@ struct TrainerState {
   data::DataLoader* loader = nullptr;
   model::LlamaArgs args;
   std::string flavor;
+  // JSON naming the tokenizer and dataset the run reads (recorded; a resume compares).
+  std::string data_identity;
 };
 
 // The model arguments a checkpoint's index records beyond the flavor's dims (RoPE theta and
@@ -64,10 +69,14 @@ class Checkpointer {
   int64_t load_at_start();
   // Saves when the schedule says so (interval, first step, last step).
   void maybe_save(int64_t step, bool last_step);
+  // Whether maybe_save would save at this step.
+  bool due(int64_t step, bool last_step) const;
   // Saves now. `model_only`: weights only, in `dtype`.
   void save(int64_t step, bool model_only, at::ScalarType dtype);
   // Waits for an asynchronous save to be committed.
   void wait();
+  // Surfaces an asynchronous save's failure as soon as its thread has ended (call every step).
+  void check_background();
   const SaveStats& last_stats() const { return last_; }
 
   // Loads `step_dir` (a complete step folder) into the state; `what` chooses among
@@ -86,6 +95,13 @@ class Checkpointer {
   std::unique_ptr<Snapshot> snapshot(int64_t step, bool model_only, at::ScalarType dtype,
                                      bool pinned);
   void write(std::unique_ptr<Snapshot> snap);
+  void write_files(Snapshot& snap);
+  // Counts non-finite elements of `tensors` over every rank; the total.
+  int64_t nonfinite_elements(const std::vector<at::Tensor>& tensors);
+  void check_finite_after_load(const std::string& step_dir, const std::vector<at::Tensor>& masters);
+  // Whether the checkpoint's data (tokenizer, dataset) are this run's; a change fails unless
+  // checkpoint.allow_data_change, and then the data position is not restored.
+  bool same_data(const std::string& step_dir, const nlohmann::json& meta);
   void commit(const Snapshot& snap, const std::string& report);
   void barrier(const std::string& key, int64_t step);
 
@@ -94,8 +110,10 @@ class Checkpointer {
   TrainerState state_;
   std::string folder_;
   std::thread writer_;
+  std::atomic<bool> writer_done_{false};
   std::exception_ptr writer_error_;
   SaveStats last_;
+  bool finite_ = true;  // the state being saved is finite (always, outside the test hook)
 };
 
 }  // namespace titan::checkpoint

@@ -140,7 +140,9 @@ struct CheckpointSection {
   std::vector<std::string> exclude_from_loading;
   bool enable_first_step_checkpoint = false;
   bool create_seed_checkpoint = false;
-  bool load_only = false;  // load, never save
+  bool load_only = false;             // load, never save
+  bool allow_data_change = false;     // resume with another tokenizer or dataset
+  bool allow_nonfinite_load = false;  // resume from weights holding NaN/Inf
   bool initial_load_in_hf_quantized = false;
   bool enable_ft_dataloader_checkpoints = true;
 };

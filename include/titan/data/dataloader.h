@@ -73,7 +73,10 @@ class DataLoader {
   std::unique_ptr<DocumentSource> source_;
   LoaderOptions options_;
   std::string description_;
-  LoaderState cursor_;    // producer-side state (source position + carry)
+  LoaderState cursor_;               // producer-side state (source position + carry)
+  int64_t epochs_logged_ = 0;        // epochs ended so far (small datasets loop often)
+  int64_t windows_at_last_log_ = 0;  // windows produced when an epoch end was last logged
+  bool small_warned_ = false;
   LoaderState consumed_;  // state after the last batch handed out
   double last_wait_s_ = 0;
 

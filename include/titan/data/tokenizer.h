@@ -41,6 +41,8 @@ class ByteTokenizer : public Tokenizer {
 // original/tokenizer.model in model.hf_assets_path, else the byte tokenizer (also, with a
 // warning, when that folder holds none). Throws titan::Error for missing paths and malformed
 // or unsupported files. Byte-level BPE: titan/data/bpe_tokenizer.h.
+// The file build_tokenizer reads for these keys ("" for the byte tokenizer).
+std::string tokenizer_file(const std::string& tokenizer_path, const std::string& hf_assets_path);
 std::unique_ptr<Tokenizer> build_tokenizer(const std::string& tokenizer_path,
                                            const std::string& hf_assets_path);
 

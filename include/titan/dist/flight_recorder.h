@@ -97,5 +97,7 @@ class Watchdog {
 };
 
 double wall_seconds();
+// The store key where a rank's watchdog publishes its heartbeat (wall time, every poll).
+std::string heartbeat_key(int rank);
 
 }  // namespace titan::dist

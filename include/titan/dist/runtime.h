@@ -5,6 +5,7 @@
 
 #include <c10/core/Device.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -33,11 +34,18 @@ class Runtime {
   c10d::Store* store() const;
   // Switches the watchdog from the start-up timeout to comm.train_timeout_seconds.
   void enter_training();
+  // How long a rank waits for its peers now: comm.init_timeout_seconds until training starts,
+  // comm.train_timeout_seconds after; `key` names it for messages.
+  std::chrono::seconds wait_timeout() const;
+  const char* wait_timeout_key() const;
 
  private:
   void abort_all();
+  // Which of `members` stopped publishing heartbeats (died): for failed transfers.
+  std::string dead_peers(const std::vector<int>& members) const;
   LaunchEnv env_;
   const config::JobConfig& config_;
+  bool training_ = false;
   FlightRecorder recorder_;
   struct StoreHolder;
   std::unique_ptr<StoreHolder> store_;
@@ -49,8 +57,14 @@ class Runtime {
 // Connects to (rank 0: serves) the TCPStore and waits until every rank arrived; a missing peer
 // becomes a titan::Error naming the ranks that did not arrive within `timeout_s`.
 // Exposed for tests; Runtime calls it.
+// `identity`: what every rank must agree on (JSON with the world size, titan's version and a
+// digest of the resolved config); rank 0 compares each rank's with its own and names the first
+// that differs.
 struct Rendezvous;
-std::shared_ptr<Rendezvous> rendezvous(const LaunchEnv& env, double timeout_s);
+std::shared_ptr<Rendezvous> rendezvous(const LaunchEnv& env, double timeout_s,
+                                       const std::string& identity = "");
+// The identity of this process for rendezvous(): world size, version, config digest.
+std::string rendezvous_identity(const LaunchEnv& env, const config::JobConfig& config);
 c10d::Store* rendezvous_store(const Rendezvous& r);
 
 }  // namespace titan::dist

@@ -34,6 +34,9 @@ struct MetricsOptions {
   std::string tb_folder;  // under dump_folder
   bool color = true;
   int rank = 0;
+  // The step the run continues after (0: a fresh start). metrics.jsonl is a log kept across
+  // runs: records of later steps, from an interrupted run's tail, are dropped at a resume.
+  int64_t start_step = 0;
 };
 
 class MetricsLogger {
@@ -44,8 +47,12 @@ class MetricsLogger {
   void log_validation(int64_t step, double loss, double seconds);
 
  private:
+  // Appends one whole line; write errors warn once and fail after three in a row.
+  void write_record(const std::string& line);
   MetricsOptions options_;
-  std::ofstream jsonl_;
+  std::string jsonl_path_;
+  int jsonl_fd_ = -1;
+  int failed_writes_ = 0;
   std::unique_ptr<TensorBoardWriter> tb_;
 };
 

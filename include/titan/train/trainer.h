@@ -1,6 +1,8 @@
 // The Trainer: builds everything a job needs in the order it is needed (config -> launch and
-// mesh -> device -> tokenizer and data -> model on the meta device -> parallelize and
-// materialize -> optimizer and schedule -> metrics), then runs the training loop.
+// mesh -> device -> tokenizer and data -> the plan (parallel/parallelize.h) -> this rank's
+// units, materialized -> stages and the pipeline executor -> optimizer and schedule ->
+// metrics), then runs the training loop. One code path for every pipeline degree: with one
+// pipeline rank the whole model is one stage and gradient accumulation is its microbatches.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,10 +18,13 @@
 #include "titan/metrics/metrics.h"
 #include "titan/model/llama_args.h"
 #include "titan/parallel/fsdp.h"
+#include "titan/parallel/parallelize.h"
+#include "titan/parallel/pipeline/executor.h"
+#include "titan/parallel/pipeline/stage.h"
 #include "titan/train/lr_scheduler.h"
-#include "titan/train/model_runner.h"
 #include "titan/train/optimizer.h"
 #include "titan/util/device.h"
+#include "titan/util/fs.h"
 
 namespace titan::train {
 
@@ -48,17 +53,26 @@ class Trainer {
   dist::Runtime& runtime() { return *runtime_; }
   checkpoint::Checkpointer& checkpointer() { return *checkpointer_; }
   parallel::FsdpModel& model() { return *fsdp_; }
+  const parallel::Plan& plan() const { return plan_; }
   data::DataLoader& dataloader() { return *loader_; }
   const model::LlamaArgs& model_args() const { return args_; }
 
  private:
-  // The device work of one step (tokens already on the device, optimizer prepared): gradient
-  // reset, micro-batches, reductions, clipping, update. Returns (mean loss, grad norm).
-  std::pair<at::Tensor, at::Tensor> step_body(const std::vector<at::Tensor>& tokens);
+  // The device work of one step (the loader's batches already on the device, optimizer
+  // prepared): gradient reset, the schedule's passes, reductions, clipping, update. Returns
+  // (mean loss, grad norm).
+  std::pair<at::Tensor, at::Tensor> step_body(const std::vector<at::Tensor>& batches);
+  // A loader batch [B, S + 1] as the schedule's microbatches.
+  std::vector<at::Tensor> microbatches_of(const at::Tensor& batch) const;
   bool graph_eligible() const;
+  // JSON naming the tokenizer (kind, vocabulary, file checksum) and dataset (name, files and
+  // sizes) of this run, recorded in checkpoints so a resume on other data is caught.
+  std::string data_identity() const;
+  // Fails (naming the step) once a step's loss or gradient norm was not finite; synchronizes.
+  void check_health();
   // Logs the per-rank memory estimate of this plan, warns when it exceeds the device, and
   // registers it for out-of-memory reports.
-  void report_memory_estimate(const ActivationPolicy& ac);
+  void report_memory_estimate();
   // A loader over `dataset` / `path` dealing windows to this data-parallel rank.
   std::unique_ptr<data::DataLoader> make_loader(const std::string& dataset, const std::string& path,
                                                 int64_t batch, int64_t seq_len, bool infinite,
@@ -68,20 +82,28 @@ class Trainer {
   int64_t graph_warmup_steps_ = 2;
 
   config::JobConfig cfg_;
+  std::unique_ptr<util::FolderLock> dump_lock_;  // rank 0: this run owns job.dump_folder
   std::unique_ptr<dist::Runtime> runtime_;
   DeviceInfo device_;
   model::LlamaArgs args_;
   std::shared_ptr<const data::Tokenizer> tokenizer_;
   std::unique_ptr<data::DataLoader> loader_;
+  parallel::Plan plan_;
   std::unique_ptr<parallel::FsdpModel> fsdp_;
-  std::unique_ptr<ModelRunner> runner_;
+  std::unique_ptr<parallel::pipeline::RopeCache> ropes_;
+  std::vector<std::unique_ptr<parallel::pipeline::Stage>> stages_;
+  std::unique_ptr<parallel::pipeline::Executor> executor_;
   std::unique_ptr<Optimizer> optimizer_;
   std::unique_ptr<LrScheduler> scheduler_;
   std::unique_ptr<metrics::MetricsLogger> metrics_;
   std::unique_ptr<checkpoint::Checkpointer> checkpointer_;
   int64_t step_ = 0;
+  // Device int64 [2]: the first non-finite step (counted from health_base_; 0: none) and the
+  // steps run.
+  at::Tensor health_;
+  int64_t health_base_ = 0;
   bool estimate_only_ = false;  // memory_estimation.enable: built the plan, allocated nothing
-  int64_t grad_accum_steps_ = 1;
+  int64_t accumulation_ = 1;    // loader batches per optimizer step per data-parallel rank
   int64_t dp_size_ = 1;
   int64_t dp_rank_ = 0;
   double flops_per_token_ = 0;

@@ -54,6 +54,13 @@ template <typename... Args>
     }                             \
   } while (0)
 
+namespace titan {
+// Test-only fault injection: ends the process at once (as SIGKILL would, exit status 137) when
+// TITAN_TEST_FAULT names this rank and point, e.g. "1:save" or "0:step3". Used by the
+// reliability tests to kill a rank at a known moment.
+void test_fault_point(int rank, const std::string& point);
+}  // namespace titan
+
 // Checks one of titan's own invariants; throws titan::InternalError otherwise.
 #define TITAN_INTERNAL_CHECK(cond, ...)    \
   do {                                     \

@@ -12,6 +12,7 @@ namespace titan::util {
 
 bool path_exists(const std::string& path);
 bool is_directory(const std::string& path);
+bool is_regular_file(const std::string& path);
 int64_t file_size(const std::string& path);  // -1 when missing
 // mkdir -p; throws titan::Error naming the path on failure.
 void make_directories(const std::string& path);
@@ -28,6 +29,22 @@ std::vector<std::string> list_directory(const std::string& path);
 // "a/b" from ("a", "b"), without doubling the separator.
 std::string join_path(const std::string& a, const std::string& b);
 std::string parent_path(const std::string& path);
+
+// An exclusive lock on a folder for as long as the object lives: flock(2) on
+// <folder>/.titan.lock, released by the kernel when the process ends however it ends. The lock
+// file names its holder (host, pid, start time). Creates the folder. Throws titan::Error naming
+// the holder when another process holds the lock.
+class FolderLock {
+ public:
+  // `user`: what uses the folder, for the message ("job.dump_folder").
+  FolderLock(const std::string& folder, const std::string& user);
+  ~FolderLock();
+  FolderLock(const FolderLock&) = delete;
+  FolderLock& operator=(const FolderLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
 
 // A path as a string, from std::string, const char* or a std::filesystem::path-like object.
 inline std::string path_str(const std::string& s) {

@@ -9,6 +9,10 @@ namespace titan::log {
 
 // Sets up the default logger: "[titan] [rank R] time level message"; `rank` < 0 omits it.
 // Only ranks for which `enabled` is true print info-level lines; warnings and errors always.
+// Whether log lines get colors: never when disabled by the config, or when stdout is not a
+// terminal (files and pipes get plain text).
+bool colors_wanted(bool disabled_by_config);
+
 void init(int rank, bool enabled, bool color);
 
 template <typename... Args>

@@ -208,3 +208,9 @@ TEST(JobConfigDocs, ConfigReferenceInDocsIsCurrent) {
   EXPECT_EQ(titan::test::read_file(path), titan::config::markdown_reference())
       << "docs/CONFIG.md is stale: regenerate with titan_train --help-markdown > docs/CONFIG.md";
 }
+
+TEST(JobConfig, ConfigFileThatIsADirectoryIsRejected) {
+  titan::test::TempDir dir;
+  const std::string msg = error_of([&] { load_job_config({"--job.config_file", dir.path()}); });
+  EXPECT_NE(msg.find("is a directory; expected a TOML job file"), std::string::npos) << msg;
+}

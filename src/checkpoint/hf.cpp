@@ -142,20 +142,32 @@ bool adopt_hf_config(const std::string& folder, model::LlamaArgs& a) {
     }
     // Values that vary between Llama 3 releases: the folder's own win, with a log line.
     model::LlamaArgs b = a;
+    // transformers < 5 writes rope_theta and rope_scaling at the top; transformers 5 writes
+    // them together as rope_parameters (rope_type "default" meaning no scaling).
+    const json* rope = nullptr;
+    const char* rope_key = "rope_scaling";
+    if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
+      rope = &j["rope_parameters"];
+      rope_key = "rope_parameters";
+      if (rope->contains("rope_theta")) b.rope_theta = (*rope)["rope_theta"].get<double>();
+    } else if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
+      rope = &j["rope_scaling"];
+    }
     if (j.contains("rope_theta")) b.rope_theta = j["rope_theta"].get<double>();
     if (j.contains("rms_norm_eps")) b.norm_eps = j["rms_norm_eps"].get<double>();
     b.rope_scaling_factor = 0;
-    if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
-      const json& rs = j["rope_scaling"];
-      const std::string type = rs.value("rope_type", rs.value("type", std::string("?")));
-      TITAN_CHECK(type == "llama3", where, ": rope_scaling type \"", type,
+    const std::string type =
+        rope ? rope->value("rope_type", rope->value("type", std::string("?"))) : "default";
+    if (type != "default") {
+      TITAN_CHECK(type == "llama3", where, ": ", rope_key, " type \"", type,
                   "\" is not supported; titan implements Llama 3.1's \"llama3\" scaling");
-      b.rope_scaling_factor = rs.at("factor").get<double>();
-      b.rope_low_freq_factor = rs.at("low_freq_factor").get<double>();
-      b.rope_high_freq_factor = rs.at("high_freq_factor").get<double>();
-      b.rope_original_max_positions = rs.at("original_max_position_embeddings").get<int64_t>();
+      b.rope_scaling_factor = rope->at("factor").get<double>();
+      b.rope_low_freq_factor = rope->at("low_freq_factor").get<double>();
+      b.rope_high_freq_factor = rope->at("high_freq_factor").get<double>();
+      b.rope_original_max_positions = rope->at("original_max_position_embeddings").get<int64_t>();
       TITAN_CHECK(b.rope_scaling_factor > 0 && b.rope_high_freq_factor > b.rope_low_freq_factor,
-                  where, ": rope_scaling needs factor > 0 and high_freq_factor > low_freq_factor");
+                  where, ": ", rope_key,
+                  " needs factor > 0 and high_freq_factor > low_freq_factor");
     }
     if (model::describe_rope(b) != model::describe_rope(a)) {
       log::info("model: RoPE {} from {} (the flavor has {})", model::describe_rope(b), where,
@@ -361,13 +373,18 @@ void export_hf(const std::string& folder, TrainerState& state, dist::Runtime& ru
               {"mlp_bias", false},
               {"torch_dtype", dtype},
               {"max_position_embeddings", 131072}};
+  // Both spellings: rope_theta + rope_scaling (transformers 4) and rope_parameters (5).
+  json params = {{"rope_type", "default"}, {"rope_theta", a.rope_theta}};
   if (a.rope_scaling_factor > 0) {
     cfg["rope_scaling"] = {{"rope_type", "llama3"},
                            {"factor", a.rope_scaling_factor},
                            {"low_freq_factor", a.rope_low_freq_factor},
                            {"high_freq_factor", a.rope_high_freq_factor},
                            {"original_max_position_embeddings", a.rope_original_max_positions}};
+    params = cfg["rope_scaling"];
+    params["rope_theta"] = a.rope_theta;
   }
+  cfg["rope_parameters"] = params;
   std::ofstream(fs::path(staging) / "config.json") << cfg.dump(2);
   if (util::path_exists(util::path_str(folder))) util::remove_tree(util::path_str(folder));
   util::rename_path(util::path_str(staging), util::path_str(folder));

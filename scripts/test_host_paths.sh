@@ -31,8 +31,11 @@ TOML
 cd "$work"
 NPROC=1 CONFIG_FILE=job.toml "$TITAN_REPO/scripts/train.sh" --metrics.disable_color_printing \
   >"$work/train.log" 2>&1 || { cat "$work/train.log"; titan_die "host paths: training failed"; }
-lines="$(wc -l <"$work/run/metrics.jsonl" 2>/dev/null || echo 0)"
-[ "$lines" = 4 ] || { cat "$work/train.log"; titan_die "host paths: $work/run/metrics.jsonl has $lines records, expected 4"; }
+# One "start" event record, then one record per step.
+lines="$(grep -vc '"event"' "$work/run/metrics.jsonl" 2>/dev/null || echo 0)"
+[ "$lines" = 4 ] || { cat "$work/train.log"; titan_die "host paths: $work/run/metrics.jsonl has $lines step records, expected 4"; }
+grep -q '"event":"start"' "$work/run/metrics.jsonl" ||
+  titan_die "host paths: $work/run/metrics.jsonl has no start event record"
 [ -f "$work/run/checkpoint/step-2/metadata.json" ] && [ -f "$work/run/checkpoint/step-4/metadata.json" ] ||
   { ls -R "$work/run"; titan_die "host paths: no checkpoint under $work/run/checkpoint"; }
 titan_log "host paths: config, data, tokenizer and outputs in $work (mode $(titan_mode)): metrics.jsonl ($lines steps) and checkpoints step-2, step-4 written there"

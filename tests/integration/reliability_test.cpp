@@ -404,3 +404,23 @@ TEST(Reliability, UnresolvableMasterAddressIsNamed) {
   EXPECT_EQ(results[0].exit_code, 2) << results[0].output;
   EXPECT_TRUE(contains(results[0].output, "MASTER_ADDR no-such-host.invalid")) << results[0].output;
 }
+
+// 4c. scripts/launch.sh: when one rank fails, every process of every other rank ends too (its
+// process group), and the launch exits with the failing rank's status.
+TEST(Reliability, LaunchStopsEveryProcessOfEveryRankWhenOneFails) {
+  test::TempDir dir;
+  const std::string marker = dir.file("survivor");
+  // Rank 1 fails after a moment; rank 0 starts a grandchild that would outlive a plain kill.
+  const std::string script =
+      "if [ \"$RANK\" = 1 ]; then sleep 1; exit 7; fi; "
+      "(sleep 3; touch " + marker + ") & sleep 30";
+  const auto r = test::run_process({"/bin/bash", std::string(TITAN_SOURCE_DIR) + "/scripts/launch.sh",
+                                    "/bin/bash", "-c", script},
+                                   {"NPROC=2"});
+  EXPECT_EQ(r.exit_code, 7) << r.output;
+  EXPECT_TRUE(contains(r.output, "rank 1 exited with status 7; stopping the other ranks"))
+      << r.output;
+  // Nothing of rank 0 is left to create the marker.
+  std::this_thread::sleep_for(std::chrono::seconds(4));
+  EXPECT_FALSE(fs::exists(marker)) << "a process of rank 0 outlived the launch";
+}

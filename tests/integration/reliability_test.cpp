@@ -413,10 +413,12 @@ TEST(Reliability, LaunchStopsEveryProcessOfEveryRankWhenOneFails) {
   // Rank 1 fails after a moment; rank 0 starts a grandchild that would outlive a plain kill.
   const std::string script =
       "if [ \"$RANK\" = 1 ]; then sleep 1; exit 7; fi; "
-      "(sleep 3; touch " + marker + ") & sleep 30";
-  const auto r = test::run_process({"/bin/bash", std::string(TITAN_SOURCE_DIR) + "/scripts/launch.sh",
-                                    "/bin/bash", "-c", script},
-                                   {"NPROC=2"});
+      "(sleep 3; touch " +
+      marker + ") & sleep 30";
+  const auto r =
+      test::run_process({"/bin/bash", std::string(TITAN_SOURCE_DIR) + "/scripts/launch.sh",
+                         "/bin/bash", "-c", script},
+                        {"NPROC=2"});
   EXPECT_EQ(r.exit_code, 7) << r.output;
   EXPECT_TRUE(contains(r.output, "rank 1 exited with status 7; stopping the other ranks"))
       << r.output;

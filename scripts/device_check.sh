@@ -4,7 +4,7 @@
 # packages), runs the GPU tests, short GPU training runs and the benchmarks; logs go to $OUT.
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
-# oom8b readme
+# oom8b tp2 readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -206,6 +206,49 @@ do_ckpt8b() {
   rm -rf "$dump"
 }
 
+# Tensor parallel over NCCL on 2 GPUs: bf16 loss parity of tp 2 (sync, async, gathered logits)
+# with one GPU on the debug model; then 8B on 2 GPUs, FSDP 2 against tp 2 and async tp 2 at the
+# same tokens per GPU (full activation checkpointing), the async run profiled (exposed
+# communication).
+do_tp2() {
+  local common=(--job.config_file configs/debug_model.toml --training.steps 30 --metrics.log_freq 1
+    --metrics.disable_color_printing --metrics.enable_tensorboard false)
+  CUDA_VISIBLE_DEVICES=0 "$BUILD_DIR/titan_train" "${common[@]}" --training.local_batch_size 8 \
+    --job.dump_folder "$OUT/tp_1gpu" >/dev/null 2>&1 || echo "1-GPU run failed"
+  local name extra
+  for name in tp2 tp2_async tp2_gathered; do
+    case "$name" in
+      tp2) extra=() ;;
+      tp2_async) extra=(--parallelism.enable_async_tensor_parallel) ;;
+      tp2_gathered) extra=(--parallelism.disable_loss_parallel) ;;
+    esac
+    CUDA_VISIBLE_DEVICES=0,1 trun 2 "$BUILD_DIR/titan_train" "${common[@]}" \
+      --training.local_batch_size 8 --parallelism.tensor_parallel_degree 2 \
+      --parallelism.data_parallel_shard_degree 1 "${extra[@]}" \
+      --job.dump_folder "$OUT/$name" >"$OUT/$name.log" 2>&1 || tail -20 "$OUT/$name.log"
+    compare_losses "bf16 $name vs 1 GPU" "$OUT/tp_1gpu/metrics.jsonl" "$OUT/$name/metrics.jsonl"
+  done
+  local big=(--job.config_file configs/llama3_8b.toml --training.seq_len 4096
+    --activation_checkpoint.mode full --training.steps "${TP_STEPS:-15}" --metrics.log_freq 5
+    --metrics.enable_tensorboard false --metrics.disable_color_printing)
+  for name in fsdp2_8b tp2_8b tp2_async_8b; do
+    case "$name" in
+      fsdp2_8b) extra=(--training.local_batch_size 2) ;;
+      tp2_8b) extra=(--training.local_batch_size 4 --parallelism.tensor_parallel_degree 2
+        --parallelism.data_parallel_shard_degree 1) ;;
+      tp2_async_8b) extra=(--training.local_batch_size 4 --parallelism.tensor_parallel_degree 2
+        --parallelism.data_parallel_shard_degree 1 --parallelism.enable_async_tensor_parallel
+        --profiling.enable_profiling --profiling.profile_freq 10 --profiling.profiler_active 2
+        --profiling.profiler_warmup 1) ;;
+    esac
+    CUDA_VISIBLE_DEVICES=0,1 trun 2 "$BUILD_DIR/titan_train" "${big[@]}" "${extra[@]}" \
+      --job.dump_folder "$OUT/$name" >"$OUT/$name.log" 2>&1 || tail -20 "$OUT/$name.log"
+    "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/$name/metrics.jsonl') if '\"tps\"' in l][-1];print('$name: tps/gpu', round(r['tps']), 'mfu', round(r['mfu'],2), 'allocated GiB', round(r['max_active_memory_gib'],1), 'reserved GiB', round(r['max_memory_gib'],1), 'loss', round(r['loss'],4))"
+  done
+  "$PY" scripts/trace_summary.py "$OUT/tp2_async_8b/profile_traces/iteration_10/rank0_trace.json" \
+    --steps 2 | tail -25
+}
+
 for s in "${stages[@]}"; do
   case "$s" in
     build) run_stage build do_build || { tail -50 "$OUT/build.log"; exit 1; } ;;
@@ -229,6 +272,7 @@ for s in "${stages[@]}"; do
     titan3b) run_stage titan_3b do_titan3b; grep -E "step:|error" "$OUT/titan_3b.log" | tail -2 ;;
     ckpt8b) run_stage ckpt8b do_ckpt8b; cat "$OUT/ckpt8b.log" | cut -c1-220 ;;
     oom8b) run_stage oom8b do_oom8b; cut -c1-400 "$OUT/oom8b.log" ;;
+    tp2) run_stage tp2 do_tp2; cat "$OUT/tp2.log" | cut -c1-200 ;;
     *) note "unknown stage $s" ;;
   esac
 done

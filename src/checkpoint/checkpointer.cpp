@@ -21,6 +21,7 @@
 #include <regex>
 #include <thread>
 
+#include "titan/checkpoint/box.h"
 #include "titan/checkpoint/hf.h"
 #include "titan/checkpoint/safetensors.h"
 #include "titan/data/dataloader.h"
@@ -140,10 +141,12 @@ void adopt_checkpoint_model_args(const std::string& step_dir, model::LlamaArgs& 
 
 struct Checkpointer::Snapshot {
   struct Entry {
-    std::string kind;   // model / optim.exp_avg / optim.exp_avg_sq
-    std::string param;  // parameter name
-    std::vector<int64_t> shape;
-    int64_t offset = 0;  // first flat element of the parameter held here
+    std::string kind;            // model / optim.exp_avg / optim.exp_avg_sq
+    std::string param;           // parameter name
+    std::vector<int64_t> shape;  // the whole parameter
+    Box box;                     // the part of it this rank holds (tensor parallel)
+    bool partial_box = false;    // box is not the whole parameter
+    int64_t offset = 0;          // first flat element of the box held here
     int64_t numel = 0;
     at::Tensor source;  // view of the live state (device), copied at write time (sync)
     at::Tensor host;    // host copy taken at snapshot time (async)
@@ -222,6 +225,9 @@ std::unique_ptr<Checkpointer::Snapshot> Checkpointer::snapshot(int64_t step, boo
   snap->dtype = dtype;
   snap->started = Clock::now();
   const bool writes_tensors = runtime_.mesh().coordinate("dp_replicate") == 0;
+  // Tensor-parallel ranks hold parts of the split parameters and copies of the others (norms):
+  // the copies are written by tp rank 0 only.
+  const bool writes_replicated = runtime_.mesh().coordinate("tp") == 0;
   auto& fsdp = *state_.model;
   std::vector<std::pair<std::string, std::vector<at::Tensor>*>> kinds;
   std::vector<at::Tensor> masters = fsdp.master_shards();
@@ -234,10 +240,13 @@ std::unique_ptr<Checkpointer::Snapshot> Checkpointer::snapshot(int64_t step, boo
     const auto slices = fsdp.shard_slices();
     for (const auto& [kind, tensors] : kinds) {
       for (const auto& s : slices) {
+        if (s.param->tp.replicated() && !writes_replicated) continue;
         Snapshot::Entry e;
         e.kind = kind;
         e.param = s.param->name;
-        e.shape = s.param->shape;
+        e.shape = s.param->global_shape;
+        e.box = {s.param->box_offset(), s.param->shape};
+        e.partial_box = s.param->shape != s.param->global_shape;
         e.offset = s.param_offset;
         e.numel = s.numel;
         e.source = (*tensors)[s.unit].narrow(0, s.shard_offset, s.numel);
@@ -457,13 +466,15 @@ void Checkpointer::write_files(Snapshot& snap_ref) {
   }
   auto& chunks = report["chunks"] = json::array();
   for (const auto& e : snap->entries) {
-    chunks.push_back({{"kind", e.kind},
-                      {"param", e.param},
-                      {"shape", e.shape},
-                      {"offset", e.offset},
-                      {"numel", e.numel},
-                      {"key", e.key()},
-                      {"crc32c", writer.block_crcs().at(e.key())}});
+    json c = {{"kind", e.kind},
+              {"param", e.param},
+              {"shape", e.shape},
+              {"offset", e.offset},
+              {"numel", e.numel},
+              {"key", e.key()},
+              {"crc32c", writer.block_crcs().at(e.key())}};
+    if (e.partial_box) c["box"] = {{"offset", e.box.offset}, {"shape", e.box.shape}};
+    chunks.push_back(std::move(c));
   }
   last_.bytes = bytes;
   test_fault_point(env.rank, "save");
@@ -523,12 +534,15 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
       auto& t = tensors[name];
       t["shape"] = c["shape"];
       t["dtype"] = c["kind"].get<std::string>() == kModel ? safetensors_dtype(snap.dtype) : "F32";
-      t["chunks"].push_back({{"file", r["file"]},
-                             {"key", c["key"]},
-                             {"offset", c["offset"]},
-                             {"numel", c["numel"]},
-                             {"crc32c_block_bytes", kCrcBlockBytes},
-                             {"crc32c", c["crc32c"]}});
+      // offset/numel: a flat range of the box (the whole tensor when there is no "box").
+      json chunk = {{"file", r["file"]},
+                    {"key", c["key"]},
+                    {"offset", c["offset"]},
+                    {"numel", c["numel"]},
+                    {"crc32c_block_bytes", kCrcBlockBytes},
+                    {"crc32c", c["crc32c"]}};
+      if (c.contains("box")) chunk["box"] = c["box"];
+      t["chunks"].push_back(std::move(chunk));
     }
   };
   add_report(json::parse(own_report));
@@ -554,9 +568,14 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
   }
   for (auto& [name, t] : tensors.items()) {
     auto& chunks = t["chunks"];
-    std::sort(chunks.begin(), chunks.end(), [](const json& x, const json& y) {
-      return x["offset"].get<int64_t>() < y["offset"].get<int64_t>();
-    });
+    auto order = [](const json& c) {
+      auto key = c.contains("box") ? c["box"]["offset"].get<std::vector<int64_t>>()
+                                   : std::vector<int64_t>{};
+      key.push_back(c["offset"].get<int64_t>());
+      return key;
+    };
+    std::sort(chunks.begin(), chunks.end(),
+              [&](const json& x, const json& y) { return order(x) < order(y); });
   }
   meta["rng"] = {{"cpu", "rng/cpu in each rank's shard file"}, {"seed", config_.debug.seed}};
   // Only finite states are saved (the trainer checks before saving); the flag lets retention
@@ -610,7 +629,8 @@ namespace {
 
 struct Chunk {
   std::string file, key;
-  int64_t offset = 0, numel = 0;
+  Box box;                        // the part of the tensor the chunk's range is of
+  int64_t offset = 0, numel = 0;  // flat range of the box
   int64_t block_bytes = kCrcBlockBytes;
   std::vector<uint32_t> crcs;
 };
@@ -722,15 +742,31 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
       }
       return *(readers[file] = std::move(r));
     };
-    auto chunks_of = [&](const std::string& name) {
+    auto chunks_of = [&](const std::string& name, const std::vector<int64_t>& shape) {
       std::vector<Chunk> out;
       if (!meta["tensors"].contains(name)) return out;
-      for (const auto& c : meta["tensors"][name]["chunks"]) {
+      const auto& t = meta["tensors"][name];
+      const auto recorded = t["shape"].get<std::vector<int64_t>>();
+      TITAN_CHECK(recorded == shape, "checkpoint ", step_dir, " holds ", name, " of shape ",
+                  json(recorded).dump(), ", this model's is ", json(shape).dump());
+      for (const auto& c : t["chunks"]) {
         Chunk k;
         k.file = c["file"];
         k.key = c["key"];
+        k.box = c.contains("box") ? Box{c["box"]["offset"].get<std::vector<int64_t>>(),
+                                        c["box"]["shape"].get<std::vector<int64_t>>()}
+                                  : Box::whole(shape);
         k.offset = c["offset"];
         k.numel = c["numel"];
+        TITAN_CHECK(k.box.offset.size() == shape.size() && k.box.shape.size() == shape.size() &&
+                        k.offset >= 0 && k.numel >= 0 && k.offset + k.numel <= k.box.numel(),
+                    "checkpoint index ", meta_path, " is corrupted: a chunk of ", name,
+                    " lies outside its tensor");
+        for (size_t d = 0; d < shape.size(); ++d) {
+          TITAN_CHECK(k.box.offset[d] >= 0 && k.box.offset[d] + k.box.shape[d] <= shape[d],
+                      "checkpoint index ", meta_path, " is corrupted: a chunk box of ", name,
+                      " lies outside its tensor");
+        }
         k.block_bytes = c.value("crc32c_block_bytes", kCrcBlockBytes);
         k.crcs = c["crc32c"].get<std::vector<uint32_t>>();
         out.push_back(std::move(k));
@@ -744,21 +780,30 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
       for (size_t i = 0; i < fsdp.num_units(); ++i) {
         hosts.push_back(at::zeros({fsdp.unit(i).shard_numel}, at::kFloat));
       }
+      // Each slice and chunk is a flat range of a box: their rectangles meet in rectangles,
+      // copied through strided views (any tensor-parallel layout onto any other).
       for (const auto& sl : fsdp.shard_slices()) {
-        const int64_t first = sl.param_offset, last = sl.param_offset + sl.numel;
         const std::string name = prefix.empty() ? sl.param->name : prefix + "/" + sl.param->name;
-        auto chunks = chunks_of(name);
+        auto chunks = chunks_of(name, sl.param->global_shape);
         TITAN_CHECK(!chunks.empty(), "checkpoint ", step_dir, " has no tensor ", name);
+        const Box dst_box{sl.param->box_offset(), sl.param->shape};
+        at::Tensor dst = hosts[sl.unit].narrow(0, sl.shard_offset, sl.numel);
         int64_t covered = 0;
-        for (const auto& c : chunks) {
-          const int64_t s = std::max(first, c.offset), e = std::min(last, c.offset + c.numel);
-          if (s >= e) continue;
-          at::Tensor part = read_verified(reader(c.file), c, s - c.offset, e - s);
-          hosts[sl.unit].narrow(0, sl.shard_offset + s - first, e - s).copy_(part);
-          covered += e - s;
+        for (const Rect& want : flat_range_rects(dst_box, sl.param_offset, sl.numel)) {
+          for (const auto& c : chunks) {
+            for (const Rect& have : flat_range_rects(c.box, c.offset, c.numel)) {
+              const Rect both = intersect(want, have);
+              if (both.empty()) continue;
+              const int64_t s = box_flat_index(c.box, both.r0, both.c0);
+              const int64_t e = box_flat_index(c.box, both.r1 - 1, both.c1 - 1) + 1;
+              at::Tensor part = read_verified(reader(c.file), c, s - c.offset, e - s);
+              rect_view(dst, dst_box, sl.param_offset, both).copy_(rect_view(part, c.box, s, both));
+              covered += both.numel();
+            }
+          }
         }
-        TITAN_CHECK(covered == last - first, "checkpoint ", step_dir, " covers ", covered,
-                    " of the ", last - first, " elements of ", name, " this rank needs");
+        TITAN_CHECK(covered == sl.numel, "checkpoint ", step_dir, " covers ", covered, " of the ",
+                    sl.numel, " elements of ", name, " this rank needs");
       }
       for (size_t i = 0; i < fsdp.num_units(); ++i) dsts[i].copy_(hosts[i]);
     };

@@ -11,6 +11,7 @@
 #include <map>
 #include <regex>
 
+#include "titan/checkpoint/box.h"
 #include "titan/checkpoint/safetensors.h"
 #include "titan/dist/communicator.h"
 #include "titan/dist/runtime.h"
@@ -221,26 +222,27 @@ void import_hf(const std::string& folder, TrainerState& state) {
     TITAN_CHECK(files.count(hname), "Hugging Face folder ", folder, " has no tensor ", hname);
     SafetensorsReader& r = reader(files[hname]);
     const TensorInfo& info = r.info(hname);
-    TITAN_CHECK(info.shape == p.shape, files[hname], ": ", hname, " has shape ",
-                at::IntArrayRef(info.shape), ", expected ", at::IntArrayRef(p.shape));
-    const int64_t cols = p.shape.size() == 2 ? p.shape[1] : 1;
-    const int64_t first = sl.param_offset, last = sl.param_offset + sl.numel;
-    at::Tensor part;
-    const bool is_q = p.name.find("attention.wq") != std::string::npos;
-    const bool is_k = p.name.find("attention.wk") != std::string::npos;
-    if (is_q || is_k) {
-      // Read the whole heads covering the rows, un-permute, slice.
-      const int64_t hd = a.head_dim();
-      const int64_t row0 = first / cols, row1 = (last + cols - 1) / cols;
-      const int64_t h0 = row0 / hd, h1 = (row1 + hd - 1) / hd;
-      at::Tensor heads =
-          r.read_range(hname, h0 * hd * cols, (h1 - h0) * hd * cols).view({(h1 - h0) * hd, cols});
-      at::Tensor meta = permute_from_hf(heads.to(at::kFloat), h1 - h0).reshape({-1});
-      part = meta.narrow(0, first - h0 * hd * cols, last - first);
-    } else {
-      part = r.read_range(hname, first, last - first).to(at::kFloat);
+    TITAN_CHECK(info.shape == p.global_shape, files[hname], ": ", hname, " has shape ",
+                at::IntArrayRef(info.shape), ", expected ", at::IntArrayRef(p.global_shape));
+    // The slice is a flat range of this rank's box (its tensor-parallel part): read the whole
+    // rows of each of its rectangles (for wq/wk whole heads, to undo HF's rotary permutation)
+    // and copy the rectangle's columns.
+    const int64_t cols = p.global_shape.size() == 2 ? p.global_shape[1] : p.global_shape[0];
+    const bool is_qk = p.name.find("attention.wq") != std::string::npos ||
+                       p.name.find("attention.wk") != std::string::npos;
+    const int64_t rows_per_read = is_qk ? a.head_dim() : 1;
+    const Box box{p.box_offset(), p.shape};
+    at::Tensor dst = hosts[sl.unit].narrow(0, sl.shard_offset, sl.numel);
+    for (const Rect& rect : flat_range_rects(box, sl.param_offset, sl.numel)) {
+      const int64_t r0 = rect.r0 / rows_per_read * rows_per_read;
+      const int64_t r1 = (rect.r1 + rows_per_read - 1) / rows_per_read * rows_per_read;
+      at::Tensor rows =
+          r.read_range(hname, r0 * cols, (r1 - r0) * cols).view({r1 - r0, cols}).to(at::kFloat);
+      if (is_qk) rows = permute_from_hf(rows, (r1 - r0) / rows_per_read);
+      rect_view(dst, box, sl.param_offset, rect)
+          .copy_(rows.narrow(0, rect.r0 - r0, rect.r1 - rect.r0)
+                     .narrow(1, rect.c0, rect.c1 - rect.c0));
     }
-    hosts[sl.unit].narrow(0, sl.shard_offset, sl.numel).copy_(part);
     elements += sl.numel;
   }
   for (size_t i = 0; i < fsdp.num_units(); ++i) fsdp.unit(i).master.copy_(hosts[i]);
@@ -263,7 +265,9 @@ void export_hf(const std::string& folder, TrainerState& state, dist::Runtime& ru
                       mesh.coordinate("cp") == 0 && mesh.coordinate("tp") == 0;
   const bool leader = runtime.env().rank == 0;
   dist::Communicator* shard = mesh.group("dp_shard");
-  // Full tensors in HF order, gathered unit by unit.
+  dist::Communicator* tp = mesh.group("tp");
+  // Full tensors in HF order, gathered unit by unit (over FSDP shards, then over the
+  // tensor-parallel parts: every tp rank's unit has the same layout).
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (size_t i = 0; i < fsdp.num_units(); ++i) {
     const auto& u = fsdp.unit(i);
@@ -272,10 +276,19 @@ void export_hf(const std::string& folder, TrainerState& state, dist::Runtime& ru
       full = at::empty({u.shard_numel * shard->size()}, u.master.options());
       shard->all_gather_into(full, u.master);
     }
+    std::vector<at::Tensor> parts{full};
+    if (tp) {
+      at::Tensor all = at::empty({tp->size(), full.numel()}, full.options());
+      tp->all_gather_into(all, full);
+      parts = all.unbind(0);
+    }
     if (!writer) continue;
-    full = full.to(at::kCPU);
+    for (auto& part : parts) part = part.to(at::kCPU);
     for (const auto& p : u.layout.params) {
-      at::Tensor t = full.narrow(0, p.offset, p.numel).view(p.shape);
+      std::vector<at::Tensor> pieces;
+      for (const auto& part : parts)
+        pieces.push_back(part.narrow(0, p.offset, p.numel).view(p.shape));
+      at::Tensor t = p.tp.dim >= 0 ? at::cat(pieces, p.tp.dim) : pieces.front();
       if (p.name.find("attention.wq") != std::string::npos) {
         t = permute_to_hf(t, state.args.n_heads);
       } else if (p.name.find("attention.wk") != std::string::npos) {

@@ -1137,16 +1137,11 @@ void validate(const JobConfig& c) {
     fail("parallelism.", key, " = ", v, ": ", what,
          " is not available in this titan release yet; set it to 1");
   };
-  if (p.tensor_parallel_degree != 1)
-    unsupported("tensor_parallel_degree", p.tensor_parallel_degree, "tensor parallelism");
   if (p.context_parallel_degree != 1)
     unsupported("context_parallel_degree", p.context_parallel_degree, "context parallelism");
   if (p.expert_parallel_degree != 1)
     unsupported("expert_parallel_degree", p.expert_parallel_degree,
                 "expert parallelism (Llama 3 has no experts)");
-  TITAN_CHECK(!p.enable_async_tensor_parallel,
-              "parallelism.enable_async_tensor_parallel: needs tensor parallelism, which is not "
-              "available in this titan release yet");
 }
 
 std::string to_toml(const JobConfig& config) {

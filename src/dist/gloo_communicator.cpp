@@ -111,12 +111,13 @@ class GlooCommunicator : public Communicator {
     auto w = pg_->allreduce(v, o);
     return wrap({w}, op == ReduceOp::Avg ? t : at::Tensor());
   }
+  // Flat views: like NCCL, the collectives see contiguous elements whatever the shapes.
   WorkPtr do_all_gather(const at::Tensor& out, const at::Tensor& in) override {
-    at::Tensor o = out, i = in;
+    at::Tensor o = out.view({-1}), i = in.view({-1});
     return wrap({pg_->_allgather_base(o, i)}, at::Tensor());
   }
   WorkPtr do_reduce_scatter(const at::Tensor& out, const at::Tensor& in, ReduceOp op) override {
-    at::Tensor o = out, i = in;
+    at::Tensor o = out.view({-1}), i = in.view({-1});
     c10d::ReduceScatterOptions opts;
     opts.reduceOp = to_c10d(op);
     return wrap({pg_->_reduce_scatter_base(o, i, opts)}, op == ReduceOp::Avg ? out : at::Tensor());

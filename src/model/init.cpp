@@ -62,8 +62,10 @@ void init_unit_range(const UnitLayout& unit, int64_t seed, int64_t flat_begin, a
         dst.fill_(1.0);
         continue;
       }
-      at::Tensor idx =
-          at::arange(start - p.offset, start - p.offset + len, out.options().dtype(at::kLong));
+      // Indices into the whole parameter: a tensor-parallel part draws the values the whole
+      // parameter has there.
+      at::Tensor idx = p.global_index(
+          at::arange(start - p.offset, start - p.offset + len, out.options().dtype(at::kLong)));
       at::Tensor u = hashed_uniform(idx, key);
       double lo_cdf = 0.0, hi_cdf = 1.0;
       if (p.init.kind == InitKind::TruncNormal) {

@@ -1,6 +1,8 @@
 // Unit layouts of Llama 3 and torchtitan's initialization scheme per parameter.
 #include "titan/model/layout.h"
 
+#include <ATen/ATen.h>
+
 #include <cmath>
 
 #include "titan/util/error.h"
@@ -17,11 +19,48 @@ const ParamSlot& UnitLayout::param(const std::string& suffix) const {
   internal_fail("unit ", name, " has no parameter ending in ", suffix);
 }
 
+std::vector<int64_t> ParamSlot::box_offset() const {
+  std::vector<int64_t> off(global_shape.size(), 0);
+  if (tp.dim >= 0) off[static_cast<size_t>(tp.dim)] = shape[static_cast<size_t>(tp.dim)] * tp.index;
+  return off;
+}
+
+at::Tensor ParamSlot::global_index(const at::Tensor& local) const {
+  if (tp.dim < 0) return local;
+  const int64_t cols = shape.size() == 2 ? shape[1] : shape[0];
+  const int64_t global_cols = global_shape.size() == 2 ? global_shape[1] : global_shape[0];
+  const auto off = box_offset();
+  if (tp.dim == 0) return local + off[0] * global_cols;  // whole rows: one contiguous block
+  // Columns split: each local row is a run of `cols` inside a global row.
+  return at::floor_divide(local, cols) * global_cols + off[1] + at::remainder(local, cols);
+}
+
+void check_tensor_parallel(const LlamaArgs& a, int64_t tp) {
+  if (tp == 1) return;
+  auto need = [&](int64_t value, const char* what) {
+    TITAN_CHECK(value % tp == 0, "parallelism.tensor_parallel_degree (", tp, ") must divide the ",
+                what, " (", value, "): each tensor-parallel rank holds an equal share");
+  };
+  need(a.n_heads, "number of attention heads");
+  need(a.n_kv_heads, "number of KV heads");
+  need(a.ffn_hidden_dim(), "feed-forward width");
+  need(a.vocab_size, "vocabulary size");
+}
+
 namespace {
 
-void add(UnitLayout& u, const std::string& name, std::vector<int64_t> shape, InitSpec init) {
+// A parameter split over tensor-parallel ranks along `dim` (-1: held whole by every rank).
+void add(UnitLayout& u, const std::string& name, std::vector<int64_t> shape, InitSpec init,
+         TpCoord tp = {}, int dim = -1) {
   ParamSlot p;
   p.name = name;
+  p.global_shape = shape;
+  p.tp = {dim, dim >= 0 ? tp.rank : 0, tp.size};
+  if (dim >= 0) {
+    TITAN_INTERNAL_CHECK(shape[static_cast<size_t>(dim)] % tp.size == 0, name,
+                         " does not divide over ", tp.size, " tensor-parallel ranks");
+    shape[static_cast<size_t>(dim)] /= tp.size;
+  }
   p.shape = std::move(shape);
   p.numel = 1;
   for (int64_t s : p.shape) p.numel *= s;
@@ -41,7 +80,8 @@ InitSpec trunc(double std) {
 
 }  // namespace
 
-std::vector<UnitLayout> llama_units(const LlamaArgs& a) {
+std::vector<UnitLayout> llama_units(const LlamaArgs& a, TpCoord tp) {
+  check_tensor_parallel(a, tp.size);
   std::vector<UnitLayout> units;
   const int64_t hd = a.head_dim();
   const int64_t ffn = a.ffn_hidden_dim();
@@ -49,7 +89,8 @@ std::vector<UnitLayout> llama_units(const LlamaArgs& a) {
     UnitLayout u;
     u.kind = UnitKind::Embedding;
     u.name = "tok_embeddings";
-    add(u, "tok_embeddings.weight", {a.vocab_size, a.dim}, {InitKind::Normal, 1.0, 0, 0});
+    // Vocabulary-parallel: each tp rank holds a range of the vocabulary's rows.
+    add(u, "tok_embeddings.weight", {a.vocab_size, a.dim}, {InitKind::Normal, 1.0, 0, 0}, tp, 0);
     finish(u);
     units.push_back(std::move(u));
   }
@@ -62,15 +103,18 @@ std::vector<UnitLayout> llama_units(const LlamaArgs& a) {
     // torchtitan: depth-scaled std for the projections that write into the residual stream.
     const double depth_std =
         a.depth_init ? 0.02 / std::sqrt(2.0 * (l + 1)) : 0.02 / std::sqrt(2.0 * a.n_layers);
-    add(u, p + "attention_norm.weight", {a.dim}, {});
-    add(u, p + "attention.wq.weight", {a.n_heads * hd, a.dim}, trunc(0.02));
-    add(u, p + "attention.wk.weight", {a.n_kv_heads * hd, a.dim}, trunc(0.02));
-    add(u, p + "attention.wv.weight", {a.n_kv_heads * hd, a.dim}, trunc(0.02));
-    add(u, p + "attention.wo.weight", {a.dim, a.n_heads * hd}, trunc(depth_std));
-    add(u, p + "ffn_norm.weight", {a.dim}, {});
-    add(u, p + "feed_forward.w1.weight", {ffn, a.dim}, trunc(0.02));
-    add(u, p + "feed_forward.w3.weight", {ffn, a.dim}, trunc(depth_std));
-    add(u, p + "feed_forward.w2.weight", {a.dim, ffn}, trunc(depth_std));
+    // Tensor parallel (Megatron-LM's split, as torchtitan's plan): q/k/v and w1/w3 split their
+    // output rows (column-parallel: whole heads and FFN columns per rank), wo and w2 their input
+    // columns (row-parallel); norms are held whole.
+    add(u, p + "attention_norm.weight", {a.dim}, {}, tp);
+    add(u, p + "attention.wq.weight", {a.n_heads * hd, a.dim}, trunc(0.02), tp, 0);
+    add(u, p + "attention.wk.weight", {a.n_kv_heads * hd, a.dim}, trunc(0.02), tp, 0);
+    add(u, p + "attention.wv.weight", {a.n_kv_heads * hd, a.dim}, trunc(0.02), tp, 0);
+    add(u, p + "attention.wo.weight", {a.dim, a.n_heads * hd}, trunc(depth_std), tp, 1);
+    add(u, p + "ffn_norm.weight", {a.dim}, {}, tp);
+    add(u, p + "feed_forward.w1.weight", {ffn, a.dim}, trunc(0.02), tp, 0);
+    add(u, p + "feed_forward.w3.weight", {ffn, a.dim}, trunc(depth_std), tp, 0);
+    add(u, p + "feed_forward.w2.weight", {a.dim, ffn}, trunc(depth_std), tp, 1);
     finish(u);
     units.push_back(std::move(u));
   }
@@ -78,9 +122,11 @@ std::vector<UnitLayout> llama_units(const LlamaArgs& a) {
     UnitLayout u;
     u.kind = UnitKind::Head;
     u.name = "head";
-    add(u, "norm.weight", {a.dim}, {});
+    add(u, "norm.weight", {a.dim}, {}, tp);
     const double std = 1.0 / std::sqrt(static_cast<double>(a.dim));
-    add(u, "output.weight", {a.vocab_size, a.dim}, {InitKind::TruncNormal, std, -3 * std, 3 * std});
+    // Column-parallel over the vocabulary (loss parallel works on each rank's logits).
+    add(u, "output.weight", {a.vocab_size, a.dim}, {InitKind::TruncNormal, std, -3 * std, 3 * std},
+        tp, 0);
     finish(u);
     units.push_back(std::move(u));
   }

@@ -36,25 +36,39 @@ BlockWeights block_views(const UnitLayout& unit, const at::Tensor& flat) {
   return w;
 }
 
+BlockPlan BlockPlan::whole(const LlamaArgs& a) {
+  BlockPlan p;
+  p.n_heads = a.n_heads;
+  p.n_kv_heads = a.n_kv_heads;
+  p.head_dim = a.head_dim();
+  return p;
+}
+
 namespace {
 
 // The forward proper; `keep_all` stores every intermediate in `s`, otherwise only what the
-// Matmuls policy keeps (the caller drops more for InputOnly).
-at::Tensor forward_impl(const LlamaArgs& a, const BlockWeights& w, const Rope& rope,
-                        const at::Tensor& x, bool keep_all, BlockSaved& s) {
-  const int64_t b = x.size(0), seq = x.size(1);
-  const int64_t hd = a.head_dim(), nh = a.n_heads, nkv = a.n_kv_heads;
+// Matmuls policy keeps (the caller drops more for InputOnly). Projections go through the
+// plan's Linears: under sequence parallel the column-parallel ones (q|k|v, w1|w3) gather the
+// token shards and return [B * S, out], the row-parallel ones (wo, w2) return the reduced
+// token shard, hence the views.
+at::Tensor forward_impl(const LlamaArgs& a, const BlockPlan& p, const BlockWeights& w,
+                        const Rope& rope, const at::Tensor& x, bool keep_all, BlockSaved& s) {
+  const int64_t b = x.size(0), seq = x.size(1) * p.seq_shards;
+  const int64_t hd = p.head_dim, nh = p.n_heads, nkv = p.n_kv_heads;
   auto [xn1, rstd1] = ops::rmsnorm_forward(x, w.attention_norm, a.norm_eps);
-  at::Tensor qkv = ops::linear_forward(xn1, w.wqkv).view({b, seq, nh + 2 * nkv, hd});
+  at::Tensor xw;
+  at::Tensor qkv =
+      p.wqkv->forward(xn1, w.wqkv, keep_all ? &xw : nullptr).view({b, seq, nh + 2 * nkv, hd});
   at::Tensor q = ops::rope_apply(qkv.narrow(2, 0, nh), rope.cos, rope.sin);
   at::Tensor k = ops::rope_apply(qkv.narrow(2, nh, nkv), rope.cos, rope.sin);
   at::Tensor v = qkv.narrow(2, nh + nkv, nkv);
   at::Tensor o = ops::attention_forward(q, k, v, s.attn).reshape({b, seq, nh * hd});
-  at::Tensor h = x + ops::linear_forward(o, w.wo);
+  at::Tensor h = x + p.wo->forward(o, w.wo, nullptr).view_as(x);
   auto [hn2, rstd2] = ops::rmsnorm_forward(h, w.ffn_norm, a.norm_eps);
-  at::Tensor ab = ops::linear_forward(hn2, w.w13);
+  at::Tensor hw;
+  at::Tensor ab = p.w13->forward(hn2, w.w13, keep_all ? &hw : nullptr);
   at::Tensor g = ops::swiglu_forward(ab);
-  at::Tensor out = h + ops::linear_forward(g, w.w2);
+  at::Tensor out = h + p.w2->forward(g, w.w2, nullptr).view_as(h);
   s.x = x;
   s.qkv = qkv;
   s.o = o;
@@ -62,11 +76,11 @@ at::Tensor forward_impl(const LlamaArgs& a, const BlockWeights& w, const Rope& r
   s.ab = ab;
   if (keep_all) {
     s.rstd1 = rstd1;
-    s.xn1 = xn1;
+    s.xn1 = xw;
     s.q = q;
     s.k = k;
     s.rstd2 = rstd2;
-    s.hn2 = hn2;
+    s.hn2 = hw;
     s.g = g;
   } else {
     // The attention kernel's own references to q/k are dropped too: backward rebuilds them.
@@ -79,11 +93,12 @@ at::Tensor forward_impl(const LlamaArgs& a, const BlockWeights& w, const Rope& r
 
 }  // namespace
 
-at::Tensor block_forward(const LlamaArgs& args, const BlockWeights& w, const Rope& rope,
-                         const at::Tensor& x, SavePolicy policy, BlockSaved& saved) {
+at::Tensor block_forward(const LlamaArgs& args, const BlockPlan& plan, const BlockWeights& w,
+                         const Rope& rope, const at::Tensor& x, SavePolicy policy,
+                         BlockSaved& saved) {
   saved.clear();
   saved.policy = policy;
-  at::Tensor out = forward_impl(args, w, rope, x, policy == SavePolicy::All, saved);
+  at::Tensor out = forward_impl(args, plan, w, rope, x, policy == SavePolicy::All, saved);
   if (policy == SavePolicy::InputOnly) {
     at::Tensor input = saved.x;
     saved.clear();
@@ -93,58 +108,65 @@ at::Tensor block_forward(const LlamaArgs& args, const BlockWeights& w, const Rop
   return out;
 }
 
-at::Tensor block_backward(const LlamaArgs& a, const BlockWeights& w, const Rope& rope,
-                          const at::Tensor& dout, BlockSaved& s, const BlockGrads& grads, bool acc,
-                          DeferredWeightGrads* deferred) {
-  const int64_t b = dout.size(0), seq = dout.size(1);
-  const int64_t hd = a.head_dim(), nh = a.n_heads, nkv = a.n_kv_heads;
+at::Tensor block_backward(const LlamaArgs& a, const BlockPlan& p, const BlockWeights& w,
+                          const Rope& rope, const at::Tensor& dout, BlockSaved& s,
+                          const BlockGrads& grads, bool acc, DeferredWeightGrads* deferred) {
+  const int64_t b = dout.size(0), seq = dout.size(1) * p.seq_shards;
+  const int64_t hd = p.head_dim, nh = p.n_heads, nkv = p.n_kv_heads;
   if (s.policy == SavePolicy::InputOnly) {
     // Recompute the block, keeping what the Matmuls policy keeps.
     at::Tensor x = s.x;
     s.clear();
-    forward_impl(a, w, rope, x, /*keep_all=*/false, s);
+    forward_impl(a, p, w, rope, x, /*keep_all=*/false, s);
     s.policy = SavePolicy::Matmuls;
   }
   if (s.policy == SavePolicy::Matmuls) {
     // Recompute the cheap elementwise parts from the saved matmul outputs.
-    std::tie(s.xn1, s.rstd1) = ops::rmsnorm_forward(s.x, w.attention_norm, a.norm_eps);
+    at::Tensor xn1, hn2;
+    std::tie(xn1, s.rstd1) = ops::rmsnorm_forward(s.x, w.attention_norm, a.norm_eps);
+    s.xn1 = p.wqkv->weight_input(xn1);
     s.q = ops::rope_apply(s.qkv.narrow(2, 0, nh), rope.cos, rope.sin);
     s.k = ops::rope_apply(s.qkv.narrow(2, nh, nkv), rope.cos, rope.sin);
     // The kernel's saved output and logsumexp stay; only its input views are rebuilt.
     ops::attention_bind_inputs(s.q, s.k, s.qkv.narrow(2, nh + nkv, nkv), s.attn);
-    std::tie(s.hn2, s.rstd2) = ops::rmsnorm_forward(s.h, w.ffn_norm, a.norm_eps);
+    std::tie(hn2, s.rstd2) = ops::rmsnorm_forward(s.h, w.ffn_norm, a.norm_eps);
+    s.hn2 = p.w13->weight_input(hn2);
     s.g = ops::swiglu_forward(s.ab);
   }
   // dW = dy^T x now, or its operands kept for block_backward_weight.
-  auto weight_grad = [&](const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gw,
-                         at::Tensor DeferredWeightGrads::*d, at::Tensor DeferredWeightGrads::*xs) {
+  auto weight_grad = [&](const ops::Linear& lin, const at::Tensor& dy, const at::Tensor& x,
+                         const at::Tensor& gw, at::Tensor DeferredWeightGrads::*d,
+                         at::Tensor DeferredWeightGrads::*xs) {
     if (deferred) {
       (*deferred).*d = dy;
       (*deferred).*xs = x;
     } else {
-      ops::linear_backward_weight(dy, x, gw, acc);
+      lin.backward_weight(dy, x, gw, acc);
     }
   };
   // Feed-forward: out = h + w2(swiglu(w13(norm(h)))).
-  weight_grad(dout, s.g, grads.w2, &DeferredWeightGrads::d_w2, &DeferredWeightGrads::x_w2);
-  at::Tensor dg = ops::linear_backward_input(dout, w.w2);
+  at::Tensor dout_w;
+  at::Tensor dg = p.w2->backward_input(dout, w.w2, &dout_w);
+  weight_grad(*p.w2, dout_w, s.g, grads.w2, &DeferredWeightGrads::d_w2, &DeferredWeightGrads::x_w2);
   at::Tensor dab = ops::swiglu_backward(dg, s.ab);
-  weight_grad(dab, s.hn2, grads.w13, &DeferredWeightGrads::d_w13, &DeferredWeightGrads::x_w13);
-  at::Tensor dhn2 = ops::linear_backward_input(dab, w.w13);
+  weight_grad(*p.w13, dab, s.hn2, grads.w13, &DeferredWeightGrads::d_w13,
+              &DeferredWeightGrads::x_w13);
+  at::Tensor dhn2 = p.w13->backward_input(dab, w.w13, nullptr).view_as(s.h);
   at::Tensor ffn_norm_grad = grads.ffn_norm;
   at::Tensor dh = dout + ops::rmsnorm_backward(dhn2, s.h, w.ffn_norm, s.rstd2, ffn_norm_grad, acc);
   // Attention: h = x + wo(attn(rope(q), rope(k), v)).
-  weight_grad(dh, s.o, grads.wo, &DeferredWeightGrads::d_wo, &DeferredWeightGrads::x_wo);
-  at::Tensor d_o = ops::linear_backward_input(dh, w.wo).view({b, seq, nh, hd});
+  at::Tensor dh_w;
+  at::Tensor d_o = p.wo->backward_input(dh, w.wo, &dh_w).view({b, seq, nh, hd});
+  weight_grad(*p.wo, dh_w, s.o, grads.wo, &DeferredWeightGrads::d_wo, &DeferredWeightGrads::x_wo);
   auto [dq, dk, dv] = ops::attention_backward(d_o, s.attn, nkv);
   at::Tensor dqkv = at::empty({b, seq, nh + 2 * nkv, hd}, dout.options());
   ops::rope_apply_out(dq, rope.cos, rope.sin, /*inverse=*/true, dqkv.narrow(2, 0, nh));
   ops::rope_apply_out(dk, rope.cos, rope.sin, /*inverse=*/true, dqkv.narrow(2, nh, nkv));
   dqkv.narrow(2, nh + nkv, nkv).copy_(dv);
   at::Tensor dqkv_flat = dqkv.view({b, seq, (nh + 2 * nkv) * hd});
-  weight_grad(dqkv_flat, s.xn1, grads.wqkv, &DeferredWeightGrads::d_wqkv,
+  weight_grad(*p.wqkv, dqkv_flat, s.xn1, grads.wqkv, &DeferredWeightGrads::d_wqkv,
               &DeferredWeightGrads::x_wqkv);
-  at::Tensor dxn1 = ops::linear_backward_input(dqkv_flat, w.wqkv);
+  at::Tensor dxn1 = p.wqkv->backward_input(dqkv_flat, w.wqkv, nullptr).view_as(s.x);
   at::Tensor attn_norm_grad = grads.attention_norm;
   at::Tensor dx =
       dh + ops::rmsnorm_backward(dxn1, s.x, w.attention_norm, s.rstd1, attn_norm_grad, acc);
@@ -152,11 +174,12 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockWeights& w, const Rope&
   return dx;
 }
 
-void block_backward_weight(DeferredWeightGrads& d, const BlockGrads& grads, bool acc) {
-  ops::linear_backward_weight(d.d_w2, d.x_w2, grads.w2, acc);
-  ops::linear_backward_weight(d.d_w13, d.x_w13, grads.w13, acc);
-  ops::linear_backward_weight(d.d_wo, d.x_wo, grads.wo, acc);
-  ops::linear_backward_weight(d.d_wqkv, d.x_wqkv, grads.wqkv, acc);
+void block_backward_weight(const BlockPlan& p, DeferredWeightGrads& d, const BlockGrads& grads,
+                           bool acc) {
+  p.w2->backward_weight(d.d_w2, d.x_w2, grads.w2, acc);
+  p.w13->backward_weight(d.d_w13, d.x_w13, grads.w13, acc);
+  p.wo->backward_weight(d.d_wo, d.x_wo, grads.wo, acc);
+  p.wqkv->backward_weight(d.d_wqkv, d.x_wqkv, grads.wqkv, acc);
   d = DeferredWeightGrads{};
 }
 

@@ -47,4 +47,21 @@ void linear_backward_weight(const at::Tensor& dy, const at::Tensor& x, const at:
   }
 }
 
+at::Tensor Linear::forward(const at::Tensor& x, const at::Tensor& w,
+                           at::Tensor* x_for_weight) const {
+  if (x_for_weight) *x_for_weight = x;
+  return linear_forward(x, w);
+}
+
+at::Tensor Linear::backward_input(const at::Tensor& dy, const at::Tensor& w,
+                                  at::Tensor* dy_for_weight) const {
+  if (dy_for_weight) *dy_for_weight = dy;
+  return linear_backward_input(dy, w);
+}
+
+const Linear& plain_linear() {
+  static const Linear plain;
+  return plain;
+}
+
 }  // namespace titan::ops

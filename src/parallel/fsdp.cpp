@@ -338,6 +338,27 @@ void FsdpModel::finish_grad_reduction() {
     impl_->host_adds.clear();
     impl_->host_copies_in_flight = false;
   }
+  sum_replicated_grads_over_tp();
+}
+
+void FsdpModel::sum_replicated_grads_over_tp() {
+  dist::Communicator* tp = options_.tensor_parallel;
+  if (!tp) return;
+  // Every tp rank holds the same units and shard ranges, so the same slices, in one packed
+  // all-reduce (a few norm vectors per block: small).
+  std::vector<at::Tensor> views;
+  for (const auto& s : shard_slices()) {
+    if (s.param->tp.replicated())
+      views.push_back(units_[s.unit].grad.narrow(0, s.shard_offset, s.numel));
+  }
+  if (views.empty()) return;
+  at::Tensor packed = at::cat(views).to(device_);
+  tp->all_reduce(packed, dist::ReduceOp::Sum);
+  int64_t at_elem = 0;
+  for (auto& v : views) {
+    v.copy_(packed.narrow(0, at_elem, v.numel()));
+    at_elem += v.numel();
+  }
 }
 
 void FsdpModel::zero_grad() {
@@ -360,9 +381,11 @@ std::vector<at::Tensor> FsdpModel::grad_shards() const {
   return out;
 }
 
-at::Tensor FsdpModel::grad_norm_squared() const {
+namespace {
+
+at::Tensor sum_of_squares(const std::vector<at::Tensor>& grads, c10::Device device) {
   at::Tensor sq;
-  const auto grads = grad_shards();
+  if (grads.empty()) return at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
   if (ops::use_fused(grads.front())) {
 #ifdef TITAN_WITH_CUDA
     // titan's kernel: one memory-bound pass, fp64 partials per fixed chunk (deterministic).
@@ -378,9 +401,29 @@ at::Tensor FsdpModel::grad_norm_squared() const {
     for (const auto& g : grads) sq += at::linalg_vector_norm(g, 2, {}, false, at::kDouble).square();
     sq = sq.to(at::kFloat);
   }
-  if (sq.device() != device_) sq = sq.to(device_);
+  if (sq.device() != device) sq = sq.to(device);
+  return sq;
+}
+
+}  // namespace
+
+at::Tensor FsdpModel::grad_norm_squared() const {
+  dist::Communicator* tp = options_.tensor_parallel;
+  std::vector<at::Tensor> counted;
+  if (!tp || tp->rank() == 0) {
+    counted = grad_shards();
+  } else {
+    // Parameters every tp rank holds whole count on tp rank 0 only; tp parts everywhere.
+    for (const auto& s : shard_slices()) {
+      if (!s.param->tp.replicated()) {
+        counted.push_back(units_[s.unit].grad.narrow(0, s.shard_offset, s.numel));
+      }
+    }
+  }
+  at::Tensor sq = sum_of_squares(counted, device_);
   // Each element lives on exactly one shard rank; replicas hold identical copies.
   if (shard_) shard_->all_reduce(sq, dist::ReduceOp::Sum);
+  if (tp) tp->all_reduce(sq, dist::ReduceOp::Sum);
   return sq;
 }
 

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "titan/util/error.h"
+#include "titan/util/log.h"
 #include "titan/util/strings.h"
 
 namespace titan::parallel {
@@ -271,8 +272,27 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
   const auto sim = pipeline::simulate(plan.schedule, pipeline::ActionCosts{});
   plan.peak_in_flight = {sim.peak_in_flight[static_cast<size_t>(plan.pp_rank)]};
 
+  // Tensor parallel: every unit holds this tp rank's part of each parameter.
+  plan.tp = dims.tp;
+  if (plan.tp > 1) {
+    model::check_tensor_parallel(args, plan.tp);
+    TITAN_CHECK(c.training.seq_len % plan.tp == 0, "training.seq_len (", c.training.seq_len,
+                ") must be divisible by parallelism.tensor_parallel_degree (", plan.tp,
+                "): sequence parallelism gives each tensor-parallel rank an equal share of the "
+                "tokens");
+    TITAN_CHECK(!c.validation.enable || c.validation.seq_len % plan.tp == 0, "validation.seq_len (",
+                c.validation.seq_len, ") must be divisible by parallelism.tensor_parallel_degree (",
+                plan.tp, ")");
+    plan.loss_parallel = !p.disable_loss_parallel;
+    plan.async_tp = p.enable_async_tensor_parallel;
+  } else if (p.enable_async_tensor_parallel) {
+    log::warn(
+        "parallelism.enable_async_tensor_parallel has no effect without tensor parallelism "
+        "(parallelism.tensor_parallel_degree = 1)");
+  }
+
   // This rank's units, stage after stage.
-  const auto all_units = model::llama_units(args);
+  const auto all_units = model::llama_units(args, {plan.tp, mesh.coordinate("tp")});
   plan.local_stages = plan.schedule.stages_of(plan.pp_rank);
   for (int st : plan.local_stages) {
     const StageLayout& s = plan.stages[static_cast<size_t>(st)];
@@ -299,6 +319,7 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
   f.reduce_dtype = c.training.mixed_precision_reduce == "bfloat16" ? at::kBFloat16 : at::kFloat;
   f.cpu_offload = c.training.enable_cpu_offload;
   f.accumulate_across_microbatches = plan.pp > 1;
+  f.tensor_parallel = mesh.group("tp");
   const bool sharded = mesh.size("dp_shard") > 1;
   const bool ac_on = plan.checkpointing.mode != CheckpointPolicy::Mode::None;
   const std::string& reshard = p.fsdp_reshard_after_forward;
@@ -322,6 +343,12 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
 
 std::string Plan::describe() const {
   std::ostringstream out;
+  if (tp > 1) {
+    out << "tensor parallel: " << tp << " ranks, sequence parallel between blocks, "
+        << (loss_parallel ? "loss parallel" : "logits gathered for the loss")
+        << (async_tp ? ", async TP (overlapped gather/matmul and matmul/reduce-scatter)" : "")
+        << "\n";
+  }
   if (pp == 1) {
     out << "pipeline: none (one stage); " << schedule.microbatches << " microbatch(es) of "
         << microbatch_size << " sequence(s) per step";
@@ -367,6 +394,7 @@ MemoryEstimate estimate_memory(const model::LlamaArgs& args, const Plan& plan,
   }
   in.gradient_buffer_elements = 2 * largest;
   in.microbatch_tokens = plan.microbatch_size * seq_len;
+  in.tp = plan.tp;
   // Saved activations: the stages' blocks, times the microbatches alive at once per stage.
   for (int st : plan.local_stages) {
     const auto& s = plan.stages[static_cast<size_t>(st)];

@@ -147,9 +147,10 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
     // fp32 parameters + gradients + two AdamW moments, as held by this rank.
     int64_t elements = 0;
     for (size_t i = 0; i < fsdp_->num_units(); ++i) elements += fsdp_->unit(i).shard_numel;
-    log::info("parameter state: {:.2f} MiB per rank ({} of {} elements per unit set; dp_shard {})",
-              elements * 16.0 / (1 << 20), util::with_commas(elements),
-              util::with_commas(args_.total_params()), fsdp_->dp_shard_size());
+    log::info(
+        "parameter state: {:.2f} MiB per rank ({} of {} elements per unit set; dp_shard {}, tp {})",
+        elements * 16.0 / (1 << 20), util::with_commas(elements),
+        util::with_commas(args_.total_params()), fsdp_->dp_shard_size(), plan_.tp);
   }
   log::info("initialized weights in {:.2f}s (seed {})", seconds_since(t_init), c.debug.seed);
 
@@ -158,6 +159,13 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   parallel::pipeline::StageOptions sopts;
   sopts.keep_weights_through_step = plan_.pp > 1;
   sopts.compute_dtype = plan_.fsdp.param_dtype;
+  if (plan_.tp > 1) {
+    parallel::TensorParallelOptions topts;
+    topts.async = plan_.async_tp;
+    topts.loss_parallel = plan_.loss_parallel;
+    tp_ = std::make_unique<parallel::TensorParallel>(mesh.group("tp"), topts);
+    sopts.tp = tp_.get();
+  }
   std::map<int, parallel::pipeline::Stage*> by_index;
   for (size_t i = 0; i < plan_.local_stages.size(); ++i) {
     const auto& layout = plan_.stages[static_cast<size_t>(plan_.local_stages[i])];
@@ -173,9 +181,9 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
     auto [comm, peer] = mesh.pp_link(pp_rank, send);
     return parallel::pipeline::PipeLink{comm, peer};
   };
-  executor_ = std::make_unique<parallel::pipeline::Executor>(plan_.schedule, plan_.pp_rank,
-                                                             std::move(by_index), std::move(links),
-                                                             args_.dim, plan_.fsdp.param_dtype);
+  executor_ = std::make_unique<parallel::pipeline::Executor>(
+      plan_.schedule, plan_.pp_rank, std::move(by_index), std::move(links), args_.dim,
+      plan_.fsdp.param_dtype, plan_.tp);
   log::info("activation checkpointing: {}", plan_.checkpointing.describe());
 
   OptimizerOptions oopts;
@@ -512,10 +520,10 @@ TrainSummary Trainer::train() {
       m.loss = loss_v;
       m.grad_norm = gn;
       m.lr = scheduler_->lr_at(step_);
-      // Per device, as torchtitan counts: a pipeline's ranks share their data-parallel rank's
-      // tokens.
+      // Per device, as torchtitan counts: a data-parallel rank's tokens are shared by its
+      // pipeline and tensor-parallel ranks.
       const double tokens = static_cast<double>(c.training.local_batch_size) * c.training.seq_len *
-                            accumulation_ / plan_.pp;
+                            accumulation_ / (plan_.pp * plan_.tp);
       m.tokens_per_second = tokens / step_s;
       m.tflops = m.tokens_per_second * flops_per_token_ / 1e12;
       if (device_.peak_flops > 0) m.mfu_pct = 100.0 * m.tflops * 1e12 / device_.peak_flops;

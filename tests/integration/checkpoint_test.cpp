@@ -386,6 +386,77 @@ TEST(CheckpointResharding, PipelineCheckpointsLoadOnAnyMesh) {
   }
 }
 
+// 2d. Tensor-parallel checkpoints: each tp rank writes its box of the split parameters (tp rank
+// 0 the norms), and they load on any mesh (tp 2 -> 1 process, 1 process -> tp 4, FSDP 2 x tp 2 ->
+// FSDP 4); the final save in HF format from a TP run holds the one-process run's weights, and an
+// HF folder imports into a TP run.
+TEST(CheckpointResharding, TensorParallelCheckpointsLoadOnAnyMesh) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  auto tp = [](int degree, int64_t dp_shard) {
+    return std::vector<std::string>{"--parallelism.tensor_parallel_degree", std::to_string(degree),
+                                    "--parallelism.data_parallel_shard_degree",
+                                    std::to_string(dp_shard)};
+  };
+  const JobRun one = run_job(dir.file("one"), 1, 12, checkpoints_every(3));
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  const JobRun tp2 = run_job_batch(dir.file("tp2"), 2, 8, 12, checkpoints_every(3) + tp(2, 1));
+  expect_steps_match(tp2, one, 1, 12, 1e-5, "tp 2");
+  {
+    const json meta = read_json(step_dir(dir.file("tp2"), 3) + "/metadata.json");
+    EXPECT_EQ(meta["mesh"]["tp"], 2);
+    // wo is split by columns: two boxes; the norms are written once.
+    const auto& wo = meta["tensors"]["layers.0.attention.wo.weight"];
+    ASSERT_EQ(wo["chunks"].size(), 2u);
+    EXPECT_EQ(wo["chunks"][1]["box"]["offset"], json({0, 128}));
+    EXPECT_EQ(meta["tensors"]["norm.weight"]["chunks"].size(), 1u);
+  }
+  resume_elsewhere(dir.file("tp2"), 3, dir.file("tp2_to_one"), 1, 3, one, "tp 2 -> 1 process");
+  {
+    copy_step(dir.file("one"), 6, dir.file("one_to_tp4"));
+    const JobRun r =
+        run_job_batch(dir.file("one_to_tp4"), 4, 8, 12, checkpoints_every(3) + tp(4, 1));
+    EXPECT_TRUE(resumed_after(r, 6)) << r.output;
+    expect_steps_match(r, one, 7, 12, 1e-5, "1 process -> tp 4");
+  }
+  {
+    const JobRun mixed =
+        run_job_batch(dir.file("fsdp2_tp2"), 4, 4, 12, checkpoints_every(3) + tp(2, 2));
+    expect_steps_match(mixed, one, 1, 12, 1e-5, "FSDP 2 x tp 2");
+    resume_elsewhere(dir.file("fsdp2_tp2"), 9, dir.file("mixed_to_fsdp4"), 4, 3, one,
+                     "FSDP 2 x tp 2 -> FSDP 4");
+  }
+  const std::vector<std::string> hf = {"--checkpoint.enable", "--checkpoint.interval", "1000",
+                                       "--checkpoint.last_save_in_hf"};
+  const JobRun a = run_job(dir.file("hf_one"), 1, 4, hf);
+  const JobRun b = run_job_batch(dir.file("hf_tp"), 4, 4, 4, hf + tp(2, 2));
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  const std::string fa = dir.file("hf_one") + "/checkpoint/step-4-hf";
+  const std::string fb = dir.file("hf_tp") + "/checkpoint/step-4-hf";
+  const json ia = read_json(fa + "/model.safetensors.index.json");
+  const json ib = read_json(fb + "/model.safetensors.index.json");
+  ASSERT_EQ(ia["weight_map"].size(), ib["weight_map"].size());
+  for (auto it = ia["weight_map"].begin(); it != ia["weight_map"].end(); ++it) {
+    const std::string name = it.key();
+    ASSERT_TRUE(ib["weight_map"].contains(name)) << name;
+    const at::Tensor x =
+        checkpoint::SafetensorsReader(fa + "/" + it.value().get<std::string>()).read(name);
+    const at::Tensor y =
+        checkpoint::SafetensorsReader(fb + "/" + ib["weight_map"][name].get<std::string>())
+            .read(name);
+    ASSERT_EQ(x.sizes(), y.sizes()) << name;
+    EXPECT_LT(test::relative_error(y, x), 1e-5) << name;
+  }
+  // The exported folder as the start of a tp 4 run and of a one-process run: the same steps.
+  const std::vector<std::string> from_hf = {"--checkpoint.initial_load_path", fa,
+                                            "--checkpoint.initial_load_in_hf"};
+  const JobRun s1 = run_job(dir.file("from_hf_one"), 1, 3, from_hf);
+  const JobRun s4 = run_job_batch(dir.file("from_hf_tp4"), 4, 8, 3, from_hf + tp(4, 1));
+  ASSERT_EQ(s1.exit_code, 0) << s1.output;
+  expect_steps_match(s4, s1, 1, 3, 1e-5, "HF folder into tp 4");
+}
+
 TEST(CheckpointCrash, KilledSaveFallsBackToThePreviousCheckpoint) {
   test::TempDir dir;
   const JobRun reference = run_job(dir.file("reference"), 1, 12, {});
@@ -664,7 +735,8 @@ struct LocalModel {
     for (int64_t l = 0; l < a.n_layers; ++l) {
       const size_t i = static_cast<size_t>(l + 1);
       model::BlockSaved saved;
-      h = model::block_forward(a, model::block_views(fsdp->unit(i).layout, unit(i)), rope, h,
+      h = model::block_forward(a, model::BlockPlan::whole(a),
+                               model::block_views(fsdp->unit(i).layout, unit(i)), rope, h,
                                model::SavePolicy::InputOnly, saved);
     }
     const size_t head = fsdp->num_units() - 1;

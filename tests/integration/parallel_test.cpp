@@ -257,3 +257,118 @@ TEST(Pipeline, BadPipelineConfigurationsAreClearErrors) {
             std::string::npos)
       << few.outputs[0];
 }
+
+// Tensor, sequence and loss parallelism on CPU (Gloo): tp 2 and 4, synchronous and async TP,
+// loss parallel or gathered logits, with activation checkpointing, FSDP (2D) and pipelines (3D),
+// compute what one process computes on the same global batch (losses every step and the final
+// weights within 1e-5 in fp32).
+namespace {
+
+std::vector<std::string> tp_args(int tp, std::vector<std::string> more = {}) {
+  std::vector<std::string> a = {"--parallelism.tensor_parallel_degree", std::to_string(tp)};
+  return a + more;
+}
+
+}  // namespace
+
+TEST(TensorParallel, EveryLayoutMatchesOneProcess) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  const RunResult single = train_ranks(dir, "single", 1, 8, kFinalSave);
+  const std::string final_single = dir.file("single") + "/checkpoint/step-10";
+  struct Case {
+    const char* name;
+    int world;
+    int64_t local_batch;
+    std::vector<std::string> extra;
+  };
+  const std::vector<std::string> no_fsdp = {"--parallelism.data_parallel_shard_degree", "1"};
+  const std::vector<Case> cases = {
+      {"tp2", 2, 8, tp_args(2, no_fsdp)},
+      {"tp2_async", 2, 8,
+       tp_args(2,
+               no_fsdp + std::vector<std::string>{"--parallelism.enable_async_tensor_parallel"})},
+      {"tp2_gathered_logits", 2, 8,
+       tp_args(2, no_fsdp + std::vector<std::string>{"--parallelism.disable_loss_parallel"})},
+      {"tp4_async_full_ac", 4, 8,
+       tp_args(4, no_fsdp + std::vector<std::string>{"--parallelism.enable_async_tensor_parallel",
+                                                     "--activation_checkpoint.mode", "full"})},
+      {"tp2_selective_ac_accumulation", 2, 4,
+       tp_args(2, no_fsdp + std::vector<std::string>{"--activation_checkpoint.mode", "selective",
+                                                     "--training.global_batch_size", "8"})},
+      {"fsdp2_tp2", 4, 4, tp_args(2)},
+      {"hsdp_ddp2_tp2_async", 4, 4,
+       tp_args(2, std::vector<std::string>{"--parallelism.data_parallel_replicate_degree", "2",
+                                           "--parallelism.data_parallel_shard_degree", "1",
+                                           "--parallelism.enable_async_tensor_parallel"})},
+      {"pp2_tp2", 4, 8, tp_args(2, no_fsdp + pp_args(2, "1F1B", 2))},
+      {"pp2_tp2_zbv_async", 4, 8,
+       tp_args(2, no_fsdp + pp_args(2, "ZBVZeroBubble", 2) +
+                      std::vector<std::string>{"--parallelism.enable_async_tensor_parallel"})},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    const RunResult r = train_ranks(dir, c.name, c.world, c.local_batch, kFinalSave + c.extra);
+    expect_same(r, single, c.name);
+    EXPECT_LT(weights_difference(dir.file(c.name) + "/checkpoint/step-10", final_single), 1e-5);
+  }
+  // Each tensor-parallel rank holds 1/tp of the split parameters (all but the norms).
+  const auto one = state_mib(single);
+  const RunResult tp4 = train_ranks(dir, "tp4", 4, 8, tp_args(4, no_fsdp));
+  expect_same(tp4, single, "tp4");
+  const auto four = state_mib(tp4);
+  ASSERT_EQ(one.size(), 1u);
+  ASSERT_EQ(four.size(), 4u);
+  for (double m : four) EXPECT_NEAR(m, one[0] / 4, 0.01 * one[0]);
+}
+
+TEST(TensorParallel, GroupedQueryAttentionWithOneKvHeadPerRank) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  const std::vector<std::string> gqa = {"--model.flavor", "debugmodel_gqa"};
+  const RunResult single = train_ranks(dir, "single", 1, 8, kFinalSave + gqa);
+  const RunResult tp4 =
+      train_ranks(dir, "tp4", 4, 8,
+                  kFinalSave + gqa + tp_args(4, {"--parallelism.data_parallel_shard_degree", "1"}));
+  expect_same(tp4, single, "GQA tp4");
+  EXPECT_LT(weights_difference(dir.file("tp4") + "/checkpoint/step-10",
+                               dir.file("single") + "/checkpoint/step-10"),
+            1e-5);
+}
+
+TEST(TensorParallel, BadTensorParallelConfigurationsAreClearErrors) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  struct Case {
+    int world;
+    std::vector<std::string> extra;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {3, tp_args(3, {"--parallelism.data_parallel_shard_degree", "1"}),
+       "parallelism.tensor_parallel_degree (3) must divide the number of attention heads (16)"},
+      {2, tp_args(2, {"--training.seq_len", "33"}),
+       "training.seq_len (33) must be divisible by parallelism.tensor_parallel_degree (2)"},
+  };
+  int i = 0;
+  for (const auto& c : cases) {
+    std::vector<std::string> argv = {TITAN_TRAIN_BINARY,
+                                     "--job.config_file",
+                                     kDebugConfig,
+                                     "--job.dump_folder",
+                                     dir.file("bad" + std::to_string(i++)),
+                                     "--training.steps",
+                                     "1",
+                                     "--training.seq_len",
+                                     "32",
+                                     "--training.local_batch_size",
+                                     "8"};
+    argv.insert(argv.end(), c.extra.begin(), c.extra.end());
+    const auto results = test::run_ranks(argv, c.world, {}, 120);
+    for (const auto& r : results) {
+      EXPECT_EQ(r.exit_code, 2) << r.output;
+      EXPECT_NE(r.output.find(c.message), std::string::npos) << "want \"" << c.message << "\" in:\n"
+                                                             << r.output;
+    }
+  }
+}

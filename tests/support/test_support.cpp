@@ -1,6 +1,7 @@
 // Test helpers: temp folders, subprocesses, tensor comparisons.
 #include "support/test_support.h"
 
+#include "titan/checkpoint/box.h"
 #include "titan/checkpoint/safetensors.h"
 #include "titan/config/job_config.h"
 #include "titan/parallel/parallelize.h"
@@ -187,10 +188,20 @@ at::Tensor read_checkpoint_tensor(const std::string& dir, const std::string& nam
   for (int64_t s : shape) numel *= s;
   at::Tensor out = at::empty({numel}, checkpoint::scalar_type_of(t.at("dtype").get<std::string>()));
   int64_t covered = 0;
+  // Each chunk is a flat range of a box of the tensor (the whole tensor without "box").
+  const checkpoint::Box whole = checkpoint::Box::whole(shape);
   for (const auto& c : t.at("chunks")) {
     checkpoint::SafetensorsReader r(dir + "/" + c.at("file").get<std::string>());
     const int64_t offset = c.at("offset"), n = c.at("numel");
-    out.narrow(0, offset, n).copy_(r.read(c.at("key").get<std::string>()));
+    const checkpoint::Box box =
+        c.contains("box") ? checkpoint::Box{c["box"]["offset"].get<std::vector<int64_t>>(),
+                                            c["box"]["shape"].get<std::vector<int64_t>>()}
+                          : whole;
+    const at::Tensor data = r.read(c.at("key").get<std::string>()).reshape({-1});
+    for (const auto& rect : checkpoint::flat_range_rects(box, offset, n)) {
+      checkpoint::rect_view(out, whole, 0, rect)
+          .copy_(checkpoint::rect_view(data, box, offset, rect));
+    }
     covered += n;
   }
   if (covered != numel) throw std::runtime_error("checkpoint " + dir + " misses part of " + name);

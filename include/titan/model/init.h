@@ -1,7 +1,8 @@
 // Deterministic parameter initialization that does not depend on how parameters are split:
 // every element's value is a function of (seed, parameter name, element index) only, drawn
-// with a counter-based hash. A rank initializes just the elements it holds, and the full
-// weights are identical for any world size or mesh, on CPU and CUDA alike.
+// with a counter-based hash, the index counting in the whole parameter (for a tensor-parallel
+// part too). A rank initializes just the elements it holds, and the full weights are
+// identical for any world size or mesh, on CPU and CUDA alike.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -3,6 +3,8 @@
 // back to back in one flat buffer. Units are what FSDP gathers and reduces as one piece.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -21,12 +23,30 @@ struct InitSpec {
   double upper = 2.0;
 };
 
+// How tensor parallelism splits a parameter: along `dim` into `count` equal parts, of which this
+// rank holds part `index`; dim = -1 with count > 1 is a parameter every tp rank holds whole
+// (the norms). count = 1: no tensor parallelism.
+struct ShardSpec {
+  int dim = -1;
+  int64_t index = 0;
+  int64_t count = 1;
+  bool replicated() const { return dim < 0 && count > 1; }
+};
+
 struct ParamSlot {
-  std::string name;            // torchtitan FQN, e.g. "layers.3.attention.wq.weight"
-  std::vector<int64_t> shape;  // full (unsharded) shape
-  int64_t offset = 0;          // element offset inside the unit's flat buffer
-  int64_t numel = 0;
+  std::string name;                   // torchtitan FQN, e.g. "layers.3.attention.wq.weight"
+  std::vector<int64_t> shape;         // the part this rank holds (the full shape without TP)
+  std::vector<int64_t> global_shape;  // the whole parameter
+  ShardSpec tp;                       // which part: wq/wk/wv/w1/w3/embedding/output split rows
+                                      // (column-parallel), wo/w2 split columns (row-parallel)
+  int64_t offset = 0;                 // element offset inside the unit's flat buffer
+  int64_t numel = 0;                  // of `shape`
   InitSpec init;
+
+  // Where this rank's part starts in the whole parameter, per dimension.
+  std::vector<int64_t> box_offset() const;
+  // Global flat indices (row-major in global_shape) of local flat indices `local` (int64).
+  at::Tensor global_index(const at::Tensor& local) const;
 };
 
 enum class UnitKind { Embedding, Block, Head };
@@ -47,8 +67,19 @@ struct BlockOffsets {
   int64_t attention_norm, wqkv, wo, ffn_norm, w13, w2;
 };
 
-// Units in execution order: tok_embeddings, layers.0 .. layers.{L-1}, head.
-std::vector<UnitLayout> llama_units(const LlamaArgs& args);
+// A rank's coordinate in tensor parallelism.
+struct TpCoord {
+  int64_t size = 1;
+  int64_t rank = 0;
+};
+
+// Units in execution order: tok_embeddings, layers.0 .. layers.{L-1}, head; with tensor
+// parallelism, this tp rank's parts of each parameter (the dims must divide: see
+// check_tensor_parallel).
+std::vector<UnitLayout> llama_units(const LlamaArgs& args, TpCoord tp = {});
+// Throws titan::Error naming what does not divide by the tensor-parallel degree (heads, KV
+// heads, FFN width, vocabulary).
+void check_tensor_parallel(const LlamaArgs& args, int64_t tp);
 BlockOffsets block_offsets(const UnitLayout& unit);
 
 // Element alignment of every parameter inside a unit (16 bytes of bf16 and more).

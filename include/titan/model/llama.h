@@ -9,6 +9,7 @@
 #include "titan/model/layout.h"
 #include "titan/model/llama_args.h"
 #include "titan/ops/attention.h"
+#include "titan/ops/linear.h"
 
 namespace titan::model {
 
@@ -28,16 +29,31 @@ using BlockGrads = BlockWeights;
 
 BlockWeights block_views(const UnitLayout& unit, const at::Tensor& flat);
 
+// How a block runs on this rank: its attention heads (all of them, or its tensor-parallel
+// share), how many ranks share its tokens (sequence parallel: the block's input and output
+// hold 1/seq_shards of the microbatch's tokens, contiguous in [B * S] order), and the Linear
+// of each projection.
+struct BlockPlan {
+  int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int64_t seq_shards = 1;
+  const ops::Linear* wqkv = &ops::plain_linear();
+  const ops::Linear* wo = &ops::plain_linear();
+  const ops::Linear* w13 = &ops::plain_linear();
+  const ops::Linear* w2 = &ops::plain_linear();
+  // The whole block on one rank.
+  static BlockPlan whole(const LlamaArgs& args);
+};
+
 struct BlockSaved {
   SavePolicy policy = SavePolicy::All;
-  at::Tensor x;           // block input [B, S, D]
-  at::Tensor rstd1, xn1;  // attention norm
+  at::Tensor x;           // block input [B, S, D] (sequence parallel: [B, S / tp, D])
+  at::Tensor rstd1, xn1;  // attention norm; xn1 as the q|k|v weight gradient takes it
   at::Tensor qkv;         // fused projection output [B, S, H + 2K, hd]
   at::Tensor q, k;        // after RoPE
   ops::AttentionSaved attn;
   at::Tensor o;           // attention output [B, S, H*hd]
   at::Tensor h;           // residual after attention
-  at::Tensor rstd2, hn2;  // ffn norm
+  at::Tensor rstd2, hn2;  // ffn norm; hn2 as the w1|w3 weight gradient takes it
   at::Tensor ab;          // fused w1|w3 output [B, S, 2F]
   at::Tensor g;           // silu(a) * b
   void clear() { *this = BlockSaved{}; }
@@ -48,9 +64,11 @@ struct Rope {
   at::Tensor cos, sin;  // [S, hd/2] fp32
 };
 
-// x: [B, S, D] compute dtype. Returns the block output; fills `saved` per `policy`.
-at::Tensor block_forward(const LlamaArgs& args, const BlockWeights& w, const Rope& rope,
-                         const at::Tensor& x, SavePolicy policy, BlockSaved& saved);
+// x: [B, S, D] compute dtype ([B, S / seq_shards, D] under sequence parallel). Returns the
+// block output; fills `saved` per `policy`.
+at::Tensor block_forward(const LlamaArgs& args, const BlockPlan& plan, const BlockWeights& w,
+                         const Rope& rope, const at::Tensor& x, SavePolicy policy,
+                         BlockSaved& saved);
 
 // The operands of a block's four weight-gradient GEMMs (dW = dy^T x), kept when the backward
 // of the input runs first and the weight gradients later (zero-bubble pipeline schedules).
@@ -66,13 +84,14 @@ struct DeferredWeightGrads {
 // them when `accumulate` is false, and returns the gradient of the block input. Releases `saved`.
 // With `deferred`, the four projection gradients are not computed but their operands kept
 // there for block_backward_weight (the RMSNorm weight gradients are written at once).
-at::Tensor block_backward(const LlamaArgs& args, const BlockWeights& w, const Rope& rope,
-                          const at::Tensor& dout, BlockSaved& saved, const BlockGrads& grads,
-                          bool accumulate = true, DeferredWeightGrads* deferred = nullptr);
+at::Tensor block_backward(const LlamaArgs& args, const BlockPlan& plan, const BlockWeights& w,
+                          const Rope& rope, const at::Tensor& dout, BlockSaved& saved,
+                          const BlockGrads& grads, bool accumulate = true,
+                          DeferredWeightGrads* deferred = nullptr);
 // The deferred projection gradients into `grads` (added, or written when !accumulate); releases
 // `deferred`'s tensors.
-void block_backward_weight(DeferredWeightGrads& deferred, const BlockGrads& grads,
-                           bool accumulate = true);
+void block_backward_weight(const BlockPlan& plan, DeferredWeightGrads& deferred,
+                           const BlockGrads& grads, bool accumulate = true);
 
 // Embedding lookup: table [V, D] (any float dtype) -> [B, S, D] in `dtype`.
 at::Tensor embedding_forward(const at::Tensor& table, const at::Tensor& tokens,

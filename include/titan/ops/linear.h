@@ -1,5 +1,6 @@
 // Matrix products of the explicit forward/backward: y = x W^T, dx = dy W, and weight
-// gradients accumulated straight into fp32 buffers (cuBLAS bf16 x bf16 -> fp32 on CUDA).
+// gradients accumulated straight into fp32 buffers (cuBLAS bf16 x bf16 -> fp32 on CUDA), plus
+// the Linear interface through which block code runs every projection.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -14,5 +15,33 @@ at::Tensor linear_backward_input(const at::Tensor& dy, const at::Tensor& w);
 // (compute dtype).
 void linear_backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
                             bool accumulate);
+
+// How one projection computes y = x W^T and its backward. Block code calls only this, never
+// a collective: the plain product is here; column- and row-parallel products with
+// sequence-parallel all-gathers and reduce-scatters (synchronous or overlapped, async TP)
+// are in parallel/tensor_parallel.h.
+class Linear {
+ public:
+  virtual ~Linear() = default;
+  // The x operand of the weight gradient, from the forward's input (the sequence-parallel
+  // gather of it for column-parallel projections); forward() returns it too, and a block
+  // that recomputes instead of keeping it calls this.
+  virtual at::Tensor weight_input(const at::Tensor& x) const { return x; }
+  // y from x; stores weight_input(x) in `*x_for_weight` when given.
+  virtual at::Tensor forward(const at::Tensor& x, const at::Tensor& w,
+                             at::Tensor* x_for_weight) const;
+  // dx from dy; stores the dy operand of the weight gradient (the gather of dy for
+  // row-parallel projections) in `*dy_for_weight` when given.
+  virtual at::Tensor backward_input(const at::Tensor& dy, const at::Tensor& w,
+                                    at::Tensor* dy_for_weight) const;
+  // grad_w (+)= dy^T x from the operands above.
+  virtual void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
+                               bool accumulate) const {
+    linear_backward_weight(dy, x, grad_w, accumulate);
+  }
+};
+
+// The plain product (no tensor parallelism).
+const Linear& plain_linear();
 
 }  // namespace titan::ops

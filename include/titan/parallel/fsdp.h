@@ -52,6 +52,10 @@ struct FsdpOptions {
   // Keep the shard in param_dtype on the device between steps (the optimizer writes it); when
   // false, unsharded units are cast from the fp32 master at each use instead.
   bool persistent_compute_weights = true;
+  // Tensor parallel: the tp group. The gradients of parameters every tp rank holds whole (the
+  // norms: each rank saw only its token shard) are summed over it once per step, and the
+  // gradient norm counts them once.
+  dist::Communicator* tensor_parallel = nullptr;
 };
 
 // One unit's storage on this rank.
@@ -102,7 +106,8 @@ class FsdpModel {
   // (`last_microbatch`: DDP/HSDP replicas reduce only then; when accumulating across
   // microbatches nothing is reduced before it).
   void reduce_grad(size_t i, bool last_microbatch);
-  // Waits for every outstanding reduction; afterwards unit(i).grad is final.
+  // Waits for every outstanding reduction (and sums tp-replicated gradients over tp);
+  // afterwards unit(i).grad is final.
   void finish_grad_reduction();
   // Zeroes shard gradients for the next step.
   void zero_grad();
@@ -116,8 +121,8 @@ class FsdpModel {
   std::vector<ShardSlice> shard_slices() const;
   std::vector<at::Tensor> master_shards() const;
   std::vector<at::Tensor> grad_shards() const;
-  // Sum of squares of the local gradient shards; reduced across shard and replicate ranks
-  // (each element counted once).
+  // Sum of squares of the local gradient shards; reduced across shard, replicate and tp ranks
+  // (each element of the model counted once).
   at::Tensor grad_norm_squared() const;
 
   int64_t dp_shard_size() const;
@@ -127,6 +132,7 @@ class FsdpModel {
 
  private:
   void fold_pending();
+  void sum_replicated_grads_over_tp();
   // Records an issued collective; blocks the host while too many are outstanding.
   void throttle(const std::shared_ptr<dist::Work>& work);
   struct Impl;

@@ -26,6 +26,8 @@ struct MemoryEstimateInputs {
   int64_t microbatches_in_flight = 1;             // whose activations are alive at once (pipelines)
   std::vector<model::SavePolicy> block_policies;  // one per block this rank holds
   bool holds_head = true;                         // output projection + loss on this rank
+  int64_t tp = 1;  // tensor parallel: heads, FFN and vocabulary split; tokens sharded between
+                   // blocks (sequence parallel), gathered inside them
 };
 
 struct MemoryEstimate {
@@ -41,9 +43,10 @@ struct MemoryEstimate {
   std::string describe() const;
 };
 
-// Bytes one token keeps per block under `policy` (compute dtype) as the explicit forward saves.
+// Bytes one token keeps per block under `policy` (compute dtype) as the explicit forward saves,
+// on one of `tp` tensor-parallel ranks.
 int64_t saved_bytes_per_token(const model::LlamaArgs& args, model::SavePolicy policy,
-                              int64_t dtype_bytes);
+                              int64_t dtype_bytes, int64_t tp = 1);
 
 MemoryEstimate estimate_memory(const model::LlamaArgs& args, const MemoryEstimateInputs& in);
 

@@ -40,6 +40,9 @@ std::vector<pipeline::StageLayout> split_stages(const model::LlamaArgs& args,
 
 struct Plan {
   int pp = 1;                   // pipeline degree
+  int64_t tp = 1;               // tensor-parallel degree
+  bool loss_parallel = true;    // tp: the loss on vocabulary shards
+  bool async_tp = false;        // tp: overlapped gathers / reduce-scatters
   int pp_rank = 0;              // this rank's pipeline coordinate
   pipeline::Schedule schedule;  // one pass (gradient-accumulation step) of the pipeline
   std::vector<pipeline::StageLayout> stages;  // every stage

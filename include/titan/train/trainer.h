@@ -21,6 +21,7 @@
 #include "titan/parallel/parallelize.h"
 #include "titan/parallel/pipeline/executor.h"
 #include "titan/parallel/pipeline/stage.h"
+#include "titan/parallel/tensor_parallel.h"
 #include "titan/train/lr_scheduler.h"
 #include "titan/train/optimizer.h"
 #include "titan/util/device.h"
@@ -90,6 +91,7 @@ class Trainer {
   std::unique_ptr<data::DataLoader> loader_;
   parallel::Plan plan_;
   std::unique_ptr<parallel::FsdpModel> fsdp_;
+  std::unique_ptr<parallel::TensorParallel> tp_;  // tensor_parallel_degree > 1
   std::unique_ptr<parallel::pipeline::RopeCache> ropes_;
   std::vector<std::unique_ptr<parallel::pipeline::Stage>> stages_;
   std::unique_ptr<parallel::pipeline::Executor> executor_;

@@ -66,13 +66,14 @@ Schedule build_eval_schedule(int pp, int stages, int microbatches,
 }
 
 Executor::Executor(Schedule schedule, int pp_rank, std::map<int, Stage*> stages, LinkFn links,
-                   int64_t dim, at::ScalarType dtype)
+                   int64_t dim, at::ScalarType dtype, int64_t seq_shards)
     : schedule_(std::move(schedule)),
       rank_(pp_rank),
       stages_(std::move(stages)),
       links_(std::move(links)),
       dim_(dim),
-      dtype_(dtype) {
+      dtype_(dtype),
+      seq_shards_(seq_shards) {
   for (int st : schedule_.stages_of(rank_)) {
     TITAN_INTERNAL_CHECK(stages_.count(st), "pipeline rank ", rank_, " misses stage ", st);
   }
@@ -113,8 +114,8 @@ void Executor::execute(const Schedule& s, const std::vector<at::Tensor>& microba
     posted[i] = true;
     const Action& a = list[i];
     const at::Tensor& tokens = microbatches[static_cast<size_t>(a.microbatch)];
-    at::Tensor buf =
-        at::empty({tokens.size(0), tokens.size(1) - 1, dim_}, tokens.options().dtype(dtype_));
+    at::Tensor buf = at::empty({tokens.size(0), (tokens.size(1) - 1) / seq_shards_, dim_},
+                               tokens.options().dtype(dtype_));
     const PipeLink link = links_(a.peer, /*send=*/false);
     dist::P2POp op;
     op.kind = dist::P2POp::Kind::Recv;

@@ -7,6 +7,7 @@
 
 #include "titan/ops/cross_entropy.h"
 #include "titan/ops/rope.h"
+#include "titan/parallel/tensor_parallel.h"
 #include "titan/util/error.h"
 
 namespace titan::parallel::pipeline {
@@ -43,7 +44,8 @@ Stage::Stage(StageLayout layout, std::vector<size_t> units, model::LlamaArgs arg
       fsdp_(fsdp),
       ropes_(ropes),
       policies_(std::move(policies)),
-      options_(options) {
+      options_(options),
+      block_plan_(options.tp ? options.tp->block_plan(args_) : model::BlockPlan::whole(args_)) {
   const size_t want =
       (layout_.embedding ? 1 : 0) + static_cast<size_t>(layout_.layers) + (layout_.head ? 1 : 0);
   TITAN_INTERNAL_CHECK(units_.size() == want && policies_.size() == size_t(layout_.layers),
@@ -64,26 +66,59 @@ at::Tensor Stage::embed(const at::Tensor& tokens) {
   // With unsharded storage the fp32 table is read directly: no full-table cast per step.
   const size_t unit = units_.front();
   const auto& u = fsdp_.unit(unit);
-  const int64_t v = args_.vocab_size, d = args_.dim;
+  const auto& slot = u.layout.params.front();
+  const int64_t rows = slot.shape[0], d = args_.dim;
   const bool local = fsdp_.dp_shard_size() == 1 && u.master.device() == fsdp_.device();
-  at::Tensor table = local ? u.master : fsdp_.gather(unit);
-  return model::embedding_forward(table.narrow(0, 0, v * d).view({v, d}), tokens,
-                                  options_.compute_dtype);
+  at::Tensor table = (local ? u.master : fsdp_.gather(unit)).narrow(0, 0, rows * d).view({rows, d});
+  if (options_.tp) {
+    return options_.tp->embedding_forward(table, slot.box_offset()[0], tokens,
+                                          options_.compute_dtype);
+  }
+  return model::embedding_forward(table, tokens, options_.compute_dtype);
+}
+
+ops::HeadResult Stage::head(const at::Tensor& h, const at::Tensor& labels, double grad_scale,
+                            bool compute_grad) {
+  const int64_t d = args_.dim;
+  const size_t head = units_.back();
+  const auto& hl = fsdp_.unit(head).layout;
+  const auto& norm_slot = hl.param("norm.weight");
+  const auto& out_slot = hl.param("output.weight");
+  const int64_t rows = out_slot.shape[0];
+  const at::Tensor& hw = fsdp_.gather(head);
+  at::Tensor norm_w = hw.narrow(0, norm_slot.offset, d);
+  at::Tensor out_w = hw.narrow(0, out_slot.offset, rows * d).view({rows, d});
+  bool acc = false;
+  at::Tensor norm_grad, out_grad;
+  if (compute_grad) {
+    at::Tensor& hg = fsdp_.full_grad(head, &acc);
+    norm_grad = hg.narrow(0, norm_slot.offset, d);
+    out_grad = hg.narrow(0, out_slot.offset, rows * d).view({rows, d});
+  }
+  at::Tensor h2 = h.reshape({-1, d});
+  if (options_.tp) {
+    return options_.tp->head_forward_backward(h2, norm_w, out_w, out_slot.box_offset()[0],
+                                              args_.vocab_size, labels, args_.norm_eps, grad_scale,
+                                              &norm_grad, &out_grad, compute_grad, acc);
+  }
+  return ops::head_forward_backward(h2, norm_w, out_w, labels, args_.norm_eps, grad_scale,
+                                    &norm_grad, &out_grad, compute_grad, acc);
 }
 
 at::Tensor Stage::blocks_forward(at::Tensor h, Saved* saved) {
-  const model::Rope& rope = ropes_.get(h.size(1), h.device());
+  const model::Rope& rope = ropes_.get(h.size(1) * block_plan_.seq_shards, h.device());
   for (int k = 0; k < layout_.layers; ++k) {
     const size_t pos = first_block_ + static_cast<size_t>(k);
     if (pos + 1 < units_.size()) fsdp_.prefetch(units_[pos + 1]);
     const size_t unit = units_[pos];
     const auto w = model::block_views(fsdp_.unit(unit).layout, fsdp_.gather(unit));
     if (saved) {
-      h = model::block_forward(args_, w, rope, h, policies_[static_cast<size_t>(k)],
+      h = model::block_forward(args_, block_plan_, w, rope, h, policies_[static_cast<size_t>(k)],
                                saved->blocks[static_cast<size_t>(k)]);
     } else {
       model::BlockSaved scratch;
-      h = model::block_forward(args_, w, rope, h, model::SavePolicy::InputOnly, scratch);
+      h = model::block_forward(args_, block_plan_, w, rope, h, model::SavePolicy::InputOnly,
+                               scratch);
     }
     if (saved) {
       fsdp_.release(unit, /*after_forward=*/true);
@@ -92,6 +127,21 @@ at::Tensor Stage::blocks_forward(at::Tensor h, Saved* saved) {
     }
   }
   return h;
+}
+
+void Stage::embed_backward(const at::Tensor& dh, const at::Tensor& tokens) {
+  // Scatter-add of the input gradient into the table's gradient; needs no weights.
+  const size_t unit = units_.front();
+  const auto& slot = fsdp_.unit(unit).layout.params.front();
+  const int64_t rows = slot.shape[0], d = args_.dim;
+  bool acc = false;
+  at::Tensor table_grad = fsdp_.full_grad(unit, &acc).narrow(0, 0, rows * d).view({rows, d});
+  if (options_.tp) {
+    options_.tp->embedding_backward(dh, tokens, slot.box_offset()[0], table_grad, acc);
+  } else {
+    model::embedding_backward(dh, tokens, table_grad, acc);
+  }
+  weight_done(unit);
 }
 
 void Stage::weight_done(size_t unit) {
@@ -135,24 +185,11 @@ at::Tensor Stage::forward(int mb, const at::Tensor& input, const at::Tensor& lab
 
   // Head: norm + output + loss and their backward, in one pass.
   RECORD_USER_SCOPE("titan/head_loss_and_backward");
-  const int64_t b = h.size(0), seq = h.size(1), d = args_.dim, v = args_.vocab_size;
-  const size_t head = units_.back();
-  const auto& hl = fsdp_.unit(head).layout;
-  const auto& norm_slot = hl.param("norm.weight");
-  const auto& out_slot = hl.param("output.weight");
-  const at::Tensor& hw = fsdp_.gather(head);
-  bool acc = false;
-  at::Tensor& hg = fsdp_.full_grad(head, &acc);
-  at::Tensor norm_grad = hg.narrow(0, norm_slot.offset, d);
-  at::Tensor out_grad = hg.narrow(0, out_slot.offset, v * d).view({v, d});
-  auto res = ops::head_forward_backward(h.reshape({b * seq, d}), hw.narrow(0, norm_slot.offset, d),
-                                        hw.narrow(0, out_slot.offset, v * d).view({v, d}), labels,
-                                        args_.norm_eps, grad_scale, &norm_grad, &out_grad,
-                                        /*compute_grad=*/true, acc);
+  auto res = head(h, labels, grad_scale, /*compute_grad=*/true);
   loss_sum.add_(res.loss_sum);
-  s.dh = res.dh.view({b, seq, d});
-  weight_done(head);
-  release_after_use(head, forwards_done_);
+  s.dh = res.dh.view(h.sizes());
+  weight_done(units_.back());
+  release_after_use(units_.back(), forwards_done_);
   ++forwards_done_;
   return at::Tensor();
 }
@@ -170,7 +207,8 @@ at::Tensor Stage::backward(int mb, const at::Tensor& dout, bool with_weight) {
     s.deferred.resize(static_cast<size_t>(layout_.layers));
     s.weight_pending = true;
   }
-  const model::Rope* rope = layout_.layers > 0 ? &ropes_.get(dh.size(1), dh.device()) : nullptr;
+  const model::Rope* rope =
+      layout_.layers > 0 ? &ropes_.get(dh.size(1) * block_plan_.seq_shards, dh.device()) : nullptr;
   for (int k = layout_.layers - 1; k >= 0; --k) {
     RECORD_USER_SCOPE("titan/backward_block");
     const size_t pos = first_block_ + static_cast<size_t>(k);
@@ -179,22 +217,15 @@ at::Tensor Stage::backward(int mb, const at::Tensor& dout, bool with_weight) {
     const auto w = model::block_views(fsdp_.unit(unit).layout, fsdp_.gather(unit));
     bool acc = false;
     const auto g = model::block_views(fsdp_.unit(unit).layout, fsdp_.full_grad(unit, &acc));
-    dh = model::block_backward(args_, w, *rope, dh, s.blocks[static_cast<size_t>(k)], g, acc,
-                               with_weight ? nullptr : &s.deferred[static_cast<size_t>(k)]);
+    dh = model::block_backward(args_, block_plan_, w, *rope, dh, s.blocks[static_cast<size_t>(k)],
+                               g, acc, with_weight ? nullptr : &s.deferred[static_cast<size_t>(k)]);
     if (with_weight) weight_done(unit);
     release_after_use(unit, backwards_done_);
   }
   s.blocks.clear();
   if (layout_.embedding) {
     if (with_weight) {
-      // Scatter-add of the input gradient into the table's gradient; needs no weights.
-      const size_t unit = units_.front();
-      bool acc = false;
-      at::Tensor& eg = fsdp_.full_grad(unit, &acc);
-      const int64_t v = args_.vocab_size, d = args_.dim;
-      at::Tensor table_grad = eg.narrow(0, 0, v * d).view({v, d});
-      model::embedding_backward(dh, s.tokens, table_grad, acc);
-      weight_done(unit);
+      embed_backward(dh, s.tokens);
     } else {
       s.embed_grad = dh;
     }
@@ -214,18 +245,10 @@ void Stage::backward_weight(int mb) {
     const size_t unit = units_[first_block_ + static_cast<size_t>(k)];
     bool acc = false;
     const auto g = model::block_views(fsdp_.unit(unit).layout, fsdp_.full_grad(unit, &acc));
-    model::block_backward_weight(s.deferred[static_cast<size_t>(k)], g, acc);
+    model::block_backward_weight(block_plan_, s.deferred[static_cast<size_t>(k)], g, acc);
     weight_done(unit);
   }
-  if (layout_.embedding) {
-    const size_t unit = units_.front();
-    bool acc = false;
-    at::Tensor& eg = fsdp_.full_grad(unit, &acc);
-    const int64_t v = args_.vocab_size, d = args_.dim;
-    at::Tensor table_grad = eg.narrow(0, 0, v * d).view({v, d});
-    model::embedding_backward(s.embed_grad, s.tokens, table_grad, acc);
-    weight_done(unit);
-  }
+  if (layout_.embedding) embed_backward(s.embed_grad, s.tokens);
   saved_.erase(it);
 }
 
@@ -237,15 +260,8 @@ at::Tensor Stage::forward_eval(const at::Tensor& input, const at::Tensor& labels
   }
   h = blocks_forward(h, nullptr);
   if (!layout_.head) return h;
-  const int64_t b = h.size(0), seq = h.size(1), d = args_.dim, v = args_.vocab_size;
-  const size_t head = units_.back();
-  const auto& hl = fsdp_.unit(head).layout;
-  const at::Tensor& hw = fsdp_.gather(head);
-  auto res = ops::head_forward_backward(
-      h.reshape({b * seq, d}), hw.narrow(0, hl.param("norm.weight").offset, d),
-      hw.narrow(0, hl.param("output.weight").offset, v * d).view({v, d}), labels, args_.norm_eps,
-      0.0, nullptr, nullptr, /*compute_grad=*/false);
-  fsdp_.release(head, /*after_forward=*/false);
+  auto res = head(h, labels, 0.0, /*compute_grad=*/false);
+  fsdp_.release(units_.back(), /*after_forward=*/false);
   return res.loss_sum;
 }
 

@@ -8,6 +8,7 @@
 #include "titan/model/layout.h"
 #include "titan/model/llama_args.h"
 #include "titan/parallel/fsdp.h"
+#include "titan/util/error.h"
 
 using namespace titan;
 
@@ -121,6 +122,68 @@ TEST(LlamaInit, SameWeightsWhateverTheSplit) {
   at::Tensor other = at::empty({u.numel}, at::dtype(at::kFloat));
   model::init_unit_range(u, 8, 0, other);
   EXPECT_FALSE(at::equal(other, full));
+}
+
+// Tensor-parallel parts: every tp rank's part of every parameter holds exactly the whole
+// parameter's values at its box (rows for column-parallel, columns for row-parallel), so the
+// full weights are the same for any tp degree.
+TEST(LlamaInit, TensorParallelPartsAreBoxesOfTheWholeWeights) {
+  const auto args = model::llama_flavor("debugmodel_gqa");
+  const auto whole = model::llama_units(args);
+  for (int64_t tp : {2, 4}) {
+    for (int64_t rank = 0; rank < tp; ++rank) {
+      const auto parts = model::llama_units(args, {tp, rank});
+      ASSERT_EQ(parts.size(), whole.size());
+      for (size_t i : {size_t{0}, size_t{1}, parts.size() - 1}) {
+        at::Tensor full = at::empty({whole[i].numel}, at::dtype(at::kFloat));
+        model::init_unit_range(whole[i], 5, 0, full);
+        at::Tensor mine = at::empty({parts[i].numel}, at::dtype(at::kFloat));
+        model::init_unit_range(parts[i], 5, 0, mine);
+        for (size_t k = 0; k < parts[i].params.size(); ++k) {
+          const auto& p = parts[i].params[k];
+          const auto& w = whole[i].params[k];
+          ASSERT_EQ(p.name, w.name);
+          EXPECT_EQ(p.global_shape, w.shape);
+          at::Tensor expect = full.narrow(0, w.offset, w.numel).view(w.shape);
+          if (p.tp.dim >= 0) {
+            EXPECT_EQ(p.shape[static_cast<size_t>(p.tp.dim)] * tp,
+                      w.shape[static_cast<size_t>(p.tp.dim)])
+                << p.name;
+            expect = expect.narrow(p.tp.dim, p.box_offset()[static_cast<size_t>(p.tp.dim)],
+                                   p.shape[static_cast<size_t>(p.tp.dim)]);
+          } else {
+            EXPECT_TRUE(p.tp.replicated()) << p.name;
+          }
+          EXPECT_TRUE(at::equal(mine.narrow(0, p.offset, p.numel).view(p.shape), expect))
+              << p.name << " tp " << tp << " rank " << rank;
+        }
+      }
+    }
+  }
+  // Row-parallel (wo, w2) split the input columns, column-parallel the output rows.
+  const auto parts = model::llama_units(args, {4, 1});
+  EXPECT_EQ(parts[1].param("attention.wo.weight").tp.dim, 1);
+  EXPECT_EQ(parts[1].param("feed_forward.w2.weight").tp.dim, 1);
+  EXPECT_EQ(parts[1].param("attention.wk.weight").shape,
+            (std::vector<int64_t>{args.head_dim(), args.dim}));  // one of the 4 KV heads
+  EXPECT_EQ(parts[0].param("tok_embeddings.weight").box_offset(),
+            (std::vector<int64_t>{args.vocab_size / 4, 0}));
+}
+
+TEST(LlamaArgs, TensorParallelDegreeMustDivideHeadsFfnAndVocabulary) {
+  const auto gqa = model::llama_flavor("debugmodel_gqa");
+  EXPECT_NO_THROW(model::check_tensor_parallel(gqa, 4));
+  try {
+    model::check_tensor_parallel(gqa, 8);
+    ADD_FAILURE() << "8 does not divide 4 KV heads";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(
+                  "parallelism.tensor_parallel_degree (8) must divide the number of KV heads (4)"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(model::check_tensor_parallel(model::llama_flavor("debugmodel"), 3), Error);
+  EXPECT_NO_THROW(model::check_tensor_parallel(model::llama_flavor("70B"), 8));
 }
 
 TEST(LlamaInit, DistributionsFollowTorchtitan) {

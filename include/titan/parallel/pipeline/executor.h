@@ -30,9 +30,10 @@ using LinkFn = std::function<PipeLink(int pp_rank, bool send)>;
 class Executor {
  public:
   // `stages`: this rank's stages by global index. `dim`: the model width (activation shape
-  // [microbatch, seq_len, dim]); `dtype`: the compute dtype of activations and their gradients.
+  // [microbatch, seq_len / seq_shards, dim]: sequence parallel moves token shards); `dtype`:
+  // the compute dtype of activations and their gradients.
   Executor(Schedule schedule, int pp_rank, std::map<int, Stage*> stages, LinkFn links, int64_t dim,
-           at::ScalarType dtype);
+           at::ScalarType dtype, int64_t seq_shards = 1);
 
   // One pass of the schedule over `microbatches` (token windows [B, S + 1] on the device; the
   // first stage reads the inputs, the last the labels). The last stage adds its token-loss sums
@@ -53,6 +54,7 @@ class Executor {
   LinkFn links_;
   int64_t dim_;
   at::ScalarType dtype_;
+  int64_t seq_shards_;
 };
 
 // Forward-only schedule (validation): every microbatch through the stages in order.

@@ -13,7 +13,12 @@
 
 #include "titan/model/llama.h"
 #include "titan/model/llama_args.h"
+#include "titan/ops/cross_entropy.h"
 #include "titan/parallel/fsdp.h"
+
+namespace titan::parallel {
+class TensorParallel;
+}
 
 namespace titan::parallel::pipeline {
 
@@ -43,6 +48,9 @@ struct StageOptions {
   // microbatch needs them again); otherwise freed after each backward.
   bool keep_weights_through_step = false;
   at::ScalarType compute_dtype = at::kFloat;
+  // Tensor (+ sequence, loss) parallel over the tp group; nullptr without. Activations between
+  // blocks and stages are then token shards [B, S / tp, D].
+  const TensorParallel* tp = nullptr;
 };
 
 class Stage {
@@ -88,6 +96,11 @@ class Stage {
     bool weight_pending = false;  // I ran, W has not
   };
   at::Tensor embed(const at::Tensor& tokens);
+  // The embedding's weight gradient from the gradient of its output.
+  void embed_backward(const at::Tensor& dh, const at::Tensor& tokens);
+  // The head's norm, output and loss (and their backward with compute_grad) on h [B, S', D].
+  ops::HeadResult head(const at::Tensor& h, const at::Tensor& labels, double grad_scale,
+                       bool compute_grad);
   at::Tensor blocks_forward(at::Tensor h, Saved* saved);
   void weight_done(size_t unit);  // a unit's gradient of this microbatch is complete
   // Frees a unit's gathered weights after a use, `uses_done` earlier uses of the step before it.
@@ -101,6 +114,7 @@ class Stage {
   RopeCache& ropes_;
   std::vector<model::SavePolicy> policies_;
   StageOptions options_;
+  model::BlockPlan block_plan_;
   int step_microbatches_ = 1;
   int forwards_done_ = 0, backwards_done_ = 0;  // this step
   std::map<size_t, int> weight_passes_;         // per unit: microbatches whose gradient is complete

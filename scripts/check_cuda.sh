@@ -29,7 +29,8 @@ echo '#pragma once' >"$inc/c10/cuda/impl/cuda_cmake_macros.h"
 files="src/kernels/kernels_cuda.cpp src/dist/nccl_communicator.cpp src/ops/attention.cpp
   src/ops/cross_entropy.cpp src/ops/linear.cpp src/ops/rmsnorm.cpp src/ops/rope.cpp
   src/ops/swiglu.cpp src/train/trainer.cpp src/train/optimizer.cpp src/util/device.cpp
-  src/metrics/memory_snapshot.cpp tests/gpu/kernels_test.cpp tests/gpu/training_test.cpp"
+  src/metrics/memory_snapshot.cpp tests/gpu/kernels_test.cpp tests/gpu/training_test.cpp
+  tests/gpu/tensor_parallel_test.cpp"
 titan_exec bash -c "
   set -e
   for f in $(echo $files); do

@@ -4,7 +4,7 @@
 # packages), runs the GPU tests, short GPU training runs and the benchmarks; logs go to $OUT.
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
-# oom8b tp2 readme
+# oom8b tp2 asynctp readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -249,6 +249,16 @@ do_tp2() {
     --steps 2 | tail -25
 }
 
+# Async-TP micro-benchmark on all GPUs: titan's plain and ring (async) all-gather + matmul and
+# matmul + reduce-scatter against PyTorch's plain and symmetric-memory fused ops, 8B FFN shapes.
+do_asynctp() {
+  echo "== titan (titan_dist_worker tpbench) on $(ngpu) GPUs"
+  TITAN_DEVICE=cuda trun "$(ngpu)" "$BUILD_DIR/tests/titan_dist_worker" tpbench | grep '^{'
+  echo "== torch (scripts/bench_async_tp.py)"
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node="$(ngpu)" \
+    scripts/bench_async_tp.py 2>&1 | grep -E '^\{|Error' | tail -3
+}
+
 for s in "${stages[@]}"; do
   case "$s" in
     build) run_stage build do_build || { tail -50 "$OUT/build.log"; exit 1; } ;;
@@ -273,6 +283,7 @@ for s in "${stages[@]}"; do
     ckpt8b) run_stage ckpt8b do_ckpt8b; cat "$OUT/ckpt8b.log" | cut -c1-220 ;;
     oom8b) run_stage oom8b do_oom8b; cut -c1-400 "$OUT/oom8b.log" ;;
     tp2) run_stage tp2 do_tp2; cat "$OUT/tp2.log" | cut -c1-200 ;;
+    asynctp) run_stage asynctp do_asynctp; cat "$OUT/asynctp.log" ;;
     *) note "unknown stage $s" ;;
   esac
 done

@@ -215,7 +215,7 @@ Registry build_registry() {
   // [model]
   choices(opt(r, "model.name", &J::model, &ModelSection::name, "Model family"), {"llama3"});
   opt(r, "model.flavor", &J::model, &ModelSection::flavor,
-      "Model size: debugmodel, 1B, 3B, 8B, 70B, 405B");
+      "Model size: debugmodel, debugmodel_gqa, 1B, 3B, 8B, 70B, 405B");
   opt(r, "model.hf_assets_path", &J::model, &ModelSection::hf_assets_path,
       "Folder with tokenizer.json or tokenizer.model (and HF weights); empty: byte tokenizer");
   opt(r, "model.tokenizer_path", &J::model, &ModelSection::tokenizer_path,

@@ -153,6 +153,35 @@ at::Tensor cross_entropy_fwd_bwd(at::Tensor& logits, const at::Tensor& targets, 
   return losses.sum();
 }
 
+at::Tensor cross_entropy_shard_stats(const at::Tensor& logits, const at::Tensor& targets,
+                                     int64_t begin) {
+  TITAN_INTERNAL_CHECK(logits.dim() == 2 && logits.is_contiguous() && supported(logits) &&
+                           logits.size(1) % vec_of(logits) == 0 && aligned16(logits),
+                       "cross_entropy_shard_stats needs contiguous [rows, V] logits, V % 8 == 0");
+  const int64_t rows = logits.size(0);
+  at::Tensor stats = at::empty({rows, 3}, logits.options().dtype(at::kFloat));
+  at::Tensor tgt = targets.contiguous().to(at::kLong);
+  launch::cross_entropy_shard_stats(dtype_of(logits), logits.data_ptr(), tgt.data_ptr<int64_t>(),
+                                    stats.data_ptr<float>(), rows, logits.size(1), begin, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return stats;
+}
+
+void cross_entropy_shard_grad(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                              int64_t begin, double grad_scale) {
+  TITAN_INTERNAL_CHECK(logits.dim() == 2 && logits.is_contiguous() && supported(logits) &&
+                           logits.size(1) % vec_of(logits) == 0 && aligned16(logits) &&
+                           lse.scalar_type() == at::kFloat && lse.numel() == logits.size(0),
+                       "cross_entropy_shard_grad needs contiguous [rows, V] logits, V % 8 == 0, "
+                       "and fp32 lse [rows]");
+  at::Tensor tgt = targets.contiguous().to(at::kLong);
+  at::Tensor l = lse.contiguous();
+  launch::cross_entropy_shard_grad(dtype_of(logits), logits.data_ptr(), tgt.data_ptr<int64_t>(),
+                                   l.data_ptr<float>(), logits.size(0), logits.size(1), begin,
+                                   static_cast<float>(grad_scale), stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                 const at::Tensor& exp_avg_sq, const at::Tensor& shadow, const at::Tensor& hyper,
                 const at::Tensor& divisor, bool decoupled) {

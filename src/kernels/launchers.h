@@ -32,6 +32,13 @@ void swiglu_backward(DType dt, const void* dg, const void* ab, void* dab, int64_
 // losses: fp32 [rows] per-row loss; logits overwritten by the gradient when write_grad.
 void cross_entropy(DType dt, void* logits, const int64_t* targets, float* losses, int64_t rows,
                    int64_t vocab, float grad_scale, bool write_grad, cudaStream_t stream);
+// Loss parallel over a vocabulary shard (columns [begin, begin + cols)): stats [rows, 3] = (max,
+// sum of exp(x - max), target logit or 0); then the shard's gradient in place from lse [rows].
+void cross_entropy_shard_stats(DType dt, const void* logits, const int64_t* targets, float* stats,
+                               int64_t rows, int64_t cols, int64_t begin, cudaStream_t stream);
+void cross_entropy_shard_grad(DType dt, void* logits, const int64_t* targets, const float* lse,
+                              int64_t rows, int64_t cols, int64_t begin, float grad_scale,
+                              cudaStream_t stream);
 
 // One flat parameter: p, g, m, v fp32 (16-byte aligned); shadow_bf16 (optional) receives the
 // updated parameter in bf16. hyper (device): lr, beta1, beta2, eps, weight_decay, lr / bc1,

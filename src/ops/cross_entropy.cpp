@@ -51,23 +51,38 @@ at::Tensor whole_vocab_loss(at::Tensor& logits, const at::Tensor& tgt, double gr
 }
 
 // Loss parallel: the loss sum of a chunk of this shard's logits [len, rows] from every rank's
-// statistics, and this shard's part of the logits' gradient.
-at::Tensor shard_loss(const at::Tensor& logits, const at::Tensor& tgt, double grad_scale,
-                      bool compute_grad, const VocabShard& shard, at::Tensor* dl) {
+// statistics, and this shard's part of the logits' gradient (in place where the kernels serve).
+at::Tensor shard_loss(at::Tensor& logits, const at::Tensor& tgt, double grad_scale,
+                      bool compute_grad, const VocabShard& shard, bool fused, at::Tensor* dl) {
+  (void)fused;  // the CUDA kernels only
   const int64_t rows = logits.size(1);
-  at::Tensor lf = logits.to(at::kFloat);
   at::Tensor local = tgt - shard.begin;
   at::Tensor mine = at::logical_and(local.ge(0), local.lt(rows));
   at::Tensor idx = at::where(mine, local, at::zeros_like(local)).unsqueeze(1);
-  at::Tensor m = std::get<0>(lf.max(1));
-  at::Tensor s = (lf - m.unsqueeze(1)).exp().sum(1);
-  at::Tensor t = at::where(mine, lf.gather(1, idx).squeeze(1), at::zeros_like(m));
-  at::Tensor all = shard.gather_stats(at::stack({m, s, t}, 1));  // [ranks, len, 3]
+  at::Tensor stats, lf;
+#ifdef TITAN_WITH_CUDA
+  if (fused) stats = kernels::cross_entropy_shard_stats(logits, tgt, shard.begin);
+#endif
+  if (!stats.defined()) {
+    lf = logits.to(at::kFloat);
+    at::Tensor m = std::get<0>(lf.max(1));
+    at::Tensor s = (lf - m.unsqueeze(1)).exp().sum(1);
+    at::Tensor t = at::where(mine, lf.gather(1, idx).squeeze(1), at::zeros_like(m));
+    stats = at::stack({m, s, t}, 1);
+  }
+  at::Tensor all = shard.gather_stats(stats);  // [ranks, len, 3]
   at::Tensor ms = all.select(2, 0), ss = all.select(2, 1);
   at::Tensor gmax = std::get<0>(ms.max(0));
   at::Tensor lse = gmax + (ss * (ms - gmax.unsqueeze(0)).exp()).sum(0).log();
   at::Tensor loss = (lse - all.select(2, 2).sum(0)).sum();
   if (compute_grad) {
+#ifdef TITAN_WITH_CUDA
+    if (fused) {
+      kernels::cross_entropy_shard_grad(logits, tgt, lse, shard.begin, grad_scale);
+      *dl = logits;
+      return loss;
+    }
+#endif
     at::Tensor p = (lf - lse.unsqueeze(1)).exp_();
     p.scatter_add_(1, idx, at::neg(mine.to(p.scalar_type())).unsqueeze(1));
     p.mul_(grad_scale);
@@ -86,13 +101,14 @@ at::Tensor output_loss(const at::Tensor& hn, const at::Tensor& out_w, const at::
   const bool gathered = shard && shard->gather_logits;
   const int64_t vocab = shard ? shard->vocab : rows;
   at::Tensor loss_sum = at::zeros({}, hn.options().dtype(at::kFloat));
-  // The fused kernel keeps only the compute-dtype logits (its gradient overwrites them), so
-  // its chunks can be larger: fewer, taller GEMMs.
-  const bool fused = use_fused(hn) && vocab % 8 == 0 && (!shard || gathered);
+  // The fused kernels keep only the compute-dtype logits (the gradient overwrites them), so
+  // their chunks can be larger: fewer, taller GEMMs. Loss parallel holds [chunk, rows] logits.
+  const int64_t width = shard && !gathered ? rows : vocab;
+  const bool fused = use_fused(hn) && width % 8 == 0;
   const int64_t chunk =
       fused ? std::min<int64_t>(
-                  n, std::max<int64_t>(128, (int64_t(1) << 30) / (vocab * 2) / 128 * 128))
-            : head_chunk_rows(n, gathered ? vocab : rows, int64_t(512) << 20);
+                  n, std::max<int64_t>(128, (int64_t(1) << 30) / (width * 2) / 128 * 128))
+            : head_chunk_rows(n, width, int64_t(512) << 20);
   for (int64_t start = 0; start < n; start += chunk) {
     const int64_t len = std::min(chunk, n - start);
     at::Tensor hc = hn.narrow(0, start, len);
@@ -107,7 +123,7 @@ at::Tensor output_loss(const at::Tensor& hn, const at::Tensor& out_w, const at::
       loss_sum.add_(whole_vocab_loss(whole, tgt, grad_scale, compute_grad, fused, &dwhole));
       if (compute_grad) dl = dwhole.narrow(1, shard->begin, rows).contiguous();
     } else {
-      loss_sum.add_(shard_loss(logits, tgt, grad_scale, compute_grad, *shard, &dl));
+      loss_sum.add_(shard_loss(logits, tgt, grad_scale, compute_grad, *shard, fused, &dl));
     }
     if (compute_grad) {
       at::Tensor dst = dhn.narrow(0, start, len);

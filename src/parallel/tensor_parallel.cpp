@@ -149,6 +149,7 @@ at::Tensor TensorParallel::matmul_scatter(const at::Tensor& x, const at::Tensor&
   at::Tensor part;
   for (int64_t k = 0; k < t; ++k) {
     const int64_t blk = (r - k - 1 + 2 * t) % t;
+    // This block's product runs while the partial sum for it is still arriving; the add waits.
     part = at::mm(x.narrow(0, blk * n, n), b);
     if (arriving) {
       arriving->wait();

@@ -5,6 +5,9 @@
 //   idle         only the rendezvous (for missing-peer tests)
 //   bench        all-gather / reduce-scatter bus bandwidth, 1 MiB to 1 GiB (GPU)
 //   init         FSDP shards initialized per rank, gathered, equal the one-process weights
+//   tpbench      tensor parallel over the world: all-gather + matmul and matmul + reduce-scatter,
+//                plain and async (ring), on Llama 3 8B's shapes (TP_BENCH_TOKENS, _DIM, _FFN
+//                override; scripts/bench_async_tp.py times PyTorch's fused ops on the same)
 // Usage: titan_dist_worker SCENARIO [--section.key value ...]
 #include <ATen/ATen.h>
 
@@ -21,6 +24,7 @@
 #include "titan/model/init.h"
 #include "titan/model/layout.h"
 #include "titan/parallel/fsdp.h"
+#include "titan/parallel/tensor_parallel.h"
 #include "titan/util/device.h"
 #include "titan/util/error.h"
 #include "titan/util/log.h"
@@ -158,6 +162,53 @@ void bench(dist::Runtime& rt) {
   }
 }
 
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v ? std::atoll(v) : fallback;
+}
+
+void tp_bench(dist::Runtime& rt) {
+  Communicator* c = rt.world();
+  TITAN_CHECK(c, "tpbench needs at least 2 ranks");
+  const int64_t t = c->size();
+  const int64_t tokens = env_int("TP_BENCH_TOKENS", 8192), dim = env_int("TP_BENCH_DIM", 4096);
+  const int64_t ffn = env_int("TP_BENCH_FFN", 14336);
+  const auto dt = g_opts.device().is_cuda() ? at::kBFloat16 : at::kFloat;
+  const auto opts = g_opts.dtype(dt);
+  // w1|w3 (column-parallel, 2 * ffn / t outputs) and w2 (row-parallel, ffn / t inputs).
+  const at::Tensor x = at::randn({tokens / t, dim}, opts);
+  const at::Tensor w13 = at::randn({dim, 2 * ffn / t}, opts) * 0.02;
+  const at::Tensor g = at::randn({tokens, ffn / t}, opts);
+  const at::Tensor w2 = at::randn({ffn / t, dim}, opts) * 0.02;
+  const int iters = static_cast<int>(env_int("TP_BENCH_ITERS", 20));
+  auto time_op = [&](auto&& fn) {
+    for (int i = 0; i < 3; ++i) fn();
+    synchronize(g_opts.device());
+    c->barrier();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < iters; ++i) fn();
+    synchronize(g_opts.device());
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
+  };
+  for (bool async : {false, true}) {
+    parallel::TensorParallel tp(c, {async, true});
+    const double ag = time_op([&] { tp.gather_matmul(x, w13, nullptr); });
+    const double rs = time_op([&] { tp.matmul_scatter(g, w2); });
+    const double mm1 = time_op([&] { at::mm(at::empty({tokens, dim}, opts), w13); });
+    const double mm2 = time_op([&] { at::mm(g, w2); });
+    if (rt.env().rank == 0) {
+      std::printf(
+          "{\"impl\": \"titan\", \"async\": %s, \"tp\": %lld, \"tokens\": %lld, "
+          "\"dim\": %lld, \"ffn\": %lld, \"all_gather_matmul_us\": %.1f, "
+          "\"matmul_reduce_scatter_us\": %.1f, \"matmul_only_us\": [%.1f, %.1f]}\n",
+          async ? "true" : "false", static_cast<long long>(t), static_cast<long long>(tokens),
+          static_cast<long long>(dim), static_cast<long long>(ffn), ag * 1e6, rs * 1e6, mm1 * 1e6,
+          mm2 * 1e6);
+      std::fflush(stdout);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -211,6 +262,8 @@ int main(int argc, char** argv) {
       std::printf("rank %d: rendezvous OK\n", env.rank);
     } else if (scenario == "bench") {
       bench(rt);
+    } else if (scenario == "tpbench") {
+      tp_bench(rt);
     } else if (scenario == "init") {
       // Every rank draws only its shard; gathered, the units equal a one-process init.
       auto args = model::llama_flavor("debugmodel");

@@ -31,6 +31,15 @@ at::Tensor swiglu_backward(const at::Tensor& dg, const at::Tensor& ab);
 // `write_grad`, overwrites logits with (softmax - onehot) * grad_scale in place.
 at::Tensor cross_entropy_fwd_bwd(at::Tensor& logits, const at::Tensor& targets, double grad_scale,
                                  bool write_grad);
+// Loss parallel on a vocabulary shard: logits [rows, cols] hold columns [begin, begin + cols)
+// of the whole vocabulary. Returns fp32 [rows, 3]: max, sum of exp(x - max), the target's logit
+// (0 where the target is another shard's).
+at::Tensor cross_entropy_shard_stats(const at::Tensor& logits, const at::Tensor& targets,
+                                     int64_t begin);
+// Overwrites the shard's logits with (softmax - onehot) * grad_scale given each row's
+// log-sum-exp over the whole vocabulary (fp32 [rows]).
+void cross_entropy_shard_grad(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                              int64_t begin, double grad_scale);
 
 // grad (fp32 [out, in]) (+)= dy^T x with dy [N, out], x [N, in] in bf16: cuBLAS with fp32
 // accumulation and an fp32 output, so weight gradients never round to bf16. Without

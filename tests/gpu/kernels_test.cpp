@@ -20,12 +20,11 @@ using test::relative_error;
 namespace {
 
 at::TensorOptions cuda(at::ScalarType t) {
-  return at::TensorOptions().dtype(t).device(at::kCUDA);
+  return test::cuda_options(t);
 }
 
-// Tolerance by dtype: bf16 outputs are rounded once more than the fp32-internal reference.
 double tol(at::ScalarType t) {
-  return t == at::kBFloat16 ? 1e-2 : 1e-5;
+  return test::kernel_tolerance(t);
 }
 
 class KernelTest : public ::testing::TestWithParam<at::ScalarType> {};

@@ -177,6 +177,24 @@ json read_json(const std::string& path) {
   return json::parse(in);
 }
 
+// Two HF folders hold the same tensors (names, shapes, values within 1e-5).
+void expect_same_hf_folders(const std::string& got, const std::string& want) {
+  const json ia = read_json(want + "/model.safetensors.index.json");
+  const json ib = read_json(got + "/model.safetensors.index.json");
+  ASSERT_EQ(ia["weight_map"].size(), ib["weight_map"].size());
+  for (auto it = ia["weight_map"].begin(); it != ia["weight_map"].end(); ++it) {
+    const std::string name = it.key();
+    ASSERT_TRUE(ib["weight_map"].contains(name)) << name;
+    const at::Tensor x =
+        checkpoint::SafetensorsReader(want + "/" + it.value().get<std::string>()).read(name);
+    const at::Tensor y =
+        checkpoint::SafetensorsReader(got + "/" + ib["weight_map"][name].get<std::string>())
+            .read(name);
+    ASSERT_EQ(x.sizes(), y.sizes()) << name;
+    EXPECT_LT(test::relative_error(y, x), 1e-5) << name;
+  }
+}
+
 void flip_byte(const std::string& path, int64_t offset) {
   std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
   f.seekg(offset);
@@ -368,21 +386,8 @@ TEST(CheckpointResharding, PipelineCheckpointsLoadOnAnyMesh) {
     const JobRun b = run_job_batch(dir.file("hf_pp"), 4, 8, 4, hf + pp(4, "GPipe", 2));
     ASSERT_EQ(a.exit_code, 0) << a.output;
     ASSERT_EQ(b.exit_code, 0) << b.output;
-    const std::string fa = dir.file("hf_one") + "/checkpoint/step-4-hf";
-    const std::string fb = dir.file("hf_pp") + "/checkpoint/step-4-hf";
-    const json ia = read_json(fa + "/model.safetensors.index.json");
-    const json ib = read_json(fb + "/model.safetensors.index.json");
-    ASSERT_EQ(ia["weight_map"].size(), ib["weight_map"].size());
-    for (auto it = ia["weight_map"].begin(); it != ia["weight_map"].end(); ++it) {
-      const std::string name = it.key();
-      ASSERT_TRUE(ib["weight_map"].contains(name)) << name;
-      const at::Tensor x =
-          checkpoint::SafetensorsReader(fa + "/" + it.value().get<std::string>()).read(name);
-      const at::Tensor y =
-          checkpoint::SafetensorsReader(fb + "/" + ib["weight_map"][name].get<std::string>())
-              .read(name);
-      EXPECT_LT(test::relative_error(y, x), 1e-5) << name;
-    }
+    expect_same_hf_folders(dir.file("hf_pp") + "/checkpoint/step-4-hf",
+                           dir.file("hf_one") + "/checkpoint/step-4-hf");
   }
 }
 
@@ -433,21 +438,7 @@ TEST(CheckpointResharding, TensorParallelCheckpointsLoadOnAnyMesh) {
   ASSERT_EQ(a.exit_code, 0) << a.output;
   ASSERT_EQ(b.exit_code, 0) << b.output;
   const std::string fa = dir.file("hf_one") + "/checkpoint/step-4-hf";
-  const std::string fb = dir.file("hf_tp") + "/checkpoint/step-4-hf";
-  const json ia = read_json(fa + "/model.safetensors.index.json");
-  const json ib = read_json(fb + "/model.safetensors.index.json");
-  ASSERT_EQ(ia["weight_map"].size(), ib["weight_map"].size());
-  for (auto it = ia["weight_map"].begin(); it != ia["weight_map"].end(); ++it) {
-    const std::string name = it.key();
-    ASSERT_TRUE(ib["weight_map"].contains(name)) << name;
-    const at::Tensor x =
-        checkpoint::SafetensorsReader(fa + "/" + it.value().get<std::string>()).read(name);
-    const at::Tensor y =
-        checkpoint::SafetensorsReader(fb + "/" + ib["weight_map"][name].get<std::string>())
-            .read(name);
-    ASSERT_EQ(x.sizes(), y.sizes()) << name;
-    EXPECT_LT(test::relative_error(y, x), 1e-5) << name;
-  }
+  expect_same_hf_folders(dir.file("hf_tp") + "/checkpoint/step-4-hf", fa);
   // The exported folder as the start of a tp 4 run and of a one-process run: the same steps.
   const std::vector<std::string> from_hf = {"--checkpoint.initial_load_path", fa,
                                             "--checkpoint.initial_load_in_hf"};

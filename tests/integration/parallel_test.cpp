@@ -158,6 +158,29 @@ std::vector<std::string> operator+(std::vector<std::string> a, const std::vector
   return a;
 }
 
+// A one-step job (seq_len 32, local batch 8, then `extra`) on `world` ranks: every rank must
+// exit with code 2 and print `message`.
+void expect_config_error(const std::string& dump, int world, const std::vector<std::string>& extra,
+                         const std::string& message) {
+  std::vector<std::string> argv = {TITAN_TRAIN_BINARY,
+                                   "--job.config_file",
+                                   kDebugConfig,
+                                   "--job.dump_folder",
+                                   dump,
+                                   "--training.steps",
+                                   "1",
+                                   "--training.seq_len",
+                                   "32",
+                                   "--training.local_batch_size",
+                                   "8"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  for (const auto& r : test::run_ranks(argv, world, {}, 120)) {
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    EXPECT_NE(r.output.find(message), std::string::npos) << "want \"" << message << "\" in:\n"
+                                                         << r.output;
+  }
+}
+
 }  // namespace
 
 TEST(Pipeline, EveryScheduleAtDegreeTwoAndFourMatchesOneProcess) {
@@ -232,24 +255,7 @@ TEST(Pipeline, BadPipelineConfigurationsAreClearErrors) {
   };
   int i = 0;
   for (const auto& c : cases) {
-    std::vector<std::string> argv = {TITAN_TRAIN_BINARY,
-                                     "--job.config_file",
-                                     kDebugConfig,
-                                     "--job.dump_folder",
-                                     dir.file("bad" + std::to_string(i++)),
-                                     "--training.steps",
-                                     "1",
-                                     "--training.seq_len",
-                                     "32",
-                                     "--training.local_batch_size",
-                                     "8"};
-    argv.insert(argv.end(), c.extra.begin(), c.extra.end());
-    const auto results = test::run_ranks(argv, 2, {}, 120);
-    for (const auto& r : results) {
-      EXPECT_EQ(r.exit_code, 2) << r.output;
-      EXPECT_NE(r.output.find(c.message), std::string::npos) << "want \"" << c.message << "\" in:\n"
-                                                             << r.output;
-    }
+    expect_config_error(dir.file("bad" + std::to_string(i++)), 2, c.extra, c.message);
   }
   // Fewer microbatches than pipeline ranks is allowed, with the bubble it costs stated.
   const RunResult few = train_ranks(dir, "few", 2, 8, pp_args(2, "1F1B", 8));
@@ -352,23 +358,6 @@ TEST(TensorParallel, BadTensorParallelConfigurationsAreClearErrors) {
   };
   int i = 0;
   for (const auto& c : cases) {
-    std::vector<std::string> argv = {TITAN_TRAIN_BINARY,
-                                     "--job.config_file",
-                                     kDebugConfig,
-                                     "--job.dump_folder",
-                                     dir.file("bad" + std::to_string(i++)),
-                                     "--training.steps",
-                                     "1",
-                                     "--training.seq_len",
-                                     "32",
-                                     "--training.local_batch_size",
-                                     "8"};
-    argv.insert(argv.end(), c.extra.begin(), c.extra.end());
-    const auto results = test::run_ranks(argv, c.world, {}, 120);
-    for (const auto& r : results) {
-      EXPECT_EQ(r.exit_code, 2) << r.output;
-      EXPECT_NE(r.output.find(c.message), std::string::npos) << "want \"" << c.message << "\" in:\n"
-                                                             << r.output;
-    }
+    expect_config_error(dir.file("bad" + std::to_string(i++)), c.world, c.extra, c.message);
   }
 }

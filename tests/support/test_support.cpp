@@ -208,6 +208,14 @@ at::Tensor read_checkpoint_tensor(const std::string& dir, const std::string& nam
   return out.view(shape);
 }
 
+at::TensorOptions cuda_options(at::ScalarType t) {
+  return at::TensorOptions().dtype(t).device(at::kCUDA);
+}
+
+double kernel_tolerance(at::ScalarType t) {
+  return t == at::kBFloat16 ? 1e-2 : 1e-5;
+}
+
 std::map<std::string, at::Tensor> read_checkpoint_weights(const std::string& dir) {
   std::ifstream in(dir + "/metadata.json");
   const nlohmann::json meta = nlohmann::json::parse(in);

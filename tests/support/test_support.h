@@ -43,6 +43,11 @@ void write_file(const std::string& path, const std::string& text);
 // ||a - b|| / ||b|| in float64.
 double relative_error(const at::Tensor& a, const at::Tensor& b);
 
+// GPU tests: options of dtype `t` on the CUDA device, and the relative tolerance of a kernel's
+// output against its fp32-internal ATen reference (bf16 outputs are rounded once more).
+at::TensorOptions cuda_options(at::ScalarType t);
+double kernel_tolerance(at::ScalarType t);
+
 // The message of the titan::Error `fn` throws, or "" when it throws none.
 std::string error_of(const std::function<void()>& fn);
 

@@ -264,7 +264,7 @@ void export_hf(const std::string& folder, TrainerState& state, dist::Runtime& ru
   const bool writer = mesh.coordinate("dp_replicate") == 0 && mesh.coordinate("dp_shard") == 0 &&
                       mesh.coordinate("cp") == 0 && mesh.coordinate("tp") == 0;
   const bool leader = runtime.env().rank == 0;
-  dist::Communicator* shard = mesh.group("dp_shard");
+  dist::Communicator* shard = mesh.group("dp_shard_cp");  // FSDP's group
   dist::Communicator* tp = mesh.group("tp");
   // Full tensors in HF order, gathered unit by unit (over FSDP shards, then over the
   // tensor-parallel parts: every tp rank's unit has the same layout).

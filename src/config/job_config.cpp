@@ -1137,8 +1137,6 @@ void validate(const JobConfig& c) {
     fail("parallelism.", key, " = ", v, ": ", what,
          " is not available in this titan release yet; set it to 1");
   };
-  if (p.context_parallel_degree != 1)
-    unsupported("context_parallel_degree", p.context_parallel_degree, "context parallelism");
   if (p.expert_parallel_degree != 1)
     unsupported("expert_parallel_degree", p.expert_parallel_degree,
                 "expert parallelism (Llama 3 has no experts)");

@@ -118,6 +118,10 @@ DeviceMesh::DeviceMesh(ParallelDims dims, int rank, Communicator* world)
     by_effective_dims[effective] = owned_.back().get();
   }
   if (dims_.pp > 1 && world != nullptr) make_pp_links(world);
+  // Every rank has connected every group before any goes on: a rank that then stops at a
+  // configuration error must not break a peer's connection still being set up (the peer would
+  // report a transport failure instead of the same configuration error).
+  if (world != nullptr) world->barrier();
 }
 
 void DeviceMesh::make_pp_links(Communicator* world) {

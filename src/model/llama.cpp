@@ -62,7 +62,7 @@ at::Tensor forward_impl(const LlamaArgs& a, const BlockPlan& p, const BlockWeigh
   at::Tensor q = ops::rope_apply(qkv.narrow(2, 0, nh), rope.cos, rope.sin);
   at::Tensor k = ops::rope_apply(qkv.narrow(2, nh, nkv), rope.cos, rope.sin);
   at::Tensor v = qkv.narrow(2, nh + nkv, nkv);
-  at::Tensor o = ops::attention_forward(q, k, v, s.attn).reshape({b, seq, nh * hd});
+  at::Tensor o = p.attention->forward(q, k, v, s.attn).reshape({b, seq, nh * hd});
   at::Tensor h = x + p.wo->forward(o, w.wo, nullptr).view_as(x);
   auto [hn2, rstd2] = ops::rmsnorm_forward(h, w.ffn_norm, a.norm_eps);
   at::Tensor hw;
@@ -128,7 +128,7 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockPlan& p, const BlockWei
     s.q = ops::rope_apply(s.qkv.narrow(2, 0, nh), rope.cos, rope.sin);
     s.k = ops::rope_apply(s.qkv.narrow(2, nh, nkv), rope.cos, rope.sin);
     // The kernel's saved output and logsumexp stay; only its input views are rebuilt.
-    ops::attention_bind_inputs(s.q, s.k, s.qkv.narrow(2, nh + nkv, nkv), s.attn);
+    p.attention->bind_inputs(s.q, s.k, s.qkv.narrow(2, nh + nkv, nkv), s.attn);
     std::tie(hn2, s.rstd2) = ops::rmsnorm_forward(s.h, w.ffn_norm, a.norm_eps);
     s.hn2 = p.w13->weight_input(hn2);
     s.g = ops::swiglu_forward(s.ab);
@@ -158,7 +158,7 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockPlan& p, const BlockWei
   at::Tensor dh_w;
   at::Tensor d_o = p.wo->backward_input(dh, w.wo, &dh_w).view({b, seq, nh, hd});
   weight_grad(*p.wo, dh_w, s.o, grads.wo, &DeferredWeightGrads::d_wo, &DeferredWeightGrads::x_wo);
-  auto [dq, dk, dv] = ops::attention_backward(d_o, s.attn, nkv);
+  auto [dq, dk, dv] = p.attention->backward(d_o, s.attn, nkv);
   at::Tensor dqkv = at::empty({b, seq, nh + 2 * nkv, hd}, dout.options());
   ops::rope_apply_out(dq, rope.cos, rope.sin, /*inverse=*/true, dqkv.narrow(2, 0, nh));
   ops::rope_apply_out(dk, rope.cos, rope.sin, /*inverse=*/true, dqkv.narrow(2, nh, nkv));

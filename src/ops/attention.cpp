@@ -272,4 +272,123 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(const at::Tens
           reduce_kv(dv.transpose(1, 2), rep)};
 }
 
+namespace {
+
+class LocalAttention final : public Attention {
+ public:
+  at::Tensor forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     AttentionSaved& saved) const override {
+    return attention_forward(q, k, v, saved);
+  }
+  void bind_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   AttentionSaved& saved) const override {
+    attention_bind_inputs(q, k, v, saved);
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& dout,
+                                                          const AttentionSaved& saved,
+                                                          int64_t n_kv_heads) const override {
+    return attention_backward(dout, saved, n_kv_heads);
+  }
+};
+
+bool flash_block(const at::Tensor& q) {
+  return !q.is_cuda() || q.scalar_type() != at::kFloat;
+}
+
+// Exact attention of a block in fp32 (CUDA fp32): scores, mask, softmax by hand.
+at::Tensor block_scores(const at::Tensor& qh, const at::Tensor& kh, bool causal, double scale) {
+  at::Tensor sc = at::matmul(qh.to(at::kFloat), kh.to(at::kFloat).transpose(-1, -2)) * scale;
+  if (causal) {
+    const int64_t l = sc.size(-1);
+    sc.masked_fill_(at::ones({l, l}, sc.options().dtype(at::kBool)).triu(1), -INFINITY);
+  }
+  return sc;
+}
+
+}  // namespace
+
+const Attention& local_attention() {
+  static const LocalAttention local;
+  return local;
+}
+
+std::pair<at::Tensor, at::Tensor> block_attention_forward(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, bool causal) {
+  const int64_t rep = q.size(2) / k.size(2);
+  const double scale = scale_of(q.size(3));
+  const at::Tensor qh = q.transpose(1, 2);
+  const at::Tensor kh = expand_kv(k, rep).transpose(1, 2);
+  const at::Tensor vh = expand_kv(v, rep).transpose(1, 2);
+  if (!flash_block(q)) {
+    at::Tensor sc = block_scores(qh, kh, causal, scale);
+    at::Tensor lse = at::logsumexp(sc, -1);
+    at::Tensor out = at::matmul((sc - lse.unsqueeze(-1)).exp_(), vh.to(at::kFloat));
+    return {out.transpose(1, 2).to(q.scalar_type()), lse};
+  }
+#ifdef TITAN_WITH_CUDA
+  if (q.is_cuda()) {
+    auto r = at::_scaled_dot_product_flash_attention(qh, kh, vh, 0.0, causal, false, scale);
+    return {std::get<0>(r).transpose(1, 2), std::get<1>(r)};
+  }
+#endif
+  auto r =
+      at::_scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, std::nullopt, scale);
+  return {std::get<0>(r).transpose(1, 2), std::get<1>(r).to(at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, bool causal) {
+  const int64_t rep = q.size(2) / k.size(2);
+  const double scale = scale_of(q.size(3));
+  const at::Tensor qh = q.transpose(1, 2);
+  const at::Tensor kh = expand_kv(k, rep).transpose(1, 2);
+  const at::Tensor vh = expand_kv(v, rep).transpose(1, 2);
+  const at::Tensor doh = dout.transpose(1, 2);
+  const at::Tensor oh = out.transpose(1, 2);
+  at::Tensor dq, dk, dv;
+  if (!flash_block(q)) {
+    // P = exp(S - lse); dV = P^T dO; dS = P (dO V^T - rowsum(dO o O)); dQ = dS K s; dK = dS^T Q s.
+    at::Tensor p = (block_scores(qh, kh, causal, scale) - lse.unsqueeze(-1)).exp_();
+    at::Tensor dof = doh.to(at::kFloat);
+    at::Tensor d = (dof * oh.to(at::kFloat)).sum(-1, true);
+    at::Tensor ds = p * (at::matmul(dof, vh.to(at::kFloat).transpose(-1, -2)) - d);
+    dv = at::matmul(p.transpose(-1, -2), dof);
+    dq = at::matmul(ds, kh.to(at::kFloat)) * scale;
+    dk = at::matmul(ds.transpose(-1, -2), qh.to(at::kFloat)) * scale;
+  } else {
+#ifdef TITAN_WITH_CUDA
+    if (q.is_cuda()) {
+      const at::Tensor none;
+      std::tie(dq, dk, dv) = at::_scaled_dot_product_flash_attention_backward(
+          doh, qh, kh, vh, oh, lse.contiguous(), none, none, q.size(1), k.size(1), 0.0, causal,
+          at::empty({2}, q.options().dtype(at::kLong)), at::empty({}, q.options().dtype(at::kLong)),
+          scale);
+    }
+#endif
+    if (!dq.defined()) {
+      std::tie(dq, dk, dv) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+          doh, qh, kh, vh, oh, lse.contiguous(), 0.0, causal, std::nullopt, scale);
+    }
+  }
+  const auto dt = q.scalar_type();
+  return {dq.transpose(1, 2).to(dt), reduce_kv(dk.transpose(1, 2), rep).to(dt),
+          reduce_kv(dv.transpose(1, 2), rep).to(dt)};
+}
+
+void merge_attention(at::Tensor& out, at::Tensor& lse, const at::Tensor& part_out,
+                     const at::Tensor& part_lse) {
+  if (!out.defined()) {
+    out = part_out.to(at::kFloat);
+    lse = part_lse.to(at::kFloat);
+    return;
+  }
+  at::Tensor merged = at::logaddexp(lse, part_lse);
+  // [B, H, L] weights onto [B, L, H, hd] outputs.
+  at::Tensor w_old = (lse - merged).exp().transpose(1, 2).unsqueeze(-1);
+  at::Tensor w_new = (part_lse - merged).exp().transpose(1, 2).unsqueeze(-1);
+  out.mul_(w_old).add_(part_out.to(at::kFloat) * w_new);
+  lse = merged;
+}
+
 }  // namespace titan::ops

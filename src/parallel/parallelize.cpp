@@ -291,6 +291,31 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
         "(parallelism.tensor_parallel_degree = 1)");
   }
 
+  // Context parallel: each rank holds 1/cp of every sequence, cut into chunks (2 x cp with
+  // head-tail load balancing), and sequence parallel splits that share again over tp.
+  plan.cp = dims.cp;
+  if (plan.cp > 1) {
+    TITAN_CHECK(p.context_parallel_load_balancer != "ptrr",
+                "parallelism.context_parallel_load_balancer = \"ptrr\" (per-document round-robin) "
+                "balances flex attention's document masks, which titan does not use; use "
+                "\"headtail\" (balanced causal work) or \"none\"");
+    plan.cp_rotate = p.context_parallel_rotate_method;
+    plan.cp_load_balancer = p.context_parallel_load_balancer;
+    const int64_t chunks = plan.cp_load_balancer == "headtail" ? 2 * plan.cp : plan.cp;
+    const int64_t unit = chunks * plan.tp;
+    const std::string why =
+        std::string(plan.cp_load_balancer == "headtail" ? "2 x " : "") +
+        "parallelism.context_parallel_degree (" + std::to_string(plan.cp) + ")" +
+        (plan.tp > 1 ? " x tensor_parallel_degree (" + std::to_string(plan.tp) + ")" : "");
+    TITAN_CHECK(
+        c.training.seq_len % unit == 0, "training.seq_len (", c.training.seq_len,
+        ") must be divisible by ", why, " = ", unit,
+        ": context parallel cuts each sequence into equal chunks",
+        plan.cp_load_balancer == "headtail" ? " (head-tail load balancing: 2 per rank)" : "");
+    TITAN_CHECK(!c.validation.enable || c.validation.seq_len % unit == 0, "validation.seq_len (",
+                c.validation.seq_len, ") must be divisible by ", why, " = ", unit);
+  }
+
   // This rank's units, stage after stage.
   const auto all_units = model::llama_units(args, {plan.tp, mesh.coordinate("tp")});
   plan.local_stages = plan.schedule.stages_of(plan.pp_rank);
@@ -320,7 +345,7 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
   f.cpu_offload = c.training.enable_cpu_offload;
   f.accumulate_across_microbatches = plan.pp > 1;
   f.tensor_parallel = mesh.group("tp");
-  const bool sharded = mesh.size("dp_shard") > 1;
+  const bool sharded = mesh.size("dp_shard_cp") > 1;
   const bool ac_on = plan.checkpointing.mode != CheckpointPolicy::Mode::None;
   const std::string& reshard = p.fsdp_reshard_after_forward;
   // Unsharded units keep compute-dtype copies of the weights for the whole run (the optimizer
@@ -343,6 +368,13 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
 
 std::string Plan::describe() const {
   std::ostringstream out;
+  if (cp > 1) {
+    out << "context parallel: " << cp << " ranks, each holding "
+        << (cp_load_balancer == "headtail" ? "2 chunks (head-tail)" : "1 contiguous chunk")
+        << " of every sequence; ring attention, key/value "
+        << (cp_rotate == "allgather" ? "all-gathered" : "passed around the ring (alltoall)")
+        << "\n";
+  }
   if (tp > 1) {
     out << "tensor parallel: " << tp << " ranks, sequence parallel between blocks, "
         << (loss_parallel ? "loss parallel" : "logits gathered for the loss")
@@ -393,7 +425,7 @@ MemoryEstimate estimate_memory(const model::LlamaArgs& args, const Plan& plan,
     in.resident_weight_elements += gathered;
   }
   in.gradient_buffer_elements = 2 * largest;
-  in.microbatch_tokens = plan.microbatch_size * seq_len;
+  in.microbatch_tokens = plan.microbatch_size * seq_len / plan.cp;
   in.tp = plan.tp;
   // Saved activations: the stages' blocks, times the microbatches alive at once per stage.
   for (int st : plan.local_stages) {

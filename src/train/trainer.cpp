@@ -134,7 +134,8 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
     log::info("CPU run: computing in float32 (training.mixed_precision_param applies on GPU)");
   }
   const auto t_init = Clock::now();
-  fsdp_ = std::make_unique<parallel::FsdpModel>(plan_.units, mesh.group("dp_shard"),
+  // FSDP shards over dp_shard x cp (context-parallel ranks hold the same weights, as torchtitan).
+  fsdp_ = std::make_unique<parallel::FsdpModel>(plan_.units, mesh.group("dp_shard_cp"),
                                                 mesh.group("dp_replicate"), device, plan_.fsdp);
   report_memory_estimate();
   if (c.memory_estimation.enable) {
@@ -166,6 +167,11 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
     tp_ = std::make_unique<parallel::TensorParallel>(mesh.group("tp"), topts);
     sopts.tp = tp_.get();
   }
+  if (plan_.cp > 1) {
+    cp_ = std::make_unique<parallel::ContextParallel>(mesh.group("cp"), plan_.cp_rotate,
+                                                      plan_.cp_load_balancer);
+    sopts.cp = cp_.get();
+  }
   std::map<int, parallel::pipeline::Stage*> by_index;
   for (size_t i = 0; i < plan_.local_stages.size(); ++i) {
     const auto& layout = plan_.stages[static_cast<size_t>(plan_.local_stages[i])];
@@ -183,7 +189,7 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   };
   executor_ = std::make_unique<parallel::pipeline::Executor>(
       plan_.schedule, plan_.pp_rank, std::move(by_index), std::move(links), args_.dim,
-      plan_.fsdp.param_dtype, plan_.tp);
+      plan_.fsdp.param_dtype, plan_.tp * plan_.cp, cp_.get());
   log::info("activation checkpointing: {}", plan_.checkpointing.describe());
 
   OptimizerOptions oopts;
@@ -394,7 +400,7 @@ std::pair<at::Tensor, at::Tensor> Trainer::step_body(const std::vector<at::Tenso
   // The logged loss is the mean over the global batch: the last stage's sums, over every
   // pipeline and data-parallel rank, so every rank (rank 0 too) holds the true value.
   if (pp) pp->all_reduce(loss_sum, dist::ReduceOp::Sum);
-  if (auto* dp = runtime_->mesh().group("dp")) dp->all_reduce(loss_sum, dist::ReduceOp::Sum);
+  if (auto* dp = runtime_->mesh().group("dp_cp")) dp->all_reduce(loss_sum, dist::ReduceOp::Sum);
   at::Tensor mean_loss = loss_sum / tokens_per_step;
   // Divergence, every step: the first step whose loss or gradient norm (both already reduced
   // over every rank) is not finite stays on the device, read with the next metrics or before
@@ -521,9 +527,9 @@ TrainSummary Trainer::train() {
       m.grad_norm = gn;
       m.lr = scheduler_->lr_at(step_);
       // Per device, as torchtitan counts: a data-parallel rank's tokens are shared by its
-      // pipeline and tensor-parallel ranks.
+      // pipeline, tensor- and context-parallel ranks.
       const double tokens = static_cast<double>(c.training.local_batch_size) * c.training.seq_len *
-                            accumulation_ / (plan_.pp * plan_.tp);
+                            accumulation_ / (plan_.pp * plan_.tp * plan_.cp);
       m.tokens_per_second = tokens / step_s;
       m.tflops = m.tokens_per_second * flops_per_token_ / 1e12;
       if (device_.peak_flops > 0) m.mfu_pct = 100.0 * m.tflops * 1e12 / device_.peak_flops;
@@ -612,7 +618,7 @@ double Trainer::validate() {
               " holds less than one batch (validation.local_batch_size x (seq_len + 1) tokens "
               "per data-parallel rank)");
   if (auto* pp = runtime_->mesh().group("pp")) pp->all_reduce(loss_sum, dist::ReduceOp::Sum);
-  if (auto* dp = runtime_->mesh().group("dp")) dp->all_reduce(loss_sum, dist::ReduceOp::Sum);
+  if (auto* dp = runtime_->mesh().group("dp_cp")) dp->all_reduce(loss_sum, dist::ReduceOp::Sum);
   const double tokens = static_cast<double>(batches) * c.validation.local_batch_size *
                         c.validation.seq_len * dp_size_;
   return loss_sum.item<double>() / tokens;

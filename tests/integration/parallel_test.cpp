@@ -158,6 +158,28 @@ std::vector<std::string> operator+(std::vector<std::string> a, const std::vector
   return a;
 }
 
+struct LayoutCase {
+  const char* name;
+  int world;
+  int64_t local_batch;
+  std::vector<std::string> extra;
+};
+
+// Runs one process (local batch 8) and each case for 10 steps: the same losses every step and
+// final weights within 1e-5. Returns the one-process run.
+RunResult expect_layouts_match_one_process(const test::TempDir& dir,
+                                           const std::vector<LayoutCase>& cases) {
+  const RunResult single = train_ranks(dir, "single", 1, 8, kFinalSave);
+  const std::string final_single = dir.file("single") + "/checkpoint/step-10";
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    const RunResult r = train_ranks(dir, c.name, c.world, c.local_batch, kFinalSave + c.extra);
+    expect_same(r, single, c.name);
+    EXPECT_LT(weights_difference(dir.file(c.name) + "/checkpoint/step-10", final_single), 1e-5);
+  }
+  return single;
+}
+
 // A one-step job (seq_len 32, local batch 8, then `extra`) on `world` ranks: every rank must
 // exit with code 2 and print `message`.
 void expect_config_error(const std::string& dump, int world, const std::vector<std::string>& extra,
@@ -203,33 +225,21 @@ TEST(Pipeline, EveryScheduleAtDegreeTwoAndFourMatchesOneProcess) {
 TEST(Pipeline, ComposesWithFsdpDdpAccumulationAndCheckpointing) {
   TITAN_REQUIRE_GLOO();
   test::TempDir dir;
-  const RunResult single = train_ranks(dir, "single", 1, 8, kFinalSave);
-  const std::string final_single = dir.file("single") + "/checkpoint/step-10";
-  struct Case {
-    const char* name;
-    int world;
-    int64_t local_batch;
-    std::vector<std::string> extra;
-  };
-  const std::vector<Case> cases = {
-      {"pp2_fsdp2", 4, 4, pp_args(2, "Interleaved1F1B", 1)},
-      {"pp2_ddp2", 4, 4,
-       pp_args(2, "ZBVZeroBubble", 2) +
-           std::vector<std::string>{"--parallelism.data_parallel_replicate_degree", "2",
-                                    "--parallelism.data_parallel_shard_degree", "1"}},
-      {"pp2_accumulation", 2, 4,
-       pp_args(2, "1F1B", 1) + std::vector<std::string>{"--training.global_batch_size", "8"}},
-      {"pp2_full_ac_always_reshard", 4, 4,
-       pp_args(2, "InterleavedZeroBubble", 1) +
-           std::vector<std::string>{"--activation_checkpoint.mode", "full",
-                                    "--parallelism.fsdp_reshard_after_forward", "always"}},
-  };
-  for (const auto& c : cases) {
-    SCOPED_TRACE(c.name);
-    const RunResult r = train_ranks(dir, c.name, c.world, c.local_batch, kFinalSave + c.extra);
-    expect_same(r, single, c.name);
-    EXPECT_LT(weights_difference(dir.file(c.name) + "/checkpoint/step-10", final_single), 1e-5);
-  }
+  expect_layouts_match_one_process(
+      dir,
+      {
+          {"pp2_fsdp2", 4, 4, pp_args(2, "Interleaved1F1B", 1)},
+          {"pp2_ddp2", 4, 4,
+           pp_args(2, "ZBVZeroBubble", 2) +
+               std::vector<std::string>{"--parallelism.data_parallel_replicate_degree", "2",
+                                        "--parallelism.data_parallel_shard_degree", "1"}},
+          {"pp2_accumulation", 2, 4,
+           pp_args(2, "1F1B", 1) + std::vector<std::string>{"--training.global_batch_size", "8"}},
+          {"pp2_full_ac_always_reshard", 4, 4,
+           pp_args(2, "InterleavedZeroBubble", 1) +
+               std::vector<std::string>{"--activation_checkpoint.mode", "full",
+                                        "--parallelism.fsdp_reshard_after_forward", "always"}},
+      });
 }
 
 TEST(Pipeline, BadPipelineConfigurationsAreClearErrors) {
@@ -280,44 +290,34 @@ std::vector<std::string> tp_args(int tp, std::vector<std::string> more = {}) {
 TEST(TensorParallel, EveryLayoutMatchesOneProcess) {
   TITAN_REQUIRE_GLOO();
   test::TempDir dir;
-  const RunResult single = train_ranks(dir, "single", 1, 8, kFinalSave);
-  const std::string final_single = dir.file("single") + "/checkpoint/step-10";
-  struct Case {
-    const char* name;
-    int world;
-    int64_t local_batch;
-    std::vector<std::string> extra;
-  };
   const std::vector<std::string> no_fsdp = {"--parallelism.data_parallel_shard_degree", "1"};
-  const std::vector<Case> cases = {
-      {"tp2", 2, 8, tp_args(2, no_fsdp)},
-      {"tp2_async", 2, 8,
-       tp_args(2,
-               no_fsdp + std::vector<std::string>{"--parallelism.enable_async_tensor_parallel"})},
-      {"tp2_gathered_logits", 2, 8,
-       tp_args(2, no_fsdp + std::vector<std::string>{"--parallelism.disable_loss_parallel"})},
-      {"tp4_async_full_ac", 4, 8,
-       tp_args(4, no_fsdp + std::vector<std::string>{"--parallelism.enable_async_tensor_parallel",
-                                                     "--activation_checkpoint.mode", "full"})},
-      {"tp2_selective_ac_accumulation", 2, 4,
-       tp_args(2, no_fsdp + std::vector<std::string>{"--activation_checkpoint.mode", "selective",
-                                                     "--training.global_batch_size", "8"})},
-      {"fsdp2_tp2", 4, 4, tp_args(2)},
-      {"hsdp_ddp2_tp2_async", 4, 4,
-       tp_args(2, std::vector<std::string>{"--parallelism.data_parallel_replicate_degree", "2",
-                                           "--parallelism.data_parallel_shard_degree", "1",
-                                           "--parallelism.enable_async_tensor_parallel"})},
-      {"pp2_tp2", 4, 8, tp_args(2, no_fsdp + pp_args(2, "1F1B", 2))},
-      {"pp2_tp2_zbv_async", 4, 8,
-       tp_args(2, no_fsdp + pp_args(2, "ZBVZeroBubble", 2) +
-                      std::vector<std::string>{"--parallelism.enable_async_tensor_parallel"})},
-  };
-  for (const auto& c : cases) {
-    SCOPED_TRACE(c.name);
-    const RunResult r = train_ranks(dir, c.name, c.world, c.local_batch, kFinalSave + c.extra);
-    expect_same(r, single, c.name);
-    EXPECT_LT(weights_difference(dir.file(c.name) + "/checkpoint/step-10", final_single), 1e-5);
-  }
+  const RunResult single = expect_layouts_match_one_process(
+      dir,
+      {
+          {"tp2", 2, 8, tp_args(2, no_fsdp)},
+          {"tp2_async", 2, 8,
+           tp_args(2, no_fsdp +
+                          std::vector<std::string>{"--parallelism.enable_async_tensor_parallel"})},
+          {"tp2_gathered_logits", 2, 8,
+           tp_args(2, no_fsdp + std::vector<std::string>{"--parallelism.disable_loss_parallel"})},
+          {"tp4_async_full_ac", 4, 8,
+           tp_args(4,
+                   no_fsdp + std::vector<std::string>{"--parallelism.enable_async_tensor_parallel",
+                                                      "--activation_checkpoint.mode", "full"})},
+          {"tp2_selective_ac_accumulation", 2, 4,
+           tp_args(2,
+                   no_fsdp + std::vector<std::string>{"--activation_checkpoint.mode", "selective",
+                                                      "--training.global_batch_size", "8"})},
+          {"fsdp2_tp2", 4, 4, tp_args(2)},
+          {"hsdp_ddp2_tp2_async", 4, 4,
+           tp_args(2, std::vector<std::string>{"--parallelism.data_parallel_replicate_degree", "2",
+                                               "--parallelism.data_parallel_shard_degree", "1",
+                                               "--parallelism.enable_async_tensor_parallel"})},
+          {"pp2_tp2", 4, 8, tp_args(2, no_fsdp + pp_args(2, "1F1B", 2))},
+          {"pp2_tp2_zbv_async", 4, 8,
+           tp_args(2, no_fsdp + pp_args(2, "ZBVZeroBubble", 2) +
+                          std::vector<std::string>{"--parallelism.enable_async_tensor_parallel"})},
+      });
   // Each tensor-parallel rank holds 1/tp of the split parameters (all but the norms).
   const auto one = state_mib(single);
   const RunResult tp4 = train_ranks(dir, "tp4", 4, 8, tp_args(4, no_fsdp));
@@ -360,4 +360,51 @@ TEST(TensorParallel, BadTensorParallelConfigurationsAreClearErrors) {
   for (const auto& c : cases) {
     expect_config_error(dir.file("bad" + std::to_string(i++)), c.world, c.extra, c.message);
   }
+}
+
+// Context parallelism on CPU (Gloo): cp 2 and 4, both rotate methods, with and without head-tail
+// balancing and activation checkpointing, composed with FSDP, tensor and pipeline parallelism,
+// computes what one process computes on the same global batch.
+namespace {
+
+std::vector<std::string> cp_args(int cp, std::vector<std::string> more = {}) {
+  std::vector<std::string> a = {"--parallelism.context_parallel_degree", std::to_string(cp)};
+  return a + more;
+}
+
+}  // namespace
+
+TEST(ContextParallel, EveryLayoutMatchesOneProcess) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  const std::vector<std::string> no_fsdp = {"--parallelism.data_parallel_shard_degree", "1"};
+  const std::vector<std::string> ring = {"--parallelism.context_parallel_rotate_method",
+                                         "alltoall"};
+  expect_layouts_match_one_process(
+      dir, {
+               {"cp2_allgather", 2, 8, cp_args(2, no_fsdp)},
+               {"cp2_ring_full_ac", 2, 8,
+                cp_args(2, no_fsdp + ring +
+                               std::vector<std::string>{"--activation_checkpoint.mode", "full"})},
+               {"cp4_ring", 4, 8, cp_args(4, no_fsdp + ring)},
+               {"cp4_unbalanced_selective_ac", 4, 8,
+                cp_args(4, no_fsdp +
+                               std::vector<std::string>{
+                                   "--parallelism.context_parallel_load_balancer", "none",
+                                   "--activation_checkpoint.mode", "selective"})},
+               {"cp2_fsdp2", 4, 4, cp_args(2)},
+               {"cp2_tp2", 4, 8, cp_args(2, tp_args(2, no_fsdp))},
+               {"cp2_pp2_ring", 4, 8, cp_args(2, no_fsdp + ring + pp_args(2, "1F1B", 2))},
+           });
+}
+
+TEST(ContextParallel, BadContextParallelConfigurationsAreClearErrors) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  expect_config_error(dir.file("seq"), 2, cp_args(2, {"--training.seq_len", "34"}),
+                      "training.seq_len (34) must be divisible by 2 x "
+                      "parallelism.context_parallel_degree (2) = 4");
+  expect_config_error(dir.file("ptrr"), 2,
+                      cp_args(2, {"--parallelism.context_parallel_load_balancer", "ptrr"}),
+                      "parallelism.context_parallel_load_balancer = \"ptrr\"");
 }

@@ -40,6 +40,9 @@ struct BlockPlan {
   const ops::Linear* wo = &ops::plain_linear();
   const ops::Linear* w13 = &ops::plain_linear();
   const ops::Linear* w2 = &ops::plain_linear();
+  // Causal attention over the microbatch's sequence, or over a sequence split across
+  // context-parallel ranks (then the block's tokens are this rank's part of the sequence).
+  const ops::Attention* attention = &ops::local_attention();
   // The whole block on one rank.
   static BlockPlan whole(const LlamaArgs& args);
 };

@@ -39,11 +39,14 @@ std::vector<pipeline::StageLayout> split_stages(const model::LlamaArgs& args,
                                                 pipeline::ScheduleKind kind);
 
 struct Plan {
-  int pp = 1;                   // pipeline degree
-  int64_t tp = 1;               // tensor-parallel degree
-  bool loss_parallel = true;    // tp: the loss on vocabulary shards
-  bool async_tp = false;        // tp: overlapped gathers / reduce-scatters
-  int pp_rank = 0;              // this rank's pipeline coordinate
+  int pp = 1;                                 // pipeline degree
+  int64_t tp = 1;                             // tensor-parallel degree
+  bool loss_parallel = true;                  // tp: the loss on vocabulary shards
+  bool async_tp = false;                      // tp: overlapped gathers / reduce-scatters
+  int64_t cp = 1;                             // context-parallel degree
+  std::string cp_rotate = "allgather";        // cp: "allgather" or "alltoall" (ring)
+  std::string cp_load_balancer = "headtail";  // cp: "headtail" or "none"
+  int pp_rank = 0;                            // this rank's pipeline coordinate
   pipeline::Schedule schedule;  // one pass (gradient-accumulation step) of the pipeline
   std::vector<pipeline::StageLayout> stages;  // every stage
   std::vector<int> local_stages;              // global indices of this rank's stages

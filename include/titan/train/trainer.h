@@ -17,6 +17,7 @@
 #include "titan/dist/runtime.h"
 #include "titan/metrics/metrics.h"
 #include "titan/model/llama_args.h"
+#include "titan/parallel/context_parallel.h"
 #include "titan/parallel/fsdp.h"
 #include "titan/parallel/parallelize.h"
 #include "titan/parallel/pipeline/executor.h"
@@ -91,7 +92,8 @@ class Trainer {
   std::unique_ptr<data::DataLoader> loader_;
   parallel::Plan plan_;
   std::unique_ptr<parallel::FsdpModel> fsdp_;
-  std::unique_ptr<parallel::TensorParallel> tp_;  // tensor_parallel_degree > 1
+  std::unique_ptr<parallel::TensorParallel> tp_;   // tensor_parallel_degree > 1
+  std::unique_ptr<parallel::ContextParallel> cp_;  // context_parallel_degree > 1
   std::unique_ptr<parallel::pipeline::RopeCache> ropes_;
   std::vector<std::unique_ptr<parallel::pipeline::Stage>> stages_;
   std::unique_ptr<parallel::pipeline::Executor> executor_;

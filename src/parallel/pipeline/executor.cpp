@@ -2,6 +2,8 @@
 // transfers between pipeline ranks.
 #include "titan/parallel/pipeline/executor.h"
 
+#include "titan/parallel/context_parallel.h"
+
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 
@@ -66,14 +68,15 @@ Schedule build_eval_schedule(int pp, int stages, int microbatches,
 }
 
 Executor::Executor(Schedule schedule, int pp_rank, std::map<int, Stage*> stages, LinkFn links,
-                   int64_t dim, at::ScalarType dtype, int64_t seq_shards)
+                   int64_t dim, at::ScalarType dtype, int64_t seq_shards, const ContextParallel* cp)
     : schedule_(std::move(schedule)),
       rank_(pp_rank),
       stages_(std::move(stages)),
       links_(std::move(links)),
       dim_(dim),
       dtype_(dtype),
-      seq_shards_(seq_shards) {
+      seq_shards_(seq_shards),
+      cp_(cp) {
   for (int st : schedule_.stages_of(rank_)) {
     TITAN_INTERNAL_CHECK(stages_.count(st), "pipeline rank ", rank_, " misses stage ", st);
   }
@@ -175,10 +178,12 @@ void Executor::execute(const Schedule& s, const std::vector<at::Tensor>& microba
     const int64_t seq = tokens.size(1) - 1;
     switch (a.type) {
       case ActionType::Forward: {
-        const at::Tensor input = stage.layout().embedding ? tokens.narrow(1, 0, seq)
+        // Context parallel: this rank's chunks of the inputs and of their next-token labels.
+        auto mine = [&](const at::Tensor& t) { return cp_ ? cp_->shard(t) : t; };
+        const at::Tensor input = stage.layout().embedding ? mine(tokens.narrow(1, 0, seq))
                                                           : take({false, a.stage, a.microbatch});
         at::Tensor labels;
-        if (stage.layout().head) labels = tokens.narrow(1, 1, seq).reshape({-1});
+        if (stage.layout().head) labels = mine(tokens.narrow(1, 1, seq)).reshape({-1});
         at::Tensor out;
         if (eval) {
           out = stage.forward_eval(input, labels);

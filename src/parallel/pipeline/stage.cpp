@@ -7,6 +7,7 @@
 
 #include "titan/ops/cross_entropy.h"
 #include "titan/ops/rope.h"
+#include "titan/parallel/context_parallel.h"
 #include "titan/parallel/tensor_parallel.h"
 #include "titan/util/error.h"
 
@@ -46,6 +47,7 @@ Stage::Stage(StageLayout layout, std::vector<size_t> units, model::LlamaArgs arg
       policies_(std::move(policies)),
       options_(options),
       block_plan_(options.tp ? options.tp->block_plan(args_) : model::BlockPlan::whole(args_)) {
+  if (options_.cp) block_plan_.attention = options_.cp;
   const size_t want =
       (layout_.embedding ? 1 : 0) + static_cast<size_t>(layout_.layers) + (layout_.head ? 1 : 0);
   TITAN_INTERNAL_CHECK(units_.size() == want && policies_.size() == size_t(layout_.layers),
@@ -105,8 +107,19 @@ ops::HeadResult Stage::head(const at::Tensor& h, const at::Tensor& labels, doubl
                                     &norm_grad, &out_grad, compute_grad, acc);
 }
 
+const model::Rope& Stage::rope_for(const at::Tensor& h) {
+  const int64_t local = h.size(1) * block_plan_.seq_shards;  // this rank's tokens per sequence
+  if (!options_.cp) return ropes_.get(local, h.device());
+  auto it = cp_ropes_.find(local);
+  if (it == cp_ropes_.end()) {
+    const auto& whole = ropes_.get(local * options_.cp->size(), h.device());
+    it = cp_ropes_.emplace(local, options_.cp->local_rope(whole)).first;
+  }
+  return it->second;
+}
+
 at::Tensor Stage::blocks_forward(at::Tensor h, Saved* saved) {
-  const model::Rope& rope = ropes_.get(h.size(1) * block_plan_.seq_shards, h.device());
+  const model::Rope& rope = rope_for(h);
   for (int k = 0; k < layout_.layers; ++k) {
     const size_t pos = first_block_ + static_cast<size_t>(k);
     if (pos + 1 < units_.size()) fsdp_.prefetch(units_[pos + 1]);
@@ -207,8 +220,7 @@ at::Tensor Stage::backward(int mb, const at::Tensor& dout, bool with_weight) {
     s.deferred.resize(static_cast<size_t>(layout_.layers));
     s.weight_pending = true;
   }
-  const model::Rope* rope =
-      layout_.layers > 0 ? &ropes_.get(dh.size(1) * block_plan_.seq_shards, dh.device()) : nullptr;
+  const model::Rope* rope = layout_.layers > 0 ? &rope_for(dh) : nullptr;
   for (int k = layout_.layers - 1; k >= 0; --k) {
     RECORD_USER_SCOPE("titan/backward_block");
     const size_t pos = first_block_ + static_cast<size_t>(k);

@@ -32,8 +32,9 @@ class Executor {
   // `stages`: this rank's stages by global index. `dim`: the model width (activation shape
   // [microbatch, seq_len / seq_shards, dim]: sequence parallel moves token shards); `dtype`:
   // the compute dtype of activations and their gradients.
+  // With context parallel (`cp`), stages see this rank's chunks of each sequence.
   Executor(Schedule schedule, int pp_rank, std::map<int, Stage*> stages, LinkFn links, int64_t dim,
-           at::ScalarType dtype, int64_t seq_shards = 1);
+           at::ScalarType dtype, int64_t seq_shards = 1, const ContextParallel* cp = nullptr);
 
   // One pass of the schedule over `microbatches` (token windows [B, S + 1] on the device; the
   // first stage reads the inputs, the last the labels). The last stage adds its token-loss sums
@@ -55,6 +56,7 @@ class Executor {
   int64_t dim_;
   at::ScalarType dtype_;
   int64_t seq_shards_;
+  const ContextParallel* cp_;
 };
 
 // Forward-only schedule (validation): every microbatch through the stages in order.

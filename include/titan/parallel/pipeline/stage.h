@@ -18,7 +18,8 @@
 
 namespace titan::parallel {
 class TensorParallel;
-}
+class ContextParallel;
+}  // namespace titan::parallel
 
 namespace titan::parallel::pipeline {
 
@@ -51,6 +52,9 @@ struct StageOptions {
   // Tensor (+ sequence, loss) parallel over the tp group; nullptr without. Activations between
   // blocks and stages are then token shards [B, S / tp, D].
   const TensorParallel* tp = nullptr;
+  // Context parallel (ring attention) over the cp group; nullptr without. The stage's tokens
+  // are then this rank's chunks of each sequence (ContextParallel::shard).
+  const ContextParallel* cp = nullptr;
 };
 
 class Stage {
@@ -102,6 +106,8 @@ class Stage {
   ops::HeadResult head(const at::Tensor& h, const at::Tensor& labels, double grad_scale,
                        bool compute_grad);
   at::Tensor blocks_forward(at::Tensor h, Saved* saved);
+  // RoPE tables for activations h [B, S', D] (S': this rank's tokens of each sequence).
+  const model::Rope& rope_for(const at::Tensor& h);
   void weight_done(size_t unit);  // a unit's gradient of this microbatch is complete
   // Frees a unit's gathered weights after a use, `uses_done` earlier uses of the step before it.
   void release_after_use(size_t unit, int uses_done);
@@ -115,6 +121,7 @@ class Stage {
   std::vector<model::SavePolicy> policies_;
   StageOptions options_;
   model::BlockPlan block_plan_;
+  std::map<int64_t, model::Rope> cp_ropes_;  // context parallel: by sequence length
   int step_microbatches_ = 1;
   int forwards_done_ = 0, backwards_done_ = 0;  // this step
   std::map<size_t, int> weight_passes_;         // per unit: microbatches whose gradient is complete

@@ -185,12 +185,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ContextParallel::backward(
     RECORD_USER_SCOPE("titan/cp_reduce_scatter_dkv");
     comm_->reduce_scatter(dkv_mine, grads, dist::ReduceOp::Sum);
   } else {
-    // Ring: key/value blocks and their gradient accumulators travel together; after the last
-    // block the accumulators take one more step, home to their owner.
+    // Ring: key/value blocks travel as in the forward; each block's gradient accumulator
+    // follows one step behind: this rank's contributions to the block it holds are computed
+    // while the sum of the earlier ranks' contributions is still arriving, then added and sent
+    // on. After the last block the accumulators take one more step, home to their owner.
     const int next = static_cast<int>((rank() + 1) % size());
     const int prev = static_cast<int>((rank() + size() - 1) % size());
     at::Tensor kv = at::stack({k, v}).contiguous();
-    at::Tensor dkv = at::zeros(kv.sizes(), f32);
+    dist::WorkPtr grads_moving;
+    at::Tensor grads_arriving, grads_sent;
     for (int64_t s = 0; s < size(); ++s) {
       dist::WorkPtr moving;
       at::Tensor incoming;
@@ -200,17 +203,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ContextParallel::backward(
             {{dist::P2POp::Kind::Send, kv, next}, {dist::P2POp::Kind::Recv, incoming, prev}},
             /*async=*/true);
       }
+      at::Tensor dkv = at::zeros(kv.sizes(), f32);
       attend(kv[0], kv[1], (rank() - s + size()) % size(), dkv);
-      at::Tensor arrived = at::empty_like(dkv);
-      comm_->send_recv(
-          {{dist::P2POp::Kind::Send, dkv, next}, {dist::P2POp::Kind::Recv, arrived, prev}});
-      dkv = arrived;
+      if (grads_moving) {
+        grads_moving->wait();
+        dkv.add_(grads_arriving);
+      }
+      grads_sent = dkv;  // alive until its transfer ends
+      grads_arriving = at::empty_like(dkv);
+      grads_moving = comm_->send_recv({{dist::P2POp::Kind::Send, grads_sent, next},
+                                       {dist::P2POp::Kind::Recv, grads_arriving, prev}},
+                                      /*async=*/true);
       if (moving) {
         moving->wait();
         kv = incoming;
       }
     }
-    dkv_mine = dkv;
+    grads_moving->wait();
+    dkv_mine = grads_arriving;
   }
   const auto dt = q.scalar_type();
   return {dq.to(dt), dkv_mine[0].to(dt), dkv_mine[1].to(dt)};

@@ -148,10 +148,12 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
     // fp32 parameters + gradients + two AdamW moments, as held by this rank.
     int64_t elements = 0;
     for (size_t i = 0; i < fsdp_->num_units(); ++i) elements += fsdp_->unit(i).shard_numel;
+    const double mib = elements / double(1 << 20);
     log::info(
-        "parameter state: {:.2f} MiB per rank ({} of {} elements per unit set; dp_shard {}, tp {})",
-        elements * 16.0 / (1 << 20), util::with_commas(elements),
-        util::with_commas(args_.total_params()), fsdp_->dp_shard_size(), plan_.tp);
+        "parameter state: {:.2f} MiB per rank: fp32 weights {:.2f} + gradients {:.2f} + AdamW "
+        "moments {:.2f} MiB ({} of {} elements; FSDP over {} rank(s), tp {}, pp {})",
+        16 * mib, 4 * mib, 4 * mib, 8 * mib, util::with_commas(elements),
+        util::with_commas(args_.total_params()), fsdp_->dp_shard_size(), plan_.tp, plan_.pp);
   }
   log::info("initialized weights in {:.2f}s (seed {})", seconds_since(t_init), c.debug.seed);
 

@@ -157,8 +157,14 @@ TEST(JobConfig, CrossFieldValidation) {
   EXPECT_NE(msg.find("did you mean \"8B\"?"), std::string::npos) << msg;
   msg = error_of([] { load_job_config({"--activation_checkpoint.selective_ac_option", "x"}); });
   EXPECT_NE(msg.find("activation_checkpoint.selective_ac_option"), std::string::npos) << msg;
-  msg = error_of([] { load_job_config({"--parallelism.context_parallel_degree", "2"}); });
-  EXPECT_NE(msg.find("parallelism.context_parallel_degree = 2"), std::string::npos) << msg;
+  msg = error_of([] { load_job_config({"--parallelism.expert_parallel_degree", "2"}); });
+  EXPECT_NE(msg.find("parallelism.expert_parallel_degree = 2"), std::string::npos) << msg;
+  // Tensor and context parallelism are accepted.
+  EXPECT_EQ(error_of([] {
+              load_job_config({"--parallelism.context_parallel_degree", "2",
+                               "--parallelism.tensor_parallel_degree", "2"});
+            }),
+            "");
   msg = error_of([] { load_job_config({"--model.converters", "float8"}); });
   EXPECT_NE(msg.find("float8"), std::string::npos) << msg;
 }

@@ -4,7 +4,7 @@
 # packages), runs the GPU tests, short GPU training runs and the benchmarks; logs go to $OUT.
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
-# oom8b tp2 asynctp readme
+# oom8b tp2 asynctp budget3b readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -259,6 +259,25 @@ do_asynctp() {
     scripts/bench_async_tp.py 2>&1 | grep -E '^\{|Error' | tail -3
 }
 
+# 3B, local batch 2, seq 4096 on one GPU: activation_checkpoint.mode = memory_budget at budgets
+# 0, 0.25, 0.5 and 1 next to every 2nd block checkpointed (the benchmark's policy): TPS, MFU,
+# peak allocated memory, and the choice each budget made.
+do_budget3b() {
+  local name
+  for name in every2 b0 b0.25 b0.5 b1; do
+    local extra=(--activation_checkpoint.mode memory_budget --activation_checkpoint.memory_budget
+      "${name#b}")
+    [ "$name" = every2 ] && extra=(--activation_checkpoint.mode selective
+      --activation_checkpoint.selective_ac_option 2)
+    "$BUILD_DIR/titan_train" --job.config_file configs/llama3_3b.toml --training.local_batch_size 2 \
+      --training.seq_len 4096 "${extra[@]}" --training.steps "${BUDGET_STEPS:-20}" \
+      --metrics.log_freq 10 --job.dump_folder "$OUT/budget3b_$name" \
+      --metrics.enable_tensorboard false --metrics.disable_color_printing >"$OUT/budget3b_$name.log" 2>&1
+    grep -o "memory budget.*" "$OUT/budget3b_$name.log" | head -1
+    "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/budget3b_$name/metrics.jsonl') if '\"tps\"' in l][-1];print('3B $name: tps', round(r['tps']), 'mfu', round(r['mfu'],2), 'allocated GiB', round(r['max_active_memory_gib'],1))" || tail -5 "$OUT/budget3b_$name.log"
+  done
+}
+
 for s in "${stages[@]}"; do
   case "$s" in
     build) run_stage build do_build || { tail -50 "$OUT/build.log"; exit 1; } ;;
@@ -284,6 +303,7 @@ for s in "${stages[@]}"; do
     oom8b) run_stage oom8b do_oom8b; cut -c1-400 "$OUT/oom8b.log" ;;
     tp2) run_stage tp2 do_tp2; cat "$OUT/tp2.log" | cut -c1-200 ;;
     asynctp) run_stage asynctp do_asynctp; cat "$OUT/asynctp.log" ;;
+    budget3b) run_stage budget3b do_budget3b; cat "$OUT/budget3b.log" | cut -c1-300 ;;
     *) note "unknown stage $s" ;;
   esac
 done

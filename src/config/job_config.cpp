@@ -1116,9 +1116,6 @@ void validate(const JobConfig& c) {
   lacks(c.activation_checkpoint.debug, "activation_checkpoint.debug",
         "PyTorch's checkpoint debug traces are not available in titan (its recomputation is "
         "explicit: see activation_checkpoint.mode)");
-  lacks(c.activation_checkpoint.mode == "memory_budget", "activation_checkpoint.mode",
-        "\"memory_budget\" is not available in this titan release yet; use \"selective\" or "
-        "\"full\"");
   lacks(c.comm.mode != "default", "comm.mode",
         "\"" + c.comm.mode + "\" is a PyTorch testing mode, not available in titan");
   lacks(c.fault_tolerance.enable, "fault_tolerance.enable",

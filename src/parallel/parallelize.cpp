@@ -6,9 +6,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <set>
 #include <sstream>
 
+#include "titan/parallel/memory_estimate.h"
 #include "titan/util/error.h"
 #include "titan/util/log.h"
 #include "titan/util/strings.h"
@@ -18,11 +20,93 @@ namespace titan::parallel {
 using pipeline::ScheduleKind;
 using pipeline::StageLayout;
 
-CheckpointPolicy CheckpointPolicy::from_config(const config::ActivationCheckpointSection& ac) {
+std::vector<model::SavePolicy> choose_checkpointing(int64_t layers, double budget,
+                                                    const std::array<double, 3>& bytes,
+                                                    const std::array<double, 3>& cost) {
+  const double limit = std::max(budget * layers * bytes[0], layers * bytes[2]);
+  // Blocks are identical: only how many take each policy matters (O(layers^2) candidates).
+  int64_t best_all = 0, best_ops = 0;
+  double best = std::numeric_limits<double>::infinity();
+  for (int64_t all = 0; all <= layers; ++all) {
+    for (int64_t ops = 0; all + ops <= layers; ++ops) {
+      const int64_t input = layers - all - ops;
+      const double b = all * bytes[0] + ops * bytes[1] + input * bytes[2];
+      const double t = all * cost[0] + ops * cost[1] + input * cost[2];
+      if (b <= limit * (1 + 1e-12) && t < best) {
+        best = t;
+        best_all = all;
+        best_ops = ops;
+      }
+    }
+  }
+  // Even spread: each layer takes the policy furthest behind its share so far.
+  const std::array<int64_t, 3> want = {best_all, best_ops, layers - best_all - best_ops};
+  const std::array<model::SavePolicy, 3> kinds = {
+      model::SavePolicy::All, model::SavePolicy::Matmuls, model::SavePolicy::InputOnly};
+  std::array<int64_t, 3> given = {0, 0, 0};
+  std::vector<model::SavePolicy> out;
+  for (int64_t l = 0; l < layers; ++l) {
+    size_t pick = 0;
+    double lag = -std::numeric_limits<double>::infinity();
+    for (size_t k = 0; k < 3; ++k) {
+      if (given[k] == want[k]) continue;
+      const double behind = static_cast<double>(want[k]) * (l + 1) / layers - given[k];
+      if (behind > lag) {
+        lag = behind;
+        pick = k;
+      }
+    }
+    ++given[pick];
+    out.push_back(kinds[pick]);
+  }
+  return out;
+}
+
+CheckpointPolicy CheckpointPolicy::from_config(const config::ActivationCheckpointSection& ac,
+                                               const model::LlamaArgs& args, int64_t seq_len,
+                                               int64_t tp) {
   CheckpointPolicy p;
   if (ac.mode == "none") return p;
   if (ac.mode == "full") {
     p.mode = Mode::Full;
+    return p;
+  }
+  if (ac.mode == "memory_budget") {
+    TITAN_CHECK(ac.memory_budget >= 0 && ac.memory_budget <= 1,
+                "activation_checkpoint.memory_budget: expected a fraction in [0, 1], got ",
+                ac.memory_budget);
+    p.mode = Mode::Budget;
+    p.budget = ac.memory_budget;
+    // Saved bytes per token of each policy (2-byte compute dtype; only ratios matter), and the
+    // recompute cost of each as a fraction of the block's forward: its FLOPs (projections and
+    // causal attention) at a matmul rate against the bytes the elementwise recompute of the
+    // Matmuls policy moves (norms, RoPE, SwiGLU) at a memory rate; H100/H200 ratio of about
+    // 200 FLOP per byte.
+    std::array<double, 3> bytes;
+    const model::SavePolicy kinds[] = {model::SavePolicy::All, model::SavePolicy::Matmuls,
+                                       model::SavePolicy::InputOnly};
+    for (size_t k = 0; k < 3; ++k) {
+      bytes[k] = static_cast<double>(saved_bytes_per_token(args, kinds[k], 2, tp));
+    }
+    const double hd = static_cast<double>(args.head_dim());
+    const double q = args.n_heads * hd, kv = args.n_kv_heads * hd;
+    const double d = static_cast<double>(args.dim), f = static_cast<double>(args.ffn_hidden_dim());
+    const double forward_flops =
+        (2.0 * d * (q + 2 * kv) + 2.0 * q * d + 6.0 * d * f + 2.0 * q * seq_len) / tp;
+    const double elementwise_bytes = (4 * d + 2 * (q + kv) + 3 * f) / tp * 2 * 2;
+    const double forward_cost = forward_flops / 200.0;
+    p.layers = choose_checkpointing(args.n_layers, p.budget, bytes,
+                                    {0.0, elementwise_bytes, forward_cost + elementwise_bytes});
+    double saved = 0, recompute = 0;
+    for (auto policy : p.layers) {
+      const size_t k = policy == model::SavePolicy::All       ? 0
+                       : policy == model::SavePolicy::Matmuls ? 1
+                                                              : 2;
+      saved += bytes[k];
+      recompute += k == 0 ? 0.0 : k == 1 ? elementwise_bytes : forward_cost + elementwise_bytes;
+    }
+    p.saved_fraction = saved / (args.n_layers * bytes[0]);
+    p.recompute_fraction = recompute / (args.n_layers * (forward_cost + elementwise_bytes));
     return p;
   }
   TITAN_CHECK(ac.mode == "selective", "activation_checkpoint.mode: \"", ac.mode,
@@ -44,6 +128,7 @@ model::SavePolicy CheckpointPolicy::for_layer(int64_t layer) const {
     case Mode::None: return model::SavePolicy::All;
     case Mode::Full: return model::SavePolicy::InputOnly;
     case Mode::Ops: return model::SavePolicy::Matmuls;
+    case Mode::Budget: return layers.at(static_cast<size_t>(layer));
     case Mode::EveryK: break;
   }
   // torchtitan checkpoints every k-th block counting from one.
@@ -55,6 +140,17 @@ std::string CheckpointPolicy::describe() const {
     case Mode::None: return "none";
     case Mode::Full: return "full";
     case Mode::Ops: return "selective (op: matmul and attention outputs kept)";
+    case Mode::Budget: {
+      int64_t n[3] = {0, 0, 0};
+      for (auto p : layers) {
+        ++n[p == model::SavePolicy::All ? 0 : p == model::SavePolicy::Matmuls ? 1 : 2];
+      }
+      return fmt::format(
+          "memory budget {:.2f}: {} block(s) keep everything, {} keep matmul and attention "
+          "outputs (op), {} only their input (full); saved activations {:.2f} of no "
+          "checkpointing, estimated recompute {:.0f}% of the blocks' forward",
+          budget, n[0], n[1], n[2], saved_fraction, 100 * recompute_fraction);
+    }
     case Mode::EveryK: break;
   }
   return every == 1 ? "selective (every block)"
@@ -222,7 +318,8 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
   const auto& p = c.parallelism;
   plan.pp = static_cast<int>(dims.pp);
   plan.pp_rank = static_cast<int>(mesh.coordinate("pp"));
-  plan.checkpointing = CheckpointPolicy::from_config(c.activation_checkpoint);
+  plan.checkpointing =
+      CheckpointPolicy::from_config(c.activation_checkpoint, args, c.training.seq_len, dims.tp);
 
   // Batch: the global batch over the data-parallel ranks, the rest gradient accumulation.
   const int64_t dp = mesh.size("dp");

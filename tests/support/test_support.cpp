@@ -158,7 +158,8 @@ at::Tensor single_stage_step(const model::LlamaArgs& args, parallel::FsdpModel& 
   config::ActivationCheckpointSection ac;
   ac.mode = ac_mode;
   ac.selective_ac_option = ac_option;
-  const auto policy = parallel::CheckpointPolicy::from_config(ac);
+  if (ac_mode == "memory_budget") ac.memory_budget = std::stod(ac_option);
+  const auto policy = parallel::CheckpointPolicy::from_config(ac, args, tokens.size(1) - 1);
   std::vector<model::SavePolicy> policies;
   for (int64_t l = 0; l < args.n_layers; ++l) policies.push_back(policy.for_layer(l));
   std::vector<size_t> units;

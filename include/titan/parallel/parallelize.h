@@ -4,6 +4,7 @@
 // strings survive into the plan: they are parsed here, once.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -23,13 +24,31 @@ namespace titan::parallel {
 
 // activation_checkpoint.mode / selective_ac_option, parsed.
 struct CheckpointPolicy {
-  enum class Mode { None, Full, EveryK, Ops };
+  enum class Mode { None, Full, EveryK, Ops, Budget };
   Mode mode = Mode::None;
   int64_t every = 1;  // EveryK: blocks (layer + 1) % every == 0 keep only their input
-  static CheckpointPolicy from_config(const config::ActivationCheckpointSection& ac);
+  // Budget (activation_checkpoint.mode = "memory_budget"): each block's policy, chosen so the
+  // saved activations are at most `budget` x those of no checkpointing at the least estimated
+  // recompute time; the estimate's figures for the log.
+  double budget = 1.0;
+  std::vector<model::SavePolicy> layers;
+  double saved_fraction = 1.0;    // of no checkpointing's saved bytes
+  double recompute_fraction = 0;  // estimated recompute time / the blocks' forward time
+  // `args` and `tp` size the blocks for memory_budget (the other modes ignore them).
+  static CheckpointPolicy from_config(const config::ActivationCheckpointSection& ac,
+                                      const model::LlamaArgs& args, int64_t seq_len,
+                                      int64_t tp = 1);
   model::SavePolicy for_layer(int64_t layer) const;
   std::string describe() const;  // "none", "full", "selective (every 2nd block)", "selective (op)"
 };
+
+// memory_budget's choice: per-layer policies for `layers` identical blocks whose saved bytes per
+// token under All / Matmuls / InputOnly are `bytes` and whose recompute costs are `cost`
+// (same order), minimizing the total cost with the saved bytes at most budget x all-kept (or
+// the least possible when the budget is below it). Spread evenly over the layers.
+std::vector<model::SavePolicy> choose_checkpointing(int64_t layers, double budget,
+                                                    const std::array<double, 3>& bytes,
+                                                    const std::array<double, 3>& cost);
 
 // The model parts of each stage, from module_fqns_per_model_part, pipeline_parallel_split_points
 // (torchtitan v0.1.0) or torchtitan's even split with the embedding and the head counted as

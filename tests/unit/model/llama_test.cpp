@@ -94,8 +94,15 @@ TEST(LlamaModel, ActivationCheckpointModesGiveTheSameGradients) {
   args.n_layers = 4;
   auto tokens = tiny_tokens(args, 2, 12);
   auto base = run_titan(args, tokens, "none", "");
-  for (auto [mode, option] : std::vector<std::pair<std::string, std::string>>{
-           {"full", ""}, {"selective", "op"}, {"selective", "2"}, {"selective", "1"}}) {
+  for (auto [mode, option] :
+       std::vector<std::pair<std::string, std::string>>{{"full", ""},
+                                                        {"selective", "op"},
+                                                        {"selective", "2"},
+                                                        {"selective", "1"},
+                                                        {"memory_budget", "0"},
+                                                        {"memory_budget", "0.3"},
+                                                        {"memory_budget", "0.6"},
+                                                        {"memory_budget", "1"}}) {
     auto r = run_titan(args, tokens, mode, option);
     EXPECT_DOUBLE_EQ(r.loss, base.loss) << mode << " " << option;
     for (size_t i = 0; i < r.grads.size(); ++i) {

@@ -1,0 +1,97 @@
+// Activation checkpointing's memory_budget mode: the per-block choice meets the budget at the
+// least recompute cost (checked against enumerating every assignment on small cases), spreads
+// the policies over the layers, and saves fewer bytes as the budget falls.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+
+#include "titan/parallel/memory_estimate.h"
+#include "titan/parallel/parallelize.h"
+
+using namespace titan;
+using model::SavePolicy;
+
+namespace {
+
+size_t index_of(SavePolicy p) {
+  return p == SavePolicy::All ? 0 : p == SavePolicy::Matmuls ? 1 : 2;
+}
+
+}  // namespace
+
+TEST(MemoryBudget, ChoiceIsTheCheapestAssignmentWithinTheBudget) {
+  const std::array<double, 3> bytes = {10, 6, 1}, cost = {0, 1, 7};
+  for (int64_t layers : {1, 3, 5}) {
+    for (double budget : {0.0, 0.15, 0.4, 0.55, 0.8, 1.0}) {
+      SCOPED_TRACE(std::to_string(layers) + " layers, budget " + std::to_string(budget));
+      const auto chosen = parallel::choose_checkpointing(layers, budget, bytes, cost);
+      ASSERT_EQ(chosen.size(), static_cast<size_t>(layers));
+      double b = 0, t = 0;
+      for (auto p : chosen) {
+        b += bytes[index_of(p)];
+        t += cost[index_of(p)];
+      }
+      // Every assignment of the 3 policies to the layers, by brute force.
+      const double limit = std::max(budget * layers * bytes[0], layers * bytes[2]);
+      double best = std::numeric_limits<double>::infinity();
+      int64_t total = 1;
+      for (int64_t l = 0; l < layers; ++l) total *= 3;
+      for (int64_t code = 0; code < total; ++code) {
+        double bb = 0, tt = 0;
+        for (int64_t l = 0, c = code; l < layers; ++l, c /= 3) {
+          bb += bytes[static_cast<size_t>(c % 3)];
+          tt += cost[static_cast<size_t>(c % 3)];
+        }
+        if (bb <= limit + 1e-9) best = std::min(best, tt);
+      }
+      EXPECT_LE(b, limit + 1e-9);
+      EXPECT_DOUBLE_EQ(t, best);
+    }
+  }
+}
+
+TEST(MemoryBudget, SavedBytesFallWithTheBudgetAndTheEndsAreNoneAndFull) {
+  const auto args = model::llama_flavor("3B");
+  config::ActivationCheckpointSection ac;
+  ac.mode = "memory_budget";
+  double previous_saved = std::numeric_limits<double>::infinity(), previous_recompute = -1;
+  for (double budget = 1.0; budget >= -1e-9; budget -= 0.125) {
+    SCOPED_TRACE(budget);
+    ac.memory_budget = std::max(0.0, budget);
+    const auto policy = parallel::CheckpointPolicy::from_config(ac, args, 4096);
+    int64_t saved = 0;
+    for (int64_t l = 0; l < args.n_layers; ++l) {
+      saved += parallel::saved_bytes_per_token(args, policy.for_layer(l), 2, 1);
+    }
+    const double all = static_cast<double>(args.n_layers) *
+                       parallel::saved_bytes_per_token(args, SavePolicy::All, 2, 1);
+    EXPECT_LE(saved, std::max(ac.memory_budget * all,
+                              args.n_layers * static_cast<double>(parallel::saved_bytes_per_token(
+                                                  args, SavePolicy::InputOnly, 2, 1))) +
+                         1);
+    EXPECT_LE(saved, previous_saved);
+    EXPECT_GE(policy.recompute_fraction, previous_recompute);
+    EXPECT_NEAR(policy.saved_fraction, saved / all, 1e-9);
+    previous_saved = static_cast<double>(saved);
+    previous_recompute = policy.recompute_fraction;
+    if (ac.memory_budget == 1.0) {
+      for (int64_t l = 0; l < args.n_layers; ++l) EXPECT_EQ(policy.for_layer(l), SavePolicy::All);
+    }
+    if (ac.memory_budget == 0.0) {
+      for (int64_t l = 0; l < args.n_layers; ++l) {
+        EXPECT_EQ(policy.for_layer(l), SavePolicy::InputOnly);
+      }
+    }
+  }
+  // Half the budget: both halves of the model take part (policies are spread, not stacked).
+  ac.memory_budget = 0.5;
+  const auto half = parallel::CheckpointPolicy::from_config(ac, args, 4096);
+  int64_t kept_first = 0, kept_second = 0;
+  for (int64_t l = 0; l < args.n_layers; ++l) {
+    const bool kept = half.for_layer(l) != SavePolicy::InputOnly;
+    (l < args.n_layers / 2 ? kept_first : kept_second) += kept;
+  }
+  EXPECT_LE(std::abs(kept_first - kept_second), 1);
+  EXPECT_NE(half.describe().find("memory budget 0.50"), std::string::npos) << half.describe();
+}

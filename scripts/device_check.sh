@@ -4,7 +4,7 @@
 # packages), runs the GPU tests, short GPU training runs and the benchmarks; logs go to $OUT.
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
-# oom8b tp2 asynctp budget3b readme
+# oom8b tp2 asynctp budget3b pp4 cp4 readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -124,8 +124,9 @@ compare_losses() {
   "$PY" - "$@" <<'PYEOF'
 import json, sys
 label, fa, fb = sys.argv[1:4]
-a = [json.loads(l)["loss"] for l in open(fa)]
-b = [json.loads(l)["loss"] for l in open(fb)]
+def losses(path):  # step records (the run's start event has no loss)
+    return [r["loss"] for r in map(json.loads, open(path)) if "loss" in r]
+a, b = losses(fa), losses(fb)
 rel = max(abs(x - y) / x for x, y in zip(a, b))
 print(f"{label}, {len(a)} steps: loss {a[0]:.4f} -> {a[-1]:.4f} vs {b[-1]:.4f}; max relative difference {rel:.2e}")
 PYEOF
@@ -278,6 +279,64 @@ do_budget3b() {
   done
 }
 
+# One multi-GPU training run: NAME, number of GPUs, then titan_train arguments; prints TPS/GPU,
+# MFU, peak allocated/reserved memory and the last loss (issue 18's figures).
+mg_run() {
+  local name="$1" n="$2"
+  shift 2
+  trun "$n" "$BUILD_DIR/titan_train" "$@" --job.dump_folder "$OUT/$name" \
+    --metrics.enable_tensorboard false --metrics.disable_color_printing >"$OUT/$name.log" 2>&1 ||
+    { tail -8 "$OUT/$name.log"; return 1; }
+  "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/$name/metrics.jsonl') if '\"tps\"' in l][-1];print('$name: tps/gpu', round(r['tps']), 'mfu', round(r['mfu'],2), 'allocated GiB', round(r['max_active_memory_gib'],1), 'reserved GiB', round(r['max_memory_gib'],1), 'loss', round(r['loss'],4))"
+}
+
+# Pipeline parallel over NCCL on 4 GPUs: 8B, seq 4096, full AC, every schedule at PP_MICROBATCHES
+# (default 8) microbatches of one sequence against FSDP 4 on the same global batch (loss parity
+# in bf16 noise, TPS/GPU, memory); the 1F1B run profiled (per-rank traces for the bubble).
+do_pp4() {
+  local mbs="${PP_MICROBATCHES:-8}" steps="${PP_STEPS:-10}"
+  local big=(--job.config_file configs/llama3_8b.toml --training.seq_len 4096
+    --activation_checkpoint.mode full --training.steps "$steps" --metrics.log_freq 1)
+  mg_run "pp_fsdp4_$mbs" 4 "${big[@]}" --training.local_batch_size $((mbs / 4))
+  local schedule extra
+  for schedule in GPipe 1F1B Interleaved1F1B InterleavedZeroBubble ZBVZeroBubble; do
+    extra=()
+    [ "$schedule" = 1F1B ] && extra=(--profiling.enable_profiling --profiling.profile_freq "$steps"
+      --profiling.profiler_active 1 --profiling.profiler_warmup 1)
+    mg_run "pp4_${schedule}_$mbs" 4 "${big[@]}" --training.local_batch_size "$mbs" \
+      --parallelism.pipeline_parallel_degree 4 --parallelism.data_parallel_shard_degree 1 \
+      --parallelism.pipeline_parallel_schedule "$schedule" \
+      --parallelism.pipeline_parallel_microbatch_size 1 "${extra[@]}" &&
+      compare_losses "bf16 pp4 $schedule vs FSDP 4" "$OUT/pp_fsdp4_$mbs/metrics.jsonl" \
+        "$OUT/pp4_${schedule}_$mbs/metrics.jsonl"
+  done
+  "$BUILD_DIR/titan_train" schedule --pp 4 --microbatches "$mbs" --schedule 1F1B | tail -2
+}
+
+# Context parallel over NCCL on 4 GPUs: 8B with full AC; FSDP 4 at 32k against FSDP 2 x CP 2 and
+# CP 4 (both rotate methods) at the same global batch (loss parity), then CP 4 at 64k.
+do_cp4() {
+  local steps="${CP_STEPS:-6}"
+  local big=(--job.config_file configs/llama3_8b.toml --activation_checkpoint.mode full
+    --training.steps "$steps" --metrics.log_freq 1)
+  mg_run cp_fsdp4_32k 4 "${big[@]}" --training.seq_len 32768 --training.local_batch_size 1
+  local rotate
+  for rotate in allgather alltoall; do
+    mg_run "fsdp2_cp2_32k_$rotate" 4 "${big[@]}" --training.seq_len 32768 \
+      --training.local_batch_size 2 --parallelism.context_parallel_degree 2 \
+      --parallelism.context_parallel_rotate_method "$rotate" &&
+      compare_losses "bf16 FSDP 2 x CP 2 ($rotate) vs FSDP 4 at 32k" \
+        "$OUT/cp_fsdp4_32k/metrics.jsonl" "$OUT/fsdp2_cp2_32k_$rotate/metrics.jsonl"
+    mg_run "cp4_32k_$rotate" 4 "${big[@]}" --training.seq_len 32768 --training.local_batch_size 4 \
+      --parallelism.context_parallel_degree 4 --parallelism.data_parallel_shard_degree 1 \
+      --parallelism.context_parallel_rotate_method "$rotate" &&
+      compare_losses "bf16 CP 4 ($rotate) vs FSDP 4 at 32k" "$OUT/cp_fsdp4_32k/metrics.jsonl" \
+        "$OUT/cp4_32k_$rotate/metrics.jsonl"
+  done
+  mg_run cp4_64k 4 "${big[@]}" --training.seq_len 65536 --training.local_batch_size 1 \
+    --parallelism.context_parallel_degree 4 --parallelism.data_parallel_shard_degree 1
+}
+
 for s in "${stages[@]}"; do
   case "$s" in
     build) run_stage build do_build || { tail -50 "$OUT/build.log"; exit 1; } ;;
@@ -304,6 +363,8 @@ for s in "${stages[@]}"; do
     tp2) run_stage tp2 do_tp2; cat "$OUT/tp2.log" | cut -c1-200 ;;
     asynctp) run_stage asynctp do_asynctp; cat "$OUT/asynctp.log" ;;
     budget3b) run_stage budget3b do_budget3b; cat "$OUT/budget3b.log" | cut -c1-300 ;;
+    pp4) run_stage pp4 do_pp4; cat "$OUT/pp4.log" | cut -c1-300 ;;
+    cp4) run_stage cp4 do_cp4; cat "$OUT/cp4.log" | cut -c1-300 ;;
     *) note "unknown stage $s" ;;
   esac
 done

@@ -448,6 +448,40 @@ TEST(CheckpointResharding, TensorParallelCheckpointsLoadOnAnyMesh) {
   expect_steps_match(s4, s1, 1, 3, 1e-5, "HF folder into tp 4");
 }
 
+// 2e. Context-parallel checkpoints: FSDP shards over dp_shard x cp, so cp ranks write distinct
+// shards; they load on any mesh (cp 2 -> 1 process, 1 process -> cp 2 x FSDP 2) and the HF
+// export from a cp run (gathered over dp_shard x cp) holds the one-process run's weights.
+TEST(CheckpointResharding, ContextParallelCheckpointsLoadOnAnyMesh) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  auto cp = [](int degree, int64_t dp_shard) {
+    return std::vector<std::string>{"--parallelism.context_parallel_degree", std::to_string(degree),
+                                    "--parallelism.data_parallel_shard_degree",
+                                    std::to_string(dp_shard)};
+  };
+  const JobRun one = run_job(dir.file("one"), 1, 12, checkpoints_every(3));
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  const JobRun cp2 = run_job_batch(dir.file("cp2"), 2, 8, 12, checkpoints_every(3) + cp(2, 1));
+  expect_steps_match(cp2, one, 1, 12, 1e-5, "cp 2");
+  EXPECT_EQ(read_json(step_dir(dir.file("cp2"), 3) + "/metadata.json")["files"].size(), 2u);
+  resume_elsewhere(dir.file("cp2"), 3, dir.file("cp2_to_one"), 1, 3, one, "cp 2 -> 1 process");
+  {
+    copy_step(dir.file("one"), 6, dir.file("one_to_cp2_fsdp2"));
+    const JobRun r =
+        run_job_batch(dir.file("one_to_cp2_fsdp2"), 4, 4, 12, checkpoints_every(3) + cp(2, 2));
+    EXPECT_TRUE(resumed_after(r, 6)) << r.output;
+    expect_steps_match(r, one, 7, 12, 1e-5, "1 process -> cp 2 x FSDP 2");
+  }
+  const std::vector<std::string> hf = {"--checkpoint.enable", "--checkpoint.interval", "1000",
+                                       "--checkpoint.last_save_in_hf"};
+  const JobRun a = run_job(dir.file("hf_one"), 1, 4, hf);
+  const JobRun b = run_job_batch(dir.file("hf_cp"), 2, 8, 4, hf + cp(2, 1));
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  expect_same_hf_folders(dir.file("hf_cp") + "/checkpoint/step-4-hf",
+                         dir.file("hf_one") + "/checkpoint/step-4-hf");
+}
+
 TEST(CheckpointCrash, KilledSaveFallsBackToThePreviousCheckpoint) {
   test::TempDir dir;
   const JobRun reference = run_job(dir.file("reference"), 1, 12, {});

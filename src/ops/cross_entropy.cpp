@@ -56,14 +56,14 @@ at::Tensor shard_loss(at::Tensor& logits, const at::Tensor& tgt, double grad_sca
                       bool compute_grad, const VocabShard& shard, bool fused, at::Tensor* dl) {
   (void)fused;  // the CUDA kernels only
   const int64_t rows = logits.size(1);
-  at::Tensor local = tgt - shard.begin;
-  at::Tensor mine = at::logical_and(local.ge(0), local.lt(rows));
-  at::Tensor idx = at::where(mine, local, at::zeros_like(local)).unsqueeze(1);
-  at::Tensor stats, lf;
+  at::Tensor stats, lf, mine, idx;  // the ATen path's: fp32 logits, own targets, their columns
 #ifdef TITAN_WITH_CUDA
   if (fused) stats = kernels::cross_entropy_shard_stats(logits, tgt, shard.begin);
 #endif
   if (!stats.defined()) {
+    at::Tensor local = tgt - shard.begin;
+    mine = at::logical_and(local.ge(0), local.lt(rows));
+    idx = at::where(mine, local, at::zeros_like(local)).unsqueeze(1);
     lf = logits.to(at::kFloat);
     at::Tensor m = std::get<0>(lf.max(1));
     at::Tensor s = (lf - m.unsqueeze(1)).exp().sum(1);

@@ -83,6 +83,15 @@ at::Tensor ContextParallel::gather_kv(const at::Tensor& k, const at::Tensor& v) 
   return all;
 }
 
+dist::WorkPtr ContextParallel::ring_step(const at::Tensor& out, at::Tensor& in) const {
+  const int next = static_cast<int>((rank() + 1) % size());
+  const int prev = static_cast<int>((rank() + size() - 1) % size());
+  in = at::empty_like(out);
+  return comm_->send_recv(
+      {{dist::P2POp::Kind::Send, out, next}, {dist::P2POp::Kind::Recv, in, prev}},
+      /*async=*/true);
+}
+
 void ContextParallel::bind_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   ops::AttentionSaved& saved) const {
   saved.q = q;
@@ -116,18 +125,11 @@ at::Tensor ContextParallel::forward(const at::Tensor& q, const at::Tensor& k, co
     for (int64_t o = 0; o < size(); ++o) attend(all[o][0], all[o][1], o);
   } else {
     // Ring: the block of owner (r - s) is computed while the next one arrives from r - 1.
-    const int next = static_cast<int>((rank() + 1) % size());
-    const int prev = static_cast<int>((rank() + size() - 1) % size());
     at::Tensor kv = at::stack({k, v}).contiguous();
     for (int64_t s = 0; s < size(); ++s) {
       dist::WorkPtr moving;
       at::Tensor incoming;
-      if (s + 1 < size()) {
-        incoming = at::empty_like(kv);
-        moving = comm_->send_recv(
-            {{dist::P2POp::Kind::Send, kv, next}, {dist::P2POp::Kind::Recv, incoming, prev}},
-            /*async=*/true);
-      }
+      if (s + 1 < size()) moving = ring_step(kv, incoming);
       attend(kv[0], kv[1], (rank() - s + size()) % size());
       if (moving) {
         moving->wait();
@@ -189,20 +191,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ContextParallel::backward(
     // follows one step behind: this rank's contributions to the block it holds are computed
     // while the sum of the earlier ranks' contributions is still arriving, then added and sent
     // on. After the last block the accumulators take one more step, home to their owner.
-    const int next = static_cast<int>((rank() + 1) % size());
-    const int prev = static_cast<int>((rank() + size() - 1) % size());
     at::Tensor kv = at::stack({k, v}).contiguous();
     dist::WorkPtr grads_moving;
     at::Tensor grads_arriving, grads_sent;
     for (int64_t s = 0; s < size(); ++s) {
       dist::WorkPtr moving;
       at::Tensor incoming;
-      if (s + 1 < size()) {
-        incoming = at::empty_like(kv);
-        moving = comm_->send_recv(
-            {{dist::P2POp::Kind::Send, kv, next}, {dist::P2POp::Kind::Recv, incoming, prev}},
-            /*async=*/true);
-      }
+      if (s + 1 < size()) moving = ring_step(kv, incoming);
       at::Tensor dkv = at::zeros(kv.sizes(), f32);
       attend(kv[0], kv[1], (rank() - s + size()) % size(), dkv);
       if (grads_moving) {
@@ -210,10 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ContextParallel::backward(
         dkv.add_(grads_arriving);
       }
       grads_sent = dkv;  // alive until its transfer ends
-      grads_arriving = at::empty_like(dkv);
-      grads_moving = comm_->send_recv({{dist::P2POp::Kind::Send, grads_sent, next},
-                                       {dist::P2POp::Kind::Recv, grads_arriving, prev}},
-                                      /*async=*/true);
+      grads_moving = ring_step(grads_sent, grads_arriving);
       if (moving) {
         moving->wait();
         kv = incoming;

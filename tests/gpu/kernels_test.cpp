@@ -19,10 +19,6 @@ using test::relative_error;
 
 namespace {
 
-at::TensorOptions cuda(at::ScalarType t) {
-  return test::cuda_options(t);
-}
-
 double tol(at::ScalarType t) {
   return test::kernel_tolerance(t);
 }
@@ -34,14 +30,14 @@ class KernelTest : public ::testing::TestWithParam<at::ScalarType> {};
 TEST_P(KernelTest, RmsNormForwardBackwardMatchReference) {
   const auto dt = GetParam();
   for (int64_t dim : {256, 2048, 4096, 16384}) {
-    at::Tensor x = at::randn({3, 37, dim}, cuda(dt));
-    at::Tensor w = (1 + 0.1 * at::randn({dim}, cuda(at::kFloat))).to(dt);
+    at::Tensor x = at::randn({3, 37, dim}, test::cuda_options(dt));
+    at::Tensor w = (1 + 0.1 * at::randn({dim}, test::cuda_options(at::kFloat))).to(dt);
     auto [y, r] = kernels::rmsnorm_forward(x, w, 1e-5);
     auto [y_ref, r_ref] = ops::rmsnorm_forward_ref(x, w, 1e-5);
     EXPECT_LT(relative_error(y, y_ref), tol(dt)) << dim;
     EXPECT_LT(relative_error(r, r_ref), 1e-5) << dim;
     at::Tensor dy = at::randn_like(x);
-    at::Tensor gw = at::randn({dim}, cuda(at::kFloat));
+    at::Tensor gw = at::randn({dim}, test::cuda_options(at::kFloat));
     at::Tensor gw_ref = gw.clone();
     at::Tensor dx = kernels::rmsnorm_backward(dy, x, w, r, gw, /*accumulate=*/true);
     at::Tensor dx_ref = ops::rmsnorm_backward_ref(dy, x, w, r_ref, gw_ref);
@@ -54,7 +50,7 @@ TEST_P(KernelTest, RopeMatchesReferenceOnStridedViews) {
   const auto dt = GetParam();
   auto args = model::llama_flavor("1B");
   const int64_t b = 2, s = 77, h = 32, kv = 8, hd = 64;
-  at::Tensor qkv = at::randn({b, s, h + 2 * kv, hd}, cuda(dt));
+  at::Tensor qkv = at::randn({b, s, h + 2 * kv, hd}, test::cuda_options(dt));
   auto [c, sn] = ops::rope_tables(args, s, at::TensorOptions().device(at::kCUDA));
   for (bool inverse : {false, true}) {
     at::Tensor q = qkv.narrow(2, 0, h), k = qkv.narrow(2, h, kv);
@@ -73,8 +69,8 @@ TEST_P(KernelTest, RopeMatchesReferenceOnStridedViews) {
 
 TEST_P(KernelTest, SwigluForwardBackwardMatchReference) {
   const auto dt = GetParam();
-  at::Tensor ab = at::randn({5, 33, 2 * 1536}, cuda(dt));
-  at::Tensor dg = at::randn({5, 33, 1536}, cuda(dt));
+  at::Tensor ab = at::randn({5, 33, 2 * 1536}, test::cuda_options(dt));
+  at::Tensor dg = at::randn({5, 33, 1536}, test::cuda_options(dt));
   EXPECT_LT(relative_error(kernels::swiglu_forward(ab), ops::swiglu_forward_ref(ab)), tol(dt));
   EXPECT_LT(relative_error(kernels::swiglu_backward(dg, ab), ops::swiglu_backward_ref(dg, ab)),
             tol(dt));
@@ -83,8 +79,8 @@ TEST_P(KernelTest, SwigluForwardBackwardMatchReference) {
 TEST_P(KernelTest, CrossEntropyLossAndGradientMatchReference) {
   const auto dt = GetParam();
   for (int64_t vocab : {2000, 128256}) {
-    at::Tensor logits = (3 * at::randn({64, vocab}, cuda(at::kFloat))).to(dt);
-    at::Tensor tgt = at::randint(0, vocab, {64}, cuda(at::kLong));
+    at::Tensor logits = (3 * at::randn({64, vocab}, test::cuda_options(at::kFloat))).to(dt);
+    at::Tensor tgt = at::randint(0, vocab, {64}, test::cuda_options(at::kLong));
     at::Tensor lf = logits.to(at::kFloat);
     at::Tensor lse = at::logsumexp(lf, 1);
     at::Tensor loss_ref = (lse - lf.gather(1, tgt.unsqueeze(1)).squeeze(1)).sum();
@@ -101,10 +97,10 @@ TEST_P(KernelTest, CrossEntropyLossAndGradientMatchReference) {
 INSTANTIATE_TEST_SUITE_P(Dtypes, KernelTest, ::testing::Values(at::kBFloat16, at::kFloat));
 
 TEST(Kernels, WeightGradientGemmAccumulatesOrOverwritesInFp32) {
-  at::Tensor dy = at::randn({1000, 384}, cuda(at::kBFloat16));
-  at::Tensor x = at::randn({1000, 256}, cuda(at::kBFloat16));
+  at::Tensor dy = at::randn({1000, 384}, test::cuda_options(at::kBFloat16));
+  at::Tensor x = at::randn({1000, 256}, test::cuda_options(at::kBFloat16));
   at::Tensor product = at::mm(dy.to(at::kFloat).t(), x.to(at::kFloat));
-  at::Tensor grad = at::randn({384, 256}, cuda(at::kFloat));
+  at::Tensor grad = at::randn({384, 256}, test::cuda_options(at::kFloat));
   at::Tensor expected = grad + product;
   kernels::gemm_tn_fp32(dy, x, grad, /*accumulate=*/true);
   EXPECT_LT(relative_error(grad, expected), 1e-5);
@@ -115,8 +111,8 @@ TEST(Kernels, WeightGradientGemmAccumulatesOrOverwritesInFp32) {
 
 TEST(Kernels, RopeWritesIntoStridedOutput) {
   auto args = model::llama_flavor("8B");
-  at::Tensor dq = at::randn({2, 64, 32, 128}, cuda(at::kBFloat16));
-  at::Tensor dqkv = at::full({2, 64, 48, 128}, std::nanf(""), cuda(at::kBFloat16));
+  at::Tensor dq = at::randn({2, 64, 32, 128}, test::cuda_options(at::kBFloat16));
+  at::Tensor dqkv = at::full({2, 64, 48, 128}, std::nanf(""), test::cuda_options(at::kBFloat16));
   auto [c, sn] = ops::rope_tables(args, 64, at::TensorOptions().device(at::kCUDA));
   kernels::rope_apply_out(dq, c, sn, true, dqkv.narrow(2, 0, 32));
   EXPECT_LT(relative_error(dqkv.narrow(2, 0, 32), ops::rope_apply_ref(dq, c, sn, true)), 1e-2);
@@ -125,16 +121,18 @@ TEST(Kernels, RopeWritesIntoStridedOutput) {
 
 TEST(Kernels, FusedAdamWMatchesReferenceUpdate) {
   const int64_t n = 100003;  // not a multiple of 4: the tail path runs too
-  at::Tensor p = at::randn({n}, cuda(at::kFloat)), g = at::randn({n}, cuda(at::kFloat));
-  at::Tensor m = at::randn({n}, cuda(at::kFloat)).abs() * 0.1, v = at::rand({n}, cuda(at::kFloat));
+  at::Tensor p = at::randn({n}, test::cuda_options(at::kFloat)),
+             g = at::randn({n}, test::cuda_options(at::kFloat));
+  at::Tensor m = at::randn({n}, test::cuda_options(at::kFloat)).abs() * 0.1,
+             v = at::rand({n}, test::cuda_options(at::kFloat));
   at::Tensor p2 = p.clone(), m2 = m.clone(), v2 = v.clone();
-  at::Tensor shadow = at::empty({n}, cuda(at::kBFloat16));
+  at::Tensor shadow = at::empty({n}, test::cuda_options(at::kBFloat16));
   const double lr = 1e-3, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1, t = 7, div = 2.5;
   const double bc1 = 1 - std::pow(b1, t), bc2 = 1 - std::pow(b2, t);
   at::Tensor hyper = at::tensor({float(lr), float(b1), float(b2), float(eps), float(wd),
                                  float(lr / bc1), float(1 / std::sqrt(bc2)), 0.f},
-                                cuda(at::kFloat));
-  at::Tensor divisor = at::full({}, div, cuda(at::kFloat));
+                                test::cuda_options(at::kFloat));
+  at::Tensor divisor = at::full({}, div, test::cuda_options(at::kFloat));
   kernels::adamw_step(p, g, m, v, shadow, hyper, divisor, /*decoupled=*/true);
   at::Tensor gd = g / div;
   m2 = b1 * m2 + (1 - b1) * gd;
@@ -151,7 +149,7 @@ TEST(Kernels, SumOfSquaresMatchesDoubleReference) {
   std::vector<at::Tensor> xs;
   double expected = 0;
   for (int64_t n : {int64_t{1}, int64_t{262144 * 3 + 7}, int64_t{0}, int64_t{1001}}) {
-    xs.push_back(at::randn({n}, cuda(at::kFloat)) * 3.0);
+    xs.push_back(at::randn({n}, test::cuda_options(at::kFloat)) * 3.0);
     expected += xs.back().to(at::kDouble).square().sum().item<double>();
   }
   const double got = kernels::sum_of_squares(xs).item<double>();
@@ -162,11 +160,12 @@ TEST(Kernels, SumOfSquaresMatchesDoubleReference) {
 
 TEST(Kernels, HeadLossFusedMatchesUnfused) {
   const int64_t n = 300, d = 256, v = 2000;
-  at::Tensor h = at::randn({n, d}, cuda(at::kBFloat16));
-  at::Tensor nw = at::ones({d}, cuda(at::kBFloat16));
-  at::Tensor ow = (0.05 * at::randn({v, d}, cuda(at::kFloat))).to(at::kBFloat16);
-  at::Tensor tgt = at::randint(0, v, {n}, cuda(at::kLong));
-  at::Tensor ng1 = at::zeros({d}, cuda(at::kFloat)), og1 = at::zeros({v, d}, cuda(at::kFloat));
+  at::Tensor h = at::randn({n, d}, test::cuda_options(at::kBFloat16));
+  at::Tensor nw = at::ones({d}, test::cuda_options(at::kBFloat16));
+  at::Tensor ow = (0.05 * at::randn({v, d}, test::cuda_options(at::kFloat))).to(at::kBFloat16);
+  at::Tensor tgt = at::randint(0, v, {n}, test::cuda_options(at::kLong));
+  at::Tensor ng1 = at::zeros({d}, test::cuda_options(at::kFloat)),
+             og1 = at::zeros({v, d}, test::cuda_options(at::kFloat));
   at::Tensor ng2 = ng1.clone(), og2 = og1.clone();
   ops::set_fused_kernels(true);
   auto fused = ops::head_forward_backward(h, nw, ow, tgt, 1e-5, 1.0 / n, &ng1, &og1);
@@ -181,9 +180,9 @@ TEST(Kernels, HeadLossFusedMatchesUnfused) {
 
 TEST(Kernels, AttentionBackwardMatchesAutograd) {
   const int64_t b = 2, s = 128, h = 8, kv = 2, hd = 64;
-  at::Tensor q = at::randn({b, s, h, hd}, cuda(at::kBFloat16));
-  at::Tensor k = at::randn({b, s, kv, hd}, cuda(at::kBFloat16));
-  at::Tensor v = at::randn({b, s, kv, hd}, cuda(at::kBFloat16));
+  at::Tensor q = at::randn({b, s, h, hd}, test::cuda_options(at::kBFloat16));
+  at::Tensor k = at::randn({b, s, kv, hd}, test::cuda_options(at::kBFloat16));
+  at::Tensor v = at::randn({b, s, kv, hd}, test::cuda_options(at::kBFloat16));
   ops::AttentionSaved saved;
   at::Tensor out = ops::attention_forward(q, k, v, saved);
   at::Tensor dout = at::randn_like(out);
@@ -194,7 +193,7 @@ TEST(Kernels, AttentionBackwardMatchesAutograd) {
   at::Tensor vf = v.to(at::kFloat).transpose(1, 2).set_requires_grad(true);
   at::Tensor ke = kf.repeat_interleave(h / kv, 1), ve = vf.repeat_interleave(h / kv, 1);
   at::Tensor scores = at::matmul(qf, ke.transpose(-1, -2)) / std::sqrt(double(hd));
-  scores = scores.masked_fill(at::ones({s, s}, cuda(at::kBool)).triu(1), -INFINITY);
+  scores = scores.masked_fill(at::ones({s, s}, test::cuda_options(at::kBool)).triu(1), -INFINITY);
   at::Tensor ref = at::matmul(at::softmax(scores, -1), ve).transpose(1, 2);
   ref.backward(dout.to(at::kFloat));
   EXPECT_LT(relative_error(out, ref), 2e-2);

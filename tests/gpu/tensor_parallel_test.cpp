@@ -17,10 +17,6 @@ using test::relative_error;
 
 namespace {
 
-at::TensorOptions cuda(at::ScalarType t) {
-  return test::cuda_options(t);
-}
-
 // A little looser than a single kernel's: bf16 results cross several roundings.
 double tol(at::ScalarType t) {
   return 2 * test::kernel_tolerance(t);
@@ -33,8 +29,8 @@ class TpGpuTest : public ::testing::TestWithParam<at::ScalarType> {};
 TEST_P(TpGpuTest, VocabularyShardCrossEntropyKernelsMatchAten) {
   const auto dt = GetParam();
   const int64_t rows = 300, vocab = 4096, shards = 4, cols = vocab / shards;
-  const at::Tensor logits = (3 * at::randn({rows, vocab}, cuda(at::kFloat))).to(dt);
-  const at::Tensor tgt = at::randint(0, vocab, {rows}, cuda(at::kLong));
+  const at::Tensor logits = (3 * at::randn({rows, vocab}, test::cuda_options(at::kFloat))).to(dt);
+  const at::Tensor tgt = at::randint(0, vocab, {rows}, test::cuda_options(at::kLong));
   const at::Tensor lf = logits.to(at::kFloat);
   const at::Tensor lse = at::logsumexp(lf, 1);
   const double scale = 0.37;
@@ -65,18 +61,18 @@ TEST_P(TpGpuTest, AsyncRingAndLossParallelHeadMatchTheWholeComputation) {
   ops::set_fused_kernels(true);
   const int tp = 2;
   const int64_t n = 256, k = 512, m = 384, vocab = 2048, dim = 256;
-  const at::Tensor x = at::randn({tp * n, k}, cuda(dt));
-  const at::Tensor b = (0.05 * at::randn({k, m}, cuda(at::kFloat))).to(dt);
-  const at::Tensor partial = at::randn({tp, tp * n, k}, cuda(dt));
+  const at::Tensor x = at::randn({tp * n, k}, test::cuda_options(dt));
+  const at::Tensor b = (0.05 * at::randn({k, m}, test::cuda_options(at::kFloat))).to(dt);
+  const at::Tensor partial = at::randn({tp, tp * n, k}, test::cuda_options(dt));
   const at::Tensor whole_mm = at::mm(x.to(at::kFloat), b.to(at::kFloat));
   const at::Tensor summed = at::einsum("rnk,km->nm", {partial.to(at::kFloat), b.to(at::kFloat)});
-  const at::Tensor h = at::randn({tp * n, dim}, cuda(dt));
-  const at::Tensor norm_w = at::ones({dim}, cuda(dt));
-  const at::Tensor out_w = (0.05 * at::randn({vocab, dim}, cuda(at::kFloat))).to(dt);
-  const at::Tensor targets = at::randint(0, vocab, {tp * n}, cuda(at::kLong));
+  const at::Tensor h = at::randn({tp * n, dim}, test::cuda_options(dt));
+  const at::Tensor norm_w = at::ones({dim}, test::cuda_options(dt));
+  const at::Tensor out_w = (0.05 * at::randn({vocab, dim}, test::cuda_options(at::kFloat))).to(dt);
+  const at::Tensor targets = at::randint(0, vocab, {tp * n}, test::cuda_options(at::kLong));
   const double scale = 1.0 / static_cast<double>(tp * n);
-  at::Tensor norm_grad = at::zeros({dim}, cuda(at::kFloat));
-  at::Tensor out_grad = at::zeros({vocab, dim}, cuda(at::kFloat));
+  at::Tensor norm_grad = at::zeros({dim}, test::cuda_options(at::kFloat));
+  at::Tensor out_grad = at::zeros({vocab, dim}, test::cuda_options(at::kFloat));
   const ops::HeadResult whole = ops::head_forward_backward(h, norm_w, out_w, targets, 1e-5, scale,
                                                            &norm_grad, &out_grad, true, true);
   for (bool loss_parallel : {true, false}) {
@@ -88,8 +84,8 @@ TEST_P(TpGpuTest, AsyncRingAndLossParallelHeadMatchTheWholeComputation) {
       const at::Tensor z = t.matmul_scatter(partial[r], b);
       EXPECT_LT(relative_error(z.to(at::kFloat), summed.narrow(0, r * n, n)), tol(dt));
       const int64_t rows = vocab / tp;
-      at::Tensor ng = at::zeros({dim}, cuda(at::kFloat));
-      at::Tensor og = at::zeros({rows, dim}, cuda(at::kFloat));
+      at::Tensor ng = at::zeros({dim}, test::cuda_options(at::kFloat));
+      at::Tensor og = at::zeros({rows, dim}, test::cuda_options(at::kFloat));
       const ops::HeadResult part =
           t.head_forward_backward(h.narrow(0, r * n, n), norm_w, out_w.narrow(0, r * rows, rows),
                                   r * rows, vocab, targets, 1e-5, scale, &ng, &og, true, true);

@@ -17,9 +17,7 @@
 #include "titan/model/llama.h"
 #include "titan/ops/attention.h"
 
-namespace titan::dist {
-class Communicator;
-}
+#include "titan/dist/communicator.h"
 
 namespace titan::parallel {
 
@@ -57,6 +55,9 @@ class ContextParallel final : public ops::Attention {
  private:
   // Every rank's k|v [cp, 2, B, S/cp, Hkv, hd] (allgather).
   at::Tensor gather_kv(const at::Tensor& k, const at::Tensor& v) const;
+  // One step of the ring: sends `out` to rank r + 1 and receives the same shape from r - 1
+  // into `in` (allocated here), asynchronously.
+  dist::WorkPtr ring_step(const at::Tensor& out, at::Tensor& in) const;
   dist::Communicator* comm_;
   std::string rotate_;
   bool head_tail_;

@@ -30,7 +30,7 @@ files="src/kernels/kernels_cuda.cpp src/dist/nccl_communicator.cpp src/ops/atten
   src/ops/cross_entropy.cpp src/ops/linear.cpp src/ops/rmsnorm.cpp src/ops/rope.cpp
   src/ops/swiglu.cpp src/train/trainer.cpp src/train/optimizer.cpp src/util/device.cpp
   src/metrics/memory_snapshot.cpp tests/gpu/kernels_test.cpp tests/gpu/training_test.cpp
-  tests/gpu/tensor_parallel_test.cpp tests/gpu/context_parallel_test.cpp"
+  tests/gpu/tensor_parallel_test.cpp tests/gpu/context_parallel_test.cpp tests/gpu/terapipe_test.cpp"
 titan_exec bash -c "
   set -e
   for f in $(echo $files); do

@@ -4,7 +4,7 @@
 # packages), runs the GPU tests, short GPU training runs and the benchmarks; logs go to $OUT.
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
-# oom8b tp2 asynctp budget3b pp4 cp4 readme
+# oom8b tp2 asynctp budget3b pp4 cp4 terapipe1 terapipe4 readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -337,6 +337,38 @@ do_cp4() {
     --parallelism.context_parallel_degree 4 --parallelism.data_parallel_shard_degree 1
 }
 
+# TeraPipe on one GPU: one 8B block's forward + backward timed per token slice on this GPU (as
+# token_slices = "auto" does at start-up), the dynamic program's slicing, and the simulated
+# step of pp 4 with one or two long sequences, 1F1B against TeraPipe.
+do_terapipe1() {
+  local seq mbs schedule
+  for seq in 8192 32768; do
+    for mbs in 1 2; do
+      for schedule in 1F1B TeraPipe; do
+        echo "== 8B, pp 4, $mbs microbatch(es) of $seq tokens, $schedule (measured slice times)"
+        "$BUILD_DIR/titan_train" schedule --pp 4 --microbatches "$mbs" --schedule "$schedule" \
+          --seq-len "$seq" --flavor 8B --measure | grep -vE "^rank|^measured"
+      done
+    done
+  done
+}
+
+# TeraPipe over NCCL on 4 GPUs: 8B pp 4, one sequence of TERAPIPE_SEQ (default 16384) tokens
+# per step, full AC: 1F1B against TeraPipe with the automatic slicing (its predicted step time
+# is in the log) and loss parity.
+do_terapipe4() {
+  local seq="${TERAPIPE_SEQ:-16384}" steps="${TERAPIPE_STEPS:-8}"
+  local big=(--job.config_file configs/llama3_8b.toml --training.seq_len "$seq"
+    --activation_checkpoint.mode full --training.steps "$steps" --metrics.log_freq 1
+    --training.local_batch_size 1 --parallelism.pipeline_parallel_degree 4
+    --parallelism.data_parallel_shard_degree 1 --parallelism.pipeline_parallel_microbatch_size 1)
+  mg_run "pp4_1F1B_$seq" 4 "${big[@]}" --parallelism.pipeline_parallel_schedule 1F1B
+  mg_run "pp4_TeraPipe_$seq" 4 "${big[@]}" --parallelism.pipeline_parallel_schedule TeraPipe &&
+    compare_losses "bf16 pp4 TeraPipe vs 1F1B at $seq" "$OUT/pp4_1F1B_$seq/metrics.jsonl" \
+      "$OUT/pp4_TeraPipe_$seq/metrics.jsonl"
+  grep -h "TeraPipe:" "$OUT/pp4_TeraPipe_$seq.log" | cut -c1-400
+}
+
 for s in "${stages[@]}"; do
   case "$s" in
     build) run_stage build do_build || { tail -50 "$OUT/build.log"; exit 1; } ;;
@@ -365,6 +397,8 @@ for s in "${stages[@]}"; do
     budget3b) run_stage budget3b do_budget3b; cat "$OUT/budget3b.log" | cut -c1-300 ;;
     pp4) run_stage pp4 do_pp4; cat "$OUT/pp4.log" | cut -c1-300 ;;
     cp4) run_stage cp4 do_cp4; cat "$OUT/cp4.log" | cut -c1-300 ;;
+    terapipe1) run_stage terapipe1 do_terapipe1; cat "$OUT/terapipe1.log" | cut -c1-400 ;;
+    terapipe4) run_stage terapipe4 do_terapipe4; cat "$OUT/terapipe4.log" | cut -c1-400 ;;
     *) note "unknown stage $s" ;;
   esac
 done

@@ -52,6 +52,7 @@ struct Option {
   bool min_exclusive = false;
   std::vector<std::string> choices;  // allowed strings (each list element for lists)
   bool hidden = false;               // an older spelling with its own setter: not printed as a key
+  bool integer_elements = false;     // a string list whose TOML elements may be integers
 };
 
 template <typename Sec, typename T>
@@ -362,6 +363,11 @@ Registry build_registry() {
   range(opt(r, "parallelism.pipeline_parallel_microbatch_size", &J::parallelism,
             &ParallelismSection::pipeline_parallel_microbatch_size, "Sequences per microbatch"),
         1);
+  opt(r, "parallelism.pipeline_parallel_token_slices", &J::parallelism,
+      &ParallelismSection::pipeline_parallel_token_slices,
+      "TeraPipe schedule: \"auto\" (slicing chosen from slice times measured at start-up) or "
+      "the token slice lengths, e.g. [3072, 2048, 1536, 1536], summing to training.seq_len")
+      .integer_elements = true;
   opt(r, "parallelism.pipeline_parallel_expert_parallel_overlap", &J::parallelism,
       &ParallelismSection::pipeline_parallel_expert_parallel_overlap,
       "Accepted for torchtitan compatibility (MoE only; Llama 3 has no experts)");
@@ -763,6 +769,8 @@ std::vector<std::string> strings_of(const Option& o, const toml::array& arr, con
   for (const auto& el : arr) {
     if (auto s = el.value_exact<std::string>()) {
       out.push_back(*s);
+    } else if (auto i = el.value_exact<int64_t>(); i && o.integer_elements) {
+      out.push_back(std::to_string(*i));
     } else {
       fail(o.path, ": expected ", type_name(o.type), ", found a ", toml_kind(el), " element (",
            origin.where, ")");

@@ -3,6 +3,7 @@
 #include "titan/parallel/parallelize.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cmath>
@@ -11,6 +12,7 @@
 #include <sstream>
 
 #include "titan/parallel/memory_estimate.h"
+#include "titan/parallel/pipeline/terapipe.h"
 #include "titan/util/error.h"
 #include "titan/util/log.h"
 #include "titan/util/strings.h"
@@ -331,7 +333,15 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
   const int64_t accumulation = global / (local * dp);
   plan.local_batch = local;
 
+  const bool slices_given = !pipeline::token_slices_auto(p.pipeline_parallel_token_slices);
   if (plan.pp == 1) {
+    TITAN_CHECK(util::lower(p.pipeline_parallel_schedule) != "terapipe",
+                "parallelism.pipeline_parallel_schedule = \"TeraPipe\" pipelines token slices "
+                "of each sequence through pipeline stages; it needs "
+                "parallelism.pipeline_parallel_degree > 1");
+    TITAN_CHECK(!slices_given,
+                "parallelism.pipeline_parallel_token_slices applies to the TeraPipe pipeline "
+                "schedule only (parallelism.pipeline_parallel_degree is 1)");
     // One stage; gradient accumulation is the microbatches of the trivial schedule.
     plan.stages = {StageLayout{0, true, 0, static_cast<int>(args.n_layers), true}};
     plan.microbatch_size = local;
@@ -363,6 +373,29 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
     } else {
       plan.schedule = pipeline::build_schedule(kind, plan.pp, static_cast<int>(plan.stages.size()),
                                                microbatches);
+    }
+    if (kind == ScheduleKind::TeraPipe) {
+      TITAN_CHECK(p.pipeline_parallel_schedule_csv.empty(),
+                  "parallelism.pipeline_parallel_schedule_csv: a CSV schedule cannot carry "
+                  "TeraPipe's token slices; unset it or choose another schedule");
+      TITAN_CHECK(dims.cp == 1,
+                  "parallelism.pipeline_parallel_schedule = \"TeraPipe\" and "
+                  "context_parallel_degree > 1 both split the sequence dimension; use one of them");
+      plan.token_slices = pipeline::parse_token_slices(
+          p.pipeline_parallel_token_slices, c.training.seq_len, static_cast<int64_t>(dims.tp));
+      plan.token_slices_auto = plan.token_slices.empty();
+      if (plan.token_slices_auto) {
+        // Checked now (a bad seq_len fails before anything is built); chosen after measuring.
+        pipeline::token_slice_quantum(c.training.seq_len, static_cast<int64_t>(dims.tp));
+      } else {
+        plan.schedule = pipeline::build_schedule(
+            kind, plan.pp, static_cast<int>(plan.stages.size()), microbatches, plan.token_slices);
+      }
+    } else {
+      TITAN_CHECK(!slices_given,
+                  "parallelism.pipeline_parallel_token_slices applies to the "
+                  "TeraPipe pipeline schedule only (pipeline_parallel_schedule is \"",
+                  p.pipeline_parallel_schedule, "\")");
     }
     pipeline::check_schedule(plan.schedule);
   }
@@ -463,6 +496,17 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
   return plan;
 }
 
+void set_token_slices(Plan& plan, const std::vector<int64_t>& lengths) {
+  const auto& old = plan.schedule;
+  plan.schedule = pipeline::build_schedule(ScheduleKind::TeraPipe, old.pp, old.stages,
+                                           old.microbatches / old.slices, lengths);
+  pipeline::check_schedule(plan.schedule);
+  plan.token_slices = lengths;
+  plan.token_slices_auto = false;
+  const auto sim = pipeline::simulate(plan.schedule, pipeline::ActionCosts{});
+  plan.peak_in_flight = {sim.peak_in_flight[static_cast<size_t>(plan.pp_rank)]};
+}
+
 std::string Plan::describe() const {
   std::ostringstream out;
   if (cp > 1) {
@@ -485,10 +529,17 @@ std::string Plan::describe() const {
   }
   const auto sim = pipeline::simulate(schedule, pipeline::ActionCosts{});
   out << "pipeline: " << pp << " ranks, " << stages.size() << " stages, schedule " << schedule.name
-      << "; " << schedule.microbatches << " microbatches of " << microbatch_size
-      << " sequence(s) per pass, " << passes << " pass(es) per step; bubble "
-      << fmt::format("{:.1f}", 100 * sim.bubble) << "% at equal forward/backward/weight costs ("
-      << fmt::format("{:.1f}", 100 * sim.step_idle) << "% of the step with fill and drain)";
+      << "; " << schedule.microbatches / schedule.slices << " microbatches of " << microbatch_size
+      << " sequence(s) per pass";
+  if (schedule.name == "TeraPipe") {
+    out << (token_slices_auto
+                ? ", token slices chosen after measuring slice times"
+                : ", each cut into " + std::to_string(schedule.slices) + " token slices [" +
+                      fmt::format("{}", fmt::join(token_slices, ", ")) + "]");
+  }
+  out << ", " << passes << " pass(es) per step; bubble " << fmt::format("{:.1f}", 100 * sim.bubble)
+      << "% at equal forward/backward/weight costs (" << fmt::format("{:.1f}", 100 * sim.step_idle)
+      << "% of the step with fill and drain)";
   out << "\npipeline rank " << pp_rank << " holds ";
   for (size_t i = 0; i < local_stages.size(); ++i) {
     out << (i ? "; " : "") << stages[static_cast<size_t>(local_stages[i])].describe();
@@ -531,7 +582,10 @@ MemoryEstimate estimate_memory(const model::LlamaArgs& args, const Plan& plan,
       in.block_policies.push_back(plan.checkpointing.for_layer(s.first_layer + l));
     }
   }
-  const int peak = plan.peak_in_flight.empty() ? 1 : plan.peak_in_flight.front();
+  // TeraPipe holds slices: a sequence's worth of activations per `slices` of them.
+  const int slices = plan.schedule.slices;
+  const int peak =
+      plan.peak_in_flight.empty() ? 1 : (plan.peak_in_flight.front() + slices - 1) / slices;
   in.microbatches_in_flight =
       plan.pp == 1
           ? 1

@@ -18,6 +18,7 @@
 #include <functional>
 #include <sstream>
 
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include "titan/checkpoint/hf.h"
@@ -27,11 +28,13 @@
 #include "titan/ops/attention.h"
 #include "titan/ops/dispatch.h"
 #include "titan/parallel/memory_estimate.h"
+#include "titan/parallel/pipeline/terapipe.h"
 #include "titan/util/crc32c.h"
 #include "titan/util/error.h"
 #include "titan/util/fs.h"
 #include "titan/util/log.h"
 #include "titan/util/strings.h"
+#include "titan/util/version.h"
 
 namespace titan::train {
 namespace {
@@ -174,6 +177,8 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
                                                       plan_.cp_load_balancer);
     sopts.cp = cp_.get();
   }
+  if (plan_.token_slices_auto) choose_token_slices();
+  sopts.token_slices = plan_.token_slices;
   std::map<int, parallel::pipeline::Stage*> by_index;
   for (size_t i = 0; i < plan_.local_stages.size(); ++i) {
     const auto& layout = plan_.stages[static_cast<size_t>(plan_.local_stages[i])];
@@ -300,6 +305,113 @@ void Trainer::check_health() {
       "; nothing from that step on was saved",
       saved.empty() ? std::string() : " (newest checkpoint: " + saved.back().second + ")",
       ". Try a lower optimizer.lr, a smaller training.max_norm, or more lr_scheduler.warmup_steps");
+}
+
+void Trainer::choose_token_slices() {
+  namespace pl = parallel::pipeline;
+  const auto& c = cfg_;
+  const auto& mesh = runtime_->mesh();
+  const c10::Device device = fsdp_->device();
+  const int64_t seq_len = c.training.seq_len;
+  const int64_t quantum = pl::token_slice_quantum(seq_len, plan_.tp);
+  const model::SavePolicy policy = plan_.checkpointing.for_layer(0);
+  const at::ScalarType dtype = plan_.fsdp.param_dtype;
+  // The cache key: everything the slice times depend on.
+  const std::string key = fmt::format(
+      "titan {} | {} | dim {} heads {} kv {} ffn {} | microbatch {} seq {} tp {} | {} | policy {}",
+      titan_version(), describe_device(device).name, args_.dim, args_.n_heads, args_.n_kv_heads,
+      args_.ffn_hidden_dim(), plan_.microbatch_size, seq_len, plan_.tp, c10::toString(dtype),
+      static_cast<int>(policy));
+  std::string cache;
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg) {
+    cache = std::string(xdg) + "/titan/terapipe";
+  } else if (const char* home = std::getenv("HOME"); home && *home) {
+    cache = std::string(home) + "/.cache/titan/terapipe";
+  }
+  const uint32_t digest = util::crc32c(key.data(), key.size());
+  const std::string cache_file = cache.empty() ? "" : fmt::format("{}/{:08x}.txt", cache, digest);
+  // Coefficients: the cached ones when every rank has them (rank 0's win), else measured on
+  // every rank and averaged.
+  at::Tensor coef = at::zeros({3}, at::kFloat);
+  at::Tensor missing = at::ones({1}, at::kLong);  // 1 where this rank has no cached model
+  if (!cache_file.empty()) {
+    std::ifstream in(cache_file);
+    std::string line;
+    double a = 0, b = 0, g = 0;
+    if (std::getline(in, line) && line == key && (in >> a >> b >> g) && a >= 0 && b >= 0 &&
+        g >= 0) {
+      coef = at::tensor({a, b, g}, at::kFloat);
+      missing.zero_();
+    }
+  }
+  auto* world = runtime_->world();
+  auto reduce = [&](at::Tensor& t, dist::ReduceOp op) {
+    if (!world) return;
+    at::Tensor d = t.to(device).contiguous();
+    world->all_reduce(d, op);
+    t = d.cpu();
+  };
+  reduce(missing, dist::ReduceOp::Max);
+  std::string source;
+  if (missing.item<int64_t>() == 0) {
+    if (world && runtime_->env().rank != 0) coef.zero_();
+    reduce(coef, dist::ReduceOp::Sum);
+    source = "cached in " + cache_file;
+  } else {
+    const auto t0 = std::chrono::steady_clock::now();
+    model::BlockPlan bp = tp_ ? tp_->block_plan(args_) : model::BlockPlan::whole(args_);
+    const auto block = model::llama_units(args_, {plan_.tp, mesh.coordinate("tp")}).at(1);
+    const auto samples = pl::measure_slice_times(args_, bp, block, plan_.microbatch_size, seq_len,
+                                                 quantum, policy, dtype, device);
+    at::Tensor secs = at::empty({static_cast<int64_t>(samples.size())}, at::kFloat);
+    std::vector<int64_t> lens, prefixes;
+    for (size_t i = 0; i < samples.size(); ++i) {
+      secs[static_cast<int64_t>(i)] = samples[i].seconds;
+      lens.push_back(samples[i].len);
+      prefixes.push_back(samples[i].prefix);
+    }
+    reduce(secs, dist::ReduceOp::Avg);
+    const at::Tensor secs64 = secs.to(at::kDouble);
+    std::vector<double> seconds(secs64.data_ptr<double>(),
+                                secs64.data_ptr<double>() + secs64.numel());
+    const auto fit = pl::SliceCostModel::fit(lens, prefixes, seconds);
+    coef = at::tensor({fit.fixed_s, fit.per_token_s, fit.per_pair_s}, at::kDouble).to(at::kFloat);
+    // Every rank takes rank 0's fit (identical up to rounding), so all choose the same slices.
+    if (world && runtime_->env().rank != 0) coef.zero_();
+    reduce(coef, dist::ReduceOp::Sum);
+    source = fmt::format("measured: {} timed slices of one block in {:.1f}s", samples.size(),
+                         seconds_since(t0));
+    if (!cache_file.empty()) {
+      try {
+        std::filesystem::create_directories(cache);
+        util::write_file_atomically(
+            cache_file, fmt::format("{}\n{:.9g} {:.9g} {:.9g}\n", key, coef[0].item<double>(),
+                                    coef[1].item<double>(), coef[2].item<double>()));
+      } catch (const std::exception& e) {
+        log::warn("TeraPipe: could not cache the slice times in {}: {}", cache_file, e.what());
+      }
+    }
+  }
+  pl::SliceCostModel model;
+  model.fixed_s = coef[0].item<double>();
+  model.per_token_s = coef[1].item<double>();
+  model.per_pair_s = coef[2].item<double>();
+  const int stages = static_cast<int>(plan_.stages.size());
+  const int microbatches = plan_.schedule.microbatches / plan_.schedule.slices;
+  auto cost = [&](int64_t len, int64_t prefix) { return model.time_s(len, prefix); };
+  const auto best = pl::optimal_token_slices(seq_len, quantum, stages, microbatches, cost);
+  const auto whole = pl::evaluate_slicing({seq_len}, stages, microbatches, cost);
+  int layers = 0;
+  for (const auto& st : plan_.stages) layers = std::max(layers, st.layers);
+  log::info("TeraPipe: slice time per block {} ({})", model.describe(), source);
+  log::info(
+      "TeraPipe: token slices [{}] ({} per sequence); predicted {:.1f} ms per pass for {} "
+      "block(s) per stage: {} x {:.1f} ms + {} x {:.1f} ms largest slice (whole sequences: "
+      "{:.1f} ms)",
+      fmt::join(best.lengths, ", "), best.lengths.size(), 1e3 * layers * best.step_s, layers,
+      microbatches, 1e3 * layers * best.sum_s, stages - 1, 1e3 * layers * best.max_s,
+      1e3 * layers * whole.step_s);
+  parallel::set_token_slices(plan_, best.lengths);
 }
 
 void Trainer::report_memory_estimate() {

@@ -20,7 +20,8 @@ struct RunResult {
 };
 
 RunResult train_ranks(const test::TempDir& dir, const std::string& name, int world,
-                      int64_t local_batch, std::vector<std::string> extra) {
+                      int64_t local_batch, std::vector<std::string> extra,
+                      std::vector<std::string> env = {}) {
   std::vector<std::string> argv = {TITAN_TRAIN_BINARY,
                                    "--job.config_file",
                                    kDebugConfig,
@@ -37,7 +38,8 @@ RunResult train_ranks(const test::TempDir& dir, const std::string& name, int wor
                                    "--metrics.disable_color_printing"};
   argv.insert(argv.end(), extra.begin(), extra.end());
   RunResult r;
-  auto results = test::run_ranks(argv, world, {"LOG_RANK=all"}, 600);
+  env.push_back("LOG_RANK=all");
+  auto results = test::run_ranks(argv, world, env, 600);
   for (const auto& p : results) {
     EXPECT_EQ(p.exit_code, 0) << p.output;
     r.outputs.push_back(p.output);
@@ -407,4 +409,106 @@ TEST(ContextParallel, BadContextParallelConfigurationsAreClearErrors) {
   expect_config_error(dir.file("ptrr"), 2,
                       cp_args(2, {"--parallelism.context_parallel_load_balancer", "ptrr"}),
                       "parallelism.context_parallel_load_balancer = \"ptrr\"");
+}
+
+// TeraPipe on CPU (Gloo): sequences cut into token slices that run through the pipeline one
+// after another (each attending to the keys/values its stage kept from the earlier slices, the
+// backward in reverse) compute what one process computes on whole sequences: pp 2 and 4, given
+// and automatic slicing, with FSDP and full activation checkpointing, and with tensor parallel.
+namespace {
+
+std::vector<std::string> slices_args(const std::string& slices) {
+  return {"--parallelism.pipeline_parallel_token_slices", slices};
+}
+
+}  // namespace
+
+TEST(TeraPipe, SlicedPipelinesMatchOneProcess) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  const std::vector<std::string> no_fsdp = {"--parallelism.data_parallel_shard_degree", "1"};
+  expect_layouts_match_one_process(
+      dir, {
+               {"pp2_three_slices", 2, 8, pp_args(2, "TeraPipe", 2) + slices_args("16,16,32")},
+               {"pp4_three_slices", 4, 8, pp_args(4, "TeraPipe", 4) + slices_args("32,16,16")},
+               {"pp2_one_slice", 2, 8, pp_args(2, "TeraPipe", 4) + slices_args("64")},
+               {"pp2_fsdp2_full_ac", 4, 4,
+                pp_args(2, "TeraPipe", 2) + slices_args("16,16,16,16") +
+                    std::vector<std::string>{"--activation_checkpoint.mode", "full"}},
+               {"pp2_tp2_selective_ac", 4, 8,
+                pp_args(2, "TeraPipe", 4) + tp_args(2, no_fsdp) + slices_args("48,16") +
+                    std::vector<std::string>{"--activation_checkpoint.mode", "selective"}},
+           });
+}
+
+TEST(TeraPipe, AutomaticSlicingIsMeasuredCachedAndMatchesOneProcess) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  const std::vector<std::string> env = {"XDG_CACHE_HOME=" + dir.file("cache")};
+  const RunResult single = train_ranks(dir, "single", 1, 8, {});
+  const RunResult first = train_ranks(dir, "auto", 4, 8, pp_args(4, "TeraPipe", 8), env);
+  expect_same(first, single, "pp4 TeraPipe auto, one microbatch");
+  const std::regex chosen("TeraPipe: token slices \\[[0-9, ]+\\] \\(([0-9]+) per sequence\\)");
+  for (const auto& out : first.outputs) {
+    EXPECT_TRUE(std::regex_search(out, chosen)) << out;
+    EXPECT_NE(out.find("timed slices of one block"), std::string::npos) << out;
+  }
+  // The second run reads the slice times the first one cached.
+  const RunResult second = train_ranks(dir, "auto_cached", 4, 8, pp_args(4, "TeraPipe", 8), env);
+  expect_same(second, single, "pp4 TeraPipe auto, cached slice times");
+  for (const auto& out : second.outputs) {
+    EXPECT_NE(out.find("cached in " + dir.file("cache") + "/titan/terapipe/"), std::string::npos)
+        << out;
+  }
+}
+
+TEST(TeraPipe, BadTeraPipeConfigurationsAreClearErrors) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  expect_config_error(dir.file("sum"), 2, pp_args(2, "TeraPipe", 1) + slices_args("16,32"),
+                      "parallelism.pipeline_parallel_token_slices: the slices [16, 32] sum to 48 "
+                      "tokens, but training.seq_len is 32");
+  expect_config_error(dir.file("short"), 2, pp_args(2, "TeraPipe", 1) + slices_args("8,24"),
+                      "slice of 8 tokens is shorter than 16");
+  expect_config_error(dir.file("pp1"), 2, {"--parallelism.pipeline_parallel_schedule", "TeraPipe"},
+                      "it needs parallelism.pipeline_parallel_degree > 1");
+  expect_config_error(dir.file("1f1b"), 2, pp_args(2, "1F1B", 1) + slices_args("16,16"),
+                      "parallelism.pipeline_parallel_token_slices applies to the TeraPipe "
+                      "pipeline schedule only");
+  expect_config_error(dir.file("cp"), 4, pp_args(2, "TeraPipe", 1) + cp_args(2),
+                      "context_parallel_degree > 1 both split the sequence dimension");
+  expect_config_error(
+      dir.file("auto_seq"), 2,
+      pp_args(2, "TeraPipe", 1) + std::vector<std::string>{"--training.seq_len", "40"},
+      "training.seq_len (40) cannot be cut into slices");
+}
+
+TEST(TeraPipe, ScheduleCommandShowsTheSlicingAndItsBubble) {
+  auto idle = [](const std::string& out) {
+    std::smatch m;
+    const std::regex re("idle ([0-9.]+)% of the step");
+    EXPECT_TRUE(std::regex_search(out, m, re)) << out;
+    return m.empty() ? 100.0 : std::stod(m[1]);
+  };
+  const std::vector<std::string> common = {"schedule", "--pp",      "4",   "--microbatches",
+                                           "1",        "--seq-len", "8192"};
+  const auto one_f_one_b =
+      test::run_titan_train(common + std::vector<std::string>{"--schedule", "1F1B"});
+  ASSERT_EQ(one_f_one_b.exit_code, 0) << one_f_one_b.output;
+  const auto terapipe =
+      test::run_titan_train(common + std::vector<std::string>{"--schedule", "TeraPipe"});
+  ASSERT_EQ(terapipe.exit_code, 0) << terapipe.output;
+  EXPECT_NE(terapipe.output.find("token slices [128, 128,"), std::string::npos) << terapipe.output;
+  EXPECT_NEAR(idle(one_f_one_b.output), 75.0, 1e-9);
+  EXPECT_LT(idle(terapipe.output), 15.0);
+  // Given slices are simulated as given; a bad list is a clear error.
+  const auto given = test::run_titan_train(
+      common + std::vector<std::string>{"--schedule", "TeraPipe", "--token-slices", "4096,4096"});
+  ASSERT_EQ(given.exit_code, 0) << given.output;
+  EXPECT_NE(given.output.find("token slices [4096, 4096]"), std::string::npos) << given.output;
+  const auto bad = test::run_titan_train(
+      common + std::vector<std::string>{"--schedule", "TeraPipe", "--token-slices", "4096,100"});
+  EXPECT_EQ(bad.exit_code, 2) << bad.output;
+  EXPECT_NE(bad.output.find("sum to 4196 tokens, but training.seq_len is 8192"), std::string::npos)
+      << bad.output;
 }

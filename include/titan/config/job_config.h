@@ -114,6 +114,9 @@ struct ParallelismSection {
   std::string pipeline_parallel_schedule = "1F1B";
   std::string pipeline_parallel_schedule_csv;
   int64_t pipeline_parallel_microbatch_size = 1;
+  // TeraPipe: "auto" (slices chosen by the dynamic program from measured slice times) or the
+  // slice lengths in tokens, summing to training.seq_len.
+  std::vector<std::string> pipeline_parallel_token_slices = {"auto"};
   bool pipeline_parallel_expert_parallel_overlap = true;
   int64_t context_parallel_degree = 1;
   std::string context_parallel_load_balancer = "headtail";  // "none": no load balancing

@@ -78,6 +78,11 @@ struct Plan {
   FsdpOptions fsdp;
   // Microbatches of each local stage whose activations live at once (simulated schedule).
   std::vector<int> peak_in_flight;
+  // TeraPipe: the token slices of each sequence (empty without), and whether they are still to
+  // be chosen from measured slice times (parallelism.pipeline_parallel_token_slices = "auto";
+  // the schedule then runs whole sequences until set_token_slices).
+  std::vector<int64_t> token_slices;
+  bool token_slices_auto = false;
 
   int64_t microbatches_per_step() const {
     return passes * static_cast<int64_t>(schedule.microbatches);
@@ -90,6 +95,9 @@ struct Plan {
 // data-parallel degree the global batch divides over; `cuda`: GPU run (bf16 compute).
 Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
                 const config::JobConfig& config, bool cuda);
+
+// TeraPipe: rebuilds the plan's schedule with `lengths` as each sequence's token slices.
+void set_token_slices(Plan& plan, const std::vector<int64_t>& lengths);
 
 // This rank's memory estimate under the plan.
 MemoryEstimate estimate_memory(const model::LlamaArgs& args, const Plan& plan,

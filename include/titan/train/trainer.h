@@ -75,6 +75,9 @@ class Trainer {
   // Logs the per-rank memory estimate of this plan, warns when it exceeds the device, and
   // registers it for out-of-memory reports.
   void report_memory_estimate();
+  // TeraPipe with token_slices = "auto": the slice cost model (cached, or timed on this
+  // device and averaged over the ranks), the dynamic program's slicing, the rebuilt schedule.
+  void choose_token_slices();
   // A loader over `dataset` / `path` dealing windows to this data-parallel rank.
   std::unique_ptr<data::DataLoader> make_loader(const std::string& dataset, const std::string& path,
                                                 int64_t batch, int64_t seq_len, bool infinite,

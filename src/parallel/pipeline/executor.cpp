@@ -84,9 +84,10 @@ Executor::Executor(Schedule schedule, int pp_rank, std::map<int, Stage*> stages,
 
 void Executor::run(const std::vector<at::Tensor>& microbatches, double grad_scale,
                    at::Tensor& loss_sum) {
-  TITAN_INTERNAL_CHECK(static_cast<int>(microbatches.size()) == schedule_.microbatches,
-                       "pipeline pass of ", microbatches.size(), " microbatches for a schedule of ",
-                       schedule_.microbatches);
+  TITAN_INTERNAL_CHECK(
+      static_cast<int>(microbatches.size()) * schedule_.slices == schedule_.microbatches,
+      "pipeline pass of ", microbatches.size(), " microbatches for a schedule of ",
+      schedule_.microbatches, " (", schedule_.slices, " token slices each)");
   execute(schedule_, microbatches, grad_scale, loss_sum, /*eval=*/false);
 }
 
@@ -112,13 +113,27 @@ void Executor::execute(const Schedule& s, const std::vector<at::Tensor>& microba
       default: return Slot{true, a.stage - 1, a.microbatch};  // SendGradient
     }
   };
+  // Schedule microbatch u: token window [B, S + 1] of sequence batch u / slices, and the slice's
+  // first token and length.
+  std::vector<int64_t> slice_start(1, 0);
+  for (int64_t len : s.slice_lengths) slice_start.push_back(slice_start.back() + len);
+  struct Piece {
+    const at::Tensor* tokens;
+    int64_t offset, len;
+  };
+  auto piece = [&](int u) {
+    const at::Tensor& tokens = microbatches[static_cast<size_t>(u / s.slices)];
+    if (s.slices == 1) return Piece{&tokens, 0, tokens.size(1) - 1};
+    const auto j = static_cast<size_t>(u % s.slices);
+    return Piece{&tokens, slice_start[j], s.slice_lengths[j]};
+  };
   auto post_recv = [&](size_t i) {
     if (posted[i]) return;
     posted[i] = true;
     const Action& a = list[i];
-    const at::Tensor& tokens = microbatches[static_cast<size_t>(a.microbatch)];
-    at::Tensor buf = at::empty({tokens.size(0), (tokens.size(1) - 1) / seq_shards_, dim_},
-                               tokens.options().dtype(dtype_));
+    const Piece p = piece(a.microbatch);
+    at::Tensor buf = at::empty({p.tokens->size(0), p.len / seq_shards_, dim_},
+                               p.tokens->options().dtype(dtype_));
     const PipeLink link = links_(a.peer, /*send=*/false);
     dist::P2POp op;
     op.kind = dist::P2POp::Kind::Recv;
@@ -174,16 +189,17 @@ void Executor::execute(const Schedule& s, const std::vector<at::Tensor>& microba
       if (is_compute(list[j].type)) break;
     }
     Stage& stage = *stages_.at(a.stage);
-    const at::Tensor& tokens = microbatches[static_cast<size_t>(a.microbatch)];
-    const int64_t seq = tokens.size(1) - 1;
     switch (a.type) {
       case ActionType::Forward: {
         // Context parallel: this rank's chunks of the inputs and of their next-token labels.
         auto mine = [&](const at::Tensor& t) { return cp_ ? cp_->shard(t) : t; };
-        const at::Tensor input = stage.layout().embedding ? mine(tokens.narrow(1, 0, seq))
-                                                          : take({false, a.stage, a.microbatch});
+        const Piece p = piece(a.microbatch);
+        const at::Tensor input = stage.layout().embedding
+                                     ? mine(p.tokens->narrow(1, p.offset, p.len))
+                                     : take({false, a.stage, a.microbatch});
         at::Tensor labels;
-        if (stage.layout().head) labels = mine(tokens.narrow(1, 1, seq)).reshape({-1});
+        if (stage.layout().head)
+          labels = mine(p.tokens->narrow(1, p.offset + 1, p.len)).reshape({-1});
         at::Tensor out;
         if (eval) {
           out = stage.forward_eval(input, labels);

@@ -30,6 +30,7 @@ constexpr KindName kKinds[] = {
     {ScheduleKind::LoopedBFS, "LoopedBFS"},
     {ScheduleKind::InterleavedZeroBubble, "InterleavedZeroBubble"},
     {ScheduleKind::ZBVZeroBubble, "ZBVZeroBubble"},
+    {ScheduleKind::TeraPipe, "TeraPipe"},
 };
 
 using Key = std::pair<int, int>;  // (stage, microbatch)
@@ -146,6 +147,12 @@ std::vector<std::vector<Action>> fixed_orders(ScheduleKind kind, int pp, int sta
       case ScheduleKind::GPipe:
         for (int mb = 0; mb < m; ++mb) a.push_back(compute(ActionType::Forward, r, mb));
         for (int mb = 0; mb < m; ++mb) a.push_back(compute(ActionType::Backward, r, mb));
+        break;
+      case ScheduleKind::TeraPipe:
+        // Slices enter in order; the backward runs them in reverse, so each slice's key/value
+        // gradients from the later slices of its sequence are complete before it runs.
+        for (int mb = 0; mb < m; ++mb) a.push_back(compute(ActionType::Forward, r, mb));
+        for (int mb = m - 1; mb >= 0; --mb) a.push_back(compute(ActionType::Backward, r, mb));
         break;
       case ScheduleKind::OneFOneB: {
         const int warmup = std::min(pp - 1 - r, m);
@@ -421,9 +428,12 @@ void check_stages(int pp, int stages, ScheduleKind kind) {
 
 }  // namespace
 
-Schedule build_schedule(ScheduleKind kind, int pp, int stages, int microbatches) {
+Schedule build_schedule(ScheduleKind kind, int pp, int stages, int microbatches,
+                        const std::vector<int64_t>& slice_lengths) {
   TITAN_CHECK(pp >= 1 && microbatches >= 1, "pipeline: need at least one rank and microbatch");
   check_stages(pp, stages, kind);
+  TITAN_INTERNAL_CHECK(slice_lengths.empty() || kind == ScheduleKind::TeraPipe,
+                       "pipeline: token slices for ", schedule_name(kind));
   if (kind == ScheduleKind::Interleaved1F1B || kind == ScheduleKind::InterleavedZeroBubble) {
     TITAN_CHECK(stages == pp || microbatches % pp == 0, "pipeline: ", schedule_name(kind),
                 " runs microbatches in rounds of one per rank, so the number of microbatches (",
@@ -435,6 +445,11 @@ Schedule build_schedule(ScheduleKind kind, int pp, int stages, int microbatches)
   s.pp = pp;
   s.stages = stages;
   s.microbatches = microbatches;
+  if (!slice_lengths.empty()) {
+    s.slices = static_cast<int>(slice_lengths.size());
+    s.slice_lengths = slice_lengths;
+    s.microbatches = microbatches * s.slices;
+  }
   s.stage_rank = stage_ranks(pp, stages, v_placement(kind));
   if (kind == ScheduleKind::ZBVZeroBubble) {
     s.actions.resize(static_cast<size_t>(pp));
@@ -457,7 +472,7 @@ Schedule build_schedule(ScheduleKind kind, int pp, int stages, int microbatches)
     }
     s.actions = fill_weight_passes(base, pp, stages, s.stage_rank, limit);
   } else {
-    s.actions = fixed_orders(kind, pp, stages, microbatches, s.stage_rank);
+    s.actions = fixed_orders(kind, pp, stages, s.microbatches, s.stage_rank);
   }
   add_communication(s);
   return s;
@@ -550,6 +565,17 @@ void check_schedule(const Schedule& s) {
                   a.str(), ", but stage ", a.stage, " lives on rank ",
                   s.stage_rank[static_cast<size_t>(a.stage)]);
       const Key k{a.stage, a.microbatch};
+      const int slice = a.microbatch % s.slices;
+      if (a.type == ActionType::Forward && slice > 0) {
+        TITAN_CHECK(f_seen.count({a.stage, a.microbatch - 1}), where, "rank ", r, " runs ", a.str(),
+                    " before the forward of the token slice before it (", a.stage, "F",
+                    a.microbatch - 1, "), whose keys and values it attends to");
+      }
+      if (is_backward(a.type) && slice + 1 < s.slices) {
+        TITAN_CHECK(i_seen.count({a.stage, a.microbatch + 1}), where, "rank ", r, " runs ", a.str(),
+                    " before the backward of the token slice after it (", a.stage, "B",
+                    a.microbatch + 1, "), which adds to its key/value gradients");
+      }
       switch (a.type) {
         case ActionType::Forward:
           ++forwards[k];
@@ -710,6 +736,9 @@ Simulation simulate(const Schedule& s, const ActionCosts& c) {
             case ActionType::Backward: cost = c.backward_input + c.backward_weight; break;
             case ActionType::BackwardInput: cost = c.backward_input; break;
             default: cost = c.backward_weight; break;
+          }
+          if (!c.microbatch_scale.empty()) {
+            cost *= c.microbatch_scale.at(static_cast<size_t>(a.microbatch));
           }
           const double end = start + cost;
           if (a.type == ActionType::Forward) {

@@ -48,6 +48,13 @@ Stage::Stage(StageLayout layout, std::vector<size_t> units, model::LlamaArgs arg
       options_(options),
       block_plan_(options.tp ? options.tp->block_plan(args_) : model::BlockPlan::whole(args_)) {
   if (options_.cp) block_plan_.attention = options_.cp;
+  if (!options_.token_slices.empty()) {
+    TITAN_INTERNAL_CHECK(!options_.cp, "token slices with context parallel");
+    slice_start_.push_back(0);
+    for (int64_t len : options_.token_slices) slice_start_.push_back(slice_start_.back() + len);
+    slicer_ = std::make_unique<TokenSliceAttention>();
+    block_plan_.attention = slicer_.get();
+  }
   const size_t want =
       (layout_.embedding ? 1 : 0) + static_cast<size_t>(layout_.layers) + (layout_.head ? 1 : 0);
   TITAN_INTERNAL_CHECK(units_.size() == want && policies_.size() == size_t(layout_.layers),
@@ -60,8 +67,8 @@ void Stage::begin_step(int microbatches) {
   weight_passes_.clear();
   forwards_done_ = 0;
   backwards_done_ = 0;
-  TITAN_INTERNAL_CHECK(saved_.empty(), "stage ", layout_.index, " starts a step holding ",
-                       saved_.size(), " microbatches");
+  TITAN_INTERNAL_CHECK(saved_.empty() && slice_kv_.empty(), "stage ", layout_.index,
+                       " starts a step holding ", saved_.size(), " microbatches");
 }
 
 at::Tensor Stage::embed(const at::Tensor& tokens) {
@@ -107,8 +114,32 @@ ops::HeadResult Stage::head(const at::Tensor& h, const at::Tensor& labels, doubl
                                     &norm_grad, &out_grad, compute_grad, acc);
 }
 
-const model::Rope& Stage::rope_for(const at::Tensor& h) {
+void Stage::select_slice(int mb, int k) {
+  if (!slicer_) return;
+  if (mb < 0) {
+    slicer_->use(nullptr, 0, 0);
+    return;
+  }
+  const int slices = static_cast<int>(options_.token_slices.size());
+  auto& kv = slice_kv_[mb / slices];
+  kv.resize(static_cast<size_t>(layout_.layers));
+  slicer_->use(&kv[static_cast<size_t>(k)], slice_start_[static_cast<size_t>(mb % slices)],
+               slice_start_.back());
+}
+
+const model::Rope& Stage::rope_for(const at::Tensor& h, int mb) {
   const int64_t local = h.size(1) * block_plan_.seq_shards;  // this rank's tokens per sequence
+  if (slicer_ && mb >= 0) {
+    const int64_t first =
+        slice_start_[static_cast<size_t>(mb % static_cast<int>(options_.token_slices.size()))];
+    auto it = slice_ropes_.find({first, local});
+    if (it == slice_ropes_.end()) {
+      const auto& whole = ropes_.get(slice_start_.back(), h.device());
+      model::Rope part{whole.cos.narrow(0, first, local), whole.sin.narrow(0, first, local)};
+      it = slice_ropes_.emplace(std::make_pair(first, local), part).first;
+    }
+    return it->second;
+  }
   if (!options_.cp) return ropes_.get(local, h.device());
   auto it = cp_ropes_.find(local);
   if (it == cp_ropes_.end()) {
@@ -118,9 +149,10 @@ const model::Rope& Stage::rope_for(const at::Tensor& h) {
   return it->second;
 }
 
-at::Tensor Stage::blocks_forward(at::Tensor h, Saved* saved) {
-  const model::Rope& rope = rope_for(h);
+at::Tensor Stage::blocks_forward(at::Tensor h, Saved* saved, int mb) {
+  const model::Rope& rope = rope_for(h, mb);
   for (int k = 0; k < layout_.layers; ++k) {
+    select_slice(mb, k);
     const size_t pos = first_block_ + static_cast<size_t>(k);
     if (pos + 1 < units_.size()) fsdp_.prefetch(units_[pos + 1]);
     const size_t unit = units_[pos];
@@ -189,7 +221,7 @@ at::Tensor Stage::forward(int mb, const at::Tensor& input, const at::Tensor& lab
     } else if (!units_.empty()) {
       fsdp_.prefetch(units_.front());
     }
-    h = blocks_forward(h, &s);
+    h = blocks_forward(h, &s, mb);
   }
   if (!layout_.head) {
     ++forwards_done_;
@@ -220,9 +252,10 @@ at::Tensor Stage::backward(int mb, const at::Tensor& dout, bool with_weight) {
     s.deferred.resize(static_cast<size_t>(layout_.layers));
     s.weight_pending = true;
   }
-  const model::Rope* rope = layout_.layers > 0 ? &rope_for(dh) : nullptr;
+  const model::Rope* rope = layout_.layers > 0 ? &rope_for(dh, mb) : nullptr;
   for (int k = layout_.layers - 1; k >= 0; --k) {
     RECORD_USER_SCOPE("titan/backward_block");
+    select_slice(mb, k);
     const size_t pos = first_block_ + static_cast<size_t>(k);
     if (k > 0) fsdp_.prefetch(units_[pos - 1]);
     const size_t unit = units_[pos];
@@ -235,6 +268,11 @@ at::Tensor Stage::backward(int mb, const at::Tensor& dout, bool with_weight) {
     release_after_use(unit, backwards_done_);
   }
   s.blocks.clear();
+  if (slicer_ && mb % static_cast<int>(options_.token_slices.size()) == 0) {
+    // The sequence's first slice: nothing reads its keys and values any more.
+    slice_kv_.erase(mb / static_cast<int>(options_.token_slices.size()));
+    slicer_->use(nullptr, 0, 0);
+  }
   if (layout_.embedding) {
     if (with_weight) {
       embed_backward(dh, s.tokens);
@@ -270,7 +308,7 @@ at::Tensor Stage::forward_eval(const at::Tensor& input, const at::Tensor& labels
     h = embed(input);
     fsdp_.release(units_.front(), /*after_forward=*/false);
   }
-  h = blocks_forward(h, nullptr);
+  h = blocks_forward(h, nullptr, -1);
   if (!layout_.head) return h;
   auto res = head(h, labels, 0.0, /*compute_grad=*/false);
   fsdp_.release(units_.back(), /*after_forward=*/false);

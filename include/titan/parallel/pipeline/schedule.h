@@ -20,6 +20,9 @@ enum class ScheduleKind {
   LoopedBFS,
   InterleavedZeroBubble,
   ZBVZeroBubble,
+  // Token-level pipeline (TeraPipe): each microbatch's sequence runs as token slices, forward
+  // in order through the stages (GPipe-style), backward in reverse.
+  TeraPipe,
 };
 
 // "1F1B", ... as torchtitan (and PyTorch) name them.
@@ -57,9 +60,14 @@ struct Action {
 
 struct Schedule {
   std::string name;
-  int pp = 1;                                // pipeline ranks
-  int stages = 1;                            // stages (pp x stages per rank)
-  int microbatches = 1;                      // per optimizer step (per gradient-accumulation pass)
+  int pp = 1;            // pipeline ranks
+  int stages = 1;        // stages (pp x stages per rank)
+  int microbatches = 1;  // per optimizer step (per gradient-accumulation pass)
+  // Token slices (TeraPipe): schedule microbatch u is slice u % slices of the sequence batch
+  // u / slices, covering tokens [sum of slice_lengths before it, + its length). `microbatches`
+  // counts slices; without slicing, slices = 1 and slice_lengths is empty.
+  int slices = 1;
+  std::vector<int64_t> slice_lengths;
   std::vector<int> stage_rank;               // pipeline rank holding each stage
   std::vector<std::vector<Action>> actions;  // per rank, in execution order
   std::vector<int> stages_of(int rank) const;
@@ -71,8 +79,10 @@ std::vector<int> stage_ranks(int pp, int stages, bool v);
 // Builds `kind` for `pp` ranks, `stages` stages and `microbatches` microbatches, with the sends
 // and receives between ranks inserted. Throws titan::Error when the combination is impossible
 // (stages not a multiple of pp, a V schedule without two stages per rank, microbatches not
-// divisible as an interleaved schedule needs).
-Schedule build_schedule(ScheduleKind kind, int pp, int stages, int microbatches);
+// divisible as an interleaved schedule needs). TeraPipe takes the token slices of each
+// microbatch's sequence (`slice_lengths`; empty = one slice).
+Schedule build_schedule(ScheduleKind kind, int pp, int stages, int microbatches,
+                        const std::vector<int64_t>& slice_lengths = {});
 
 // Reads a schedule of compute actions from CSV (one row per rank, cells like "0F0", "1I3",
 // "1W3", "2B0"; empty cells ignored), PyTorch's compute-only format, and inserts the sends and
@@ -82,7 +92,8 @@ Schedule schedule_from_csv(const std::string& path, int pp, bool v);
 std::string schedule_to_csv(const Schedule& s);
 
 // Proves `s` well-formed: every stage's forward of every microbatch exactly once and on the
-// stage's rank, each backward after its forward (weights after inputs), every gradient
+// stage's rank, each backward after its forward (weights after inputs), token slices of a
+// sequence forward in order and backward in reverse on every stage, every gradient
 // accumulated exactly once, every send matched by a receive (same order on each link), and
 // an execution that cannot deadlock with asynchronous sends and blocking receives. Throws
 // titan::Error describing the first violation.
@@ -91,6 +102,8 @@ void check_schedule(const Schedule& s);
 struct ActionCosts {
   double forward = 1, backward_input = 1, backward_weight = 1;  // per stage
   double transfer = 0;  // from the end of a send to the start of the consumer
+  // Optional per-microbatch factor on every cost (TeraPipe: slices of different times).
+  std::vector<double> microbatch_scale;
 };
 
 struct TimedAction {

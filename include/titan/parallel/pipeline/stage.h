@@ -15,6 +15,7 @@
 #include "titan/model/llama_args.h"
 #include "titan/ops/cross_entropy.h"
 #include "titan/parallel/fsdp.h"
+#include "titan/parallel/pipeline/terapipe.h"
 
 namespace titan::parallel {
 class TensorParallel;
@@ -55,6 +56,10 @@ struct StageOptions {
   // Context parallel (ring attention) over the cp group; nullptr without. The stage's tokens
   // are then this rank's chunks of each sequence (ContextParallel::shard).
   const ContextParallel* cp = nullptr;
+  // TeraPipe: the token slices of each sequence (lengths; empty without). Microbatch u of the
+  // schedule is then slice u % slices of sequence batch u / slices; the stage keeps each
+  // sequence's keys and values until its first slice's backward.
+  std::vector<int64_t> token_slices;
 };
 
 class Stage {
@@ -105,9 +110,14 @@ class Stage {
   // The head's norm, output and loss (and their backward with compute_grad) on h [B, S', D].
   ops::HeadResult head(const at::Tensor& h, const at::Tensor& labels, double grad_scale,
                        bool compute_grad);
-  at::Tensor blocks_forward(at::Tensor h, Saved* saved);
-  // RoPE tables for activations h [B, S', D] (S': this rank's tokens of each sequence).
-  const model::Rope& rope_for(const at::Tensor& h);
+  // `mb`: the schedule microbatch (its token slice), or -1 for a whole sequence (validation).
+  at::Tensor blocks_forward(at::Tensor h, Saved* saved, int mb);
+  // RoPE tables for activations h [B, S', D] (S': this rank's tokens of each sequence, or of
+  // microbatch mb's token slice).
+  const model::Rope& rope_for(const at::Tensor& h, int mb);
+  // TeraPipe: points the attention at block k's keys/values of microbatch mb's sequence (none
+  // when mb < 0 or without slices).
+  void select_slice(int mb, int k);
   void weight_done(size_t unit);  // a unit's gradient of this microbatch is complete
   // Frees a unit's gathered weights after a use, `uses_done` earlier uses of the step before it.
   void release_after_use(size_t unit, int uses_done);
@@ -122,6 +132,12 @@ class Stage {
   StageOptions options_;
   model::BlockPlan block_plan_;
   std::map<int64_t, model::Rope> cp_ropes_;  // context parallel: by sequence length
+  // TeraPipe: the slices' first tokens (and the sequence length last), the attention, each
+  // sequence batch's per-block keys/values, and RoPE tables by (first token, length).
+  std::vector<int64_t> slice_start_;
+  std::unique_ptr<TokenSliceAttention> slicer_;
+  std::map<int, std::vector<SliceKv>> slice_kv_;
+  std::map<std::pair<int64_t, int64_t>, model::Rope> slice_ropes_;
   int step_microbatches_ = 1;
   int forwards_done_ = 0, backwards_done_ = 0;  // this step
   std::map<size_t, int> weight_passes_;         // per unit: microbatches whose gradient is complete

@@ -6,7 +6,9 @@
 #   3b: Llama 3 3B, 1 GPU, local batch 2, seq 4096, every 2nd block checkpointed
 #   8b: Llama 3 8B, FSDP over all GPUs, local batch 2, seq 4096
 #   fsdp3b: Llama 3 3B, FSDP over all GPUs, local batch 2, seq 4096, no activation checkpointing
-# REF_COMPILE=0/1 (default 1) picks the reference's torch.compile; BUILD_DIR the titan build.
+#   1b-fp8, 3b-fp8, 8b-fp8: the same in float8 (both trainers: block linears' GEMMs in float8,
+#   dynamic scales, output in bf16); FLOAT8_RECIPE=tensorwise (default) or rowwise.
+# REF_COMPILE="0 1" (default; empty: titan only) picks the reference runs by torch.compile; BUILD_DIR the titan build.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scenario="${1:-1b}"
@@ -17,6 +19,11 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 ref=".bench/ref_train.py"
 [ -f "$ref" ] || ref="../shared/bench/ref_train.py"
 ngpu="$(nvidia-smi -L | wc -l)"
+float8=none
+if [ "${scenario%-fp8}" != "$scenario" ]; then
+  float8="${FLOAT8_RECIPE:-tensorwise}"
+  scenario="${scenario%-fp8}"
+fi
 case "$scenario" in
   1b) flavor=1B batch=4 seq=2048 ac=none nproc=1 cfg=configs/llama3_1b.toml ;;
   3b) flavor=3B batch=2 seq=4096 ac=selective nproc=1 cfg=configs/llama3_3b.toml ;;
@@ -26,14 +33,19 @@ case "$scenario" in
 esac
 ref_ac=(--ac "$ac")
 titan_ac=(--activation_checkpoint.mode "$ac")
+if [ "$float8" != none ]; then
+  ref_ac+=(--float8 "$float8")
+  titan_ac+=(--model.converters float8 --quantize.linear.float8.recipe_name "$float8")
+  scenario="$scenario-fp8-$float8"
+fi
 if [ "$ac" = selective ]; then
   ref_ac+=(--ac_every 2)
   titan_ac+=(--activation_checkpoint.selective_ac_option 2)
 fi
 mkdir -p "$OUT"
 results=()
-for compile in ${REF_COMPILE:-0 1}; do
-  echo "== reference (compile=$compile): $flavor batch $batch seq $seq ac $ac on $nproc GPU(s)"
+for compile in ${REF_COMPILE-0 1}; do
+  echo "== reference (compile=$compile): $flavor batch $batch seq $seq ac $ac float8 $float8 on $nproc GPU(s)"
   line="$("$PY" -m torch.distributed.run --standalone --nproc_per_node="$nproc" "$ref" \
     --flavor "$flavor" --batch "$batch" --seq "$seq" --compile "$compile" "${ref_ac[@]}" \
     --steps "${REF_STEPS:-30}" --warmup "${REF_WARMUP:-10}" 2>&1 |
@@ -41,7 +53,7 @@ for compile in ${REF_COMPILE:-0 1}; do
   echo "$line"
   results+=("ref_c$compile $line")
 done
-echo "== titan: $flavor batch $batch seq $seq ac $ac on $nproc GPU(s)"
+echo "== titan: $flavor batch $batch seq $seq ac $ac float8 $float8 on $nproc GPU(s)"
 launcher=("$BUILD_DIR/titan_train")
 if [ "$nproc" -gt 1 ]; then
   launcher=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$nproc" --no-python

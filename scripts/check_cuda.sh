@@ -28,9 +28,9 @@ mkdir -p "$inc/c10/cuda/impl"
 echo '#pragma once' >"$inc/c10/cuda/impl/cuda_cmake_macros.h"
 files="src/kernels/kernels_cuda.cpp src/dist/nccl_communicator.cpp src/ops/attention.cpp
   src/ops/cross_entropy.cpp src/ops/linear.cpp src/ops/rmsnorm.cpp src/ops/rope.cpp
-  src/ops/swiglu.cpp src/train/trainer.cpp src/train/optimizer.cpp src/util/device.cpp
+  src/ops/swiglu.cpp src/ops/float8.cpp src/train/trainer.cpp src/train/optimizer.cpp src/util/device.cpp
   src/metrics/memory_snapshot.cpp tests/gpu/kernels_test.cpp tests/gpu/training_test.cpp
-  tests/gpu/tensor_parallel_test.cpp tests/gpu/context_parallel_test.cpp tests/gpu/terapipe_test.cpp"
+  tests/gpu/tensor_parallel_test.cpp tests/gpu/context_parallel_test.cpp tests/gpu/terapipe_test.cpp tests/gpu/float8_test.cpp"
 titan_exec bash -c "
   set -e
   for f in $(echo $files); do

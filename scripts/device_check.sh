@@ -4,7 +4,7 @@
 # packages), runs the GPU tests, short GPU training runs and the benchmarks; logs go to $OUT.
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
-# oom8b tp2 asynctp budget3b pp4 cp4 terapipe1 terapipe4 readme
+# oom8b tp2 asynctp budget3b pp4 cp4 terapipe1 terapipe4 float8 float8loss readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -369,6 +369,39 @@ do_terapipe4() {
   grep -h "TeraPipe:" "$OUT/pp4_TeraPipe_$seq.log" | cut -c1-400
 }
 
+# Float8 on one GPU (scripts/bench.sh float8 scenarios, reference compiled): FLOAT8_SIZES (default
+# "3b 1b") with FLOAT8_RECIPES (default "tensorwise rowwise"), each next to the reference with the
+# same recipe, and titan bf16 at the same settings.
+do_float8() {
+  local size recipe
+  for size in ${FLOAT8_SIZES:-3b 1b}; do
+    for recipe in ${FLOAT8_RECIPES:-tensorwise rowwise}; do
+      local ref_compile=1
+      [ "$recipe" = rowwise ] && [ "${FLOAT8_REF_ROWWISE:-1}" = 0 ] && ref_compile=
+      echo "== $size float8 $recipe"
+      FLOAT8_RECIPE="$recipe" REF_COMPILE="$ref_compile" scripts/bench.sh "$size-fp8" | tail -3
+    done
+    echo "== $size titan bf16"
+    REF_COMPILE= scripts/bench.sh "$size" | tail -1
+  done
+}
+
+# Float8 numerics on one GPU: 1B, 300 steps on the built-in corpus, bf16 against float8
+# tensorwise and rowwise; the mean loss of the last 50 steps of each.
+do_float8loss() {
+  local name extra
+  for name in bf16 tensorwise rowwise; do
+    extra=()
+    [ "$name" != bf16 ] && extra=(--model.converters float8 --quantize.linear.float8.recipe_name "$name")
+    "$BUILD_DIR/titan_train" --job.config_file configs/llama3_1b.toml --training.local_batch_size 4 \
+      --training.seq_len 2048 --training.steps "${FLOAT8_LOSS_STEPS:-300}" --metrics.log_freq 1 \
+      --job.dump_folder "$OUT/f8loss_$name" --metrics.enable_tensorboard false \
+      --metrics.disable_color_printing "${extra[@]}" >"$OUT/f8loss_$name.log" 2>&1 ||
+      tail -5 "$OUT/f8loss_$name.log"
+    "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/f8loss_$name/metrics.jsonl') if '\"loss\"' in l];print('1B $name: last-50 mean loss', round(sum(x['loss'] for x in r[-50:])/50,4), 'tps', round(r[-1]['tps']))"
+  done
+}
+
 for s in "${stages[@]}"; do
   case "$s" in
     build) run_stage build do_build || { tail -50 "$OUT/build.log"; exit 1; } ;;
@@ -397,6 +430,8 @@ for s in "${stages[@]}"; do
     budget3b) run_stage budget3b do_budget3b; cat "$OUT/budget3b.log" | cut -c1-300 ;;
     pp4) run_stage pp4 do_pp4; cat "$OUT/pp4.log" | cut -c1-300 ;;
     cp4) run_stage cp4 do_cp4; cat "$OUT/cp4.log" | cut -c1-300 ;;
+    float8) run_stage float8 do_float8; cat "$OUT/float8.log" | cut -c1-300 ;;
+    float8loss) run_stage float8loss do_float8loss; cat "$OUT/float8loss.log" ;;
     terapipe1) run_stage terapipe1 do_terapipe1; cat "$OUT/terapipe1.log" | cut -c1-400 ;;
     terapipe4) run_stage terapipe4 do_terapipe4; cat "$OUT/terapipe4.log" | cut -c1-400 ;;
     *) note "unknown stage $s" ;;

@@ -1084,11 +1084,7 @@ void validate(const JobConfig& c) {
               "optimizer.early_step_in_backward: not supported: titan clips the gradient norm "
               "across the whole mesh before stepping, which needs every gradient first");
   for (const auto& conv : c.model.converters) {
-    if (conv == "float8" || conv == "quantize.linear.float8") {
-      fail("model.converters: \"", conv,
-           "\" (float8 training) is not available in this titan release yet; remove it from "
-           "model.converters");
-    }
+    if (conv == "float8" || conv == "quantize.linear.float8") continue;
     if (conv == "mx" || conv == "quantize.linear.mx") {
       fail("model.converters: \"", conv,
            "\" (MX-format training) is not available in titan; it needs Blackwell GPUs");
@@ -1098,6 +1094,36 @@ void validate(const JobConfig& c) {
            "\" quantizes MoE grouped GEMMs, and Llama 3 has no experts; remove it");
     }
     fail("model.converters: unknown converter \"", conv, "\"; titan knows \"float8\"");
+  }
+  {
+    const auto& f = c.float8;
+    const std::string& r = f.recipe_name;
+    TITAN_CHECK(r.empty() || r == "tensorwise" || r == "rowwise" || r == "rowwise_with_gw_hp",
+                "quantize.linear.float8.recipe_name: unknown recipe \"", r,
+                "\"; expected \"tensorwise\" (default), \"rowwise\" or \"rowwise_with_gw_hp\"");
+    const bool tensorwise = r.empty() || r == "tensorwise";
+    TITAN_CHECK(tensorwise || !f.enable_fsdp_float8_all_gather,
+                "quantize.linear.float8.enable_fsdp_float8_all_gather applies to the tensorwise "
+                "recipe only (recipe_name is \"",
+                r, "\"), as in torchtitan");
+    TITAN_CHECK(tensorwise || !f.precompute_float8_dynamic_scale_for_fsdp,
+                "quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp applies to the "
+                "tensorwise recipe only (recipe_name is \"",
+                r, "\"), as in torchtitan");
+    TITAN_CHECK(!f.precompute_float8_dynamic_scale_for_fsdp || f.enable_fsdp_float8_all_gather,
+                "quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp needs "
+                "enable_fsdp_float8_all_gather = true");
+    TITAN_CHECK(!f.enable_fsdp_float8_all_gather,
+                "quantize.linear.float8.enable_fsdp_float8_all_gather: gathering float8 weights "
+                "is not available in this titan release; FSDP gathers bf16 weights and each "
+                "converted projection casts them; remove the key");
+    for (const auto& fqn : f.filter_fqns) {
+      TITAN_CHECK(fqn.find("layers.") == std::string::npos,
+                  "quantize.linear.float8.filter_fqns: \"", fqn,
+                  "\" names layers; titan converts a projection in every block or in none, so "
+                  "entries name module kinds (\"output\", \"attention.wo\", \"feed_forward\", "
+                  "\"auto_filter_small_kn\", ...)");
+    }
   }
   // Keys titan accepts for torchtitan compatibility but whose feature it lacks: an error names
   // the feature instead of silently ignoring the request.

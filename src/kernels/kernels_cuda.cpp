@@ -251,4 +251,26 @@ void gemm_tn_fp32(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Ten
                                   static_cast<int>(in), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+void float8_cast(const at::Tensor& x_in, int mode, bool pow2, const at::Tensor& out,
+                 const at::Tensor& out_t, const at::Tensor& inv_scale) {
+  const at::Tensor x = x_in.contiguous();
+  const auto dtype = (out.defined() ? out : out_t).scalar_type();
+  TITAN_INTERNAL_CHECK(x.dim() == 2 && supported(x) && aligned16(x) &&
+                           (dtype == at::kFloat8_e4m3fn || dtype == at::kFloat8_e5m2),
+                       "float8_cast: unsupported input");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const int64_t scales = mode == 0 ? 1 : mode == 1 ? rows : cols;
+  TITAN_INTERNAL_CHECK(inv_scale.numel() == scales && inv_scale.scalar_type() == at::kFloat,
+                       "float8_cast: inverse scales");
+  at::Tensor amax = at::empty({scales}, x.options().dtype(at::kFloat));
+  launch::float8_amax(dtype_of(x), x.data_ptr(), rows, cols, mode, amax.data_ptr<float>(),
+                      stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch::float8_cast(dtype_of(x), x.data_ptr(), rows, cols, amax.data_ptr<float>(), mode, pow2,
+                      dtype == at::kFloat8_e4m3fn, out.defined() ? out.data_ptr() : nullptr,
+                      out_t.defined() ? out_t.data_ptr() : nullptr, inv_scale.data_ptr<float>(),
+                      stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace titan::kernels

@@ -51,4 +51,15 @@ void adamw(float* p, const float* g, float* m, float* v, void* shadow_bf16, int6
 int64_t sum_squares_blocks(int64_t n);
 void sum_squares(const float* x, int64_t n, double* partials, cudaStream_t stream);
 
+// Float8: amax (fp32 [1], [rows] or [cols] for mode 0, 1, 2) = max |x| over the tensor, each
+// row or each column of x [rows, cols] (16-byte aligned); then x scaled by fmax / amax (rounded
+// down to a power of two with pow2), saturated and rounded to e4m3 (e4m3 true) or e5m2 into out
+// (row-major, optional) and/or out_t ([cols, rows], optional), with inv_scale = 1 / scale
+// (same shape as amax).
+void float8_amax(DType dt, const void* x, int64_t rows, int64_t cols, int mode, float* amax,
+                 cudaStream_t stream);
+void float8_cast(DType dt, const void* x, int64_t rows, int64_t cols, const float* amax, int mode,
+                 bool pow2, bool e4m3, void* out, void* out_t, float* inv_scale,
+                 cudaStream_t stream);
+
 }  // namespace titan::kernels::launch

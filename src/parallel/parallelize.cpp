@@ -313,6 +313,69 @@ std::vector<StageLayout> split_stages(const model::LlamaArgs& args,
   return even_split(static_cast<int>(stages), layers, in_w, out_w);
 }
 
+Float8Plan plan_float8(const model::LlamaArgs& args, const config::JobConfig& c, bool cuda,
+                       int64_t tp) {
+  Float8Plan f;
+  for (const auto& conv : c.model.converters) {
+    f.enabled = f.enabled || conv == "float8" || conv == "quantize.linear.float8";
+  }
+  if (!f.enabled) return f;
+  const auto& fc = c.float8;
+  f.recipe = ops::parse_float8_recipe(fc.recipe_name);
+  f.emulate = fc.emulate;
+  TITAN_CHECK(cuda || f.emulate,
+              "model.converters = [\"float8\"]: float8 GEMMs need an NVIDIA GPU with compute "
+              "capability 8.9 or newer (H100, H200, L40S); on CPU set "
+              "quantize.linear.float8.emulate = true (float8 rounding, fp32 products)");
+  TITAN_CHECK(tp == 1,
+              "model.converters = [\"float8\"] with parallelism.tensor_parallel_degree > 1 is "
+              "not available in this titan release; use FSDP/HSDP/DDP and pipelines with float8");
+  const auto& filters = fc.filter_fqns;
+  const bool auto_small =
+      std::find(filters.begin(), filters.end(), "auto_filter_small_kn") != filters.end();
+  struct Projection {
+    bool* on;
+    std::vector<std::string> modules;
+    int64_t k, n;
+  };
+  const int64_t hd = args.head_dim();
+  const std::vector<Projection> projections = {
+      {&f.wqkv, {"attention.wq", "attention.wk", "attention.wv"}, args.dim, args.qkv_dim()},
+      {&f.wo, {"attention.wo"}, args.n_heads * hd, args.dim},
+      {&f.w13, {"feed_forward.w1", "feed_forward.w3"}, args.dim, 2 * args.ffn_hidden_dim()},
+      {&f.w2, {"feed_forward.w2"}, args.ffn_hidden_dim(), args.dim},
+  };
+  for (const auto& p : projections) {
+    bool skip = auto_small && (p.k < kFloat8MinFeatures || p.n < kFloat8MinFeatures);
+    for (const auto& m : p.modules) {
+      for (const auto& e : filters) {
+        if (e != "auto_filter_small_kn" && m.find(e) != std::string::npos) skip = true;
+      }
+    }
+    *p.on = !skip;
+  }
+  if (std::find(filters.begin(), filters.end(), "output") == filters.end()) {
+    log::warn(
+        "quantize.linear.float8.filter_fqns does not list \"output\": titan keeps the output "
+        "projection in bf16 (it is fused with the loss), as torchtitan's default filter does");
+  }
+  return f;
+}
+
+std::string Float8Plan::describe() const {
+  if (!enabled) return "off";
+  std::vector<std::string> on, off;
+  for (auto [flag, name] :
+       {std::pair{wqkv, "attention.wq|wk|wv"}, std::pair{wo, "attention.wo"},
+        std::pair{w13, "feed_forward.w1|w3"}, std::pair{w2, "feed_forward.w2"}}) {
+    (flag ? on : off).push_back(name);
+  }
+  return fmt::format("{} recipe{}; float8 GEMMs in {}; bf16: {}output",
+                     ops::float8_recipe_name(recipe), emulate ? " (emulated)" : "",
+                     on.empty() ? "none" : util::join(on, ", "),
+                     off.empty() ? "" : util::join(off, ", ") + ", ");
+}
+
 Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
                 const config::JobConfig& c, bool cuda) {
   Plan plan;
@@ -402,6 +465,7 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
   const auto sim = pipeline::simulate(plan.schedule, pipeline::ActionCosts{});
   plan.peak_in_flight = {sim.peak_in_flight[static_cast<size_t>(plan.pp_rank)]};
 
+  plan.float8 = plan_float8(args, c, cuda, dims.tp);
   // Tensor parallel: every unit holds this tp rank's part of each parameter.
   plan.tp = dims.tp;
   if (plan.tp > 1) {

@@ -177,6 +177,25 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
                                                       plan_.cp_load_balancer);
     sopts.cp = cp_.get();
   }
+  if (plan_.float8.enabled) {
+#ifdef TITAN_WITH_CUDA
+    if (cuda && !plan_.float8.emulate) {
+      const auto* prop = at::cuda::getCurrentDeviceProperties();
+      TITAN_CHECK(prop->major * 10 + prop->minor >= 89,
+                  "model.converters = [\"float8\"]: ", prop->name, " (compute capability ",
+                  prop->major, ".", prop->minor,
+                  ") has no float8 tensor cores (8.9 or newer needed); set "
+                  "quantize.linear.float8.emulate = true to test the numerics");
+    }
+#endif
+    float8_ = std::make_unique<ops::Float8Linear>(plan_.float8.recipe, plan_.float8.emulate);
+    sopts.float8 = float8_.get();
+    sopts.float8_wqkv = plan_.float8.wqkv;
+    sopts.float8_wo = plan_.float8.wo;
+    sopts.float8_w13 = plan_.float8.w13;
+    sopts.float8_w2 = plan_.float8.w2;
+    log::info("float8: {}", plan_.float8.describe());
+  }
   if (plan_.token_slices_auto) choose_token_slices();
   sopts.token_slices = plan_.token_slices;
   std::map<int, parallel::pipeline::Stage*> by_index;

@@ -58,4 +58,11 @@ void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
 // accumulated in fp64 per fixed chunk, so deterministic.
 at::Tensor sum_of_squares(const std::vector<at::Tensor>& xs);
 
+// Float8: x [rows, cols] (bf16 or fp32, 16-byte aligned) scaled by fmax / max|x| over the
+// tensor (mode 0), each row (1) or each column (2), rounded down to a power of two with `pow2`,
+// into `out` ([rows, cols]) and/or `out_t` ([cols, rows]) of float8 dtype (either may be
+// undefined), with the inverse scales in `inv_scale` (fp32, 1, rows or cols elements).
+void float8_cast(const at::Tensor& x, int mode, bool pow2, const at::Tensor& out,
+                 const at::Tensor& out_t, const at::Tensor& inv_scale);
+
 }  // namespace titan::kernels

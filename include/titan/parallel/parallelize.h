@@ -15,6 +15,7 @@
 #include "titan/model/layout.h"
 #include "titan/model/llama.h"
 #include "titan/model/llama_args.h"
+#include "titan/ops/float8.h"
 #include "titan/parallel/fsdp.h"
 #include "titan/parallel/memory_estimate.h"
 #include "titan/parallel/pipeline/schedule.h"
@@ -57,6 +58,25 @@ std::vector<pipeline::StageLayout> split_stages(const model::LlamaArgs& args,
                                                 const config::ParallelismSection& p, int pp,
                                                 pipeline::ScheduleKind kind);
 
+// Float8 training ([quantize.linear.float8] with model.converters = ["float8"]): the recipe
+// and which block projections run their GEMMs in float8.
+struct Float8Plan {
+  bool enabled = false;
+  ops::Float8Recipe recipe = ops::Float8Recipe::Tensorwise;
+  bool emulate = false;
+  bool wqkv = false, wo = false, w13 = false, w2 = false;
+  std::string describe() const;
+};
+
+// auto_filter_small_kn: projections whose GEMM has fewer input (K) or output (N) features than
+// this stay in bf16 (the casts cost more than the faster GEMM saves).
+constexpr int64_t kFloat8MinFeatures = 1024;
+// From the config: which projections are converted (filter_fqns, auto_filter_small_kn).
+// Throws titan::Error for combinations titan cannot run (float8 on CPU without emulate, with
+// tensor parallelism).
+Float8Plan plan_float8(const model::LlamaArgs& args, const config::JobConfig& config, bool cuda,
+                       int64_t tp);
+
 struct Plan {
   int pp = 1;                                 // pipeline degree
   int64_t tp = 1;                             // tensor-parallel degree
@@ -73,6 +93,7 @@ struct Plan {
   int64_t passes = 1;       // schedule passes per optimizer step (gradient accumulation)
   int64_t local_batch = 1;  // sequences per data-parallel rank per pass
   CheckpointPolicy checkpointing;
+  Float8Plan float8;
   std::vector<model::UnitLayout> units;          // this rank's units, stage after stage
   std::vector<std::vector<size_t>> stage_units;  // per local stage: indices into `units`
   FsdpOptions fsdp;

@@ -97,6 +97,7 @@ class Trainer {
   std::unique_ptr<parallel::FsdpModel> fsdp_;
   std::unique_ptr<parallel::TensorParallel> tp_;   // tensor_parallel_degree > 1
   std::unique_ptr<parallel::ContextParallel> cp_;  // context_parallel_degree > 1
+  std::unique_ptr<ops::Float8Linear> float8_;      // model.converters = ["float8"]
   std::unique_ptr<parallel::pipeline::RopeCache> ropes_;
   std::vector<std::unique_ptr<parallel::pipeline::Stage>> stages_;
   std::unique_ptr<parallel::pipeline::Executor> executor_;

@@ -165,8 +165,24 @@ TEST(JobConfig, CrossFieldValidation) {
                                "--parallelism.tensor_parallel_degree", "2"});
             }),
             "");
-  msg = error_of([] { load_job_config({"--model.converters", "float8"}); });
-  EXPECT_NE(msg.find("float8"), std::string::npos) << msg;
+  // Float8 training is accepted; its recipe and the all-gather combinations are checked.
+  EXPECT_EQ(error_of([] { load_job_config({"--model.converters", "float8"}); }), "");
+  msg = error_of([] {
+    load_job_config(
+        {"--model.converters", "float8", "--quantize.linear.float8.recipe_name", "columnwise"});
+  });
+  EXPECT_NE(msg.find("quantize.linear.float8.recipe_name: unknown recipe \"columnwise\""),
+            std::string::npos)
+      << msg;
+  msg = error_of([] {
+    load_job_config({"--quantize.linear.float8.recipe_name", "rowwise",
+                     "--quantize.linear.float8.enable_fsdp_float8_all_gather"});
+  });
+  EXPECT_NE(msg.find("applies to the tensorwise recipe only"), std::string::npos) << msg;
+  msg = error_of([] {
+    load_job_config({"--quantize.linear.float8.filter_fqns", "layers.0.attention.wq"});
+  });
+  EXPECT_NE(msg.find("names layers"), std::string::npos) << msg;
 }
 
 TEST(JobConfig, MalformedTomlReportsLineAndColumn) {

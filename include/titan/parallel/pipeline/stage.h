@@ -60,6 +60,9 @@ struct StageOptions {
   // schedule is then slice u % slices of sequence batch u / slices; the stage keeps each
   // sequence's keys and values until its first slice's backward.
   std::vector<int64_t> token_slices;
+  // Float8 training: the Linear of the converted projections (nullptr: none) and which ones.
+  const ops::Linear* float8 = nullptr;
+  bool float8_wqkv = false, float8_wo = false, float8_w13 = false, float8_w2 = false;
 };
 
 class Stage {

@@ -1,0 +1,70 @@
+// Float8 training of the block projections (torchao's recipes, as torchtitan's
+// [quantize.linear.float8]): each of the three GEMMs of a linear layer (y = x W^T, dx = dy W,
+// dW = dy^T x) runs on float8 operands with fp32 scales through cuBLASLt (ATen's _scaled_mm).
+//   tensorwise:          one dynamic scale per tensor; e4m3 for x and W, e5m2 for dy.
+//   rowwise:             e4m3 everywhere with a power-of-two scale per row of each operand
+//                        along the GEMM's reduction dimension.
+//   rowwise_with_gw_hp:  rowwise, with the weight gradient in high precision (bf16 GEMM).
+// With `emulate`, the float8 rounding is applied and the products run in fp32 (CPU tests run
+// the same casts and scales).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+
+#include "titan/ops/linear.h"
+
+namespace titan::ops {
+
+enum class Float8Recipe { Tensorwise, Rowwise, RowwiseWithGwHp };
+// "tensorwise", "rowwise", "rowwise_with_gw_hp" (empty: tensorwise); throws titan::Error
+// naming quantize.linear.float8.recipe_name otherwise.
+Float8Recipe parse_float8_recipe(const std::string& name);
+const char* float8_recipe_name(Float8Recipe r);
+
+// A float8 operand: data (e4m3 or e5m2) and the fp32 factor that turns it back into the
+// original values (x ~ data * inv_scale): a scalar (tensorwise) or one per row ([rows, 1]).
+struct Float8Operand {
+  at::Tensor data, inv_scale;
+};
+
+// x [rows, cols] (any float dtype) cast to `dtype` with a scale per tensor (`rowwise` false) or
+// per row (true; rounded down to a power of two); with `transpose`, the operand is x^T
+// ([cols, rows] row-major). Tensorwise casts of CUDA tensors run titan's fused kernels (one
+// max pass, one cast pass writing the layout asked for).
+Float8Operand to_float8(const at::Tensor& x, at::ScalarType dtype, bool rowwise,
+                        bool transpose = false);
+// a [M, K] @ b [K, N] where `a` is a row-major operand and `bt` is b's transpose as a row-major
+// [N, K] operand (scales per row of `bt` = per column of b). Output in `out_dtype`.
+// `fast_accum`: cuBLASLt's faster fp8 accumulation (the forward GEMM, as torchao). Emulated
+// (dequantized operands, fp32 product) with `emulate`, on CPU, and for shapes cuBLASLt's fp8
+// GEMM does not take (dimensions not multiples of 16).
+at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& bt, at::ScalarType out_dtype,
+                     bool emulate, bool fast_accum = false);
+
+// The Linear of a converted projection. The weight-gradient operands it hands out
+// (x_for_weight, dy_for_weight, weight_input) are x^T and dy^T already in float8, packed with
+// their scales in one byte tensor, cast in the same pass as the GEMM operand (tensorwise); its
+// backward_weight also takes plain tensors (the block's saved activations).
+class Float8Linear final : public Linear {
+ public:
+  Float8Linear(Float8Recipe recipe, bool emulate) : recipe_(recipe), emulate_(emulate) {}
+  at::Tensor weight_input(const at::Tensor& x) const override;
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& w,
+                     at::Tensor* x_for_weight) const override;
+  at::Tensor backward_input(const at::Tensor& dy, const at::Tensor& w,
+                            at::Tensor* dy_for_weight) const override;
+  void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
+                       bool accumulate) const override;
+  Float8Recipe recipe() const { return recipe_; }
+
+ private:
+  at::Tensor operand_for_weight(const at::Tensor& x2, at::ScalarType dtype) const;
+  Float8Operand cast_operand(const at::Tensor& x2, at::ScalarType dtype,
+                             at::Tensor* for_weight) const;
+  Float8Recipe recipe_;
+  bool emulate_;
+};
+
+}  // namespace titan::ops

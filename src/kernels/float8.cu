@@ -1,0 +1,243 @@
+// Float8 casts with dynamic scales: the largest |x| of the tensor, of each row or of each column
+// (one pass, bf16 or fp32 in, atomic max of the float's bits), then one pass that scales
+// (optionally by a power of two), saturates and rounds to e4m3 or e5m2, writing x in float8,
+// its transpose (32 x 32 tiles through shared memory), or both, and the inverse scales the GEMM
+// applies.
+#include <cuda_fp8.h>
+
+#include "common.cuh"
+#include "launchers.h"
+
+namespace titan::kernels {
+namespace {
+
+using dev::Vec;
+
+template <typename T>
+__device__ inline float block_max(float m, float* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  __syncthreads();
+  if (lane == 0) shared[warp] = m;
+  __syncthreads();
+  const int warps = (blockDim.x + 31) >> 5;
+  m = lane < warps ? shared[lane] : 0.f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  return m;
+}
+
+// Non-negative floats order as their bit patterns.
+__device__ inline void atomic_max_nonneg(float* p, float v) {
+  atomicMax(reinterpret_cast<int*>(p), __float_as_int(v));
+}
+
+// Whole tensor: grid-stride 16-byte vectors, one atomic per block.
+template <typename T>
+__global__ void amax_tensor_kernel(const T* __restrict__ x, int64_t n, float* __restrict__ amax) {
+  constexpr int V = Vec<T>::N;
+  __shared__ float shared[32];
+  float m = 0.f;
+  const int64_t vecs = n / V;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < vecs;
+       t += stride) {
+    float v[V];
+    Vec<T>::load(x + t * V, v);
+#pragma unroll
+    for (int k = 0; k < V; ++k) m = fmaxf(m, fabsf(v[k]));
+  }
+  for (int64_t i = vecs * V + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    m = fmaxf(m, fabsf(dev::to_float(x[i])));
+  }
+  m = block_max<T>(m, shared);
+  if (threadIdx.x == 0) atomic_max_nonneg(amax, m);
+}
+
+// Per row: one block per row (grid-stride over rows).
+template <typename T>
+__global__ void amax_rows_kernel(const T* __restrict__ x, int64_t rows, int64_t cols,
+                                 float* __restrict__ amax) {
+  __shared__ float shared[32];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    float m = 0.f;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+      m = fmaxf(m, fabsf(dev::to_float(x[r * cols + c])));
+    }
+    m = block_max<T>(m, shared);
+    if (threadIdx.x == 0) amax[r] = m;
+  }
+}
+
+// Per column: each thread walks a strip of rows of one column; one atomic per strip.
+constexpr int kStrip = 64;
+template <typename T>
+__global__ void amax_cols_kernel(const T* __restrict__ x, int64_t rows, int64_t cols,
+                                 float* __restrict__ amax) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kStrip;
+  if (c >= cols) return;
+  float m = 0.f;
+  for (int64_t r = r0; r < r0 + kStrip && r < rows; ++r) {
+    m = fmaxf(m, fabsf(dev::to_float(x[r * cols + c])));
+  }
+  atomic_max_nonneg(amax + c, m);
+}
+
+// mode: 0 one scale, 1 per row, 2 per column.
+__device__ inline float scale_from(float amax, float fmax, bool pow2) {
+  const float s = fmax / fmaxf(amax, 1e-12f);
+  return pow2 ? exp2f(floorf(log2f(s))) : s;
+}
+
+__device__ inline uint8_t to_fp8(float v, bool e4m3) {
+  return e4m3 ? __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3)
+              : __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E5M2);
+}
+
+// One scale, row-major out only: 16-byte vectors in, V bytes out.
+template <typename T>
+__global__ void cast_kernel(const T* __restrict__ x, int64_t n, const float* __restrict__ amax,
+                            float fmax, bool e4m3, uint8_t* __restrict__ out,
+                            float* __restrict__ inv_scale) {
+  constexpr int V = Vec<T>::N;
+  const float s = scale_from(*amax, fmax, false);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *inv_scale = 1.f / s;
+  const int64_t vecs = n / V;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < vecs;
+       t += stride) {
+    float v[V];
+    Vec<T>::load(x + t * V, v);
+    uint8_t o[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) o[k] = to_fp8(v[k] * s, e4m3);
+    if constexpr (V == 8) {
+      *reinterpret_cast<uint2*>(out + t * V) = *reinterpret_cast<const uint2*>(o);
+    } else {
+      *reinterpret_cast<uint32_t*>(out + t * V) = *reinterpret_cast<const uint32_t*>(o);
+    }
+  }
+  for (int64_t i = vecs * V + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    out[i] = to_fp8(dev::to_float(x[i]) * s, e4m3);
+  }
+}
+
+// x [rows, cols] -> out [rows, cols] (optional) and out_t [cols, rows] (optional), 32 x 32
+// tiles through shared memory; scales by `mode`; inv_scale gets 1 / scale per scale.
+constexpr int kTile = 32;
+template <typename T>
+__global__ void cast_transpose_kernel(const T* __restrict__ x, int64_t rows, int64_t cols,
+                                      const float* __restrict__ amax, int mode, bool pow2,
+                                      float fmax, bool e4m3, uint8_t* __restrict__ out,
+                                      uint8_t* __restrict__ out_t, float* __restrict__ inv_scale) {
+  __shared__ uint8_t tile[kTile][kTile + 4];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const float s_tensor = mode == 0 ? scale_from(amax[0], fmax, pow2) : 0.f;
+  if (mode == 0 && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0) {
+    inv_scale[0] = 1.f / s_tensor;
+  }
+  const int64_t c = c0 + threadIdx.x;
+  const float s_col = mode == 2 && c < cols ? scale_from(amax[c], fmax, pow2) : 0.f;
+  if (mode == 2 && blockIdx.y == 0 && threadIdx.y == 0 && c < cols) inv_scale[c] = 1.f / s_col;
+  for (int dy = threadIdx.y; dy < kTile; dy += blockDim.y) {
+    const int64_t r = r0 + dy;
+    if (r < rows && c < cols) {
+      float s = mode == 0 ? s_tensor : s_col;
+      if (mode == 1) {
+        s = scale_from(amax[r], fmax, pow2);
+        if (c == 0) inv_scale[r] = 1.f / s;
+      }
+      const uint8_t q = to_fp8(dev::to_float(x[r * cols + c]) * s, e4m3);
+      if (out) out[r * cols + c] = q;
+      tile[dy][threadIdx.x] = q;
+    }
+  }
+  if (!out_t) return;
+  __syncthreads();
+  for (int dy = threadIdx.y; dy < kTile; dy += blockDim.y) {
+    const int64_t cc = c0 + dy, r = r0 + threadIdx.x;
+    if (r < rows && cc < cols) out_t[cc * rows + r] = tile[threadIdx.x][dy];
+  }
+}
+
+unsigned grid_for(int64_t total, int threads) {
+  const int64_t want = (total + threads - 1) / threads;
+  return static_cast<unsigned>(want < 132 * 16 ? (want > 0 ? want : 1) : 132 * 16);
+}
+
+}  // namespace
+
+namespace launch {
+
+void float8_amax(DType dt, const void* x, int64_t rows, int64_t cols, int mode, float* amax,
+                 cudaStream_t stream) {
+  const int64_t n = rows * cols;
+  const int64_t scales = mode == 0 ? 1 : mode == 1 ? rows : cols;
+  cudaMemsetAsync(amax, 0, sizeof(float) * scales, stream);
+  if (n == 0) return;
+  const bool bf16 = dt == DType::BF16;
+  const auto* xb = static_cast<const __nv_bfloat16*>(x);
+  const auto* xf = static_cast<const float*>(x);
+  if (mode == 0) {
+    if (bf16) {
+      amax_tensor_kernel<<<grid_for(n / 8, 256), 256, 0, stream>>>(xb, n, amax);
+    } else {
+      amax_tensor_kernel<<<grid_for(n / 4, 256), 256, 0, stream>>>(xf, n, amax);
+    }
+  } else if (mode == 1) {
+    const unsigned grid = static_cast<unsigned>(rows < 132 * 16 ? rows : 132 * 16);
+    if (bf16) {
+      amax_rows_kernel<<<grid, 256, 0, stream>>>(xb, rows, cols, amax);
+    } else {
+      amax_rows_kernel<<<grid, 256, 0, stream>>>(xf, rows, cols, amax);
+    }
+  } else {
+    const dim3 grid(static_cast<unsigned>((cols + 255) / 256),
+                    static_cast<unsigned>((rows + kStrip - 1) / kStrip));
+    if (bf16) {
+      amax_cols_kernel<<<grid, 256, 0, stream>>>(xb, rows, cols, amax);
+    } else {
+      amax_cols_kernel<<<grid, 256, 0, stream>>>(xf, rows, cols, amax);
+    }
+  }
+}
+
+void float8_cast(DType dt, const void* x, int64_t rows, int64_t cols, const float* amax, int mode,
+                 bool pow2, bool e4m3, void* out, void* out_t, float* inv_scale,
+                 cudaStream_t stream) {
+  const float fmax = e4m3 ? 448.f : 57344.f;
+  const int64_t n = rows * cols;
+  if (n == 0) return;
+  auto* o = static_cast<uint8_t*>(out);
+  auto* ot = static_cast<uint8_t*>(out_t);
+  const bool bf16 = dt == DType::BF16;
+  if (!ot && mode == 0 && !pow2) {
+    if (bf16) {
+      cast_kernel<<<grid_for(n / 8, 256), 256, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), n,
+                                                            amax, fmax, e4m3, o, inv_scale);
+    } else {
+      cast_kernel<<<grid_for(n / 4, 256), 256, 0, stream>>>(static_cast<const float*>(x), n, amax,
+                                                            fmax, e4m3, o, inv_scale);
+    }
+    return;
+  }
+  const dim3 grid(static_cast<unsigned>((cols + kTile - 1) / kTile),
+                  static_cast<unsigned>((rows + kTile - 1) / kTile));
+  const dim3 block(kTile, 8);
+  if (bf16) {
+    cast_transpose_kernel<<<grid, block, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), rows,
+                                                      cols, amax, mode, pow2, fmax, e4m3, o, ot,
+                                                      inv_scale);
+  } else {
+    cast_transpose_kernel<<<grid, block, 0, stream>>>(
+        static_cast<const float*>(x), rows, cols, amax, mode, pow2, fmax, e4m3, o, ot, inv_scale);
+  }
+}
+
+}  // namespace launch
+}  // namespace titan::kernels

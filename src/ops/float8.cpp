@@ -1,0 +1,257 @@
+// Float8 casts with dynamic scales and the three float8 GEMMs of a converted linear layer.
+// The weight gradient's operands (x^T and dy^T in float8) are produced where x and dy are
+// cast anyway and handed to backward_weight "packed": one byte tensor holding the float8 data
+// followed by its fp32 inverse scales (the block code keeps them as opaque tensors).
+#include "titan/ops/float8.h"
+
+#include <ATen/ATen.h>
+#include <ATen/record_function.h>
+
+#include "titan/util/error.h"
+#ifdef TITAN_WITH_CUDA
+#include "titan/kernels/kernels.h"
+#endif
+
+namespace titan::ops {
+namespace {
+
+double float8_max(at::ScalarType t) {
+  return t == at::kFloat8_e4m3fn ? 448.0 : 57344.0;  // e4m3fn, e5m2
+}
+
+bool fused(const at::Tensor& x) {
+#ifdef TITAN_WITH_CUDA
+  return x.is_cuda() && x.dim() == 2 &&
+         (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat);
+#else
+  (void)x;
+  return false;
+#endif
+}
+
+// The ATen cast (CPU, and shapes the kernels do not take).
+Float8Operand aten_cast(const at::Tensor& x, at::ScalarType dtype, bool rowwise, bool transpose) {
+  const double fmax = float8_max(dtype);
+  const at::Tensor xf = (transpose ? x.t() : x).to(at::kFloat).contiguous();
+  at::Tensor amax = rowwise ? at::linalg_vector_norm(xf, INFINITY, {1}, /*keepdim=*/true)
+                            : at::linalg_vector_norm(xf, INFINITY);
+  at::Tensor scale = at::full_like(amax, fmax).div_(amax.clamp_min(1e-12));
+  // Rowwise scales are powers of two (exact to apply and to undo).
+  if (rowwise) scale = at::exp2(at::floor(at::log2(scale)));
+  Float8Operand out;
+  out.data = (xf * scale).clamp_(-fmax, fmax).to(dtype);
+  out.inv_scale = at::reciprocal(scale);
+  return out;
+}
+
+// A packed operand: rows x cols float8 bytes (a multiple of 4), then `scales` fp32 inverse
+// scales.
+struct Packed {
+  at::Tensor buffer;
+  Float8Operand op;
+};
+Float8Operand packed_view(const at::Tensor& buffer, int64_t rows, int64_t cols, int64_t scales,
+                          at::ScalarType dtype) {
+  const int64_t bytes = rows * cols;
+  Float8Operand op;
+  op.data = buffer.narrow(0, 0, bytes).view(dtype).view({rows, cols});
+  op.inv_scale = buffer.narrow(0, bytes, 4 * scales).view(at::kFloat);
+  // (A bare {} would pick view(ScalarType).)
+  op.inv_scale = scales == 1 ? op.inv_scale.view(at::IntArrayRef{})
+                             : op.inv_scale.view(at::IntArrayRef{scales, 1});
+  return op;
+}
+Packed make_packed(int64_t rows, int64_t cols, int64_t scales, at::ScalarType dtype,
+                   const at::TensorOptions& options) {
+  Packed p;
+  p.buffer = at::empty({rows * cols + 4 * scales}, options.dtype(at::kByte));
+  p.op = packed_view(p.buffer, rows, cols, scales, dtype);
+  return p;
+}
+// The operand in a packed buffer whose data has `rows` rows.
+Float8Operand unpack(const at::Tensor& buffer, int64_t rows, bool rowwise, at::ScalarType dtype) {
+  const int64_t scales = rowwise ? rows : 1;
+  return packed_view(buffer, rows, (buffer.numel() - 4 * scales) / rows, scales, dtype);
+}
+bool packable(const at::Tensor& x2) {
+  return x2.numel() % 4 == 0;
+}
+
+// x2 [R, C] (or its transpose) cast into `out` (allocated when undefined).
+Float8Operand cast_into(const at::Tensor& x2, at::ScalarType dtype, bool rowwise, bool transpose,
+                        Float8Operand out = {}) {
+  RECORD_USER_SCOPE("titan/float8_cast");
+  if (!fused(x2)) {
+    Float8Operand op = aten_cast(x2, dtype, rowwise, transpose);
+    if (!out.data.defined()) return op;
+    out.data.copy_(op.data);
+    out.inv_scale.copy_(op.inv_scale.view_as(out.inv_scale));
+    return out;
+  }
+#ifdef TITAN_WITH_CUDA
+  const int64_t rows = transpose ? x2.size(1) : x2.size(0);
+  const int64_t cols = transpose ? x2.size(0) : x2.size(1);
+  if (!out.data.defined()) {
+    out.data = at::empty({rows, cols}, x2.options().dtype(dtype));
+    const auto f32 = x2.options().dtype(at::kFloat);
+    out.inv_scale = rowwise ? at::empty({rows, 1}, f32) : at::empty({}, f32);
+  }
+  const int mode = !rowwise ? 0 : transpose ? 2 : 1;
+  const at::Tensor none;
+  kernels::float8_cast(x2, mode, /*pow2=*/rowwise, transpose ? none : out.data,
+                       transpose ? out.data : none, out.inv_scale);
+#endif
+  return out;
+}
+
+// Tensorwise, one pass: x2 [R, C] as a row-major operand, and x2^T packed.
+std::pair<Float8Operand, at::Tensor> cast_with_packed_transpose(const at::Tensor& x2,
+                                                                at::ScalarType dtype) {
+  RECORD_USER_SCOPE("titan/float8_cast");
+  const int64_t r = x2.size(0), c = x2.size(1);
+  Packed p = make_packed(c, r, 1, dtype, x2.options());
+  Float8Operand row;
+  if (!fused(x2)) {
+    row = aten_cast(x2, dtype, /*rowwise=*/false, /*transpose=*/false);
+    p.op.data.copy_(row.data.t());
+    p.op.inv_scale.copy_(row.inv_scale);
+    return {row, p.buffer};
+  }
+#ifdef TITAN_WITH_CUDA
+  row.data = at::empty({r, c}, x2.options().dtype(dtype));
+  row.inv_scale = p.op.inv_scale;
+  kernels::float8_cast(x2, 0, false, row.data, p.op.data, p.op.inv_scale);
+#endif
+  return {row, p.buffer};
+}
+
+}  // namespace
+
+Float8Recipe parse_float8_recipe(const std::string& name) {
+  if (name.empty() || name == "tensorwise") return Float8Recipe::Tensorwise;
+  if (name == "rowwise") return Float8Recipe::Rowwise;
+  if (name == "rowwise_with_gw_hp") return Float8Recipe::RowwiseWithGwHp;
+  fail("quantize.linear.float8.recipe_name: unknown recipe \"", name,
+       "\"; expected \"tensorwise\" (default), \"rowwise\" or \"rowwise_with_gw_hp\"");
+}
+
+const char* float8_recipe_name(Float8Recipe r) {
+  switch (r) {
+    case Float8Recipe::Tensorwise: return "tensorwise";
+    case Float8Recipe::Rowwise: return "rowwise";
+    case Float8Recipe::RowwiseWithGwHp: return "rowwise_with_gw_hp";
+  }
+  return "?";
+}
+
+Float8Operand to_float8(const at::Tensor& x, at::ScalarType dtype, bool rowwise, bool transpose) {
+  return cast_into(x.dim() == 2 ? x : x.reshape({-1, x.size(-1)}), dtype, rowwise, transpose);
+}
+
+at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& bt, at::ScalarType out_dtype,
+                     bool emulate, bool fast_accum) {
+  const int64_t m = a.data.size(0), k = a.data.size(1), n = bt.data.size(0);
+  TITAN_INTERNAL_CHECK(bt.data.size(1) == k, "float8_mm: inner dimensions ", k, " and ",
+                       bt.data.size(1));
+  const bool aligned = m % 16 == 0 && k % 16 == 0 && n % 16 == 0;
+  if (emulate || !a.data.is_cuda() || !aligned) {
+    const at::Tensor af = a.data.to(at::kFloat) * a.inv_scale;
+    const at::Tensor bf = bt.data.to(at::kFloat) * bt.inv_scale;
+    return at::mm(af, bf.t()).to(out_dtype);
+  }
+  const bool rowwise = a.inv_scale.dim() > 0;
+  const at::Tensor scale_b = rowwise ? bt.inv_scale.reshape({1, n}) : bt.inv_scale;
+  return at::_scaled_mm(a.data, bt.data.t(), a.inv_scale, scale_b, std::nullopt, std::nullopt,
+                        out_dtype, fast_accum);
+}
+
+namespace {
+at::ScalarType grad_dtype(Float8Recipe r) {
+  return r == Float8Recipe::Tensorwise ? at::kFloat8_e5m2 : at::kFloat8_e4m3fn;
+}
+}  // namespace
+
+at::Tensor Float8Linear::operand_for_weight(const at::Tensor& x2, at::ScalarType dtype) const {
+  if (recipe_ == Float8Recipe::RowwiseWithGwHp || !packable(x2)) return x2;
+  const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
+  Packed p = make_packed(x2.size(1), x2.size(0), rowwise ? x2.size(1) : 1, dtype, x2.options());
+  cast_into(x2, dtype, rowwise, /*transpose=*/true, p.op);
+  return p.buffer;
+}
+
+// Casts x2 for a GEMM, and its transpose for the weight gradient into `*for_weight` (packed;
+// one pass for tensorwise).
+Float8Operand Float8Linear::cast_operand(const at::Tensor& x2, at::ScalarType dtype,
+                                         at::Tensor* for_weight) const {
+  const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
+  if (for_weight && recipe_ == Float8Recipe::Tensorwise && packable(x2)) {
+    auto [row, packed] = cast_with_packed_transpose(x2, dtype);
+    *for_weight = packed;
+    return row;
+  }
+  if (for_weight) *for_weight = operand_for_weight(x2, dtype);
+  return cast_into(x2, dtype, rowwise, /*transpose=*/false);
+}
+
+at::Tensor Float8Linear::weight_input(const at::Tensor& x) const {
+  return operand_for_weight(x.reshape({-1, x.size(-1)}), at::kFloat8_e4m3fn);
+}
+
+at::Tensor Float8Linear::forward(const at::Tensor& x, const at::Tensor& w,
+                                 at::Tensor* x_for_weight) const {
+  const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  const Float8Operand xa = cast_operand(x2, at::kFloat8_e4m3fn, x_for_weight);
+  at::Tensor y = float8_mm(xa, cast_into(w, at::kFloat8_e4m3fn, rowwise, false), x.scalar_type(),
+                           emulate_, /*fast_accum=*/true);
+  auto sizes = x.sizes().vec();
+  sizes.back() = w.size(0);
+  return y.view(sizes);
+}
+
+at::Tensor Float8Linear::backward_input(const at::Tensor& dy, const at::Tensor& w,
+                                        at::Tensor* dy_for_weight) const {
+  const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
+  const at::Tensor dy2 = dy.reshape({-1, dy.size(-1)});
+  // dx = dy W: dy in e5m2 (tensorwise) or e4m3 by rows; W's columns as the rows of W^T.
+  const Float8Operand da = cast_operand(dy2, grad_dtype(recipe_), dy_for_weight);
+  at::Tensor dx = float8_mm(da, cast_into(w, at::kFloat8_e4m3fn, rowwise, /*transpose=*/true),
+                            dy.scalar_type(), emulate_);
+  auto sizes = dy.sizes().vec();
+  sizes.back() = w.size(1);
+  return dx.view(sizes);
+}
+
+void Float8Linear::backward_weight(const at::Tensor& dy, const at::Tensor& x,
+                                   const at::Tensor& grad_w, bool accumulate) const {
+  if (recipe_ == Float8Recipe::RowwiseWithGwHp) {
+    linear_backward_weight(dy, x, grad_w, accumulate);
+    return;
+  }
+  const bool rowwise = recipe_ == Float8Recipe::Rowwise;
+  const int64_t n = grad_w.size(0), k = grad_w.size(1);
+  // dW = dy^T x, reducing over tokens: the rows of dy^T and x^T carry the scales.
+  auto operand = [&](const at::Tensor& t, int64_t rows, at::ScalarType dtype) {
+    return t.scalar_type() == at::kByte
+               ? unpack(t, rows, rowwise, dtype)
+               : cast_into(t.reshape({-1, rows}), dtype, rowwise, /*transpose=*/true);
+  };
+  const Float8Operand a = operand(dy, n, grad_dtype(recipe_));
+  const Float8Operand b = operand(x, k, at::kFloat8_e4m3fn);
+  const int64_t m = a.data.size(1);
+  if (!rowwise && !accumulate && !emulate_ && a.data.is_cuda() && m % 16 == 0 && k % 16 == 0 &&
+      n % 16 == 0 && grad_w.is_contiguous()) {
+    at::Tensor out = grad_w;
+    at::_scaled_mm_out(out, a.data, b.data.t(), a.inv_scale, b.inv_scale, std::nullopt,
+                       std::nullopt, at::kFloat, false);
+    return;
+  }
+  const at::Tensor gw = float8_mm(a, b, rowwise ? at::kBFloat16 : at::kFloat, emulate_);
+  if (accumulate) {
+    grad_w.add_(gw);
+  } else {
+    grad_w.copy_(gw);
+  }
+}
+
+}  // namespace titan::ops

@@ -1,0 +1,102 @@
+// Float8 linear layers on CPU (emulated float8 arithmetic): the casts round exactly as a
+// quantize-dequantize written here from the recipe's definition, each of the three GEMMs of a
+// converted linear equals that reference in fp32 for every recipe, and stays close to the
+// unquantized product.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include "support/test_support.h"
+#include "titan/ops/float8.h"
+
+using namespace titan;
+using ops::Float8Recipe;
+
+namespace {
+
+// Quantize-dequantize of x [rows, cols] in fp32: one scale 448 / amax (e4m3) or 57344 / amax
+// (e5m2) per tensor, or per row rounded down to a power of two.
+at::Tensor qdq(const at::Tensor& x, at::ScalarType dtype, bool rowwise) {
+  const double fmax = dtype == at::kFloat8_e4m3fn ? 448.0 : 57344.0;
+  const at::Tensor xf = x.to(at::kFloat);
+  at::Tensor amax = rowwise ? xf.abs().amax({1}, true) : xf.abs().max();
+  at::Tensor scale = fmax / amax.clamp_min(1e-12);
+  if (rowwise) scale = at::exp2(at::floor(at::log2(scale)));
+  return (xf * scale).clamp(-fmax, fmax).to(dtype).to(at::kFloat) / scale;
+}
+
+struct Gemms {
+  at::Tensor y, dx, dw;
+};
+
+// The three products of y = x W^T from quantize-dequantized operands, as the recipe defines.
+Gemms reference(const at::Tensor& x, const at::Tensor& w, const at::Tensor& dy, Float8Recipe r) {
+  const bool rw = r != Float8Recipe::Tensorwise;
+  const auto grad_type = rw ? at::kFloat8_e4m3fn : at::kFloat8_e5m2;
+  Gemms g;
+  g.y = at::mm(qdq(x, at::kFloat8_e4m3fn, rw), qdq(w, at::kFloat8_e4m3fn, rw).t());
+  g.dx = at::mm(qdq(dy, grad_type, rw), qdq(w.t(), at::kFloat8_e4m3fn, rw).t());
+  if (r == Float8Recipe::RowwiseWithGwHp) {
+    g.dw = at::mm(dy.t(), x);
+  } else {
+    g.dw = at::mm(qdq(dy.t(), grad_type, rw), qdq(x.t(), at::kFloat8_e4m3fn, rw).t());
+    if (rw) g.dw = g.dw.to(at::kBFloat16).to(at::kFloat);  // rowwise dW is a bf16 GEMM output
+  }
+  return g;
+}
+
+}  // namespace
+
+TEST(Float8, CastsRoundAsQuantizeDequantize) {
+  at::manual_seed(1);
+  const at::Tensor x = at::randn({48, 80}) * at::rand({48, 1}) * 10;
+  for (bool rowwise : {false, true}) {
+    for (auto dtype : {at::kFloat8_e4m3fn, at::kFloat8_e5m2}) {
+      const auto op = ops::to_float8(x, dtype, rowwise);
+      EXPECT_EQ(op.data.scalar_type(), dtype);
+      const at::Tensor back = op.data.to(at::kFloat) * op.inv_scale;
+      // The same float8 values; undoing the scale by a reciprocal rounds once more.
+      EXPECT_LT(test::relative_error(back, qdq(x, dtype, rowwise)), 1e-7) << rowwise;
+      // Float8 keeps about 2 (e5m2) or 3 (e4m3) mantissa bits.
+      EXPECT_LT(test::relative_error(back, x), dtype == at::kFloat8_e4m3fn ? 0.05 : 0.1);
+    }
+  }
+}
+
+TEST(Float8, EveryGemmOfEveryRecipeMatchesTheReference) {
+  at::manual_seed(2);
+  const int64_t tokens = 64, in = 96, out = 48;
+  const at::Tensor x = at::randn({2, tokens / 2, in});
+  const at::Tensor w = at::randn({out, in}) * 0.05;
+  const at::Tensor dy = at::randn({2, tokens / 2, out}) * 1e-3;
+  for (auto r : {Float8Recipe::Tensorwise, Float8Recipe::Rowwise, Float8Recipe::RowwiseWithGwHp}) {
+    SCOPED_TRACE(ops::float8_recipe_name(r));
+    const ops::Float8Linear lin(r, /*emulate=*/true);
+    const Gemms want = reference(x.reshape({tokens, in}), w, dy.reshape({tokens, out}), r);
+    at::Tensor x_for_weight, dy_for_weight;
+    const at::Tensor y = lin.forward(x, w, &x_for_weight);
+    EXPECT_EQ(y.sizes(), (at::IntArrayRef{2, tokens / 2, out}));
+    EXPECT_LT(test::relative_error(y.reshape({tokens, out}), want.y), 1e-6);
+    const at::Tensor dx = lin.backward_input(dy, w, &dy_for_weight);
+    EXPECT_LT(test::relative_error(dx.reshape({tokens, in}), want.dx), 1e-6);
+    at::Tensor gw = at::full({out, in}, 1.0);
+    lin.backward_weight(dy_for_weight, x_for_weight, gw, /*accumulate=*/true);
+    EXPECT_LT(test::relative_error(gw - 1.0, want.dw), 1e-5);
+    lin.backward_weight(dy_for_weight, x_for_weight, gw, /*accumulate=*/false);
+    EXPECT_LT(test::relative_error(gw, want.dw), 1e-6);
+    // And close to the unquantized products.
+    EXPECT_LT(test::relative_error(y, at::matmul(x, w.t())), 0.1);
+    EXPECT_LT(test::relative_error(dx, at::matmul(dy, w)), 0.15);
+    EXPECT_LT(
+        test::relative_error(gw, at::mm(dy.reshape({tokens, out}).t(), x.reshape({tokens, in}))),
+        0.15);
+  }
+}
+
+TEST(Float8, RecipeNames) {
+  EXPECT_EQ(ops::parse_float8_recipe(""), Float8Recipe::Tensorwise);
+  EXPECT_EQ(ops::parse_float8_recipe("rowwise_with_gw_hp"), Float8Recipe::RowwiseWithGwHp);
+  EXPECT_NE(test::error_of([] {
+              ops::parse_float8_recipe("mxfp8");
+            }).find("quantize.linear.float8.recipe_name: unknown recipe \"mxfp8\""),
+            std::string::npos);
+}

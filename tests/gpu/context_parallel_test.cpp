@@ -24,18 +24,7 @@ TEST_P(BlockAttentionGpu, MergedBlocksMatchWholeAttentionForwardAndBackward) {
   const auto opts = test::cuda_options(dt);
   const at::Tensor q = at::randn({b, s, h, hd}, opts), k = at::randn({b, s, kv, hd}, opts);
   const at::Tensor v = at::randn({b, s, kv, hd}, opts), dout = at::randn({b, s, h, hd}, opts);
-  // Reference: fp32 math attention with autograd.
-  at::Tensor qf = q.to(at::kFloat).transpose(1, 2).set_requires_grad(true);
-  at::Tensor kf = k.to(at::kFloat).transpose(1, 2).set_requires_grad(true);
-  at::Tensor vf = v.to(at::kFloat).transpose(1, 2).set_requires_grad(true);
-  at::Tensor scores = at::matmul(qf, kf.repeat_interleave(h / kv, 1).transpose(-1, -2)) /
-                      std::sqrt(static_cast<double>(hd));
-  scores = scores.masked_fill(at::ones({s, s}, test::cuda_options(at::kBool)).triu(1), -INFINITY);
-  at::Tensor ref =
-      at::matmul(at::softmax(scores, -1), vf.repeat_interleave(h / kv, 1)).transpose(1, 2);
-  ref.backward(dout.to(at::kFloat));
-  const at::Tensor ref_dq = qf.grad().transpose(1, 2), ref_dk = kf.grad().transpose(1, 2);
-  const at::Tensor ref_dv = vf.grad().transpose(1, 2);
+  const auto ref = test::causal_attention_reference(q, k, v, dout);
   const double tol = 2 * test::kernel_tolerance(dt);
   at::Tensor dq = at::zeros({b, s, h, hd}, test::cuda_options(at::kFloat));
   at::Tensor dk = at::zeros({b, s, kv, hd}, test::cuda_options(at::kFloat));
@@ -49,7 +38,7 @@ TEST_P(BlockAttentionGpu, MergedBlocksMatchWholeAttentionForwardAndBackward) {
           ops::block_attention_forward(qi, k.narrow(1, j * c, c), v.narrow(1, j * c, c), j == i);
       ops::merge_attention(o, lse, po, pl);
     }
-    EXPECT_LT(relative_error(o, ref.narrow(1, i * c, c).detach()), tol) << "block " << i;
+    EXPECT_LT(relative_error(o, ref.out.narrow(1, i * c, c)), tol) << "block " << i;
     const at::Tensor out = o.to(dt);
     for (int64_t j = 0; j <= i; ++j) {
       auto [gq, gk, gv] =
@@ -60,9 +49,9 @@ TEST_P(BlockAttentionGpu, MergedBlocksMatchWholeAttentionForwardAndBackward) {
       dv.narrow(1, j * c, c).add_(gv.to(at::kFloat));
     }
   }
-  EXPECT_LT(relative_error(dq, ref_dq), tol);
-  EXPECT_LT(relative_error(dk, ref_dk), tol);
-  EXPECT_LT(relative_error(dv, ref_dv), tol);
+  EXPECT_LT(relative_error(dq, ref.dq), tol);
+  EXPECT_LT(relative_error(dk, ref.dk), tol);
+  EXPECT_LT(relative_error(dv, ref.dv), tol);
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, BlockAttentionGpu, ::testing::Values(at::kBFloat16, at::kFloat),

@@ -518,7 +518,8 @@ TEST(TeraPipe, ScheduleCommandShowsTheSlicingAndItsBubble) {
 // Float8 training on CPU (emulated float8 rounding, fp32 products): every recipe trains within
 // 1% of the unquantized losses; rowwise_with_gw_hp, whose scales do not depend on the batch
 // (per token, per output channel), gives the losses and weights of one process under FSDP 2
-// with full checkpointing and under a 2-stage pipeline. Not to 1e-5: fp32 sums in another
+// with full checkpointing and under 2-stage pipelines (1F1B, and ZBV whose deferred weight
+// gradients keep the packed float8 operands). Not to 1e-5: fp32 sums in another
 // order move a few values across a float8 rounding boundary (one float8 step is 6-12%), which
 // shows as ~3e-5 in the loss; a wrong scale or a missed cast would show at 1e-2.
 namespace {
@@ -564,6 +565,17 @@ TEST(Float8, BatchIndependentRecipeMatchesOneProcessUnderFsdpAndPipelines) {
     expect_same(r, single, c.name, 2e-4, 2e-3);
     EXPECT_LT(weights_difference(dir.file(c.name) + "/checkpoint/step-10", final_single), 2e-3);
   }
+  // Deferred weight gradients (zero bubble) keep the packed float8 operands of the rowwise
+  // recipe until their W pass: the same training as 1F1B on the same microbatches.
+  const auto rowwise = float8_args("rowwise");
+  const RunResult one_f_one_b =
+      train_ranks(dir, "rowwise_1f1b", 2, 8, kFinalSave + rowwise + pp_args(2, "1F1B", 2));
+  const RunResult zbv =
+      train_ranks(dir, "rowwise_zbv", 2, 8, kFinalSave + rowwise + pp_args(2, "ZBVZeroBubble", 2));
+  expect_same(zbv, one_f_one_b, "rowwise ZBV vs 1F1B", 2e-4, 2e-3);
+  EXPECT_LT(weights_difference(dir.file("rowwise_zbv") + "/checkpoint/step-10",
+                               dir.file("rowwise_1f1b") + "/checkpoint/step-10"),
+            2e-3);
 }
 
 TEST(Float8, BadFloat8ConfigurationsAreClearErrors) {

@@ -6,6 +6,7 @@
 #include "titan/config/job_config.h"
 #include "titan/parallel/parallelize.h"
 #include "titan/parallel/pipeline/stage.h"
+#include "titan/parallel/pipeline/terapipe.h"
 #include "titan/util/error.h"
 #include "titan/util/fs.h"
 #include "titan/util/strings.h"
@@ -22,6 +23,7 @@
 
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -42,6 +44,50 @@ TempDir::TempDir() {
 TempDir::~TempDir() {
   std::error_code ec;
   util::remove_tree(util::path_str(path_));
+}
+
+AttentionResult causal_attention_reference(const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const at::Tensor& dout) {
+  const int64_t s = q.size(1), rep = q.size(2) / k.size(2), hd = q.size(3);
+  at::Tensor qf = q.to(at::kFloat).transpose(1, 2).detach().set_requires_grad(true);
+  at::Tensor kf = k.to(at::kFloat).transpose(1, 2).detach().set_requires_grad(true);
+  at::Tensor vf = v.to(at::kFloat).transpose(1, 2).detach().set_requires_grad(true);
+  at::Tensor scores = at::matmul(qf, kf.repeat_interleave(rep, 1).transpose(-1, -2)) /
+                      std::sqrt(static_cast<double>(hd));
+  scores = scores.masked_fill(at::ones({s, s}, q.options().dtype(at::kBool)).triu(1), -INFINITY);
+  at::Tensor out =
+      at::matmul(at::softmax(scores, -1), vf.repeat_interleave(rep, 1)).transpose(1, 2);
+  out.backward(dout.to(at::kFloat));
+  return {out.detach(), qf.grad().transpose(1, 2), kf.grad().transpose(1, 2),
+          vf.grad().transpose(1, 2)};
+}
+
+AttentionResult sliced_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& dout, const std::vector<int64_t>& lengths) {
+  const int64_t s = q.size(1);
+  parallel::pipeline::SliceKv cache;
+  parallel::pipeline::TokenSliceAttention attention;
+  std::vector<ops::AttentionSaved> saved(lengths.size());
+  std::vector<int64_t> start;
+  AttentionResult r{at::empty_like(q), at::empty_like(q), at::empty_like(k), at::empty_like(v)};
+  int64_t at = 0;
+  for (size_t j = 0; j < lengths.size(); ++j) {
+    start.push_back(at);
+    attention.use(&cache, at, s);
+    r.out.narrow(1, at, lengths[j])
+        .copy_(attention.forward(q.narrow(1, at, lengths[j]), k.narrow(1, at, lengths[j]),
+                                 v.narrow(1, at, lengths[j]), saved[j]));
+    at += lengths[j];
+  }
+  for (size_t j = lengths.size(); j-- > 0;) {
+    attention.use(&cache, start[j], s);
+    auto [gq, gk, gv] =
+        attention.backward(dout.narrow(1, start[j], lengths[j]), saved[j], k.size(2));
+    r.dq.narrow(1, start[j], lengths[j]).copy_(gq);
+    r.dk.narrow(1, start[j], lengths[j]).copy_(gk);
+    r.dv.narrow(1, start[j], lengths[j]).copy_(gv);
+  }
+  return r;
 }
 
 std::string error_of(const std::function<void()>& fn) {

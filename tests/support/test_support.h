@@ -48,6 +48,20 @@ double relative_error(const at::Tensor& a, const at::Tensor& b);
 at::TensorOptions cuda_options(at::ScalarType t);
 double kernel_tolerance(at::ScalarType t);
 
+// Causal grouped-query attention of q [B, S, H, hd], k/v [B, S, Hkv, hd] (any device or
+// dtype) computed in fp32 with autograd: the output [B, S, H, hd] and the gradients of q, k, v
+// for `dout`.
+struct AttentionResult {
+  at::Tensor out, dq, dk, dv;
+};
+AttentionResult causal_attention_reference(const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const at::Tensor& dout);
+// The same through TeraPipe's TokenSliceAttention: token slices of `lengths` forward in order
+// (each attending to the keys/values cached from the earlier ones), backward in reverse;
+// results in q's dtype, assembled over the sequence.
+AttentionResult sliced_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& dout, const std::vector<int64_t>& lengths);
+
 // The message of the titan::Error `fn` throws, or "" when it throws none.
 std::string error_of(const std::function<void()>& fn);
 

@@ -24,37 +24,22 @@ TEST(TokenSliceAttention, SlicesAttendingToTheirPrefixEqualWholeCausalAttention)
   const int64_t b = 2, seq = 56, h = 4, hkv = 2, hd = 8;
   const at::Tensor q = at::randn({b, seq, h, hd}), k = at::randn({b, seq, hkv, hd}),
                    v = at::randn({b, seq, hkv, hd}), dout = at::randn({b, seq, h, hd});
+  // Whole sequences through titan's own causal attention kernels.
   ops::AttentionSaved whole_saved;
   const at::Tensor whole = ops::attention_forward(q, k, v, whole_saved).clone();
   auto [wq, wk, wv] = ops::attention_backward(dout, whole_saved, hkv);
+  // ... which equal the textbook computation (softmax of masked scores, autograd).
+  const auto textbook = test::causal_attention_reference(q, k, v, dout);
+  EXPECT_LT(test::relative_error(whole, textbook.out), 1e-6);
+  EXPECT_LT(test::relative_error(wk, textbook.dk), 1e-6);
   for (const std::vector<int64_t>& lengths :
        std::vector<std::vector<int64_t>>{{56}, {16, 40}, {24, 16, 16}, {8, 8, 8, 32}}) {
     SCOPED_TRACE(testing::PrintToString(lengths));
-    SliceKv kv;
-    TokenSliceAttention attention;
-    std::vector<ops::AttentionSaved> saved(lengths.size());
-    std::vector<int64_t> start;
-    int64_t at = 0;
-    for (size_t j = 0; j < lengths.size(); ++j) {
-      start.push_back(at);
-      attention.use(&kv, at, seq);
-      const at::Tensor out =
-          attention.forward(q.narrow(1, at, lengths[j]), k.narrow(1, at, lengths[j]),
-                            v.narrow(1, at, lengths[j]), saved[j]);
-      EXPECT_LT(test::relative_error(out, whole.narrow(1, at, lengths[j])), 1e-6);
-      at += lengths[j];
-    }
-    at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-    for (size_t j = lengths.size(); j-- > 0;) {
-      attention.use(&kv, start[j], seq);
-      auto [gq, gk, gv] = attention.backward(dout.narrow(1, start[j], lengths[j]), saved[j], hkv);
-      dq.narrow(1, start[j], lengths[j]).copy_(gq);
-      dk.narrow(1, start[j], lengths[j]).copy_(gk);
-      dv.narrow(1, start[j], lengths[j]).copy_(gv);
-    }
-    EXPECT_LT(test::relative_error(dq, wq), 1e-6);
-    EXPECT_LT(test::relative_error(dk, wk), 1e-6);
-    EXPECT_LT(test::relative_error(dv, wv), 1e-6);
+    const auto got = test::sliced_attention(q, k, v, dout, lengths);
+    EXPECT_LT(test::relative_error(got.out, whole), 1e-6);
+    EXPECT_LT(test::relative_error(got.dq, wq), 1e-6);
+    EXPECT_LT(test::relative_error(got.dk, wk), 1e-6);
+    EXPECT_LT(test::relative_error(got.dv, wv), 1e-6);
   }
 }
 

@@ -21,8 +21,13 @@ double float8_max(at::ScalarType t) {
 
 bool fused(const at::Tensor& x) {
 #ifdef TITAN_WITH_CUDA
+  // The kernels read 16-byte vectors from the start of a contiguous tensor (a non-contiguous
+  // one is copied into a fresh, aligned buffer first).
+  // Their grids put row tiles (32 rows) on the y dimension: at most 65,535 of them.
   return x.is_cuda() && x.dim() == 2 &&
-         (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat);
+         (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
+         (!x.is_contiguous() || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0) &&
+         x.size(0) < int64_t{65535} * 32;
 #else
   (void)x;
   return false;
@@ -161,8 +166,11 @@ at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& bt, at::Scalar
   }
   const bool rowwise = a.inv_scale.dim() > 0;
   const at::Tensor scale_b = rowwise ? bt.inv_scale.reshape({1, n}) : bt.inv_scale;
-  return at::_scaled_mm(a.data, bt.data.t(), a.inv_scale, scale_b, std::nullopt, std::nullopt,
-                        out_dtype, fast_accum);
+  // Row-wise scaling writes bf16 only (cuBLASLt); other outputs are converted from it.
+  const auto mm_dtype = rowwise ? at::kBFloat16 : out_dtype;
+  at::Tensor y = at::_scaled_mm(a.data, bt.data.t(), a.inv_scale, scale_b, std::nullopt,
+                                std::nullopt, mm_dtype, fast_accum);
+  return mm_dtype == out_dtype ? y : y.to(out_dtype);
 }
 
 namespace {

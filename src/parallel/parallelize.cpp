@@ -662,7 +662,17 @@ MemoryEstimate estimate_memory(const model::LlamaArgs& args, const Plan& plan,
     in.gradient_buffer_elements = largest;
     for (const auto& u : plan.units) in.gradient_buffer_elements += u.numel;
   }
-  return titan::parallel::estimate_memory(args, in);
+  MemoryEstimate e = titan::parallel::estimate_memory(args, in);
+  if (plan.pp > 1 && plan.schedule.name == "TeraPipe") {
+    // Each sequence in flight keeps its keys/values (compute dtype) and their fp32 gradient
+    // accumulators per block until its first slice's backward.
+    const int64_t sequences = plan.schedule.microbatches / plan.schedule.slices;
+    const int64_t per_token = (args.n_kv_heads / plan.tp) * args.head_dim() *
+                              (2 * in.compute_dtype_bytes + 2 * 4);
+    e.activation_bytes += static_cast<int64_t>(in.block_policies.size()) * sequences *
+                          plan.microbatch_size * seq_len * per_token;
+  }
+  return e;
 }
 
 }  // namespace titan::parallel

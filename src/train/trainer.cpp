@@ -379,6 +379,13 @@ void Trainer::choose_token_slices() {
   } else {
     const auto t0 = std::chrono::steady_clock::now();
     model::BlockPlan bp = tp_ ? tp_->block_plan(args_) : model::BlockPlan::whole(args_);
+    // The projections as training runs them (float8 where converted).
+    if (float8_) {
+      if (plan_.float8.wqkv) bp.wqkv = float8_.get();
+      if (plan_.float8.wo) bp.wo = float8_.get();
+      if (plan_.float8.w13) bp.w13 = float8_.get();
+      if (plan_.float8.w2) bp.w2 = float8_.get();
+    }
     const auto block = model::llama_units(args_, {plan_.tp, mesh.coordinate("tp")}).at(1);
     const auto samples = pl::measure_slice_times(args_, bp, block, plan_.microbatch_size, seq_len,
                                                  quantum, policy, dtype, device);

@@ -595,7 +595,7 @@ std::string Plan::describe() const {
   out << "pipeline: " << pp << " ranks, " << stages.size() << " stages, schedule " << schedule.name
       << "; " << schedule.microbatches / schedule.slices << " microbatches of " << microbatch_size
       << " sequence(s) per pass";
-  if (schedule.name == "TeraPipe") {
+  if (terapipe()) {
     out << (token_slices_auto
                 ? ", token slices chosen after measuring slice times"
                 : ", each cut into " + std::to_string(schedule.slices) + " token slices [" +
@@ -663,12 +663,12 @@ MemoryEstimate estimate_memory(const model::LlamaArgs& args, const Plan& plan,
     for (const auto& u : plan.units) in.gradient_buffer_elements += u.numel;
   }
   MemoryEstimate e = titan::parallel::estimate_memory(args, in);
-  if (plan.pp > 1 && plan.schedule.name == "TeraPipe") {
+  if (plan.terapipe()) {
     // Each sequence in flight keeps its keys/values (compute dtype) and their fp32 gradient
     // accumulators per block until its first slice's backward.
     const int64_t sequences = plan.schedule.microbatches / plan.schedule.slices;
-    const int64_t per_token = (args.n_kv_heads / plan.tp) * args.head_dim() *
-                              (2 * in.compute_dtype_bytes + 2 * 4);
+    const int64_t per_token =
+        (args.n_kv_heads / plan.tp) * args.head_dim() * (2 * in.compute_dtype_bytes + 2 * 4);
     e.activation_bytes += static_cast<int64_t>(in.block_policies.size()) * sequences *
                           plan.microbatch_size * seq_len * per_token;
   }

@@ -70,6 +70,12 @@ std::vector<std::string> checkpoints_every(int64_t interval) {
           "--checkpoint.last_save_model_only", "false"};
 }
 
+// --parallelism.<dim>_parallel_degree `degree` with data_parallel_shard_degree `dp_shard`.
+std::vector<std::string> mesh_args(const std::string& dim, int degree, int64_t dp_shard) {
+  return {"--parallelism." + dim + "_parallel_degree", std::to_string(degree),
+          "--parallelism.data_parallel_shard_degree", std::to_string(dp_shard)};
+}
+
 std::vector<std::string> operator+(std::vector<std::string> a, const std::vector<std::string>& b) {
   a.insert(a.end(), b.begin(), b.end());
   return a;
@@ -398,11 +404,7 @@ TEST(CheckpointResharding, PipelineCheckpointsLoadOnAnyMesh) {
 TEST(CheckpointResharding, TensorParallelCheckpointsLoadOnAnyMesh) {
   TITAN_REQUIRE_GLOO();
   test::TempDir dir;
-  auto tp = [](int degree, int64_t dp_shard) {
-    return std::vector<std::string>{"--parallelism.tensor_parallel_degree", std::to_string(degree),
-                                    "--parallelism.data_parallel_shard_degree",
-                                    std::to_string(dp_shard)};
-  };
+  auto tp = [](int degree, int64_t dp_shard) { return mesh_args("tensor", degree, dp_shard); };
   const JobRun one = run_job(dir.file("one"), 1, 12, checkpoints_every(3));
   ASSERT_EQ(one.exit_code, 0) << one.output;
   const JobRun tp2 = run_job_batch(dir.file("tp2"), 2, 8, 12, checkpoints_every(3) + tp(2, 1));
@@ -454,11 +456,7 @@ TEST(CheckpointResharding, TensorParallelCheckpointsLoadOnAnyMesh) {
 TEST(CheckpointResharding, ContextParallelCheckpointsLoadOnAnyMesh) {
   TITAN_REQUIRE_GLOO();
   test::TempDir dir;
-  auto cp = [](int degree, int64_t dp_shard) {
-    return std::vector<std::string>{"--parallelism.context_parallel_degree", std::to_string(degree),
-                                    "--parallelism.data_parallel_shard_degree",
-                                    std::to_string(dp_shard)};
-  };
+  auto cp = [](int degree, int64_t dp_shard) { return mesh_args("context", degree, dp_shard); };
   const JobRun one = run_job(dir.file("one"), 1, 12, checkpoints_every(3));
   ASSERT_EQ(one.exit_code, 0) << one.output;
   const JobRun cp2 = run_job_batch(dir.file("cp2"), 2, 8, 12, checkpoints_every(3) + cp(2, 1));

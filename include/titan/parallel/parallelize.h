@@ -105,6 +105,8 @@ struct Plan {
   std::vector<int64_t> token_slices;
   bool token_slices_auto = false;
 
+  // TeraPipe: sequences run as token slices (chosen or still to be chosen).
+  bool terapipe() const { return token_slices_auto || !token_slices.empty(); }
   int64_t microbatches_per_step() const {
     return passes * static_cast<int64_t>(schedule.microbatches);
   }

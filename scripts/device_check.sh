@@ -4,7 +4,7 @@
 # packages), runs the GPU tests, short GPU training runs and the benchmarks; logs go to $OUT.
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
-# oom8b tp2 asynctp budget3b pp4 cp4 terapipe1 terapipe4 float8 float8loss readme
+# oom8b tp2 asynctp budget3b pp4 cp4 terapipe1 terapipe4 float8 float8loss float8fsdp readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -402,6 +402,21 @@ do_float8loss() {
   done
 }
 
+# Float8 under FSDP over every GPU (8B, scripts/bench.sh 8b-fp8): tensorwise next to the compiled
+# reference, then with the float8 all-gather (per-unit scales, and precomputed), and titan bf16.
+do_float8fsdp() {
+  local gather=--quantize.linear.float8.enable_fsdp_float8_all_gather
+  local pre=--quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp
+  echo "== 8B FSDP float8 tensorwise, bf16 all-gather"
+  FLOAT8_RECIPE=tensorwise REF_COMPILE=1 scripts/bench.sh 8b-fp8 | tail -2
+  echo "== 8B FSDP float8 tensorwise, float8 all-gather"
+  FLOAT8_RECIPE=tensorwise REF_COMPILE= TITAN_ARGS="$gather" scripts/bench.sh 8b-fp8 | tail -1
+  echo "== 8B FSDP float8 tensorwise, float8 all-gather, precomputed scales"
+  FLOAT8_RECIPE=tensorwise REF_COMPILE= TITAN_ARGS="$gather $pre" scripts/bench.sh 8b-fp8 | tail -1
+  echo "== 8B FSDP titan bf16"
+  REF_COMPILE= scripts/bench.sh 8b | tail -1
+}
+
 for s in "${stages[@]}"; do
   case "$s" in
     build) run_stage build do_build || { tail -50 "$OUT/build.log"; exit 1; } ;;
@@ -432,6 +447,7 @@ for s in "${stages[@]}"; do
     cp4) run_stage cp4 do_cp4; cat "$OUT/cp4.log" | cut -c1-300 ;;
     float8) run_stage float8 do_float8; cat "$OUT/float8.log" | cut -c1-300 ;;
     float8loss) run_stage float8loss do_float8loss; cat "$OUT/float8loss.log" ;;
+    float8fsdp) run_stage float8fsdp do_float8fsdp; cat "$OUT/float8fsdp.log" | cut -c1-300 ;;
     terapipe1) run_stage terapipe1 do_terapipe1; cat "$OUT/terapipe1.log" | cut -c1-400 ;;
     terapipe4) run_stage terapipe4 do_terapipe4; cat "$OUT/terapipe4.log" | cut -c1-400 ;;
     *) note "unknown stage $s" ;;

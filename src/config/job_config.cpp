@@ -1113,10 +1113,6 @@ void validate(const JobConfig& c) {
     TITAN_CHECK(!f.precompute_float8_dynamic_scale_for_fsdp || f.enable_fsdp_float8_all_gather,
                 "quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp needs "
                 "enable_fsdp_float8_all_gather = true");
-    TITAN_CHECK(!f.enable_fsdp_float8_all_gather,
-                "quantize.linear.float8.enable_fsdp_float8_all_gather: gathering float8 weights "
-                "is not available in this titan release; FSDP gathers bf16 weights and each "
-                "converted projection casts them; remove the key");
     for (const auto& fqn : f.filter_fqns) {
       TITAN_CHECK(fqn.find("layers.") == std::string::npos,
                   "quantize.linear.float8.filter_fqns: \"", fqn,

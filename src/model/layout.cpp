@@ -148,4 +148,53 @@ BlockOffsets block_offsets(const UnitLayout& u) {
       u.param("ffn_norm.weight").offset,       w1.offset, u.param("feed_forward.w2.weight").offset};
 }
 
+at::Tensor GatheredUnit::view(const UnitLayout& unit, int64_t offset, int64_t numel,
+                              at::Tensor* inv_scale) const {
+  if (flat.defined()) return flat.narrow(0, offset, numel);
+  TITAN_INTERNAL_CHECK(float8_ranges != nullptr, "unit ", unit.name, " was not gathered");
+  auto in_float8 = [&](int64_t at_elem) -> int64_t {
+    for (size_t r = 0; r < float8_ranges->size(); ++r) {
+      const auto& range = (*float8_ranges)[r];
+      if (at_elem >= range.offset && at_elem < range.offset + range.numel) {
+        return static_cast<int64_t>(r);
+      }
+    }
+    return -1;
+  };
+  if (const int64_t r = in_float8(offset); r >= 0) {
+    TITAN_INTERNAL_CHECK((*float8_ranges)[static_cast<size_t>(r)].offset == offset &&
+                             (*float8_ranges)[static_cast<size_t>(r)].numel == numel,
+                         "a view of part of a float8 matrix in ", unit.name);
+    if (inv_scale) *inv_scale = inv_scales[r];
+    return flat8.narrow(0, offset, numel);
+  }
+  int64_t packed = 0;
+  for (const auto& p : unit.params) {
+    if (in_float8(p.offset) >= 0) continue;
+    if (p.offset == offset) return rest.narrow(0, packed, numel);
+    packed += p.numel;
+  }
+  TITAN_INTERNAL_CHECK(false, "no parameter of ", unit.name, " starts at element ", offset);
+  return {};
+}
+
+std::vector<ElementRange> block_float8_ranges(const UnitLayout& unit, bool wqkv, bool wo, bool w13,
+                                              bool w2) {
+  const BlockOffsets o = block_offsets(unit);
+  std::vector<ElementRange> out;
+  auto numel = [&](std::initializer_list<const char*> names) {
+    int64_t n = 0;
+    for (const char* name : names) n += unit.param(name).numel;
+    return n;
+  };
+  if (wqkv) {
+    out.push_back(
+        {o.wqkv, numel({"attention.wq.weight", "attention.wk.weight", "attention.wv.weight"})});
+  }
+  if (wo) out.push_back({o.wo, numel({"attention.wo.weight"})});
+  if (w13) out.push_back({o.w13, numel({"feed_forward.w1.weight", "feed_forward.w3.weight"})});
+  if (w2) out.push_back({o.w2, numel({"feed_forward.w2.weight"})});
+  return out;
+}
+
 }  // namespace titan::model

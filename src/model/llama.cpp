@@ -9,15 +9,13 @@
 #include "titan/ops/swiglu.h"
 
 namespace titan::model {
-namespace {
-
-at::Tensor view2d(const at::Tensor& flat, int64_t offset, int64_t rows, int64_t cols) {
-  return flat.narrow(0, offset, rows * cols).view({rows, cols});
+BlockWeights block_views(const UnitLayout& unit, const at::Tensor& flat) {
+  GatheredUnit g;
+  g.flat = flat;
+  return block_views(unit, g);
 }
 
-}  // namespace
-
-BlockWeights block_views(const UnitLayout& unit, const at::Tensor& flat) {
+BlockWeights block_views(const UnitLayout& unit, const GatheredUnit& g) {
   const BlockOffsets o = block_offsets(unit);
   const auto& wq = unit.param("attention.wq.weight");
   const auto& wk = unit.param("attention.wk.weight");
@@ -26,13 +24,16 @@ BlockWeights block_views(const UnitLayout& unit, const at::Tensor& flat) {
   const auto& w2 = unit.param("feed_forward.w2.weight");
   const int64_t dim = wq.shape[1];
   const int64_t qkv_rows = wq.shape[0] + 2 * wk.shape[0];
+  auto view2d = [&](int64_t offset, int64_t rows, int64_t cols, at::Tensor* scale) {
+    return g.view(unit, offset, rows * cols, scale).view({rows, cols});
+  };
   BlockWeights w;
-  w.attention_norm = flat.narrow(0, o.attention_norm, dim);
-  w.wqkv = view2d(flat, o.wqkv, qkv_rows, dim);
-  w.wo = view2d(flat, o.wo, wo.shape[0], wo.shape[1]);
-  w.ffn_norm = flat.narrow(0, o.ffn_norm, dim);
-  w.w13 = view2d(flat, o.w13, 2 * w1.shape[0], dim);
-  w.w2 = view2d(flat, o.w2, w2.shape[0], w2.shape[1]);
+  w.attention_norm = g.view(unit, o.attention_norm, dim, nullptr);
+  w.wqkv = view2d(o.wqkv, qkv_rows, dim, &w.wqkv_scale);
+  w.wo = view2d(o.wo, wo.shape[0], wo.shape[1], &w.wo_scale);
+  w.ffn_norm = g.view(unit, o.ffn_norm, dim, nullptr);
+  w.w13 = view2d(o.w13, 2 * w1.shape[0], dim, &w.w13_scale);
+  w.w2 = view2d(o.w2, w2.shape[0], w2.shape[1], &w.w2_scale);
   return w;
 }
 
@@ -57,18 +58,18 @@ at::Tensor forward_impl(const LlamaArgs& a, const BlockPlan& p, const BlockWeigh
   const int64_t hd = p.head_dim, nh = p.n_heads, nkv = p.n_kv_heads;
   auto [xn1, rstd1] = ops::rmsnorm_forward(x, w.attention_norm, a.norm_eps);
   at::Tensor xw;
-  at::Tensor qkv =
-      p.wqkv->forward(xn1, w.wqkv, keep_all ? &xw : nullptr).view({b, seq, nh + 2 * nkv, hd});
+  at::Tensor qkv = p.wqkv->forward(xn1, {w.wqkv, w.wqkv_scale}, keep_all ? &xw : nullptr)
+                       .view({b, seq, nh + 2 * nkv, hd});
   at::Tensor q = ops::rope_apply(qkv.narrow(2, 0, nh), rope.cos, rope.sin);
   at::Tensor k = ops::rope_apply(qkv.narrow(2, nh, nkv), rope.cos, rope.sin);
   at::Tensor v = qkv.narrow(2, nh + nkv, nkv);
   at::Tensor o = p.attention->forward(q, k, v, s.attn).reshape({b, seq, nh * hd});
-  at::Tensor h = x + p.wo->forward(o, w.wo, nullptr).view_as(x);
+  at::Tensor h = x + p.wo->forward(o, {w.wo, w.wo_scale}, nullptr).view_as(x);
   auto [hn2, rstd2] = ops::rmsnorm_forward(h, w.ffn_norm, a.norm_eps);
   at::Tensor hw;
-  at::Tensor ab = p.w13->forward(hn2, w.w13, keep_all ? &hw : nullptr);
+  at::Tensor ab = p.w13->forward(hn2, {w.w13, w.w13_scale}, keep_all ? &hw : nullptr);
   at::Tensor g = ops::swiglu_forward(ab);
-  at::Tensor out = h + p.w2->forward(g, w.w2, nullptr).view_as(h);
+  at::Tensor out = h + p.w2->forward(g, {w.w2, w.w2_scale}, nullptr).view_as(h);
   s.x = x;
   s.qkv = qkv;
   s.o = o;
@@ -146,17 +147,17 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockPlan& p, const BlockWei
   };
   // Feed-forward: out = h + w2(swiglu(w13(norm(h)))).
   at::Tensor dout_w;
-  at::Tensor dg = p.w2->backward_input(dout, w.w2, &dout_w);
+  at::Tensor dg = p.w2->backward_input(dout, {w.w2, w.w2_scale}, &dout_w);
   weight_grad(*p.w2, dout_w, s.g, grads.w2, &DeferredWeightGrads::d_w2, &DeferredWeightGrads::x_w2);
   at::Tensor dab = ops::swiglu_backward(dg, s.ab);
   weight_grad(*p.w13, dab, s.hn2, grads.w13, &DeferredWeightGrads::d_w13,
               &DeferredWeightGrads::x_w13);
-  at::Tensor dhn2 = p.w13->backward_input(dab, w.w13, nullptr).view_as(s.h);
+  at::Tensor dhn2 = p.w13->backward_input(dab, {w.w13, w.w13_scale}, nullptr).view_as(s.h);
   at::Tensor ffn_norm_grad = grads.ffn_norm;
   at::Tensor dh = dout + ops::rmsnorm_backward(dhn2, s.h, w.ffn_norm, s.rstd2, ffn_norm_grad, acc);
   // Attention: h = x + wo(attn(rope(q), rope(k), v)).
   at::Tensor dh_w;
-  at::Tensor d_o = p.wo->backward_input(dh, w.wo, &dh_w).view({b, seq, nh, hd});
+  at::Tensor d_o = p.wo->backward_input(dh, {w.wo, w.wo_scale}, &dh_w).view({b, seq, nh, hd});
   weight_grad(*p.wo, dh_w, s.o, grads.wo, &DeferredWeightGrads::d_wo, &DeferredWeightGrads::x_wo);
   auto [dq, dk, dv] = p.attention->backward(d_o, s.attn, nkv);
   at::Tensor dqkv = at::empty({b, seq, nh + 2 * nkv, hd}, dout.options());
@@ -166,7 +167,7 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockPlan& p, const BlockWei
   at::Tensor dqkv_flat = dqkv.view({b, seq, (nh + 2 * nkv) * hd});
   weight_grad(*p.wqkv, dqkv_flat, s.xn1, grads.wqkv, &DeferredWeightGrads::d_wqkv,
               &DeferredWeightGrads::x_wqkv);
-  at::Tensor dxn1 = p.wqkv->backward_input(dqkv_flat, w.wqkv, nullptr).view_as(s.x);
+  at::Tensor dxn1 = p.wqkv->backward_input(dqkv_flat, {w.wqkv, w.wqkv_scale}, nullptr).view_as(s.x);
   at::Tensor attn_norm_grad = grads.attention_norm;
   at::Tensor dx =
       dh + ops::rmsnorm_backward(dxn1, s.x, w.attention_norm, s.rstd1, attn_norm_grad, acc);

@@ -40,7 +40,7 @@ Float8Operand aten_cast(const at::Tensor& x, at::ScalarType dtype, bool rowwise,
   const at::Tensor xf = (transpose ? x.t() : x).to(at::kFloat).contiguous();
   at::Tensor amax = rowwise ? at::linalg_vector_norm(xf, INFINITY, {1}, /*keepdim=*/true)
                             : at::linalg_vector_norm(xf, INFINITY);
-  at::Tensor scale = at::full_like(amax, fmax).div_(amax.clamp_min(1e-12));
+  at::Tensor scale = at::full_like(amax, fmax).div_(amax.clamp_min(1e-12));  // as below
   // Rowwise scales are powers of two (exact to apply and to undo).
   if (rowwise) scale = at::exp2(at::floor(at::log2(scale)));
   Float8Operand out;
@@ -179,6 +179,16 @@ at::ScalarType grad_dtype(Float8Recipe r) {
 }
 }  // namespace
 
+Float8Operand float8_cast_with_scale(const at::Tensor& x, const at::Tensor& scale) {
+  const double fmax = float8_max(at::kFloat8_e4m3fn);
+  return {(x.to(at::kFloat) * scale).clamp_(-fmax, fmax).to(at::kFloat8_e4m3fn),
+          at::reciprocal(scale)};
+}
+
+at::Tensor float8_tensorwise_scale(const at::Tensor& amax) {
+  return at::full_like(amax, float8_max(at::kFloat8_e4m3fn)).div_(amax.clamp_min(1e-12));
+}
+
 at::Tensor Float8Linear::operand_for_weight(const at::Tensor& x2, at::ScalarType dtype) const {
   if (recipe_ == Float8Recipe::RowwiseWithGwHp || !packable(x2)) return x2;
   const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
@@ -205,28 +215,36 @@ at::Tensor Float8Linear::weight_input(const at::Tensor& x) const {
   return operand_for_weight(x.reshape({-1, x.size(-1)}), at::kFloat8_e4m3fn);
 }
 
-at::Tensor Float8Linear::forward(const at::Tensor& x, const at::Tensor& w,
+// The weight as a float8 operand: W itself or (transpose) W^T, row-major. A weight gathered in
+// float8 is only re-laid out (the same bytes a cast of the gathered bf16 weight would give).
+Float8Operand Float8Linear::weight_operand(const LinearWeight& w, bool transpose) const {
+  if (!w.float8()) {
+    return cast_into(w.data, at::kFloat8_e4m3fn, recipe_ != Float8Recipe::Tensorwise, transpose);
+  }
+  TITAN_INTERNAL_CHECK(recipe_ == Float8Recipe::Tensorwise && w.inv_scale.dim() == 0,
+                       "a float8-gathered weight needs the tensorwise recipe");
+  return {transpose ? w.data.t().contiguous() : w.data, w.inv_scale};
+}
+
+at::Tensor Float8Linear::forward(const at::Tensor& x, const LinearWeight& w,
                                  at::Tensor* x_for_weight) const {
-  const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});
   const Float8Operand xa = cast_operand(x2, at::kFloat8_e4m3fn, x_for_weight);
-  at::Tensor y = float8_mm(xa, cast_into(w, at::kFloat8_e4m3fn, rowwise, false), x.scalar_type(),
-                           emulate_, /*fast_accum=*/true);
+  at::Tensor y = float8_mm(xa, weight_operand(w, /*transpose=*/false), x.scalar_type(), emulate_,
+                           /*fast_accum=*/true);
   auto sizes = x.sizes().vec();
-  sizes.back() = w.size(0);
+  sizes.back() = w.data.size(0);
   return y.view(sizes);
 }
 
-at::Tensor Float8Linear::backward_input(const at::Tensor& dy, const at::Tensor& w,
+at::Tensor Float8Linear::backward_input(const at::Tensor& dy, const LinearWeight& w,
                                         at::Tensor* dy_for_weight) const {
-  const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
   const at::Tensor dy2 = dy.reshape({-1, dy.size(-1)});
   // dx = dy W: dy in e5m2 (tensorwise) or e4m3 by rows; W's columns as the rows of W^T.
   const Float8Operand da = cast_operand(dy2, grad_dtype(recipe_), dy_for_weight);
-  at::Tensor dx = float8_mm(da, cast_into(w, at::kFloat8_e4m3fn, rowwise, /*transpose=*/true),
-                            dy.scalar_type(), emulate_);
+  at::Tensor dx = float8_mm(da, weight_operand(w, /*transpose=*/true), dy.scalar_type(), emulate_);
   auto sizes = dy.sizes().vec();
-  sizes.back() = w.size(1);
+  sizes.back() = w.data.size(1);
   return dx.view(sizes);
 }
 

@@ -1,6 +1,8 @@
 // Linear-layer products for the explicit forward/backward.
 #include "titan/ops/linear.h"
 
+#include "titan/util/error.h"
+
 #include <ATen/ATen.h>
 
 #include "titan/ops/dispatch.h"
@@ -47,16 +49,21 @@ void linear_backward_weight(const at::Tensor& dy, const at::Tensor& x, const at:
   }
 }
 
-at::Tensor Linear::forward(const at::Tensor& x, const at::Tensor& w,
-                           at::Tensor* x_for_weight) const {
-  if (x_for_weight) *x_for_weight = x;
-  return linear_forward(x, w);
+const at::Tensor& LinearWeight::plain(const char* who) const {
+  TITAN_INTERNAL_CHECK(!float8(), who, " was handed a float8 weight");
+  return data;
 }
 
-at::Tensor Linear::backward_input(const at::Tensor& dy, const at::Tensor& w,
+at::Tensor Linear::forward(const at::Tensor& x, const LinearWeight& w,
+                           at::Tensor* x_for_weight) const {
+  if (x_for_weight) *x_for_weight = x;
+  return linear_forward(x, w.plain("the plain Linear"));
+}
+
+at::Tensor Linear::backward_input(const at::Tensor& dy, const LinearWeight& w,
                                   at::Tensor* dy_for_weight) const {
   if (dy_for_weight) *dy_for_weight = dy;
-  return linear_backward_input(dy, w);
+  return linear_backward_input(dy, w.plain("the plain Linear"));
 }
 
 const Linear& plain_linear() {

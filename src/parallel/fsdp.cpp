@@ -12,6 +12,12 @@
 // the compute stream never waits on a reduction that was just issued. The caching allocator is
 // told which buffers the communication stream uses, so freeing them early is safe.
 // On CPU (Gloo) the same calls run on Gloo's threads; waiting blocks the host.
+// Float8 all-gather: a unit's float8 matrices are cast on this rank's shard with the scale of
+// the whole matrix (global amax: an all-reduce MAX over dp_shard of the shards' amaxes, cached
+// until the weights change) and gathered as bytes at their layout offsets, so the gathered
+// bytes equal a cast of the gathered bf16 matrix. The unit's other parameters (norms) are
+// packed per rank into a small buffer of equal length on every rank, gathered in param_dtype
+// and unpacked with one index_select.
 // Host run-ahead is bounded: before more than kMaxInFlight gathers/reductions are outstanding,
 // the host blocks on the oldest. Otherwise it would enqueue a whole step ahead of the device,
 // and every unit buffer freed in that window (still in use by the communication stream as far
@@ -26,11 +32,14 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
 #include <deque>
 
 #include "titan/dist/communicator.h"
 #include "titan/model/init.h"
 #include "titan/ops/dispatch.h"
+#include "titan/ops/float8.h"
 #include "titan/util/device.h"
 #include "titan/util/error.h"
 #ifdef TITAN_WITH_CUDA
@@ -56,14 +65,77 @@ struct HostAdd {
 
 constexpr size_t kMaxInFlight = 2;  // outstanding gathers + reductions before the host waits
 
+// A unit's float8 all-gather, precomputed from its layout.
+struct Float8Gather {
+  struct Piece {
+    size_t range = 0;
+    int64_t shard_offset = 0, numel = 0;
+  };
+  std::vector<Piece> pieces;    // this rank's parts of the float8 matrices
+  at::Tensor rest_local;        // int64: shard positions of this rank's other elements
+  int64_t rest_stride = 0;      // other elements per rank in the gathered buffer (the most any
+                                // rank holds)
+  at::Tensor rest_from_gather;  // int64 [other elements]: position in the gathered buffer
+};
+
+Float8Gather plan_float8_gather(const UnitState& u, const std::vector<model::ElementRange>& ranges,
+                                int64_t ranks, int64_t rank, c10::Device device) {
+  Float8Gather g;
+  const int64_t s = u.shard_numel, lo = u.shard_begin, hi = lo + s;
+  for (size_t r = 0; r < ranges.size(); ++r) {
+    const int64_t a = std::max(lo, ranges[r].offset);
+    const int64_t b = std::min(hi, ranges[r].offset + ranges[r].numel);
+    if (a < b) g.pieces.push_back({r, a - lo, b - a});
+  }
+  auto in_float8 = [&](int64_t offset) {
+    for (const auto& range : ranges) {
+      if (offset >= range.offset && offset < range.offset + range.numel) return true;
+    }
+    return false;
+  };
+  // The other parameters' elements, cut at shard boundaries; each segment's position among
+  // its owner's elements (flat order, which is the packed order of GatheredUnit::rest).
+  struct Segment {
+    int64_t owner, begin, numel, rank_pos;
+  };
+  std::vector<Segment> segments;
+  std::vector<int64_t> count(static_cast<size_t>(ranks), 0);
+  int64_t previous_end = 0;
+  for (const auto& p : u.layout.params) {
+    TITAN_INTERNAL_CHECK(p.offset >= previous_end, "parameters of ", u.layout.name,
+                         " are not in flat order");
+    previous_end = p.offset + p.numel;
+    if (in_float8(p.offset)) continue;
+    for (int64_t q = p.offset; q < p.offset + p.numel;) {
+      const int64_t owner = q / s;
+      const int64_t end = std::min(p.offset + p.numel, (owner + 1) * s);
+      segments.push_back({owner, q, end - q, count[static_cast<size_t>(owner)]});
+      count[static_cast<size_t>(owner)] += end - q;
+      q = end;
+    }
+  }
+  g.rest_stride = *std::max_element(count.begin(), count.end());
+  std::vector<at::Tensor> local, from;
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  for (const auto& seg : segments) {
+    from.push_back(at::arange(seg.numel, i64) + (seg.owner * g.rest_stride + seg.rank_pos));
+    if (seg.owner == rank) local.push_back(at::arange(seg.numel, i64) + (seg.begin - lo));
+  }
+  g.rest_local = (local.empty() ? at::empty({0}, i64) : at::cat(local)).to(device);
+  g.rest_from_gather = (from.empty() ? at::empty({0}, i64) : at::cat(from)).to(device);
+  return g;
+}
+
 struct FsdpModel::Impl {
-  std::deque<dist::WorkPtr> in_flight;     // recent gathers/reductions, oldest first
-  std::vector<dist::WorkPtr> gathers;      // per unit: an all-gather in flight
-  std::deque<Pending> pending;             // reductions whose results are not folded in yet
-  std::vector<dist::WorkPtr> final_works;  // replicate all-reduces to wait for at the end
-  std::vector<bool> grad_written;          // per unit: shard gradient holds this step's data
-  std::vector<HostAdd> host_adds;          // offload: host-side accumulations after the sync
-  bool host_copies_in_flight = false;      // offload: device-to-host copies not yet synced
+  std::deque<dist::WorkPtr> in_flight;      // recent gathers/reductions, oldest first
+  std::vector<dist::WorkPtr> gathers;       // per unit: an all-gather in flight
+  std::deque<Pending> pending;              // reductions whose results are not folded in yet
+  std::vector<dist::WorkPtr> final_works;   // replicate all-reduces to wait for at the end
+  std::vector<bool> grad_written;           // per unit: shard gradient holds this step's data
+  std::vector<HostAdd> host_adds;           // offload: host-side accumulations after the sync
+  bool host_copies_in_flight = false;       // offload: device-to-host copies not yet synced
+  std::vector<Float8Gather> float8;         // per unit (no pieces and no ranges: bf16 gather)
+  std::vector<dist::WorkPtr> rest_gathers;  // per unit: the float8 gather's other parameters
 };
 
 FsdpModel::FsdpModel(std::vector<model::UnitLayout> units, dist::Communicator* shard,
@@ -84,7 +156,19 @@ FsdpModel::FsdpModel(std::vector<model::UnitLayout> units, dist::Communicator* s
     units_.push_back(std::move(u));
   }
   impl_->gathers.resize(units_.size());
+  impl_->rest_gathers.resize(units_.size());
   impl_->grad_written.assign(units_.size(), false);
+  impl_->float8.resize(units_.size());
+  TITAN_INTERNAL_CHECK(
+      options_.float8_ranges.empty() || options_.float8_ranges.size() == units_.size(),
+      "float8 ranges for ", options_.float8_ranges.size(), " of ", units_.size(), " units");
+  if (shard_) {
+    for (size_t i = 0; i < options_.float8_ranges.size(); ++i) {
+      if (options_.float8_ranges[i].empty()) continue;
+      impl_->float8[i] =
+          plan_float8_gather(units_[i], options_.float8_ranges[i], n_shard, r_shard, device_);
+    }
+  }
   TITAN_CHECK(!options_.cpu_offload || device_.is_cuda(),
               "training.enable_cpu_offload: offloading needs a CUDA device (this run is on CPU, "
               "where everything already lives in host memory)");
@@ -128,7 +212,97 @@ void FsdpModel::refresh_shadows() {
   for (auto& u : units_) {
     if (u.shadow.defined()) u.shadow.copy_(u.master, /*non_blocking=*/true);
   }
+  weights_changed();
+}
+
+void FsdpModel::weights_changed() {
   release_all();
+  for (auto& u : units_) u.float8_amax = at::Tensor();
+}
+
+bool FsdpModel::gathers_float8(size_t i) const {
+  return shard_ && i < options_.float8_ranges.size() && !options_.float8_ranges[i].empty();
+}
+
+void FsdpModel::compute_float8_amax(const std::vector<size_t>& units) {
+  // Each rank's amax of its part of every matrix, then the maximum over dp_shard: one
+  // all-reduce for all the units asked for.
+  std::vector<at::Tensor> local;
+  for (size_t i : units) {
+    const UnitState& u = units_[i];
+    const at::Tensor& src = u.shadow.defined() ? u.shadow : u.master;
+    at::Tensor amax = at::zeros({static_cast<int64_t>(options_.float8_ranges[i].size())},
+                                at::TensorOptions().dtype(at::kFloat).device(device_));
+    for (const auto& piece : impl_->float8[i].pieces) {
+      const at::Tensor part = src.narrow(0, piece.shard_offset, piece.numel).to(device_);
+      amax.narrow(0, static_cast<int64_t>(piece.range), 1)
+          .copy_(at::linalg_vector_norm(part, INFINITY, {}, false, at::kFloat).reshape({1}));
+    }
+    local.push_back(amax);
+  }
+  at::Tensor all = at::cat(local);
+  shard_->all_reduce(all, dist::ReduceOp::Max);
+  int64_t at_elem = 0;
+  for (size_t k = 0; k < units.size(); ++k) {
+    UnitState& u = units_[units[k]];
+    u.float8_amax = all.narrow(0, at_elem, local[k].numel());
+    at_elem += local[k].numel();
+  }
+}
+
+void FsdpModel::start_float8_gather(size_t i) {
+  UnitState& u = units_[i];
+  const Float8Gather& g = impl_->float8[i];
+  if (!u.float8_amax.defined()) {
+    std::vector<size_t> stale{i};
+    if (options_.float8_precompute_scales) {
+      stale.clear();
+      for (size_t k = 0; k < units_.size(); ++k) {
+        if (gathers_float8(k) && !units_[k].float8_amax.defined()) stale.push_back(k);
+      }
+    }
+    compute_float8_amax(stale);
+  }
+  const at::Tensor& src = u.shadow.defined() ? u.shadow : u.master;
+  const at::Tensor scales = ops::float8_tensorwise_scale(u.float8_amax);
+  u.float8_inv_scales = at::reciprocal(scales);
+  const auto on_device = at::TensorOptions().device(device_);
+  at::Tensor shard8 = at::zeros({u.shard_numel}, on_device.dtype(at::kByte));
+  for (const auto& piece : g.pieces) {
+    const ops::Float8Operand op =
+        ops::float8_cast_with_scale(src.narrow(0, piece.shard_offset, piece.numel).to(device_),
+                                    scales[static_cast<int64_t>(piece.range)]);
+    shard8.narrow(0, piece.shard_offset, piece.numel).view(at::kFloat8_e4m3fn).copy_(op.data);
+  }
+  u.full8 = at::empty({u.shard_numel * dp_shard_size()}, on_device.dtype(at::kByte));
+  impl_->gathers[i] = shard_->all_gather_into(u.full8, shard8, /*async=*/true);
+  throttle(impl_->gathers[i]);
+  if (g.rest_stride > 0) {
+    const auto compute = on_device.dtype(options_.param_dtype);
+    at::Tensor packed = at::zeros({g.rest_stride}, compute);
+    if (g.rest_local.numel() > 0) {
+      packed.narrow(0, 0, g.rest_local.numel())
+          .copy_(src.to(device_).index_select(0, g.rest_local));
+    }
+    u.rest = at::empty({g.rest_stride * dp_shard_size()}, compute);
+    impl_->rest_gathers[i] = shard_->all_gather_into(u.rest, packed, /*async=*/true);
+    throttle(impl_->rest_gathers[i]);
+  }
+}
+
+model::GatheredUnit FsdpModel::gathered(size_t i) {
+  model::GatheredUnit g;
+  const at::Tensor& flat = gather(i);
+  if (!gathers_float8(i)) {
+    g.flat = flat;
+    return g;
+  }
+  const UnitState& u = units_[i];
+  g.flat8 = u.full8.view(at::kFloat8_e4m3fn);
+  g.inv_scales = u.float8_inv_scales;
+  g.rest = u.rest;
+  g.float8_ranges = &options_.float8_ranges[i];
+  return g;
 }
 
 bool FsdpModel::reshard_after_forward(size_t i) const {
@@ -139,6 +313,10 @@ void FsdpModel::prefetch(size_t i) {
   if (i >= units_.size() || !shard_) return;
   UnitState& u = units_[i];
   if (u.gathered || impl_->gathers[i]) return;
+  if (gathers_float8(i)) {
+    start_float8_gather(i);
+    return;
+  }
   const at::Tensor& sc = u.shadow.defined() ? u.shadow : u.master;
   u.full = at::empty({u.shard_numel * dp_shard_size()},
                      at::TensorOptions().dtype(options_.param_dtype).device(device_));
@@ -169,6 +347,11 @@ const at::Tensor& FsdpModel::gather(size_t i) {
     prefetch(i);
     impl_->gathers[i]->wait();
     impl_->gathers[i].reset();
+    if (impl_->rest_gathers[i]) {
+      impl_->rest_gathers[i]->wait();
+      impl_->rest_gathers[i].reset();
+      u.rest = u.rest.index_select(0, impl_->float8[i].rest_from_gather);
+    }
   }
   u.gathered = true;
   return u.full;
@@ -177,11 +360,15 @@ const at::Tensor& FsdpModel::gather(size_t i) {
 void FsdpModel::release(size_t i, bool after_forward) {
   UnitState& u = units_[i];
   if (after_forward && !reshard_after_forward(i)) return;
-  if (impl_->gathers[i]) {
-    impl_->gathers[i]->wait();
-    impl_->gathers[i].reset();
+  for (auto* work : {&impl_->gathers[i], &impl_->rest_gathers[i]}) {
+    if (*work) {
+      (*work)->wait();
+      work->reset();
+    }
   }
   u.full = at::Tensor();
+  u.full8 = at::Tensor();
+  u.rest = at::Tensor();
   u.gathered = false;
 }
 
@@ -363,7 +550,7 @@ void FsdpModel::sum_replicated_grads_over_tp() {
 
 void FsdpModel::zero_grad() {
   // Weights changed at the last step: nothing gathered before may be used again.
-  release_all();
+  weights_changed();
   // Nothing is zeroed: the first micro-batch of a step overwrites every gradient (unsharded
   // units in the backward itself, sharded ones when the first reduction lands).
   for (size_t i = 0; i < units_.size(); ++i) impl_->grad_written[i] = false;

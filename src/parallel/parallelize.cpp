@@ -370,10 +370,14 @@ std::string Float8Plan::describe() const {
         std::pair{w13, "feed_forward.w1|w3"}, std::pair{w2, "feed_forward.w2"}}) {
     (flag ? on : off).push_back(name);
   }
-  return fmt::format("{} recipe{}; float8 GEMMs in {}; bf16: {}output",
+  return fmt::format("{} recipe{}; float8 GEMMs in {}; bf16: {}output{}",
                      ops::float8_recipe_name(recipe), emulate ? " (emulated)" : "",
                      on.empty() ? "none" : util::join(on, ", "),
-                     off.empty() ? "" : util::join(off, ", ") + ", ");
+                     off.empty() ? "" : util::join(off, ", ") + ", ",
+                     !all_gather         ? ""
+                     : precompute_scales ? "; FSDP all-gathers them in float8 (scales precomputed "
+                                           "once per step)"
+                                         : "; FSDP all-gathers them in float8");
 }
 
 Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
@@ -556,6 +560,24 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
       after_forward = u.kind != model::UnitKind::Head && !last_block;
     }
     f.reshard_after_forward.push_back(after_forward);
+  }
+  // Float8 all-gather: the converted projections of every block travel in float8.
+  auto& f8 = plan.float8;
+  if (f8.enabled && c.float8.enable_fsdp_float8_all_gather) {
+    if (!sharded) {
+      log::warn(
+          "quantize.linear.float8.enable_fsdp_float8_all_gather has no effect without FSDP "
+          "sharding (parallelism.data_parallel_shard_degree = 1): no weights are gathered");
+    } else {
+      for (const auto& u : plan.units) {
+        f.float8_ranges.push_back(u.kind == model::UnitKind::Block
+                                      ? model::block_float8_ranges(u, f8.wqkv, f8.wo, f8.w13, f8.w2)
+                                      : std::vector<model::ElementRange>{});
+      }
+      f.float8_precompute_scales = c.float8.precompute_float8_dynamic_scale_for_fsdp;
+      f8.all_gather = true;
+      f8.precompute_scales = f.float8_precompute_scales;
+    }
   }
   return plan;
 }

@@ -25,14 +25,14 @@ class ColumnParallel final : public ops::Linear {
   at::Tensor weight_input(const at::Tensor& x) const override {
     return tp_.gather_tokens(rows2d(x));
   }
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& w,
+  at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w,
                      at::Tensor* x_for_weight) const override {
-    return tp_.gather_matmul(rows2d(x), w.t(), x_for_weight);
+    return tp_.gather_matmul(rows2d(x), w.plain("ColumnParallel").t(), x_for_weight);
   }
-  at::Tensor backward_input(const at::Tensor& dy, const at::Tensor& w,
+  at::Tensor backward_input(const at::Tensor& dy, const ops::LinearWeight& w,
                             at::Tensor* dy_for_weight) const override {
     if (dy_for_weight) *dy_for_weight = dy;
-    return tp_.matmul_scatter(rows2d(dy), w);
+    return tp_.matmul_scatter(rows2d(dy), w.plain("ColumnParallel"));
   }
 
  private:
@@ -43,14 +43,14 @@ class ColumnParallel final : public ops::Linear {
 class RowParallel final : public ops::Linear {
  public:
   explicit RowParallel(const TensorParallel& tp) : tp_(tp) {}
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& w,
+  at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w,
                      at::Tensor* x_for_weight) const override {
     if (x_for_weight) *x_for_weight = x;
-    return tp_.matmul_scatter(rows2d(x), w.t());
+    return tp_.matmul_scatter(rows2d(x), w.plain("RowParallel").t());
   }
-  at::Tensor backward_input(const at::Tensor& dy, const at::Tensor& w,
+  at::Tensor backward_input(const at::Tensor& dy, const ops::LinearWeight& w,
                             at::Tensor* dy_for_weight) const override {
-    return tp_.gather_matmul(rows2d(dy), w, dy_for_weight);
+    return tp_.gather_matmul(rows2d(dy), w.plain("RowParallel"), dy_for_weight);
   }
 
  private:

@@ -537,6 +537,7 @@ std::pair<at::Tensor, at::Tensor> Trainer::step_body(const std::vector<at::Tenso
     divisor = divisor.to(fsdp_->unit(0).master.device());
   }
   optimizer_->apply(divisor);
+  fsdp_->weights_changed();  // validation and the next step gather (and scale) the new weights
   // The logged loss is the mean over the global batch: the last stage's sums, over every
   // pipeline and data-parallel rank, so every rank (rank 0 too) holds the true value.
   if (pp) pp->all_reduce(loss_sum, dist::ReduceOp::Sum);

@@ -586,8 +586,67 @@ TEST(Float8, BadFloat8ConfigurationsAreClearErrors) {
   expect_config_error(dir.file("tp"), 2, float8_args("tensorwise") + tp_args(2),
                       "with parallelism.tensor_parallel_degree > 1 is not available");
   expect_config_error(
-      dir.file("gather"), 1,
-      float8_args("tensorwise") +
+      dir.file("gather_rowwise"), 1,
+      float8_args("rowwise") +
           std::vector<std::string>{"--quantize.linear.float8.enable_fsdp_float8_all_gather"},
-      "gathering float8 weights is not available");
+      "enable_fsdp_float8_all_gather applies to the tensorwise recipe only");
+  expect_config_error(
+      dir.file("precompute_alone"), 1,
+      float8_args("tensorwise") +
+          std::vector<std::string>{
+              "--quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp"},
+      "precompute_float8_dynamic_scale_for_fsdp needs enable_fsdp_float8_all_gather = true");
+}
+
+// The float8 FSDP all-gather casts each rank's shard with the scale of the whole matrix (the
+// amax all-reduced over dp_shard) and gathers bytes: the same float8 weights as gathering
+// bf16/fp32 and casting after, so training is the same to the last bit, with the scales
+// computed per unit or precomputed once per step, under checkpointing, pipelines and
+// validation (which must see the scales of the updated weights).
+TEST(Float8, FsdpFloat8AllGatherEqualsGatheringInHighPrecision) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  const auto f8 = float8_args("tensorwise") + std::vector<std::string>{"--validation.enable",
+                                                                       "--validation.freq", "5",
+                                                                       "--validation.steps", "2"};
+  const std::vector<std::string> gather = {
+      "--quantize.linear.float8.enable_fsdp_float8_all_gather"};
+  const std::vector<std::string> precompute = {
+      "--quantize.linear.float8.enable_fsdp_float8_all_gather",
+      "--quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp"};
+  auto validation_lines = [](const std::string& out) {
+    std::vector<std::string> lines;
+    const std::regex re("validate step: +[0-9]+ +loss: +[0-9.]+");
+    for (auto it = std::sregex_iterator(out.begin(), out.end(), re); it != std::sregex_iterator();
+         ++it) {
+      lines.push_back(it->str());
+    }
+    return lines;
+  };
+  struct Pair {
+    const char* name;
+    int world;
+    int64_t local_batch;
+    std::vector<std::string> common, float8_gather;
+  };
+  const std::vector<Pair> pairs = {
+      {"fsdp4", 4, 2, {}, gather},
+      {"fsdp2_full_ac_precompute", 2, 4, {"--activation_checkpoint.mode", "full"}, precompute},
+      {"pp2_fsdp2_1f1b", 4, 4, pp_args(2, "1F1B", 2), precompute},
+  };
+  for (const auto& p : pairs) {
+    SCOPED_TRACE(p.name);
+    const std::string high = std::string(p.name) + "_high", low = std::string(p.name) + "_f8";
+    const RunResult a = train_ranks(dir, high, p.world, p.local_batch, kFinalSave + f8 + p.common);
+    const RunResult b =
+        train_ranks(dir, low, p.world, p.local_batch, kFinalSave + f8 + p.common + p.float8_gather);
+    expect_same(b, a, p.name, 1e-7, 1e-6);
+    EXPECT_LT(weights_difference(dir.file(low) + "/checkpoint/step-10",
+                                 dir.file(high) + "/checkpoint/step-10"),
+              1e-7);
+    EXPECT_EQ(validation_lines(b.outputs[0]), validation_lines(a.outputs[0]));
+    EXPECT_EQ(validation_lines(b.outputs[0]).size(), 2u) << b.outputs[0];
+    EXPECT_NE(b.outputs[0].find("FSDP all-gathers them in float8"), std::string::npos)
+        << b.outputs[0];
+  }
 }

@@ -67,6 +67,31 @@ struct BlockOffsets {
   int64_t attention_norm, wqkv, wo, ffn_norm, w13, w2;
 };
 
+// Elements [offset, offset + numel) of a unit's flat buffer.
+struct ElementRange {
+  int64_t offset = 0, numel = 0;
+};
+
+// A unit's weights as gathered for compute. Usually `flat`: the whole unit in the compute dtype
+// at the layout's offsets. Under the float8 FSDP all-gather, the matrices listed in
+// `float8_ranges` are in `flat8` (e4m3, at layout offsets) with one inverse scale each
+// (`inv_scales`, fp32 [ranges]), and every other parameter is in `rest` (compute dtype), back
+// to back in layout order.
+struct GatheredUnit {
+  at::Tensor flat;
+  at::Tensor flat8, inv_scales, rest;
+  const std::vector<ElementRange>* float8_ranges = nullptr;
+
+  // The `numel` elements at layout offset `offset` (the start of a parameter or float8 range):
+  // a view of `flat`, of `flat8` (setting `*inv_scale`), or of `rest`.
+  at::Tensor view(const UnitLayout& unit, int64_t offset, int64_t numel,
+                  at::Tensor* inv_scale) const;
+};
+
+// The float8 matrices of a block unit (q|k|v, wo, w1|w3, w2; each only where `on` says).
+std::vector<ElementRange> block_float8_ranges(const UnitLayout& unit, bool wqkv, bool wo, bool w13,
+                                              bool w2);
+
 // A rank's coordinate in tensor parallelism.
 struct TpCoord {
   int64_t size = 1;

@@ -20,14 +20,17 @@ enum class SavePolicy {
   InputOnly  // only the block input; the whole block recomputed in backward ("full")
 };
 
-// Weight views of one block in compute dtype.
+// Weight views of one block in compute dtype; a projection gathered in float8 (the float8 FSDP
+// all-gather) is e4m3 with its inverse scale in the matching *_scale (undefined otherwise).
 struct BlockWeights {
   at::Tensor attention_norm, wqkv, wo, ffn_norm, w13, w2;
+  at::Tensor wqkv_scale, wo_scale, w13_scale, w2_scale;
 };
 // The same views into the block's fp32 flat gradient.
 using BlockGrads = BlockWeights;
 
 BlockWeights block_views(const UnitLayout& unit, const at::Tensor& flat);
+BlockWeights block_views(const UnitLayout& unit, const GatheredUnit& gathered);
 
 // How a block runs on this rank: its attention heads (all of them, or its tensor-parallel
 // share), how many ranks share its tokens (sequence parallel: the block's input and output

@@ -43,17 +43,26 @@ Float8Operand to_float8(const at::Tensor& x, at::ScalarType dtype, bool rowwise,
 at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& bt, at::ScalarType out_dtype,
                      bool emulate, bool fast_accum = false);
 
-// The Linear of a converted projection. The weight-gradient operands it hands out
-// (x_for_weight, dy_for_weight, weight_input) are x^T and dy^T already in float8, packed with
-// their scales in one byte tensor, cast in the same pass as the GEMM operand (tensorwise); its
-// backward_weight also takes plain tensors (the block's saved activations).
+// Tensorwise e4m3 scales from absolute maxima (any shape): 448 / max(amax, 1e-12), in fp32 —
+// the scale to_float8 computes for a tensor with that amax.
+at::Tensor float8_tensorwise_scale(const at::Tensor& amax);
+// x cast to e4m3 with a given (0-dim fp32) scale; returns the data and 1 / scale. With the
+// scale of x's whole tensor, the bytes equal those of to_float8 on that tensor.
+Float8Operand float8_cast_with_scale(const at::Tensor& x, const at::Tensor& scale);
+
+// The Linear of a converted projection. Its weight comes in the compute dtype (cast here, one
+// scale per tensor or per row) or already in float8 (tensorwise; the float8 FSDP all-gather). The
+// weight-gradient operands it hands out (x_for_weight, dy_for_weight, weight_input) are x^T and
+// dy^T already in float8, packed with their scales in one byte tensor, cast in the same pass as the
+// GEMM operand (tensorwise); its backward_weight also takes plain tensors (the block's saved
+// activations).
 class Float8Linear final : public Linear {
  public:
   Float8Linear(Float8Recipe recipe, bool emulate) : recipe_(recipe), emulate_(emulate) {}
   at::Tensor weight_input(const at::Tensor& x) const override;
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& w,
+  at::Tensor forward(const at::Tensor& x, const LinearWeight& w,
                      at::Tensor* x_for_weight) const override;
-  at::Tensor backward_input(const at::Tensor& dy, const at::Tensor& w,
+  at::Tensor backward_input(const at::Tensor& dy, const LinearWeight& w,
                             at::Tensor* dy_for_weight) const override;
   void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
                        bool accumulate) const override;
@@ -61,6 +70,7 @@ class Float8Linear final : public Linear {
 
  private:
   at::Tensor operand_for_weight(const at::Tensor& x2, at::ScalarType dtype) const;
+  Float8Operand weight_operand(const LinearWeight& w, bool transpose) const;
   Float8Operand cast_operand(const at::Tensor& x2, at::ScalarType dtype,
                              at::Tensor* for_weight) const;
   Float8Recipe recipe_;

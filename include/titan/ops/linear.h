@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <utility>
+
 namespace titan::ops {
 
 // x: [..., in], w: [out, in] -> [..., out]
@@ -15,6 +17,18 @@ at::Tensor linear_backward_input(const at::Tensor& dy, const at::Tensor& w);
 // (compute dtype).
 void linear_backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
                             bool accumulate);
+
+// A projection's weight as the block hands it over: the matrix in the compute dtype, or (the
+// float8 FSDP all-gather) already in float8 e4m3 with its fp32 inverse scale (W ~ data *
+// inv_scale), which only the float8 Linear takes.
+struct LinearWeight {
+  LinearWeight(const at::Tensor& w) : data(w) {}  // NOLINT: implicit from a plain weight
+  LinearWeight(at::Tensor w, at::Tensor scale) : data(std::move(w)), inv_scale(std::move(scale)) {}
+  bool float8() const { return inv_scale.defined(); }
+  // data, after checking it is a plain weight (`who` names the Linear in the error).
+  const at::Tensor& plain(const char* who) const;
+  at::Tensor data, inv_scale;
+};
 
 // How one projection computes y = x W^T and its backward. Block code calls only this, never
 // a collective: the plain product is here; column- and row-parallel products with
@@ -28,11 +42,11 @@ class Linear {
   // that recomputes instead of keeping it calls this.
   virtual at::Tensor weight_input(const at::Tensor& x) const { return x; }
   // y from x; stores weight_input(x) in `*x_for_weight` when given.
-  virtual at::Tensor forward(const at::Tensor& x, const at::Tensor& w,
+  virtual at::Tensor forward(const at::Tensor& x, const LinearWeight& w,
                              at::Tensor* x_for_weight) const;
   // dx from dy; stores the dy operand of the weight gradient (the gather of dy for
   // row-parallel projections) in `*dy_for_weight` when given.
-  virtual at::Tensor backward_input(const at::Tensor& dy, const at::Tensor& w,
+  virtual at::Tensor backward_input(const at::Tensor& dy, const LinearWeight& w,
                                     at::Tensor* dy_for_weight) const;
   // grad_w (+)= dy^T x from the operands above.
   virtual void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,

@@ -52,6 +52,15 @@ struct FsdpOptions {
   // Keep the shard in param_dtype on the device between steps (the optimizer writes it); when
   // false, unsharded units are cast from the fp32 master at each use instead.
   bool persistent_compute_weights = true;
+  // Float8 all-gather (quantize.linear.float8.enable_fsdp_float8_all_gather): per unit, the
+  // matrices gathered as float8 e4m3 with one tensorwise scale each (from the global amax, an
+  // all-reduce over dp_shard), at half the bytes; the unit's other parameters are gathered in
+  // param_dtype. Empty, or an empty entry: the unit is gathered in param_dtype. Only with a
+  // dp_shard group (nothing is gathered otherwise).
+  std::vector<std::vector<model::ElementRange>> float8_ranges;
+  // Every unit's amaxes in one all-reduce at the step's first gather
+  // (precompute_float8_dynamic_scale_for_fsdp); otherwise one per unit at its first gather.
+  bool float8_precompute_scales = false;
   // Tensor parallel: the tp group. The gradients of parameters every tp rank holds whole (the
   // norms: each rank saw only its token shard) are summed over it once per step, and the
   // gradient norm counts them once.
@@ -69,6 +78,10 @@ struct UnitState {
                             // the fp32 master); rewritten by the optimizer every step
   at::Tensor full;          // gathered weights [numel] in param_dtype while materialized
   at::Tensor full_grad;     // fp32 [numel] gradient of the full unit during its backward
+  // Float8 all-gather: the gathered float8 matrices (e4m3 [padded numel]), the other
+  // parameters back to back (param_dtype), and the global amax of each matrix for the current
+  // weights (undefined until computed after a weight change).
+  at::Tensor full8, rest, float8_amax, float8_inv_scales;
   bool gathered = false;
 };
 
@@ -88,7 +101,11 @@ class FsdpModel {
   UnitState& unit(size_t i) { return units_[i]; }
 
   // Full weights of unit i in the compute dtype (gathers if needed; waits for a prefetch).
+  // Units gathered in float8 have no such tensor: use gathered().
   const at::Tensor& gather(size_t i);
+  // Unit i's gathered weights in either form.
+  model::GatheredUnit gathered(size_t i);
+  bool gathers_float8(size_t i) const;
   // Starts gathering unit i in the background (no-op where nothing needs communicating).
   void prefetch(size_t i);
   // Frees unit i's gathered weights; after a forward only if the unit reshards after forward.
@@ -111,6 +128,9 @@ class FsdpModel {
   void finish_grad_reduction();
   // Zeroes shard gradients for the next step.
   void zero_grad();
+  // The masters/shadows were rewritten (optimizer step, loads): gathered weights and float8
+  // scales are stale.
+  void weights_changed();
 
   // Compute-dtype copies of the shards, one per unit (undefined where the master serves).
   std::vector<at::Tensor> shadows() const;
@@ -132,6 +152,9 @@ class FsdpModel {
 
  private:
   void fold_pending();
+  // Float8 all-gather: global amaxes of unit i's matrices (or of every unit's).
+  void compute_float8_amax(const std::vector<size_t>& units);
+  void start_float8_gather(size_t i);
   void sum_replicated_grads_over_tp();
   // Records an issued collective; blocks the host while too many are outstanding.
   void throttle(const std::shared_ptr<dist::Work>& work);

@@ -65,6 +65,8 @@ struct Float8Plan {
   ops::Float8Recipe recipe = ops::Float8Recipe::Tensorwise;
   bool emulate = false;
   bool wqkv = false, wo = false, w13 = false, w2 = false;
+  bool all_gather = false;         // FSDP gathers the converted weights in float8
+  bool precompute_scales = false;  // ... with one amax all-reduce per step
   std::string describe() const;
 };
 

@@ -163,7 +163,7 @@ at::Tensor Stage::blocks_forward(at::Tensor h, Saved* saved, int mb) {
     const size_t pos = first_block_ + static_cast<size_t>(k);
     if (pos + 1 < units_.size()) fsdp_.prefetch(units_[pos + 1]);
     const size_t unit = units_[pos];
-    const auto w = model::block_views(fsdp_.unit(unit).layout, fsdp_.gather(unit));
+    const auto w = model::block_views(fsdp_.unit(unit).layout, fsdp_.gathered(unit));
     if (saved) {
       h = model::block_forward(args_, block_plan_, w, rope, h, policies_[static_cast<size_t>(k)],
                                saved->blocks[static_cast<size_t>(k)]);
@@ -266,7 +266,7 @@ at::Tensor Stage::backward(int mb, const at::Tensor& dout, bool with_weight) {
     const size_t pos = first_block_ + static_cast<size_t>(k);
     if (k > 0) fsdp_.prefetch(units_[pos - 1]);
     const size_t unit = units_[pos];
-    const auto w = model::block_views(fsdp_.unit(unit).layout, fsdp_.gather(unit));
+    const auto w = model::block_views(fsdp_.unit(unit).layout, fsdp_.gathered(unit));
     bool acc = false;
     const auto g = model::block_views(fsdp_.unit(unit).layout, fsdp_.full_grad(unit, &acc));
     dh = model::block_backward(args_, block_plan_, w, *rope, dh, s.blocks[static_cast<size_t>(k)],

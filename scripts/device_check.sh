@@ -4,7 +4,7 @@
 # packages), runs the GPU tests, short GPU training runs and the benchmarks; logs go to $OUT.
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
-# oom8b tp2 asynctp budget3b pp4 cp4 terapipe1 terapipe4 float8 float8loss float8fsdp readme
+# oom8b tp2 asynctp budget3b pp4 cp4 terapipe1 terapipe4 float8 float8loss float8fsdp earlystep readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -417,6 +417,19 @@ do_float8fsdp() {
   REF_COMPILE= scripts/bench.sh 8b | tail -1
 }
 
+# optimizer.early_step_in_backward on one GPU (titan only, no clipping in both runs): 3B with
+# every 2nd block checkpointed and 1B without checkpointing (scripts/bench.sh settings).
+do_earlystep() {
+  local size
+  for size in ${EARLY_SIZES:-3b 1b}; do
+    echo "== $size step after the backward"
+    REF_COMPILE= TITAN_ARGS="--training.max_norm 0" scripts/bench.sh "$size" | tail -1
+    echo "== $size early_step_in_backward"
+    REF_COMPILE= TITAN_ARGS="--training.max_norm 0 --optimizer.early_step_in_backward" \
+      scripts/bench.sh "$size" | tail -1
+  done
+}
+
 for s in "${stages[@]}"; do
   case "$s" in
     build) run_stage build do_build || { tail -50 "$OUT/build.log"; exit 1; } ;;
@@ -448,6 +461,7 @@ for s in "${stages[@]}"; do
     float8) run_stage float8 do_float8; cat "$OUT/float8.log" | cut -c1-300 ;;
     float8loss) run_stage float8loss do_float8loss; cat "$OUT/float8loss.log" ;;
     float8fsdp) run_stage float8fsdp do_float8fsdp; cat "$OUT/float8fsdp.log" | cut -c1-300 ;;
+    earlystep) run_stage earlystep do_earlystep; cat "$OUT/earlystep.log" | cut -c1-300 ;;
     terapipe1) run_stage terapipe1 do_terapipe1; cat "$OUT/terapipe1.log" | cut -c1-400 ;;
     terapipe4) run_stage terapipe4 do_terapipe4; cat "$OUT/terapipe4.log" | cut -c1-400 ;;
     *) note "unknown stage $s" ;;

@@ -1080,9 +1080,22 @@ void validate(const JobConfig& c) {
   TITAN_CHECK(!c.metrics.enable_wandb,
               "metrics.enable_wandb: Weights & Biases is not available in titan (no Python); "
               "use metrics.enable_tensorboard = true");
-  TITAN_CHECK(!c.optimizer.early_step_in_backward,
-              "optimizer.early_step_in_backward: not supported: titan clips the gradient norm "
-              "across the whole mesh before stepping, which needs every gradient first");
+  if (c.optimizer.early_step_in_backward) {
+    // Each unit steps before the other units' gradients exist, so nothing global may scale
+    // the update (torchtitan refuses pipelines too).
+    TITAN_CHECK(c.training.max_norm <= 0,
+                "optimizer.early_step_in_backward steps each unit "
+                "before the global gradient norm is known, so it cannot clip; set "
+                "training.max_norm = 0 (no clipping; it is ",
+                c.training.max_norm, ") or turn early_step_in_backward off");
+    TITAN_CHECK(c.parallelism.pipeline_parallel_degree <= 1,
+                "optimizer.early_step_in_backward is not supported with pipeline parallelism "
+                "(parallelism.pipeline_parallel_degree = ",
+                c.parallelism.pipeline_parallel_degree, "), as in torchtitan");
+    TITAN_CHECK(!c.training.enable_cpu_offload,
+                "optimizer.early_step_in_backward with training.enable_cpu_offload: offloaded "
+                "gradients are accumulated on the host after the backward; turn one of them off");
+  }
   for (const auto& conv : c.model.converters) {
     if (conv == "float8" || conv == "quantize.linear.float8") continue;
     if (conv == "mx" || conv == "quantize.linear.mx") {

@@ -55,6 +55,7 @@ struct Pending {
   at::Tensor reduced;           // reduce-scatter output to add into the shard gradient (or empty)
   at::Tensor keep_alive;        // the full gradient buffer the reduction reads
   bool then_replicate = false;  // HSDP: all-reduce the shard gradient over dp_replicate after
+  bool last = false;            // the step's last microbatch: the gradient is final after it
 };
 
 // Offload: a gradient copy on its way to host memory, to be added once the device is synced.
@@ -136,6 +137,8 @@ struct FsdpModel::Impl {
   bool host_copies_in_flight = false;       // offload: device-to-host copies not yet synced
   std::vector<Float8Gather> float8;         // per unit (no pieces and no ranges: bf16 gather)
   std::vector<dist::WorkPtr> rest_gathers;  // per unit: the float8 gather's other parameters
+  GradFinal on_grad_final;                  // early optimizer step (or empty)
+  std::vector<bool> tp_summed;              // per unit: tp-replicated gradients summed this step
 };
 
 FsdpModel::FsdpModel(std::vector<model::UnitLayout> units, dist::Communicator* shard,
@@ -158,6 +161,7 @@ FsdpModel::FsdpModel(std::vector<model::UnitLayout> units, dist::Communicator* s
   impl_->gathers.resize(units_.size());
   impl_->rest_gathers.resize(units_.size());
   impl_->grad_written.assign(units_.size(), false);
+  impl_->tp_summed.assign(units_.size(), false);
   impl_->float8.resize(units_.size());
   TITAN_INTERNAL_CHECK(
       options_.float8_ranges.empty() || options_.float8_ranges.size() == units_.size(),
@@ -469,6 +473,7 @@ void FsdpModel::reduce_grad(size_t i, bool last_microbatch) {
     p.keep_alive = in;
     // Offload accumulates micro-batches on the host, so each one is all-reduced by itself.
     p.then_replicate = (last_microbatch || options_.cpu_offload) && replicate_ != nullptr;
+    p.last = last_microbatch;
     impl_->pending.push_back(std::move(p));
   } else if (options_.cpu_offload) {
     p.reduced = u.full_grad;  // copied into the pinned host gradient
@@ -477,16 +482,20 @@ void FsdpModel::reduce_grad(size_t i, bool last_microbatch) {
   } else if (last_microbatch && replicate_) {
     // DDP: gradients accumulated in place; one averaging all-reduce per unit, started now so
     // it overlaps the backward of the units before it.
+    dist::WorkPtr work;
     if (options_.reduce_dtype == at::kFloat) {
-      impl_->final_works.push_back(replicate_->all_reduce(u.grad, dist::ReduceOp::Sum, true));
+      work = replicate_->all_reduce(u.grad, dist::ReduceOp::Sum, true);
+      impl_->final_works.push_back(work);
     } else {
       at::Tensor low = u.grad.to(options_.reduce_dtype);
       replicate_->all_reduce(low, dist::ReduceOp::Sum, false);
       u.grad.copy_(low);
     }
     impl_->grad_written[i] = true;
+    grad_final(i, work);
   } else {
     impl_->grad_written[i] = true;
+    if (last_microbatch) grad_final(i, nullptr);
   }
   u.full_grad = at::Tensor();
 }
@@ -496,10 +505,26 @@ void FsdpModel::fold_pending() {
     Pending p = std::move(impl_->pending.front());
     impl_->pending.pop_front();
     const bool first = !impl_->grad_written[p.unit];
+    const size_t works_before = impl_->final_works.size();
     complete(p, units_[p.unit], first, replicate_, impl_->final_works, impl_->host_adds,
              impl_->host_copies_in_flight, p.unit);
     impl_->grad_written[p.unit] = true;
+    if (p.last) {
+      grad_final(p.unit,
+                 impl_->final_works.size() > works_before ? impl_->final_works.back() : nullptr);
+    }
   }
+}
+
+void FsdpModel::set_on_grad_final(GradFinal on_final) {
+  TITAN_CHECK(!on_final || !options_.cpu_offload,
+              "optimizer.early_step_in_backward with training.enable_cpu_offload: offloaded "
+              "gradients are accumulated on the host after the backward; turn one of them off");
+  impl_->on_grad_final = std::move(on_final);
+}
+
+void FsdpModel::grad_final(size_t i, const dist::WorkPtr& work) {
+  if (impl_->on_grad_final) impl_->on_grad_final(i, work);
 }
 
 std::vector<ShardSlice> FsdpModel::shard_slices() const {
@@ -528,16 +553,36 @@ void FsdpModel::finish_grad_reduction() {
   sum_replicated_grads_over_tp();
 }
 
+void FsdpModel::sum_tp_replicated_grads(size_t i) {
+  dist::Communicator* tp = options_.tensor_parallel;
+  if (!tp || impl_->tp_summed[i]) return;
+  impl_->tp_summed[i] = true;
+  std::vector<at::Tensor> views;
+  for (const auto& s : shard_slices()) {
+    if (s.unit == i && s.param->tp.replicated())
+      views.push_back(units_[s.unit].grad.narrow(0, s.shard_offset, s.numel));
+  }
+  if (views.empty()) return;
+  at::Tensor packed = at::cat(views).to(device_);
+  tp->all_reduce(packed, dist::ReduceOp::Sum);
+  int64_t at_elem = 0;
+  for (auto& v : views) {
+    v.copy_(packed.narrow(0, at_elem, v.numel()));
+    at_elem += v.numel();
+  }
+}
+
 void FsdpModel::sum_replicated_grads_over_tp() {
   dist::Communicator* tp = options_.tensor_parallel;
   if (!tp) return;
   // Every tp rank holds the same units and shard ranges, so the same slices, in one packed
-  // all-reduce (a few norm vectors per block: small).
+  // all-reduce (a few norm vectors per block: small), for the units not summed yet.
   std::vector<at::Tensor> views;
   for (const auto& s : shard_slices()) {
-    if (s.param->tp.replicated())
+    if (s.param->tp.replicated() && !impl_->tp_summed[s.unit])
       views.push_back(units_[s.unit].grad.narrow(0, s.shard_offset, s.numel));
   }
+  impl_->tp_summed.assign(units_.size(), true);
   if (views.empty()) return;
   at::Tensor packed = at::cat(views).to(device_);
   tp->all_reduce(packed, dist::ReduceOp::Sum);
@@ -554,6 +599,7 @@ void FsdpModel::zero_grad() {
   // Nothing is zeroed: the first micro-batch of a step overwrites every gradient (unsharded
   // units in the backward itself, sharded ones when the first reduction lands).
   for (size_t i = 0; i < units_.size(); ++i) impl_->grad_written[i] = false;
+  impl_->tp_summed.assign(units_.size(), false);
 }
 
 std::vector<at::Tensor> FsdpModel::master_shards() const {

@@ -77,14 +77,20 @@ void Optimizer::prepare(double lr) {
 }
 
 void Optimizer::apply(const at::Tensor& grad_divisor) {
+  std::vector<size_t> all(params_.size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = i;
+  apply_to(all, grad_divisor);
+}
+
+void Optimizer::apply_to(const std::vector<size_t>& which, const at::Tensor& grad_divisor) {
   const auto& o = options_;
   const bool decoupled = o.name == "AdamW";
   const double lr = lr_;
-  if (params_.empty()) return;
+  if (which.empty()) return;
 #ifdef TITAN_WITH_CUDA
   if (cuda_fused(params_, o)) {
     at::Tensor divisor = grad_divisor.defined() ? grad_divisor.to(at::kFloat) : at::Tensor();
-    for (size_t i = 0; i < params_.size(); ++i) {
+    for (size_t i : which) {
       at::Tensor shadow = shadows_.empty() ? at::Tensor() : shadows_[i];
       const bool bf16 = shadow.defined() && shadow.scalar_type() == at::kBFloat16;
       kernels::adamw_step(params_[i], grads_[i], exp_avg_[i], exp_avg_sq_[i],
@@ -94,26 +100,38 @@ void Optimizer::apply(const at::Tensor& grad_divisor) {
     return;
   }
 #endif
-  update_aten(lr, grad_divisor, decoupled);
+  update_aten(which, lr, grad_divisor, decoupled);
   // These paths do not write the compute copies themselves.
-  for (size_t i = 0; i < shadows_.size(); ++i) {
-    if (shadows_[i].defined()) shadows_[i].copy_(params_[i], /*non_blocking=*/true);
+  for (size_t i : which) {
+    if (!shadows_.empty() && shadows_[i].defined()) {
+      shadows_[i].copy_(params_[i], /*non_blocking=*/true);
+    }
   }
 }
 
-void Optimizer::update_aten(double lr, const at::Tensor& grad_divisor, bool decoupled) {
+void Optimizer::update_aten(const std::vector<size_t>& which, double lr,
+                            const at::Tensor& grad_divisor, bool decoupled) {
   const auto& o = options_;
+  // The tensors stepped now (every parameter's update depends on its own tensors only).
+  std::vector<at::Tensor> params, grads, exp_avg, exp_avg_sq, steps;
+  for (size_t i : which) {
+    params.push_back(params_[i]);
+    grads.push_back(grads_[i]);
+    exp_avg.push_back(exp_avg_[i]);
+    exp_avg_sq.push_back(exp_avg_sq_[i]);
+    steps.push_back(state_steps_[i]);
+  }
   if (o.implementation == "fused") {
     // The fused kernels read the step count but do not advance it (torch.optim does that).
-    for (auto& st : state_steps_) st.fill_(static_cast<double>(steps_taken_));
+    for (auto& st : steps) st.fill_(static_cast<double>(steps_taken_));
     std::optional<at::Tensor> scale;
     if (grad_divisor.defined()) scale = grad_divisor;
     if (decoupled) {
-      at::_fused_adamw_(params_, grads_, exp_avg_, exp_avg_sq_, {}, state_steps_, lr, o.beta1,
-                        o.beta2, o.weight_decay, o.eps, false, false, scale, std::nullopt);
+      at::_fused_adamw_(params, grads, exp_avg, exp_avg_sq, {}, steps, lr, o.beta1, o.beta2,
+                        o.weight_decay, o.eps, false, false, scale, std::nullopt);
     } else {
-      at::_fused_adam_(params_, grads_, exp_avg_, exp_avg_sq_, {}, state_steps_, lr, o.beta1,
-                       o.beta2, o.weight_decay, o.eps, false, false, scale, std::nullopt);
+      at::_fused_adam_(params, grads, exp_avg, exp_avg_sq, {}, steps, lr, o.beta1, o.beta2,
+                       o.weight_decay, o.eps, false, false, scale, std::nullopt);
     }
     return;
   }
@@ -123,36 +141,36 @@ void Optimizer::update_aten(double lr, const at::Tensor& grad_divisor, bool deco
   const double bc2 = 1.0 - std::pow(o.beta2, t);
   const double step_size = lr / bc1;
   const double bc2_sqrt = std::sqrt(bc2);
-  for (auto& st : state_steps_) st.fill_(t);
-  std::vector<at::Tensor> g = grads_;
+  for (auto& st : steps) st.fill_(t);
+  std::vector<at::Tensor> g = grads;
   if (grad_divisor.defined()) {
-    g = at::_foreach_div(grads_, grad_divisor);
+    g = at::_foreach_div(grads, grad_divisor);
   }
   auto update_one = [&](size_t i) {
-    at::Tensor& p = params_[i];
+    at::Tensor& p = params[i];
     at::Tensor gi = g[i];
     if (decoupled) {
       p.mul_(1.0 - lr * o.weight_decay);
     } else if (o.weight_decay != 0) {
       gi = gi + p * o.weight_decay;
     }
-    exp_avg_[i].lerp_(gi, 1.0 - o.beta1);
-    exp_avg_sq_[i].mul_(o.beta2).addcmul_(gi, gi, 1.0 - o.beta2);
-    at::Tensor denom = (exp_avg_sq_[i].sqrt() / bc2_sqrt).add_(o.eps);
-    p.addcdiv_(exp_avg_[i], denom, -step_size);
+    exp_avg[i].lerp_(gi, 1.0 - o.beta1);
+    exp_avg_sq[i].mul_(o.beta2).addcmul_(gi, gi, 1.0 - o.beta2);
+    at::Tensor denom = (exp_avg_sq[i].sqrt() / bc2_sqrt).add_(o.eps);
+    p.addcdiv_(exp_avg[i], denom, -step_size);
   };
   if (o.implementation == "foreach" && decoupled) {
-    at::_foreach_mul_(params_, 1.0 - lr * o.weight_decay);
-    at::_foreach_lerp_(exp_avg_, g, 1.0 - o.beta1);
-    at::_foreach_mul_(exp_avg_sq_, o.beta2);
-    at::_foreach_addcmul_(exp_avg_sq_, g, g, 1.0 - o.beta2);
-    auto denom = at::_foreach_sqrt(exp_avg_sq_);
+    at::_foreach_mul_(params, 1.0 - lr * o.weight_decay);
+    at::_foreach_lerp_(exp_avg, g, 1.0 - o.beta1);
+    at::_foreach_mul_(exp_avg_sq, o.beta2);
+    at::_foreach_addcmul_(exp_avg_sq, g, g, 1.0 - o.beta2);
+    auto denom = at::_foreach_sqrt(exp_avg_sq);
     at::_foreach_div_(denom, bc2_sqrt);
     at::_foreach_add_(denom, o.eps);
-    at::_foreach_addcdiv_(params_, exp_avg_, denom, -step_size);
+    at::_foreach_addcdiv_(params, exp_avg, denom, -step_size);
     return;
   }
-  for (size_t i = 0; i < params_.size(); ++i) update_one(i);
+  for (size_t i = 0; i < params.size(); ++i) update_one(i);
 }
 
 }  // namespace titan::train

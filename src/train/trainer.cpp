@@ -5,6 +5,7 @@
 #include <ATen/record_function.h>
 #ifdef TITAN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <sstream>
 
 #include <fmt/ranges.h>
@@ -227,6 +229,13 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   oopts.weight_decay = c.optimizer.weight_decay;
   optimizer_ = std::make_unique<Optimizer>(fsdp_->master_shards(), fsdp_->grad_shards(), oopts,
                                            fsdp_->shadows());
+  if (c.optimizer.early_step_in_backward) {
+    fsdp_->set_on_grad_final(
+        [this](size_t unit, const dist::WorkPtr& work) { step_unit_early(unit, work); });
+    log::info(
+        "optimizer.early_step_in_backward: each unit steps as soon as its gradient is final{}",
+        fsdp_->device().is_cuda() ? ", on a side stream beside the rest of the backward" : "");
+  }
   scheduler_ = std::make_unique<LrScheduler>(c.optimizer.lr, c.lr_scheduler.warmup_steps,
                                              c.lr_scheduler.total_steps.value_or(c.training.steps),
                                              c.lr_scheduler.decay_ratio, c.lr_scheduler.decay_type,
@@ -482,6 +491,48 @@ struct Trainer::StepGraph {
   bool failed = false;
 };
 
+struct Trainer::EarlyStep {
+#ifdef TITAN_WITH_CUDA
+  std::optional<c10::cuda::CUDAStream> stream;
+#endif
+  bool used = false;  // updates issued on the stream since the last join
+};
+
+void Trainer::step_unit_early(size_t unit, const dist::WorkPtr& work) {
+  RECORD_USER_SCOPE("titan/early_optimizer_step");
+#ifdef TITAN_WITH_CUDA
+  if (fsdp_->device().is_cuda()) {
+    // The side stream starts after everything issued so far (the unit's gradient, its
+    // reduction), so the update overlaps the backward of the units before it.
+    if (!early_) early_ = std::make_unique<EarlyStep>();
+    if (!early_->stream) early_->stream = at::cuda::getStreamFromPool(/*isHighPriority=*/false);
+    at::cuda::CUDAEvent ready;
+    ready.record(at::cuda::getCurrentCUDAStream());
+    ready.block(*early_->stream);
+    c10::cuda::CUDAStreamGuard guard(*early_->stream);
+    if (work) work->wait();
+    fsdp_->sum_tp_replicated_grads(unit);
+    optimizer_->apply_to({unit}, at::Tensor());
+    early_->used = true;
+    return;
+  }
+#endif
+  if (work) work->wait();
+  fsdp_->sum_tp_replicated_grads(unit);
+  optimizer_->apply_to({unit}, at::Tensor());
+}
+
+void Trainer::join_early_steps() {
+#ifdef TITAN_WITH_CUDA
+  if (early_ && early_->used) {
+    at::cuda::CUDAEvent done;
+    done.record(*early_->stream);
+    done.block(at::cuda::getCurrentCUDAStream());
+    early_->used = false;
+  }
+#endif
+}
+
 bool Trainer::graph_active() const {
   return graph_ && graph_->ready;
 }
@@ -492,8 +543,9 @@ bool Trainer::graph_eligible() const {
   // The update must read its learning rate from device memory (titan's fused AdamW); ATen's
   // optimizers take it as a host number, which a graph would freeze.
   return cfg_.training.use_cuda_graphs && fsdp_->device().is_cuda() &&
-         runtime_->env().world_size == 1 && !cfg_.training.enable_cpu_offload &&
-         cfg_.training.fused_kernels && cfg_.optimizer.implementation == "fused";
+         !cfg_.optimizer.early_step_in_backward && runtime_->env().world_size == 1 &&
+         !cfg_.training.enable_cpu_offload && cfg_.training.fused_kernels &&
+         cfg_.optimizer.implementation == "fused";
 }
 
 std::vector<at::Tensor> Trainer::microbatches_of(const at::Tensor& batch) const {
@@ -525,6 +577,8 @@ std::pair<at::Tensor, at::Tensor> Trainer::step_body(const std::vector<at::Tenso
     fsdp_->finish_grad_reduction();
   }
   RECORD_USER_SCOPE("titan/clip_and_optimizer");
+  const bool early = c.optimizer.early_step_in_backward;
+  if (early) join_early_steps();  // every unit has stepped (no clipping: config checks)
   at::Tensor grad_sq = fsdp_->grad_norm_squared();
   // Pipeline ranks hold disjoint units: their squares add up.
   auto* pp = runtime_->mesh().group("pp");
@@ -536,7 +590,7 @@ std::pair<at::Tensor, at::Tensor> Trainer::step_body(const std::vector<at::Tenso
     divisor = ((grad_norm + 1e-6) / c.training.max_norm).clamp_min(1.0);
     divisor = divisor.to(fsdp_->unit(0).master.device());
   }
-  optimizer_->apply(divisor);
+  if (!early) optimizer_->apply(divisor);
   fsdp_->weights_changed();  // validation and the next step gather (and scale) the new weights
   // The logged loss is the mean over the global batch: the last stage's sums, over every
   // pipeline and data-parallel rank, so every rank (rank 0 too) holds the true value.

@@ -650,3 +650,56 @@ TEST(Float8, FsdpFloat8AllGatherEqualsGatheringInHighPrecision) {
         << b.outputs[0];
   }
 }
+
+// optimizer.early_step_in_backward: each unit steps as soon as its gradient is final (after
+// its reduction and, for replicas, the all-reduce) instead of after the whole backward. Every
+// parameter's update reads only its own gradient and state, so without clipping training is
+// the same to the last bit as the ordinary step, under gradient accumulation, FSDP with full
+// checkpointing, HSDP and FSDP x TP (whose norm gradients are summed over tp per unit).
+TEST(EarlyStepInBackward, EqualsTheOrdinaryStep) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  const std::vector<std::string> no_clip = {"--training.max_norm", "0"};
+  const std::vector<std::string> early = {"--optimizer.early_step_in_backward"};
+  struct Case {
+    const char* name;
+    int world;
+    int64_t local_batch;
+    std::vector<std::string> extra;
+  };
+  const std::vector<Case> cases = {
+      {"single_accumulate", 1, 4, {"--training.global_batch_size", "8"}},
+      {"fsdp2_full_ac", 2, 4, {"--activation_checkpoint.mode", "full"}},
+      {"hsdp2x2", 4, 2, {"--parallelism.data_parallel_replicate_degree", "2"}},
+      {"fsdp2_tp2", 4, 4, tp_args(2)},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    const std::string plain = std::string(c.name) + "_plain",
+                      eager = std::string(c.name) + "_early";
+    const RunResult a =
+        train_ranks(dir, plain, c.world, c.local_batch, kFinalSave + no_clip + c.extra);
+    const RunResult b =
+        train_ranks(dir, eager, c.world, c.local_batch, kFinalSave + no_clip + c.extra + early);
+    expect_same(b, a, c.name, 1e-7, 1e-7);
+    EXPECT_LT(weights_difference(dir.file(eager) + "/checkpoint/step-10",
+                                 dir.file(plain) + "/checkpoint/step-10"),
+              1e-7);
+    EXPECT_NE(b.outputs[0].find("each unit steps as soon as its gradient is final"),
+              std::string::npos)
+        << b.outputs[0];
+  }
+}
+
+TEST(EarlyStepInBackward, CombinationsItCannotHonourAreClearErrors) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  const std::vector<std::string> early = {"--optimizer.early_step_in_backward"};
+  expect_config_error(dir.file("clip"), 1, early,
+                      "optimizer.early_step_in_backward steps each unit before the global "
+                      "gradient norm is known, so it cannot clip; set training.max_norm = 0");
+  expect_config_error(
+      dir.file("pp"), 2,
+      early + std::vector<std::string>{"--training.max_norm", "0"} + pp_args(2, "1F1B", 2),
+      "optimizer.early_step_in_backward is not supported with pipeline parallelism");
+}

@@ -17,6 +17,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -126,6 +127,15 @@ class FsdpModel {
   // Waits for every outstanding reduction (and sums tp-replicated gradients over tp);
   // afterwards unit(i).grad is final.
   void finish_grad_reduction();
+  // optimizer.early_step_in_backward: `on_final(unit, work)` runs once per unit and step, as
+  // soon as the step's last microbatch has been reduced into the unit's gradient: after
+  // work->wait() (when `work` is set: the replicate all-reduce still in flight) and
+  // sum_tp_replicated_grads(unit), unit(unit).grad is final. Not with CPU offload.
+  using GradFinal = std::function<void(size_t unit, const std::shared_ptr<dist::Work>& work)>;
+  void set_on_grad_final(GradFinal on_final);
+  // Sums unit i's tp-replicated gradients over tp (once per step; finish_grad_reduction()
+  // does it for the units not done yet).
+  void sum_tp_replicated_grads(size_t i);
   // Zeroes shard gradients for the next step.
   void zero_grad();
   // The masters/shadows were rewritten (optimizer step, loads): gathered weights and float8
@@ -156,6 +166,7 @@ class FsdpModel {
   void compute_float8_amax(const std::vector<size_t>& units);
   void start_float8_gather(size_t i);
   void sum_replicated_grads_over_tp();
+  void grad_final(size_t i, const std::shared_ptr<dist::Work>& work);
   // Records an issued collective; blocks the host while too many are outstanding.
   void throttle(const std::shared_ptr<dist::Work>& work);
   struct Impl;

@@ -32,6 +32,9 @@ class Optimizer {
   // update (device work only, capturable, reading the staged values).
   void prepare(double lr);
   void apply(const at::Tensor& grad_divisor);
+  // apply() for the listed parameters only (optimizer.early_step_in_backward: each unit as
+  // soon as its gradient is final); each parameter's update is the one apply() makes.
+  void apply_to(const std::vector<size_t>& which, const at::Tensor& grad_divisor);
 
   int64_t step_count() const { return steps_taken_; }
   // State for checkpoints: exp_avg and exp_avg_sq per parameter, and the step count.
@@ -40,7 +43,8 @@ class Optimizer {
   void set_step_count(int64_t steps);
 
  private:
-  void update_aten(double lr, const at::Tensor& grad_divisor, bool decoupled);
+  void update_aten(const std::vector<size_t>& which, double lr, const at::Tensor& grad_divisor,
+                   bool decoupled);
   double lr_ = 0;
   std::vector<at::Tensor> params_, grads_, exp_avg_, exp_avg_sq_, state_steps_, shadows_;
   at::Tensor hyper_;  // device copy of the step's hyper-parameters (CUDA fused path)

@@ -67,6 +67,11 @@ class Trainer {
   // A loader batch [B, S + 1] as the schedule's microbatches.
   std::vector<at::Tensor> microbatches_of(const at::Tensor& batch) const;
   bool graph_eligible() const;
+  // optimizer.early_step_in_backward: unit's update once its gradient is final (CUDA: on a
+  // side stream after `work` and the unit's backward); join_early_steps() makes the compute
+  // stream wait for every update issued.
+  void step_unit_early(size_t unit, const std::shared_ptr<dist::Work>& work);
+  void join_early_steps();
   // JSON naming the tokenizer (kind, vocabulary, file checksum) and dataset (name, files and
   // sizes) of this run, recorded in checkpoints so a resume on other data is caught.
   std::string data_identity() const;
@@ -85,6 +90,8 @@ class Trainer {
   struct StepGraph;
   std::unique_ptr<StepGraph> graph_;
   int64_t graph_warmup_steps_ = 2;
+  struct EarlyStep;  // the side stream of early_step_in_backward
+  std::unique_ptr<EarlyStep> early_;
 
   config::JobConfig cfg_;
   std::unique_ptr<util::FolderLock> dump_lock_;  // rank 0: this run owns job.dump_folder

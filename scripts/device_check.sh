@@ -4,7 +4,7 @@
 # packages), runs the GPU tests, short GPU training runs and the benchmarks; logs go to $OUT.
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
-# oom8b tp2 asynctp budget3b pp4 cp4 terapipe1 terapipe4 float8 float8loss float8fsdp earlystep readme
+# oom8b tp2 asynctp budget3b pp4 cp4 terapipe1 terapipe4 float8 float8loss float8fsdp earlystep profile3b readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -60,6 +60,21 @@ do_profile1b() {
     --job.dump_folder "$OUT/profile_1b" \
     --metrics.enable_tensorboard false --metrics.disable_color_printing &&
     "$PY" scripts/trace_summary.py "$OUT/profile_1b/profile_traces/iteration_10/rank0_trace.json" --steps 2
+}
+
+# 3B at the bench settings (every 2nd block checkpointed), profiled: the breakdown, and which
+# host code launches the copies and the generic elementwise kernels.
+do_profile3b() {
+  local trace="$OUT/profile_3b/profile_traces/iteration_10/rank0_trace.json"
+  "$BUILD_DIR/titan_train" --job.config_file configs/llama3_3b.toml --training.local_batch_size 2 \
+    --training.seq_len 4096 --activation_checkpoint.mode selective \
+    --activation_checkpoint.selective_ac_option 2 --training.steps 10 \
+    --metrics.log_freq 5 --profiling.enable_profiling --profiling.profile_freq 10 \
+    --profiling.profiler_active 2 --profiling.profiler_warmup 2 --training.use_cuda_graphs false \
+    --job.dump_folder "$OUT/profile_3b" ${TITAN_ARGS:-} \
+    --metrics.enable_tensorboard false --metrics.disable_color_printing &&
+    "$PY" scripts/trace_summary.py "$trace" --steps 2 --who "copy|memcpy|CatArray" &&
+    "$PY" scripts/trace_summary.py "$trace" --steps 2 --who "elementwise|reduce_kernel" | tail -26
 }
 
 do_snapshot1b() {
@@ -439,6 +454,7 @@ for s in "${stages[@]}"; do
     bench1b) run_stage bench_1b scripts/bench.sh 1b; tail -6 "$OUT/bench_1b.log" ;;
     bench3b) run_stage bench_3b scripts/bench.sh 3b; tail -6 "$OUT/bench_3b.log" ;;
     profile1b) run_stage profile_1b do_profile1b; tail -28 "$OUT/profile_1b.log" ;;
+    profile3b) run_stage profile_3b do_profile3b; tail -80 "$OUT/profile_3b.log" | cut -c1-260 ;;
     gdbtest) run_stage gdbtest do_gdbtest; tail -40 "$OUT/gdbtest.log" ;;
     snapshot1b) run_stage snapshot_1b do_snapshot1b; tail -14 "$OUT/snapshot_1b.log" ;;
     fsdp3b) REF_COMPILE="${REF_COMPILE:-0}" run_stage bench_fsdp3b scripts/bench.sh fsdp3b

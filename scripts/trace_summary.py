@@ -3,7 +3,9 @@
 GPU time per category (matmul, attention, elementwise/norm, loss, optimizer, communication,
 copies), the GPU idle time between kernels (launch gaps), communication time left exposed
 (NCCL kernels running while no compute kernel runs), and the top kernels.
-Usage: scripts/trace_summary.py TRACE.json [--steps N]"""
+With --who REGEX, also which host code launched the kernels whose names match (the enclosing
+titan scopes and ATen ops of each launch, by time).
+Usage: scripts/trace_summary.py TRACE.json [--steps N] [--who REGEX]"""
 import json, re, sys
 from collections import defaultdict
 
@@ -78,6 +80,43 @@ def main():
     print("top kernels (ms/step, calls/step):")
     for name, (d, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:15]:
         print(f"  {d/1e3/steps:8.2f} {n//steps:5d}  {name}")
+
+    if "--who" in sys.argv:
+        who(events, gpu, sys.argv[sys.argv.index("--who") + 1], steps)
+
+
+def who(events, gpu, pattern, steps):
+    """Host call stacks (titan scopes and ATen ops) of the launches of matching kernels."""
+    launches = {}
+    for e in events:
+        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {}):
+            launches[e["args"]["correlation"]] = e
+    ops = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation"):
+            ops[e["tid"]].append((e["ts"], e["ts"] + e["dur"], e["name"]))
+    for v in ops.values():
+        v.sort()
+    stacks = defaultdict(lambda: [0.0, 0])
+    for k in gpu:
+        if not re.search(pattern, k["name"], re.I):
+            continue
+        launch = launches.get(k.get("args", {}).get("correlation"))
+        names = []
+        if launch:
+            t = launch["ts"]
+            for a, b, name in ops.get(launch["tid"], []):
+                if a > t:
+                    break
+                if b >= t:
+                    names.append(name)
+        key = " > ".join(n for n in names if n.startswith("titan/"))[-80:] + " | " + \
+            " > ".join(n for n in names if not n.startswith("titan/"))[-120:]
+        stacks[key][0] += k["dur"]; stacks[key][1] += 1
+    print(f"launch sites of kernels matching /{pattern}/ (ms/step, calls/step):")
+    for key, (d, n) in sorted(stacks.items(), key=lambda kv: -kv[1][0])[:25]:
+        print(f"  {d/1e3/steps:8.2f} {n//steps:5d}  {key}")
+
 
 if __name__ == "__main__":
     main()

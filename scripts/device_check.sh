@@ -4,7 +4,7 @@
 # packages), runs the GPU tests, short GPU training runs and the benchmarks; logs go to $OUT.
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
-# oom8b tp2 asynctp budget3b pp4 cp4 terapipe1 terapipe4 float8 float8loss float8fsdp earlystep profile3b readme
+# oom8b tp2 asynctp budget3b pp4 cp4 terapipe1 terapipe4 float8 float8loss float8fsdp earlystep profile3b float8gemm readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -477,6 +477,8 @@ for s in "${stages[@]}"; do
     float8) run_stage float8 do_float8; cat "$OUT/float8.log" | cut -c1-300 ;;
     float8loss) run_stage float8loss do_float8loss; cat "$OUT/float8loss.log" ;;
     float8fsdp) run_stage float8fsdp do_float8fsdp; cat "$OUT/float8fsdp.log" | cut -c1-300 ;;
+    float8gemm) run_stage float8gemm bash -c "'$BUILD_DIR/titan_bench_float8' --tokens 8192 &&
+      '$BUILD_DIR/titan_bench_float8' --tokens 16384"; cat "$OUT/float8gemm.log" ;;
     earlystep) run_stage earlystep do_earlystep; cat "$OUT/earlystep.log" | cut -c1-300 ;;
     terapipe1) run_stage terapipe1 do_terapipe1; cat "$OUT/terapipe1.log" | cut -c1-400 ;;
     terapipe4) run_stage terapipe4 do_terapipe4; cat "$OUT/terapipe4.log" | cut -c1-400 ;;

@@ -79,6 +79,7 @@ CheckpointPolicy CheckpointPolicy::from_config(const config::ActivationCheckpoin
                 ac.memory_budget);
     p.mode = Mode::Budget;
     p.budget = ac.memory_budget;
+    p.layers_count = args.n_layers;
     // Saved bytes per token of each policy (2-byte compute dtype; only ratios matter), and the
     // recompute cost of each as a fraction of the block's forward: its FLOPs (projections and
     // causal attention) at a matmul rate against the bytes the elementwise recompute of the
@@ -97,18 +98,9 @@ CheckpointPolicy CheckpointPolicy::from_config(const config::ActivationCheckpoin
         (2.0 * d * (q + 2 * kv) + 2.0 * q * d + 6.0 * d * f + 2.0 * q * seq_len) / tp;
     const double elementwise_bytes = (4 * d + 2 * (q + kv) + 3 * f) / tp * 2 * 2;
     const double forward_cost = forward_flops / 200.0;
-    p.layers = choose_checkpointing(args.n_layers, p.budget, bytes,
-                                    {0.0, elementwise_bytes, forward_cost + elementwise_bytes});
-    double saved = 0, recompute = 0;
-    for (auto policy : p.layers) {
-      const size_t k = policy == model::SavePolicy::All       ? 0
-                       : policy == model::SavePolicy::Matmuls ? 1
-                                                              : 2;
-      saved += bytes[k];
-      recompute += k == 0 ? 0.0 : k == 1 ? elementwise_bytes : forward_cost + elementwise_bytes;
-    }
-    p.saved_fraction = saved / (args.n_layers * bytes[0]);
-    p.recompute_fraction = recompute / (args.n_layers * (forward_cost + elementwise_bytes));
+    p.bytes_per_token = bytes;
+    p.choose_budget({0.0, elementwise_bytes, forward_cost + elementwise_bytes},
+                    forward_cost + elementwise_bytes);
     return p;
   }
   TITAN_CHECK(ac.mode == "selective", "activation_checkpoint.mode: \"", ac.mode,
@@ -123,6 +115,28 @@ CheckpointPolicy CheckpointPolicy::from_config(const config::ActivationCheckpoin
               "got \"",
               ac.selective_ac_option, "\"");
   return p;
+}
+
+void CheckpointPolicy::choose_budget(const std::array<double, 3>& cost, double forward) {
+  const auto n_layers = static_cast<int64_t>(layers.empty() ? layers_count : layers.size());
+  layers_count = n_layers;
+  layers = choose_checkpointing(n_layers, budget, bytes_per_token, cost);
+  double saved = 0, recompute = 0;
+  for (auto policy : layers) {
+    const size_t k = policy == model::SavePolicy::All       ? 0
+                     : policy == model::SavePolicy::Matmuls ? 1
+                                                            : 2;
+    saved += bytes_per_token[k];
+    recompute += cost[k];
+  }
+  saved_fraction = saved / (static_cast<double>(n_layers) * bytes_per_token[0]);
+  recompute_fraction = recompute / (static_cast<double>(n_layers) * forward);
+}
+
+void CheckpointPolicy::set_measured_costs(double ops_s, double full_s, double forward_s) {
+  TITAN_INTERNAL_CHECK(mode == Mode::Budget, "measured recompute costs outside memory_budget");
+  measured = true;
+  choose_budget({0.0, std::max(0.0, ops_s), std::max(0.0, full_s)}, forward_s);
 }
 
 model::SavePolicy CheckpointPolicy::for_layer(int64_t layer) const {
@@ -150,8 +164,9 @@ std::string CheckpointPolicy::describe() const {
       return fmt::format(
           "memory budget {:.2f}: {} block(s) keep everything, {} keep matmul and attention "
           "outputs (op), {} only their input (full); saved activations {:.2f} of no "
-          "checkpointing, estimated recompute {:.0f}% of the blocks' forward",
-          budget, n[0], n[1], n[2], saved_fraction, 100 * recompute_fraction);
+          "checkpointing, estimated recompute {:.0f}% of the blocks' forward ({})",
+          budget, n[0], n[1], n[2], saved_fraction, 100 * recompute_fraction,
+          measured ? "recompute times measured on this device" : "FLOP/byte model");
     }
     case Mode::EveryK: break;
   }

@@ -17,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <sstream>
 
@@ -29,6 +30,7 @@
 #include "titan/model/layout.h"
 #include "titan/ops/attention.h"
 #include "titan/ops/dispatch.h"
+#include "titan/ops/rope.h"
 #include "titan/parallel/memory_estimate.h"
 #include "titan/parallel/pipeline/terapipe.h"
 #include "titan/util/crc32c.h"
@@ -198,6 +200,12 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
     sopts.float8_w2 = plan_.float8.w2;
     log::info("float8: {}", plan_.float8.describe());
   }
+  if (plan_.checkpointing.mode == parallel::CheckpointPolicy::Mode::Budget && cuda) {
+    // Recompute costs measured here replace the FLOP/byte model (CPU keeps the model: its
+    // timings are too noisy to make the same choice twice).
+    measure_checkpoint_costs();
+    report_memory_estimate();
+  }
   if (plan_.token_slices_auto) choose_token_slices();
   sopts.token_slices = plan_.token_slices;
   std::map<int, parallel::pipeline::Stage*> by_index;
@@ -335,6 +343,75 @@ void Trainer::check_health() {
       ". Try a lower optimizer.lr, a smaller training.max_norm, or more lr_scheduler.warmup_steps");
 }
 
+model::BlockPlan Trainer::timing_block_plan() const {
+  model::BlockPlan bp = tp_ ? tp_->block_plan(args_) : model::BlockPlan::whole(args_);
+  // The projections as training runs them (float8 where converted).
+  if (float8_) {
+    if (plan_.float8.wqkv) bp.wqkv = float8_.get();
+    if (plan_.float8.wo) bp.wo = float8_.get();
+    if (plan_.float8.w13) bp.w13 = float8_.get();
+    if (plan_.float8.w2) bp.w2 = float8_.get();
+  }
+  return bp;
+}
+
+void Trainer::measure_checkpoint_costs() {
+  const auto t0 = std::chrono::steady_clock::now();
+  const c10::Device device = fsdp_->device();
+  const auto opts = at::TensorOptions().device(device);
+  const at::ScalarType dtype = plan_.fsdp.param_dtype;
+  const model::BlockPlan bp = timing_block_plan();
+  const auto block = model::llama_units(args_, {plan_.tp, runtime_->mesh().coordinate("tp")}).at(1);
+  at::Tensor flat = at::randn({block.numel}, opts.dtype(at::kFloat)).mul_(0.02).to(dtype);
+  at::Tensor grad = at::zeros({block.numel}, opts.dtype(at::kFloat));
+  const auto w = model::block_views(block, flat);
+  const auto g = model::block_views(block, grad);
+  w.attention_norm.fill_(1);
+  w.ffn_norm.fill_(1);
+  // This rank's tokens of one microbatch (context parallel: its share of the sequence, timed
+  // with local attention).
+  const int64_t seq = cfg_.training.seq_len / plan_.cp;
+  auto [cos, sin] = ops::rope_tables(args_, seq, opts.dtype(at::kFloat));
+  const model::Rope rope{cos, sin};
+  const at::Tensor x =
+      at::randn({plan_.microbatch_size, seq / bp.seq_shards, args_.dim}, opts.dtype(dtype));
+  const at::Tensor dy = at::randn_like(x);
+  // Seconds of one forward (+ backward) under `policy`: the best of three after a warm-up.
+  auto time = [&](model::SavePolicy policy, bool backward) {
+    double best = std::numeric_limits<double>::infinity();
+    for (int rep = 0; rep < 4; ++rep) {
+      synchronize(device);
+      const auto start = std::chrono::steady_clock::now();
+      model::BlockSaved saved;
+      model::block_forward(args_, bp, w, rope, x, policy, saved);
+      if (backward) model::block_backward(args_, bp, w, rope, dy, saved, g, true);
+      synchronize(device);
+      if (rep > 0) best = std::min(best, seconds_since(start));
+    }
+    return best;
+  };
+  at::Tensor secs =
+      at::tensor({time(model::SavePolicy::All, false), time(model::SavePolicy::All, true),
+                  time(model::SavePolicy::Matmuls, true), time(model::SavePolicy::InputOnly, true)},
+                 at::kDouble)
+          .to(at::kFloat);
+  // The world's average, identical on every rank, so all choose the same policies (tensor
+  // parallel ranks must: recomputation issues their collectives).
+  if (auto* world = runtime_->world()) {
+    at::Tensor d = secs.to(device);
+    world->all_reduce(d, dist::ReduceOp::Avg);
+    secs = d.cpu();
+  }
+  const auto t = secs.to(at::kDouble);
+  const double* v = t.data_ptr<double>();
+  plan_.checkpointing.set_measured_costs(v[2] - v[1], v[3] - v[1], v[0]);
+  log::info(
+      "memory_budget: one block on this device in {:.1f}s: forward {:.2f} ms; forward + backward "
+      "keeping everything {:.2f} ms, recomputing norms/RoPE/SwiGLU {:.2f} ms, recomputing the "
+      "block {:.2f} ms",
+      seconds_since(t0), 1e3 * v[0], 1e3 * v[1], 1e3 * v[2], 1e3 * v[3]);
+}
+
 void Trainer::choose_token_slices() {
   namespace pl = parallel::pipeline;
   const auto& c = cfg_;
@@ -387,14 +464,7 @@ void Trainer::choose_token_slices() {
     source = "cached in " + cache_file;
   } else {
     const auto t0 = std::chrono::steady_clock::now();
-    model::BlockPlan bp = tp_ ? tp_->block_plan(args_) : model::BlockPlan::whole(args_);
-    // The projections as training runs them (float8 where converted).
-    if (float8_) {
-      if (plan_.float8.wqkv) bp.wqkv = float8_.get();
-      if (plan_.float8.wo) bp.wo = float8_.get();
-      if (plan_.float8.w13) bp.w13 = float8_.get();
-      if (plan_.float8.w2) bp.w2 = float8_.get();
-    }
+    const model::BlockPlan bp = timing_block_plan();
     const auto block = model::llama_units(args_, {plan_.tp, mesh.coordinate("tp")}).at(1);
     const auto samples = pl::measure_slice_times(args_, bp, block, plan_.microbatch_size, seq_len,
                                                  quantum, policy, dtype, device);

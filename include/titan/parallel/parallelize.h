@@ -35,12 +35,23 @@ struct CheckpointPolicy {
   std::vector<model::SavePolicy> layers;
   double saved_fraction = 1.0;    // of no checkpointing's saved bytes
   double recompute_fraction = 0;  // estimated recompute time / the blocks' forward time
+  // Budget: saved bytes per token of one block under All / Matmuls / InputOnly, the number of
+  // blocks, and whether the recompute costs were measured (else a FLOP/byte model).
+  std::array<double, 3> bytes_per_token{};
+  int64_t layers_count = 0;
+  bool measured = false;
+  // Budget: re-chooses the blocks' policies from measured seconds per block of the Matmuls
+  // recompute (norms, RoPE, SwiGLU), of the whole-block recompute, and of a block's forward.
+  void set_measured_costs(double ops_s, double full_s, double forward_s);
   // `args` and `tp` size the blocks for memory_budget (the other modes ignore them).
   static CheckpointPolicy from_config(const config::ActivationCheckpointSection& ac,
                                       const model::LlamaArgs& args, int64_t seq_len,
                                       int64_t tp = 1);
   model::SavePolicy for_layer(int64_t layer) const;
-  std::string describe() const;  // "none", "full", "selective (every 2nd block)", "selective (op)"
+  std::string describe() const;
+  void choose_budget(
+      const std::array<double, 3>& cost,
+      double forward);  // "none", "full", "selective (every 2nd block)", "selective (op)"
 };
 
 // memory_budget's choice: per-layer policies for `layers` identical blocks whose saved bytes per

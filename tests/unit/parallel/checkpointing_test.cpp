@@ -95,3 +95,34 @@ TEST(MemoryBudget, SavedBytesFallWithTheBudgetAndTheEndsAreNoneAndFull) {
   EXPECT_LE(std::abs(kept_first - kept_second), 1);
   EXPECT_NE(half.describe().find("memory budget 0.50"), std::string::npos) << half.describe();
 }
+
+// Measured recompute costs (as a GPU run times them at start-up) re-choose the blocks: when
+// recomputing norms/RoPE/SwiGLU is nearly free, blocks keep their matmul outputs; when it costs
+// as much as recomputing the whole block, keeping the matmul outputs buys nothing, so no block
+// does. Either way the budget holds.
+TEST(MemoryBudget, MeasuredCostsReChooseWithinTheSameBudget) {
+  const auto args = model::llama_flavor("3B");
+  config::ActivationCheckpointSection ac;
+  ac.mode = "memory_budget";
+  ac.memory_budget = 0.4;
+  auto count = [&](const parallel::CheckpointPolicy& p, SavePolicy kind) {
+    int64_t n = 0;
+    for (int64_t l = 0; l < args.n_layers; ++l) n += p.for_layer(l) == kind;
+    return n;
+  };
+  auto cheap_ops = parallel::CheckpointPolicy::from_config(ac, args, 4096);
+  cheap_ops.set_measured_costs(/*ops_s=*/0.0001, /*full_s=*/0.010, /*forward_s=*/0.010);
+  auto costly_ops = parallel::CheckpointPolicy::from_config(ac, args, 4096);
+  costly_ops.set_measured_costs(/*ops_s=*/0.010, /*full_s=*/0.010, /*forward_s=*/0.010);
+  EXPECT_GT(count(cheap_ops, SavePolicy::Matmuls), 0);
+  EXPECT_EQ(count(costly_ops, SavePolicy::Matmuls), 0);
+  for (const auto* p : {&cheap_ops, &costly_ops}) {
+    EXPECT_LE(p->saved_fraction, 0.4 + 1e-12);
+    EXPECT_NE(p->describe().find("recompute times measured on this device"), std::string::npos)
+        << p->describe();
+  }
+  // Recompute: InputOnly blocks x full + Matmuls blocks x ops, over the blocks' forward.
+  const double expected = (count(costly_ops, SavePolicy::InputOnly) * 0.010) /
+                          (static_cast<double>(args.n_layers) * 0.010);
+  EXPECT_NEAR(costly_ops.recompute_fraction, expected, 1e-12);
+}

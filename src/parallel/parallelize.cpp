@@ -328,6 +328,10 @@ std::vector<StageLayout> split_stages(const model::LlamaArgs& args,
   return even_split(static_cast<int>(stages), layers, in_w, out_w);
 }
 
+bool float8_gains(int64_t k, int64_t n) {
+  return std::min(k, n) >= kFloat8MinFeatures && k * n >= kFloat8MinProduct;
+}
+
 Float8Plan plan_float8(const model::LlamaArgs& args, const config::JobConfig& c, bool cuda,
                        int64_t tp) {
   Float8Plan f;
@@ -361,7 +365,7 @@ Float8Plan plan_float8(const model::LlamaArgs& args, const config::JobConfig& c,
       {&f.w2, {"feed_forward.w2"}, args.ffn_hidden_dim(), args.dim},
   };
   for (const auto& p : projections) {
-    bool skip = auto_small && (p.k < kFloat8MinFeatures || p.n < kFloat8MinFeatures);
+    bool skip = auto_small && !float8_gains(p.k, p.n);
     for (const auto& m : p.modules) {
       for (const auto& e : filters) {
         if (e != "auto_filter_small_kn" && m.find(e) != std::string::npos) skip = true;

@@ -81,9 +81,14 @@ struct Float8Plan {
   std::string describe() const;
 };
 
-// auto_filter_small_kn: projections whose GEMM has fewer input (K) or output (N) features than
-// this stay in bf16 (the casts cost more than the faster GEMM saves).
-constexpr int64_t kFloat8MinFeatures = 1024;
+// auto_filter_small_kn: whether a projection with K input and N output features gains from
+// float8. Measured on an H200 with titan's kernels (titan_bench_float8, 8,192 tokens: the
+// three GEMMs plus the casts against bf16): every shape with both dimensions >= 2048 and
+// K x N >= 4096^2 gains (e.g. 2048 x 8192: 1.04x, 4096 x 4096: 1.07x, 3072 x 16384: 1.2x);
+// smaller ones lose (3072 x 3072: 0.97x, 2048 x 2048: 0.80x, 1024 x 14336: 0.76x).
+constexpr int64_t kFloat8MinFeatures = 2048;
+constexpr int64_t kFloat8MinProduct = int64_t{4096} * 4096;
+bool float8_gains(int64_t k, int64_t n);
 // From the config: which projections are converted (filter_fqns, auto_filter_small_kn).
 // Throws titan::Error for combinations titan cannot run (float8 on CPU without emulate, with
 // tensor parallelism).

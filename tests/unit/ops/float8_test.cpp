@@ -6,7 +6,10 @@
 #include <gtest/gtest.h>
 
 #include "support/test_support.h"
+#include "titan/config/job_config.h"
+#include "titan/model/llama_args.h"
 #include "titan/ops/float8.h"
+#include "titan/parallel/parallelize.h"
 
 using namespace titan;
 using ops::Float8Recipe;
@@ -99,4 +102,26 @@ TEST(Float8, RecipeNames) {
               ops::parse_float8_recipe("mxfp8");
             }).find("quantize.linear.float8.recipe_name: unknown recipe \"mxfp8\""),
             std::string::npos);
+}
+
+// auto_filter_small_kn: the measured rule picks, per flavor, the projections whose GEMMs gain.
+TEST(Float8, AutoFilterKeepsProjectionsThatDoNotGainInBf16) {
+  EXPECT_TRUE(parallel::float8_gains(4096, 4096));
+  EXPECT_TRUE(parallel::float8_gains(2048, 8192));
+  EXPECT_FALSE(parallel::float8_gains(3072, 3072));
+  EXPECT_FALSE(parallel::float8_gains(1024, 14336));
+  config::JobConfig c;
+  c.model.converters = {"float8"};
+  c.float8.filter_fqns = {"output", "auto_filter_small_kn"};
+  const auto three = parallel::plan_float8(model::llama_flavor("3B"), c, /*cuda=*/true, 1);
+  EXPECT_FALSE(three.wqkv);  // 3072 -> 5120
+  EXPECT_FALSE(three.wo);    // 3072 -> 3072
+  EXPECT_TRUE(three.w13);    // 3072 -> 16384
+  EXPECT_TRUE(three.w2);     // 8192 -> 3072
+  const auto eight = parallel::plan_float8(model::llama_flavor("8B"), c, /*cuda=*/true, 1);
+  EXPECT_TRUE(eight.wqkv && eight.wo && eight.w13 && eight.w2);
+  // Without the filter every projection is converted.
+  c.float8.filter_fqns = {"output"};
+  const auto all = parallel::plan_float8(model::llama_flavor("3B"), c, /*cuda=*/true, 1);
+  EXPECT_TRUE(all.wqkv && all.wo && all.w13 && all.w2);
 }

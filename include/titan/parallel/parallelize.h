@@ -82,12 +82,15 @@ struct Float8Plan {
 };
 
 // auto_filter_small_kn: whether a projection with K input and N output features gains from
-// float8. Measured on an H200 with titan's kernels (titan_bench_float8, 8,192 tokens: the
-// three GEMMs plus the casts against bf16): every shape with both dimensions >= 2048 and
-// K x N >= 4096^2 gains (e.g. 2048 x 8192: 1.04x, 4096 x 4096: 1.07x, 3072 x 16384: 1.2x);
-// smaller ones lose (3072 x 3072: 0.97x, 2048 x 2048: 0.80x, 1024 x 14336: 0.76x).
+// float8. Measured on an H200 with titan's kernels (titan_bench_float8: the three GEMMs plus
+// the casts against bf16): at 8,192 tokens every shape with both dimensions >= 2048 and
+// K x N >= 4096^2 gains (2048 x 8192: 1.04x, 4096 x 4096: 1.07x, 3072 x 16384: 1.2x), and at
+// 16,384 tokens from 3072^2 (1.06x); below 2048 features nothing gains (2048 x 2048: 0.80x,
+// 1024 x 14336: 0.76x). In the 3B model (8,192 tokens per microbatch) converting its 3072 x
+// 3072 and 3072 x 5120 projections too is 2.5% faster (24,116 vs 23,511 TPS), so the product
+// threshold is 3072^2.
 constexpr int64_t kFloat8MinFeatures = 2048;
-constexpr int64_t kFloat8MinProduct = int64_t{4096} * 4096;
+constexpr int64_t kFloat8MinProduct = int64_t{3072} * 3072;
 bool float8_gains(int64_t k, int64_t n);
 // From the config: which projections are converted (filter_fqns, auto_filter_small_kn).
 // Throws titan::Error for combinations titan cannot run (float8 on CPU without emulate, with

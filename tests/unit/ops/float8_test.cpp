@@ -108,16 +108,19 @@ TEST(Float8, RecipeNames) {
 TEST(Float8, AutoFilterKeepsProjectionsThatDoNotGainInBf16) {
   EXPECT_TRUE(parallel::float8_gains(4096, 4096));
   EXPECT_TRUE(parallel::float8_gains(2048, 8192));
-  EXPECT_FALSE(parallel::float8_gains(3072, 3072));
+  EXPECT_TRUE(parallel::float8_gains(3072, 3072));
+  EXPECT_FALSE(parallel::float8_gains(2048, 3072));
   EXPECT_FALSE(parallel::float8_gains(1024, 14336));
   config::JobConfig c;
   c.model.converters = {"float8"};
   c.float8.filter_fqns = {"output", "auto_filter_small_kn"};
+  const auto one = parallel::plan_float8(model::llama_flavor("1B"), c, /*cuda=*/true, 1);
+  EXPECT_FALSE(one.wqkv);  // 2048 -> 3072
+  EXPECT_FALSE(one.wo);    // 2048 -> 2048
+  EXPECT_TRUE(one.w13);    // 2048 -> 16384
+  EXPECT_TRUE(one.w2);     // 8192 -> 2048
   const auto three = parallel::plan_float8(model::llama_flavor("3B"), c, /*cuda=*/true, 1);
-  EXPECT_FALSE(three.wqkv);  // 3072 -> 5120
-  EXPECT_FALSE(three.wo);    // 3072 -> 3072
-  EXPECT_TRUE(three.w13);    // 3072 -> 16384
-  EXPECT_TRUE(three.w2);     // 8192 -> 3072
+  EXPECT_TRUE(three.wqkv && three.wo && three.w13 && three.w2);
   const auto eight = parallel::plan_float8(model::llama_flavor("8B"), c, /*cuda=*/true, 1);
   EXPECT_TRUE(eight.wqkv && eight.wo && eight.w13 && eight.w2);
   // Without the filter every projection is converted.

@@ -37,6 +37,19 @@ BlockWeights block_views(const UnitLayout& unit, const GatheredUnit& g) {
   return w;
 }
 
+ScratchBlock scratch_block(const UnitLayout& unit, at::ScalarType dtype,
+                           const c10::Device& device) {
+  const auto opts = at::TensorOptions().device(device);
+  ScratchBlock b;
+  b.flat = at::randn({unit.numel}, opts.dtype(at::kFloat)).mul_(0.02).to(dtype);
+  b.grad = at::zeros({unit.numel}, opts.dtype(at::kFloat));
+  b.w = block_views(unit, b.flat);
+  b.g = block_views(unit, b.grad);
+  b.w.attention_norm.fill_(1);
+  b.w.ffn_norm.fill_(1);
+  return b;
+}
+
 BlockPlan BlockPlan::whole(const LlamaArgs& a) {
   BlockPlan p;
   p.n_heads = a.n_heads;

@@ -72,15 +72,20 @@ struct Float8Gather {
     size_t range = 0;
     int64_t shard_offset = 0, numel = 0;
   };
-  std::vector<Piece> pieces;    // this rank's parts of the float8 matrices
-  at::Tensor rest_local;        // int64: shard positions of this rank's other elements
-  int64_t rest_stride = 0;      // other elements per rank in the gathered buffer (the most any
-                                // rank holds)
-  at::Tensor rest_from_gather;  // int64 [other elements]: position in the gathered buffer
+  // A run of the other parameters' elements held by one rank: `shard_offset` in its shard,
+  // `rank_pos` among that rank's packed elements, `packed_pos` in GatheredUnit::rest.
+  struct Segment {
+    int64_t owner = 0, shard_offset = 0, numel = 0, rank_pos = 0, packed_pos = 0;
+  };
+  std::vector<Piece> pieces;      // this rank's parts of the float8 matrices
+  std::vector<Segment> segments;  // every rank's runs of the other parameters, in flat order
+  int64_t rest_stride = 0;  // other elements per rank in the gathered buffer (the most any rank
+                            // holds)
+  int64_t rest_numel = 0;   // other elements of the unit
 };
 
 Float8Gather plan_float8_gather(const UnitState& u, const std::vector<model::ElementRange>& ranges,
-                                int64_t ranks, int64_t rank, c10::Device device) {
+                                int64_t ranks) {
   Float8Gather g;
   const int64_t s = u.shard_numel, lo = u.shard_begin, hi = lo + s;
   for (size_t r = 0; r < ranges.size(); ++r) {
@@ -95,11 +100,7 @@ Float8Gather plan_float8_gather(const UnitState& u, const std::vector<model::Ele
     return false;
   };
   // The other parameters' elements, cut at shard boundaries; each segment's position among
-  // its owner's elements (flat order, which is the packed order of GatheredUnit::rest).
-  struct Segment {
-    int64_t owner, begin, numel, rank_pos;
-  };
-  std::vector<Segment> segments;
+  // its owner's elements and in the packed order of GatheredUnit::rest (both flat order).
   std::vector<int64_t> count(static_cast<size_t>(ranks), 0);
   int64_t previous_end = 0;
   for (const auto& p : u.layout.params) {
@@ -110,20 +111,14 @@ Float8Gather plan_float8_gather(const UnitState& u, const std::vector<model::Ele
     for (int64_t q = p.offset; q < p.offset + p.numel;) {
       const int64_t owner = q / s;
       const int64_t end = std::min(p.offset + p.numel, (owner + 1) * s);
-      segments.push_back({owner, q, end - q, count[static_cast<size_t>(owner)]});
+      g.segments.push_back(
+          {owner, q - owner * s, end - q, count[static_cast<size_t>(owner)], g.rest_numel});
       count[static_cast<size_t>(owner)] += end - q;
+      g.rest_numel += end - q;
       q = end;
     }
   }
   g.rest_stride = *std::max_element(count.begin(), count.end());
-  std::vector<at::Tensor> local, from;
-  const auto i64 = at::TensorOptions().dtype(at::kLong);
-  for (const auto& seg : segments) {
-    from.push_back(at::arange(seg.numel, i64) + (seg.owner * g.rest_stride + seg.rank_pos));
-    if (seg.owner == rank) local.push_back(at::arange(seg.numel, i64) + (seg.begin - lo));
-  }
-  g.rest_local = (local.empty() ? at::empty({0}, i64) : at::cat(local)).to(device);
-  g.rest_from_gather = (from.empty() ? at::empty({0}, i64) : at::cat(from)).to(device);
   return g;
 }
 
@@ -169,8 +164,7 @@ FsdpModel::FsdpModel(std::vector<model::UnitLayout> units, dist::Communicator* s
   if (shard_) {
     for (size_t i = 0; i < options_.float8_ranges.size(); ++i) {
       if (options_.float8_ranges[i].empty()) continue;
-      impl_->float8[i] =
-          plan_float8_gather(units_[i], options_.float8_ranges[i], n_shard, r_shard, device_);
+      impl_->float8[i] = plan_float8_gather(units_[i], options_.float8_ranges[i], n_shard);
     }
   }
   TITAN_CHECK(!options_.cpu_offload || device_.is_cuda(),
@@ -280,13 +274,15 @@ void FsdpModel::start_float8_gather(size_t i) {
   }
   u.full8 = at::empty({u.shard_numel * dp_shard_size()}, on_device.dtype(at::kByte));
   impl_->gathers[i] = shard_->all_gather_into(u.full8, shard8, /*async=*/true);
-  throttle(impl_->gathers[i]);
+  // Both gathers run in order on the group's stream: the run-ahead bound counts the unit once.
+  if (g.rest_stride == 0) throttle(impl_->gathers[i]);
   if (g.rest_stride > 0) {
     const auto compute = on_device.dtype(options_.param_dtype);
     at::Tensor packed = at::zeros({g.rest_stride}, compute);
-    if (g.rest_local.numel() > 0) {
-      packed.narrow(0, 0, g.rest_local.numel())
-          .copy_(src.to(device_).index_select(0, g.rest_local));
+    for (const auto& seg : g.segments) {
+      if (seg.owner != dp_shard_rank()) continue;
+      packed.narrow(0, seg.rank_pos, seg.numel)
+          .copy_(src.narrow(0, seg.shard_offset, seg.numel), /*non_blocking=*/true);
     }
     u.rest = at::empty({g.rest_stride * dp_shard_size()}, compute);
     impl_->rest_gathers[i] = shard_->all_gather_into(u.rest, packed, /*async=*/true);
@@ -354,7 +350,14 @@ const at::Tensor& FsdpModel::gather(size_t i) {
     if (impl_->rest_gathers[i]) {
       impl_->rest_gathers[i]->wait();
       impl_->rest_gathers[i].reset();
-      u.rest = u.rest.index_select(0, impl_->float8[i].rest_from_gather);
+      // Every rank's runs, back to back in flat order.
+      const Float8Gather& g = impl_->float8[i];
+      at::Tensor rest = at::empty({g.rest_numel}, u.rest.options());
+      for (const auto& seg : g.segments) {
+        rest.narrow(0, seg.packed_pos, seg.numel)
+            .copy_(u.rest.narrow(0, seg.owner * g.rest_stride + seg.rank_pos, seg.numel));
+      }
+      u.rest = rest;
     }
   }
   u.gathered = true;
@@ -554,35 +557,25 @@ void FsdpModel::finish_grad_reduction() {
 }
 
 void FsdpModel::sum_tp_replicated_grads(size_t i) {
-  dist::Communicator* tp = options_.tensor_parallel;
-  if (!tp || impl_->tp_summed[i]) return;
-  impl_->tp_summed[i] = true;
-  std::vector<at::Tensor> views;
-  for (const auto& s : shard_slices()) {
-    if (s.unit == i && s.param->tp.replicated())
-      views.push_back(units_[s.unit].grad.narrow(0, s.shard_offset, s.numel));
-  }
-  if (views.empty()) return;
-  at::Tensor packed = at::cat(views).to(device_);
-  tp->all_reduce(packed, dist::ReduceOp::Sum);
-  int64_t at_elem = 0;
-  for (auto& v : views) {
-    v.copy_(packed.narrow(0, at_elem, v.numel()));
-    at_elem += v.numel();
-  }
+  if (!options_.tensor_parallel || impl_->tp_summed[i]) return;
+  sum_replicated_grads_over_tp(i);
 }
 
-void FsdpModel::sum_replicated_grads_over_tp() {
+void FsdpModel::sum_replicated_grads_over_tp(std::optional<size_t> only) {
   dist::Communicator* tp = options_.tensor_parallel;
   if (!tp) return;
   // Every tp rank holds the same units and shard ranges, so the same slices, in one packed
   // all-reduce (a few norm vectors per block: small), for the units not summed yet.
   std::vector<at::Tensor> views;
   for (const auto& s : shard_slices()) {
-    if (s.param->tp.replicated() && !impl_->tp_summed[s.unit])
+    if (s.param->tp.replicated() && !impl_->tp_summed[s.unit] && (!only || s.unit == *only))
       views.push_back(units_[s.unit].grad.narrow(0, s.shard_offset, s.numel));
   }
-  impl_->tp_summed.assign(units_.size(), true);
+  if (only) {
+    impl_->tp_summed[*only] = true;
+  } else {
+    impl_->tp_summed.assign(units_.size(), true);
+  }
   if (views.empty()) return;
   at::Tensor packed = at::cat(views).to(device_);
   tp->all_reduce(packed, dist::ReduceOp::Sum);

@@ -582,6 +582,11 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
   }
   // Float8 all-gather: the converted projections of every block travel in float8.
   auto& f8 = plan.float8;
+  if (!f8.enabled && c.float8.enable_fsdp_float8_all_gather) {
+    log::warn(
+        "quantize.linear.float8.enable_fsdp_float8_all_gather has no effect without float8 "
+        "training (model.converters = [\"float8\"])");
+  }
   if (f8.enabled && c.float8.enable_fsdp_float8_all_gather) {
     if (!sharded) {
       log::warn(
@@ -594,8 +599,9 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
                                       : std::vector<model::ElementRange>{});
       }
       f.float8_precompute_scales = c.float8.precompute_float8_dynamic_scale_for_fsdp;
-      f8.all_gather = true;
-      f8.precompute_scales = f.float8_precompute_scales;
+      f8.all_gather = f8.wqkv || f8.wo || f8.w13 || f8.w2;
+      f8.precompute_scales = f8.all_gather && f.float8_precompute_scales;
+      if (!f8.all_gather) f.float8_ranges.clear();
     }
   }
   return plan;

@@ -114,5 +114,8 @@ int main(int argc, char** argv) {
   } catch (const titan::Error& e) {
     std::fprintf(stderr, "titan_bench_float8: %s\n", e.what());
     return 2;
+  } catch (const std::exception& e) {  // e.g. a GPU without float8 GEMMs
+    std::fprintf(stderr, "titan_bench_float8: %s\n", e.what());
+    return 1;
   }
 }

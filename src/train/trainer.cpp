@@ -362,12 +362,9 @@ void Trainer::measure_checkpoint_costs() {
   const at::ScalarType dtype = plan_.fsdp.param_dtype;
   const model::BlockPlan bp = timing_block_plan();
   const auto block = model::llama_units(args_, {plan_.tp, runtime_->mesh().coordinate("tp")}).at(1);
-  at::Tensor flat = at::randn({block.numel}, opts.dtype(at::kFloat)).mul_(0.02).to(dtype);
-  at::Tensor grad = at::zeros({block.numel}, opts.dtype(at::kFloat));
-  const auto w = model::block_views(block, flat);
-  const auto g = model::block_views(block, grad);
-  w.attention_norm.fill_(1);
-  w.ffn_norm.fill_(1);
+  const model::ScratchBlock scratch = model::scratch_block(block, dtype, device);
+  const auto& w = scratch.w;
+  const auto& g = scratch.g;
   // This rank's tokens of one microbatch (context parallel: its share of the sequence, timed
   // with local attention).
   const int64_t seq = cfg_.training.seq_len / plan_.cp;

@@ -601,8 +601,8 @@ TEST(Float8, BadFloat8ConfigurationsAreClearErrors) {
 // The float8 FSDP all-gather casts each rank's shard with the scale of the whole matrix (the
 // amax all-reduced over dp_shard) and gathers bytes: the same float8 weights as gathering
 // bf16/fp32 and casting after, so training is the same to the last bit, with the scales
-// computed per unit or precomputed once per step, under checkpointing, pipelines and
-// validation (which must see the scales of the updated weights).
+// computed per unit or precomputed once per step, with a projection left in bf16, under
+// checkpointing, pipelines and validation (which must see the scales of the updated weights).
 TEST(Float8, FsdpFloat8AllGatherEqualsGatheringInHighPrecision) {
   TITAN_REQUIRE_GLOO();
   test::TempDir dir;
@@ -630,7 +630,12 @@ TEST(Float8, FsdpFloat8AllGatherEqualsGatheringInHighPrecision) {
     std::vector<std::string> common, float8_gather;
   };
   const std::vector<Pair> pairs = {
-      {"fsdp4", 4, 2, {}, gather},
+      // wo stays bf16: a whole matrix travels with the norms, cut across the shards.
+      {"fsdp4_wo_bf16",
+       4,
+       2,
+       {"--quantize.linear.float8.filter_fqns", "output,attention.wo"},
+       gather},
       {"fsdp2_full_ac_precompute", 2, 4, {"--activation_checkpoint.mode", "full"}, precompute},
       {"pp2_fsdp2_1f1b", 4, 4, pp_args(2, "1F1B", 2), precompute},
   };

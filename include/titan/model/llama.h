@@ -32,6 +32,15 @@ using BlockGrads = BlockWeights;
 BlockWeights block_views(const UnitLayout& unit, const at::Tensor& flat);
 BlockWeights block_views(const UnitLayout& unit, const GatheredUnit& gathered);
 
+// A block with random weights (projections N(0, 0.02), norms one) in `dtype` and a zeroed
+// fp32 gradient, for timing one block at start-up.
+struct ScratchBlock {
+  at::Tensor flat, grad;
+  BlockWeights w;
+  BlockGrads g;
+};
+ScratchBlock scratch_block(const UnitLayout& unit, at::ScalarType dtype, const c10::Device& device);
+
 // How a block runs on this rank: its attention heads (all of them, or its tensor-parallel
 // share), how many ranks share its tokens (sequence parallel: the block's input and output
 // hold 1/seq_shards of the microbatch's tokens, contiguous in [B * S] order), and the Linear

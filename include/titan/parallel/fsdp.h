@@ -19,6 +19,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -165,7 +166,8 @@ class FsdpModel {
   // Float8 all-gather: global amaxes of unit i's matrices (or of every unit's).
   void compute_float8_amax(const std::vector<size_t>& units);
   void start_float8_gather(size_t i);
-  void sum_replicated_grads_over_tp();
+  // Sums tp-replicated gradients over tp: of unit `only`, or of every unit not summed yet.
+  void sum_replicated_grads_over_tp(std::optional<size_t> only = std::nullopt);
   void grad_final(size_t i, const std::shared_ptr<dist::Work>& work);
   // Records an issued collective; blocks the host while too many are outstanding.
   void throttle(const std::shared_ptr<dist::Work>& work);

@@ -48,10 +48,11 @@ struct CheckpointPolicy {
                                       const model::LlamaArgs& args, int64_t seq_len,
                                       int64_t tp = 1);
   model::SavePolicy for_layer(int64_t layer) const;
+  // "none", "full", "selective (every 2nd block)", "selective (op)", "memory budget ...".
   std::string describe() const;
-  void choose_budget(
-      const std::array<double, 3>& cost,
-      double forward);  // "none", "full", "selective (every 2nd block)", "selective (op)"
+  // Budget: the policies of least recompute `cost` (seconds or model units per block, for All /
+  // Matmuls / InputOnly) within the budget; `forward`: one block's forward in the same units.
+  void choose_budget(const std::array<double, 3>& cost, double forward);
 };
 
 // memory_budget's choice: per-layer policies for `layers` identical blocks whose saved bytes per

@@ -331,13 +331,9 @@ std::vector<SliceSample> measure_slice_times(const model::LlamaArgs& args, model
                                              model::SavePolicy policy, at::ScalarType dtype,
                                              const c10::Device& device) {
   const auto opts = at::TensorOptions().device(device);
-  at::Tensor flat = at::randn({block.numel}, opts.dtype(at::kFloat)).mul_(0.02).to(dtype);
-  at::Tensor grad = at::zeros({block.numel}, opts.dtype(at::kFloat));
-  const auto w = model::block_views(block, flat);
-  const auto g = model::block_views(block, grad);
-  // Norm weights of one, as initialized.
-  w.attention_norm.fill_(1);
-  w.ffn_norm.fill_(1);
+  const model::ScratchBlock scratch = model::scratch_block(block, dtype, device);
+  const auto& w = scratch.w;
+  const auto& g = scratch.g;
   TokenSliceAttention attention;
   plan.attention = &attention;
   auto [cos, sin] = ops::rope_tables(args, seq_len, opts.dtype(at::kFloat));

@@ -34,19 +34,26 @@ bool fused(const at::Tensor& x) {
 #endif
 }
 
+// Scales that map `amax` to the largest finite value of `dtype` (fp32).
+at::Tensor scale_for(const at::Tensor& amax, at::ScalarType dtype) {
+  return at::full_like(amax, float8_max(dtype)).div_(amax.clamp_min(1e-12));
+}
+
+// x * scale, saturated and rounded to `dtype`, with the inverse scale.
+Float8Operand cast_scaled(const at::Tensor& x, const at::Tensor& scale, at::ScalarType dtype) {
+  const double fmax = float8_max(dtype);
+  return {(x.to(at::kFloat) * scale).clamp_(-fmax, fmax).to(dtype), at::reciprocal(scale)};
+}
+
 // The ATen cast (CPU, and shapes the kernels do not take).
 Float8Operand aten_cast(const at::Tensor& x, at::ScalarType dtype, bool rowwise, bool transpose) {
-  const double fmax = float8_max(dtype);
   const at::Tensor xf = (transpose ? x.t() : x).to(at::kFloat).contiguous();
   at::Tensor amax = rowwise ? at::linalg_vector_norm(xf, INFINITY, {1}, /*keepdim=*/true)
                             : at::linalg_vector_norm(xf, INFINITY);
-  at::Tensor scale = at::full_like(amax, fmax).div_(amax.clamp_min(1e-12));  // as below
+  at::Tensor scale = scale_for(amax, dtype);
   // Rowwise scales are powers of two (exact to apply and to undo).
   if (rowwise) scale = at::exp2(at::floor(at::log2(scale)));
-  Float8Operand out;
-  out.data = (xf * scale).clamp_(-fmax, fmax).to(dtype);
-  out.inv_scale = at::reciprocal(scale);
-  return out;
+  return cast_scaled(xf, scale, dtype);
 }
 
 // A packed operand: rows x cols float8 bytes (a multiple of 4), then `scales` fp32 inverse
@@ -180,13 +187,11 @@ at::ScalarType grad_dtype(Float8Recipe r) {
 }  // namespace
 
 Float8Operand float8_cast_with_scale(const at::Tensor& x, const at::Tensor& scale) {
-  const double fmax = float8_max(at::kFloat8_e4m3fn);
-  return {(x.to(at::kFloat) * scale).clamp_(-fmax, fmax).to(at::kFloat8_e4m3fn),
-          at::reciprocal(scale)};
+  return cast_scaled(x, scale, at::kFloat8_e4m3fn);
 }
 
 at::Tensor float8_tensorwise_scale(const at::Tensor& amax) {
-  return at::full_like(amax, float8_max(at::kFloat8_e4m3fn)).div_(amax.clamp_min(1e-12));
+  return scale_for(amax, at::kFloat8_e4m3fn);
 }
 
 at::Tensor Float8Linear::operand_for_weight(const at::Tensor& x2, at::ScalarType dtype) const {

@@ -15,9 +15,9 @@
 // Float8 all-gather: a unit's float8 matrices are cast on this rank's shard with the scale of
 // the whole matrix (global amax: an all-reduce MAX over dp_shard of the shards' amaxes, cached
 // until the weights change) and gathered as bytes at their layout offsets, so the gathered
-// bytes equal a cast of the gathered bf16 matrix. The unit's other parameters (norms) are
-// packed per rank into a small buffer of equal length on every rank, gathered in param_dtype
-// and unpacked with one index_select.
+// bytes equal a cast of the gathered bf16 matrix. The unit's other parameters (norms,
+// and any projection left in bf16) are packed per rank into a buffer of equal length on every
+// rank, gathered in param_dtype and unpacked run by run.
 // Host run-ahead is bounded: before more than kMaxInFlight gathers/reductions are outstanding,
 // the host blocks on the oldest. Otherwise it would enqueue a whole step ahead of the device,
 // and every unit buffer freed in that window (still in use by the communication stream as far

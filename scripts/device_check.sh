@@ -4,7 +4,7 @@
 # packages), runs the GPU tests, short GPU training runs and the benchmarks; logs go to $OUT.
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
-# oom8b tp2 asynctp budget3b pp4 cp4 terapipe1 terapipe4 float8 float8loss float8fsdp earlystep profile3b float8gemm readme
+# oom8b tp2 asynctp budget3b smoke2 pp cp terapipe1 terapipe float8 float8loss float8fsdp earlystep profile3b float8gemm readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -60,6 +60,61 @@ do_profile1b() {
     --job.dump_folder "$OUT/profile_1b" \
     --metrics.enable_tensorboard false --metrics.disable_color_printing &&
     "$PY" scripts/trace_summary.py "$OUT/profile_1b/profile_traces/iteration_10/rank0_trace.json" --steps 2
+}
+
+# Every parallelism over NCCL on 2 GPUs, debug model, 30 steps: loss against one GPU on the same
+# global batch (bf16 noise): FSDP 2, TP 2 (sync, async), each pipeline schedule at pp 2, CP 2 (both
+# rotate methods), FSDP 2 with float8 and the float8 all-gather (float8 against float8 on 1 GPU).
+do_smoke2() {
+  local tmp=/tmp/titan_smoke2
+  rm -rf "$tmp" && mkdir -p "$tmp"
+  local common=(--job.config_file configs/debug_model.toml --training.steps "${SMOKE_STEPS:-30}" --metrics.log_freq 1
+    --training.local_batch_size 8 --metrics.disable_color_printing --metrics.enable_tensorboard false)
+  local f8=(--model.converters float8 --quantize.linear.float8.filter_fqns output)
+  CUDA_VISIBLE_DEVICES=0 "$BUILD_DIR/titan_train" "${common[@]}" \
+    --job.dump_folder "$tmp/smoke_1gpu" >"$tmp/smoke_1gpu.log" 2>&1 || tail -5 "$tmp/smoke_1gpu.log"
+  CUDA_VISIBLE_DEVICES=0 "$BUILD_DIR/titan_train" "${common[@]}" "${f8[@]}" \
+    --job.dump_folder "$tmp/smoke_1gpu_f8" >"$tmp/smoke_1gpu_f8.log" 2>&1 ||
+    tail -5 "$tmp/smoke_1gpu_f8.log"
+  local name base extra
+  for name in ${SMOKE_RUNS:-fsdp2 tp2 tp2_async pp2_GPipe pp2_1F1B pp2_Interleaved1F1B
+    pp2_InterleavedZeroBubble pp2_ZBVZeroBubble pp2_TeraPipe cp2_allgather cp2_alltoall
+    fsdp2_f8 fsdp2_f8_gather fsdp2_f8_gather_pre}; do
+    base=smoke_1gpu
+    case "$name" in
+      fsdp2) extra=(--training.local_batch_size 4) ;;
+      tp2) extra=(--parallelism.tensor_parallel_degree 2) ;;
+      tp2_async) extra=(--parallelism.tensor_parallel_degree 2
+        --parallelism.enable_async_tensor_parallel) ;;
+      pp2_TeraPipe*) extra=(--parallelism.pipeline_parallel_degree 2
+        --parallelism.pipeline_parallel_schedule TeraPipe
+        --parallelism.pipeline_parallel_microbatch_size 1)
+        [ "$name" = pp2_TeraPipeFixed ] &&
+          extra+=(--parallelism.pipeline_parallel_token_slices 128,128) ;;
+      pp2_*) extra=(--parallelism.pipeline_parallel_degree 2
+        --parallelism.pipeline_parallel_schedule "${name#pp2_}"
+        --parallelism.pipeline_parallel_microbatch_size 1) ;;
+      cp2_*) extra=(--parallelism.context_parallel_degree 2
+        --parallelism.context_parallel_rotate_method "${name#cp2_}") ;;
+      fsdp2_f8) base=smoke_1gpu_f8 extra=(--training.local_batch_size 4 "${f8[@]}") ;;
+      fsdp2_f8_gather) base=smoke_1gpu_f8 extra=(--training.local_batch_size 4 "${f8[@]}"
+        --quantize.linear.float8.enable_fsdp_float8_all_gather) ;;
+      fsdp2_f8_gather_pre) base=smoke_1gpu_f8 extra=(--training.local_batch_size 4 "${f8[@]}"
+        --quantize.linear.float8.enable_fsdp_float8_all_gather
+        --quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp) ;;
+    esac
+    [ "$name" = fsdp2 ] || [ "${name#fsdp2_f8}" != "$name" ] ||
+      extra+=(--parallelism.data_parallel_shard_degree 1)
+    CUDA_VISIBLE_DEVICES=0,1 timeout 120 "$PY" -m torch.distributed.run --standalone \
+      --nproc_per_node=2 --no-python "$BUILD_DIR/titan_train" "${common[@]}" "${extra[@]}" \
+      --comm.train_timeout_seconds 40 --job.dump_folder "$tmp/smoke_$name" \
+      >"$tmp/smoke_$name.log" 2>&1 || {
+      echo "$name FAILED:"
+      grep -E "\[titan\]|rror|what\(\)" "$tmp/smoke_$name.log" | cut -c1-300 | tail -12
+      continue
+    }
+    compare_losses "bf16 $name vs 1 GPU" "$tmp/$base/metrics.jsonl" "$tmp/smoke_$name/metrics.jsonl"
+  done
 }
 
 # 3B at the bench settings (every 2nd block checkpointed), profiled: the breakdown, and which
@@ -305,51 +360,58 @@ mg_run() {
   "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/$name/metrics.jsonl') if '\"tps\"' in l][-1];print('$name: tps/gpu', round(r['tps']), 'mfu', round(r['mfu'],2), 'allocated GiB', round(r['max_active_memory_gib'],1), 'reserved GiB', round(r['max_memory_gib'],1), 'loss', round(r['loss'],4))"
 }
 
-# Pipeline parallel over NCCL on 4 GPUs: 8B, seq 4096, full AC, every schedule at PP_MICROBATCHES
-# (default 8) microbatches of one sequence against FSDP 4 on the same global batch (loss parity
-# in bf16 noise, TPS/GPU, memory); the 1F1B run profiled (per-rank traces for the bubble).
-do_pp4() {
-  local mbs="${PP_MICROBATCHES:-8}" steps="${PP_STEPS:-10}"
+# Pipeline parallel over NCCL on every GPU (n): 8B, seq 4096, full AC, every schedule at
+# PP_MICROBATCHES (default 8) microbatches of one sequence against FSDP n on the same global batch
+# (loss parity in bf16 noise, TPS/GPU, memory); the 1F1B run profiled (per-rank traces, bubble).
+do_pp() {
+  local n mbs="${PP_MICROBATCHES:-8}" steps="${PP_STEPS:-10}"
+  n="$(ngpu)"
   local big=(--job.config_file configs/llama3_8b.toml --training.seq_len 4096
     --activation_checkpoint.mode full --training.steps "$steps" --metrics.log_freq 1)
-  mg_run "pp_fsdp4_$mbs" 4 "${big[@]}" --training.local_batch_size $((mbs / 4))
+  mg_run "pp_fsdp${n}_$mbs" "$n" "${big[@]}" --training.local_batch_size $((mbs / n))
   local schedule extra
-  for schedule in GPipe 1F1B Interleaved1F1B InterleavedZeroBubble ZBVZeroBubble; do
+  for schedule in ${PP_SCHEDULES:-GPipe 1F1B Interleaved1F1B InterleavedZeroBubble ZBVZeroBubble}; do
     extra=()
     [ "$schedule" = 1F1B ] && extra=(--profiling.enable_profiling --profiling.profile_freq "$steps"
       --profiling.profiler_active 1 --profiling.profiler_warmup 1)
-    mg_run "pp4_${schedule}_$mbs" 4 "${big[@]}" --training.local_batch_size "$mbs" \
-      --parallelism.pipeline_parallel_degree 4 --parallelism.data_parallel_shard_degree 1 \
+    mg_run "pp${n}_${schedule}_$mbs" "$n" "${big[@]}" --training.local_batch_size "$mbs" \
+      --parallelism.pipeline_parallel_degree "$n" --parallelism.data_parallel_shard_degree 1 \
       --parallelism.pipeline_parallel_schedule "$schedule" \
       --parallelism.pipeline_parallel_microbatch_size 1 "${extra[@]}" &&
-      compare_losses "bf16 pp4 $schedule vs FSDP 4" "$OUT/pp_fsdp4_$mbs/metrics.jsonl" \
-        "$OUT/pp4_${schedule}_$mbs/metrics.jsonl"
+      compare_losses "bf16 pp$n $schedule vs FSDP $n" "$OUT/pp_fsdp${n}_$mbs/metrics.jsonl" \
+        "$OUT/pp${n}_${schedule}_$mbs/metrics.jsonl"
+    grep -h "bubble" "$OUT/pp${n}_${schedule}_$mbs.log" | head -2 | cut -c1-300
   done
-  "$BUILD_DIR/titan_train" schedule --pp 4 --microbatches "$mbs" --schedule 1F1B | tail -2
+  "$BUILD_DIR/titan_train" schedule --pp "$n" --microbatches "$mbs" --schedule 1F1B | tail -2
 }
 
-# Context parallel over NCCL on 4 GPUs: 8B with full AC; FSDP 4 at 32k against FSDP 2 x CP 2 and
-# CP 4 (both rotate methods) at the same global batch (loss parity), then CP 4 at 64k.
-do_cp4() {
-  local steps="${CP_STEPS:-6}"
+# Context parallel over NCCL on every GPU (n): 8B with full AC; FSDP n at 32k against CP n (both
+# rotate methods) and, with 4 GPUs or more, FSDP n/2 x CP 2, at the same global batch (loss
+# parity); then CP n at 64k.
+do_cp() {
+  local n steps="${CP_STEPS:-6}"
+  n="$(ngpu)"
   local big=(--job.config_file configs/llama3_8b.toml --activation_checkpoint.mode full
     --training.steps "$steps" --metrics.log_freq 1)
-  mg_run cp_fsdp4_32k 4 "${big[@]}" --training.seq_len 32768 --training.local_batch_size 1
+  mg_run "cp_fsdp${n}_32k" "$n" "${big[@]}" --training.seq_len 32768 --training.local_batch_size 1
   local rotate
-  for rotate in allgather alltoall; do
-    mg_run "fsdp2_cp2_32k_$rotate" 4 "${big[@]}" --training.seq_len 32768 \
-      --training.local_batch_size 2 --parallelism.context_parallel_degree 2 \
+  for rotate in ${CP_ROTATE:-allgather alltoall}; do
+    [ "$n" -ge 4 ] && mg_run "fsdp$((n / 2))_cp2_32k_$rotate" "$n" "${big[@]}" \
+      --training.seq_len 32768 --training.local_batch_size 2 \
+      --parallelism.context_parallel_degree 2 \
       --parallelism.context_parallel_rotate_method "$rotate" &&
-      compare_losses "bf16 FSDP 2 x CP 2 ($rotate) vs FSDP 4 at 32k" \
-        "$OUT/cp_fsdp4_32k/metrics.jsonl" "$OUT/fsdp2_cp2_32k_$rotate/metrics.jsonl"
-    mg_run "cp4_32k_$rotate" 4 "${big[@]}" --training.seq_len 32768 --training.local_batch_size 4 \
-      --parallelism.context_parallel_degree 4 --parallelism.data_parallel_shard_degree 1 \
+      compare_losses "bf16 FSDP $((n / 2)) x CP 2 ($rotate) vs FSDP $n at 32k" \
+        "$OUT/cp_fsdp${n}_32k/metrics.jsonl" "$OUT/fsdp$((n / 2))_cp2_32k_$rotate/metrics.jsonl"
+    mg_run "cp${n}_32k_$rotate" "$n" "${big[@]}" --training.seq_len 32768 \
+      --training.local_batch_size "$n" --parallelism.context_parallel_degree "$n" \
+      --parallelism.data_parallel_shard_degree 1 \
       --parallelism.context_parallel_rotate_method "$rotate" &&
-      compare_losses "bf16 CP 4 ($rotate) vs FSDP 4 at 32k" "$OUT/cp_fsdp4_32k/metrics.jsonl" \
-        "$OUT/cp4_32k_$rotate/metrics.jsonl"
+      compare_losses "bf16 CP $n ($rotate) vs FSDP $n at 32k" "$OUT/cp_fsdp${n}_32k/metrics.jsonl" \
+        "$OUT/cp${n}_32k_$rotate/metrics.jsonl"
   done
-  mg_run cp4_64k 4 "${big[@]}" --training.seq_len 65536 --training.local_batch_size 1 \
-    --parallelism.context_parallel_degree 4 --parallelism.data_parallel_shard_degree 1
+  [ "${CP_64K:-1}" = 1 ] || return 0
+  mg_run "cp${n}_64k" "$n" "${big[@]}" --training.seq_len 65536 --training.local_batch_size 1 \
+    --parallelism.context_parallel_degree "$n" --parallelism.data_parallel_shard_degree 1
 }
 
 # TeraPipe on one GPU: one 8B block's forward + backward timed per token slice on this GPU (as
@@ -368,20 +430,21 @@ do_terapipe1() {
   done
 }
 
-# TeraPipe over NCCL on 4 GPUs: 8B pp 4, one sequence of TERAPIPE_SEQ (default 16384) tokens
-# per step, full AC: 1F1B against TeraPipe with the automatic slicing (its predicted step time
-# is in the log) and loss parity.
-do_terapipe4() {
-  local seq="${TERAPIPE_SEQ:-16384}" steps="${TERAPIPE_STEPS:-8}"
+# TeraPipe over NCCL on every GPU (n): 8B pp n, one sequence of TERAPIPE_SEQ (default 16384)
+# tokens per step, full AC: 1F1B against TeraPipe with the automatic slicing (its predicted step
+# time is in the log) and loss parity.
+do_terapipe() {
+  local n seq="${TERAPIPE_SEQ:-16384}" steps="${TERAPIPE_STEPS:-8}"
+  n="$(ngpu)"
   local big=(--job.config_file configs/llama3_8b.toml --training.seq_len "$seq"
     --activation_checkpoint.mode full --training.steps "$steps" --metrics.log_freq 1
-    --training.local_batch_size 1 --parallelism.pipeline_parallel_degree 4
+    --training.local_batch_size 1 --parallelism.pipeline_parallel_degree "$n"
     --parallelism.data_parallel_shard_degree 1 --parallelism.pipeline_parallel_microbatch_size 1)
-  mg_run "pp4_1F1B_$seq" 4 "${big[@]}" --parallelism.pipeline_parallel_schedule 1F1B
-  mg_run "pp4_TeraPipe_$seq" 4 "${big[@]}" --parallelism.pipeline_parallel_schedule TeraPipe &&
-    compare_losses "bf16 pp4 TeraPipe vs 1F1B at $seq" "$OUT/pp4_1F1B_$seq/metrics.jsonl" \
-      "$OUT/pp4_TeraPipe_$seq/metrics.jsonl"
-  grep -h "TeraPipe:" "$OUT/pp4_TeraPipe_$seq.log" | cut -c1-400
+  mg_run "pp${n}_1F1B_$seq" "$n" "${big[@]}" --parallelism.pipeline_parallel_schedule 1F1B
+  mg_run "pp${n}_TeraPipe_$seq" "$n" "${big[@]}" --parallelism.pipeline_parallel_schedule TeraPipe &&
+    compare_losses "bf16 pp$n TeraPipe vs 1F1B at $seq" "$OUT/pp${n}_1F1B_$seq/metrics.jsonl" \
+      "$OUT/pp${n}_TeraPipe_$seq/metrics.jsonl"
+  grep -h "TeraPipe:" "$OUT/pp${n}_TeraPipe_$seq.log" | cut -c1-400
 }
 
 # Float8 on one GPU (scripts/bench.sh float8 scenarios, reference compiled): FLOAT8_SIZES (default
@@ -472,8 +535,9 @@ for s in "${stages[@]}"; do
     tp2) run_stage tp2 do_tp2; cat "$OUT/tp2.log" | cut -c1-200 ;;
     asynctp) run_stage asynctp do_asynctp; cat "$OUT/asynctp.log" ;;
     budget3b) run_stage budget3b do_budget3b; cat "$OUT/budget3b.log" | cut -c1-300 ;;
-    pp4) run_stage pp4 do_pp4; cat "$OUT/pp4.log" | cut -c1-300 ;;
-    cp4) run_stage cp4 do_cp4; cat "$OUT/cp4.log" | cut -c1-300 ;;
+    pp | pp4) run_stage pp do_pp; cat "$OUT/pp.log" | cut -c1-300 ;;
+    cp | cp4) run_stage cp do_cp; cat "$OUT/cp.log" | cut -c1-300 ;;
+    smoke2) run_stage smoke2 do_smoke2; cat "$OUT/smoke2.log" | cut -c1-300 ;;
     float8) run_stage float8 do_float8; cat "$OUT/float8.log" | cut -c1-300 ;;
     float8loss) run_stage float8loss do_float8loss; cat "$OUT/float8loss.log" ;;
     float8fsdp) run_stage float8fsdp do_float8fsdp; cat "$OUT/float8fsdp.log" | cut -c1-300 ;;
@@ -481,7 +545,7 @@ for s in "${stages[@]}"; do
       '$BUILD_DIR/titan_bench_float8' --tokens 16384"; cat "$OUT/float8gemm.log" ;;
     earlystep) run_stage earlystep do_earlystep; cat "$OUT/earlystep.log" | cut -c1-300 ;;
     terapipe1) run_stage terapipe1 do_terapipe1; cat "$OUT/terapipe1.log" | cut -c1-400 ;;
-    terapipe4) run_stage terapipe4 do_terapipe4; cat "$OUT/terapipe4.log" | cut -c1-400 ;;
+    terapipe | terapipe4) run_stage terapipe do_terapipe; cat "$OUT/terapipe.log" | cut -c1-400 ;;
     *) note "unknown stage $s" ;;
   esac
 done

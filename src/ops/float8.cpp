@@ -165,6 +165,15 @@ at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& bt, at::Scalar
   const int64_t m = a.data.size(0), k = a.data.size(1), n = bt.data.size(0);
   TITAN_INTERNAL_CHECK(bt.data.size(1) == k, "float8_mm: inner dimensions ", k, " and ",
                        bt.data.size(1));
+  // cuBLASLt answers NOT_SUPPORTED for an operand or a scale that does not start on a 16-byte
+  // boundary (a scale viewed 4 bytes into a packed vector did, on an H200); checked on every
+  // path, so the CPU emulation catches such views too.
+  auto starts_aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  };
+  TITAN_INTERNAL_CHECK(starts_aligned(a.data) && starts_aligned(bt.data) &&
+                           starts_aligned(a.inv_scale) && starts_aligned(bt.inv_scale),
+                       "float8_mm: an operand or a scale does not start on a 16-byte boundary");
   const bool aligned = m % 16 == 0 && k % 16 == 0 && n % 16 == 0;
   if (emulate || !a.data.is_cuda() || !aligned) {
     const at::Tensor af = a.data.to(at::kFloat) * a.inv_scale;

@@ -263,7 +263,10 @@ void FsdpModel::start_float8_gather(size_t i) {
   }
   const at::Tensor& src = u.shadow.defined() ? u.shadow : u.master;
   const at::Tensor scales = ops::float8_tensorwise_scale(u.float8_amax);
-  u.float8_inv_scales = at::reciprocal(scales);
+  // One 16-byte row per matrix: cuBLASLt rejects a scale that starts 4 bytes into a vector.
+  at::Tensor rows = at::zeros({scales.size(0), 4}, scales.options());
+  rows.select(1, 0).copy_(at::reciprocal(scales));
+  u.float8_inv_scales = rows.select(1, 0);
   const auto on_device = at::TensorOptions().device(device_);
   at::Tensor shard8 = at::zeros({u.shard_numel}, on_device.dtype(at::kByte));
   for (const auto& piece : g.pieces) {

@@ -160,6 +160,11 @@ void Executor::execute(const Schedule& s, const std::vector<at::Tensor>& microba
 
   for (size_t i = 0; i < list.size(); ++i) {
     const Action& a = list[i];
+    // Receives are posted where the schedule places them, right before the computation that
+    // consumes them, never ahead of an earlier computation: over NCCL, receives posted one
+    // computation ahead deadlocked 1F1B at pp 2 on two H200s in the first step (each rank waiting
+    // for a transfer the other had queued behind its own posted receive), with 8 or 32 hardware
+    // queues alike. Sends still overlap the receiver's computation.
     if (is_recv(a.type)) {
       post_recv(i);
       continue;
@@ -182,11 +187,6 @@ void Executor::execute(const Schedule& s, const std::vector<at::Tensor>& microba
         sending.erase(sending.begin());
       }
       continue;
-    }
-    // Post the receives the next computations need, so they arrive while this one runs.
-    for (size_t j = i + 1; j < list.size(); ++j) {
-      if (is_recv(list[j].type)) post_recv(j);
-      if (is_compute(list[j].type)) break;
     }
     Stage& stage = *stages_.at(a.stage);
     switch (a.type) {

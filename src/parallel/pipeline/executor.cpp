@@ -164,7 +164,9 @@ void Executor::execute(const Schedule& s, const std::vector<at::Tensor>& microba
     // consumes them, never ahead of an earlier computation: over NCCL, receives posted one
     // computation ahead deadlocked 1F1B at pp 2 on two H200s in the first step (each rank waiting
     // for a transfer the other had queued behind its own posted receive), with 8 or 32 hardware
-    // queues alike. Sends still overlap the receiver's computation.
+    // queues alike. In list order every schedule is deadlock-free with receives that block and
+    // sends that do not (the schedule validator checks exactly that); sends still overlap the
+    // receiver's computation.
     if (is_recv(a.type)) {
       post_recv(i);
       continue;

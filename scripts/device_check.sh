@@ -64,7 +64,8 @@ do_profile1b() {
 
 # Every parallelism over NCCL on 2 GPUs, debug model, 30 steps: loss against one GPU on the same
 # global batch (bf16 noise): FSDP 2, TP 2 (sync, async), each pipeline schedule at pp 2, CP 2 (both
-# rotate methods), FSDP 2 with float8 and the float8 all-gather (float8 against float8 on 1 GPU).
+# rotate methods), FSDP 2 with float8 and the float8 all-gather, and TP 2 with float8 (float8
+# against float8 on 1 GPU).
 do_smoke2() {
   local tmp=/tmp/titan_smoke2
   rm -rf "$tmp" && mkdir -p "$tmp"
@@ -79,7 +80,7 @@ do_smoke2() {
   local name base extra
   for name in ${SMOKE_RUNS:-fsdp2 tp2 tp2_async pp2_GPipe pp2_1F1B pp2_Interleaved1F1B
     pp2_InterleavedZeroBubble pp2_ZBVZeroBubble pp2_TeraPipe cp2_allgather cp2_alltoall
-    fsdp2_f8 fsdp2_f8_gather fsdp2_f8_gather_pre}; do
+    fsdp2_f8 fsdp2_f8_gather fsdp2_f8_gather_pre tp2_f8}; do
     base=smoke_1gpu
     case "$name" in
       fsdp2) extra=(--training.local_batch_size 4) ;;
@@ -96,6 +97,7 @@ do_smoke2() {
         --parallelism.pipeline_parallel_microbatch_size 1) ;;
       cp2_*) extra=(--parallelism.context_parallel_degree 2
         --parallelism.context_parallel_rotate_method "${name#cp2_}") ;;
+      tp2_f8) base=smoke_1gpu_f8 extra=(--parallelism.tensor_parallel_degree 2 "${f8[@]}") ;;
       fsdp2_f8) base=smoke_1gpu_f8 extra=(--training.local_batch_size 4 "${f8[@]}") ;;
       fsdp2_f8_gather) base=smoke_1gpu_f8 extra=(--training.local_batch_size 4 "${f8[@]}"
         --quantize.linear.float8.enable_fsdp_float8_all_gather) ;;

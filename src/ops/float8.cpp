@@ -137,7 +137,30 @@ std::pair<Float8Operand, at::Tensor> cast_with_packed_transpose(const at::Tensor
   return {row, p.buffer};
 }
 
+// Tensorwise cast of x2 [R, C] (or its transpose) whose amax is first combined by `reduce`, so
+// that every rank holding part of a tensor casts with the whole tensor's scale; into `out` when
+// given.
+Float8Operand cast_reduced(const at::Tensor& x2, at::ScalarType dtype, bool transpose,
+                           const AmaxReduce& reduce, Float8Operand out = {}) {
+  RECORD_USER_SCOPE("titan/float8_cast");
+  at::Tensor amax = at::linalg_vector_norm(x2, INFINITY, {}, false, at::kFloat);
+  reduce(amax);
+  Float8Operand op =
+      cast_scaled((transpose ? x2.t() : x2).contiguous(), scale_for(amax, dtype), dtype);
+  if (!out.data.defined()) return op;
+  out.data.copy_(op.data);
+  out.inv_scale.copy_(op.inv_scale);
+  return out;
+}
+
 }  // namespace
+
+Float8Linear::Float8Linear(Float8Recipe recipe, bool emulate, Float8AmaxReduce reduce)
+    : recipe_(recipe), emulate_(emulate), reduce_(std::move(reduce)) {
+  TITAN_INTERNAL_CHECK(
+      recipe_ == Float8Recipe::Tensorwise || (!reduce_.weight && !reduce_.x && !reduce_.dy),
+      "float8 amaxes are reduced over a group for the tensorwise recipe only");
+}
 
 Float8Recipe parse_float8_recipe(const std::string& name) {
   if (name.empty() || name == "tensorwise") return Float8Recipe::Tensorwise;
@@ -165,16 +188,16 @@ at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& bt, at::Scalar
   const int64_t m = a.data.size(0), k = a.data.size(1), n = bt.data.size(0);
   TITAN_INTERNAL_CHECK(bt.data.size(1) == k, "float8_mm: inner dimensions ", k, " and ",
                        bt.data.size(1));
+  const bool aligned = m % 16 == 0 && k % 16 == 0 && n % 16 == 0;
   // cuBLASLt answers NOT_SUPPORTED for an operand or a scale that does not start on a 16-byte
-  // boundary (a scale viewed 4 bytes into a packed vector did, on an H200); checked on every
-  // path, so the CPU emulation catches such views too.
+  // boundary (a scale viewed 4 bytes into a packed vector did, on an H200). Checked for every
+  // shape it would take, emulated or not, so CPU tests catch such views too.
   auto starts_aligned = [](const at::Tensor& t) {
     return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   };
-  TITAN_INTERNAL_CHECK(starts_aligned(a.data) && starts_aligned(bt.data) &&
-                           starts_aligned(a.inv_scale) && starts_aligned(bt.inv_scale),
+  TITAN_INTERNAL_CHECK(!aligned || (starts_aligned(a.data) && starts_aligned(bt.data) &&
+                                    starts_aligned(a.inv_scale) && starts_aligned(bt.inv_scale)),
                        "float8_mm: an operand or a scale does not start on a 16-byte boundary");
-  const bool aligned = m % 16 == 0 && k % 16 == 0 && n % 16 == 0;
   if (emulate || !a.data.is_cuda() || !aligned) {
     const at::Tensor af = a.data.to(at::kFloat) * a.inv_scale;
     const at::Tensor bf = bt.data.to(at::kFloat) * bt.inv_scale;
@@ -203,47 +226,66 @@ at::Tensor float8_tensorwise_scale(const at::Tensor& amax) {
   return scale_for(amax, at::kFloat8_e4m3fn);
 }
 
-at::Tensor Float8Linear::operand_for_weight(const at::Tensor& x2, at::ScalarType dtype) const {
+at::Tensor Float8Linear::operand_for_weight(const at::Tensor& x2, at::ScalarType dtype,
+                                            const AmaxReduce& reduce) const {
   if (recipe_ == Float8Recipe::RowwiseWithGwHp || !packable(x2)) return x2;
   const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
   Packed p = make_packed(x2.size(1), x2.size(0), rowwise ? x2.size(1) : 1, dtype, x2.options());
-  cast_into(x2, dtype, rowwise, /*transpose=*/true, p.op);
+  if (reduce) {
+    cast_reduced(x2, dtype, /*transpose=*/true, reduce, p.op);
+  } else {
+    cast_into(x2, dtype, rowwise, /*transpose=*/true, p.op);
+  }
   return p.buffer;
 }
 
 // Casts x2 for a GEMM, and its transpose for the weight gradient into `*for_weight` (packed;
 // one pass for tensorwise).
 Float8Operand Float8Linear::cast_operand(const at::Tensor& x2, at::ScalarType dtype,
-                                         at::Tensor* for_weight) const {
+                                         at::Tensor* for_weight, const AmaxReduce& reduce) const {
   const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
+  if (reduce) {
+    const Float8Operand row = cast_reduced(x2, dtype, /*transpose=*/false, reduce);
+    if (for_weight && !packable(x2)) *for_weight = x2;  // cast again in backward_weight
+    if (for_weight && packable(x2)) {
+      Packed p = make_packed(x2.size(1), x2.size(0), 1, dtype, x2.options());
+      p.op.data.copy_(row.data.t());
+      p.op.inv_scale.copy_(row.inv_scale);
+      *for_weight = p.buffer;
+    }
+    return row;
+  }
   if (for_weight && recipe_ == Float8Recipe::Tensorwise && packable(x2)) {
     auto [row, packed] = cast_with_packed_transpose(x2, dtype);
     *for_weight = packed;
     return row;
   }
-  if (for_weight) *for_weight = operand_for_weight(x2, dtype);
+  if (for_weight) *for_weight = operand_for_weight(x2, dtype, reduce);
   return cast_into(x2, dtype, rowwise, /*transpose=*/false);
 }
 
 at::Tensor Float8Linear::weight_input(const at::Tensor& x) const {
-  return operand_for_weight(x.reshape({-1, x.size(-1)}), at::kFloat8_e4m3fn);
+  return operand_for_weight(x.reshape({-1, x.size(-1)}), at::kFloat8_e4m3fn, reduce_.x);
 }
 
 // The weight as a float8 operand: W itself or (transpose) W^T, row-major. A weight gathered in
 // float8 is only re-laid out (the same bytes a cast of the gathered bf16 weight would give).
 Float8Operand Float8Linear::weight_operand(const LinearWeight& w, bool transpose) const {
   if (!w.float8()) {
+    if (reduce_.weight) return cast_reduced(w.data, at::kFloat8_e4m3fn, transpose, reduce_.weight);
     return cast_into(w.data, at::kFloat8_e4m3fn, recipe_ != Float8Recipe::Tensorwise, transpose);
   }
   TITAN_INTERNAL_CHECK(recipe_ == Float8Recipe::Tensorwise && w.inv_scale.dim() == 0,
                        "a float8-gathered weight needs the tensorwise recipe");
+  // Under tensor parallelism its scale is already the whole matrix's (FSDP reduced the amax
+  // over tp too).
   return {transpose ? w.data.t().contiguous() : w.data, w.inv_scale};
 }
 
 at::Tensor Float8Linear::forward(const at::Tensor& x, const LinearWeight& w,
                                  at::Tensor* x_for_weight) const {
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});
-  const Float8Operand xa = cast_operand(x2, at::kFloat8_e4m3fn, x_for_weight);
+  const Float8Operand xa = cast_operand(x2, at::kFloat8_e4m3fn, x_for_weight, reduce_.x);
   at::Tensor y = float8_mm(xa, weight_operand(w, /*transpose=*/false), x.scalar_type(), emulate_,
                            /*fast_accum=*/true);
   auto sizes = x.sizes().vec();
@@ -255,7 +297,7 @@ at::Tensor Float8Linear::backward_input(const at::Tensor& dy, const LinearWeight
                                         at::Tensor* dy_for_weight) const {
   const at::Tensor dy2 = dy.reshape({-1, dy.size(-1)});
   // dx = dy W: dy in e5m2 (tensorwise) or e4m3 by rows; W's columns as the rows of W^T.
-  const Float8Operand da = cast_operand(dy2, grad_dtype(recipe_), dy_for_weight);
+  const Float8Operand da = cast_operand(dy2, grad_dtype(recipe_), dy_for_weight, reduce_.dy);
   at::Tensor dx = float8_mm(da, weight_operand(w, /*transpose=*/true), dy.scalar_type(), emulate_);
   auto sizes = dy.sizes().vec();
   sizes.back() = w.data.size(1);
@@ -271,13 +313,14 @@ void Float8Linear::backward_weight(const at::Tensor& dy, const at::Tensor& x,
   const bool rowwise = recipe_ == Float8Recipe::Rowwise;
   const int64_t n = grad_w.size(0), k = grad_w.size(1);
   // dW = dy^T x, reducing over tokens: the rows of dy^T and x^T carry the scales.
-  auto operand = [&](const at::Tensor& t, int64_t rows, at::ScalarType dtype) {
-    return t.scalar_type() == at::kByte
-               ? unpack(t, rows, rowwise, dtype)
-               : cast_into(t.reshape({-1, rows}), dtype, rowwise, /*transpose=*/true);
+  auto operand = [&](const at::Tensor& t, int64_t rows, at::ScalarType dtype,
+                     const AmaxReduce& reduce) {
+    if (t.scalar_type() == at::kByte) return unpack(t, rows, rowwise, dtype);
+    if (reduce) return cast_reduced(t.reshape({-1, rows}), dtype, /*transpose=*/true, reduce);
+    return cast_into(t.reshape({-1, rows}), dtype, rowwise, /*transpose=*/true);
   };
-  const Float8Operand a = operand(dy, n, grad_dtype(recipe_));
-  const Float8Operand b = operand(x, k, at::kFloat8_e4m3fn);
+  const Float8Operand a = operand(dy, n, grad_dtype(recipe_), reduce_.dy);
+  const Float8Operand b = operand(x, k, at::kFloat8_e4m3fn, reduce_.x);
   const int64_t m = a.data.size(1);
   if (!rowwise && !accumulate && !emulate_ && a.data.is_cuda() && m % 16 == 0 && k % 16 == 0 &&
       n % 16 == 0 && grad_w.is_contiguous()) {

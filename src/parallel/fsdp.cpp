@@ -223,8 +223,8 @@ bool FsdpModel::gathers_float8(size_t i) const {
 }
 
 void FsdpModel::compute_float8_amax(const std::vector<size_t>& units) {
-  // Each rank's amax of its part of every matrix, then the maximum over dp_shard: one
-  // all-reduce for all the units asked for.
+  // Each rank's amax of its part of every matrix, then the maximum over dp_shard (and tp): one
+  // all-reduce per group for all the units asked for.
   std::vector<at::Tensor> local;
   for (size_t i : units) {
     const UnitState& u = units_[i];
@@ -240,6 +240,9 @@ void FsdpModel::compute_float8_amax(const std::vector<size_t>& units) {
   }
   at::Tensor all = at::cat(local);
   shard_->all_reduce(all, dist::ReduceOp::Max);
+  // Tensor parallel: each tp rank holds rows or columns of the matrix; its float8 projection
+  // casts with the whole matrix's scale.
+  if (options_.tensor_parallel) options_.tensor_parallel->all_reduce(all, dist::ReduceOp::Max);
   int64_t at_elem = 0;
   for (size_t k = 0; k < units.size(); ++k) {
     UnitState& u = units_[units[k]];

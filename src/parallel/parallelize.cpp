@@ -346,9 +346,10 @@ Float8Plan plan_float8(const model::LlamaArgs& args, const config::JobConfig& c,
               "model.converters = [\"float8\"]: float8 GEMMs need an NVIDIA GPU with compute "
               "capability 8.9 or newer (H100, H200, L40S); on CPU set "
               "quantize.linear.float8.emulate = true (float8 rounding, fp32 products)");
-  TITAN_CHECK(tp == 1,
-              "model.converters = [\"float8\"] with parallelism.tensor_parallel_degree > 1 is "
-              "not available in this titan release; use FSDP/HSDP/DDP and pipelines with float8");
+  TITAN_CHECK(tp == 1 || f.recipe == ops::Float8Recipe::Tensorwise,
+              "quantize.linear.float8.recipe_name = \"", fc.recipe_name,
+              "\" with parallelism.tensor_parallel_degree = ", tp,
+              ": float8 with tensor parallelism takes the \"tensorwise\" recipe");
   const auto& filters = fc.filter_fqns;
   const bool auto_small =
       std::find(filters.begin(), filters.end(), "auto_filter_small_kn") != filters.end();
@@ -358,11 +359,13 @@ Float8Plan plan_float8(const model::LlamaArgs& args, const config::JobConfig& c,
     int64_t k, n;
   };
   const int64_t hd = args.head_dim();
+  // Each rank's GEMM shapes: tensor parallelism splits N of the column-parallel projections
+  // and K of the row-parallel ones.
   const std::vector<Projection> projections = {
-      {&f.wqkv, {"attention.wq", "attention.wk", "attention.wv"}, args.dim, args.qkv_dim()},
-      {&f.wo, {"attention.wo"}, args.n_heads * hd, args.dim},
-      {&f.w13, {"feed_forward.w1", "feed_forward.w3"}, args.dim, 2 * args.ffn_hidden_dim()},
-      {&f.w2, {"feed_forward.w2"}, args.ffn_hidden_dim(), args.dim},
+      {&f.wqkv, {"attention.wq", "attention.wk", "attention.wv"}, args.dim, args.qkv_dim() / tp},
+      {&f.wo, {"attention.wo"}, args.n_heads * hd / tp, args.dim},
+      {&f.w13, {"feed_forward.w1", "feed_forward.w3"}, args.dim, 2 * args.ffn_hidden_dim() / tp},
+      {&f.w2, {"feed_forward.w2"}, args.ffn_hidden_dim() / tp, args.dim},
   };
   for (const auto& p : projections) {
     bool skip = auto_small && !float8_gains(p.k, p.n);
@@ -502,6 +505,13 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
                 plan.tp, ")");
     plan.loss_parallel = !p.disable_loss_parallel;
     plan.async_tp = p.enable_async_tensor_parallel;
+    const bool all_float8 = plan.float8.wqkv && plan.float8.wo && plan.float8.w13 && plan.float8.w2;
+    if (plan.async_tp && plan.float8.enabled) {
+      log::warn(
+          "parallelism.enable_async_tensor_parallel overlaps the bf16 projections only{}: the "
+          "float8 ones gather their tokens first, then multiply",
+          all_float8 ? " (none here: every block projection is in float8)" : "");
+    }
   } else if (p.enable_async_tensor_parallel) {
     log::warn(
         "parallelism.enable_async_tensor_parallel has no effect without tensor parallelism "

@@ -57,7 +57,80 @@ class RowParallel final : public ops::Linear {
   const TensorParallel& tp_;
 };
 
+// Float8 column-parallel: the token shards gathered in the compute dtype, then the float8
+// products with this rank's weight rows; dx's partial sums are reduce-scattered.
+class Float8ColumnParallel final : public ops::Linear {
+ public:
+  Float8ColumnParallel(const TensorParallel& tp, ops::Float8Linear float8)
+      : tp_(tp), float8_(std::move(float8)) {}
+  at::Tensor weight_input(const at::Tensor& x) const override {
+    return float8_.weight_input(tp_.gather_tokens(rows2d(x)));
+  }
+  at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w,
+                     at::Tensor* x_for_weight) const override {
+    return float8_.forward(tp_.gather_tokens(rows2d(x)), w, x_for_weight);
+  }
+  at::Tensor backward_input(const at::Tensor& dy, const ops::LinearWeight& w,
+                            at::Tensor* dy_for_weight) const override {
+    return tp_.scatter_tokens(float8_.backward_input(rows2d(dy), w, dy_for_weight));
+  }
+  void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
+                       bool accumulate) const override {
+    float8_.backward_weight(dy, x, grad_w, accumulate);
+  }
+
+ private:
+  const TensorParallel& tp_;
+  ops::Float8Linear float8_;
+};
+
+// Float8 row-parallel: the float8 product with this rank's weight columns, its partial sums
+// reduce-scattered; dy gathered in the compute dtype for dx and the weight gradient.
+class Float8RowParallel final : public ops::Linear {
+ public:
+  Float8RowParallel(const TensorParallel& tp, ops::Float8Linear float8)
+      : tp_(tp), float8_(std::move(float8)) {}
+  at::Tensor weight_input(const at::Tensor& x) const override { return float8_.weight_input(x); }
+  at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w,
+                     at::Tensor* x_for_weight) const override {
+    return tp_.scatter_tokens(float8_.forward(rows2d(x), w, x_for_weight));
+  }
+  at::Tensor backward_input(const at::Tensor& dy, const ops::LinearWeight& w,
+                            at::Tensor* dy_for_weight) const override {
+    return float8_.backward_input(tp_.gather_tokens(rows2d(dy)), w, dy_for_weight);
+  }
+  void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
+                       bool accumulate) const override {
+    float8_.backward_weight(dy, x, grad_w, accumulate);
+  }
+
+ private:
+  const TensorParallel& tp_;
+  ops::Float8Linear float8_;
+};
+
 }  // namespace
+
+void TensorParallel::enable_float8(bool emulate) {
+  const ops::AmaxReduce over_tp = [this](at::Tensor& amax) {
+    comm_->all_reduce(amax, dist::ReduceOp::Max);
+  };
+  const auto tensorwise = ops::Float8Recipe::Tensorwise;
+  float8_column_ = std::make_unique<Float8ColumnParallel>(
+      *this, ops::Float8Linear(tensorwise, emulate, {over_tp, {}, over_tp}));
+  float8_row_ = std::make_unique<Float8RowParallel>(
+      *this, ops::Float8Linear(tensorwise, emulate, {over_tp, over_tp, {}}));
+}
+
+const ops::Linear& TensorParallel::float8_column() const {
+  TITAN_INTERNAL_CHECK(float8_column_ != nullptr, "float8 tensor parallel not enabled");
+  return *float8_column_;
+}
+
+const ops::Linear& TensorParallel::float8_row() const {
+  TITAN_INTERNAL_CHECK(float8_row_ != nullptr, "float8 tensor parallel not enabled");
+  return *float8_row_;
+}
 
 TensorParallel::TensorParallel(dist::Communicator* comm, TensorParallelOptions options)
     : comm_(comm),

@@ -193,7 +193,9 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
     }
 #endif
     float8_ = std::make_unique<ops::Float8Linear>(plan_.float8.recipe, plan_.float8.emulate);
-    sopts.float8 = float8_.get();
+    if (tp_) tp_->enable_float8(plan_.float8.emulate);
+    sopts.float8_column = tp_ ? &tp_->float8_column() : float8_.get();
+    sopts.float8_row = tp_ ? &tp_->float8_row() : float8_.get();
     sopts.float8_wqkv = plan_.float8.wqkv;
     sopts.float8_wo = plan_.float8.wo;
     sopts.float8_w13 = plan_.float8.w13;
@@ -347,10 +349,12 @@ model::BlockPlan Trainer::timing_block_plan() const {
   model::BlockPlan bp = tp_ ? tp_->block_plan(args_) : model::BlockPlan::whole(args_);
   // The projections as training runs them (float8 where converted).
   if (float8_) {
-    if (plan_.float8.wqkv) bp.wqkv = float8_.get();
-    if (plan_.float8.wo) bp.wo = float8_.get();
-    if (plan_.float8.w13) bp.w13 = float8_.get();
-    if (plan_.float8.w2) bp.w2 = float8_.get();
+    const ops::Linear* column = tp_ ? &tp_->float8_column() : float8_.get();
+    const ops::Linear* row = tp_ ? &tp_->float8_row() : float8_.get();
+    if (plan_.float8.wqkv) bp.wqkv = column;
+    if (plan_.float8.wo) bp.wo = row;
+    if (plan_.float8.w13) bp.w13 = column;
+    if (plan_.float8.w2) bp.w2 = row;
   }
   return bp;
 }

@@ -11,6 +11,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <string>
 
 #include "titan/ops/linear.h"
@@ -56,9 +57,19 @@ Float8Operand float8_cast_with_scale(const at::Tensor& x, const at::Tensor& scal
 // dy^T already in float8, packed with their scales in one byte tensor, cast in the same pass as the
 // GEMM operand (tensorwise); its backward_weight also takes plain tensors (the block's saved
 // activations).
+//
+// Tensor parallel: an operand each rank holds only part of (its weight rows or columns, or a
+// gradient/input split by features) is cast with the scale of the whole tensor: its amax goes
+// through the group's all-reduce (MAX) first, so the bytes equal a single process's. Tensorwise
+// recipe only.
+using AmaxReduce = std::function<void(at::Tensor& amax)>;
+struct Float8AmaxReduce {
+  AmaxReduce weight, x, dy;  // empty: the operand is whole on this rank
+};
+
 class Float8Linear final : public Linear {
  public:
-  Float8Linear(Float8Recipe recipe, bool emulate) : recipe_(recipe), emulate_(emulate) {}
+  Float8Linear(Float8Recipe recipe, bool emulate, Float8AmaxReduce reduce = {});
   at::Tensor weight_input(const at::Tensor& x) const override;
   at::Tensor forward(const at::Tensor& x, const LinearWeight& w,
                      at::Tensor* x_for_weight) const override;
@@ -69,12 +80,14 @@ class Float8Linear final : public Linear {
   Float8Recipe recipe() const { return recipe_; }
 
  private:
-  at::Tensor operand_for_weight(const at::Tensor& x2, at::ScalarType dtype) const;
+  at::Tensor operand_for_weight(const at::Tensor& x2, at::ScalarType dtype,
+                                const AmaxReduce& reduce) const;
   Float8Operand weight_operand(const LinearWeight& w, bool transpose) const;
-  Float8Operand cast_operand(const at::Tensor& x2, at::ScalarType dtype,
-                             at::Tensor* for_weight) const;
+  Float8Operand cast_operand(const at::Tensor& x2, at::ScalarType dtype, at::Tensor* for_weight,
+                             const AmaxReduce& reduce) const;
   Float8Recipe recipe_;
   bool emulate_;
+  Float8AmaxReduce reduce_;
 };
 
 }  // namespace titan::ops

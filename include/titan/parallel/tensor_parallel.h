@@ -22,6 +22,7 @@
 #include "titan/model/llama.h"
 #include "titan/model/llama_args.h"
 #include "titan/ops/cross_entropy.h"
+#include "titan/ops/float8.h"
 #include "titan/ops/linear.h"
 
 namespace titan::dist {
@@ -59,6 +60,14 @@ class TensorParallel {
   // columns, then reduce-scatter) projections.
   const ops::Linear& column() const { return *column_; }
   const ops::Linear& row() const { return *row_; }
+  // Float8 (tensorwise) column- and row-parallel projections: the gathers and reduce-scatters
+  // of column() and row() in the compute dtype around Float8Linear's GEMMs, whose casts of the
+  // operands split over tp (weights; dy of column-parallel, x of row-parallel projections) use
+  // the whole tensor's amax (all-reduced MAX), so every cast equals a single process's. Async
+  // TP does not overlap these (the gather runs first). Available after enable_float8().
+  void enable_float8(bool emulate);
+  const ops::Linear& float8_column() const;
+  const ops::Linear& float8_row() const;
   // A block on this rank: its share of the heads, token shards, the projections above.
   model::BlockPlan block_plan(const model::LlamaArgs& args) const;
 
@@ -84,7 +93,7 @@ class TensorParallel {
  private:
   dist::Communicator* comm_;
   TensorParallelOptions options_;
-  std::unique_ptr<ops::Linear> column_, row_;
+  std::unique_ptr<ops::Linear> column_, row_, float8_column_, float8_row_;
 };
 
 }  // namespace titan::parallel

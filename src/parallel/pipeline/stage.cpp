@@ -48,12 +48,11 @@ Stage::Stage(StageLayout layout, std::vector<size_t> units, model::LlamaArgs arg
       options_(options),
       block_plan_(options.tp ? options.tp->block_plan(args_) : model::BlockPlan::whole(args_)) {
   if (options_.cp) block_plan_.attention = options_.cp;
-  if (options_.float8) {
-    TITAN_INTERNAL_CHECK(!options_.tp, "float8 with tensor parallel");
-    if (options_.float8_wqkv) block_plan_.wqkv = options_.float8;
-    if (options_.float8_wo) block_plan_.wo = options_.float8;
-    if (options_.float8_w13) block_plan_.w13 = options_.float8;
-    if (options_.float8_w2) block_plan_.w2 = options_.float8;
+  if (options_.float8_column) {
+    if (options_.float8_wqkv) block_plan_.wqkv = options_.float8_column;
+    if (options_.float8_wo) block_plan_.wo = options_.float8_row;
+    if (options_.float8_w13) block_plan_.w13 = options_.float8_column;
+    if (options_.float8_w2) block_plan_.w2 = options_.float8_row;
   }
   if (!options_.token_slices.empty()) {
     TITAN_INTERNAL_CHECK(!options_.cp, "token slices with context parallel");

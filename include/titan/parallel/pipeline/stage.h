@@ -60,8 +60,11 @@ struct StageOptions {
   // schedule is then slice u % slices of sequence batch u / slices; the stage keeps each
   // sequence's keys and values until its first slice's backward.
   std::vector<int64_t> token_slices;
-  // Float8 training: the Linear of the converted projections (nullptr: none) and which ones.
-  const ops::Linear* float8 = nullptr;
+  // Float8 training (nullptr: none) and which projections are converted. The float8 Linears of the
+  // column-parallel (q|k|v, w1|w3) and row-parallel (wo, w2) projections: one Float8Linear without
+  // tensor parallelism.
+  const ops::Linear* float8_column = nullptr;
+  const ops::Linear* float8_row = nullptr;
   bool float8_wqkv = false, float8_wo = false, float8_w13 = false, float8_w2 = false;
 };
 

@@ -672,26 +672,35 @@ MemoryEstimate estimate_memory(const model::LlamaArgs& args, const Plan& plan,
                                const std::vector<int64_t>& shard_numels, int64_t seq_len,
                                bool sharded) {
   MemoryEstimateInputs in;
-  int64_t largest = 0;
+  const auto& f = plan.fsdp;
+  in.compute_dtype_bytes = static_cast<int64_t>(c10::elementSize(f.param_dtype));
+  // A unit as gathered, in compute-dtype elements: the float8 all-gather's matrices take one
+  // byte per element.
+  auto gathered_numel = [&](size_t i) {
+    int64_t float8 = 0;
+    if (i < f.float8_ranges.size()) {
+      for (const auto& r : f.float8_ranges[i]) float8 += r.numel;
+    }
+    return plan.units[i].numel - float8 +
+           (float8 + in.compute_dtype_bytes - 1) / in.compute_dtype_bytes;
+  };
+  // Held at once while resharding: a unit and the next one (prefetched), in either direction.
+  int64_t largest = 0, pair_gathered = 0, all_gathered = 0;
   for (size_t i = 0; i < plan.units.size(); ++i) {
     in.param_state_elements += shard_numels[i];
     largest = std::max(largest, plan.units[i].numel);
+    const int64_t next = i + 1 < plan.units.size() ? gathered_numel(i + 1) : 0;
+    pair_gathered = std::max(pair_gathered, gathered_numel(i) + next);
+    all_gathered += gathered_numel(i);
   }
-  const auto& f = plan.fsdp;
   in.state_on_host = f.cpu_offload;
-  in.compute_dtype_bytes = static_cast<int64_t>(c10::elementSize(f.param_dtype));
   // Shards keep compute-dtype copies on the device where that differs from the fp32 master.
   const bool shadows =
       (f.param_dtype != at::kFloat || f.cpu_offload) && (sharded || f.persistent_compute_weights);
   if (shadows) in.resident_weight_elements = in.param_state_elements;
   if (sharded || !f.persistent_compute_weights) {
-    // Gathered units held at once: two while resharding, all of them in a pipeline.
-    int64_t gathered = 2 * largest;
-    if (plan.pp > 1) {
-      gathered = 0;
-      for (const auto& u : plan.units) gathered += u.numel;
-    }
-    in.resident_weight_elements += gathered;
+    // Gathered units held at once: two neighbours while resharding, all of them in a pipeline.
+    in.resident_weight_elements += plan.pp > 1 ? all_gathered : pair_gathered;
   }
   in.gradient_buffer_elements = 2 * largest;
   in.microbatch_tokens = plan.microbatch_size * seq_len / plan.cp;

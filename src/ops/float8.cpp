@@ -155,12 +155,26 @@ Float8Operand cast_reduced(const at::Tensor& x2, at::ScalarType dtype, bool tran
 
 }  // namespace
 
-Float8Linear::Float8Linear(Float8Recipe recipe, bool emulate, Float8AmaxReduce reduce)
-    : recipe_(recipe), emulate_(emulate), reduce_(std::move(reduce)) {
+Float8Linear::Float8Linear(Float8Recipe recipe, bool emulate, Float8TensorParallel tp)
+    : recipe_(recipe), emulate_(emulate), tp_(std::move(tp)) {
+  TITAN_INTERNAL_CHECK(recipe_ == Float8Recipe::Tensorwise ||
+                           (!tp_.weight && !tp_.x && !tp_.dy && !tp_.gather_x && !tp_.gather_dy),
+                       "float8 under tensor parallelism takes the tensorwise recipe only");
   TITAN_INTERNAL_CHECK(
-      recipe_ == Float8Recipe::Tensorwise || (!reduce_.weight && !reduce_.x && !reduce_.dy),
-      "float8 amaxes are reduced over a group for the tensorwise recipe only");
+      (!tp_.gather_x || tp_.x) && (!tp_.gather_dy || tp_.dy),
+      "a float8 token shard is cast with the whole tensor's amax before its gather");
 }
+
+namespace {
+// The packed transpose of a row-major tensorwise operand (the weight gradient's x^T or dy^T).
+at::Tensor packed_transpose(const Float8Operand& row) {
+  Packed p = make_packed(row.data.size(1), row.data.size(0), 1, row.data.scalar_type(),
+                         row.data.options());
+  p.op.data.copy_(row.data.t());
+  p.op.inv_scale.copy_(row.inv_scale);
+  return p.buffer;
+}
+}  // namespace
 
 Float8Recipe parse_float8_recipe(const std::string& name) {
   if (name.empty() || name == "tensorwise") return Float8Recipe::Tensorwise;
@@ -227,7 +241,9 @@ at::Tensor float8_tensorwise_scale(const at::Tensor& amax) {
 }
 
 at::Tensor Float8Linear::operand_for_weight(const at::Tensor& x2, at::ScalarType dtype,
-                                            const AmaxReduce& reduce) const {
+                                            const AmaxReduce& reduce,
+                                            const TokenGather& gather) const {
+  if (gather) return packed_transpose(cast_operand(x2, dtype, nullptr, reduce, gather));
   if (recipe_ == Float8Recipe::RowwiseWithGwHp || !packable(x2)) return x2;
   const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
   Packed p = make_packed(x2.size(1), x2.size(0), rowwise ? x2.size(1) : 1, dtype, x2.options());
@@ -242,17 +258,17 @@ at::Tensor Float8Linear::operand_for_weight(const at::Tensor& x2, at::ScalarType
 // Casts x2 for a GEMM, and its transpose for the weight gradient into `*for_weight` (packed;
 // one pass for tensorwise).
 Float8Operand Float8Linear::cast_operand(const at::Tensor& x2, at::ScalarType dtype,
-                                         at::Tensor* for_weight, const AmaxReduce& reduce) const {
+                                         at::Tensor* for_weight, const AmaxReduce& reduce,
+                                         const TokenGather& gather) const {
   const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
   if (reduce) {
-    const Float8Operand row = cast_reduced(x2, dtype, /*transpose=*/false, reduce);
-    if (for_weight && !packable(x2)) *for_weight = x2;  // cast again in backward_weight
-    if (for_weight && packable(x2)) {
-      Packed p = make_packed(x2.size(1), x2.size(0), 1, dtype, x2.options());
-      p.op.data.copy_(row.data.t());
-      p.op.inv_scale.copy_(row.inv_scale);
-      *for_weight = p.buffer;
+    Float8Operand row = cast_reduced(x2, dtype, /*transpose=*/false, reduce);
+    if (gather) {
+      TITAN_INTERNAL_CHECK(packable(x2), "float8 token gather of ", x2.numel(), " elements");
+      row.data = gather(row.data.view(at::kByte)).view(dtype);
     }
+    if (for_weight && !packable(x2)) *for_weight = x2;  // cast again in backward_weight
+    if (for_weight && packable(x2)) *for_weight = packed_transpose(row);
     return row;
   }
   if (for_weight && recipe_ == Float8Recipe::Tensorwise && packable(x2)) {
@@ -260,19 +276,19 @@ Float8Operand Float8Linear::cast_operand(const at::Tensor& x2, at::ScalarType dt
     *for_weight = packed;
     return row;
   }
-  if (for_weight) *for_weight = operand_for_weight(x2, dtype, reduce);
+  if (for_weight) *for_weight = operand_for_weight(x2, dtype, reduce, gather);
   return cast_into(x2, dtype, rowwise, /*transpose=*/false);
 }
 
 at::Tensor Float8Linear::weight_input(const at::Tensor& x) const {
-  return operand_for_weight(x.reshape({-1, x.size(-1)}), at::kFloat8_e4m3fn, reduce_.x);
+  return operand_for_weight(x.reshape({-1, x.size(-1)}), at::kFloat8_e4m3fn, tp_.x, tp_.gather_x);
 }
 
 // The weight as a float8 operand: W itself or (transpose) W^T, row-major. A weight gathered in
 // float8 is only re-laid out (the same bytes a cast of the gathered bf16 weight would give).
 Float8Operand Float8Linear::weight_operand(const LinearWeight& w, bool transpose) const {
   if (!w.float8()) {
-    if (reduce_.weight) return cast_reduced(w.data, at::kFloat8_e4m3fn, transpose, reduce_.weight);
+    if (tp_.weight) return cast_reduced(w.data, at::kFloat8_e4m3fn, transpose, tp_.weight);
     return cast_into(w.data, at::kFloat8_e4m3fn, recipe_ != Float8Recipe::Tensorwise, transpose);
   }
   TITAN_INTERNAL_CHECK(recipe_ == Float8Recipe::Tensorwise && w.inv_scale.dim() == 0,
@@ -285,9 +301,10 @@ Float8Operand Float8Linear::weight_operand(const LinearWeight& w, bool transpose
 at::Tensor Float8Linear::forward(const at::Tensor& x, const LinearWeight& w,
                                  at::Tensor* x_for_weight) const {
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});
-  const Float8Operand xa = cast_operand(x2, at::kFloat8_e4m3fn, x_for_weight, reduce_.x);
+  const Float8Operand xa = cast_operand(x2, at::kFloat8_e4m3fn, x_for_weight, tp_.x, tp_.gather_x);
   at::Tensor y = float8_mm(xa, weight_operand(w, /*transpose=*/false), x.scalar_type(), emulate_,
                            /*fast_accum=*/true);
+  if (tp_.gather_x) return y;  // [tp * tokens, out]
   auto sizes = x.sizes().vec();
   sizes.back() = w.data.size(0);
   return y.view(sizes);
@@ -297,8 +314,10 @@ at::Tensor Float8Linear::backward_input(const at::Tensor& dy, const LinearWeight
                                         at::Tensor* dy_for_weight) const {
   const at::Tensor dy2 = dy.reshape({-1, dy.size(-1)});
   // dx = dy W: dy in e5m2 (tensorwise) or e4m3 by rows; W's columns as the rows of W^T.
-  const Float8Operand da = cast_operand(dy2, grad_dtype(recipe_), dy_for_weight, reduce_.dy);
+  const Float8Operand da =
+      cast_operand(dy2, grad_dtype(recipe_), dy_for_weight, tp_.dy, tp_.gather_dy);
   at::Tensor dx = float8_mm(da, weight_operand(w, /*transpose=*/true), dy.scalar_type(), emulate_);
+  if (tp_.gather_dy) return dx;  // [tp * tokens, in]
   auto sizes = dy.sizes().vec();
   sizes.back() = w.data.size(1);
   return dx.view(sizes);
@@ -319,8 +338,11 @@ void Float8Linear::backward_weight(const at::Tensor& dy, const at::Tensor& x,
     if (reduce) return cast_reduced(t.reshape({-1, rows}), dtype, /*transpose=*/true, reduce);
     return cast_into(t.reshape({-1, rows}), dtype, rowwise, /*transpose=*/true);
   };
-  const Float8Operand a = operand(dy, n, grad_dtype(recipe_), reduce_.dy);
-  const Float8Operand b = operand(x, k, at::kFloat8_e4m3fn, reduce_.x);
+  TITAN_INTERNAL_CHECK((!tp_.gather_dy || dy.scalar_type() == at::kByte) &&
+                           (!tp_.gather_x || x.scalar_type() == at::kByte),
+                       "a gathered float8 operand of the weight gradient comes packed");
+  const Float8Operand a = operand(dy, n, grad_dtype(recipe_), tp_.dy);
+  const Float8Operand b = operand(x, k, at::kFloat8_e4m3fn, tp_.x);
   const int64_t m = a.data.size(1);
   if (!rowwise && !accumulate && !emulate_ && a.data.is_cuda() && m % 16 == 0 && k % 16 == 0 &&
       n % 16 == 0 && grad_w.is_contiguous()) {

@@ -57,18 +57,19 @@ class RowParallel final : public ops::Linear {
   const TensorParallel& tp_;
 };
 
-// Float8 column-parallel: the token shards gathered in the compute dtype, then the float8
-// products with this rank's weight rows; dx's partial sums are reduce-scattered.
+// Float8 column-parallel: each token shard cast to float8 with the whole tensor's scale and
+// its bytes gathered (inside the Float8Linear), the float8 products with this rank's weight
+// rows; dx's partial sums are reduce-scattered in the compute dtype.
 class Float8ColumnParallel final : public ops::Linear {
  public:
   Float8ColumnParallel(const TensorParallel& tp, ops::Float8Linear float8)
       : tp_(tp), float8_(std::move(float8)) {}
   at::Tensor weight_input(const at::Tensor& x) const override {
-    return float8_.weight_input(tp_.gather_tokens(rows2d(x)));
+    return float8_.weight_input(rows2d(x));
   }
   at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w,
                      at::Tensor* x_for_weight) const override {
-    return float8_.forward(tp_.gather_tokens(rows2d(x)), w, x_for_weight);
+    return float8_.forward(rows2d(x), w, x_for_weight);
   }
   at::Tensor backward_input(const at::Tensor& dy, const ops::LinearWeight& w,
                             at::Tensor* dy_for_weight) const override {
@@ -85,7 +86,8 @@ class Float8ColumnParallel final : public ops::Linear {
 };
 
 // Float8 row-parallel: the float8 product with this rank's weight columns, its partial sums
-// reduce-scattered; dy gathered in the compute dtype for dx and the weight gradient.
+// reduce-scattered in the compute dtype; dy's token shard cast to float8 and gathered (inside
+// the Float8Linear) for dx and the weight gradient.
 class Float8RowParallel final : public ops::Linear {
  public:
   Float8RowParallel(const TensorParallel& tp, ops::Float8Linear float8)
@@ -97,7 +99,7 @@ class Float8RowParallel final : public ops::Linear {
   }
   at::Tensor backward_input(const at::Tensor& dy, const ops::LinearWeight& w,
                             at::Tensor* dy_for_weight) const override {
-    return float8_.backward_input(tp_.gather_tokens(rows2d(dy)), w, dy_for_weight);
+    return float8_.backward_input(rows2d(dy), w, dy_for_weight);
   }
   void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
                        bool accumulate) const override {
@@ -115,11 +117,14 @@ void TensorParallel::enable_float8(bool emulate) {
   const ops::AmaxReduce over_tp = [this](at::Tensor& amax) {
     comm_->all_reduce(amax, dist::ReduceOp::Max);
   };
+  const ops::TokenGather gather = [this](const at::Tensor& shard) { return gather_tokens(shard); };
   const auto tensorwise = ops::Float8Recipe::Tensorwise;
+  // Every operand is split over tp: weights by rows or columns; x of column-parallel and dy of
+  // row-parallel projections by tokens (gathered in float8), the others by features.
   float8_column_ = std::make_unique<Float8ColumnParallel>(
-      *this, ops::Float8Linear(tensorwise, emulate, {over_tp, {}, over_tp}));
+      *this, ops::Float8Linear(tensorwise, emulate, {over_tp, over_tp, over_tp, gather, {}}));
   float8_row_ = std::make_unique<Float8RowParallel>(
-      *this, ops::Float8Linear(tensorwise, emulate, {over_tp, over_tp, {}}));
+      *this, ops::Float8Linear(tensorwise, emulate, {over_tp, over_tp, over_tp, {}, gather}));
 }
 
 const ops::Linear& TensorParallel::float8_column() const {

@@ -59,17 +59,21 @@ Float8Operand float8_cast_with_scale(const at::Tensor& x, const at::Tensor& scal
 // activations).
 //
 // Tensor parallel: an operand each rank holds only part of (its weight rows or columns, or a
-// gradient/input split by features) is cast with the scale of the whole tensor: its amax goes
-// through the group's all-reduce (MAX) first, so the bytes equal a single process's. Tensorwise
-// recipe only.
+// gradient/input split by features or tokens) is cast with the scale of the whole tensor: its
+// amax goes through the group's all-reduce (MAX) first, so the bytes equal a single process's.
+// A token shard (sequence parallel: x of column-parallel, dy of row-parallel projections) is
+// cast so, then its float8 bytes are gathered: half the traffic of gathering bf16, and the same
+// operand as casting after the gather. Tensorwise recipe only.
 using AmaxReduce = std::function<void(at::Tensor& amax)>;
-struct Float8AmaxReduce {
-  AmaxReduce weight, x, dy;  // empty: the operand is whole on this rank
+using TokenGather = std::function<at::Tensor(const at::Tensor& shard)>;  // [n, ...] -> [tp*n, ...]
+struct Float8TensorParallel {
+  AmaxReduce weight, x, dy;         // empty: the operand is whole on this rank
+  TokenGather gather_x, gather_dy;  // empty: the operand arrives whole
 };
 
 class Float8Linear final : public Linear {
  public:
-  Float8Linear(Float8Recipe recipe, bool emulate, Float8AmaxReduce reduce = {});
+  Float8Linear(Float8Recipe recipe, bool emulate, Float8TensorParallel tp = {});
   at::Tensor weight_input(const at::Tensor& x) const override;
   at::Tensor forward(const at::Tensor& x, const LinearWeight& w,
                      at::Tensor* x_for_weight) const override;
@@ -81,13 +85,13 @@ class Float8Linear final : public Linear {
 
  private:
   at::Tensor operand_for_weight(const at::Tensor& x2, at::ScalarType dtype,
-                                const AmaxReduce& reduce) const;
+                                const AmaxReduce& reduce, const TokenGather& gather) const;
   Float8Operand weight_operand(const LinearWeight& w, bool transpose) const;
   Float8Operand cast_operand(const at::Tensor& x2, at::ScalarType dtype, at::Tensor* for_weight,
-                             const AmaxReduce& reduce) const;
+                             const AmaxReduce& reduce, const TokenGather& gather) const;
   Float8Recipe recipe_;
   bool emulate_;
-  Float8AmaxReduce reduce_;
+  Float8TensorParallel tp_;
 };
 
 }  // namespace titan::ops

@@ -60,11 +60,11 @@ class TensorParallel {
   // columns, then reduce-scatter) projections.
   const ops::Linear& column() const { return *column_; }
   const ops::Linear& row() const { return *row_; }
-  // Float8 (tensorwise) column- and row-parallel projections: the gathers and reduce-scatters
-  // of column() and row() in the compute dtype around Float8Linear's GEMMs, whose casts of the
-  // operands split over tp (weights; dy of column-parallel, x of row-parallel projections) use
-  // the whole tensor's amax (all-reduced MAX), so every cast equals a single process's. Async
-  // TP does not overlap these (the gather runs first). Available after enable_float8().
+  // Float8 (tensorwise) column- and row-parallel projections: Float8Linear's GEMMs with every
+  // operand cast with the whole tensor's amax (all-reduced MAX over tp), so every cast equals a
+  // single process's; token shards (x of column-, dy of row-parallel projections) are gathered
+  // as float8 bytes, partial sums reduce-scattered in the compute dtype. Async TP does not
+  // overlap these (the gather runs first). Available after enable_float8().
   void enable_float8(bool emulate);
   const ops::Linear& float8_column() const;
   const ops::Linear& float8_row() const;

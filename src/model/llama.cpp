@@ -50,6 +50,16 @@ ScratchBlock scratch_block(const UnitLayout& unit, at::ScalarType dtype,
   return b;
 }
 
+size_t save_policy_index(SavePolicy p) {
+  switch (p) {
+    case SavePolicy::All: return 0;
+    case SavePolicy::Matmuls: return 1;
+    case SavePolicy::Attention: return 2;
+    case SavePolicy::InputOnly: return 3;
+  }
+  return 0;
+}
+
 BlockPlan BlockPlan::whole(const LlamaArgs& a) {
   BlockPlan p;
   p.n_heads = a.n_heads;
@@ -119,6 +129,7 @@ at::Tensor block_forward(const LlamaArgs& args, const BlockPlan& plan, const Blo
     saved.policy = policy;
     saved.x = input;
   }
+  if (policy == SavePolicy::Attention) saved.ab = at::Tensor();
   return out;
 }
 
@@ -134,8 +145,9 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockPlan& p, const BlockWei
     forward_impl(a, p, w, rope, x, /*keep_all=*/false, s);
     s.policy = SavePolicy::Matmuls;
   }
-  if (s.policy == SavePolicy::Matmuls) {
-    // Recompute the cheap elementwise parts from the saved matmul outputs.
+  if (s.policy == SavePolicy::Matmuls || s.policy == SavePolicy::Attention) {
+    // Recompute the cheap elementwise parts from the saved matmul outputs (and, keeping only
+    // the attention half, the w1|w3 projection).
     at::Tensor xn1, hn2;
     std::tie(xn1, s.rstd1) = ops::rmsnorm_forward(s.x, w.attention_norm, a.norm_eps);
     s.xn1 = p.wqkv->weight_input(xn1);
@@ -144,7 +156,11 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockPlan& p, const BlockWei
     // The kernel's saved output and logsumexp stay; only its input views are rebuilt.
     p.attention->bind_inputs(s.q, s.k, s.qkv.narrow(2, nh + nkv, nkv), s.attn);
     std::tie(hn2, s.rstd2) = ops::rmsnorm_forward(s.h, w.ffn_norm, a.norm_eps);
-    s.hn2 = p.w13->weight_input(hn2);
+    if (s.policy == SavePolicy::Attention) {
+      s.ab = p.w13->forward(hn2, {w.w13, w.w13_scale}, &s.hn2);
+    } else {
+      s.hn2 = p.w13->weight_input(hn2);
+    }
     s.g = ops::swiglu_forward(s.ab);
   }
   // dW = dy^T x now, or its operands kept for block_backward_weight.

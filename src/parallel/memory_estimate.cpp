@@ -25,6 +25,9 @@ int64_t saved_bytes_per_token(const model::LlamaArgs& a, model::SavePolicy polic
     case model::SavePolicy::Matmuls:
       // x, qkv, attention output, h, w1|w3 output
       return (2 * d + 2 * q + 2 * kv + 2 * f) / tp * dtype_bytes + a.n_heads / tp * 4;
+    case model::SavePolicy::Attention:
+      // x, qkv, attention output, h
+      return (2 * d + 2 * q + 2 * kv) / tp * dtype_bytes + a.n_heads / tp * 4;
     case model::SavePolicy::InputOnly: return d / tp * dtype_bytes;
   }
   return 0;

@@ -23,34 +23,40 @@ using pipeline::ScheduleKind;
 using pipeline::StageLayout;
 
 std::vector<model::SavePolicy> choose_checkpointing(int64_t layers, double budget,
-                                                    const std::array<double, 3>& bytes,
-                                                    const std::array<double, 3>& cost) {
-  const double limit = std::max(budget * layers * bytes[0], layers * bytes[2]);
-  // Blocks are identical: only how many take each policy matters (O(layers^2) candidates).
-  int64_t best_all = 0, best_ops = 0;
+                                                    const PolicyFigures& bytes,
+                                                    const PolicyFigures& cost) {
+  constexpr size_t P = model::kSavePolicies;
+  const double limit = std::max(budget * layers * bytes[0], layers * bytes[P - 1]);
+  // Blocks are identical: only how many take each policy matters (O(layers^3) candidates).
+  std::array<int64_t, P> want{};
+  want[P - 1] = layers;
   double best = std::numeric_limits<double>::infinity();
-  for (int64_t all = 0; all <= layers; ++all) {
-    for (int64_t ops = 0; all + ops <= layers; ++ops) {
-      const int64_t input = layers - all - ops;
-      const double b = all * bytes[0] + ops * bytes[1] + input * bytes[2];
-      const double t = all * cost[0] + ops * cost[1] + input * cost[2];
-      if (b <= limit * (1 + 1e-12) && t < best) {
-        best = t;
-        best_all = all;
-        best_ops = ops;
+  for (int64_t n0 = 0; n0 <= layers; ++n0) {
+    for (int64_t n1 = 0; n0 + n1 <= layers; ++n1) {
+      for (int64_t n2 = 0; n0 + n1 + n2 <= layers; ++n2) {
+        const std::array<int64_t, P> n = {n0, n1, n2, layers - n0 - n1 - n2};
+        double b = 0, t = 0;
+        for (size_t k = 0; k < P; ++k) {
+          b += static_cast<double>(n[k]) * bytes[k];
+          t += static_cast<double>(n[k]) * cost[k];
+        }
+        if (b <= limit * (1 + 1e-12) && t < best) {
+          best = t;
+          want = n;
+        }
       }
     }
   }
   // Even spread: each layer takes the policy furthest behind its share so far.
-  const std::array<int64_t, 3> want = {best_all, best_ops, layers - best_all - best_ops};
-  const std::array<model::SavePolicy, 3> kinds = {
-      model::SavePolicy::All, model::SavePolicy::Matmuls, model::SavePolicy::InputOnly};
-  std::array<int64_t, 3> given = {0, 0, 0};
+  const std::array<model::SavePolicy, P> kinds = {
+      model::SavePolicy::All, model::SavePolicy::Matmuls, model::SavePolicy::Attention,
+      model::SavePolicy::InputOnly};
+  std::array<int64_t, P> given{};
   std::vector<model::SavePolicy> out;
   for (int64_t l = 0; l < layers; ++l) {
     size_t pick = 0;
     double lag = -std::numeric_limits<double>::infinity();
-    for (size_t k = 0; k < 3; ++k) {
+    for (size_t k = 0; k < P; ++k) {
       if (given[k] == want[k]) continue;
       const double behind = static_cast<double>(want[k]) * (l + 1) / layers - given[k];
       if (behind > lag) {
@@ -85,11 +91,11 @@ CheckpointPolicy CheckpointPolicy::from_config(const config::ActivationCheckpoin
     // causal attention) at a matmul rate against the bytes the elementwise recompute of the
     // Matmuls policy moves (norms, RoPE, SwiGLU) at a memory rate; H100/H200 ratio of about
     // 200 FLOP per byte.
-    std::array<double, 3> bytes;
-    const model::SavePolicy kinds[] = {model::SavePolicy::All, model::SavePolicy::Matmuls,
-                                       model::SavePolicy::InputOnly};
-    for (size_t k = 0; k < 3; ++k) {
-      bytes[k] = static_cast<double>(saved_bytes_per_token(args, kinds[k], 2, tp));
+    PolicyFigures bytes;
+    for (auto kind : {model::SavePolicy::All, model::SavePolicy::Matmuls,
+                      model::SavePolicy::Attention, model::SavePolicy::InputOnly}) {
+      bytes[model::save_policy_index(kind)] =
+          static_cast<double>(saved_bytes_per_token(args, kind, 2, tp));
     }
     const double hd = static_cast<double>(args.head_dim());
     const double q = args.n_heads * hd, kv = args.n_kv_heads * hd;
@@ -98,9 +104,11 @@ CheckpointPolicy CheckpointPolicy::from_config(const config::ActivationCheckpoin
         (2.0 * d * (q + 2 * kv) + 2.0 * q * d + 6.0 * d * f + 2.0 * q * seq_len) / tp;
     const double elementwise_bytes = (4 * d + 2 * (q + kv) + 3 * f) / tp * 2 * 2;
     const double forward_cost = forward_flops / 200.0;
+    const double w13_cost = 4.0 * d * f / tp / 200.0;
     p.bytes_per_token = bytes;
-    p.choose_budget({0.0, elementwise_bytes, forward_cost + elementwise_bytes},
-                    forward_cost + elementwise_bytes);
+    p.choose_budget(
+        {0.0, elementwise_bytes, w13_cost + elementwise_bytes, forward_cost + elementwise_bytes},
+        forward_cost + elementwise_bytes);
     return p;
   }
   TITAN_CHECK(ac.mode == "selective", "activation_checkpoint.mode: \"", ac.mode,
@@ -117,15 +125,13 @@ CheckpointPolicy CheckpointPolicy::from_config(const config::ActivationCheckpoin
   return p;
 }
 
-void CheckpointPolicy::choose_budget(const std::array<double, 3>& cost, double forward) {
+void CheckpointPolicy::choose_budget(const PolicyFigures& cost, double forward) {
   const auto n_layers = static_cast<int64_t>(layers.empty() ? layers_count : layers.size());
   layers_count = n_layers;
   layers = choose_checkpointing(n_layers, budget, bytes_per_token, cost);
   double saved = 0, recompute = 0;
   for (auto policy : layers) {
-    const size_t k = policy == model::SavePolicy::All       ? 0
-                     : policy == model::SavePolicy::Matmuls ? 1
-                                                            : 2;
+    const size_t k = model::save_policy_index(policy);
     saved += bytes_per_token[k];
     recompute += cost[k];
   }
@@ -133,10 +139,12 @@ void CheckpointPolicy::choose_budget(const std::array<double, 3>& cost, double f
   recompute_fraction = recompute / (static_cast<double>(n_layers) * forward);
 }
 
-void CheckpointPolicy::set_measured_costs(double ops_s, double full_s, double forward_s) {
+void CheckpointPolicy::set_measured_costs(double ops_s, double attention_s, double full_s,
+                                          double forward_s) {
   TITAN_INTERNAL_CHECK(mode == Mode::Budget, "measured recompute costs outside memory_budget");
   measured = true;
-  choose_budget({0.0, std::max(0.0, ops_s), std::max(0.0, full_s)}, forward_s);
+  choose_budget({0.0, std::max(0.0, ops_s), std::max(0.0, attention_s), std::max(0.0, full_s)},
+                forward_s);
 }
 
 model::SavePolicy CheckpointPolicy::for_layer(int64_t layer) const {
@@ -157,15 +165,14 @@ std::string CheckpointPolicy::describe() const {
     case Mode::Full: return "full";
     case Mode::Ops: return "selective (op: matmul and attention outputs kept)";
     case Mode::Budget: {
-      int64_t n[3] = {0, 0, 0};
-      for (auto p : layers) {
-        ++n[p == model::SavePolicy::All ? 0 : p == model::SavePolicy::Matmuls ? 1 : 2];
-      }
+      std::array<int64_t, model::kSavePolicies> n{};
+      for (auto p : layers) ++n[model::save_policy_index(p)];
       return fmt::format(
           "memory budget {:.2f}: {} block(s) keep everything, {} keep matmul and attention "
-          "outputs (op), {} only their input (full); saved activations {:.2f} of no "
-          "checkpointing, estimated recompute {:.0f}% of the blocks' forward ({})",
-          budget, n[0], n[1], n[2], saved_fraction, 100 * recompute_fraction,
+          "outputs (op), {} the attention half's (w1|w3 recomputed), {} only their input "
+          "(full); saved activations {:.2f} of no checkpointing, estimated recompute {:.0f}% "
+          "of the blocks' forward ({})",
+          budget, n[0], n[1], n[2], n[3], saved_fraction, 100 * recompute_fraction,
           measured ? "recompute times measured on this device" : "FLOP/byte model");
     }
     case Mode::EveryK: break;

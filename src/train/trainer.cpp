@@ -393,7 +393,8 @@ void Trainer::measure_checkpoint_costs() {
   };
   at::Tensor secs =
       at::tensor({time(model::SavePolicy::All, false), time(model::SavePolicy::All, true),
-                  time(model::SavePolicy::Matmuls, true), time(model::SavePolicy::InputOnly, true)},
+                  time(model::SavePolicy::Matmuls, true), time(model::SavePolicy::Attention, true),
+                  time(model::SavePolicy::InputOnly, true)},
                  at::kDouble)
           .to(at::kFloat);
   // The world's average, identical on every rank, so all choose the same policies (tensor
@@ -405,12 +406,12 @@ void Trainer::measure_checkpoint_costs() {
   }
   const auto t = secs.to(at::kDouble);
   const double* v = t.data_ptr<double>();
-  plan_.checkpointing.set_measured_costs(v[2] - v[1], v[3] - v[1], v[0]);
+  plan_.checkpointing.set_measured_costs(v[2] - v[1], v[3] - v[1], v[4] - v[1], v[0]);
   log::info(
       "memory_budget: one block on this device in {:.1f}s: forward {:.2f} ms; forward + backward "
-      "keeping everything {:.2f} ms, recomputing norms/RoPE/SwiGLU {:.2f} ms, recomputing the "
-      "block {:.2f} ms",
-      seconds_since(t0), 1e3 * v[0], 1e3 * v[1], 1e3 * v[2], 1e3 * v[3]);
+      "keeping everything {:.2f} ms, recomputing norms/RoPE/SwiGLU {:.2f} ms, those and w1|w3 "
+      "{:.2f} ms, the block {:.2f} ms",
+      seconds_since(t0), 1e3 * v[0], 1e3 * v[1], 1e3 * v[2], 1e3 * v[3], 1e3 * v[4]);
 }
 
 void Trainer::choose_token_slices() {

@@ -14,11 +14,17 @@
 namespace titan::model {
 
 // What a block keeps from forward for backward (activation checkpointing).
+// What a block keeps for its backward, from most to least memory (memory_budget mixes them).
 enum class SavePolicy {
-  All,       // every intermediate: no recomputation (activation_checkpoint.mode = none)
-  Matmuls,   // matmul and attention outputs; norms, RoPE and SwiGLU recomputed ("op")
-  InputOnly  // only the block input; the whole block recomputed in backward ("full")
+  All,        // every intermediate: no recomputation (activation_checkpoint.mode = none)
+  Matmuls,    // matmul and attention outputs; norms, RoPE and SwiGLU recomputed ("op")
+  Attention,  // the attention half's matmul and attention outputs; the feed-forward's input
+              // projection (w1|w3) recomputed too, with norms, RoPE and SwiGLU
+  InputOnly   // only the block input; the whole block recomputed in backward ("full")
 };
+constexpr size_t kSavePolicies = 4;
+// The index of a policy in the order above (arrays of per-policy figures).
+size_t save_policy_index(SavePolicy p);
 
 // Weight views of one block in compute dtype; a projection gathered in float8 (the float8 FSDP
 // all-gather) is e4m3 with its inverse scale in the matching *_scale (undefined otherwise).

@@ -24,6 +24,9 @@
 namespace titan::parallel {
 
 // activation_checkpoint.mode / selective_ac_option, parsed.
+// One figure per SavePolicy, in its order (bytes saved, recompute cost).
+using PolicyFigures = std::array<double, model::kSavePolicies>;
+
 struct CheckpointPolicy {
   enum class Mode { None, Full, EveryK, Ops, Budget };
   Mode mode = Mode::None;
@@ -35,14 +38,15 @@ struct CheckpointPolicy {
   std::vector<model::SavePolicy> layers;
   double saved_fraction = 1.0;    // of no checkpointing's saved bytes
   double recompute_fraction = 0;  // estimated recompute time / the blocks' forward time
-  // Budget: saved bytes per token of one block under All / Matmuls / InputOnly, the number of
-  // blocks, and whether the recompute costs were measured (else a FLOP/byte model).
-  std::array<double, 3> bytes_per_token{};
+  // Budget: saved bytes per token of one block under each SavePolicy (in its order), the
+  // number of blocks, and whether the recompute costs were measured (else a FLOP/byte model).
+  PolicyFigures bytes_per_token{};
   int64_t layers_count = 0;
   bool measured = false;
   // Budget: re-chooses the blocks' policies from measured seconds per block of the Matmuls
-  // recompute (norms, RoPE, SwiGLU), of the whole-block recompute, and of a block's forward.
-  void set_measured_costs(double ops_s, double full_s, double forward_s);
+  // recompute (norms, RoPE, SwiGLU), of the Attention one (those and w1|w3), of the whole-block
+  // recompute, and of a block's forward.
+  void set_measured_costs(double ops_s, double attention_s, double full_s, double forward_s);
   // `args` and `tp` size the blocks for memory_budget (the other modes ignore them).
   static CheckpointPolicy from_config(const config::ActivationCheckpointSection& ac,
                                       const model::LlamaArgs& args, int64_t seq_len,
@@ -50,18 +54,18 @@ struct CheckpointPolicy {
   model::SavePolicy for_layer(int64_t layer) const;
   // "none", "full", "selective (every 2nd block)", "selective (op)", "memory budget ...".
   std::string describe() const;
-  // Budget: the policies of least recompute `cost` (seconds or model units per block, for All /
-  // Matmuls / InputOnly) within the budget; `forward`: one block's forward in the same units.
-  void choose_budget(const std::array<double, 3>& cost, double forward);
+  // Budget: the policies of least recompute `cost` (seconds or model units per block, per
+  // SavePolicy) within the budget; `forward`: one block's forward in the same units.
+  void choose_budget(const PolicyFigures& cost, double forward);
 };
 
 // memory_budget's choice: per-layer policies for `layers` identical blocks whose saved bytes per
-// token under All / Matmuls / InputOnly are `bytes` and whose recompute costs are `cost`
-// (same order), minimizing the total cost with the saved bytes at most budget x all-kept (or
-// the least possible when the budget is below it). Spread evenly over the layers.
+// token under each SavePolicy are `bytes` and whose recompute costs are `cost` (SavePolicy
+// order), minimizing the total cost with the saved bytes at most budget x all-kept (or the
+// least possible when the budget is below it). Spread evenly over the layers.
 std::vector<model::SavePolicy> choose_checkpointing(int64_t layers, double budget,
-                                                    const std::array<double, 3>& bytes,
-                                                    const std::array<double, 3>& cost);
+                                                    const PolicyFigures& bytes,
+                                                    const PolicyFigures& cost);
 
 // The model parts of each stage, from module_fqns_per_model_part, pipeline_parallel_split_points
 // (torchtitan v0.1.0) or torchtitan's even split with the embedding and the head counted as

@@ -6,7 +6,9 @@
 #include "support/test_support.h"
 #include "titan/model/init.h"
 #include "titan/model/layout.h"
+#include "titan/model/llama.h"
 #include "titan/model/llama_args.h"
+#include "titan/ops/rope.h"
 #include "titan/parallel/fsdp.h"
 #include "titan/util/error.h"
 
@@ -109,6 +111,39 @@ TEST(LlamaModel, ActivationCheckpointModesGiveTheSameGradients) {
       EXPECT_LT(test::relative_error(r.grads[i], base.grads[i]), 1e-6)
           << mode << " " << option << " unit " << i;
     }
+  }
+}
+
+// Every save policy (what the block keeps, what its backward recomputes) gives one block's
+// input gradient and weight gradients of keeping everything, to fp32 rounding.
+TEST(LlamaModel, EverySavePolicyGivesTheBlockGradientsOfKeepingEverything) {
+  const auto args = test::tiny_llama_args();
+  const auto block = model::llama_units(args).at(1);
+  const model::BlockPlan plan = model::BlockPlan::whole(args);
+  const auto device = c10::Device(c10::kCPU);
+  at::manual_seed(3);
+  const model::ScratchBlock w = model::scratch_block(block, at::kFloat, device);
+  const int64_t seq = 12;
+  auto [cos, sin] = ops::rope_tables(args, seq, at::dtype(at::kFloat));
+  const model::Rope rope{cos, sin};
+  const at::Tensor x = at::randn({2, seq, args.dim});
+  const at::Tensor dy = at::randn({2, seq, args.dim});
+  auto run = [&](model::SavePolicy policy) {
+    at::Tensor grad = at::zeros({block.numel});
+    const model::BlockGrads g = model::block_views(block, grad);
+    model::BlockSaved saved;
+    const at::Tensor out = model::block_forward(args, plan, w.w, rope, x, policy, saved);
+    const at::Tensor dx = model::block_backward(args, plan, w.w, rope, dy, saved, g, false);
+    return std::tuple{out, dx, grad};
+  };
+  const auto [out, dx, grad] = run(model::SavePolicy::All);
+  for (auto policy :
+       {model::SavePolicy::Matmuls, model::SavePolicy::Attention, model::SavePolicy::InputOnly}) {
+    SCOPED_TRACE(model::save_policy_index(policy));
+    const auto [o, d, gr] = run(policy);
+    EXPECT_TRUE(at::equal(o, out));
+    EXPECT_LT(test::relative_error(d, dx), 1e-6);
+    EXPECT_LT(test::relative_error(gr, grad), 1e-6);
   }
 }
 

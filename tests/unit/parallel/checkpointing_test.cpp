@@ -15,13 +15,13 @@ using model::SavePolicy;
 namespace {
 
 size_t index_of(SavePolicy p) {
-  return p == SavePolicy::All ? 0 : p == SavePolicy::Matmuls ? 1 : 2;
+  return model::save_policy_index(p);
 }
 
 }  // namespace
 
 TEST(MemoryBudget, ChoiceIsTheCheapestAssignmentWithinTheBudget) {
-  const std::array<double, 3> bytes = {10, 6, 1}, cost = {0, 1, 7};
+  const parallel::PolicyFigures bytes = {10, 6, 3, 1}, cost = {0, 1, 3, 7};
   for (int64_t layers : {1, 3, 5}) {
     for (double budget : {0.0, 0.15, 0.4, 0.55, 0.8, 1.0}) {
       SCOPED_TRACE(std::to_string(layers) + " layers, budget " + std::to_string(budget));
@@ -32,16 +32,16 @@ TEST(MemoryBudget, ChoiceIsTheCheapestAssignmentWithinTheBudget) {
         b += bytes[index_of(p)];
         t += cost[index_of(p)];
       }
-      // Every assignment of the 3 policies to the layers, by brute force.
-      const double limit = std::max(budget * layers * bytes[0], layers * bytes[2]);
+      // Every assignment of the 4 policies to the layers, by brute force.
+      const double limit = std::max(budget * layers * bytes[0], layers * bytes[3]);
       double best = std::numeric_limits<double>::infinity();
       int64_t total = 1;
-      for (int64_t l = 0; l < layers; ++l) total *= 3;
+      for (int64_t l = 0; l < layers; ++l) total *= 4;
       for (int64_t code = 0; code < total; ++code) {
         double bb = 0, tt = 0;
-        for (int64_t l = 0, c = code; l < layers; ++l, c /= 3) {
-          bb += bytes[static_cast<size_t>(c % 3)];
-          tt += cost[static_cast<size_t>(c % 3)];
+        for (int64_t l = 0, c = code; l < layers; ++l, c /= 4) {
+          bb += bytes[static_cast<size_t>(c % 4)];
+          tt += cost[static_cast<size_t>(c % 4)];
         }
         if (bb <= limit + 1e-9) best = std::min(best, tt);
       }
@@ -96,6 +96,27 @@ TEST(MemoryBudget, SavedBytesFallWithTheBudgetAndTheEndsAreNoneAndFull) {
   EXPECT_NE(half.describe().find("memory budget 0.50"), std::string::npos) << half.describe();
 }
 
+// Recomputing only the feed-forward's input projection (Attention) is chosen where it frees
+// memory more cheaply than recomputing whole blocks: with the FLOP/byte model, some 3B block
+// takes it at a budget between op-only and full.
+TEST(MemoryBudget, AttentionPolicyFillsTheGapBetweenOpAndFull) {
+  const auto args = model::llama_flavor("3B");
+  config::ActivationCheckpointSection ac;
+  ac.mode = "memory_budget";
+  ac.memory_budget = 0.3;
+  const auto policy = parallel::CheckpointPolicy::from_config(ac, args, 4096);
+  int64_t attention = 0;
+  for (int64_t l = 0; l < args.n_layers; ++l)
+    attention += policy.for_layer(l) == SavePolicy::Attention;
+  EXPECT_GT(attention, 0) << policy.describe();
+  EXPECT_LE(policy.saved_fraction, 0.3 + 1e-12);
+  // Its saved bytes: the Matmuls policy's without the w1|w3 output.
+  const int64_t ffn = args.ffn_hidden_dim();
+  EXPECT_EQ(parallel::saved_bytes_per_token(args, SavePolicy::Matmuls, 2, 1) -
+                parallel::saved_bytes_per_token(args, SavePolicy::Attention, 2, 1),
+            2 * ffn * 2);
+}
+
 // Measured recompute costs (as a GPU run times them at start-up) re-choose the blocks: when
 // recomputing norms/RoPE/SwiGLU is nearly free, blocks keep their matmul outputs; when it costs
 // as much as recomputing the whole block, keeping the matmul outputs buys nothing, so no block
@@ -111,11 +132,14 @@ TEST(MemoryBudget, MeasuredCostsReChooseWithinTheSameBudget) {
     return n;
   };
   auto cheap_ops = parallel::CheckpointPolicy::from_config(ac, args, 4096);
-  cheap_ops.set_measured_costs(/*ops_s=*/0.0001, /*full_s=*/0.010, /*forward_s=*/0.010);
+  cheap_ops.set_measured_costs(/*ops_s=*/0.0001, /*attention_s=*/0.010, /*full_s=*/0.010,
+                               /*forward_s=*/0.010);
   auto costly_ops = parallel::CheckpointPolicy::from_config(ac, args, 4096);
-  costly_ops.set_measured_costs(/*ops_s=*/0.010, /*full_s=*/0.010, /*forward_s=*/0.010);
+  costly_ops.set_measured_costs(/*ops_s=*/0.010, /*attention_s=*/0.010, /*full_s=*/0.010,
+                                /*forward_s=*/0.010);
   EXPECT_GT(count(cheap_ops, SavePolicy::Matmuls), 0);
   EXPECT_EQ(count(costly_ops, SavePolicy::Matmuls), 0);
+  EXPECT_EQ(count(costly_ops, SavePolicy::Attention), 0);
   for (const auto* p : {&cheap_ops, &costly_ops}) {
     EXPECT_LE(p->saved_fraction, 0.4 + 1e-12);
     EXPECT_NE(p->describe().find("recompute times measured on this device"), std::string::npos)

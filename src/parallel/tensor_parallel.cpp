@@ -57,16 +57,29 @@ class RowParallel final : public ops::Linear {
   const TensorParallel& tp_;
 };
 
+// The float8 projections under tensor parallelism: a Float8Linear whose hooks reduce amaxes
+// and gather token shards over tp; subclasses place the reduce-scatter of partial sums.
+class Float8TpLinear : public ops::Linear {
+ public:
+  Float8TpLinear(const TensorParallel& tp, ops::Float8Linear float8)
+      : tp_(tp), float8_(std::move(float8)) {}
+  at::Tensor weight_input(const at::Tensor& x) const override { return float8_.weight_input(x); }
+  void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
+                       bool accumulate) const override {
+    float8_.backward_weight(dy, x, grad_w, accumulate);
+  }
+
+ protected:
+  const TensorParallel& tp_;
+  ops::Float8Linear float8_;
+};
+
 // Float8 column-parallel: each token shard cast to float8 with the whole tensor's scale and
 // its bytes gathered (inside the Float8Linear), the float8 products with this rank's weight
 // rows; dx's partial sums are reduce-scattered in the compute dtype.
-class Float8ColumnParallel final : public ops::Linear {
+class Float8ColumnParallel final : public Float8TpLinear {
  public:
-  Float8ColumnParallel(const TensorParallel& tp, ops::Float8Linear float8)
-      : tp_(tp), float8_(std::move(float8)) {}
-  at::Tensor weight_input(const at::Tensor& x) const override {
-    return float8_.weight_input(rows2d(x));
-  }
+  using Float8TpLinear::Float8TpLinear;
   at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w,
                      at::Tensor* x_for_weight) const override {
     return float8_.forward(rows2d(x), w, x_for_weight);
@@ -75,24 +88,14 @@ class Float8ColumnParallel final : public ops::Linear {
                             at::Tensor* dy_for_weight) const override {
     return tp_.scatter_tokens(float8_.backward_input(rows2d(dy), w, dy_for_weight));
   }
-  void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
-                       bool accumulate) const override {
-    float8_.backward_weight(dy, x, grad_w, accumulate);
-  }
-
- private:
-  const TensorParallel& tp_;
-  ops::Float8Linear float8_;
 };
 
 // Float8 row-parallel: the float8 product with this rank's weight columns, its partial sums
 // reduce-scattered in the compute dtype; dy's token shard cast to float8 and gathered (inside
 // the Float8Linear) for dx and the weight gradient.
-class Float8RowParallel final : public ops::Linear {
+class Float8RowParallel final : public Float8TpLinear {
  public:
-  Float8RowParallel(const TensorParallel& tp, ops::Float8Linear float8)
-      : tp_(tp), float8_(std::move(float8)) {}
-  at::Tensor weight_input(const at::Tensor& x) const override { return float8_.weight_input(x); }
+  using Float8TpLinear::Float8TpLinear;
   at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w,
                      at::Tensor* x_for_weight) const override {
     return tp_.scatter_tokens(float8_.forward(rows2d(x), w, x_for_weight));
@@ -101,14 +104,6 @@ class Float8RowParallel final : public ops::Linear {
                             at::Tensor* dy_for_weight) const override {
     return float8_.backward_input(rows2d(dy), w, dy_for_weight);
   }
-  void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
-                       bool accumulate) const override {
-    float8_.backward_weight(dy, x, grad_w, accumulate);
-  }
-
- private:
-  const TensorParallel& tp_;
-  ops::Float8Linear float8_;
 };
 
 }  // namespace

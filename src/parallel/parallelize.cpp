@@ -707,7 +707,11 @@ MemoryEstimate estimate_memory(const model::LlamaArgs& args, const Plan& plan,
   if (shadows) in.resident_weight_elements = in.param_state_elements;
   if (sharded || !f.persistent_compute_weights) {
     // Gathered units held at once: two neighbours while resharding, all of them in a pipeline.
-    in.resident_weight_elements += plan.pp > 1 ? all_gathered : pair_gathered;
+    // Units that skip the reshard after forward (fsdp_reshard_after_forward = "never") all
+    // stay gathered until their backward.
+    const bool none_reshards = std::none_of(
+        f.reshard_after_forward.begin(), f.reshard_after_forward.end(), [](bool b) { return b; });
+    in.resident_weight_elements += plan.pp > 1 || none_reshards ? all_gathered : pair_gathered;
   }
   in.gradient_buffer_elements = 2 * largest;
   in.microbatch_tokens = plan.microbatch_size * seq_len / plan.cp;

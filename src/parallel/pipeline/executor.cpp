@@ -160,13 +160,12 @@ void Executor::execute(const Schedule& s, const std::vector<at::Tensor>& microba
 
   for (size_t i = 0; i < list.size(); ++i) {
     const Action& a = list[i];
-    // Receives are posted where the schedule places them, right before the computation that
-    // consumes them, never ahead of an earlier computation: over NCCL, receives posted one
-    // computation ahead deadlocked 1F1B at pp 2 on two H200s in the first step (each rank waiting
-    // for a transfer the other had queued behind its own posted receive), with 8 or 32 hardware
-    // queues alike. In list order every schedule is deadlock-free with receives that block and
-    // sends that do not (the schedule validator checks exactly that); sends still overlap the
-    // receiver's computation.
+    // Receives are posted where the schedule places them (before the computation that
+    // consumes them, or earlier where the sender's order on the link requires), never hoisted
+    // further: over NCCL, receives hoisted one computation ahead deadlocked 1F1B at pp 2 on two
+    // H200s in the first step, with 8 or 32 hardware queues alike. In list order every schedule
+    // is deadlock-free with receives that block and sends that do not (the schedule validator
+    // checks exactly that); sends still overlap the receiver's computation.
     if (is_recv(a.type)) {
       post_recv(i);
       continue;

@@ -1,6 +1,7 @@
 // The one runtime of every pipeline schedule: it walks this rank's actions in order, runs the
 // compute ones on its stages, and moves activations and gradients between ranks with
-// asynchronous sends and receives (receives posted ahead, while the compute before them runs).
+// asynchronous sends and receives (each receive posted at its place in the action list; sends
+// complete while later computations run).
 // Between stages on the same rank (a V's turn, looped stages) tensors are handed over locally.
 #pragma once
 

@@ -45,11 +45,15 @@ Float8Operand cast_scaled(const at::Tensor& x, const at::Tensor& scale, at::Scal
   return {(x.to(at::kFloat) * scale).clamp_(-fmax, fmax).to(dtype), at::reciprocal(scale)};
 }
 
-// The ATen cast (CPU, and shapes the kernels do not take).
-Float8Operand aten_cast(const at::Tensor& x, at::ScalarType dtype, bool rowwise, bool transpose) {
+// The ATen cast (CPU, shapes the kernels do not take, and tensorwise amaxes combined by
+// `reduce` first: tensor parallel, where every rank holding part of a tensor casts with the
+// whole tensor's scale).
+Float8Operand aten_cast(const at::Tensor& x, at::ScalarType dtype, bool rowwise, bool transpose,
+                        const AmaxReduce& reduce = {}) {
   const at::Tensor xf = (transpose ? x.t() : x).to(at::kFloat).contiguous();
   at::Tensor amax = rowwise ? at::linalg_vector_norm(xf, INFINITY, {1}, /*keepdim=*/true)
                             : at::linalg_vector_norm(xf, INFINITY);
+  if (reduce) reduce(amax);
   at::Tensor scale = scale_for(amax, dtype);
   // Rowwise scales are powers of two (exact to apply and to undo).
   if (rowwise) scale = at::exp2(at::floor(at::log2(scale)));
@@ -89,12 +93,13 @@ bool packable(const at::Tensor& x2) {
   return x2.numel() % 4 == 0;
 }
 
-// x2 [R, C] (or its transpose) cast into `out` (allocated when undefined).
+// x2 [R, C] (or its transpose) cast into `out` (allocated when undefined), the tensorwise amax
+// combined by `reduce` when given.
 Float8Operand cast_into(const at::Tensor& x2, at::ScalarType dtype, bool rowwise, bool transpose,
-                        Float8Operand out = {}) {
+                        Float8Operand out = {}, const AmaxReduce& reduce = {}) {
   RECORD_USER_SCOPE("titan/float8_cast");
-  if (!fused(x2)) {
-    Float8Operand op = aten_cast(x2, dtype, rowwise, transpose);
+  if (!fused(x2) || reduce) {
+    Float8Operand op = aten_cast(x2, dtype, rowwise, transpose, reduce);
     if (!out.data.defined()) return op;
     out.data.copy_(op.data);
     out.inv_scale.copy_(op.inv_scale.view_as(out.inv_scale));
@@ -135,22 +140,6 @@ std::pair<Float8Operand, at::Tensor> cast_with_packed_transpose(const at::Tensor
   kernels::float8_cast(x2, 0, false, row.data, p.op.data, p.op.inv_scale);
 #endif
   return {row, p.buffer};
-}
-
-// Tensorwise cast of x2 [R, C] (or its transpose) whose amax is first combined by `reduce`, so
-// that every rank holding part of a tensor casts with the whole tensor's scale; into `out` when
-// given.
-Float8Operand cast_reduced(const at::Tensor& x2, at::ScalarType dtype, bool transpose,
-                           const AmaxReduce& reduce, Float8Operand out = {}) {
-  RECORD_USER_SCOPE("titan/float8_cast");
-  at::Tensor amax = at::linalg_vector_norm(x2, INFINITY, {}, false, at::kFloat);
-  reduce(amax);
-  Float8Operand op =
-      cast_scaled((transpose ? x2.t() : x2).contiguous(), scale_for(amax, dtype), dtype);
-  if (!out.data.defined()) return op;
-  out.data.copy_(op.data);
-  out.inv_scale.copy_(op.inv_scale);
-  return out;
 }
 
 }  // namespace
@@ -247,11 +236,7 @@ at::Tensor Float8Linear::operand_for_weight(const at::Tensor& x2, at::ScalarType
   if (recipe_ == Float8Recipe::RowwiseWithGwHp || !packable(x2)) return x2;
   const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
   Packed p = make_packed(x2.size(1), x2.size(0), rowwise ? x2.size(1) : 1, dtype, x2.options());
-  if (reduce) {
-    cast_reduced(x2, dtype, /*transpose=*/true, reduce, p.op);
-  } else {
-    cast_into(x2, dtype, rowwise, /*transpose=*/true, p.op);
-  }
+  cast_into(x2, dtype, rowwise, /*transpose=*/true, p.op, reduce);
   return p.buffer;
 }
 
@@ -262,7 +247,7 @@ Float8Operand Float8Linear::cast_operand(const at::Tensor& x2, at::ScalarType dt
                                          const TokenGather& gather) const {
   const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
   if (reduce) {
-    Float8Operand row = cast_reduced(x2, dtype, /*transpose=*/false, reduce);
+    Float8Operand row = cast_into(x2, dtype, /*rowwise=*/false, /*transpose=*/false, {}, reduce);
     if (gather) {
       TITAN_INTERNAL_CHECK(packable(x2), "float8 token gather of ", x2.numel(), " elements");
       row.data = gather(row.data.view(at::kByte)).view(dtype);
@@ -288,8 +273,8 @@ at::Tensor Float8Linear::weight_input(const at::Tensor& x) const {
 // float8 is only re-laid out (the same bytes a cast of the gathered bf16 weight would give).
 Float8Operand Float8Linear::weight_operand(const LinearWeight& w, bool transpose) const {
   if (!w.float8()) {
-    if (tp_.weight) return cast_reduced(w.data, at::kFloat8_e4m3fn, transpose, tp_.weight);
-    return cast_into(w.data, at::kFloat8_e4m3fn, recipe_ != Float8Recipe::Tensorwise, transpose);
+    return cast_into(w.data, at::kFloat8_e4m3fn, recipe_ != Float8Recipe::Tensorwise, transpose, {},
+                     tp_.weight);
   }
   TITAN_INTERNAL_CHECK(recipe_ == Float8Recipe::Tensorwise && w.inv_scale.dim() == 0,
                        "a float8-gathered weight needs the tensorwise recipe");
@@ -335,8 +320,7 @@ void Float8Linear::backward_weight(const at::Tensor& dy, const at::Tensor& x,
   auto operand = [&](const at::Tensor& t, int64_t rows, at::ScalarType dtype,
                      const AmaxReduce& reduce) {
     if (t.scalar_type() == at::kByte) return unpack(t, rows, rowwise, dtype);
-    if (reduce) return cast_reduced(t.reshape({-1, rows}), dtype, /*transpose=*/true, reduce);
-    return cast_into(t.reshape({-1, rows}), dtype, rowwise, /*transpose=*/true);
+    return cast_into(t.reshape({-1, rows}), dtype, rowwise, /*transpose=*/true, {}, reduce);
   };
   TITAN_INTERNAL_CHECK((!tp_.gather_dy || dy.scalar_type() == at::kByte) &&
                            (!tp_.gather_x || x.scalar_type() == at::kByte),

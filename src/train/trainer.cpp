@@ -205,10 +205,10 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   if (plan_.checkpointing.mode == parallel::CheckpointPolicy::Mode::Budget && cuda) {
     // Recompute costs measured here replace the FLOP/byte model (CPU keeps the model: its
     // timings are too noisy to make the same choice twice).
-    measure_checkpoint_costs();
+    measure_checkpoint_costs(parallel::pipeline::block_plan(args_, sopts));
     report_memory_estimate();
   }
-  if (plan_.token_slices_auto) choose_token_slices();
+  if (plan_.token_slices_auto) choose_token_slices(parallel::pipeline::block_plan(args_, sopts));
   sopts.token_slices = plan_.token_slices;
   std::map<int, parallel::pipeline::Stage*> by_index;
   for (size_t i = 0; i < plan_.local_stages.size(); ++i) {
@@ -345,26 +345,11 @@ void Trainer::check_health() {
       ". Try a lower optimizer.lr, a smaller training.max_norm, or more lr_scheduler.warmup_steps");
 }
 
-model::BlockPlan Trainer::timing_block_plan() const {
-  model::BlockPlan bp = tp_ ? tp_->block_plan(args_) : model::BlockPlan::whole(args_);
-  // The projections as training runs them (float8 where converted).
-  if (float8_) {
-    const ops::Linear* column = tp_ ? &tp_->float8_column() : float8_.get();
-    const ops::Linear* row = tp_ ? &tp_->float8_row() : float8_.get();
-    if (plan_.float8.wqkv) bp.wqkv = column;
-    if (plan_.float8.wo) bp.wo = row;
-    if (plan_.float8.w13) bp.w13 = column;
-    if (plan_.float8.w2) bp.w2 = row;
-  }
-  return bp;
-}
-
-void Trainer::measure_checkpoint_costs() {
+void Trainer::measure_checkpoint_costs(const model::BlockPlan& bp) {
   const auto t0 = std::chrono::steady_clock::now();
   const c10::Device device = fsdp_->device();
   const auto opts = at::TensorOptions().device(device);
   const at::ScalarType dtype = plan_.fsdp.param_dtype;
-  const model::BlockPlan bp = timing_block_plan();
   const auto block = model::llama_units(args_, {plan_.tp, runtime_->mesh().coordinate("tp")}).at(1);
   const model::ScratchBlock scratch = model::scratch_block(block, dtype, device);
   const auto& w = scratch.w;
@@ -414,7 +399,7 @@ void Trainer::measure_checkpoint_costs() {
       seconds_since(t0), 1e3 * v[0], 1e3 * v[1], 1e3 * v[2], 1e3 * v[3], 1e3 * v[4]);
 }
 
-void Trainer::choose_token_slices() {
+void Trainer::choose_token_slices(const model::BlockPlan& bp) {
   namespace pl = parallel::pipeline;
   const auto& c = cfg_;
   const auto& mesh = runtime_->mesh();
@@ -466,7 +451,6 @@ void Trainer::choose_token_slices() {
     source = "cached in " + cache_file;
   } else {
     const auto t0 = std::chrono::steady_clock::now();
-    const model::BlockPlan bp = timing_block_plan();
     const auto block = model::llama_units(args_, {plan_.tp, mesh.coordinate("tp")}).at(1);
     const auto samples = pl::measure_slice_times(args_, bp, block, plan_.microbatch_size, seq_len,
                                                  quantum, policy, dtype, device);

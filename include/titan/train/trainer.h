@@ -82,13 +82,13 @@ class Trainer {
   void report_memory_estimate();
   // TeraPipe with token_slices = "auto": the slice cost model (cached, or timed on this
   // device and averaged over the ranks), the dynamic program's slicing, the rebuilt schedule.
-  void choose_token_slices();
+  void choose_token_slices(const model::BlockPlan& timing_plan);
   // memory_budget on a GPU: times one block (random weights, this run's projections, dtype and
   // microbatch) keeping everything, recomputing norms/RoPE/SwiGLU and recomputing it whole,
   // averaged over the world, and re-chooses every block's policy from those costs.
-  void measure_checkpoint_costs();
-  // The BlockPlan training runs (tensor parallel, float8 projections) for timing one block.
-  model::BlockPlan timing_block_plan() const;
+  // `timing_plan`: the BlockPlan training runs (tensor parallel, float8 projections) with local
+  // attention, for timing one block.
+  void measure_checkpoint_costs(const model::BlockPlan& timing_plan);
   // A loader over `dataset` / `path` dealing windows to this data-parallel rank.
   std::unique_ptr<data::DataLoader> make_loader(const std::string& dataset, const std::string& path,
                                                 int64_t batch, int64_t seq_len, bool infinite,

@@ -36,6 +36,17 @@ const model::Rope& RopeCache::get(int64_t seq_len, const c10::Device& device) {
   return it->second;
 }
 
+model::BlockPlan block_plan(const model::LlamaArgs& args, const StageOptions& options) {
+  model::BlockPlan p = options.tp ? options.tp->block_plan(args) : model::BlockPlan::whole(args);
+  if (options.float8_column) {
+    if (options.float8_wqkv) p.wqkv = options.float8_column;
+    if (options.float8_wo) p.wo = options.float8_row;
+    if (options.float8_w13) p.w13 = options.float8_column;
+    if (options.float8_w2) p.w2 = options.float8_row;
+  }
+  return p;
+}
+
 Stage::Stage(StageLayout layout, std::vector<size_t> units, model::LlamaArgs args, FsdpModel& fsdp,
              RopeCache& ropes, std::vector<model::SavePolicy> policies, StageOptions options)
     : layout_(layout),
@@ -46,14 +57,8 @@ Stage::Stage(StageLayout layout, std::vector<size_t> units, model::LlamaArgs arg
       ropes_(ropes),
       policies_(std::move(policies)),
       options_(options),
-      block_plan_(options.tp ? options.tp->block_plan(args_) : model::BlockPlan::whole(args_)) {
+      block_plan_(block_plan(args_, options)) {
   if (options_.cp) block_plan_.attention = options_.cp;
-  if (options_.float8_column) {
-    if (options_.float8_wqkv) block_plan_.wqkv = options_.float8_column;
-    if (options_.float8_wo) block_plan_.wo = options_.float8_row;
-    if (options_.float8_w13) block_plan_.w13 = options_.float8_column;
-    if (options_.float8_w2) block_plan_.w2 = options_.float8_row;
-  }
   if (!options_.token_slices.empty()) {
     TITAN_INTERNAL_CHECK(!options_.cp, "token slices with context parallel");
     slice_start_.push_back(0);

@@ -68,6 +68,11 @@ struct StageOptions {
   bool float8_wqkv = false, float8_wo = false, float8_w13 = false, float8_w2 = false;
 };
 
+// The block plan of `options` without context parallelism: tensor parallel's head split and
+// projections, and the float8 Linears of the converted projections (a stage adds context
+// parallel's attention; start-up timing keeps attention local).
+model::BlockPlan block_plan(const model::LlamaArgs& args, const StageOptions& options);
+
 class Stage {
  public:
   // `units`: this stage's units in `fsdp`, in execution order (embedding, blocks, head).

@@ -91,7 +91,9 @@ do_smoke2() {
         --parallelism.pipeline_parallel_schedule TeraPipe
         --parallelism.pipeline_parallel_microbatch_size 1)
         [ "$name" = pp2_TeraPipeFixed ] &&
-          extra+=(--parallelism.pipeline_parallel_token_slices 128,128) ;;
+          extra+=(--parallelism.pipeline_parallel_token_slices 128,128)
+        [ "$name" = pp2_TeraPipeFixed3 ] &&
+          extra+=(--parallelism.pipeline_parallel_token_slices 64,64,128) ;;
       pp2_*) extra=(--parallelism.pipeline_parallel_degree 2
         --parallelism.pipeline_parallel_schedule "${name#pp2_}"
         --parallelism.pipeline_parallel_microbatch_size 1) ;;
@@ -107,16 +109,44 @@ do_smoke2() {
     esac
     [ "$name" = fsdp2 ] || [ "${name#fsdp2_f8}" != "$name" ] ||
       extra+=(--parallelism.data_parallel_shard_degree 1)
-    CUDA_VISIBLE_DEVICES=0,1 timeout 120 "$PY" -m torch.distributed.run --standalone \
+    CUDA_VISIBLE_DEVICES=0,1 with_stacks 100 "$PY" -m torch.distributed.run --standalone \
       --nproc_per_node=2 --no-python "$BUILD_DIR/titan_train" "${common[@]}" "${extra[@]}" \
-      --comm.train_timeout_seconds 40 --job.dump_folder "$tmp/smoke_$name" \
-      >"$tmp/smoke_$name.log" 2>&1 || {
-      echo "$name FAILED:"
-      grep -E "\[titan\]|rror|what\(\)" "$tmp/smoke_$name.log" | cut -c1-300 | tail -12
+      --comm.init_timeout_seconds 60 --comm.train_timeout_seconds 40 \
+      --job.dump_folder "$tmp/smoke_$name" >"$tmp/smoke_$name.log" 2>&1 || {
+      echo "$name FAILED (whole log: $OUT/smoke_$name.log):"
+      cp "$tmp/smoke_$name.log" "$OUT/"
+      grep -vE "^\s*$|^\*+$|OMP_NUM_THREADS|socket|TCPStore" "$tmp/smoke_$name.log" |
+        grep -vE "^#|^Thread|^== stacks" | cut -c1-300 | tail -30
       continue
     }
     compare_losses "bf16 $name vs 1 GPU" "$tmp/$base/metrics.jsonl" "$tmp/smoke_$name/metrics.jsonl"
   done
+}
+
+# with_stacks SECONDS CMD...: runs CMD; past SECONDS, prints every thread's stack of each
+# titan_train process (cuda-gdb), then ends CMD (exit 124).
+with_stacks() {
+  local secs="$1"
+  shift
+  "$@" &
+  local pid=$! waited=0
+  while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$secs" ]; do
+    sleep 1
+    waited=$((waited + 1))
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    local p
+    for p in $(pgrep -f "$BUILD_DIR/titan_train"); do
+      echo "== stacks of titan_train pid $p after ${secs}s"
+      timeout 60 cuda-gdb -p "$p" -batch -ex "thread apply all bt 12" 2>&1 |
+        grep -E "^#|^Thread" | cut -c1-220 | head -80
+    done
+    pkill -TERM -P "$pid"
+    kill -TERM "$pid"
+    wait "$pid"
+    return 124
+  fi
+  wait "$pid"
 }
 
 # 3B at the bench settings (every 2nd block checkpointed), profiled: the breakdown, and which

@@ -1,11 +1,12 @@
-// Tensor-level entry points of titan's CUDA kernels: checks, allocation, current stream, and
-// the cuBLAS call for fp32-accumulated weight gradients. Falls back to the ATen reference when
-// a shape or layout is outside what a kernel handles.
+// Tensor-level entry points of titan's CUDA kernels: checks, allocation, the operands' device and
+// its current stream, and the cuBLAS call for fp32-accumulated weight gradients. Falls back to
+// the ATen reference when a shape or layout is outside what a kernel handles.
 #include "titan/kernels/kernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cublas_v2.h>
 
 #include "launchers.h"
@@ -44,6 +45,7 @@ cudaStream_t stream() {
 
 std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x_in, const at::Tensor& w,
                                                    double eps) {
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
   const int64_t dim = x_in.size(-1);
   at::Tensor x = x_in.contiguous();
   if (!supported(x) || w.scalar_type() != x.scalar_type() || dim % vec_of(x) != 0 ||
@@ -64,6 +66,7 @@ std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x_in, const
 at::Tensor rmsnorm_backward(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& w,
                             const at::Tensor& rstd, const at::Tensor& weight_grad,
                             bool accumulate) {
+  const c10::cuda::CUDAGuard device_guard(dy_in.device());
   const int64_t dim = x_in.size(-1);
   at::Tensor x = x_in.contiguous();
   at::Tensor dy = dy_in.contiguous();
@@ -86,6 +89,7 @@ at::Tensor rmsnorm_backward(const at::Tensor& dy_in, const at::Tensor& x_in, con
 
 void rope_apply_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse,
                     const at::Tensor& out) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
   TITAN_INTERNAL_CHECK(
       x.dim() == 4 && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
       "rope_apply_out needs matching [B, S, H, hd] tensors");
@@ -104,12 +108,14 @@ void rope_apply_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
 
 at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                       bool inverse) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options());
   rope_apply_out(x, cos, sin, inverse, out);
   return out;
 }
 
 at::Tensor swiglu_forward(const at::Tensor& ab_in) {
+  const c10::cuda::CUDAGuard device_guard(ab_in.device());
   const int64_t f = ab_in.size(-1) / 2;
   at::Tensor ab = ab_in.contiguous();
   if (!supported(ab) || f % vec_of(ab) != 0 || !aligned16(ab))
@@ -124,6 +130,7 @@ at::Tensor swiglu_forward(const at::Tensor& ab_in) {
 }
 
 at::Tensor swiglu_backward(const at::Tensor& dg_in, const at::Tensor& ab_in) {
+  const c10::cuda::CUDAGuard device_guard(dg_in.device());
   const int64_t f = ab_in.size(-1) / 2;
   at::Tensor ab = ab_in.contiguous();
   at::Tensor dg = dg_in.contiguous();
@@ -140,6 +147,7 @@ at::Tensor swiglu_backward(const at::Tensor& dg_in, const at::Tensor& ab_in) {
 
 at::Tensor cross_entropy_fwd_bwd(at::Tensor& logits, const at::Tensor& targets, double grad_scale,
                                  bool write_grad) {
+  const c10::cuda::CUDAGuard device_guard(logits.device());
   TITAN_INTERNAL_CHECK(logits.dim() == 2 && logits.is_contiguous() && supported(logits) &&
                            logits.size(1) % vec_of(logits) == 0 && aligned16(logits),
                        "cross_entropy kernel needs contiguous [rows, V] logits, V % 8 == 0");
@@ -155,6 +163,7 @@ at::Tensor cross_entropy_fwd_bwd(at::Tensor& logits, const at::Tensor& targets, 
 
 at::Tensor cross_entropy_shard_stats(const at::Tensor& logits, const at::Tensor& targets,
                                      int64_t begin) {
+  const c10::cuda::CUDAGuard device_guard(logits.device());
   TITAN_INTERNAL_CHECK(logits.dim() == 2 && logits.is_contiguous() && supported(logits) &&
                            logits.size(1) % vec_of(logits) == 0 && aligned16(logits),
                        "cross_entropy_shard_stats needs contiguous [rows, V] logits, V % 8 == 0");
@@ -169,6 +178,7 @@ at::Tensor cross_entropy_shard_stats(const at::Tensor& logits, const at::Tensor&
 
 void cross_entropy_shard_grad(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                               int64_t begin, double grad_scale) {
+  const c10::cuda::CUDAGuard device_guard(logits.device());
   TITAN_INTERNAL_CHECK(logits.dim() == 2 && logits.is_contiguous() && supported(logits) &&
                            logits.size(1) % vec_of(logits) == 0 && aligned16(logits) &&
                            lse.scalar_type() == at::kFloat && lse.numel() == logits.size(0),
@@ -185,6 +195,7 @@ void cross_entropy_shard_grad(at::Tensor& logits, const at::Tensor& targets, con
 void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                 const at::Tensor& exp_avg_sq, const at::Tensor& shadow, const at::Tensor& hyper,
                 const at::Tensor& divisor, bool decoupled) {
+  const c10::cuda::CUDAGuard device_guard(param.device());
   for (const at::Tensor* t : {&param, &grad, &exp_avg, &exp_avg_sq}) {
     TITAN_INTERNAL_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
                              aligned16(*t) && t->numel() == param.numel(),
@@ -202,6 +213,7 @@ void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
 
 at::Tensor sum_of_squares(const std::vector<at::Tensor>& xs) {
   TITAN_INTERNAL_CHECK(!xs.empty(), "sum_of_squares of no tensors");
+  const c10::cuda::CUDAGuard device_guard(xs.front().device());
   int64_t blocks = 0;
   for (const auto& x : xs) {
     TITAN_INTERNAL_CHECK(
@@ -225,6 +237,7 @@ at::Tensor sum_of_squares(const std::vector<at::Tensor>& xs) {
 
 void gemm_tn_fp32(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& grad,
                   bool accumulate) {
+  const c10::cuda::CUDAGuard device_guard(dy_in.device());
   TITAN_INTERNAL_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous(),
                        "fp32 contiguous gradient expected");
   at::Tensor dy = dy_in.contiguous();
@@ -253,6 +266,7 @@ void gemm_tn_fp32(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Ten
 
 void float8_cast(const at::Tensor& x_in, int mode, bool pow2, const at::Tensor& out,
                  const at::Tensor& out_t, const at::Tensor& inv_scale) {
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const auto dtype = (out.defined() ? out : out_t).scalar_type();
   TITAN_INTERNAL_CHECK(x.dim() == 2 && supported(x) && aligned16(x) &&

@@ -78,6 +78,12 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
     dump_lock_ = std::make_unique<util::FolderLock>(c.job.dump_folder, "job.dump_folder");
   }
   const c10::Device device = pick_device();
+#ifdef TITAN_WITH_CUDA
+  // This rank's GPU is the current device of the thread that builds and trains the model:
+  // start-up work (attention probe, memory_budget and TeraPipe timings) launches kernels before
+  // the training loop's stream guard exists.
+  if (device.is_cuda()) c10::cuda::set_device(device.index());
+#endif
   device_ = describe_device(device);
   if (device.is_cuda() && env.world_size > 1) {
     TITAN_CHECK(env.local_world_size <= cuda_device_count(), "LOCAL_WORLD_SIZE ",

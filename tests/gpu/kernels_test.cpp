@@ -1,5 +1,7 @@
 // titan's CUDA kernels against their ATen references, on fresh random inputs each run.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -107,6 +109,27 @@ TEST(Kernels, WeightGradientGemmAccumulatesOrOverwritesInFp32) {
   grad.fill_(std::nanf(""));  // overwrite must not read the old contents
   kernels::gemm_tn_fp32(dy, x, grad, /*accumulate=*/false);
   EXPECT_LT(relative_error(grad, product), 1e-5);
+}
+
+// A rank's tensors live on its own GPU whatever the thread's current device is (start-up
+// timings ran rank 1's kernels on GPU 0's stream: an illegal address on 2 H200s).
+TEST(Kernels, RunOnTheOperandsGpuNotTheCurrentOne) {
+  if (c10::cuda::device_count() < 2) GTEST_SKIP() << "needs 2 GPUs";
+  const c10::cuda::CUDAGuard current(0);
+  const auto on1 = at::TensorOptions().device(at::Device(at::kCUDA, 1));
+  at::Tensor x = at::randn({4, 33, 2048}, on1.dtype(at::kBFloat16));
+  at::Tensor w = (1 + 0.1 * at::randn({2048}, on1)).to(at::kBFloat16);
+  auto [y, r] = kernels::rmsnorm_forward(x, w, 1e-5);
+  EXPECT_EQ(y.device(), x.device());
+  EXPECT_LT(relative_error(y, std::get<0>(ops::rmsnorm_forward_ref(x, w, 1e-5))),
+            tol(at::kBFloat16));
+  at::Tensor ab = at::randn({4, 33, 2 * 1024}, on1.dtype(at::kBFloat16));
+  EXPECT_LT(relative_error(kernels::swiglu_forward(ab), ops::swiglu_forward_ref(ab)),
+            tol(at::kBFloat16));
+  at::Tensor g = at::randn({1000, 64}, on1.dtype(at::kFloat));
+  EXPECT_NEAR(kernels::sum_of_squares({g}).item<double>(), g.square().sum().item<double>(),
+              1e-3 * g.square().sum().item<double>());
+  EXPECT_EQ(c10::cuda::current_device(), 0);
 }
 
 TEST(Kernels, RopeWritesIntoStridedOutput) {

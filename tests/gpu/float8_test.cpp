@@ -1,7 +1,7 @@
 // Float8 on the GPU: titan's fused casts (max pass + cast pass; per tensor, per row, per column
-// of the transposed operand) produce the same float8 bytes and scale as the ATen path on the CPU,
-// and every GEMM of a converted linear through cuBLASLt (_scaled_mm) matches the same float8
-// operands multiplied in fp32, for every recipe.
+// of the transposed operand; odd shapes and 64-multiples) produce the same float8 bytes and scale
+// as the ATen path on the CPU, and every GEMM of a converted linear through cuBLASLt (_scaled_mm)
+// matches the same float8 operands multiplied in fp32, for every recipe.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -13,9 +13,13 @@ using test::relative_error;
 
 TEST(Float8Gpu, FusedCastsMatchTheCpuCast) {
   at::manual_seed(4);
-  // Odd shapes: partial 32 x 32 tiles and a tail after the 16-byte vectors.
-  for (auto src : {at::kBFloat16, at::kFloat}) {
-    const at::Tensor x = (at::randn({300, 203}) * 3).to(src);
+  // Odd shapes: partial 32 x 32 tiles and a tail after the 16-byte vectors; multiples of 64:
+  // the vectorized 64 x 64 tiles (one scale).
+  for (auto [src, rows, cols] :
+       {std::tuple{at::kBFloat16, 300, 203}, std::tuple{at::kFloat, 300, 203},
+        std::tuple{at::kBFloat16, 256, 192}, std::tuple{at::kFloat, 128, 320}}) {
+    SCOPED_TRACE(testing::Message() << rows << " x " << cols << " " << src);
+    const at::Tensor x = (at::randn({rows, cols}) * 3).to(src);
     for (auto dtype : {at::kFloat8_e4m3fn, at::kFloat8_e5m2}) {
       for (auto [rowwise, transpose] : {std::pair{false, false}, std::pair{false, true},
                                         std::pair{true, false}, std::pair{true, true}}) {

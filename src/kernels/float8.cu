@@ -33,7 +33,9 @@ __device__ inline void atomic_max_nonneg(float* p, float v) {
   atomicMax(reinterpret_cast<int*>(p), __float_as_int(v));
 }
 
-// Whole tensor: grid-stride 16-byte vectors, one atomic per block.
+// Whole tensor: grid-stride 16-byte vectors, kUnroll loads in flight per thread, one atomic per
+// block.
+constexpr int kUnroll = 4;
 template <typename T>
 __global__ void amax_tensor_kernel(const T* __restrict__ x, int64_t n, float* __restrict__ amax) {
   constexpr int V = Vec<T>::N;
@@ -42,11 +44,22 @@ __global__ void amax_tensor_kernel(const T* __restrict__ x, int64_t n, float* __
   const int64_t vecs = n / V;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < vecs;
-       t += stride) {
-    float v[V];
-    Vec<T>::load(x + t * V, v);
+       t += kUnroll * stride) {
+    float v[kUnroll][V];
 #pragma unroll
-    for (int k = 0; k < V; ++k) m = fmaxf(m, fabsf(v[k]));
+    for (int u = 0; u < kUnroll; ++u) {
+      if (t + u * stride < vecs) {
+        Vec<T>::load(x + (t + u * stride) * V, v[u]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[u][k] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) m = fmaxf(m, fabsf(v[u][k]));
+    }
   }
   for (int64_t i = vecs * V + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride) {
@@ -97,7 +110,8 @@ __device__ inline uint8_t to_fp8(float v, bool e4m3) {
               : __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E5M2);
 }
 
-// One scale, row-major out only: 16-byte vectors in, V bytes out.
+// One scale, row-major out only: 16-byte vectors in (kUnroll in flight per thread), V bytes
+// out.
 template <typename T>
 __global__ void cast_kernel(const T* __restrict__ x, int64_t n, const float* __restrict__ amax,
                             float fmax, bool e4m3, uint8_t* __restrict__ out,
@@ -108,16 +122,24 @@ __global__ void cast_kernel(const T* __restrict__ x, int64_t n, const float* __r
   const int64_t vecs = n / V;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < vecs;
-       t += stride) {
-    float v[V];
-    Vec<T>::load(x + t * V, v);
-    uint8_t o[V];
+       t += kUnroll * stride) {
+    float v[kUnroll][V];
 #pragma unroll
-    for (int k = 0; k < V; ++k) o[k] = to_fp8(v[k] * s, e4m3);
-    if constexpr (V == 8) {
-      *reinterpret_cast<uint2*>(out + t * V) = *reinterpret_cast<const uint2*>(o);
-    } else {
-      *reinterpret_cast<uint32_t*>(out + t * V) = *reinterpret_cast<const uint32_t*>(o);
+    for (int u = 0; u < kUnroll; ++u) {
+      if (t + u * stride < vecs) Vec<T>::load(x + (t + u * stride) * V, v[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t at = t + u * stride;
+      if (at >= vecs) break;
+      uint8_t o[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) o[k] = to_fp8(v[u][k] * s, e4m3);
+      if constexpr (V == 8) {
+        *reinterpret_cast<uint2*>(out + at * V) = *reinterpret_cast<const uint2*>(o);
+      } else {
+        *reinterpret_cast<uint32_t*>(out + at * V) = *reinterpret_cast<const uint32_t*>(o);
+      }
     }
   }
   for (int64_t i = vecs * V + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;

@@ -34,6 +34,19 @@ TEST(Float8Gpu, FusedCastsMatchTheCpuCast) {
   }
 }
 
+// Large enough that every thread of the grid-stride max and cast kernels takes several
+// unrolled vectors, and a tail after the last whole vector.
+TEST(Float8Gpu, FusedTensorwiseCastOfALargeTensorMatchesTheCpuCast) {
+  at::manual_seed(5);
+  for (auto src : {at::kBFloat16, at::kFloat}) {
+    const at::Tensor x = (at::randn({8191, 4100}) * 3).to(src);
+    const auto gpu = ops::to_float8(x.cuda(), at::kFloat8_e4m3fn, false, false);
+    const auto cpu = ops::to_float8(x, at::kFloat8_e4m3fn, false, false);
+    EXPECT_TRUE(at::equal(gpu.data.cpu().view(at::kByte), cpu.data.view(at::kByte))) << src;
+    EXPECT_LT(relative_error(gpu.inv_scale.cpu(), cpu.inv_scale), 1e-6) << src;
+  }
+}
+
 TEST(Float8Gpu, ScaledMatmulsMatchTheirFloat8OperandsInFp32) {
   at::manual_seed(5);
   const auto opts = test::cuda_options(at::kBFloat16);

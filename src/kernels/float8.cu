@@ -1,8 +1,9 @@
 // Float8 casts with dynamic scales: the largest |x| of the tensor, of each row or of each column
 // (one pass, bf16 or fp32 in, atomic max of the float's bits), then one pass that scales
 // (optionally by a power of two), saturates and rounds to e4m3 or e5m2, writing x in float8,
-// its transpose (tiles through shared memory: 64 x 64 with vector loads and stores for one
-// scale and aligned shapes, else 32 x 32), or both, and the inverse scales the GEMM applies.
+// its transpose (tiles through shared memory: 64 x 64 with vector loads and stores when both
+// dimensions are multiples of 64, else 32 x 32), or both, and the inverse scales the GEMM
+// applies.
 #include <cuda_fp8.h>
 
 #include "common.cuh"
@@ -69,33 +70,63 @@ __global__ void amax_tensor_kernel(const T* __restrict__ x, int64_t n, float* __
   if (threadIdx.x == 0) atomic_max_nonneg(amax, m);
 }
 
-// Per row: one block per row (grid-stride over rows).
+// Per row: one block per row (grid-stride over rows); 16-byte vectors when rows start on 16
+// bytes (`vec`).
 template <typename T>
-__global__ void amax_rows_kernel(const T* __restrict__ x, int64_t rows, int64_t cols,
+__global__ void amax_rows_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, bool vec,
                                  float* __restrict__ amax) {
+  constexpr int V = Vec<T>::N;
   __shared__ float shared[32];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     float m = 0.f;
-    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
-      m = fmaxf(m, fabsf(dev::to_float(x[r * cols + c])));
+    const T* row = x + r * cols;
+    if (vec) {
+      for (int64_t c = threadIdx.x * V; c < cols; c += blockDim.x * V) {
+        float v[V];
+        Vec<T>::load(row + c, v);
+#pragma unroll
+        for (int k = 0; k < V; ++k) m = fmaxf(m, fabsf(v[k]));
+      }
+    } else {
+      for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+        m = fmaxf(m, fabsf(dev::to_float(row[c])));
+      }
     }
     m = block_max<T>(m, shared);
     if (threadIdx.x == 0) amax[r] = m;
   }
 }
 
-// Per column: each thread walks a strip of rows of one column; one atomic per strip.
+// Per column: each thread walks a strip of rows of one column (or, `vec`, of V adjacent
+// columns read as one 16-byte vector); one atomic per column and strip.
 constexpr int kStrip = 64;
 template <typename T>
-__global__ void amax_cols_kernel(const T* __restrict__ x, int64_t rows, int64_t cols,
+__global__ void amax_cols_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, bool vec,
                                  float* __restrict__ amax) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  constexpr int V = Vec<T>::N;
+  const int64_t lane = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kStrip;
+  const int64_t r1 = r0 + kStrip < rows ? r0 + kStrip : rows;
+  if (vec) {
+    const int64_t c = lane * V;
+    if (c >= cols) return;
+    float m[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) m[k] = 0.f;
+    for (int64_t r = r0; r < r1; ++r) {
+      float v[V];
+      Vec<T>::load(x + r * cols + c, v);
+#pragma unroll
+      for (int k = 0; k < V; ++k) m[k] = fmaxf(m[k], fabsf(v[k]));
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) atomic_max_nonneg(amax + c + k, m[k]);
+    return;
+  }
+  const int64_t c = lane;
   if (c >= cols) return;
   float m = 0.f;
-  for (int64_t r = r0; r < r0 + kStrip && r < rows; ++r) {
-    m = fmaxf(m, fabsf(dev::to_float(x[r * cols + c])));
-  }
+  for (int64_t r = r0; r < r1; ++r) m = fmaxf(m, fabsf(dev::to_float(x[r * cols + c])));
   atomic_max_nonneg(amax + c, m);
 }
 
@@ -212,29 +243,49 @@ __device__ inline uint2 to_fp8x8(const float* v, float s, bool e4m3) {
   return make_uint2(w[0], w[1]);
 }
 
-// One scale, rows and cols multiples of 64: x [rows, cols] -> out (optional) and out_t
-// [cols, rows] (optional) in 64 x 64 tiles, 16-byte loads and 8-byte stores on both sides.
-// Tile rows are 68 bytes apart: the transposed reads of a warp meet at most 2 per bank.
+// Rows and cols multiples of 64: x [rows, cols] -> out (optional) and out_t [cols, rows]
+// (optional) in 64 x 64 tiles, 16-byte loads and 8-byte stores on both sides; scales by `mode`
+// as cast_transpose_kernel. Tile rows are 68 bytes apart: the transposed reads of a warp meet
+// at most 2 per bank.
 constexpr int kWide = 64, kWideStride = kWide + 4, kWideThreads = 256;
 template <typename T>
 __global__ void __launch_bounds__(kWideThreads)
     cast_transpose_wide_kernel(const T* __restrict__ x, int64_t rows, int64_t cols,
-                               const float* __restrict__ amax, bool pow2, float fmax, bool e4m3,
-                               uint8_t* __restrict__ out, uint8_t* __restrict__ out_t,
+                               const float* __restrict__ amax, int mode, bool pow2, float fmax,
+                               bool e4m3, uint8_t* __restrict__ out, uint8_t* __restrict__ out_t,
                                float* __restrict__ inv_scale) {
   __shared__ __align__(16) uint8_t tile[kWide * kWideStride];
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kWide;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kWide;
-  const float s = scale_from(amax[0], fmax, pow2);
-  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) inv_scale[0] = 1.f / s;
-    // 64 rows of 8 eight-element groups: two groups per thread.
+  const float s_tensor = mode == 0 ? scale_from(amax[0], fmax, pow2) : 0.f;
+  if (mode == 0 && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
+    inv_scale[0] = 1.f / s_tensor;
+  }
+  // 64 rows of 8 eight-element groups: two groups per thread.
 #pragma unroll
   for (int i = 0; i < kWide * kWide / 8 / kWideThreads; ++i) {
     const int idx = threadIdx.x + i * kWideThreads;
     const int r = idx >> 3, g = idx & 7;
     float v[8];
     load8(x + (r0 + r) * cols + c0 + 8 * g, v);
-    const uint2 q = to_fp8x8(v, s, e4m3);
+    if (mode == 0) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] *= s_tensor;
+    } else if (mode == 1) {
+      const float s = scale_from(amax[r0 + r], fmax, pow2);
+      if (blockIdx.x == 0 && g == 0) inv_scale[r0 + r] = 1.f / s;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] *= s;
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const int64_t c = c0 + 8 * g + k;
+        const float s = scale_from(amax[c], fmax, pow2);
+        if (blockIdx.y == 0 && r == 0) inv_scale[c] = 1.f / s;
+        v[k] *= s;
+      }
+    }
+    const uint2 q = to_fp8x8(v, 1.f, e4m3);
     if (out) *reinterpret_cast<uint2*>(out + (r0 + r) * cols + c0 + 8 * g) = q;
     auto* t = reinterpret_cast<uint32_t*>(tile + r * kWideStride + 8 * g);
     t[0] = q.x;
@@ -282,18 +333,23 @@ void float8_amax(DType dt, const void* x, int64_t rows, int64_t cols, int mode, 
     }
   } else if (mode == 1) {
     const unsigned grid = static_cast<unsigned>(rows < 132 * 16 ? rows : 132 * 16);
+    const bool vec = reinterpret_cast<uintptr_t>(x) % 16 == 0 && cols % 8 == 0;
     if (bf16) {
-      amax_rows_kernel<<<grid, 256, 0, stream>>>(xb, rows, cols, amax);
+      amax_rows_kernel<<<grid, 256, 0, stream>>>(xb, rows, cols, vec, amax);
     } else {
-      amax_rows_kernel<<<grid, 256, 0, stream>>>(xf, rows, cols, amax);
+      amax_rows_kernel<<<grid, 256, 0, stream>>>(xf, rows, cols, vec, amax);
     }
   } else {
-    const dim3 grid(static_cast<unsigned>((cols + 255) / 256),
+    // Vectors of 8 (bf16) or 4 (fp32) columns when every row starts on 16 bytes.
+    const int per = bf16 ? 8 : 4;
+    const bool vec = reinterpret_cast<uintptr_t>(x) % 16 == 0 && cols % 8 == 0;
+    const int64_t lanes = vec ? cols / per : cols;
+    const dim3 grid(static_cast<unsigned>((lanes + 255) / 256),
                     static_cast<unsigned>((rows + kStrip - 1) / kStrip));
     if (bf16) {
-      amax_cols_kernel<<<grid, 256, 0, stream>>>(xb, rows, cols, amax);
+      amax_cols_kernel<<<grid, 256, 0, stream>>>(xb, rows, cols, vec, amax);
     } else {
-      amax_cols_kernel<<<grid, 256, 0, stream>>>(xf, rows, cols, amax);
+      amax_cols_kernel<<<grid, 256, 0, stream>>>(xf, rows, cols, vec, amax);
     }
   }
 }
@@ -317,17 +373,17 @@ void float8_cast(DType dt, const void* x, int64_t rows, int64_t cols, const floa
     }
     return;
   }
-  if (mode == 0 && rows % kWide == 0 && cols % kWide == 0 && rows / kWide <= 65535 &&
+  if (rows % kWide == 0 && cols % kWide == 0 && rows / kWide <= 65535 &&
       reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 8 == 0 &&
       reinterpret_cast<uintptr_t>(out_t) % 8 == 0) {
     const dim3 grid(static_cast<unsigned>(cols / kWide), static_cast<unsigned>(rows / kWide));
     if (bf16) {
       cast_transpose_wide_kernel<<<grid, kWideThreads, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(x), rows, cols, amax, pow2, fmax, e4m3, o, ot,
+          static_cast<const __nv_bfloat16*>(x), rows, cols, amax, mode, pow2, fmax, e4m3, o, ot,
           inv_scale);
     } else {
       cast_transpose_wide_kernel<<<grid, kWideThreads, 0, stream>>>(
-          static_cast<const float*>(x), rows, cols, amax, pow2, fmax, e4m3, o, ot, inv_scale);
+          static_cast<const float*>(x), rows, cols, amax, mode, pow2, fmax, e4m3, o, ot, inv_scale);
     }
     return;
   }

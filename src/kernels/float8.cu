@@ -131,14 +131,34 @@ __global__ void amax_cols_kernel(const T* __restrict__ x, int64_t rows, int64_t 
 }
 
 // mode: 0 one scale, 1 per row, 2 per column.
+// pow2: the largest power of two not above the scale, from its exponent bits (exact; the CPU
+// cast takes the same bits).
 __device__ inline float scale_from(float amax, float fmax, bool pow2) {
   const float s = fmax / fmaxf(amax, 1e-12f);
-  return pow2 ? exp2f(floorf(log2f(s))) : s;
+  return pow2 ? __int_as_float(__float_as_int(s) & 0x7f800000) : s;
 }
 
 __device__ inline uint8_t to_fp8(float v, bool e4m3) {
   return e4m3 ? __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3)
               : __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E5M2);
+}
+
+// Four floats times s, saturated to float8, as one 4-byte word (element k in byte k).
+__device__ inline uint32_t to_fp8x4(const float* v, float s, bool e4m3) {
+  uint32_t word = 0;
+#pragma unroll
+  for (int p = 0; p < 2; ++p) {
+    const float2 f = make_float2(v[2 * p] * s, v[2 * p + 1] * s);
+    const uint32_t two = e4m3 ? __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3)
+                              : __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E5M2);
+    word |= two << (16 * p);
+  }
+  return word;
+}
+
+// Eight floats times s as two 4-byte words.
+__device__ inline uint2 to_fp8x8(const float* v, float s, bool e4m3) {
+  return make_uint2(to_fp8x4(v, s, e4m3), to_fp8x4(v + 4, s, e4m3));
 }
 
 // One scale, row-major out only: 16-byte vectors in (kUnroll in flight per thread), V bytes
@@ -163,13 +183,10 @@ __global__ void cast_kernel(const T* __restrict__ x, int64_t n, const float* __r
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t at = t + u * stride;
       if (at >= vecs) break;
-      uint8_t o[V];
-#pragma unroll
-      for (int k = 0; k < V; ++k) o[k] = to_fp8(v[u][k] * s, e4m3);
       if constexpr (V == 8) {
-        *reinterpret_cast<uint2*>(out + at * V) = *reinterpret_cast<const uint2*>(o);
+        *reinterpret_cast<uint2*>(out + at * V) = to_fp8x8(v[u], s, e4m3);
       } else {
-        *reinterpret_cast<uint32_t*>(out + at * V) = *reinterpret_cast<const uint32_t*>(o);
+        *reinterpret_cast<uint32_t*>(out + at * V) = to_fp8x4(v[u], s, e4m3);
       }
     }
   }
@@ -225,24 +242,6 @@ __device__ inline void load8(const T* p, float* v) {
   if constexpr (Vec<T>::N == 4) Vec<T>::load(p + 4, v + 4);
 }
 
-// Eight floats times s, saturated to float8, as two 4-byte words (pairs converted together).
-__device__ inline uint2 to_fp8x8(const float* v, float s, bool e4m3) {
-  uint32_t w[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    uint32_t word = 0;
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {
-      const float2 f = make_float2(v[4 * h + 2 * p] * s, v[4 * h + 2 * p + 1] * s);
-      const uint32_t two = e4m3 ? __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3)
-                                : __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E5M2);
-      word |= two << (16 * p);
-    }
-    w[h] = word;
-  }
-  return make_uint2(w[0], w[1]);
-}
-
 // Rows and cols multiples of 64: x [rows, cols] -> out (optional) and out_t [cols, rows]
 // (optional) in 64 x 64 tiles, 16-byte loads and 8-byte stores on both sides; scales by `mode`
 // as cast_transpose_kernel. Tile rows are 68 bytes apart: the transposed reads of a warp meet
@@ -255,11 +254,20 @@ __global__ void __launch_bounds__(kWideThreads)
                                bool e4m3, uint8_t* __restrict__ out, uint8_t* __restrict__ out_t,
                                float* __restrict__ inv_scale) {
   __shared__ __align__(16) uint8_t tile[kWide * kWideStride];
+  __shared__ float col_scale[kWide];
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kWide;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kWide;
   const float s_tensor = mode == 0 ? scale_from(amax[0], fmax, pow2) : 0.f;
   if (mode == 0 && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
     inv_scale[0] = 1.f / s_tensor;
+  }
+  if (mode == 2) {  // the tile's 64 column scales, once per block
+    if (threadIdx.x < kWide) {
+      const float sc = scale_from(amax[c0 + threadIdx.x], fmax, pow2);
+      col_scale[threadIdx.x] = sc;
+      if (blockIdx.y == 0) inv_scale[c0 + threadIdx.x] = 1.f / sc;
+    }
+    __syncthreads();
   }
   // 64 rows of 8 eight-element groups: two groups per thread.
 #pragma unroll
@@ -278,12 +286,7 @@ __global__ void __launch_bounds__(kWideThreads)
       for (int k = 0; k < 8; ++k) v[k] *= s;
     } else {
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const int64_t c = c0 + 8 * g + k;
-        const float s = scale_from(amax[c], fmax, pow2);
-        if (blockIdx.y == 0 && r == 0) inv_scale[c] = 1.f / s;
-        v[k] *= s;
-      }
+      for (int k = 0; k < 8; ++k) v[k] *= col_scale[8 * g + k];
     }
     const uint2 q = to_fp8x8(v, 1.f, e4m3);
     if (out) *reinterpret_cast<uint2*>(out + (r0 + r) * cols + c0 + 8 * g) = q;

@@ -55,8 +55,9 @@ Float8Operand aten_cast(const at::Tensor& x, at::ScalarType dtype, bool rowwise,
                             : at::linalg_vector_norm(xf, INFINITY);
   if (reduce) reduce(amax);
   at::Tensor scale = scale_for(amax, dtype);
-  // Rowwise scales are powers of two (exact to apply and to undo).
-  if (rowwise) scale = at::exp2(at::floor(at::log2(scale)));
+  // Rowwise scales are powers of two (exact to apply and to undo): the largest not above the
+  // scale, from its exponent bits (as the CUDA kernels take it).
+  if (rowwise) scale = scale.contiguous().view(at::kInt).bitwise_and(0x7f800000).view(at::kFloat);
   return cast_scaled(xf, scale, dtype);
 }
 

@@ -13,11 +13,13 @@ using test::relative_error;
 
 TEST(Float8Gpu, FusedCastsMatchTheCpuCast) {
   at::manual_seed(4);
-  // Odd shapes: partial 32 x 32 tiles and a tail after the 16-byte vectors; multiples of 64:
-  // the vectorized 64 x 64 tiles (one scale).
+  // Odd shapes: partial 32 x 32 tiles, a tail after the 16-byte vectors, and (300 x 200) the
+  // vectorized row/column maxima over a partial strip of rows; multiples of 64: the vectorized
+  // 64 x 64 tiles (per tensor, row and column scales).
   for (auto [src, rows, cols] :
        {std::tuple{at::kBFloat16, 300, 203}, std::tuple{at::kFloat, 300, 203},
-        std::tuple{at::kBFloat16, 256, 192}, std::tuple{at::kFloat, 128, 320}}) {
+        std::tuple{at::kBFloat16, 300, 200}, std::tuple{at::kBFloat16, 256, 192},
+        std::tuple{at::kFloat, 128, 320}}) {
     SCOPED_TRACE(testing::Message() << rows << " x " << cols << " " << src);
     const at::Tensor x = (at::randn({rows, cols}) * 3).to(src);
     for (auto dtype : {at::kFloat8_e4m3fn, at::kFloat8_e5m2}) {
@@ -35,16 +37,42 @@ TEST(Float8Gpu, FusedCastsMatchTheCpuCast) {
 }
 
 // Large enough that every thread of the grid-stride max and cast kernels takes several
-// unrolled vectors, and a tail after the last whole vector.
-TEST(Float8Gpu, FusedTensorwiseCastOfALargeTensorMatchesTheCpuCast) {
+// unrolled vectors, with a tail after the last whole vector (8191 x 4099 for both dtypes), and
+// that the per-row max kernel strides over rows; per row and per column of the transpose too.
+TEST(Float8Gpu, FusedCastsOfALargeTensorMatchTheCpuCast) {
   at::manual_seed(5);
   for (auto src : {at::kBFloat16, at::kFloat}) {
-    const at::Tensor x = (at::randn({8191, 4100}) * 3).to(src);
-    const auto gpu = ops::to_float8(x.cuda(), at::kFloat8_e4m3fn, false, false);
-    const auto cpu = ops::to_float8(x, at::kFloat8_e4m3fn, false, false);
-    EXPECT_TRUE(at::equal(gpu.data.cpu().view(at::kByte), cpu.data.view(at::kByte))) << src;
-    EXPECT_LT(relative_error(gpu.inv_scale.cpu(), cpu.inv_scale), 1e-6) << src;
+    const at::Tensor x = (at::randn({8191, 4099}) * 3).to(src);
+    for (auto [rowwise, transpose] :
+         {std::pair{false, false}, std::pair{true, false}, std::pair{true, true}}) {
+      SCOPED_TRACE(testing::Message()
+                   << src << " rowwise " << rowwise << " transpose " << transpose);
+      const auto gpu = ops::to_float8(x.cuda(), at::kFloat8_e4m3fn, rowwise, transpose);
+      const auto cpu = ops::to_float8(x, at::kFloat8_e4m3fn, rowwise, transpose);
+      EXPECT_TRUE(at::equal(gpu.data.cpu().view(at::kByte), cpu.data.view(at::kByte)));
+      EXPECT_LT(relative_error(gpu.inv_scale.cpu(), cpu.inv_scale), 1e-6);
+    }
   }
+}
+
+// The tensorwise forward casts x and writes x^T for the weight gradient in one pass (both
+// outputs of the 64 x 64 kernel): the same packed bytes as the CPU cast.
+TEST(Float8Gpu, ForwardWritesTheCpuCastsOfXAndItsTranspose) {
+  at::manual_seed(6);
+  const at::Tensor x = at::randn({2, 128, 192}).to(at::kBFloat16);
+  const at::Tensor w = (at::randn({320, 192}) * 0.02).to(at::kBFloat16);
+  const ops::Float8Linear real(ops::Float8Recipe::Tensorwise, /*emulate=*/false),
+      emulated(ops::Float8Recipe::Tensorwise, /*emulate=*/true);
+  at::Tensor packed_gpu, packed_cpu;
+  real.forward(x.cuda(), w.cuda(), &packed_gpu);
+  emulated.forward(x, w, &packed_cpu);
+  ASSERT_EQ(packed_gpu.scalar_type(), at::kByte);
+  ASSERT_EQ(packed_gpu.numel(), packed_cpu.numel());
+  const int64_t bytes = x.numel();  // the float8 data, then the fp32 inverse scale
+  EXPECT_TRUE(at::equal(packed_gpu.cpu().narrow(0, 0, bytes), packed_cpu.narrow(0, 0, bytes)));
+  EXPECT_LT(relative_error(packed_gpu.cpu().narrow(0, bytes, 4).view(at::kFloat),
+                           packed_cpu.narrow(0, bytes, 4).view(at::kFloat)),
+            1e-6);
 }
 
 TEST(Float8Gpu, ScaledMatmulsMatchTheirFloat8OperandsInFp32) {

@@ -2,9 +2,11 @@
 # On a GPU machine: builds with the README's build (scripts/build.sh: the installed PyTorch's
 # LibTorch with CUDA, its NCCL and cuDNN, all cores; third_party/ where the machine has no
 # packages), runs the GPU tests, short GPU training runs and the benchmarks; logs go to $OUT.
+# Multi-GPU stages take every GPU; MG_CONFIG (default configs/llama3_8b.toml), MG_SEQ and NGPU
+# let them dry-run on CPU (PYTHON standing in for torchrun, BUILD_DIR=build).
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
-# oom8b tp2 asynctp budget3b smoke2 pp cp terapipe1 terapipe float8 float8loss float8fsdp earlystep profile3b float8gemm readme
+# oom8b tp2 tp asynctp budget3b smoke2 pp cp terapipe1 terapipe float8 float8loss float8fsdp earlystep profile3b float8gemm readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -234,7 +236,8 @@ print(f"{label}, {len(a)} steps: loss {a[0]:.4f} -> {a[-1]:.4f} vs {b[-1]:.4f}; 
 PYEOF
 }
 
-ngpu() { nvidia-smi -L | grep -c '^GPU'; }
+# GPUs of the machine (NGPU overrides: CPU dry runs with Gloo ranks).
+ngpu() { if [ -n "${NGPU:-}" ]; then echo "$NGPU"; else nvidia-smi -L | grep -c '^GPU'; fi; }
 trun() {  # trun NPROC CMD...: torchrun-style launch of a binary
   local n="$1"
   shift
@@ -352,6 +355,32 @@ do_tp2() {
     --steps 2 | tail -25
 }
 
+# Tensor parallel over NCCL on every GPU (n, 4 or more): 8B (MG_CONFIG), seq 4096, full AC,
+# TP_STEPS (default 30) steps: FSDP n against FSDP n/2 x TP 2, synchronous and async, on the
+# same global batch (loss parity in bf16 noise, TPS/GPU, memory); the async run profiled
+# (exposed TP communication).
+do_tp() {
+  local n steps="${TP_STEPS:-30}"
+  n="$(ngpu)"
+  local big=(--job.config_file "${MG_CONFIG:-configs/llama3_8b.toml}" --training.seq_len
+    "${MG_SEQ:-4096}" --activation_checkpoint.mode full --training.steps "$steps"
+    --metrics.log_freq 1)
+  mg_run "tp_fsdp$n" "$n" "${big[@]}" --training.local_batch_size 2
+  local name extra
+  for name in "fsdp$((n / 2))_tp2" "fsdp$((n / 2))_tp2_async"; do
+    extra=(--training.local_batch_size 4 --parallelism.tensor_parallel_degree 2)
+    [ "${name%_async}" != "$name" ] && extra+=(--parallelism.enable_async_tensor_parallel
+      --profiling.enable_profiling --profiling.profile_freq "$steps" --profiling.profiler_active 2
+      --profiling.profiler_warmup 1)
+    mg_run "$name" "$n" "${big[@]}" "${extra[@]}" &&
+      compare_losses "bf16 $name vs FSDP $n" "$OUT/tp_fsdp$n/metrics.jsonl" \
+        "$OUT/$name/metrics.jsonl"
+  done
+  local trace="$OUT/fsdp$((n / 2))_tp2_async/profile_traces/iteration_$steps/rank0_trace.json"
+  [ -f "$trace" ] && "$PY" scripts/trace_summary.py "$trace" --steps 2 | head -12
+  return 0
+}
+
 # Async-TP micro-benchmark on all GPUs: titan's plain and ring (async) all-gather + matmul and
 # matmul + reduce-scatter against PyTorch's plain and symmetric-memory fused ops, 8B FFN shapes.
 do_asynctp() {
@@ -389,32 +418,37 @@ mg_run() {
   trun "$n" "$BUILD_DIR/titan_train" "$@" --job.dump_folder "$OUT/$name" \
     --metrics.enable_tensorboard false --metrics.disable_color_printing >"$OUT/$name.log" 2>&1 ||
     { tail -8 "$OUT/$name.log"; return 1; }
-  "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/$name/metrics.jsonl') if '\"tps\"' in l][-1];print('$name: tps/gpu', round(r['tps']), 'mfu', round(r['mfu'],2), 'allocated GiB', round(r['max_active_memory_gib'],1), 'reserved GiB', round(r['max_memory_gib'],1), 'loss', round(r['loss'],4))"
+  # (CPU dry runs log no MFU or device memory: zeros)
+  "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/$name/metrics.jsonl') if '\"tps\"' in l][-1];f=lambda k,d: round(r.get(k) or 0,d);print('$name: tps/gpu', f('tps',0), 'mfu', f('mfu',2), 'allocated GiB', f('max_active_memory_gib',1), 'reserved GiB', f('max_memory_gib',1), 'loss', f('loss',4))"
 }
 
 # Pipeline parallel over NCCL on every GPU (n): 8B, seq 4096, full AC, every schedule at
 # PP_MICROBATCHES (default 8) microbatches of one sequence against FSDP n on the same global batch
-# (loss parity in bf16 noise, TPS/GPU, memory); the 1F1B run profiled (per-rank traces, bubble).
+# (loss parity in bf16 noise, TPS/GPU, memory); every schedule's last step profiled on every rank:
+# the bubble measured from the traces (scripts/pipeline_bubble.py) beside the simulator's (full
+# AC: forward 1, input gradient 2 with the recompute, weight gradient 1).
 do_pp() {
   local n mbs="${PP_MICROBATCHES:-8}" steps="${PP_STEPS:-10}"
   n="$(ngpu)"
-  local big=(--job.config_file configs/llama3_8b.toml --training.seq_len 4096
-    --activation_checkpoint.mode full --training.steps "$steps" --metrics.log_freq 1)
+  local big=(--job.config_file "${MG_CONFIG:-configs/llama3_8b.toml}" --training.seq_len
+    "${MG_SEQ:-4096}" --activation_checkpoint.mode full --training.steps "$steps"
+    --metrics.log_freq 1)
   mg_run "pp_fsdp${n}_$mbs" "$n" "${big[@]}" --training.local_batch_size $((mbs / n))
-  local schedule extra
+  local schedule name
   for schedule in ${PP_SCHEDULES:-GPipe 1F1B Interleaved1F1B InterleavedZeroBubble ZBVZeroBubble}; do
-    extra=()
-    [ "$schedule" = 1F1B ] && extra=(--profiling.enable_profiling --profiling.profile_freq "$steps"
-      --profiling.profiler_active 1 --profiling.profiler_warmup 1)
-    mg_run "pp${n}_${schedule}_$mbs" "$n" "${big[@]}" --training.local_batch_size "$mbs" \
+    name="pp${n}_${schedule}_$mbs"
+    mg_run "$name" "$n" "${big[@]}" --training.local_batch_size "$mbs" \
       --parallelism.pipeline_parallel_degree "$n" --parallelism.data_parallel_shard_degree 1 \
       --parallelism.pipeline_parallel_schedule "$schedule" \
-      --parallelism.pipeline_parallel_microbatch_size 1 "${extra[@]}" &&
+      --parallelism.pipeline_parallel_microbatch_size 1 --profiling.enable_profiling \
+      --profiling.profile_freq "$steps" --profiling.profiler_active 1 \
+      --profiling.profiler_warmup 1 &&
       compare_losses "bf16 pp$n $schedule vs FSDP $n" "$OUT/pp_fsdp${n}_$mbs/metrics.jsonl" \
-        "$OUT/pp${n}_${schedule}_$mbs/metrics.jsonl"
-    grep -h "bubble" "$OUT/pp${n}_${schedule}_$mbs.log" | head -2 | cut -c1-300
+        "$OUT/$name/metrics.jsonl"
+    "$PY" scripts/pipeline_bubble.py "$OUT/$name/profile_traces/iteration_$steps" | tail -1
+    echo "predicted: $("$BUILD_DIR/titan_train" schedule --pp "$n" --microbatches "$mbs" \
+      --schedule "$schedule" --forward 1 --backward_input 2 --backward_weight 1 | grep '^bubble')"
   done
-  "$BUILD_DIR/titan_train" schedule --pp "$n" --microbatches "$mbs" --schedule 1F1B | tail -2
 }
 
 # Context parallel over NCCL on every GPU (n): 8B with full AC; FSDP n at 32k against CP n (both
@@ -423,7 +457,7 @@ do_pp() {
 do_cp() {
   local n steps="${CP_STEPS:-6}"
   n="$(ngpu)"
-  local big=(--job.config_file configs/llama3_8b.toml --activation_checkpoint.mode full
+  local big=(--job.config_file "${MG_CONFIG:-configs/llama3_8b.toml}" --activation_checkpoint.mode full
     --training.steps "$steps" --metrics.log_freq 1)
   mg_run "cp_fsdp${n}_32k" "$n" "${big[@]}" --training.seq_len 32768 --training.local_batch_size 1
   local rotate
@@ -468,7 +502,7 @@ do_terapipe1() {
 do_terapipe() {
   local n seq="${TERAPIPE_SEQ:-16384}" steps="${TERAPIPE_STEPS:-8}"
   n="$(ngpu)"
-  local big=(--job.config_file configs/llama3_8b.toml --training.seq_len "$seq"
+  local big=(--job.config_file "${MG_CONFIG:-configs/llama3_8b.toml}" --training.seq_len "$seq"
     --activation_checkpoint.mode full --training.steps "$steps" --metrics.log_freq 1
     --training.local_batch_size 1 --parallelism.pipeline_parallel_degree "$n"
     --parallelism.data_parallel_shard_degree 1 --parallelism.pipeline_parallel_microbatch_size 1)
@@ -565,6 +599,7 @@ for s in "${stages[@]}"; do
     ckpt8b) run_stage ckpt8b do_ckpt8b; cat "$OUT/ckpt8b.log" | cut -c1-220 ;;
     oom8b) run_stage oom8b do_oom8b; cut -c1-400 "$OUT/oom8b.log" ;;
     tp2) run_stage tp2 do_tp2; cat "$OUT/tp2.log" | cut -c1-200 ;;
+    tp) run_stage tp do_tp; cat "$OUT/tp.log" | cut -c1-300 ;;
     asynctp) run_stage asynctp do_asynctp; cat "$OUT/asynctp.log" ;;
     budget3b) run_stage budget3b do_budget3b; cat "$OUT/budget3b.log" | cut -c1-300 ;;
     pp | pp4) run_stage pp do_pp; cat "$OUT/pp.log" | cut -c1-300 ;;

@@ -453,30 +453,31 @@ do_pp() {
 
 # Context parallel over NCCL on every GPU (n): 8B with full AC; FSDP n at 32k against CP n (both
 # rotate methods) and, with 4 GPUs or more, FSDP n/2 x CP 2, at the same global batch (loss
-# parity); then CP n at 64k.
+# parity); then CP n at 64k (unless CP_LONG=0). CP_SEQ (default 32768) sets the shorter length.
 do_cp() {
-  local n steps="${CP_STEPS:-6}"
+  local n steps="${CP_STEPS:-6}" seq="${CP_SEQ:-32768}"
   n="$(ngpu)"
+  local k="$((seq / 1024))k" k2="$((seq / 512))k"
   local big=(--job.config_file "${MG_CONFIG:-configs/llama3_8b.toml}" --activation_checkpoint.mode full
     --training.steps "$steps" --metrics.log_freq 1)
-  mg_run "cp_fsdp${n}_32k" "$n" "${big[@]}" --training.seq_len 32768 --training.local_batch_size 1
+  mg_run "cp_fsdp${n}_$k" "$n" "${big[@]}" --training.seq_len "$seq" --training.local_batch_size 1
   local rotate
   for rotate in ${CP_ROTATE:-allgather alltoall}; do
-    [ "$n" -ge 4 ] && mg_run "fsdp$((n / 2))_cp2_32k_$rotate" "$n" "${big[@]}" \
-      --training.seq_len 32768 --training.local_batch_size 2 \
+    [ "$n" -ge 4 ] && mg_run "fsdp$((n / 2))_cp2_${k}_$rotate" "$n" "${big[@]}" \
+      --training.seq_len "$seq" --training.local_batch_size 2 \
       --parallelism.context_parallel_degree 2 \
       --parallelism.context_parallel_rotate_method "$rotate" &&
-      compare_losses "bf16 FSDP $((n / 2)) x CP 2 ($rotate) vs FSDP $n at 32k" \
-        "$OUT/cp_fsdp${n}_32k/metrics.jsonl" "$OUT/fsdp$((n / 2))_cp2_32k_$rotate/metrics.jsonl"
-    mg_run "cp${n}_32k_$rotate" "$n" "${big[@]}" --training.seq_len 32768 \
+      compare_losses "bf16 FSDP $((n / 2)) x CP 2 ($rotate) vs FSDP $n at $k" \
+        "$OUT/cp_fsdp${n}_$k/metrics.jsonl" "$OUT/fsdp$((n / 2))_cp2_${k}_$rotate/metrics.jsonl"
+    mg_run "cp${n}_${k}_$rotate" "$n" "${big[@]}" --training.seq_len "$seq" \
       --training.local_batch_size "$n" --parallelism.context_parallel_degree "$n" \
       --parallelism.data_parallel_shard_degree 1 \
       --parallelism.context_parallel_rotate_method "$rotate" &&
-      compare_losses "bf16 CP $n ($rotate) vs FSDP $n at 32k" "$OUT/cp_fsdp${n}_32k/metrics.jsonl" \
-        "$OUT/cp${n}_32k_$rotate/metrics.jsonl"
+      compare_losses "bf16 CP $n ($rotate) vs FSDP $n at $k" "$OUT/cp_fsdp${n}_$k/metrics.jsonl" \
+        "$OUT/cp${n}_${k}_$rotate/metrics.jsonl"
   done
-  [ "${CP_64K:-1}" = 1 ] || return 0
-  mg_run "cp${n}_64k" "$n" "${big[@]}" --training.seq_len 65536 --training.local_batch_size 1 \
+  [ "${CP_LONG:-1}" = 1 ] || return 0
+  mg_run "cp${n}_$k2" "$n" "${big[@]}" --training.seq_len $((2 * seq)) --training.local_batch_size 1 \
     --parallelism.context_parallel_degree "$n" --parallelism.data_parallel_shard_degree 1
 }
 

@@ -176,10 +176,11 @@ do_snapshot1b() {
       "$OUT/snapshot_1b/memory_snapshot/iteration_6/rank0_memory_snapshot.pickle"
 }
 
-# 3B FSDP over all GPUs, profiled (exposed communication) with a memory snapshot of rank 0.
+# 3B (or MG_CONFIG, e.g. configs/llama3_8b.toml) FSDP over all GPUs, profiled (exposed
+# communication) with a memory snapshot of rank 0.
 do_profilefsdp() {
   local dump="$OUT/profile_fsdp"
-  trun "$(ngpu)" "$BUILD_DIR/titan_train" --job.config_file configs/llama3_3b.toml \
+  trun "$(ngpu)" "$BUILD_DIR/titan_train" --job.config_file "${MG_CONFIG:-configs/llama3_3b.toml}" \
     --training.local_batch_size 2 --training.seq_len 4096 --activation_checkpoint.mode none \
     --training.steps 8 --metrics.log_freq 4 --profiling.enable_profiling \
     --profiling.profile_freq 8 --profiling.profiler_active 2 --profiling.profiler_warmup 1 \

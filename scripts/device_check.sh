@@ -125,8 +125,8 @@ do_smoke2() {
   done
 }
 
-# with_stacks SECONDS CMD...: runs CMD; past SECONDS, prints every thread's stack of each
-# titan_train process (cuda-gdb), then ends CMD (exit 124).
+# with_stacks SECONDS CMD...: runs CMD; past SECONDS, prints (into CMD's output) every thread's
+# stack of each titan_train process (cuda-gdb), then ends CMD (exit 124).
 with_stacks() {
   local secs="$1"
   shift
@@ -138,13 +138,14 @@ with_stacks() {
   done
   if kill -0 "$pid" 2>/dev/null; then
     local p
-    for p in $(pgrep -f "$BUILD_DIR/titan_train"); do
+    for p in $(pgrep -x titan_train); do
       echo "== stacks of titan_train pid $p after ${secs}s"
       timeout 60 cuda-gdb -p "$p" -batch -ex "thread apply all bt 12" 2>&1 |
-        grep -E "^#|^Thread" | cut -c1-220 | head -80
+        grep -E "^#|^Thread|ptrace|attach|rror" | cut -c1-220 | head -80
+      kill -CONT "$p" 2>/dev/null  # in case the debugger was stopped while attached
     done
-    pkill -TERM -P "$pid"
-    kill -TERM "$pid"
+    pkill -TERM -P "$pid" 2>/dev/null
+    kill -TERM "$pid" 2>/dev/null
     wait "$pid"
     return 124
   fi
@@ -366,20 +367,21 @@ do_tp() {
   local big=(--job.config_file "${MG_CONFIG:-configs/llama3_8b.toml}" --training.seq_len
     "${MG_SEQ:-4096}" --activation_checkpoint.mode full --training.steps "$steps"
     --metrics.log_freq 1)
-  mg_run "tp_fsdp$n" "$n" "${big[@]}" --training.local_batch_size 2
-  local name extra
+  mg_run "tp_fsdp$n" "$n" "${big[@]}" --training.local_batch_size 2 || return 1
+  local name extra rc=0
   for name in "fsdp$((n / 2))_tp2" "fsdp$((n / 2))_tp2_async"; do
     extra=(--training.local_batch_size 4 --parallelism.tensor_parallel_degree 2)
+    # The async run profiles the two steps before the last (the last step's TPS stays clean).
     [ "${name%_async}" != "$name" ] && extra+=(--parallelism.enable_async_tensor_parallel
-      --profiling.enable_profiling --profiling.profile_freq "$steps" --profiling.profiler_active 2
-      --profiling.profiler_warmup 1)
-    mg_run "$name" "$n" "${big[@]}" "${extra[@]}" &&
+      --profiling.enable_profiling --profiling.profile_freq $((steps - 1))
+      --profiling.profiler_active 2 --profiling.profiler_warmup 1)
+    { mg_run "$name" "$n" "${big[@]}" "${extra[@]}" &&
       compare_losses "bf16 $name vs FSDP $n" "$OUT/tp_fsdp$n/metrics.jsonl" \
-        "$OUT/$name/metrics.jsonl"
+        "$OUT/$name/metrics.jsonl"; } || rc=1
   done
-  local trace="$OUT/fsdp$((n / 2))_tp2_async/profile_traces/iteration_$steps/rank0_trace.json"
+  local trace="$OUT/fsdp$((n / 2))_tp2_async/profile_traces/iteration_$((steps - 1))/rank0_trace.json"
   [ -f "$trace" ] && "$PY" scripts/trace_summary.py "$trace" --steps 2 | head -12
-  return 0
+  return $rc
 }
 
 # Async-TP micro-benchmark on all GPUs: titan's plain and ring (async) all-gather + matmul and
@@ -420,7 +422,7 @@ mg_run() {
     --metrics.enable_tensorboard false --metrics.disable_color_printing >"$OUT/$name.log" 2>&1 ||
     { tail -8 "$OUT/$name.log"; return 1; }
   # (CPU dry runs log no MFU or device memory: zeros)
-  "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/$name/metrics.jsonl') if '\"tps\"' in l][-1];f=lambda k,d: round(r.get(k) or 0,d);print('$name: tps/gpu', f('tps',0), 'mfu', f('mfu',2), 'allocated GiB', f('max_active_memory_gib',1), 'reserved GiB', f('max_memory_gib',1), 'loss', f('loss',4))"
+  "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/$name/metrics.jsonl') if '\"tps\"' in l][-1];f=lambda k,d: round(r.get(k) or 0,d);print('$name: tps/gpu', int(f('tps',0)), 'mfu', f('mfu',2), 'allocated GiB', f('max_active_memory_gib',1), 'reserved GiB', f('max_memory_gib',1), 'loss', f('loss',4))"
 }
 
 # Pipeline parallel over NCCL on every GPU (n): 8B, seq 4096, full AC, every schedule at
@@ -431,25 +433,30 @@ mg_run() {
 do_pp() {
   local n mbs="${PP_MICROBATCHES:-8}" steps="${PP_STEPS:-10}"
   n="$(ngpu)"
+  [ $((mbs % n)) = 0 ] || { echo "PP_MICROBATCHES=$mbs is not a multiple of $n GPUs"; return 1; }
   local big=(--job.config_file "${MG_CONFIG:-configs/llama3_8b.toml}" --training.seq_len
     "${MG_SEQ:-4096}" --activation_checkpoint.mode full --training.steps "$steps"
     --metrics.log_freq 1)
-  mg_run "pp_fsdp${n}_$mbs" "$n" "${big[@]}" --training.local_batch_size $((mbs / n))
-  local schedule name
+  mg_run "pp_fsdp${n}_$mbs" "$n" "${big[@]}" --training.local_batch_size $((mbs / n)) || return 1
+  local schedule name rc=0
   for schedule in ${PP_SCHEDULES:-GPipe 1F1B Interleaved1F1B InterleavedZeroBubble ZBVZeroBubble}; do
     name="pp${n}_${schedule}_$mbs"
-    mg_run "$name" "$n" "${big[@]}" --training.local_batch_size "$mbs" \
+    # The step before the last is profiled (the last step's TPS stays clean).
+    { mg_run "$name" "$n" "${big[@]}" --training.local_batch_size "$mbs" \
       --parallelism.pipeline_parallel_degree "$n" --parallelism.data_parallel_shard_degree 1 \
       --parallelism.pipeline_parallel_schedule "$schedule" \
       --parallelism.pipeline_parallel_microbatch_size 1 --profiling.enable_profiling \
-      --profiling.profile_freq "$steps" --profiling.profiler_active 1 \
+      --profiling.profile_freq $((steps - 1)) --profiling.profiler_active 1 \
       --profiling.profiler_warmup 1 &&
       compare_losses "bf16 pp$n $schedule vs FSDP $n" "$OUT/pp_fsdp${n}_$mbs/metrics.jsonl" \
-        "$OUT/$name/metrics.jsonl"
-    "$PY" scripts/pipeline_bubble.py "$OUT/$name/profile_traces/iteration_$steps" | tail -1
+        "$OUT/$name/metrics.jsonl"; } || rc=1
+    "$PY" scripts/pipeline_bubble.py "$OUT/$name/profile_traces/iteration_$((steps - 1))" "$n" \
+      >"$OUT/$name/bubble.txt" 2>&1
+    grep -E "^measured|^warning|^no " "$OUT/$name/bubble.txt"
     echo "predicted: $("$BUILD_DIR/titan_train" schedule --pp "$n" --microbatches "$mbs" \
       --schedule "$schedule" --forward 1 --backward_input 2 --backward_weight 1 | grep '^bubble')"
   done
+  return $rc
 }
 
 # Context parallel over NCCL on every GPU (n): 8B with full AC; FSDP n at 32k against CP n (both
@@ -458,28 +465,34 @@ do_pp() {
 do_cp() {
   local n steps="${CP_STEPS:-6}" seq="${CP_SEQ:-32768}"
   n="$(ngpu)"
-  local k="$((seq / 1024))k" k2="$((seq / 512))k"
+  local k="$seq" k2="$((2 * seq))"  # run names: 32k, 64k (tokens below 1024: as they are)
+  [ "$seq" -ge 1024 ] && k="$((seq / 1024))k" k2="$((seq / 512))k"
   local big=(--job.config_file "${MG_CONFIG:-configs/llama3_8b.toml}" --activation_checkpoint.mode full
     --training.steps "$steps" --metrics.log_freq 1)
-  mg_run "cp_fsdp${n}_$k" "$n" "${big[@]}" --training.seq_len "$seq" --training.local_batch_size 1
-  local rotate
+  mg_run "cp_fsdp${n}_$k" "$n" "${big[@]}" --training.seq_len "$seq" --training.local_batch_size 1 ||
+    return 1
+  local rotate rc=0
   for rotate in ${CP_ROTATE:-allgather alltoall}; do
-    [ "$n" -ge 4 ] && mg_run "fsdp$((n / 2))_cp2_${k}_$rotate" "$n" "${big[@]}" \
-      --training.seq_len "$seq" --training.local_batch_size 2 \
-      --parallelism.context_parallel_degree 2 \
-      --parallelism.context_parallel_rotate_method "$rotate" &&
-      compare_losses "bf16 FSDP $((n / 2)) x CP 2 ($rotate) vs FSDP $n at $k" \
-        "$OUT/cp_fsdp${n}_$k/metrics.jsonl" "$OUT/fsdp$((n / 2))_cp2_${k}_$rotate/metrics.jsonl"
-    mg_run "cp${n}_${k}_$rotate" "$n" "${big[@]}" --training.seq_len "$seq" \
+    if [ "$n" -ge 4 ]; then
+      { mg_run "fsdp$((n / 2))_cp2_${k}_$rotate" "$n" "${big[@]}" \
+        --training.seq_len "$seq" --training.local_batch_size 2 \
+        --parallelism.context_parallel_degree 2 \
+        --parallelism.context_parallel_rotate_method "$rotate" &&
+        compare_losses "bf16 FSDP $((n / 2)) x CP 2 ($rotate) vs FSDP $n at $k" \
+          "$OUT/cp_fsdp${n}_$k/metrics.jsonl" \
+          "$OUT/fsdp$((n / 2))_cp2_${k}_$rotate/metrics.jsonl"; } || rc=1
+    fi
+    { mg_run "cp${n}_${k}_$rotate" "$n" "${big[@]}" --training.seq_len "$seq" \
       --training.local_batch_size "$n" --parallelism.context_parallel_degree "$n" \
       --parallelism.data_parallel_shard_degree 1 \
       --parallelism.context_parallel_rotate_method "$rotate" &&
       compare_losses "bf16 CP $n ($rotate) vs FSDP $n at $k" "$OUT/cp_fsdp${n}_$k/metrics.jsonl" \
-        "$OUT/cp${n}_${k}_$rotate/metrics.jsonl"
+        "$OUT/cp${n}_${k}_$rotate/metrics.jsonl"; } || rc=1
   done
-  [ "${CP_LONG:-1}" = 1 ] || return 0
+  [ "${CP_LONG:-1}" = 1 ] || return $rc
   mg_run "cp${n}_$k2" "$n" "${big[@]}" --training.seq_len $((2 * seq)) --training.local_batch_size 1 \
-    --parallelism.context_parallel_degree "$n" --parallelism.data_parallel_shard_degree 1
+    --parallelism.context_parallel_degree "$n" --parallelism.data_parallel_shard_degree 1 || rc=1
+  return $rc
 }
 
 # TeraPipe on one GPU: one 8B block's forward + backward timed per token slice on this GPU (as

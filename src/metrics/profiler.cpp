@@ -1,5 +1,6 @@
 // Kineto-based step profiler and the memory-snapshot schedule.
 #include "titan/metrics/profiler.h"
+#include "titan/util/device.h"
 #include "titan/util/fs.h"
 
 #include <torch/csrc/autograd/profiler_kineto.h>
@@ -72,6 +73,9 @@ void Profiler::step_begin(int64_t step) {
 void Profiler::step_end(int64_t step) {
   const bool window_end = step % cfg_.profile_freq == 0;
   if (active_ && window_end) {
+    // The step's kernels are still running (nothing in a step waits for the GPU); stopping now
+    // would drop the ones that end later (the tail of a pipeline step, the optimizer).
+    if (cuda_) synchronize(c10::Device(c10::kCUDA));
     auto result = prof::disableProfiler();
     active_ = false;
     prepared_ = false;

@@ -11,6 +11,18 @@
 using namespace titan;
 using test::relative_error;
 
+namespace {
+// titan's fused cast of x on the GPU gives the CPU cast's float8 bytes and inverse scales.
+void expect_cpu_cast(const at::Tensor& x, at::ScalarType dtype, bool rowwise, bool transpose) {
+  SCOPED_TRACE(testing::Message() << "rowwise " << rowwise << " transpose " << transpose);
+  const auto gpu = ops::to_float8(x.cuda(), dtype, rowwise, transpose);
+  const auto cpu = ops::to_float8(x, dtype, rowwise, transpose);
+  ASSERT_EQ(gpu.data.sizes(), cpu.data.sizes());
+  EXPECT_TRUE(at::equal(gpu.data.cpu().view(at::kByte), cpu.data.view(at::kByte)));
+  EXPECT_LT(relative_error(gpu.inv_scale.cpu(), cpu.inv_scale), 1e-6);
+}
+}  // namespace
+
 TEST(Float8Gpu, FusedCastsMatchTheCpuCast) {
   at::manual_seed(4);
   // Odd shapes: partial 32 x 32 tiles, a tail after the 16-byte vectors, and (300 x 200) the
@@ -25,19 +37,14 @@ TEST(Float8Gpu, FusedCastsMatchTheCpuCast) {
     for (auto dtype : {at::kFloat8_e4m3fn, at::kFloat8_e5m2}) {
       for (auto [rowwise, transpose] : {std::pair{false, false}, std::pair{false, true},
                                         std::pair{true, false}, std::pair{true, true}}) {
-        SCOPED_TRACE(testing::Message() << "rowwise " << rowwise << " transpose " << transpose);
-        const auto gpu = ops::to_float8(x.cuda(), dtype, rowwise, transpose);
-        const auto cpu = ops::to_float8(x, dtype, rowwise, transpose);
-        ASSERT_EQ(gpu.data.sizes(), cpu.data.sizes());
-        EXPECT_TRUE(at::equal(gpu.data.cpu().view(at::kByte), cpu.data.view(at::kByte)));
-        EXPECT_LT(relative_error(gpu.inv_scale.cpu(), cpu.inv_scale), 1e-6);
+        expect_cpu_cast(x, dtype, rowwise, transpose);
       }
     }
   }
 }
 
 // Large enough that every thread of the grid-stride max and cast kernels takes several
-// unrolled vectors, with a tail after the last whole vector (8191 x 4099 for both dtypes), and
+// vectors, with a tail after the last whole vector (8191 x 4099 for both dtypes), and
 // that the per-row max kernel strides over rows; per row and per column of the transpose too.
 TEST(Float8Gpu, FusedCastsOfALargeTensorMatchTheCpuCast) {
   at::manual_seed(5);
@@ -45,12 +52,8 @@ TEST(Float8Gpu, FusedCastsOfALargeTensorMatchTheCpuCast) {
     const at::Tensor x = (at::randn({8191, 4099}) * 3).to(src);
     for (auto [rowwise, transpose] :
          {std::pair{false, false}, std::pair{true, false}, std::pair{true, true}}) {
-      SCOPED_TRACE(testing::Message()
-                   << src << " rowwise " << rowwise << " transpose " << transpose);
-      const auto gpu = ops::to_float8(x.cuda(), at::kFloat8_e4m3fn, rowwise, transpose);
-      const auto cpu = ops::to_float8(x, at::kFloat8_e4m3fn, rowwise, transpose);
-      EXPECT_TRUE(at::equal(gpu.data.cpu().view(at::kByte), cpu.data.view(at::kByte)));
-      EXPECT_LT(relative_error(gpu.inv_scale.cpu(), cpu.inv_scale), 1e-6);
+      SCOPED_TRACE(testing::Message() << src);
+      expect_cpu_cast(x, at::kFloat8_e4m3fn, rowwise, transpose);
     }
   }
 }

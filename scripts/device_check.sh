@@ -351,7 +351,7 @@ do_tp2() {
     esac
     CUDA_VISIBLE_DEVICES=0,1 trun 2 "$BUILD_DIR/titan_train" "${big[@]}" "${extra[@]}" \
       --job.dump_folder "$OUT/$name" >"$OUT/$name.log" 2>&1 || tail -20 "$OUT/$name.log"
-    "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/$name/metrics.jsonl') if '\"tps\"' in l][-1];print('$name: tps/gpu', round(r['tps']), 'mfu', round(r['mfu'],2), 'allocated GiB', round(r['max_active_memory_gib'],1), 'reserved GiB', round(r['max_memory_gib'],1), 'loss', round(r['loss'],4))"
+    run_figures "$name"
   done
   "$PY" scripts/trace_summary.py "$OUT/tp2_async_8b/profile_traces/iteration_10/rank0_trace.json" \
     --steps 2 | tail -25
@@ -413,6 +413,12 @@ do_budget3b() {
   done
 }
 
+# run_figures NAME: TPS/GPU, MFU, peak allocated/reserved memory and loss of the last logged step
+# of the run in $OUT/NAME (CPU dry runs log no MFU or device memory: zeros).
+run_figures() {
+  "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/$1/metrics.jsonl') if '\"tps\"' in l][-1];f=lambda k,d: round(r.get(k) or 0,d);print('$1: tps/gpu', int(f('tps',0)), 'mfu', f('mfu',2), 'allocated GiB', f('max_active_memory_gib',1), 'reserved GiB', f('max_memory_gib',1), 'loss', f('loss',4))"
+}
+
 # One multi-GPU training run: NAME, number of GPUs, then titan_train arguments; prints TPS/GPU,
 # MFU, peak allocated/reserved memory and the last loss (issue 18's figures).
 mg_run() {
@@ -421,8 +427,7 @@ mg_run() {
   trun "$n" "$BUILD_DIR/titan_train" "$@" --job.dump_folder "$OUT/$name" \
     --metrics.enable_tensorboard false --metrics.disable_color_printing >"$OUT/$name.log" 2>&1 ||
     { tail -8 "$OUT/$name.log"; return 1; }
-  # (CPU dry runs log no MFU or device memory: zeros)
-  "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/$name/metrics.jsonl') if '\"tps\"' in l][-1];f=lambda k,d: round(r.get(k) or 0,d);print('$name: tps/gpu', int(f('tps',0)), 'mfu', f('mfu',2), 'allocated GiB', f('max_active_memory_gib',1), 'reserved GiB', f('max_memory_gib',1), 'loss', f('loss',4))"
+  run_figures "$name"
 }
 
 # Pipeline parallel over NCCL on every GPU (n): 8B, seq 4096, full AC, every schedule at

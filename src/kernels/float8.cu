@@ -289,6 +289,32 @@ __global__ void __launch_bounds__(kWideThreads)
   }
 }
 
+// Float8 bytes x [rows, cols] -> out [cols, rows], both multiples of 64: 64 x 64 tiles, one
+// 16-byte load and one 16-byte store per thread (a weight gathered in float8 is transposed so
+// for the input gradient's GEMM).
+__global__ void __launch_bounds__(kWideThreads)
+    transpose_bytes_kernel(const uint8_t* __restrict__ x, int64_t rows, int64_t cols,
+                           uint8_t* __restrict__ out) {
+  __shared__ __align__(16) uint8_t tile[kWide * kWideStride];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kWide;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kWide;
+  const int r = threadIdx.x >> 2, g = threadIdx.x & 3;  // 64 rows of 4 sixteen-byte groups
+  const uint4 in = *reinterpret_cast<const uint4*>(x + (r0 + r) * cols + c0 + 16 * g);
+  auto* t = reinterpret_cast<uint32_t*>(tile + r * kWideStride + 16 * g);
+  t[0] = in.x;
+  t[1] = in.y;
+  t[2] = in.z;
+  t[3] = in.w;
+  __syncthreads();
+  uint32_t w[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    w[j >> 2] |= static_cast<uint32_t>(tile[(16 * g + j) * kWideStride + r]) << (8 * (j & 3));
+  }
+  *reinterpret_cast<uint4*>(out + (c0 + r) * rows + r0 + 16 * g) =
+      make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 unsigned grid_for(int64_t total, int threads) {
   const int64_t want = (total + threads - 1) / threads;
   return static_cast<unsigned>(want < 132 * 16 ? (want > 0 ? want : 1) : 132 * 16);
@@ -380,6 +406,18 @@ void float8_cast(DType dt, const void* x, int64_t rows, int64_t cols, const floa
     cast_transpose_kernel<<<grid, block, 0, stream>>>(
         static_cast<const float*>(x), rows, cols, amax, mode, pow2, fmax, e4m3, o, ot, inv_scale);
   }
+}
+
+bool transpose_bytes(const void* x, int64_t rows, int64_t cols, void* out, cudaStream_t stream) {
+  if (rows % kWide != 0 || cols % kWide != 0 || rows / kWide > 65535 ||
+      reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(out) % 16 != 0) {
+    return false;
+  }
+  if (rows == 0 || cols == 0) return true;
+  const dim3 grid(static_cast<unsigned>(cols / kWide), static_cast<unsigned>(rows / kWide));
+  transpose_bytes_kernel<<<grid, kWideThreads, 0, stream>>>(static_cast<const uint8_t*>(x), rows,
+                                                            cols, static_cast<uint8_t*>(out));
+  return true;
 }
 
 }  // namespace launch

@@ -287,4 +287,41 @@ void float8_cast(const at::Tensor& x_in, int mode, bool pow2, const at::Tensor& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void float8_amax_flat(const at::Tensor& x, const at::Tensor& amax) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  TITAN_INTERNAL_CHECK(x.is_cuda() && supported(x) && x.is_contiguous() && aligned16(x) &&
+                           amax.scalar_type() == at::kFloat && amax.numel() == 1,
+                       "float8_amax_flat: unsupported operands");
+  launch::float8_amax(dtype_of(x), x.data_ptr(), 1, x.numel(), 0, amax.data_ptr<float>(), stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void float8_cast_flat(const at::Tensor& x, const at::Tensor& amax, const at::Tensor& out,
+                      const at::Tensor& inv_scale) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  TITAN_INTERNAL_CHECK(x.is_cuda() && supported(x) && x.is_contiguous() && aligned16(x) &&
+                           out.scalar_type() == at::kFloat8_e4m3fn && out.is_contiguous() &&
+                           out.numel() == x.numel() &&
+                           reinterpret_cast<uintptr_t>(out.data_ptr()) % 8 == 0 &&
+                           amax.scalar_type() == at::kFloat && amax.numel() == 1 &&
+                           inv_scale.scalar_type() == at::kFloat && inv_scale.numel() == 1,
+                       "float8_cast_flat: unsupported operands");
+  launch::float8_cast(dtype_of(x), x.data_ptr(), 1, x.numel(), amax.data_ptr<float>(), 0, false,
+                      true, out.data_ptr(), nullptr, inv_scale.data_ptr<float>(), stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool transpose_float8(const at::Tensor& x, const at::Tensor& out) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  TITAN_INTERNAL_CHECK(x.is_cuda() && x.dim() == 2 && x.element_size() == 1 &&
+                           out.element_size() == 1 && out.dim() == 2 && out.size(0) == x.size(1) &&
+                           out.size(1) == x.size(0),
+                       "transpose_float8: unsupported operands");
+  if (!x.is_contiguous() || !out.is_contiguous()) return false;
+  const bool done =
+      launch::transpose_bytes(x.data_ptr(), x.size(0), x.size(1), out.data_ptr(), stream());
+  if (done) C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return done;
+}
+
 }  // namespace titan::kernels

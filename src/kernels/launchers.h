@@ -61,5 +61,8 @@ void float8_amax(DType dt, const void* x, int64_t rows, int64_t cols, int mode, 
 void float8_cast(DType dt, const void* x, int64_t rows, int64_t cols, const float* amax, int mode,
                  bool pow2, bool e4m3, void* out, void* out_t, float* inv_scale,
                  cudaStream_t stream);
+// Bytes x [rows, cols] -> out [cols, rows]. Only for rows and cols multiples of 64 and 16-byte
+// aligned pointers; returns false (nothing launched) otherwise.
+bool transpose_bytes(const void* x, int64_t rows, int64_t cols, void* out, cudaStream_t stream);
 
 }  // namespace titan::kernels::launch

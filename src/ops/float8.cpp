@@ -222,8 +222,47 @@ at::ScalarType grad_dtype(Float8Recipe r) {
 }
 }  // namespace
 
-Float8Operand float8_cast_with_scale(const at::Tensor& x, const at::Tensor& scale) {
-  return cast_scaled(x, scale, at::kFloat8_e4m3fn);
+#ifdef TITAN_WITH_CUDA
+namespace {
+bool fused_flat(const at::Tensor& x) {
+  return x.is_cuda() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) &&
+         x.is_contiguous() && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+}
+}  // namespace
+#endif
+
+void float8_amax_into(const at::Tensor& x, const at::Tensor& amax) {
+#ifdef TITAN_WITH_CUDA
+  if (fused_flat(x)) {
+    kernels::float8_amax_flat(x, amax);
+    return;
+  }
+#endif
+  amax.copy_(at::linalg_vector_norm(x, INFINITY, {}, false, at::kFloat).reshape(amax.sizes()));
+}
+
+void float8_cast_with_amax_into(const at::Tensor& x, const at::Tensor& amax, const at::Tensor& out,
+                                const at::Tensor& inv_scale) {
+#ifdef TITAN_WITH_CUDA
+  if (fused_flat(x) && out.is_contiguous() &&
+      reinterpret_cast<uintptr_t>(out.data_ptr()) % 8 == 0) {
+    kernels::float8_cast_flat(x, amax, out, inv_scale);
+    return;
+  }
+#endif
+  const at::Tensor scale = scale_for(amax.reshape({}), at::kFloat8_e4m3fn);
+  const Float8Operand op = cast_scaled(x, scale, at::kFloat8_e4m3fn);
+  out.copy_(op.data);
+  inv_scale.copy_(op.inv_scale.reshape(inv_scale.sizes()));
+}
+
+at::Tensor float8_transpose(const at::Tensor& x) {
+  at::Tensor out = at::empty({x.size(1), x.size(0)}, x.options());
+#ifdef TITAN_WITH_CUDA
+  if (x.is_cuda() && kernels::transpose_float8(x, out)) return out;
+#endif
+  out.copy_(x.t());
+  return out;
 }
 
 at::Tensor float8_tensorwise_scale(const at::Tensor& amax) {
@@ -281,7 +320,7 @@ Float8Operand Float8Linear::weight_operand(const LinearWeight& w, bool transpose
                        "a float8-gathered weight needs the tensorwise recipe");
   // Under tensor parallelism its scale is already the whole matrix's (FSDP reduced the amax
   // over tp too).
-  return {transpose ? w.data.t().contiguous() : w.data, w.inv_scale};
+  return {transpose ? float8_transpose(w.data) : w.data, w.inv_scale};
 }
 
 at::Tensor Float8Linear::forward(const at::Tensor& x, const LinearWeight& w,

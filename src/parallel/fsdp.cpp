@@ -161,11 +161,9 @@ FsdpModel::FsdpModel(std::vector<model::UnitLayout> units, dist::Communicator* s
   TITAN_INTERNAL_CHECK(
       options_.float8_ranges.empty() || options_.float8_ranges.size() == units_.size(),
       "float8 ranges for ", options_.float8_ranges.size(), " of ", units_.size(), " units");
-  if (shard_) {
-    for (size_t i = 0; i < options_.float8_ranges.size(); ++i) {
-      if (options_.float8_ranges[i].empty()) continue;
-      impl_->float8[i] = plan_float8_gather(units_[i], options_.float8_ranges[i], n_shard);
-    }
+  for (size_t i = 0; i < options_.float8_ranges.size(); ++i) {
+    if (options_.float8_ranges[i].empty()) continue;
+    impl_->float8[i] = plan_float8_gather(units_[i], options_.float8_ranges[i], n_shard);
   }
   TITAN_CHECK(!options_.cpu_offload || device_.is_cuda(),
               "training.enable_cpu_offload: offloading needs a CUDA device (this run is on CPU, "
@@ -219,7 +217,7 @@ void FsdpModel::weights_changed() {
 }
 
 bool FsdpModel::gathers_float8(size_t i) const {
-  return shard_ && i < options_.float8_ranges.size() && !options_.float8_ranges[i].empty();
+  return i < options_.float8_ranges.size() && !options_.float8_ranges[i].empty();
 }
 
 void FsdpModel::compute_float8_amax(const std::vector<size_t>& units) {
@@ -232,14 +230,13 @@ void FsdpModel::compute_float8_amax(const std::vector<size_t>& units) {
     at::Tensor amax = at::zeros({static_cast<int64_t>(options_.float8_ranges[i].size())},
                                 at::TensorOptions().dtype(at::kFloat).device(device_));
     for (const auto& piece : impl_->float8[i].pieces) {
-      const at::Tensor part = src.narrow(0, piece.shard_offset, piece.numel).to(device_);
-      amax.narrow(0, static_cast<int64_t>(piece.range), 1)
-          .copy_(at::linalg_vector_norm(part, INFINITY, {}, false, at::kFloat).reshape({1}));
+      ops::float8_amax_into(src.narrow(0, piece.shard_offset, piece.numel).to(device_),
+                            amax.narrow(0, static_cast<int64_t>(piece.range), 1));
     }
     local.push_back(amax);
   }
-  at::Tensor all = at::cat(local);
-  shard_->all_reduce(all, dist::ReduceOp::Max);
+  at::Tensor all = local.size() == 1 ? local.front() : at::cat(local);
+  if (shard_) shard_->all_reduce(all, dist::ReduceOp::Max);
   // Tensor parallel: each tp rank holds rows or columns of the matrix; its float8 projection
   // casts with the whole matrix's scale.
   if (options_.tensor_parallel) options_.tensor_parallel->all_reduce(all, dist::ReduceOp::Max);
@@ -267,16 +264,30 @@ void FsdpModel::start_float8_gather(size_t i) {
   const at::Tensor& src = u.shadow.defined() ? u.shadow : u.master;
   const at::Tensor scales = ops::float8_tensorwise_scale(u.float8_amax);
   // One 16-byte row per matrix: cuBLASLt rejects a scale that starts 4 bytes into a vector.
+  // (Column 1 takes the cast kernels' own copies of the inverse scales.)
   at::Tensor rows = at::zeros({scales.size(0), 4}, scales.options());
   rows.select(1, 0).copy_(at::reciprocal(scales));
   u.float8_inv_scales = rows.select(1, 0);
   const auto on_device = at::TensorOptions().device(device_);
-  at::Tensor shard8 = at::zeros({u.shard_numel}, on_device.dtype(at::kByte));
+  // Bytes outside the float8 matrices are never read.
+  at::Tensor shard8 = at::empty({u.shard_numel}, on_device.dtype(at::kByte));
   for (const auto& piece : g.pieces) {
-    const ops::Float8Operand op =
-        ops::float8_cast_with_scale(src.narrow(0, piece.shard_offset, piece.numel).to(device_),
-                                    scales[static_cast<int64_t>(piece.range)]);
-    shard8.narrow(0, piece.shard_offset, piece.numel).view(at::kFloat8_e4m3fn).copy_(op.data);
+    const auto r = static_cast<int64_t>(piece.range);
+    ops::float8_cast_with_amax_into(
+        src.narrow(0, piece.shard_offset, piece.numel).to(device_), u.float8_amax.narrow(0, r, 1),
+        shard8.narrow(0, piece.shard_offset, piece.numel).view(at::kFloat8_e4m3fn),
+        rows.select(1, 1).narrow(0, r, 1));
+  }
+  if (!shard_) {
+    // One rank holds the whole unit: its float8 matrices and other parameters are the
+    // "gathered" unit, cast straight from the masters with no communication.
+    u.full8 = shard8;
+    u.rest = at::empty({g.rest_numel}, on_device.dtype(options_.param_dtype));
+    for (const auto& seg : g.segments) {
+      u.rest.narrow(0, seg.packed_pos, seg.numel)
+          .copy_(src.narrow(0, seg.shard_offset, seg.numel), /*non_blocking=*/true);
+    }
+    return;
   }
   u.full8 = at::empty({u.shard_numel * dp_shard_size()}, on_device.dtype(at::kByte));
   impl_->gathers[i] = shard_->all_gather_into(u.full8, shard8, /*async=*/true);
@@ -341,6 +352,11 @@ void FsdpModel::throttle(const dist::WorkPtr& work) {
 const at::Tensor& FsdpModel::gather(size_t i) {
   UnitState& u = units_[i];
   if (u.gathered) return u.full;
+  if (!shard_ && gathers_float8(i)) {
+    start_float8_gather(i);  // no communication: cast in place of the gather (use gathered())
+    u.gathered = true;
+    return u.full;
+  }
   if (!shard_) {
     if (u.shadow.defined()) {
       u.full = u.shadow;

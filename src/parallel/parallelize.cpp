@@ -403,7 +403,9 @@ std::string Float8Plan::describe() const {
                      ops::float8_recipe_name(recipe), emulate ? " (emulated)" : "",
                      on.empty() ? "none" : util::join(on, ", "),
                      off.empty() ? "" : util::join(off, ", ") + ", ",
-                     !all_gather         ? ""
+                     from_master         ? "; weights cast from the fp32 masters once per use, "
+                                           "scales once per step"
+                     : !all_gather       ? ""
                      : precompute_scales ? "; FSDP all-gathers them in float8 (scales precomputed "
                                            "once per step)"
                                          : "; FSDP all-gathers them in float8");
@@ -620,6 +622,19 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
       f8.precompute_scales = f8.all_gather && f.float8_precompute_scales;
       if (!f8.all_gather) f.float8_ranges.clear();
     }
+  }
+  // One rank holds whole units that it casts to the compute dtype at every use: the float8
+  // matrices are cast from the masters instead (half the bytes of the bf16 cast, and each
+  // matrix's amax once per step). Runs keeping bf16 copies of the weights cast those per use.
+  const bool any_float8 = f8.wqkv || f8.wo || f8.w13 || f8.w2;
+  if (f8.enabled && any_float8 && f8.recipe == ops::Float8Recipe::Tensorwise && !sharded &&
+      !f.cpu_offload && !f.persistent_compute_weights) {
+    for (const auto& u : plan.units) {
+      f.float8_ranges.push_back(u.kind == model::UnitKind::Block
+                                    ? model::block_float8_ranges(u, f8.wqkv, f8.wo, f8.w13, f8.w2)
+                                    : std::vector<model::ElementRange>{});
+    }
+    f8.from_master = true;
   }
   return plan;
 }

@@ -1,6 +1,7 @@
 // Float8 on the GPU: titan's fused casts (max pass + cast pass; per tensor, per row, per column
 // of the transposed operand; odd shapes and 64-multiples) produce the same float8 bytes and scale
-// as the ATen path on the CPU, and every GEMM of a converted linear through cuBLASLt (_scaled_mm)
+// as the ATen path on the CPU (also for a matrix cast from a flat master with a separate amax,
+// and its float8 transpose), and every GEMM of a converted linear through cuBLASLt (_scaled_mm)
 // matches the same float8 operands multiplied in fp32, for every recipe.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -76,6 +77,33 @@ TEST(Float8Gpu, ForwardWritesTheCpuCastsOfXAndItsTranspose) {
   EXPECT_LT(relative_error(packed_gpu.cpu().narrow(0, bytes, 4).view(at::kFloat),
                            packed_cpu.narrow(0, bytes, 4).view(at::kFloat)),
             1e-6);
+}
+
+// A weight matrix cast from its place in a unit's flat fp32 master (the single-rank float8
+// path with checkpointing): the amax pass and the cast with that amax give the bytes of casting
+// the matrix on its own on the CPU; its transpose for the input gradient (the 64 x 64 byte
+// kernel, and the fallback for other shapes) is the CPU's transpose.
+TEST(Float8Gpu, MatrixCastFromAFlatMasterAndItsTransposeMatchTheCpu) {
+  at::manual_seed(7);
+  for (auto [src, rows, cols] :
+       {std::tuple{at::kFloat, 320, 192}, std::tuple{at::kBFloat16, 320, 192},
+        std::tuple{at::kFloat, 100, 72}}) {
+    SCOPED_TRACE(testing::Message() << rows << " x " << cols << " " << src);
+    const at::Tensor flat = (at::randn({64 + rows * cols + 64}) * 0.05).to(src);
+    const at::Tensor w = flat.narrow(0, 64, rows * cols);
+    const at::Tensor amax = at::zeros({4}, at::kFloat).cuda();
+    const at::Tensor inv = at::zeros({4}, at::kFloat).cuda();
+    const at::Tensor out = at::empty({rows * cols}, at::kFloat8_e4m3fn).cuda();
+    const at::Tensor w_gpu = flat.cuda().narrow(0, 64, rows * cols);
+    ops::float8_amax_into(w_gpu, amax.narrow(0, 1, 1));
+    ops::float8_cast_with_amax_into(w_gpu, amax.narrow(0, 1, 1), out, inv.narrow(0, 2, 1));
+    const auto cpu = ops::to_float8(w.view({rows, cols}), at::kFloat8_e4m3fn, false, false);
+    EXPECT_FLOAT_EQ(amax[1].item<float>(), w.abs().max().item().toFloat());
+    EXPECT_TRUE(at::equal(out.cpu().view(at::kByte).view({rows, cols}), cpu.data.view(at::kByte)));
+    EXPECT_LT(relative_error(inv.narrow(0, 2, 1).cpu().reshape({}), cpu.inv_scale), 1e-6);
+    const at::Tensor t = ops::float8_transpose(out.view({rows, cols}));
+    EXPECT_TRUE(at::equal(t.cpu().view(at::kByte), cpu.data.view(at::kByte).t().contiguous()));
+  }
 }
 
 TEST(Float8Gpu, ScaledMatmulsMatchTheirFloat8OperandsInFp32) {

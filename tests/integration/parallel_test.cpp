@@ -660,7 +660,15 @@ TEST(Float8, FsdpFloat8AllGatherEqualsGatheringInHighPrecision) {
     int world;
     int64_t local_batch;
     std::vector<std::string> common, float8_gather;
+    const char* log = "FSDP all-gathers them in float8";
+    std::vector<std::string> high_only = {};
   };
+  // Unsharded runs with checkpointing cast the float8 matrices straight from the masters (one
+  // amax per matrix and step) where they would cast the unit to the compute dtype: the same
+  // bytes as casting per use without checkpointing (a single process, tp only, a pipeline).
+  const std::vector<std::string> full_ac = {"--activation_checkpoint.mode", "full"};
+  const std::vector<std::string> no_ac = {"--activation_checkpoint.mode", "none"};
+  const char* from_master = "weights cast from the fp32 masters once per use";
   const std::vector<Pair> pairs = {
       // wo stays bf16: a whole matrix travels with the norms, cut across the shards.
       {"fsdp4_wo_bf16",
@@ -673,11 +681,15 @@ TEST(Float8, FsdpFloat8AllGatherEqualsGatheringInHighPrecision) {
       // Each tp rank gathers its rows or columns; the scale is the whole matrix's (the amax
       // all-reduced over dp_shard and tp), as the float8 TP projections cast with.
       {"fsdp2_tp2", 4, 4, tp_args(2), gather},
+      {"one_rank_full_ac", 1, 8, {}, full_ac, from_master, no_ac},
+      {"tp2_full_ac", 2, 8, tp_args(2), full_ac, from_master, no_ac},
+      {"pp2_1f1b_full_ac", 2, 8, pp_args(2, "1F1B", 2), full_ac, from_master, no_ac},
   };
   for (const auto& p : pairs) {
     SCOPED_TRACE(p.name);
     const std::string high = std::string(p.name) + "_high", low = std::string(p.name) + "_f8";
-    const RunResult a = train_ranks(dir, high, p.world, p.local_batch, kFinalSave + f8 + p.common);
+    const RunResult a =
+        train_ranks(dir, high, p.world, p.local_batch, kFinalSave + f8 + p.common + p.high_only);
     const RunResult b =
         train_ranks(dir, low, p.world, p.local_batch, kFinalSave + f8 + p.common + p.float8_gather);
     expect_same(b, a, p.name, 1e-7, 1e-6);
@@ -686,8 +698,8 @@ TEST(Float8, FsdpFloat8AllGatherEqualsGatheringInHighPrecision) {
               1e-7);
     EXPECT_EQ(validation_lines(b.outputs[0]), validation_lines(a.outputs[0]));
     EXPECT_EQ(validation_lines(b.outputs[0]).size(), 2u) << b.outputs[0];
-    EXPECT_NE(b.outputs[0].find("FSDP all-gathers them in float8"), std::string::npos)
-        << b.outputs[0];
+    EXPECT_NE(b.outputs[0].find(p.log), std::string::npos) << b.outputs[0];
+    EXPECT_EQ(a.outputs[0].find(p.log), std::string::npos) << a.outputs[0];
   }
 }
 

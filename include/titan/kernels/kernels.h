@@ -64,5 +64,15 @@ at::Tensor sum_of_squares(const std::vector<at::Tensor>& xs);
 // undefined), with the inverse scales in `inv_scale` (fp32, 1, rows or cols elements).
 void float8_cast(const at::Tensor& x, int mode, bool pow2, const at::Tensor& out,
                  const at::Tensor& out_t, const at::Tensor& inv_scale);
+// Tensorwise e4m3 of a flat range (a weight matrix in a unit's flat buffer): its amax into
+// `amax` (one fp32), and its cast with the scale of a given amax into `out` (e4m3, x's size, 8-byte
+// aligned), writing 1 / scale into `inv_scale` (one fp32). x: bf16 or fp32, contiguous,
+// 16-byte aligned.
+void float8_amax_flat(const at::Tensor& x, const at::Tensor& amax);
+void float8_cast_flat(const at::Tensor& x, const at::Tensor& amax, const at::Tensor& out,
+                      const at::Tensor& inv_scale);
+// One-byte x [rows, cols] -> out [cols, rows] (both contiguous). False, with nothing done, where
+// the kernel does not take the shape (rows or cols not a multiple of 64, unaligned).
+bool transpose_float8(const at::Tensor& x, const at::Tensor& out);
 
 }  // namespace titan::kernels

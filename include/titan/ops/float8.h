@@ -47,9 +47,16 @@ at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& bt, at::Scalar
 // Tensorwise e4m3 scales from absolute maxima (any shape): 448 / max(amax, 1e-12), in fp32 —
 // the scale to_float8 computes for a tensor with that amax.
 at::Tensor float8_tensorwise_scale(const at::Tensor& amax);
-// x cast to e4m3 with a given (0-dim fp32) scale; returns the data and 1 / scale. With the
-// scale of x's whole tensor, the bytes equal those of to_float8 on that tensor.
-Float8Operand float8_cast_with_scale(const at::Tensor& x, const at::Tensor& scale);
+// Tensorwise pieces of a weight matrix (the float8 weights of a unit): the amax of x (any shape)
+// into `amax` (one fp32 element, e.g. a slot of a buffer); x cast to e4m3 with the scale of a
+// given amax into `out` (e4m3, x's size), 1 / scale into `inv_scale` (one fp32 element). With
+// the amax of x's whole matrix, the bytes equal those of to_float8 on that matrix. Fused
+// kernels on CUDA (one pass each).
+void float8_amax_into(const at::Tensor& x, const at::Tensor& amax);
+void float8_cast_with_amax_into(const at::Tensor& x, const at::Tensor& amax, const at::Tensor& out,
+                                const at::Tensor& inv_scale);
+// Float8 x [rows, cols] -> contiguous [cols, rows] (a tiled kernel on CUDA).
+at::Tensor float8_transpose(const at::Tensor& x);
 
 // The Linear of a converted projection. Its weight comes in the compute dtype (cast here, one
 // scale per tensor or per row) or already in float8 (tensorwise; the float8 FSDP all-gather). The

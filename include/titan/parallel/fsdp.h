@@ -57,8 +57,9 @@ struct FsdpOptions {
   // Float8 all-gather (quantize.linear.float8.enable_fsdp_float8_all_gather): per unit, the
   // matrices gathered as float8 e4m3 with one tensorwise scale each (from the global amax, an
   // all-reduce over dp_shard), at half the bytes; the unit's other parameters are gathered in
-  // param_dtype. Empty, or an empty entry: the unit is gathered in param_dtype. Only with a
-  // dp_shard group (nothing is gathered otherwise).
+  // param_dtype. Empty, or an empty entry: the unit is gathered in param_dtype. Without a
+  // dp_shard group the same float8 unit is cast from the masters at each gather (single rank,
+  // weights cast per use).
   std::vector<std::vector<model::ElementRange>> float8_ranges;
   // Every unit's amaxes in one all-reduce at the step's first gather
   // (precompute_float8_dynamic_scale_for_fsdp); otherwise one per unit at its first gather.

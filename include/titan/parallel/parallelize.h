@@ -83,6 +83,10 @@ struct Float8Plan {
   bool wqkv = false, wo = false, w13 = false, w2 = false;
   bool all_gather = false;         // FSDP gathers the converted weights in float8
   bool precompute_scales = false;  // ... with one amax all-reduce per step
+  // Unsharded weights cast per use (activation checkpointing on): the converted matrices are
+  // cast to float8 straight from the fp32 masters where the unit is materialized, with one amax
+  // per matrix and step (no bf16 copy, no amax per use).
+  bool from_master = false;
   std::string describe() const;
 };
 

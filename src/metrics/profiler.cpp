@@ -65,6 +65,10 @@ void Profiler::step_begin(int64_t step) {
   if (!active_ && pos == std::max<int64_t>(1, active_first)) {
     if (!prepared_) prof::prepareProfiler(kineto_config(), activities(cuda_));
     prepared_ = true;
+    // The previous steps' kernels may still be running (the host runs ahead): they would land
+    // in the window, which then holds more than its steps (as the stop below waits for the
+    // last step's).
+    if (cuda_) synchronize(c10::Device(c10::kCUDA));
     prof::enableProfiler(kineto_config(), activities(cuda_));
     active_ = true;
   }

@@ -1,5 +1,6 @@
 // Float8 linear layers on CPU (emulated float8 arithmetic): the casts round exactly as a
-// quantize-dequantize written here from the recipe's definition, each of the three GEMMs of a
+// quantize-dequantize written here from the recipe's definition (also a matrix cast in pieces
+// with a given amax), each of the three GEMMs of a
 // converted linear equals that reference in fp32 for every recipe, and stays close to the
 // unquantized product.
 #include <ATen/ATen.h>
@@ -63,6 +64,25 @@ TEST(Float8, CastsRoundAsQuantizeDequantize) {
       EXPECT_LT(test::relative_error(back, x), dtype == at::kFloat8_e4m3fn ? 0.05 : 0.1);
     }
   }
+}
+
+// A weight matrix cast in pieces of a flat buffer (a unit cast from its masters): the amax into
+// a slot of a buffer, then the cast with that amax, give the bytes and the inverse scale of
+// casting the whole matrix; its float8 transpose is the transpose of those bytes.
+TEST(Float8, MatrixCastWithAGivenAmaxEqualsTheWholeTensorCast) {
+  at::manual_seed(3);
+  const at::Tensor flat = at::randn({64 + 48 * 80}) * 0.1;
+  const at::Tensor w = flat.narrow(0, 64, 48 * 80);
+  const at::Tensor amax = at::zeros({3}), inv = at::zeros({3});
+  const at::Tensor out = at::empty({48 * 80}, at::kFloat8_e4m3fn);
+  ops::float8_amax_into(w, amax.narrow(0, 1, 1));
+  ops::float8_cast_with_amax_into(w, amax.narrow(0, 1, 1), out, inv.narrow(0, 2, 1));
+  const auto whole = ops::to_float8(w.view({48, 80}), at::kFloat8_e4m3fn, false);
+  EXPECT_EQ(amax[1].item<float>(), w.abs().max().item<float>());
+  EXPECT_TRUE(at::equal(out.view(at::kByte).view({48, 80}), whole.data.view(at::kByte)));
+  EXPECT_EQ(inv[2].item<float>(), whole.inv_scale.item<float>());
+  EXPECT_TRUE(
+      at::equal(ops::float8_transpose(whole.data).view(at::kByte), whole.data.view(at::kByte).t()));
 }
 
 TEST(Float8, EveryGemmOfEveryRecipeMatchesTheReference) {

@@ -435,7 +435,8 @@ mg_run() {
 # PP_MICROBATCHES (default 8) microbatches of one sequence against FSDP n on the same global batch
 # (loss parity in bf16 noise, TPS/GPU, memory); every schedule's last step profiled on every rank:
 # the bubble measured from the traces (scripts/pipeline_bubble.py) beside the simulator's (full
-# AC: forward 1, input gradient 2 with the recompute, weight gradient 1).
+# AC: forward 1, input gradient 2 with the recompute, weight gradient 1). PP_ARGS: more flags
+# for the pipeline runs (e.g. --parallelism.pipeline_parallel_last_stage_less_layers 4).
 do_pp() {
   local n mbs="${PP_MICROBATCHES:-8}" steps="${PP_STEPS:-10}"
   n="$(ngpu)"
@@ -451,7 +452,7 @@ do_pp() {
     { mg_run "$name" "$n" "${big[@]}" --training.local_batch_size "$mbs" \
       --parallelism.pipeline_parallel_degree "$n" --parallelism.data_parallel_shard_degree 1 \
       --parallelism.pipeline_parallel_schedule "$schedule" \
-      --parallelism.pipeline_parallel_microbatch_size 1 --profiling.enable_profiling \
+      --parallelism.pipeline_parallel_microbatch_size 1 ${PP_ARGS:-} --profiling.enable_profiling \
       --profiling.profile_freq $((steps - 1)) --profiling.profiler_active 1 \
       --profiling.profiler_warmup 1 &&
       compare_losses "bf16 pp$n $schedule vs FSDP $n" "$OUT/pp_fsdp${n}_$mbs/metrics.jsonl" \

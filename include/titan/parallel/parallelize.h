@@ -74,6 +74,22 @@ std::vector<pipeline::StageLayout> split_stages(const model::LlamaArgs& args,
                                                 const config::ParallelismSection& p, int pp,
                                                 pipeline::ScheduleKind kind);
 
+// Estimated compute per pipeline rank, in FLOPs per token: a block 6 x its parameters plus
+// attention (12 x heads x head_dim x seq), 4/3 of that when fully checkpointed (the forward runs
+// twice); the output projection 6 x vocab x dim. `head_in_blocks` is the head's cost in blocks,
+// the value of pipeline_parallel_last_stage_less_layers that balances an even split.
+struct PipelineBalance {
+  std::vector<double> rank_flops;
+  int heaviest = 0;
+  double imbalance = 1.0;  // heaviest rank over the lightest
+  double head_in_blocks = 0.0;
+  bool head_on_heaviest = false;
+};
+PipelineBalance estimate_pipeline_balance(const model::LlamaArgs& args, int64_t seq_len,
+                                          bool full_ac,
+                                          const std::vector<pipeline::StageLayout>& stages,
+                                          const pipeline::Schedule& schedule);
+
 // Float8 training ([quantize.linear.float8] with model.converters = ["float8"]): the recipe
 // and which block projections run their GEMMs in float8.
 struct Float8Plan {

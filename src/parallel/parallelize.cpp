@@ -526,7 +526,7 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
     // An even split counts the output projection as pipeline_parallel_last_stage_less_layers
     // blocks; with a large vocabulary it costs several (1B: about 3 under full checkpointing),
     // and the bubble grows with the heaviest rank's excess (measured on 2 H200s: 1F1B at pp 2
-    // went from 28,886 to 41,432 TPS/GPU with 4 instead of 1).
+    // went from 28,886 to 42,991 TPS/GPU with the suggested 3 instead of 1).
     const bool even = p.module_fqns_per_model_part.empty() &&
                       p.pipeline_parallel_split_points.empty() &&
                       !p.pipeline_parallel_layers_per_stage;
@@ -653,6 +653,14 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
   }
   // Float8 all-gather: the converted projections of every block travel in float8.
   auto& f8 = plan.float8;
+  // The converted projections of every block unit, as element ranges of its flat buffer.
+  auto set_float8_ranges = [&] {
+    for (const auto& u : plan.units) {
+      f.float8_ranges.push_back(u.kind == model::UnitKind::Block
+                                    ? model::block_float8_ranges(u, f8.wqkv, f8.wo, f8.w13, f8.w2)
+                                    : std::vector<model::ElementRange>{});
+    }
+  };
   if (!f8.enabled && c.float8.enable_fsdp_float8_all_gather) {
     log::warn(
         "quantize.linear.float8.enable_fsdp_float8_all_gather has no effect without float8 "
@@ -664,11 +672,7 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
           "quantize.linear.float8.enable_fsdp_float8_all_gather has no effect without FSDP "
           "sharding (parallelism.data_parallel_shard_degree = 1): no weights are gathered");
     } else {
-      for (const auto& u : plan.units) {
-        f.float8_ranges.push_back(u.kind == model::UnitKind::Block
-                                      ? model::block_float8_ranges(u, f8.wqkv, f8.wo, f8.w13, f8.w2)
-                                      : std::vector<model::ElementRange>{});
-      }
+      set_float8_ranges();
       f.float8_precompute_scales = c.float8.precompute_float8_dynamic_scale_for_fsdp;
       f8.all_gather = f8.wqkv || f8.wo || f8.w13 || f8.w2;
       f8.precompute_scales = f8.all_gather && f.float8_precompute_scales;
@@ -681,11 +685,7 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
   const bool any_float8 = f8.wqkv || f8.wo || f8.w13 || f8.w2;
   if (f8.enabled && any_float8 && f8.recipe == ops::Float8Recipe::Tensorwise && !sharded &&
       !f.cpu_offload && !f.persistent_compute_weights) {
-    for (const auto& u : plan.units) {
-      f.float8_ranges.push_back(u.kind == model::UnitKind::Block
-                                    ? model::block_float8_ranges(u, f8.wqkv, f8.wo, f8.w13, f8.w2)
-                                    : std::vector<model::ElementRange>{});
-    }
+    set_float8_ranges();
     f8.from_master = true;
   }
   return plan;

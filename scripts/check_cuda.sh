@@ -26,7 +26,7 @@ fi
 # Debian's CPU LibTorch ships c10/cuda headers without their generated config header.
 mkdir -p "$inc/c10/cuda/impl"
 echo '#pragma once' >"$inc/c10/cuda/impl/cuda_cmake_macros.h"
-files="src/kernels/kernels_cuda.cpp src/dist/nccl_communicator.cpp src/ops/attention.cpp
+files="src/kernels/kernels_cuda.cpp src/kernels/gemm_cuda.cpp src/dist/nccl_communicator.cpp src/ops/attention.cpp
   src/ops/cross_entropy.cpp src/ops/linear.cpp src/ops/rmsnorm.cpp src/ops/rope.cpp
   src/ops/swiglu.cpp src/ops/float8.cpp src/train/trainer.cpp src/train/optimizer.cpp src/util/device.cpp
   src/metrics/memory_snapshot.cpp tests/gpu/kernels_test.cpp tests/gpu/training_test.cpp

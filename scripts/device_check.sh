@@ -7,7 +7,7 @@
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
 # oom8b tp2 tp asynctp budget3b smoke2 pp cp terapipe1 terapipe float8 float8loss float8fsdp earlystep profile3b float8gemm
-# membench readme
+# membench gemmbench readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -633,6 +633,9 @@ for s in "${stages[@]}"; do
     membench) run_stage membench bash -c "nvcc -O3 -std=c++17 -arch=sm_90a scripts/membench.cu \
       src/kernels/adamw.cu src/kernels/float8.cu -o '$BUILD_DIR/titan_membench' &&
       '$BUILD_DIR/titan_membench'"; cat "$OUT/membench.log" ;;
+    gemmbench) run_stage gemmbench bash -c "nvcc -O3 -std=c++17 -arch=sm_90a scripts/gemmbench.cu \
+      -lcublasLt -lcublas -o '$BUILD_DIR/titan_gemmbench' && '$BUILD_DIR/titan_gemmbench'"
+      cat "$OUT/gemmbench.log" ;;
     float8gemm) run_stage float8gemm bash -c "'$BUILD_DIR/titan_bench_float8' --tokens 8192 &&
       '$BUILD_DIR/titan_bench_float8' --tokens 16384"; cat "$OUT/float8gemm.log" ;;
     earlystep) run_stage earlystep do_earlystep; cat "$OUT/earlystep.log" | cut -c1-300 ;;

@@ -113,7 +113,7 @@ at::Tensor output_loss(const at::Tensor& hn, const at::Tensor& out_w, const at::
     const int64_t len = std::min(chunk, n - start);
     at::Tensor hc = hn.narrow(0, start, len);
     at::Tensor tgt = targets.narrow(0, start, len);
-    at::Tensor logits = at::mm(hc, out_w.t());
+    at::Tensor logits = tuned_mm(hc, out_w.t());
     at::Tensor dl;
     if (!shard) {
       loss_sum.add_(whole_vocab_loss(logits, tgt, grad_scale, compute_grad, fused, &dl));
@@ -127,7 +127,7 @@ at::Tensor output_loss(const at::Tensor& hn, const at::Tensor& out_w, const at::
     }
     if (compute_grad) {
       at::Tensor dst = dhn.narrow(0, start, len);
-      at::mm_out(dst, dl, out_w);
+      tuned_mm_out(dst, dl, out_w);
       linear_backward_weight(dl, hc, *out_grad, accumulate || start > 0);
     }
   }

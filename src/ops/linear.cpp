@@ -11,17 +11,82 @@
 #endif
 
 namespace titan::ops {
+namespace {
+
+#ifdef TITAN_WITH_CUDA
+// The row-major matrix behind a 2-D operand and whether the operand is its transpose; false
+// where neither dimension has unit stride.
+bool row_major_of(const at::Tensor& t, at::Tensor* base, bool* transposed) {
+  if (t.dim() != 2) return false;
+  if (t.stride(1) == 1) {
+    *base = t;
+    *transposed = false;
+    return true;
+  }
+  if (t.stride(0) == 1) {
+    *base = t.t();
+    *transposed = true;
+    return true;
+  }
+  return false;
+}
+
+// out (+)= a b through kernels::gemm when the operands qualify; false otherwise.
+bool try_tuned_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                    bool accumulate) {
+  if (!a.is_cuda() || !kernels::gemm_tuning_enabled()) return false;
+  at::Tensor ab, bb;
+  bool ta = false, tb = false;
+  if (!row_major_of(a, &ab, &ta) || !row_major_of(b, &bb, &tb) ||
+      !kernels::gemm_supported(ab, bb, out)) {
+    return false;
+  }
+  kernels::gemm(ab, ta, bb, tb, out, accumulate);
+  return true;
+}
+#endif
+
+}  // namespace
+
+at::Tensor tuned_mm(const at::Tensor& a, const at::Tensor& b) {
+#ifdef TITAN_WITH_CUDA
+  if (a.is_cuda() && a.scalar_type() == at::kBFloat16) {
+    at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+    if (try_tuned_gemm(out, a, b, false)) return out;
+  }
+#endif
+  return at::mm(a, b);
+}
+
+void tuned_mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                  bool accumulate) {
+#ifdef TITAN_WITH_CUDA
+  if (try_tuned_gemm(out, a, b, accumulate)) return;
+#endif
+  auto& o = const_cast<at::Tensor&>(out);
+  if (a.scalar_type() != out.scalar_type()) {
+    if (accumulate) {
+      o.add_(at::mm(a, b).to(out.scalar_type()));
+    } else {
+      o.copy_(at::mm(a, b));
+    }
+  } else if (accumulate) {
+    o.addmm_(a, b);
+  } else {
+    at::mm_out(o, a, b);
+  }
+}
 
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w) {
   auto sizes = x.sizes().vec();
-  at::Tensor y = at::mm(x.reshape({-1, x.size(-1)}), w.t());
+  at::Tensor y = tuned_mm(x.reshape({-1, x.size(-1)}), w.t());
   sizes.back() = w.size(0);
   return y.view(sizes);
 }
 
 at::Tensor linear_backward_input(const at::Tensor& dy, const at::Tensor& w) {
   auto sizes = dy.sizes().vec();
-  at::Tensor dx = at::mm(dy.reshape({-1, dy.size(-1)}), w);
+  at::Tensor dx = tuned_mm(dy.reshape({-1, dy.size(-1)}), w);
   sizes.back() = w.size(1);
   return dx.view(sizes);
 }
@@ -32,21 +97,14 @@ void linear_backward_weight(const at::Tensor& dy, const at::Tensor& x, const at:
   at::Tensor x2 = x.reshape({-1, x.size(-1)});
 #ifdef TITAN_WITH_CUDA
   if (dy2.is_cuda()) {
-    kernels::gemm_tn_fp32(dy2, x2, grad_w, accumulate);
+    const bool tuned =
+        grad_w.is_contiguous() &&
+        try_tuned_gemm(grad_w.view({dy2.size(1), x2.size(1)}), dy2.t(), x2, accumulate);
+    if (!tuned) kernels::gemm_tn_fp32(dy2, x2, grad_w, accumulate);
     return;
   }
 #endif
-  if (dy2.scalar_type() == grad_w.scalar_type()) {
-    if (accumulate) {
-      grad_w.addmm_(dy2.t(), x2);
-    } else {
-      at::mm_out(const_cast<at::Tensor&>(grad_w), dy2.t(), x2);
-    }
-  } else if (accumulate) {
-    grad_w.add_(at::mm(dy2.t(), x2).to(grad_w.scalar_type()));
-  } else {
-    grad_w.copy_(at::mm(dy2.t(), x2));
-  }
+  tuned_mm_out(grad_w, dy2.t(), x2, accumulate);
 }
 
 const at::Tensor& LinearWeight::plain(const char* who) const {

@@ -174,7 +174,7 @@ at::Tensor TensorParallel::gather_matmul(const at::Tensor& x, const at::Tensor& 
   if (!options_.async) {
     at::Tensor xg = gather_tokens(x);
     if (gathered) *gathered = xg;
-    return at::mm(xg, b);
+    return ops::tuned_mm(xg, b);
   }
   // Ring: at step k this rank multiplies the shard of rank (r - k) while passing it on to
   // r + 1 and receiving the shard of rank (r - k - 1) from r - 1.
@@ -196,7 +196,7 @@ at::Tensor TensorParallel::gather_matmul(const at::Tensor& x, const at::Tensor& 
       works.push_back(moving);
     }
     at::Tensor dst = out.narrow(0, c * n, n);
-    at::mm_out(dst, xg.narrow(0, c * n, n), b);
+    ops::tuned_mm_out(dst, xg.narrow(0, c * n, n), b);
     if (moving) moving->wait();
   }
   for (auto& w : works) w->wait();
@@ -205,7 +205,7 @@ at::Tensor TensorParallel::gather_matmul(const at::Tensor& x, const at::Tensor& 
 }
 
 at::Tensor TensorParallel::matmul_scatter(const at::Tensor& x, const at::Tensor& b) const {
-  if (!options_.async) return scatter_tokens(at::mm(x, b));
+  if (!options_.async) return scatter_tokens(ops::tuned_mm(x, b));
   // Ring: at step k this rank computes its partial product for the rows of rank (r - k - 1),
   // adds the sum of the earlier ranks' partials received from r - 1 and passes it on; at the
   // last step the rows are its own and the sum is complete.
@@ -223,7 +223,7 @@ at::Tensor TensorParallel::matmul_scatter(const at::Tensor& x, const at::Tensor&
   for (int64_t k = 0; k < t; ++k) {
     const int64_t blk = (r - k - 1 + 2 * t) % t;
     // This block's product runs while the partial sum for it is still arriving; the add waits.
-    part = at::mm(x.narrow(0, blk * n, n), b);
+    part = ops::tuned_mm(x.narrow(0, blk * n, n), b);
     if (arriving) {
       arriving->wait();
       part.add_(incoming);

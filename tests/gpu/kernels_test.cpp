@@ -12,6 +12,7 @@
 #include "titan/ops/attention.h"
 #include "titan/ops/cross_entropy.h"
 #include "titan/ops/dispatch.h"
+#include "titan/ops/linear.h"
 #include "titan/ops/rmsnorm.h"
 #include "titan/ops/rope.h"
 #include "titan/ops/swiglu.h"
@@ -109,6 +110,48 @@ TEST(Kernels, WeightGradientGemmAccumulatesOrOverwritesInFp32) {
   grad.fill_(std::nanf(""));  // overwrite must not read the old contents
   kernels::gemm_tn_fp32(dy, x, grad, /*accumulate=*/false);
   EXPECT_LT(relative_error(grad, product), 1e-5);
+}
+
+// Every layout the linear layers hand the tuned GEMM (either operand transposed, a row slice
+// of a wider matrix, bf16 and fp32 outputs, overwrite and accumulate), against an fp32 product,
+// at the first use of each shape (tuning) and the second (the kept algorithm).
+TEST(Kernels, TunedGemmMatchesTheFp32ProductInEveryLayout) {
+  const auto bf = test::cuda_options(at::kBFloat16);
+  for (int64_t m : {256, 200}) {
+    for (bool ta : {false, true}) {
+      for (bool tb : {false, true}) {
+        for (at::ScalarType out_type : {at::kBFloat16, at::kFloat}) {
+          const int64_t k = 384, n = 136;
+          at::Tensor a =
+              at::randn(ta ? std::vector<int64_t>{k, m} : std::vector<int64_t>{m, k}, bf);
+          // b as a column slice of a wider matrix: its rows are further apart than its width.
+          at::Tensor wide =
+              at::randn(tb ? std::vector<int64_t>{n, k + 64} : std::vector<int64_t>{k, n + 64}, bf);
+          at::Tensor b = tb ? wide.narrow(1, 0, k) : wide.narrow(1, 0, n);
+          at::Tensor af = ta ? a.to(at::kFloat).t() : a.to(at::kFloat);
+          at::Tensor bfl = tb ? b.to(at::kFloat).t() : b.to(at::kFloat);
+          const at::Tensor product = at::mm(af, bfl);
+          SCOPED_TRACE(::testing::Message()
+                       << "m " << m << " ta " << ta << " tb " << tb << " out " << out_type);
+          ASSERT_TRUE(kernels::gemm_supported(a, b, product.to(out_type)));
+          const double bound = out_type == at::kFloat ? 1e-5 : tol(at::kBFloat16);
+          for (int use = 0; use < 2; ++use) {
+            at::Tensor out = at::full({m, n}, std::nanf(""), test::cuda_options(out_type));
+            kernels::gemm(a, ta, b, tb, out, /*accumulate=*/false);
+            EXPECT_LT(relative_error(out, product), bound);
+            at::Tensor base = at::randn({m, n}, test::cuda_options(out_type));
+            at::Tensor sum = base.clone();
+            kernels::gemm(a, ta, b, tb, sum, /*accumulate=*/true);
+            EXPECT_LT(relative_error(sum, base.to(at::kFloat) + product), bound);
+          }
+        }
+      }
+    }
+  }
+  // The linear layers' entry point routes the same products through it, as ATen would.
+  at::Tensor x = at::randn({512, 256}, bf), w = at::randn({192, 256}, bf);
+  EXPECT_LT(relative_error(ops::tuned_mm(x, w.t()), at::mm(x.to(at::kFloat), w.to(at::kFloat).t())),
+            tol(at::kBFloat16));
 }
 
 // A rank's tensors live on its own GPU whatever the thread's current device is (start-up

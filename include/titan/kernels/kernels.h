@@ -47,6 +47,16 @@ void cross_entropy_shard_grad(at::Tensor& logits, const at::Tensor& targets, con
 void gemm_tn_fp32(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad,
                   bool accumulate);
 
+// out[M, N] = op(a) op(b) (+ out when `accumulate`) for bf16 a, b and a bf16 or fp32 out, all
+// 2-D with unit column stride (op transposes where asked): cuBLASLt with fp32 accumulation and,
+// per shape, the fastest of its candidate algorithms, timed at the shape's first use
+// (src/kernels/gemm_cuda.cpp). gemm_supported says whether these operands qualify.
+bool gemm_supported(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out);
+void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool transpose_b,
+          const at::Tensor& out, bool accumulate);
+// TITAN_GEMM_TUNING: unset or 1 (linear layers use gemm), 0 (they use ATen, cuBLAS's own pick).
+bool gemm_tuning_enabled();
+
 // AdamW (decoupled) or Adam (L2) step of one flat fp32 parameter with its state; writes the
 // bf16 `shadow` (if defined). hyper: device fp32 [7] (see launchers.h); divisor: device fp32
 // scalar or undefined.

@@ -9,6 +9,13 @@
 
 namespace titan::ops {
 
+// a [M, K] @ b [K, N] as at::mm, where either may be a transposed view of a row-major matrix:
+// on CUDA (bf16) titan's tuned cuBLASLt GEMM (kernels::gemm), elsewhere ATen. tuned_mm_out writes
+// (or, with `accumulate`, adds) into out [M, N].
+at::Tensor tuned_mm(const at::Tensor& a, const at::Tensor& b);
+void tuned_mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                  bool accumulate = false);
+
 // x: [..., in], w: [out, in] -> [..., out]
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w);
 // dy: [..., out], w: [out, in] -> dx [..., in]

@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cublas_v2.h>
 
+#include <optional>
+
 #include "launchers.h"
 #include "titan/ops/rmsnorm.h"
 #include "titan/ops/rope.h"
@@ -43,46 +45,79 @@ cudaStream_t stream() {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x_in, const at::Tensor& w,
-                                                   double eps) {
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
+namespace {
+
+// RMSNorm of x, or (with `add` defined) of h = x + add, returned third; nullopt where the
+// kernel does not take the operands.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> rmsnorm_fused(
+    const at::Tensor& x_in, const at::Tensor& add_in, const at::Tensor& w, double eps) {
   const int64_t dim = x_in.size(-1);
   at::Tensor x = x_in.contiguous();
+  at::Tensor add = add_in.defined() ? add_in.contiguous() : at::Tensor();
   if (!supported(x) || w.scalar_type() != x.scalar_type() || dim % vec_of(x) != 0 ||
-      !aligned16(x) || !aligned16(w)) {
-    return ops::rmsnorm_forward_ref(x_in, w, eps);
+      !aligned16(x) || !aligned16(w) ||
+      (add.defined() &&
+       (add.scalar_type() != x.scalar_type() || add.sizes() != x.sizes() || !aligned16(add)))) {
+    return std::nullopt;
   }
   const int64_t rows = x.numel() / dim;
   at::Tensor y = at::empty_like(x);
+  at::Tensor sum = add.defined() ? at::empty_like(x) : at::Tensor();
   auto rsizes = x.sizes().vec();
   rsizes.pop_back();
   at::Tensor rstd = at::empty(rsizes, x.options().dtype(at::kFloat));
-  launch::rmsnorm_forward(dtype_of(x), x.data_ptr(), w.data_ptr(), y.data_ptr(),
+  launch::rmsnorm_forward(dtype_of(x), x.data_ptr(), add.defined() ? add.data_ptr() : nullptr,
+                          sum.defined() ? sum.data_ptr() : nullptr, w.data_ptr(), y.data_ptr(),
                           rstd.data_ptr<float>(), rows, dim, static_cast<float>(eps), stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {y, rstd};
+  return std::make_tuple(y, rstd, sum);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at::Tensor& w,
+                                                   double eps) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  auto r = rmsnorm_fused(x, at::Tensor(), w, eps);
+  if (!r) return ops::rmsnorm_forward_ref(x, w, eps);
+  return {std::get<0>(*r), std::get<1>(*r)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_forward(const at::Tensor& x,
+                                                                   const at::Tensor& add,
+                                                                   const at::Tensor& w,
+                                                                   double eps) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  auto r = rmsnorm_fused(x, add, w, eps);
+  if (r) return {std::get<2>(*r), std::get<0>(*r), std::get<1>(*r)};
+  at::Tensor h = x + add;
+  auto [y, rstd] = ops::rmsnorm_forward_ref(h, w, eps);
+  return {h, y, rstd};
 }
 
 at::Tensor rmsnorm_backward(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& w,
-                            const at::Tensor& rstd, const at::Tensor& weight_grad,
-                            bool accumulate) {
+                            const at::Tensor& rstd, const at::Tensor& weight_grad, bool accumulate,
+                            const at::Tensor& residual_in) {
   const c10::cuda::CUDAGuard device_guard(dy_in.device());
   const int64_t dim = x_in.size(-1);
   at::Tensor x = x_in.contiguous();
   at::Tensor dy = dy_in.contiguous();
+  at::Tensor residual = residual_in.defined() ? residual_in.contiguous() : at::Tensor();
   if (!supported(x) || dy.scalar_type() != x.scalar_type() || w.scalar_type() != x.scalar_type() ||
       dim % vec_of(x) != 0 || !aligned16(x) || !aligned16(dy) || !aligned16(w) ||
-      weight_grad.scalar_type() != at::kFloat || !weight_grad.is_contiguous()) {
-    return ops::rmsnorm_backward_ref(dy_in, x_in, w, rstd, weight_grad, accumulate);
+      weight_grad.scalar_type() != at::kFloat || !weight_grad.is_contiguous() ||
+      (residual.defined() && (residual.scalar_type() != x.scalar_type() ||
+                              residual.sizes() != x.sizes() || !aligned16(residual)))) {
+    return ops::rmsnorm_backward_ref(dy_in, x_in, w, rstd, weight_grad, accumulate, residual_in);
   }
   const int64_t rows = x.numel() / dim;
   at::Tensor dx = at::empty_like(x);
   const int blocks = launch::rmsnorm_backward_blocks(rows);
   at::Tensor partial = at::empty({blocks, dim}, x.options().dtype(at::kFloat));
-  launch::rmsnorm_backward(dtype_of(x), dy.data_ptr(), x.data_ptr(), w.data_ptr(),
-                           rstd.contiguous().data_ptr<float>(), dx.data_ptr(),
-                           partial.data_ptr<float>(), weight_grad.data_ptr<float>(), rows, dim,
-                           accumulate, stream());
+  launch::rmsnorm_backward(
+      dtype_of(x), dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.contiguous().data_ptr<float>(),
+      residual.defined() ? residual.data_ptr() : nullptr, dx.data_ptr(), partial.data_ptr<float>(),
+      weight_grad.data_ptr<float>(), rows, dim, accumulate, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dx;
 }

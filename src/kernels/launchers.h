@@ -11,13 +11,15 @@ namespace titan::kernels::launch {
 // dtype codes shared by the launchers
 enum class DType : int { F32 = 0, BF16 = 1 };
 
-void rmsnorm_forward(DType dt, const void* x, const void* w, void* y, float* rstd, int64_t rows,
-                     int64_t dim, float eps, cudaStream_t stream);
+// With `add` (else null): normalizes h = x + add and writes h into `sum`.
+void rmsnorm_forward(DType dt, const void* x, const void* add, void* sum, const void* w, void* y,
+                     float* rstd, int64_t rows, int64_t dim, float eps, cudaStream_t stream);
 // partial: fp32 scratch of [blocks, dim] where blocks = rmsnorm_backward_blocks(rows).
 int rmsnorm_backward_blocks(int64_t rows);
+// With `residual` (else null): dx = the input gradient (rounded to the dtype) + residual.
 void rmsnorm_backward(DType dt, const void* dy, const void* x, const void* w, const float* rstd,
-                      void* dx, float* partial, float* weight_grad, int64_t rows, int64_t dim,
-                      bool accumulate, cudaStream_t stream);
+                      const void* residual, void* dx, float* partial, float* weight_grad,
+                      int64_t rows, int64_t dim, bool accumulate, cudaStream_t stream);
 
 // x: element (b, s, h, j) at x + b*xs[0] + s*xs[1] + h*xs[2] + j; out likewise with os.
 void rope(DType dt, const void* x, const int64_t* xs, void* out, const int64_t* os,

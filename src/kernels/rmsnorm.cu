@@ -1,5 +1,7 @@
-// Fused RMSNorm: forward (one block per row, fp32 statistics) and backward (input gradient per
-// row; weight gradient as per-block partial sums reduced by a second kernel).
+// Fused RMSNorm: forward (one block per row, fp32 statistics), optionally of h = x + add written
+// out too (the residual add before a norm), and backward (input gradient per row, optionally
+// plus a residual gradient; weight gradient as per-block partial sums reduced by a second
+// kernel). The fused adds round where the separate ops would, so results are bit-identical.
 #include <algorithm>
 
 #include "common.cuh"
@@ -10,19 +12,36 @@ namespace {
 
 using dev::Vec;
 
+// v, rounded to T and back (what storing and reloading it would give).
+template <typename T>
+__device__ __forceinline__ float rounded(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+// With `add`: h = x + add is stored into `sum` and normalized; the second pass recomputes h
+// from x and add (still in cache) rather than reading back what it wrote.
 template <typename T>
 __global__ void __launch_bounds__(1024)
-    rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
-                float* __restrict__ rstd, int64_t dim, float eps) {
+    rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ add, T* __restrict__ sum,
+                const T* __restrict__ w, T* __restrict__ y, float* __restrict__ rstd, int64_t dim,
+                float eps) {
   __shared__ float shared[32];
   constexpr int V = Vec<T>::N;
   const int64_t row = blockIdx.x;
   const T* xr = x + row * dim;
+  const T* ar = add ? add + row * dim : nullptr;
   T* yr = y + row * dim;
   float ss = 0.f;
   for (int64_t i = threadIdx.x * V; i < dim; i += blockDim.x * V) {
     float v[V];
     Vec<T>::load(xr + i, v);
+    if (ar) {
+      float a[V];
+      Vec<T>::load(ar + i, a);
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] = rounded<T>(v[k] + a[k]);
+      Vec<T>::store(sum + row * dim + i, v);
+    }
 #pragma unroll
     for (int k = 0; k < V; ++k) ss += v[k] * v[k];
   }
@@ -32,6 +51,12 @@ __global__ void __launch_bounds__(1024)
   for (int64_t i = threadIdx.x * V; i < dim; i += blockDim.x * V) {
     float v[V], g[V], o[V];
     Vec<T>::load(xr + i, v);
+    if (ar) {
+      float a[V];
+      Vec<T>::load(ar + i, a);
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] = rounded<T>(v[k] + a[k]);
+    }
     Vec<T>::load(w + i, g);
 #pragma unroll
     for (int k = 0; k < V; ++k) o[k] = v[k] * r * g[k];
@@ -44,8 +69,8 @@ __global__ void __launch_bounds__(1024)
 template <typename T, int NV>
 __global__ void __launch_bounds__(1024)
     rmsnorm_bwd(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ w,
-                const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ partial,
-                int64_t rows, int64_t dim) {
+                const float* __restrict__ rstd, const T* __restrict__ residual, T* __restrict__ dx,
+                float* __restrict__ partial, int64_t rows, int64_t dim) {
   __shared__ float shared[32];
   constexpr int V = Vec<T>::N;
   float acc[NV][V];
@@ -88,6 +113,12 @@ __global__ void __launch_bounds__(1024)
           const float xhat = xv[k] * r;
           o[k] = r * (dv[k] * wv[k] - xhat * dot);
         }
+        if (residual) {
+          float rv[V];
+          Vec<T>::load(residual + row * dim + i, rv);
+#pragma unroll
+          for (int k = 0; k < V; ++k) o[k] = rounded<T>(o[k]) + rv[k];
+        }
         Vec<T>::store(dx + row * dim + i, o);
       }
     }
@@ -117,9 +148,9 @@ int threads_for(int64_t dim, int vec) {
 }
 
 template <typename T>
-void bwd_launch(const void* dy, const void* x, const void* w, const float* rstd, void* dx,
-                float* partial, float* weight_grad, int64_t rows, int64_t dim, bool accumulate,
-                cudaStream_t stream) {
+void bwd_launch(const void* dy, const void* x, const void* w, const float* rstd,
+                const void* residual, void* dx, float* partial, float* weight_grad, int64_t rows,
+                int64_t dim, bool accumulate, cudaStream_t stream) {
   constexpr int V = Vec<T>::N;
   const int blocks = launch::rmsnorm_backward_blocks(rows);
   const int threads = threads_for(dim, V);
@@ -127,15 +158,15 @@ void bwd_launch(const void* dy, const void* x, const void* w, const float* rstd,
   if (per_thread <= 1) {
     rmsnorm_bwd<T, 1><<<blocks, threads, 0, stream>>>(
         static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(w), rstd,
-        static_cast<T*>(dx), partial, rows, dim);
+        static_cast<const T*>(residual), static_cast<T*>(dx), partial, rows, dim);
   } else if (per_thread <= 2) {
     rmsnorm_bwd<T, 2><<<blocks, threads, 0, stream>>>(
         static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(w), rstd,
-        static_cast<T*>(dx), partial, rows, dim);
+        static_cast<const T*>(residual), static_cast<T*>(dx), partial, rows, dim);
   } else {
     rmsnorm_bwd<T, 4><<<blocks, threads, 0, stream>>>(
         static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(w), rstd,
-        static_cast<T*>(dx), partial, rows, dim);
+        static_cast<const T*>(residual), static_cast<T*>(dx), partial, rows, dim);
   }
   sum_partials<<<static_cast<unsigned>((dim + 255) / 256), 256, 0, stream>>>(
       partial, weight_grad, blocks, dim, accumulate);
@@ -145,17 +176,18 @@ void bwd_launch(const void* dy, const void* x, const void* w, const float* rstd,
 
 namespace launch {
 
-void rmsnorm_forward(DType dt, const void* x, const void* w, void* y, float* rstd, int64_t rows,
-                     int64_t dim, float eps, cudaStream_t stream) {
+void rmsnorm_forward(DType dt, const void* x, const void* add, void* sum, const void* w, void* y,
+                     float* rstd, int64_t rows, int64_t dim, float eps, cudaStream_t stream) {
   if (rows == 0) return;
   if (dt == DType::BF16) {
-    rmsnorm_fwd<__nv_bfloat16><<<static_cast<unsigned>(rows), threads_for(dim, 8), 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(w),
-        static_cast<__nv_bfloat16*>(y), rstd, dim, eps);
+    using B = __nv_bfloat16;
+    rmsnorm_fwd<B><<<static_cast<unsigned>(rows), threads_for(dim, 8), 0, stream>>>(
+        static_cast<const B*>(x), static_cast<const B*>(add), static_cast<B*>(sum),
+        static_cast<const B*>(w), static_cast<B*>(y), rstd, dim, eps);
   } else {
     rmsnorm_fwd<float><<<static_cast<unsigned>(rows), threads_for(dim, 4), 0, stream>>>(
-        static_cast<const float*>(x), static_cast<const float*>(w), static_cast<float*>(y), rstd,
-        dim, eps);
+        static_cast<const float*>(x), static_cast<const float*>(add), static_cast<float*>(sum),
+        static_cast<const float*>(w), static_cast<float*>(y), rstd, dim, eps);
   }
 }
 
@@ -164,14 +196,15 @@ int rmsnorm_backward_blocks(int64_t rows) {
 }
 
 void rmsnorm_backward(DType dt, const void* dy, const void* x, const void* w, const float* rstd,
-                      void* dx, float* partial, float* weight_grad, int64_t rows, int64_t dim,
-                      bool accumulate, cudaStream_t stream) {
+                      const void* residual, void* dx, float* partial, float* weight_grad,
+                      int64_t rows, int64_t dim, bool accumulate, cudaStream_t stream) {
   if (rows == 0) return;
   if (dt == DType::BF16) {
-    bwd_launch<__nv_bfloat16>(dy, x, w, rstd, dx, partial, weight_grad, rows, dim, accumulate,
-                              stream);
+    bwd_launch<__nv_bfloat16>(dy, x, w, rstd, residual, dx, partial, weight_grad, rows, dim,
+                              accumulate, stream);
   } else {
-    bwd_launch<float>(dy, x, w, rstd, dx, partial, weight_grad, rows, dim, accumulate, stream);
+    bwd_launch<float>(dy, x, w, rstd, residual, dx, partial, weight_grad, rows, dim, accumulate,
+                      stream);
   }
 }
 

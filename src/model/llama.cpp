@@ -87,8 +87,8 @@ at::Tensor forward_impl(const LlamaArgs& a, const BlockPlan& p, const BlockWeigh
   at::Tensor k = ops::rope_apply(qkv.narrow(2, nh, nkv), rope.cos, rope.sin);
   at::Tensor v = qkv.narrow(2, nh + nkv, nkv);
   at::Tensor o = p.attention->forward(q, k, v, s.attn).reshape({b, seq, nh * hd});
-  at::Tensor h = x + p.wo->forward(o, {w.wo, w.wo_scale}, nullptr).view_as(x);
-  auto [hn2, rstd2] = ops::rmsnorm_forward(h, w.ffn_norm, a.norm_eps);
+  auto [h, hn2, rstd2] = ops::add_rmsnorm_forward(
+      x, p.wo->forward(o, {w.wo, w.wo_scale}, nullptr).view_as(x), w.ffn_norm, a.norm_eps);
   at::Tensor hw;
   at::Tensor ab = p.w13->forward(hn2, {w.w13, w.w13_scale}, keep_all ? &hw : nullptr);
   at::Tensor g = ops::swiglu_forward(ab);
@@ -183,7 +183,8 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockPlan& p, const BlockWei
               &DeferredWeightGrads::x_w13);
   at::Tensor dhn2 = p.w13->backward_input(dab, {w.w13, w.w13_scale}, nullptr).view_as(s.h);
   at::Tensor ffn_norm_grad = grads.ffn_norm;
-  at::Tensor dh = dout + ops::rmsnorm_backward(dhn2, s.h, w.ffn_norm, s.rstd2, ffn_norm_grad, acc);
+  // dh = dout + the norm's input gradient (one pass).
+  at::Tensor dh = ops::rmsnorm_backward(dhn2, s.h, w.ffn_norm, s.rstd2, ffn_norm_grad, acc, dout);
   // Attention: h = x + wo(attn(rope(q), rope(k), v)).
   at::Tensor dh_w;
   at::Tensor d_o = p.wo->backward_input(dh, {w.wo, w.wo_scale}, &dh_w).view({b, seq, nh, hd});
@@ -199,7 +200,7 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockPlan& p, const BlockWei
   at::Tensor dxn1 = p.wqkv->backward_input(dqkv_flat, {w.wqkv, w.wqkv_scale}, nullptr).view_as(s.x);
   at::Tensor attn_norm_grad = grads.attention_norm;
   at::Tensor dx =
-      dh + ops::rmsnorm_backward(dxn1, s.x, w.attention_norm, s.rstd1, attn_norm_grad, acc);
+      ops::rmsnorm_backward(dxn1, s.x, w.attention_norm, s.rstd1, attn_norm_grad, acc, dh);
   s.clear();
   return dx;
 }

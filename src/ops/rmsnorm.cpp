@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor> rmsnorm_forward_ref(const at::Tensor& x,
 
 at::Tensor rmsnorm_backward_ref(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& rstd, const at::Tensor& weight_grad,
-                                bool accumulate) {
+                                bool accumulate, const at::Tensor& residual) {
   const int64_t d = x.size(-1);
   at::Tensor xhat = x.to(at::kFloat) * rstd.unsqueeze(-1);
   at::Tensor dyf = dy.to(at::kFloat);
@@ -32,7 +32,8 @@ at::Tensor rmsnorm_backward_ref(const at::Tensor& dy, const at::Tensor& x, const
   }
   at::Tensor dxhat = dyf * weight.to(at::kFloat);
   at::Tensor dot = (dxhat * xhat).mean(-1, /*keepdim=*/true);
-  return (rstd.unsqueeze(-1) * (dxhat - xhat * dot)).to(x.scalar_type());
+  at::Tensor dx = (rstd.unsqueeze(-1) * (dxhat - xhat * dot)).to(x.scalar_type());
+  return residual.defined() ? residual + dx : dx;
 }
 
 std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at::Tensor& weight,
@@ -43,13 +44,27 @@ std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at
   return rmsnorm_forward_ref(x, weight, eps);
 }
 
-at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& rstd, const at::Tensor& weight_grad,
-                            bool accumulate) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_forward(const at::Tensor& x,
+                                                                   const at::Tensor& add,
+                                                                   const at::Tensor& weight,
+                                                                   double eps) {
 #ifdef TITAN_WITH_CUDA
-  if (use_fused(x)) return kernels::rmsnorm_backward(dy, x, weight, rstd, weight_grad, accumulate);
+  if (use_fused(x)) return kernels::add_rmsnorm_forward(x, add, weight, eps);
 #endif
-  return rmsnorm_backward_ref(dy, x, weight, rstd, weight_grad, accumulate);
+  at::Tensor h = x + add;
+  auto [y, rstd] = rmsnorm_forward_ref(h, weight, eps);
+  return {h, y, rstd};
+}
+
+at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& rstd, const at::Tensor& weight_grad, bool accumulate,
+                            const at::Tensor& residual) {
+#ifdef TITAN_WITH_CUDA
+  if (use_fused(x)) {
+    return kernels::rmsnorm_backward(dy, x, weight, rstd, weight_grad, accumulate, residual);
+  }
+#endif
+  return rmsnorm_backward_ref(dy, x, weight, rstd, weight_grad, accumulate, residual);
 }
 
 }  // namespace titan::ops

@@ -49,6 +49,33 @@ TEST_P(KernelTest, RmsNormForwardBackwardMatchReference) {
   }
 }
 
+// The residual adds fused into the norms give exactly what the separate add and norm kernels
+// give (the block relies on it: its losses must not depend on the fusion).
+TEST_P(KernelTest, RmsNormWithResidualAddsEqualsSeparateOpsBitwise) {
+  const auto dt = GetParam();
+  for (int64_t dim : {256, 3072, 4096}) {
+    at::Tensor x = at::randn({2, 41, dim}, test::cuda_options(dt));
+    at::Tensor add = at::randn_like(x);
+    at::Tensor w = (1 + 0.1 * at::randn({dim}, test::cuda_options(at::kFloat))).to(dt);
+    auto [h, y, r] = kernels::add_rmsnorm_forward(x, add, w, 1e-5);
+    at::Tensor h_sep = x + add;
+    auto [y_sep, r_sep] = kernels::rmsnorm_forward(h_sep, w, 1e-5);
+    EXPECT_TRUE(at::equal(h, h_sep)) << dim;
+    EXPECT_TRUE(at::equal(y, y_sep)) << dim;
+    EXPECT_TRUE(at::equal(r, r_sep)) << dim;
+    at::Tensor dy = at::randn_like(x), residual = at::randn_like(x);
+    at::Tensor gw = at::zeros({dim}, test::cuda_options(at::kFloat)), gw_sep = gw.clone();
+    at::Tensor dx = kernels::rmsnorm_backward(dy, h, w, r, gw, false, residual);
+    at::Tensor dx_sep = residual + kernels::rmsnorm_backward(dy, h, w, r, gw_sep, false);
+    EXPECT_TRUE(at::equal(dx, dx_sep)) << dim;
+    EXPECT_TRUE(at::equal(gw, gw_sep)) << dim;
+    // And the ATen path (CPU) agrees with itself the same way.
+    auto [h_ops, y_ops, r_ops] = ops::add_rmsnorm_forward(x.cpu(), add.cpu(), w.cpu(), 1e-5);
+    EXPECT_TRUE(at::equal(h_ops, h_sep.cpu())) << dim;
+    EXPECT_LT(relative_error(y_ops, y_sep.cpu()), tol(dt)) << dim;
+  }
+}
+
 TEST_P(KernelTest, RopeMatchesReferenceOnStridedViews) {
   const auto dt = GetParam();
   auto args = model::llama_flavor("1B");

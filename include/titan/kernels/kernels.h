@@ -12,9 +12,17 @@ namespace titan::kernels {
 // RMSNorm over the last dim. x: [..., D] bf16/fp32 contiguous, weight [D] same dtype.
 std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at::Tensor& weight,
                                                    double eps);
-// Returns dx; adds dweight into weight_grad (fp32 [D]).
+// The residual add before a norm in the same pass: h = x + add, then RMSNorm(h); returns
+// (h, y, rstd).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_forward(const at::Tensor& x,
+                                                                   const at::Tensor& add,
+                                                                   const at::Tensor& weight,
+                                                                   double eps);
+// Returns dx (plus `residual` where defined, in the same pass); adds dweight into weight_grad
+// (fp32 [D]).
 at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& rstd, const at::Tensor& weight_grad, bool accumulate);
+                            const at::Tensor& rstd, const at::Tensor& weight_grad, bool accumulate,
+                            const at::Tensor& residual = {});
 
 // RoPE on interleaved pairs; x: [B, S, H, hd] with unit stride in the last dim.
 at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,

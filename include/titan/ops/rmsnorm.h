@@ -13,17 +13,25 @@ namespace titan::ops {
 std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at::Tensor& weight,
                                                    double eps);
 
-// Returns dx (x's dtype); adds d(weight) into `weight_grad` (fp32 [D]), or overwrites it
-// when `accumulate` is false.
+// The residual add and the norm after it: h = x + add, y = RMSNorm(h); returns (h, y, rstd),
+// bit for bit what the two ops give (one pass on CUDA).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_forward(const at::Tensor& x,
+                                                                   const at::Tensor& add,
+                                                                   const at::Tensor& weight,
+                                                                   double eps);
+
+// Returns dx (x's dtype), plus `residual` where defined (the residual stream's gradient: the
+// sum rounds as a separate add would); adds d(weight) into `weight_grad` (fp32 [D]), or
+// overwrites it when `accumulate` is false.
 at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& rstd, const at::Tensor& weight_grad,
-                            bool accumulate = true);
+                            bool accumulate = true, const at::Tensor& residual = {});
 
 // ATen reference versions (used by tests and as the CPU path).
 std::tuple<at::Tensor, at::Tensor> rmsnorm_forward_ref(const at::Tensor& x,
                                                        const at::Tensor& weight, double eps);
 at::Tensor rmsnorm_backward_ref(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& rstd, const at::Tensor& weight_grad,
-                                bool accumulate = true);
+                                bool accumulate = true, const at::Tensor& residual = {});
 
 }  // namespace titan::ops

@@ -30,8 +30,8 @@ constexpr int kCandidates = 16;
 
 // Everything that can change which algorithm is valid or fastest: device, the column-major
 // problem (first operand transposed, second transposed, m, n, k, the three leading dimensions),
-// the output type and the three operands' alignments.
-using Key = std::array<int64_t, 13>;
+// the output type, the three operands' alignments and whether a separate addend is read.
+using Key = std::array<int64_t, 14>;
 struct KeyHash {
   size_t operator()(const Key& k) const {
     size_t h = 1469598103934665603ull;
@@ -92,8 +92,15 @@ bool gemm_supported(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
 }
 
 void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool transpose_b,
-          const at::Tensor& out, bool accumulate) {
+          const at::Tensor& out, bool accumulate, const at::Tensor& addend) {
   TITAN_INTERNAL_CHECK(gemm_supported(a, b, out), "gemm: unsupported operands");
+  TITAN_INTERNAL_CHECK(
+      !addend.defined() ||
+          (!accumulate && addend.scalar_type() == out.scalar_type() &&
+           addend.sizes() == out.sizes() && addend.strides() == out.strides() &&
+           addend.data_ptr() != out.data_ptr() &&
+           alignment_of(addend.data_ptr()) >= std::min(16, alignment_of(out.data_ptr()))),
+      "gemm: the addend must be laid out as the output, and apart from it");
   const c10::cuda::CUDAGuard device_guard(a.device());
   const int64_t M = out.size(0), N = out.size(1);
   const int64_t K = transpose_a ? a.size(0) : a.size(1);
@@ -117,11 +124,14 @@ void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
                    fp32_out,
                    alignment_of(b.data_ptr()),
                    alignment_of(a.data_ptr()),
-                   alignment_of(out.data_ptr())};
+                   std::min(alignment_of(out.data_ptr()),
+                            addend.defined() ? alignment_of(addend.data_ptr()) : 256),
+                   addend.defined()};
   const bool trans_first = transpose_b, trans_second = transpose_a;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
   at::Tensor workspace = at::empty({kWorkspaceBytes}, a.options().dtype(at::kByte));
-  const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;
+  const float alpha = 1.f, beta = accumulate || addend.defined() ? 1.f : 0.f;
+  const void* c = addend.defined() ? addend.data_ptr() : out.data_ptr();
   std::lock_guard<std::mutex> lock(g_mu);
   cublasLtHandle_t lt = handle_for(a.get_device());
   Plan& plan = g_plans[key];
@@ -141,8 +151,8 @@ void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
                                               trans_second ? K : M, a.stride(0)));
     TITAN_LT_CHECK(cublasLtMatrixLayoutCreate(&plan.out, out_type, N, M, out.stride(0)));
   }
-  // Timing overwrites `out`, so only a call that overwrites it anyway (no accumulation, not
-  // captured into a CUDA graph) tunes; the others use the heuristic's first pick meanwhile.
+  // Timing overwrites `out`, so only a call that overwrites it anyway (no accumulation into it,
+  // not captured into a CUDA graph) tunes; the others use the heuristic's first pick meanwhile.
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   const bool may_tune = !accumulate && capture == cudaStreamCaptureStatusNone;
@@ -180,9 +190,8 @@ void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
       for (int i = 0; i < count; ++i) {
         auto launch = [&] {
           return cublasLtMatmul(lt, plan.desc, &alpha, b.data_ptr(), plan.first, a.data_ptr(),
-                                plan.second, &beta, out.data_ptr(), plan.out, out.data_ptr(),
-                                plan.out, &found[i].algo, workspace.data_ptr(), kWorkspaceBytes,
-                                stream);
+                                plan.second, &beta, c, plan.out, out.data_ptr(), plan.out,
+                                &found[i].algo, workspace.data_ptr(), kWorkspaceBytes, stream);
         };
         if (launch() != CUBLAS_STATUS_SUCCESS) continue;
         constexpr int kReps = 3;
@@ -209,9 +218,8 @@ void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
     }
   }
   TITAN_LT_CHECK(cublasLtMatmul(lt, plan.desc, &alpha, b.data_ptr(), plan.first, a.data_ptr(),
-                                plan.second, &beta, out.data_ptr(), plan.out, out.data_ptr(),
-                                plan.out, &plan.algo, workspace.data_ptr(), kWorkspaceBytes,
-                                stream));
+                                plan.second, &beta, c, plan.out, out.data_ptr(), plan.out,
+                                &plan.algo, workspace.data_ptr(), kWorkspaceBytes, stream));
 }
 
 }  // namespace titan::kernels

@@ -92,7 +92,7 @@ at::Tensor forward_impl(const LlamaArgs& a, const BlockPlan& p, const BlockWeigh
   at::Tensor hw;
   at::Tensor ab = p.w13->forward(hn2, {w.w13, w.w13_scale}, keep_all ? &hw : nullptr);
   at::Tensor g = ops::swiglu_forward(ab);
-  at::Tensor out = h + p.w2->forward(g, {w.w2, w.w2_scale}, nullptr).view_as(h);
+  at::Tensor out = p.w2->forward_add(g, {w.w2, w.w2_scale}, h);
   s.x = x;
   s.qkv = qkv;
   s.o = o;

@@ -84,6 +84,23 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w) {
   return y.view(sizes);
 }
 
+at::Tensor linear_forward_add(const at::Tensor& x, const at::Tensor& w,
+                              const at::Tensor& residual) {
+#ifdef TITAN_WITH_CUDA
+  if (x.is_cuda() && kernels::gemm_tuning_enabled() && residual.is_contiguous() &&
+      residual.scalar_type() == x.scalar_type() && residual.size(-1) == w.size(0)) {
+    const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    at::Tensor out = at::empty_like(residual, at::MemoryFormat::Contiguous);
+    const at::Tensor out2 = out.view({-1, w.size(0)});
+    if (out2.size(0) == x2.size(0) && kernels::gemm_supported(x2, w, out2)) {
+      kernels::gemm(x2, false, w, true, out2, false, residual.view({-1, w.size(0)}));
+      return out;
+    }
+  }
+#endif
+  return residual + linear_forward(x, w).view_as(residual);
+}
+
 at::Tensor linear_backward_input(const at::Tensor& dy, const at::Tensor& w) {
   auto sizes = dy.sizes().vec();
   at::Tensor dx = tuned_mm(dy.reshape({-1, dy.size(-1)}), w);
@@ -118,14 +135,32 @@ at::Tensor Linear::forward(const at::Tensor& x, const LinearWeight& w,
   return linear_forward(x, w.plain("the plain Linear"));
 }
 
+at::Tensor Linear::forward_add(const at::Tensor& x, const LinearWeight& w,
+                               const at::Tensor& residual) const {
+  return residual + forward(x, w, nullptr).view_as(residual);
+}
+
 at::Tensor Linear::backward_input(const at::Tensor& dy, const LinearWeight& w,
                                   at::Tensor* dy_for_weight) const {
   if (dy_for_weight) *dy_for_weight = dy;
   return linear_backward_input(dy, w.plain("the plain Linear"));
 }
 
+namespace {
+
+// The plain product, which can add the residual in its GEMM.
+class PlainLinear final : public Linear {
+ public:
+  at::Tensor forward_add(const at::Tensor& x, const LinearWeight& w,
+                         const at::Tensor& residual) const override {
+    return linear_forward_add(x, w.plain("the plain Linear"), residual);
+  }
+};
+
+}  // namespace
+
 const Linear& plain_linear() {
-  static const Linear plain;
+  static const PlainLinear plain;
   return plain;
 }
 

@@ -175,6 +175,18 @@ TEST(Kernels, TunedGemmMatchesTheFp32ProductInEveryLayout) {
       }
     }
   }
+  // The residual read in the epilogue: out = a b + addend, rounded once.
+  {
+    at::Tensor a = at::randn({256, 384}, bf), b = at::randn({136, 384}, bf);
+    at::Tensor addend = at::randn({256, 136}, bf), out = at::empty({256, 136}, bf);
+    kernels::gemm(a, false, b, true, out, /*accumulate=*/false, addend);
+    const at::Tensor expected =
+        at::mm(a.to(at::kFloat), b.to(at::kFloat).t()) + addend.to(at::kFloat);
+    EXPECT_LT(relative_error(out, expected), tol(at::kBFloat16));
+    at::Tensor x3 = a.view({2, 128, 384}), r3 = addend.view({2, 128, 136});
+    EXPECT_LT(relative_error(ops::linear_forward_add(x3, b, r3), expected.view({2, 128, 136})),
+              tol(at::kBFloat16));
+  }
   // The linear layers' entry point routes the same products through it, as ATen would.
   at::Tensor x = at::randn({512, 256}, bf), w = at::randn({192, 256}, bf);
   EXPECT_LT(relative_error(ops::tuned_mm(x, w.t()), at::mm(x.to(at::kFloat), w.to(at::kFloat).t())),

@@ -55,13 +55,14 @@ void cross_entropy_shard_grad(at::Tensor& logits, const at::Tensor& targets, con
 void gemm_tn_fp32(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad,
                   bool accumulate);
 
-// out[M, N] = op(a) op(b) (+ out when `accumulate`) for bf16 a, b and a bf16 or fp32 out, all
-// 2-D with unit column stride (op transposes where asked): cuBLASLt with fp32 accumulation and,
-// per shape, the fastest of its candidate algorithms, timed at the shape's first use
-// (src/kernels/gemm_cuda.cpp). gemm_supported says whether these operands qualify.
+// out[M, N] = op(a) op(b) (+ out when `accumulate`, + `addend` where defined: read in the
+// epilogue, rounded once) for bf16 a, b and a bf16 or fp32 out, all 2-D with unit column stride
+// (op transposes where asked; an addend is laid out as out): cuBLASLt with fp32 accumulation
+// and, per shape, the fastest of its candidate algorithms, timed at the shape's first use
+// (src/kernels/gemm_cuda.cpp). gemm_supported says whether a, b and out qualify.
 bool gemm_supported(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out);
 void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool transpose_b,
-          const at::Tensor& out, bool accumulate);
+          const at::Tensor& out, bool accumulate, const at::Tensor& addend = {});
 // TITAN_GEMM_TUNING: unset or 1 (linear layers use gemm), 0 (they use ATen, cuBLAS's own pick).
 bool gemm_tuning_enabled();
 

@@ -18,6 +18,9 @@ void tuned_mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& 
 
 // x: [..., in], w: [out, in] -> [..., out]
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w);
+// residual + x W^T with residual: [..., out]; on CUDA the add is the GEMM's epilogue (one
+// rounding instead of two).
+at::Tensor linear_forward_add(const at::Tensor& x, const at::Tensor& w, const at::Tensor& residual);
 // dy: [..., out], w: [out, in] -> dx [..., in]
 at::Tensor linear_backward_input(const at::Tensor& dy, const at::Tensor& w);
 // grad_w (fp32 [out, in]) += dy^T x (accumulate) or = dy^T x, with dy: [N, out], x: [N, in]
@@ -51,6 +54,9 @@ class Linear {
   // y from x; stores weight_input(x) in `*x_for_weight` when given.
   virtual at::Tensor forward(const at::Tensor& x, const LinearWeight& w,
                              at::Tensor* x_for_weight) const;
+  // residual + y (the block's residual stream), y as forward() gives it.
+  virtual at::Tensor forward_add(const at::Tensor& x, const LinearWeight& w,
+                                 const at::Tensor& residual) const;
   // dx from dy; stores the dy operand of the weight gradient (the gather of dy for
   // row-parallel projections) in `*dy_for_weight` when given.
   virtual at::Tensor backward_input(const at::Tensor& dy, const LinearWeight& w,

@@ -95,11 +95,9 @@ void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
           const at::Tensor& out, bool accumulate, const at::Tensor& addend) {
   TITAN_INTERNAL_CHECK(gemm_supported(a, b, out), "gemm: unsupported operands");
   TITAN_INTERNAL_CHECK(
-      !addend.defined() ||
-          (!accumulate && addend.scalar_type() == out.scalar_type() &&
-           addend.sizes() == out.sizes() && addend.strides() == out.strides() &&
-           addend.data_ptr() != out.data_ptr() &&
-           alignment_of(addend.data_ptr()) >= std::min(16, alignment_of(out.data_ptr()))),
+      !addend.defined() || (!accumulate && addend.scalar_type() == out.scalar_type() &&
+                            addend.sizes() == out.sizes() && addend.strides() == out.strides() &&
+                            addend.data_ptr() != out.data_ptr()),
       "gemm: the addend must be laid out as the output, and apart from it");
   const c10::cuda::CUDAGuard device_guard(a.device());
   const int64_t M = out.size(0), N = out.size(1);

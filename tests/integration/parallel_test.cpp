@@ -581,10 +581,11 @@ TEST(Float8, BatchIndependentRecipeMatchesOneProcessUnderFsdpAndPipelines) {
 // Tensorwise float8 under tensor parallelism: the casts of operands split over tp (weights,
 // dy of column-parallel and x of row-parallel projections) use the whole tensor's amax, so
 // tp 2 (with and without full checkpointing, whose recompute casts plain tensors) trains as
-// one process does on the same batch: the first 5 steps within 1e-5 (loss) and 1e-4 (grad
+// one process does on the same batch: the first 3 steps within 1e-5 (loss) and 1e-4 (grad
 // norm), where per-rank scales already miss at steps 1-2. Later steps drift as in the FSDP
 // float8 test above (fp32 sums in another order move values across float8 rounding
-// boundaries): 10 steps within 2e-4 / 2e-3.
+// boundaries; on some CPUs, whose OpenBLAS kernels sum in another order, step 5 differs by
+// 1.06e-5): 10 steps within 2e-4 / 2e-3.
 TEST(Float8, TensorwiseUnderTensorParallelMatchesOneProcess) {
   TITAN_REQUIRE_GLOO();
   test::TempDir dir;
@@ -601,7 +602,7 @@ TEST(Float8, TensorwiseUnderTensorParallelMatchesOneProcess) {
     SCOPED_TRACE(c.name);
     const RunResult r = train_ranks(dir, c.name, c.world, c.local_batch, kFinalSave + c.extra);
     expect_same(r, single, c.name, 2e-4, 2e-3);
-    for (size_t i = 0; i < 5; ++i) {
+    for (size_t i = 0; i < 3; ++i) {
       EXPECT_NEAR(r.losses[i], single.losses[i], 1e-5 * single.losses[i]) << "step " << i + 1;
       EXPECT_NEAR(r.grad_norms[i], single.grad_norms[i], 1e-4 * single.grad_norms[i])
           << "step " << i + 1;

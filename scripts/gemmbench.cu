@@ -13,16 +13,10 @@
 #include <functional>
 #include <vector>
 
+#include "cuda_timing.cuh"
+
 namespace {
 
-#define CHECK(x)                                                                     \
-  do {                                                                               \
-    cudaError_t e = (x);                                                             \
-    if (e != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
 #define BCHECK(x)                                                              \
   do {                                                                         \
     int s = static_cast<int>(x);                                               \
@@ -32,21 +26,8 @@ namespace {
     }                                                                          \
   } while (0)
 
-double time_ms(const std::function<void()>& f, int reps = 10) {
-  for (int i = 0; i < 2; ++i) f();
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  CHECK(cudaEventRecord(a));
-  for (int i = 0; i < reps; ++i) f();
-  CHECK(cudaEventRecord(b));
-  CHECK(cudaEventSynchronize(b));
-  float ms = 0;
-  CHECK(cudaEventElapsedTime(&ms, a, b));
-  CHECK(cudaGetLastError());
-  CHECK(cudaEventDestroy(a));
-  CHECK(cudaEventDestroy(b));
-  return ms / reps;
+double time_ms(const std::function<void()>& f) {
+  return ::time_ms(f, 10, 2);
 }
 
 // Column-major C[m,n] = op(A) op(B), as titan issues them (see the comments in main).

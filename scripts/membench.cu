@@ -13,31 +13,12 @@
 
 #include "../src/kernels/launchers.h"
 
+#include "cuda_timing.cuh"
+
 namespace {
 
-#define CHECK(x)                                                                     \
-  do {                                                                               \
-    cudaError_t e = (x);                                                             \
-    if (e != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
-
-// Mean milliseconds of `reps` runs after 3 warm-ups.
-double time_ms(const std::function<void()>& f, int reps = 20) {
-  for (int i = 0; i < 3; ++i) f();
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  CHECK(cudaEventRecord(a));
-  for (int i = 0; i < reps; ++i) f();
-  CHECK(cudaEventRecord(b));
-  CHECK(cudaEventSynchronize(b));
-  float ms = 0;
-  CHECK(cudaEventElapsedTime(&ms, a, b));
-  CHECK(cudaGetLastError());
-  return ms / reps;
+double time_ms(const std::function<void()>& f) {
+  return ::time_ms(f, 20, 3);
 }
 
 void report(const char* what, double ms, double bytes) {

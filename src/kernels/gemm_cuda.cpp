@@ -11,19 +11,13 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "cublas_check.h"
 #include "titan/kernels/kernels.h"
 #include "titan/util/error.h"
 #include "titan/util/log.h"
 
 namespace titan::kernels {
 namespace {
-
-#define TITAN_LT_CHECK(expr)                                                          \
-  do {                                                                                \
-    cublasStatus_t _s = (expr);                                                       \
-    TORCH_CHECK(_s == CUBLAS_STATUS_SUCCESS, "cuBLASLt error ", static_cast<int>(_s), \
-                " at " __FILE__ ":", __LINE__);                                       \
-  } while (0)
 
 constexpr int64_t kWorkspaceBytes = int64_t(32) << 20;
 constexpr int kCandidates = 16;
@@ -64,7 +58,7 @@ cublasLtHandle_t handle_for(int device) {
   auto it = g_handles.find(device);
   if (it != g_handles.end()) return it->second;
   cublasLtHandle_t h;
-  TITAN_LT_CHECK(cublasLtCreate(&h));
+  TITAN_CUBLAS_CHECK(cublasLtCreate(&h));
   g_handles[device] = h;
   return h;
 }
@@ -135,19 +129,19 @@ void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
   Plan& plan = g_plans[key];
   if (!plan.desc) {
     const cudaDataType_t out_type = fp32_out ? CUDA_R_32F : CUDA_R_16BF;
-    TITAN_LT_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    TITAN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t op_first = trans_first ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t op_second = trans_second ? CUBLAS_OP_T : CUBLAS_OP_N;
-    TITAN_LT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first,
-                                                  sizeof(op_first)));
-    TITAN_LT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB,
-                                                  &op_second, sizeof(op_second)));
+    TITAN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA,
+                                                      &op_first, sizeof(op_first)));
+    TITAN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB,
+                                                      &op_second, sizeof(op_second)));
     // Stored (column-major) dims: first is N x K (K x N when transposed), second K x M (M x K).
-    TITAN_LT_CHECK(cublasLtMatrixLayoutCreate(&plan.first, CUDA_R_16BF, trans_first ? K : N,
-                                              trans_first ? N : K, b.stride(0)));
-    TITAN_LT_CHECK(cublasLtMatrixLayoutCreate(&plan.second, CUDA_R_16BF, trans_second ? M : K,
-                                              trans_second ? K : M, a.stride(0)));
-    TITAN_LT_CHECK(cublasLtMatrixLayoutCreate(&plan.out, out_type, N, M, out.stride(0)));
+    TITAN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.first, CUDA_R_16BF, trans_first ? K : N,
+                                                  trans_first ? N : K, b.stride(0)));
+    TITAN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.second, CUDA_R_16BF, trans_second ? M : K,
+                                                  trans_second ? K : M, a.stride(0)));
+    TITAN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.out, out_type, N, M, out.stride(0)));
   }
   // Timing overwrites `out`, so only a call that overwrites it anyway (no accumulation into it,
   // not captured into a CUDA graph) tunes; the others use the heuristic's first pick meanwhile.
@@ -156,24 +150,25 @@ void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
   const bool may_tune = !accumulate && capture == cudaStreamCaptureStatusNone;
   if (!plan.tuned && (may_tune || !plan.have_algo)) {
     cublasLtMatmulPreference_t pref;
-    TITAN_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    TITAN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     const uint64_t ws = kWorkspaceBytes;
     const uint32_t al[3] = {static_cast<uint32_t>(key[10]), static_cast<uint32_t>(key[11]),
                             static_cast<uint32_t>(key[12])};
-    TITAN_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(
+    TITAN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-    TITAN_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(
+    TITAN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al[0], sizeof(al[0])));
-    TITAN_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(
+    TITAN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al[1], sizeof(al[1])));
-    TITAN_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(
+    TITAN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al[2], sizeof(al[2])));
-    TITAN_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(
+    TITAN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al[2], sizeof(al[2])));
     cublasLtMatmulHeuristicResult_t found[kCandidates];
     int count = 0;
-    TITAN_LT_CHECK(cublasLtMatmulAlgoGetHeuristic(lt, plan.desc, plan.first, plan.second, plan.out,
-                                                  plan.out, pref, kCandidates, found, &count));
+    TITAN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt, plan.desc, plan.first, plan.second,
+                                                      plan.out, plan.out, pref, kCandidates, found,
+                                                      &count));
     cublasLtMatmulPreferenceDestroy(pref);
     TITAN_CHECK(count > 0, "cuBLASLt offers no algorithm for a ", M, " x ", N, " x ", K, " GEMM");
     plan.algo = found[0].algo;
@@ -194,7 +189,7 @@ void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
         if (launch() != CUBLAS_STATUS_SUCCESS) continue;
         constexpr int kReps = 3;
         C10_CUDA_CHECK(cudaEventRecord(t0, stream));
-        for (int r = 0; r < kReps; ++r) TITAN_LT_CHECK(launch());
+        for (int r = 0; r < kReps; ++r) TITAN_CUBLAS_CHECK(launch());
         C10_CUDA_CHECK(cudaEventRecord(t1, stream));
         C10_CUDA_CHECK(cudaEventSynchronize(t1));
         float ms = 0;
@@ -215,9 +210,9 @@ void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
                  fp32_out ? "fp32" : "bf16", best, count, best_ms, first_ms);
     }
   }
-  TITAN_LT_CHECK(cublasLtMatmul(lt, plan.desc, &alpha, b.data_ptr(), plan.first, a.data_ptr(),
-                                plan.second, &beta, c, plan.out, out.data_ptr(), plan.out,
-                                &plan.algo, workspace.data_ptr(), kWorkspaceBytes, stream));
+  TITAN_CUBLAS_CHECK(cublasLtMatmul(lt, plan.desc, &alpha, b.data_ptr(), plan.first, a.data_ptr(),
+                                    plan.second, &beta, c, plan.out, out.data_ptr(), plan.out,
+                                    &plan.algo, workspace.data_ptr(), kWorkspaceBytes, stream));
 }
 
 }  // namespace titan::kernels

@@ -11,6 +11,7 @@
 
 #include <optional>
 
+#include "cublas_check.h"
 #include "launchers.h"
 #include "titan/ops/rmsnorm.h"
 #include "titan/ops/rope.h"
@@ -35,17 +36,6 @@ bool aligned16(const at::Tensor& t) {
 cudaStream_t stream() {
   return at::cuda::getCurrentCUDAStream().stream();
 }
-
-#define TITAN_CUBLAS_CHECK(expr)                                                    \
-  do {                                                                              \
-    cublasStatus_t _s = (expr);                                                     \
-    TORCH_CHECK(_s == CUBLAS_STATUS_SUCCESS, "cuBLAS error ", static_cast<int>(_s), \
-                " at " __FILE__ ":", __LINE__);                                     \
-  } while (0)
-
-}  // namespace
-
-namespace {
 
 // RMSNorm of x, or (with `add` defined) of h = x + add, returned third; nullopt where the
 // kernel does not take the operands.

@@ -41,6 +41,7 @@ struct Plan {
   cublasLtMatmulAlgo_t algo{};
   bool have_algo = false;  // the heuristic's first pick, until tuned
   bool tuned = false;
+  bool unusable = false;  // cuBLASLt offers nothing for these operands
 };
 
 std::mutex g_mu;
@@ -85,7 +86,7 @@ bool gemm_supported(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
          unit_cols(b) && unit_cols(out) && a.numel() > 0 && b.numel() > 0 && out.numel() > 0;
 }
 
-void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool transpose_b,
+bool gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool transpose_b,
           const at::Tensor& out, bool accumulate, const at::Tensor& addend) {
   TITAN_INTERNAL_CHECK(gemm_supported(a, b, out), "gemm: unsupported operands");
   TITAN_INTERNAL_CHECK(
@@ -127,6 +128,7 @@ void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
   std::lock_guard<std::mutex> lock(g_mu);
   cublasLtHandle_t lt = handle_for(a.get_device());
   Plan& plan = g_plans[key];
+  if (plan.unusable) return false;
   if (!plan.desc) {
     const cudaDataType_t out_type = fp32_out ? CUDA_R_32F : CUDA_R_16BF;
     TITAN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -166,11 +168,15 @@ void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
         pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al[2], sizeof(al[2])));
     cublasLtMatmulHeuristicResult_t found[kCandidates];
     int count = 0;
-    TITAN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt, plan.desc, plan.first, plan.second,
-                                                      plan.out, plan.out, pref, kCandidates, found,
-                                                      &count));
+    const cublasStatus_t heuristic =
+        cublasLtMatmulAlgoGetHeuristic(lt, plan.desc, plan.first, plan.second, plan.out, plan.out,
+                                       pref, kCandidates, found, &count);
     cublasLtMatmulPreferenceDestroy(pref);
-    TITAN_CHECK(count > 0, "cuBLASLt offers no algorithm for a ", M, " x ", N, " x ", K, " GEMM");
+    if (heuristic != CUBLAS_STATUS_SUCCESS || count == 0) {
+      log::debug("gemm {}x{}x{}: cuBLASLt offers no algorithm; ATen runs it", M, N, K);
+      plan.unusable = true;
+      return false;
+    }
     plan.algo = found[0].algo;
     plan.have_algo = true;
     plan.tuned = count == 1;
@@ -203,6 +209,10 @@ void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
       }
       C10_CUDA_CHECK(cudaEventDestroy(t0));
       C10_CUDA_CHECK(cudaEventDestroy(t1));
+      if (best_ms < 0) {  // no candidate launched on these operands
+        plan.unusable = true;
+        return false;
+      }
       plan.algo = found[best].algo;
       plan.tuned = true;
       log::debug("gemm {}x{}x{} ({}{}, {} out): algorithm {} of {}, {:.3f} ms (first {:.3f} ms)", M,
@@ -213,6 +223,7 @@ void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
   TITAN_CUBLAS_CHECK(cublasLtMatmul(lt, plan.desc, &alpha, b.data_ptr(), plan.first, a.data_ptr(),
                                     plan.second, &beta, c, plan.out, out.data_ptr(), plan.out,
                                     &plan.algo, workspace.data_ptr(), kWorkspaceBytes, stream));
+  return true;
 }
 
 }  // namespace titan::kernels

@@ -80,8 +80,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_forward(const at::Ten
   const c10::cuda::CUDAGuard device_guard(x.device());
   auto r = rmsnorm_fused(x, add, w, eps);
   if (r) return {std::get<2>(*r), std::get<0>(*r), std::get<1>(*r)};
+  // The separate add and norm (the kernel where it takes h), as the fused pass would give.
   at::Tensor h = x + add;
-  auto [y, rstd] = ops::rmsnorm_forward_ref(h, w, eps);
+  auto [y, rstd] = rmsnorm_forward(h, w, eps);
   return {h, y, rstd};
 }
 
@@ -95,10 +96,13 @@ at::Tensor rmsnorm_backward(const at::Tensor& dy_in, const at::Tensor& x_in, con
   at::Tensor residual = residual_in.defined() ? residual_in.contiguous() : at::Tensor();
   if (!supported(x) || dy.scalar_type() != x.scalar_type() || w.scalar_type() != x.scalar_type() ||
       dim % vec_of(x) != 0 || !aligned16(x) || !aligned16(dy) || !aligned16(w) ||
-      weight_grad.scalar_type() != at::kFloat || !weight_grad.is_contiguous() ||
-      (residual.defined() && (residual.scalar_type() != x.scalar_type() ||
-                              residual.sizes() != x.sizes() || !aligned16(residual)))) {
+      weight_grad.scalar_type() != at::kFloat || !weight_grad.is_contiguous()) {
     return ops::rmsnorm_backward_ref(dy_in, x_in, w, rstd, weight_grad, accumulate, residual_in);
+  }
+  if (residual.defined() && (residual.scalar_type() != x.scalar_type() ||
+                             residual.sizes() != x.sizes() || !aligned16(residual))) {
+    // A residual the pass does not take: the kernel's gradient, then a separate add.
+    return residual_in + rmsnorm_backward(dy_in, x_in, w, rstd, weight_grad, accumulate);
   }
   const int64_t rows = x.numel() / dim;
   at::Tensor dx = at::empty_like(x);

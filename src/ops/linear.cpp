@@ -41,8 +41,7 @@ bool try_tuned_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor
       !kernels::gemm_supported(ab, bb, out)) {
     return false;
   }
-  kernels::gemm(ab, ta, bb, tb, out, accumulate);
-  return true;
+  return kernels::gemm(ab, ta, bb, tb, out, accumulate);
 }
 #endif
 
@@ -92,8 +91,8 @@ at::Tensor linear_forward_add(const at::Tensor& x, const at::Tensor& w,
     const at::Tensor x2 = x.reshape({-1, x.size(-1)});
     at::Tensor out = at::empty_like(residual, at::MemoryFormat::Contiguous);
     const at::Tensor out2 = out.view({-1, w.size(0)});
-    if (out2.size(0) == x2.size(0) && kernels::gemm_supported(x2, w, out2)) {
-      kernels::gemm(x2, false, w, true, out2, false, residual.view({-1, w.size(0)}));
+    if (out2.size(0) == x2.size(0) && kernels::gemm_supported(x2, w, out2) &&
+        kernels::gemm(x2, false, w, true, out2, false, residual.view({-1, w.size(0)}))) {
       return out;
     }
   }

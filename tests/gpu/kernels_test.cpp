@@ -164,11 +164,11 @@ TEST(Kernels, TunedGemmMatchesTheFp32ProductInEveryLayout) {
           const double bound = out_type == at::kFloat ? 1e-5 : tol(at::kBFloat16);
           for (int use = 0; use < 2; ++use) {
             at::Tensor out = at::full({m, n}, std::nanf(""), test::cuda_options(out_type));
-            kernels::gemm(a, ta, b, tb, out, /*accumulate=*/false);
+            ASSERT_TRUE(kernels::gemm(a, ta, b, tb, out, /*accumulate=*/false));
             EXPECT_LT(relative_error(out, product), bound);
             at::Tensor base = at::randn({m, n}, test::cuda_options(out_type));
             at::Tensor sum = base.clone();
-            kernels::gemm(a, ta, b, tb, sum, /*accumulate=*/true);
+            ASSERT_TRUE(kernels::gemm(a, ta, b, tb, sum, /*accumulate=*/true));
             EXPECT_LT(relative_error(sum, base.to(at::kFloat) + product), bound);
           }
         }
@@ -179,7 +179,7 @@ TEST(Kernels, TunedGemmMatchesTheFp32ProductInEveryLayout) {
   {
     at::Tensor a = at::randn({256, 384}, bf), b = at::randn({136, 384}, bf);
     at::Tensor addend = at::randn({256, 136}, bf), out = at::empty({256, 136}, bf);
-    kernels::gemm(a, false, b, true, out, /*accumulate=*/false, addend);
+    ASSERT_TRUE(kernels::gemm(a, false, b, true, out, /*accumulate=*/false, addend));
     const at::Tensor expected =
         at::mm(a.to(at::kFloat), b.to(at::kFloat).t()) + addend.to(at::kFloat);
     EXPECT_LT(relative_error(out, expected), tol(at::kBFloat16));

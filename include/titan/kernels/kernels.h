@@ -59,9 +59,12 @@ void gemm_tn_fp32(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g
 // epilogue, rounded once) for bf16 a, b and a bf16 or fp32 out, all 2-D with unit column stride
 // (op transposes where asked; an addend is laid out as out): cuBLASLt with fp32 accumulation
 // and, per shape, the fastest of its candidate algorithms, timed at the shape's first use
-// (src/kernels/gemm_cuda.cpp). gemm_supported says whether a, b and out qualify.
+// (src/kernels/gemm_cuda.cpp). gemm_supported says whether a, b and out qualify; gemm returns
+// false, having done nothing, where cuBLASLt still offers no algorithm (the caller uses ATen).
+// A shape first met accumulating or inside a CUDA graph capture runs cuBLASLt's first pick
+// until an ordinary call times it (a graph keeps the pick it captured).
 bool gemm_supported(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out);
-void gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool transpose_b,
+bool gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool transpose_b,
           const at::Tensor& out, bool accumulate, const at::Tensor& addend = {});
 // TITAN_GEMM_TUNING: unset or 1 (linear layers use gemm), 0 (they use ATen, cuBLAS's own pick).
 bool gemm_tuning_enabled();

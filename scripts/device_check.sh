@@ -7,7 +7,7 @@
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
 # oom8b tp2 tp asynctp budget3b smoke2 pp cp terapipe1 terapipe float8 float8loss float8fsdp earlystep profile3b float8gemm
-# membench gemmbench readme
+# membench gemmbench gemmtune readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -596,6 +596,18 @@ do_earlystep() {
   done
 }
 
+# Tuned GEMMs against cuBLAS's own pick (TITAN_GEMM_TUNING 1 / 0), alternating, twice each.
+do_gemmtune() {
+  local size t
+  for size in ${GEMMTUNE_SIZES:-1b 3b}; do
+    for t in 0 1 0 1; do
+      echo "== $size TITAN_GEMM_TUNING=$t"
+      TITAN_GEMM_TUNING=$t REF_COMPILE= TITAN_ARGS="--metrics.enable_tensorboard false" \
+        OUT="$OUT/gemmtune_${size}_$t" scripts/bench.sh "$size" | tail -1
+    done
+  done
+}
+
 for s in "${stages[@]}"; do
   case "$s" in
     build) run_stage build do_build || { tail -50 "$OUT/build.log"; exit 1; } ;;
@@ -638,6 +650,7 @@ for s in "${stages[@]}"; do
       cat "$OUT/gemmbench.log" ;;
     float8gemm) run_stage float8gemm bash -c "'$BUILD_DIR/titan_bench_float8' --tokens 8192 &&
       '$BUILD_DIR/titan_bench_float8' --tokens 16384"; cat "$OUT/float8gemm.log" ;;
+    gemmtune) run_stage gemmtune do_gemmtune; cat "$OUT/gemmtune.log" ;;
     earlystep) run_stage earlystep do_earlystep; cat "$OUT/earlystep.log" | cut -c1-300 ;;
     terapipe1) run_stage terapipe1 do_terapipe1; cat "$OUT/terapipe1.log" | cut -c1-400 ;;
     terapipe | terapipe4) run_stage terapipe do_terapipe; cat "$OUT/terapipe.log" | cut -c1-400 ;;

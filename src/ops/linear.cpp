@@ -31,9 +31,9 @@ bool row_major_of(const at::Tensor& t, at::Tensor* base, bool* transposed) {
   return false;
 }
 
-// out (+)= a b through kernels::gemm when the operands qualify; false otherwise.
+// out (+)= a b (+ addend) through kernels::gemm when the operands qualify; false otherwise.
 bool try_tuned_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-                    bool accumulate) {
+                    bool accumulate, const at::Tensor& addend = {}) {
   if (!a.is_cuda() || !kernels::gemm_tuning_enabled()) return false;
   at::Tensor ab, bb;
   bool ta = false, tb = false;
@@ -41,7 +41,7 @@ bool try_tuned_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor
       !kernels::gemm_supported(ab, bb, out)) {
     return false;
   }
-  return kernels::gemm(ab, ta, bb, tb, out, accumulate);
+  return kernels::gemm(ab, ta, bb, tb, out, accumulate, addend);
 }
 #endif
 
@@ -86,13 +86,11 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& w) {
 at::Tensor linear_forward_add(const at::Tensor& x, const at::Tensor& w,
                               const at::Tensor& residual) {
 #ifdef TITAN_WITH_CUDA
-  if (x.is_cuda() && kernels::gemm_tuning_enabled() && residual.is_contiguous() &&
-      residual.scalar_type() == x.scalar_type() && residual.size(-1) == w.size(0)) {
-    const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  if (x.is_cuda() && residual.is_contiguous() && residual.scalar_type() == x.scalar_type() &&
+      residual.size(-1) == w.size(0) && residual.numel() / w.size(0) == x.numel() / x.size(-1)) {
     at::Tensor out = at::empty_like(residual, at::MemoryFormat::Contiguous);
-    const at::Tensor out2 = out.view({-1, w.size(0)});
-    if (out2.size(0) == x2.size(0) && kernels::gemm_supported(x2, w, out2) &&
-        kernels::gemm(x2, false, w, true, out2, false, residual.view({-1, w.size(0)}))) {
+    if (try_tuned_gemm(out.view({-1, w.size(0)}), x.reshape({-1, x.size(-1)}), w.t(), false,
+                       residual.view({-1, w.size(0)}))) {
       return out;
     }
   }

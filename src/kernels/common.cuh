@@ -1,5 +1,6 @@
-// Device helpers shared by titan's kernels: 16-byte vector loads/stores of bf16 or fp32, and
-// warp/block reductions.
+// Device helpers shared by titan's kernels: 16-byte vector loads/stores of bf16 or fp32,
+// warp/block reductions, and the absolute maximum a producer takes of its output for a float8
+// cast.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -82,6 +83,40 @@ __device__ inline float block_sum(float v, float* shared) {
   const int warps = (blockDim.x + 31) >> 5;
   v = lane < warps ? shared[lane] : 0.f;
   return warp_sum(v);
+}
+
+// v, rounded to T and back (what storing and reloading it would give).
+template <typename T>
+__device__ __forceinline__ float rounded(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+// Maximum over the block; every thread gets the result. `shared` holds >= 32 floats.
+__device__ inline float block_max(float m, float* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  __syncthreads();
+  if (lane == 0) shared[warp] = m;
+  __syncthreads();
+  const int warps = (blockDim.x + 31) >> 5;
+  m = lane < warps ? shared[lane] : 0.f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  return m;
+}
+
+// Non-negative floats order as their bit patterns.
+__device__ inline void atomic_max_nonneg(float* p, float v) {
+  atomicMax(reinterpret_cast<int*>(p), __float_as_int(v));
+}
+
+// The block's largest |value| (`m`: each thread's) folded into *amax (zeroed before the launch).
+// Every thread of the block calls it; a null amax does nothing.
+__device__ inline void block_amax_into(float* amax, float m, float* shared) {
+  if (amax == nullptr) return;
+  m = block_max(m, shared);
+  if (threadIdx.x == 0) atomic_max_nonneg(amax, m);
 }
 
 }  // namespace titan::kernels::dev

@@ -14,25 +14,8 @@ namespace {
 
 using dev::Vec;
 
-template <typename T>
-__device__ inline float block_max(float m, float* shared) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  __syncthreads();
-  if (lane == 0) shared[warp] = m;
-  __syncthreads();
-  const int warps = (blockDim.x + 31) >> 5;
-  m = lane < warps ? shared[lane] : 0.f;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-  return m;
-}
-
-// Non-negative floats order as their bit patterns.
-__device__ inline void atomic_max_nonneg(float* p, float v) {
-  atomicMax(reinterpret_cast<int*>(p), __float_as_int(v));
-}
+using dev::atomic_max_nonneg;
+using dev::block_max;
 
 // Whole tensor: grid-stride 16-byte vectors, one atomic per block. (Four loads in flight per
 // thread measured no faster on the 3B step: launches of small tensors dominate.)
@@ -54,7 +37,7 @@ __global__ void amax_tensor_kernel(const T* __restrict__ x, int64_t n, float* __
        i += stride) {
     m = fmaxf(m, fabsf(dev::to_float(x[i])));
   }
-  m = block_max<T>(m, shared);
+  m = block_max(m, shared);
   if (threadIdx.x == 0) atomic_max_nonneg(amax, m);
 }
 
@@ -80,7 +63,7 @@ __global__ void amax_rows_kernel(const T* __restrict__ x, int64_t rows, int64_t 
         m = fmaxf(m, fabsf(dev::to_float(row[c])));
       }
     }
-    m = block_max<T>(m, shared);
+    m = block_max(m, shared);
     if (threadIdx.x == 0) amax[r] = m;
   }
 }

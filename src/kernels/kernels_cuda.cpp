@@ -13,6 +13,7 @@
 
 #include "cublas_check.h"
 #include "launchers.h"
+#include "titan/ops/float8.h"
 #include "titan/ops/rmsnorm.h"
 #include "titan/ops/rope.h"
 #include "titan/ops/swiglu.h"
@@ -37,10 +38,23 @@ cudaStream_t stream() {
   return at::cuda::getCurrentCUDAStream().stream();
 }
 
+// A fresh fp32 scalar for a kernel's amax output (`want` null: none).
+float* amax_slot(at::Tensor* want, const at::Tensor& like) {
+  if (want == nullptr) return nullptr;
+  *want = at::empty({}, like.options().dtype(at::kFloat));
+  return want->data_ptr<float>();
+}
+// `y`'s amax where the kernel that wrote it could not take it.
+at::Tensor take_amax(const at::Tensor& y, at::Tensor* want) {
+  if (want != nullptr) *want = ops::abs_max(y);
+  return y;
+}
+
 // RMSNorm of x, or (with `add` defined) of h = x + add, returned third; nullopt where the
 // kernel does not take the operands.
 std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> rmsnorm_fused(
-    const at::Tensor& x_in, const at::Tensor& add_in, const at::Tensor& w, double eps) {
+    const at::Tensor& x_in, const at::Tensor& add_in, const at::Tensor& w, double eps,
+    at::Tensor* amax) {
   const int64_t dim = x_in.size(-1);
   at::Tensor x = x_in.contiguous();
   at::Tensor add = add_in.defined() ? add_in.contiguous() : at::Tensor();
@@ -58,7 +72,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> rmsnorm_fused(
   at::Tensor rstd = at::empty(rsizes, x.options().dtype(at::kFloat));
   launch::rmsnorm_forward(dtype_of(x), x.data_ptr(), add.defined() ? add.data_ptr() : nullptr,
                           sum.defined() ? sum.data_ptr() : nullptr, w.data_ptr(), y.data_ptr(),
-                          rstd.data_ptr<float>(), rows, dim, static_cast<float>(eps), stream());
+                          rstd.data_ptr<float>(), rows, dim, static_cast<float>(eps),
+                          amax_slot(amax, x), stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return std::make_tuple(y, rstd, sum);
 }
@@ -66,29 +81,32 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> rmsnorm_fused(
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at::Tensor& w,
-                                                   double eps) {
+                                                   double eps, at::Tensor* amax) {
   const c10::cuda::CUDAGuard device_guard(x.device());
-  auto r = rmsnorm_fused(x, at::Tensor(), w, eps);
-  if (!r) return ops::rmsnorm_forward_ref(x, w, eps);
+  auto r = rmsnorm_fused(x, at::Tensor(), w, eps, amax);
+  if (!r) {
+    auto [y, rstd] = ops::rmsnorm_forward_ref(x, w, eps);
+    return {take_amax(y, amax), rstd};
+  }
   return {std::get<0>(*r), std::get<1>(*r)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_forward(const at::Tensor& x,
                                                                    const at::Tensor& add,
-                                                                   const at::Tensor& w,
-                                                                   double eps) {
+                                                                   const at::Tensor& w, double eps,
+                                                                   at::Tensor* amax) {
   const c10::cuda::CUDAGuard device_guard(x.device());
-  auto r = rmsnorm_fused(x, add, w, eps);
+  auto r = rmsnorm_fused(x, add, w, eps, amax);
   if (r) return {std::get<2>(*r), std::get<0>(*r), std::get<1>(*r)};
   // The separate add and norm (the kernel where it takes h), as the fused pass would give.
   at::Tensor h = x + add;
-  auto [y, rstd] = rmsnorm_forward(h, w, eps);
+  auto [y, rstd] = rmsnorm_forward(h, w, eps, amax);
   return {h, y, rstd};
 }
 
 at::Tensor rmsnorm_backward(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& w,
                             const at::Tensor& rstd, const at::Tensor& weight_grad, bool accumulate,
-                            const at::Tensor& residual_in) {
+                            const at::Tensor& residual_in, at::Tensor* amax) {
   const c10::cuda::CUDAGuard device_guard(dy_in.device());
   const int64_t dim = x_in.size(-1);
   at::Tensor x = x_in.contiguous();
@@ -97,12 +115,15 @@ at::Tensor rmsnorm_backward(const at::Tensor& dy_in, const at::Tensor& x_in, con
   if (!supported(x) || dy.scalar_type() != x.scalar_type() || w.scalar_type() != x.scalar_type() ||
       dim % vec_of(x) != 0 || !aligned16(x) || !aligned16(dy) || !aligned16(w) ||
       weight_grad.scalar_type() != at::kFloat || !weight_grad.is_contiguous()) {
-    return ops::rmsnorm_backward_ref(dy_in, x_in, w, rstd, weight_grad, accumulate, residual_in);
+    return take_amax(
+        ops::rmsnorm_backward_ref(dy_in, x_in, w, rstd, weight_grad, accumulate, residual_in),
+        amax);
   }
   if (residual.defined() && (residual.scalar_type() != x.scalar_type() ||
                              residual.sizes() != x.sizes() || !aligned16(residual))) {
     // A residual the pass does not take: the kernel's gradient, then a separate add.
-    return residual_in + rmsnorm_backward(dy_in, x_in, w, rstd, weight_grad, accumulate);
+    return take_amax(residual_in + rmsnorm_backward(dy_in, x_in, w, rstd, weight_grad, accumulate),
+                     amax);
   }
   const int64_t rows = x.numel() / dim;
   at::Tensor dx = at::empty_like(x);
@@ -111,7 +132,7 @@ at::Tensor rmsnorm_backward(const at::Tensor& dy_in, const at::Tensor& x_in, con
   launch::rmsnorm_backward(
       dtype_of(x), dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.contiguous().data_ptr<float>(),
       residual.defined() ? residual.data_ptr() : nullptr, dx.data_ptr(), partial.data_ptr<float>(),
-      weight_grad.data_ptr<float>(), rows, dim, accumulate, stream());
+      weight_grad.data_ptr<float>(), rows, dim, accumulate, amax_slot(amax, x), stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dx;
 }
@@ -143,33 +164,33 @@ at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   return out;
 }
 
-at::Tensor swiglu_forward(const at::Tensor& ab_in) {
+at::Tensor swiglu_forward(const at::Tensor& ab_in, at::Tensor* amax) {
   const c10::cuda::CUDAGuard device_guard(ab_in.device());
   const int64_t f = ab_in.size(-1) / 2;
   at::Tensor ab = ab_in.contiguous();
   if (!supported(ab) || f % vec_of(ab) != 0 || !aligned16(ab))
-    return ops::swiglu_forward_ref(ab_in);
+    return take_amax(ops::swiglu_forward_ref(ab_in), amax);
   auto sizes = ab.sizes().vec();
   sizes.back() = f;
   at::Tensor g = at::empty(sizes, ab.options());
   launch::swiglu_forward(dtype_of(ab), ab.data_ptr(), g.data_ptr(), ab.numel() / (2 * f), f,
-                         stream());
+                         amax_slot(amax, ab), stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return g;
 }
 
-at::Tensor swiglu_backward(const at::Tensor& dg_in, const at::Tensor& ab_in) {
+at::Tensor swiglu_backward(const at::Tensor& dg_in, const at::Tensor& ab_in, at::Tensor* amax) {
   const c10::cuda::CUDAGuard device_guard(dg_in.device());
   const int64_t f = ab_in.size(-1) / 2;
   at::Tensor ab = ab_in.contiguous();
   at::Tensor dg = dg_in.contiguous();
   if (!supported(ab) || dg.scalar_type() != ab.scalar_type() || f % vec_of(ab) != 0 ||
       !aligned16(ab) || !aligned16(dg)) {
-    return ops::swiglu_backward_ref(dg_in, ab_in);
+    return take_amax(ops::swiglu_backward_ref(dg_in, ab_in), amax);
   }
   at::Tensor dab = at::empty_like(ab);
   launch::swiglu_backward(dtype_of(ab), dg.data_ptr(), ab.data_ptr(), dab.data_ptr(),
-                          ab.numel() / (2 * f), f, stream());
+                          ab.numel() / (2 * f), f, amax_slot(amax, ab), stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dab;
 }
@@ -294,7 +315,8 @@ void gemm_tn_fp32(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Ten
 }
 
 void float8_cast(const at::Tensor& x_in, int mode, bool pow2, const at::Tensor& out,
-                 const at::Tensor& out_t, const at::Tensor& inv_scale) {
+                 const at::Tensor& out_t, const at::Tensor& inv_scale,
+                 const at::Tensor& given_amax) {
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const auto dtype = (out.defined() ? out : out_t).scalar_type();
@@ -305,10 +327,17 @@ void float8_cast(const at::Tensor& x_in, int mode, bool pow2, const at::Tensor& 
   const int64_t scales = mode == 0 ? 1 : mode == 1 ? rows : cols;
   TITAN_INTERNAL_CHECK(inv_scale.numel() == scales && inv_scale.scalar_type() == at::kFloat,
                        "float8_cast: inverse scales");
-  at::Tensor amax = at::empty({scales}, x.options().dtype(at::kFloat));
-  launch::float8_amax(dtype_of(x), x.data_ptr(), rows, cols, mode, amax.data_ptr<float>(),
-                      stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor amax = given_amax;
+  if (amax.defined()) {
+    TITAN_INTERNAL_CHECK(amax.numel() == scales && amax.scalar_type() == at::kFloat &&
+                             amax.is_contiguous() && amax.device() == x.device(),
+                         "float8_cast: the given amax");
+  } else {
+    amax = at::empty({scales}, x.options().dtype(at::kFloat));
+    launch::float8_amax(dtype_of(x), x.data_ptr(), rows, cols, mode, amax.data_ptr<float>(),
+                        stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   launch::float8_cast(dtype_of(x), x.data_ptr(), rows, cols, amax.data_ptr<float>(), mode, pow2,
                       dtype == at::kFloat8_e4m3fn, out.defined() ? out.data_ptr() : nullptr,
                       out_t.defined() ? out_t.data_ptr() : nullptr, inv_scale.data_ptr<float>(),

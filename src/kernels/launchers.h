@@ -11,25 +11,28 @@ namespace titan::kernels::launch {
 // dtype codes shared by the launchers
 enum class DType : int { F32 = 0, BF16 = 1 };
 
+// `amax` arguments (else null): one fp32 the launcher zeroes and the kernel sets to the largest
+// |value| of its output as stored (for a float8 tensorwise cast of it).
 // With `add` (else null): normalizes h = x + add and writes h into `sum`.
 void rmsnorm_forward(DType dt, const void* x, const void* add, void* sum, const void* w, void* y,
-                     float* rstd, int64_t rows, int64_t dim, float eps, cudaStream_t stream);
+                     float* rstd, int64_t rows, int64_t dim, float eps, float* amax,
+                     cudaStream_t stream);
 // partial: fp32 scratch of [blocks, dim] where blocks = rmsnorm_backward_blocks(rows).
 int rmsnorm_backward_blocks(int64_t rows);
 // With `residual` (else null): dx = the input gradient (rounded to the dtype) + residual.
 void rmsnorm_backward(DType dt, const void* dy, const void* x, const void* w, const float* rstd,
                       const void* residual, void* dx, float* partial, float* weight_grad,
-                      int64_t rows, int64_t dim, bool accumulate, cudaStream_t stream);
+                      int64_t rows, int64_t dim, bool accumulate, float* amax, cudaStream_t stream);
 
 // x: element (b, s, h, j) at x + b*xs[0] + s*xs[1] + h*xs[2] + j; out likewise with os.
 void rope(DType dt, const void* x, const int64_t* xs, void* out, const int64_t* os,
           const float* cos, const float* sin, int64_t b, int64_t s, int64_t h, int64_t hd,
           bool inverse, cudaStream_t stream);
 
-void swiglu_forward(DType dt, const void* ab, void* g, int64_t rows, int64_t f,
+void swiglu_forward(DType dt, const void* ab, void* g, int64_t rows, int64_t f, float* amax,
                     cudaStream_t stream);
 void swiglu_backward(DType dt, const void* dg, const void* ab, void* dab, int64_t rows, int64_t f,
-                     cudaStream_t stream);
+                     float* amax, cudaStream_t stream);
 
 // losses: fp32 [rows] per-row loss; logits overwritten by the gradient when write_grad.
 void cross_entropy(DType dt, void* logits, const int64_t* targets, float* losses, int64_t rows,

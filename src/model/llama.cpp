@@ -70,6 +70,12 @@ BlockPlan BlockPlan::whole(const LlamaArgs& a) {
 
 namespace {
 
+// Where a projection casts its input to float8 with one scale, the kernel that writes that input
+// takes its amax in the same pass (into *amax); else null, and no amax is taken.
+at::Tensor* amax_for(const ops::Linear* projection, at::Tensor* amax) {
+  return projection->takes_amax() ? amax : nullptr;
+}
+
 // The forward proper; `keep_all` stores every intermediate in `s`, otherwise only what the
 // Matmuls policy keeps (the caller drops more for InputOnly). Projections go through the
 // plan's Linears: under sequence parallel the column-parallel ones (q|k|v, w1|w3) gather the
@@ -79,20 +85,24 @@ at::Tensor forward_impl(const LlamaArgs& a, const BlockPlan& p, const BlockWeigh
                         const Rope& rope, const at::Tensor& x, bool keep_all, BlockSaved& s) {
   const int64_t b = x.size(0), seq = x.size(1) * p.seq_shards;
   const int64_t hd = p.head_dim, nh = p.n_heads, nkv = p.n_kv_heads;
-  auto [xn1, rstd1] = ops::rmsnorm_forward(x, w.attention_norm, a.norm_eps);
+  at::Tensor xn1_amax, hn2_amax, g_amax;
+  auto [xn1, rstd1] =
+      ops::rmsnorm_forward(x, w.attention_norm, a.norm_eps, amax_for(p.wqkv, &xn1_amax));
   at::Tensor xw;
-  at::Tensor qkv = p.wqkv->forward(xn1, {w.wqkv, w.wqkv_scale}, keep_all ? &xw : nullptr)
+  at::Tensor qkv = p.wqkv->forward(xn1, {w.wqkv, w.wqkv_scale}, keep_all ? &xw : nullptr, xn1_amax)
                        .view({b, seq, nh + 2 * nkv, hd});
   at::Tensor q = ops::rope_apply(qkv.narrow(2, 0, nh), rope.cos, rope.sin);
   at::Tensor k = ops::rope_apply(qkv.narrow(2, nh, nkv), rope.cos, rope.sin);
   at::Tensor v = qkv.narrow(2, nh + nkv, nkv);
   at::Tensor o = p.attention->forward(q, k, v, s.attn).reshape({b, seq, nh * hd});
-  auto [h, hn2, rstd2] = ops::add_rmsnorm_forward(
-      x, p.wo->forward(o, {w.wo, w.wo_scale}, nullptr).view_as(x), w.ffn_norm, a.norm_eps);
+  auto [h, hn2, rstd2] =
+      ops::add_rmsnorm_forward(x, p.wo->forward(o, {w.wo, w.wo_scale}, nullptr).view_as(x),
+                               w.ffn_norm, a.norm_eps, amax_for(p.w13, &hn2_amax));
   at::Tensor hw;
-  at::Tensor ab = p.w13->forward(hn2, {w.w13, w.w13_scale}, keep_all ? &hw : nullptr);
-  at::Tensor g = ops::swiglu_forward(ab);
-  at::Tensor out = p.w2->forward_add(g, {w.w2, w.w2_scale}, h);
+  at::Tensor ab = p.w13->forward(hn2, {w.w13, w.w13_scale}, keep_all ? &hw : nullptr, hn2_amax);
+  at::Tensor g = ops::swiglu_forward(ab, amax_for(p.w2, &g_amax));
+  at::Tensor gw;
+  at::Tensor out = p.w2->forward_add(g, {w.w2, w.w2_scale}, h, keep_all ? &gw : nullptr, g_amax);
   s.x = x;
   s.qkv = qkv;
   s.o = o;
@@ -105,7 +115,7 @@ at::Tensor forward_impl(const LlamaArgs& a, const BlockPlan& p, const BlockWeigh
     s.k = k;
     s.rstd2 = rstd2;
     s.hn2 = hw;
-    s.g = g;
+    s.g = gw;
   } else {
     // The attention kernel's own references to q/k are dropped too: backward rebuilds them.
     s.attn.q = at::Tensor();
@@ -148,20 +158,23 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockPlan& p, const BlockWei
   if (s.policy == SavePolicy::Matmuls || s.policy == SavePolicy::Attention) {
     // Recompute the cheap elementwise parts from the saved matmul outputs (and, keeping only
     // the attention half, the w1|w3 projection).
-    at::Tensor xn1, hn2;
-    std::tie(xn1, s.rstd1) = ops::rmsnorm_forward(s.x, w.attention_norm, a.norm_eps);
-    s.xn1 = p.wqkv->weight_input(xn1);
+    at::Tensor xn1, hn2, xn1_amax, hn2_amax, g_amax;
+    std::tie(xn1, s.rstd1) =
+        ops::rmsnorm_forward(s.x, w.attention_norm, a.norm_eps, amax_for(p.wqkv, &xn1_amax));
+    s.xn1 = p.wqkv->weight_input(xn1, xn1_amax);
     s.q = ops::rope_apply(s.qkv.narrow(2, 0, nh), rope.cos, rope.sin);
     s.k = ops::rope_apply(s.qkv.narrow(2, nh, nkv), rope.cos, rope.sin);
     // The kernel's saved output and logsumexp stay; only its input views are rebuilt.
     p.attention->bind_inputs(s.q, s.k, s.qkv.narrow(2, nh + nkv, nkv), s.attn);
-    std::tie(hn2, s.rstd2) = ops::rmsnorm_forward(s.h, w.ffn_norm, a.norm_eps);
+    std::tie(hn2, s.rstd2) =
+        ops::rmsnorm_forward(s.h, w.ffn_norm, a.norm_eps, amax_for(p.w13, &hn2_amax));
     if (s.policy == SavePolicy::Attention) {
-      s.ab = p.w13->forward(hn2, {w.w13, w.w13_scale}, &s.hn2);
+      s.ab = p.w13->forward(hn2, {w.w13, w.w13_scale}, &s.hn2, hn2_amax);
     } else {
-      s.hn2 = p.w13->weight_input(hn2);
+      s.hn2 = p.w13->weight_input(hn2, hn2_amax);
     }
-    s.g = ops::swiglu_forward(s.ab);
+    const at::Tensor g = ops::swiglu_forward(s.ab, amax_for(p.w2, &g_amax));
+    s.g = p.w2->weight_input(g, g_amax);
   }
   // dW = dy^T x now, or its operands kept for block_backward_weight.
   auto weight_grad = [&](const ops::Linear& lin, const at::Tensor& dy, const at::Tensor& x,
@@ -178,16 +191,21 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockPlan& p, const BlockWei
   at::Tensor dout_w;
   at::Tensor dg = p.w2->backward_input(dout, {w.w2, w.w2_scale}, &dout_w);
   weight_grad(*p.w2, dout_w, s.g, grads.w2, &DeferredWeightGrads::d_w2, &DeferredWeightGrads::x_w2);
-  at::Tensor dab = ops::swiglu_backward(dg, s.ab);
-  weight_grad(*p.w13, dab, s.hn2, grads.w13, &DeferredWeightGrads::d_w13,
+  at::Tensor dab_amax, dab_w;
+  at::Tensor dab = ops::swiglu_backward(dg, s.ab, amax_for(p.w13, &dab_amax));
+  at::Tensor dhn2 = p.w13->backward_input(dab, {w.w13, w.w13_scale}, &dab_w, dab_amax).view_as(s.h);
+  dab = at::Tensor();
+  weight_grad(*p.w13, dab_w, s.hn2, grads.w13, &DeferredWeightGrads::d_w13,
               &DeferredWeightGrads::x_w13);
-  at::Tensor dhn2 = p.w13->backward_input(dab, {w.w13, w.w13_scale}, nullptr).view_as(s.h);
   at::Tensor ffn_norm_grad = grads.ffn_norm;
   // dh = dout + the norm's input gradient (one pass).
-  at::Tensor dh = ops::rmsnorm_backward(dhn2, s.h, w.ffn_norm, s.rstd2, ffn_norm_grad, acc, dout);
+  at::Tensor dh_amax;
+  at::Tensor dh = ops::rmsnorm_backward(dhn2, s.h, w.ffn_norm, s.rstd2, ffn_norm_grad, acc, dout,
+                                        amax_for(p.wo, &dh_amax));
   // Attention: h = x + wo(attn(rope(q), rope(k), v)).
   at::Tensor dh_w;
-  at::Tensor d_o = p.wo->backward_input(dh, {w.wo, w.wo_scale}, &dh_w).view({b, seq, nh, hd});
+  at::Tensor d_o =
+      p.wo->backward_input(dh, {w.wo, w.wo_scale}, &dh_w, dh_amax).view({b, seq, nh, hd});
   weight_grad(*p.wo, dh_w, s.o, grads.wo, &DeferredWeightGrads::d_wo, &DeferredWeightGrads::x_wo);
   auto [dq, dk, dv] = p.attention->backward(d_o, s.attn, nkv);
   at::Tensor dqkv = at::empty({b, seq, nh + 2 * nkv, hd}, dout.options());
@@ -195,9 +213,10 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockPlan& p, const BlockWei
   ops::rope_apply_out(dk, rope.cos, rope.sin, /*inverse=*/true, dqkv.narrow(2, nh, nkv));
   dqkv.narrow(2, nh + nkv, nkv).copy_(dv);
   at::Tensor dqkv_flat = dqkv.view({b, seq, (nh + 2 * nkv) * hd});
-  weight_grad(*p.wqkv, dqkv_flat, s.xn1, grads.wqkv, &DeferredWeightGrads::d_wqkv,
+  at::Tensor dqkv_w;
+  at::Tensor dxn1 = p.wqkv->backward_input(dqkv_flat, {w.wqkv, w.wqkv_scale}, &dqkv_w).view_as(s.x);
+  weight_grad(*p.wqkv, dqkv_w, s.xn1, grads.wqkv, &DeferredWeightGrads::d_wqkv,
               &DeferredWeightGrads::x_wqkv);
-  at::Tensor dxn1 = p.wqkv->backward_input(dqkv_flat, {w.wqkv, w.wqkv_scale}, nullptr).view_as(s.x);
   at::Tensor attn_norm_grad = grads.attention_norm;
   at::Tensor dx =
       ops::rmsnorm_backward(dxn1, s.x, w.attention_norm, s.rstd1, attn_norm_grad, acc, dh);

@@ -47,12 +47,13 @@ Float8Operand cast_scaled(const at::Tensor& x, const at::Tensor& scale, at::Scal
 
 // The ATen cast (CPU, shapes the kernels do not take, and tensorwise amaxes combined by
 // `reduce` first: tensor parallel, where every rank holding part of a tensor casts with the
-// whole tensor's scale).
+// whole tensor's scale). `given` (tensorwise): x's amax, taken by its producer.
 Float8Operand aten_cast(const at::Tensor& x, at::ScalarType dtype, bool rowwise, bool transpose,
-                        const AmaxReduce& reduce = {}) {
+                        const AmaxReduce& reduce = {}, const at::Tensor& given = {}) {
   const at::Tensor xf = (transpose ? x.t() : x).to(at::kFloat).contiguous();
-  at::Tensor amax = rowwise ? at::linalg_vector_norm(xf, INFINITY, {1}, /*keepdim=*/true)
-                            : at::linalg_vector_norm(xf, INFINITY);
+  at::Tensor amax = rowwise           ? at::linalg_vector_norm(xf, INFINITY, {1}, /*keepdim=*/true)
+                    : given.defined() ? given.to(xf.device(), at::kFloat).reshape({}).clone()
+                                      : at::linalg_vector_norm(xf, INFINITY);
   if (reduce) reduce(amax);
   at::Tensor scale = scale_for(amax, dtype);
   // Rowwise scales are powers of two (exact to apply and to undo): the largest not above the
@@ -95,12 +96,14 @@ bool packable(const at::Tensor& x2) {
 }
 
 // x2 [R, C] (or its transpose) cast into `out` (allocated when undefined), the tensorwise amax
-// combined by `reduce` when given.
+// combined by `reduce` when given; `amax` (tensorwise; else ignored): x2's, from its producer.
 Float8Operand cast_into(const at::Tensor& x2, at::ScalarType dtype, bool rowwise, bool transpose,
-                        Float8Operand out = {}, const AmaxReduce& reduce = {}) {
+                        Float8Operand out = {}, const AmaxReduce& reduce = {},
+                        const at::Tensor& amax = {}) {
   RECORD_USER_SCOPE("titan/float8_cast");
+  const at::Tensor given = rowwise ? at::Tensor() : amax;
   if (!fused(x2) || reduce) {
-    Float8Operand op = aten_cast(x2, dtype, rowwise, transpose, reduce);
+    Float8Operand op = aten_cast(x2, dtype, rowwise, transpose, reduce, given);
     if (!out.data.defined()) return op;
     out.data.copy_(op.data);
     out.inv_scale.copy_(op.inv_scale.view_as(out.inv_scale));
@@ -117,20 +120,22 @@ Float8Operand cast_into(const at::Tensor& x2, at::ScalarType dtype, bool rowwise
   const int mode = !rowwise ? 0 : transpose ? 2 : 1;
   const at::Tensor none;
   kernels::float8_cast(x2, mode, /*pow2=*/rowwise, transpose ? none : out.data,
-                       transpose ? out.data : none, out.inv_scale);
+                       transpose ? out.data : none, out.inv_scale, given);
 #endif
   return out;
 }
 
-// Tensorwise, one pass: x2 [R, C] as a row-major operand, and x2^T packed.
+// Tensorwise, one pass: x2 [R, C] as a row-major operand, and x2^T packed; `amax`: x2's, from
+// its producer, or undefined.
 std::pair<Float8Operand, at::Tensor> cast_with_packed_transpose(const at::Tensor& x2,
-                                                                at::ScalarType dtype) {
+                                                                at::ScalarType dtype,
+                                                                const at::Tensor& amax) {
   RECORD_USER_SCOPE("titan/float8_cast");
   const int64_t r = x2.size(0), c = x2.size(1);
   Packed p = make_packed(c, r, 1, dtype, x2.options());
   Float8Operand row;
   if (!fused(x2)) {
-    row = aten_cast(x2, dtype, /*rowwise=*/false, /*transpose=*/false);
+    row = aten_cast(x2, dtype, /*rowwise=*/false, /*transpose=*/false, {}, amax);
     p.op.data.copy_(row.data.t());
     p.op.inv_scale.copy_(row.inv_scale);
     return {row, p.buffer};
@@ -138,7 +143,7 @@ std::pair<Float8Operand, at::Tensor> cast_with_packed_transpose(const at::Tensor
 #ifdef TITAN_WITH_CUDA
   row.data = at::empty({r, c}, x2.options().dtype(dtype));
   row.inv_scale = p.op.inv_scale;
-  kernels::float8_cast(x2, 0, false, row.data, p.op.data, p.op.inv_scale);
+  kernels::float8_cast(x2, 0, false, row.data, p.op.data, p.op.inv_scale, amax);
 #endif
   return {row, p.buffer};
 }
@@ -265,18 +270,27 @@ at::Tensor float8_transpose(const at::Tensor& x) {
   return out;
 }
 
+at::Tensor abs_max(const at::Tensor& x) {
+  return at::linalg_vector_norm(x, INFINITY, {}, /*keepdim=*/false, at::kFloat);
+}
+
+bool Float8Linear::takes_amax() const {
+  return recipe_ == Float8Recipe::Tensorwise && !tp_.weight && !tp_.x && !tp_.dy && !tp_.gather_x &&
+         !tp_.gather_dy;
+}
+
 at::Tensor float8_tensorwise_scale(const at::Tensor& amax) {
   return scale_for(amax, at::kFloat8_e4m3fn);
 }
 
 at::Tensor Float8Linear::operand_for_weight(const at::Tensor& x2, at::ScalarType dtype,
-                                            const AmaxReduce& reduce,
-                                            const TokenGather& gather) const {
-  if (gather) return packed_transpose(cast_operand(x2, dtype, nullptr, reduce, gather));
+                                            const AmaxReduce& reduce, const TokenGather& gather,
+                                            const at::Tensor& amax) const {
+  if (gather) return packed_transpose(cast_operand(x2, dtype, nullptr, reduce, gather, amax));
   if (recipe_ == Float8Recipe::RowwiseWithGwHp || !packable(x2)) return x2;
   const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
   Packed p = make_packed(x2.size(1), x2.size(0), rowwise ? x2.size(1) : 1, dtype, x2.options());
-  cast_into(x2, dtype, rowwise, /*transpose=*/true, p.op, reduce);
+  cast_into(x2, dtype, rowwise, /*transpose=*/true, p.op, reduce, amax);
   return p.buffer;
 }
 
@@ -284,10 +298,11 @@ at::Tensor Float8Linear::operand_for_weight(const at::Tensor& x2, at::ScalarType
 // one pass for tensorwise).
 Float8Operand Float8Linear::cast_operand(const at::Tensor& x2, at::ScalarType dtype,
                                          at::Tensor* for_weight, const AmaxReduce& reduce,
-                                         const TokenGather& gather) const {
+                                         const TokenGather& gather, const at::Tensor& amax) const {
   const bool rowwise = recipe_ != Float8Recipe::Tensorwise;
   if (reduce) {
-    Float8Operand row = cast_into(x2, dtype, /*rowwise=*/false, /*transpose=*/false, {}, reduce);
+    Float8Operand row =
+        cast_into(x2, dtype, /*rowwise=*/false, /*transpose=*/false, {}, reduce, amax);
     if (gather) {
       TITAN_INTERNAL_CHECK(packable(x2), "float8 token gather of ", x2.numel(), " elements");
       row.data = gather(row.data.view(at::kByte)).view(dtype);
@@ -297,16 +312,17 @@ Float8Operand Float8Linear::cast_operand(const at::Tensor& x2, at::ScalarType dt
     return row;
   }
   if (for_weight && recipe_ == Float8Recipe::Tensorwise && packable(x2)) {
-    auto [row, packed] = cast_with_packed_transpose(x2, dtype);
+    auto [row, packed] = cast_with_packed_transpose(x2, dtype, amax);
     *for_weight = packed;
     return row;
   }
-  if (for_weight) *for_weight = operand_for_weight(x2, dtype, reduce, gather);
-  return cast_into(x2, dtype, rowwise, /*transpose=*/false);
+  if (for_weight) *for_weight = operand_for_weight(x2, dtype, reduce, gather, amax);
+  return cast_into(x2, dtype, rowwise, /*transpose=*/false, {}, {}, amax);
 }
 
-at::Tensor Float8Linear::weight_input(const at::Tensor& x) const {
-  return operand_for_weight(x.reshape({-1, x.size(-1)}), at::kFloat8_e4m3fn, tp_.x, tp_.gather_x);
+at::Tensor Float8Linear::weight_input(const at::Tensor& x, const at::Tensor& amax) const {
+  return operand_for_weight(x.reshape({-1, x.size(-1)}), at::kFloat8_e4m3fn, tp_.x, tp_.gather_x,
+                            amax);
 }
 
 // The weight as a float8 operand: W itself or (transpose) W^T, row-major. A weight gathered in
@@ -324,9 +340,10 @@ Float8Operand Float8Linear::weight_operand(const LinearWeight& w, bool transpose
 }
 
 at::Tensor Float8Linear::forward(const at::Tensor& x, const LinearWeight& w,
-                                 at::Tensor* x_for_weight) const {
+                                 at::Tensor* x_for_weight, const at::Tensor& amax) const {
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});
-  const Float8Operand xa = cast_operand(x2, at::kFloat8_e4m3fn, x_for_weight, tp_.x, tp_.gather_x);
+  const Float8Operand xa =
+      cast_operand(x2, at::kFloat8_e4m3fn, x_for_weight, tp_.x, tp_.gather_x, amax);
   at::Tensor y = float8_mm(xa, weight_operand(w, /*transpose=*/false), x.scalar_type(), emulate_,
                            /*fast_accum=*/true);
   if (tp_.gather_x) return y;  // [tp * tokens, out]
@@ -336,11 +353,11 @@ at::Tensor Float8Linear::forward(const at::Tensor& x, const LinearWeight& w,
 }
 
 at::Tensor Float8Linear::backward_input(const at::Tensor& dy, const LinearWeight& w,
-                                        at::Tensor* dy_for_weight) const {
+                                        at::Tensor* dy_for_weight, const at::Tensor& amax) const {
   const at::Tensor dy2 = dy.reshape({-1, dy.size(-1)});
   // dx = dy W: dy in e5m2 (tensorwise) or e4m3 by rows; W's columns as the rows of W^T.
   const Float8Operand da =
-      cast_operand(dy2, grad_dtype(recipe_), dy_for_weight, tp_.dy, tp_.gather_dy);
+      cast_operand(dy2, grad_dtype(recipe_), dy_for_weight, tp_.dy, tp_.gather_dy, amax);
   at::Tensor dx = float8_mm(da, weight_operand(w, /*transpose=*/true), dy.scalar_type(), emulate_);
   if (tp_.gather_dy) return dx;  // [tp * tokens, in]
   auto sizes = dy.sizes().vec();

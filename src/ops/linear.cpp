@@ -126,19 +126,24 @@ const at::Tensor& LinearWeight::plain(const char* who) const {
   return data;
 }
 
-at::Tensor Linear::forward(const at::Tensor& x, const LinearWeight& w,
-                           at::Tensor* x_for_weight) const {
+at::Tensor Linear::weight_input(const at::Tensor& x, const at::Tensor& /*amax*/) const {
+  return x;
+}
+
+at::Tensor Linear::forward(const at::Tensor& x, const LinearWeight& w, at::Tensor* x_for_weight,
+                           const at::Tensor& /*amax*/) const {
   if (x_for_weight) *x_for_weight = x;
   return linear_forward(x, w.plain("the plain Linear"));
 }
 
 at::Tensor Linear::forward_add(const at::Tensor& x, const LinearWeight& w,
-                               const at::Tensor& residual) const {
-  return residual + forward(x, w, nullptr).view_as(residual);
+                               const at::Tensor& residual, at::Tensor* x_for_weight,
+                               const at::Tensor& amax) const {
+  return residual + forward(x, w, x_for_weight, amax).view_as(residual);
 }
 
 at::Tensor Linear::backward_input(const at::Tensor& dy, const LinearWeight& w,
-                                  at::Tensor* dy_for_weight) const {
+                                  at::Tensor* dy_for_weight, const at::Tensor& /*amax*/) const {
   if (dy_for_weight) *dy_for_weight = dy;
   return linear_backward_input(dy, w.plain("the plain Linear"));
 }
@@ -148,8 +153,9 @@ namespace {
 // The plain product, which can add the residual in its GEMM.
 class PlainLinear final : public Linear {
  public:
-  at::Tensor forward_add(const at::Tensor& x, const LinearWeight& w,
-                         const at::Tensor& residual) const override {
+  at::Tensor forward_add(const at::Tensor& x, const LinearWeight& w, const at::Tensor& residual,
+                         at::Tensor* x_for_weight, const at::Tensor& /*amax*/) const override {
+    if (x_for_weight) *x_for_weight = x;
     return linear_forward_add(x, w.plain("the plain Linear"), residual);
   }
 };

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include "titan/ops/dispatch.h"
+#include "titan/ops/float8.h"
 #ifdef TITAN_WITH_CUDA
 #include "titan/kernels/kernels.h"
 #endif
@@ -37,34 +38,39 @@ at::Tensor rmsnorm_backward_ref(const at::Tensor& dy, const at::Tensor& x, const
 }
 
 std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at::Tensor& weight,
-                                                   double eps) {
+                                                   double eps, at::Tensor* amax) {
 #ifdef TITAN_WITH_CUDA
-  if (use_fused(x)) return kernels::rmsnorm_forward(x, weight, eps);
+  if (use_fused(x)) return kernels::rmsnorm_forward(x, weight, eps, amax);
 #endif
-  return rmsnorm_forward_ref(x, weight, eps);
+  auto r = rmsnorm_forward_ref(x, weight, eps);
+  if (amax) *amax = abs_max(std::get<0>(r));
+  return r;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_forward(const at::Tensor& x,
                                                                    const at::Tensor& add,
                                                                    const at::Tensor& weight,
-                                                                   double eps) {
+                                                                   double eps, at::Tensor* amax) {
 #ifdef TITAN_WITH_CUDA
-  if (use_fused(x)) return kernels::add_rmsnorm_forward(x, add, weight, eps);
+  if (use_fused(x)) return kernels::add_rmsnorm_forward(x, add, weight, eps, amax);
 #endif
   at::Tensor h = x + add;
   auto [y, rstd] = rmsnorm_forward_ref(h, weight, eps);
+  if (amax) *amax = abs_max(y);
   return {h, y, rstd};
 }
 
 at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& rstd, const at::Tensor& weight_grad, bool accumulate,
-                            const at::Tensor& residual) {
+                            const at::Tensor& residual, at::Tensor* amax) {
 #ifdef TITAN_WITH_CUDA
   if (use_fused(x)) {
-    return kernels::rmsnorm_backward(dy, x, weight, rstd, weight_grad, accumulate, residual);
+    return kernels::rmsnorm_backward(dy, x, weight, rstd, weight_grad, accumulate, residual, amax);
   }
 #endif
-  return rmsnorm_backward_ref(dy, x, weight, rstd, weight_grad, accumulate, residual);
+  at::Tensor dx = rmsnorm_backward_ref(dy, x, weight, rstd, weight_grad, accumulate, residual);
+  if (amax) *amax = abs_max(dx);
+  return dx;
 }
 
 }  // namespace titan::ops

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include "titan/ops/dispatch.h"
+#include "titan/ops/float8.h"
 #ifdef TITAN_WITH_CUDA
 #include "titan/kernels/kernels.h"
 #endif
@@ -29,18 +30,22 @@ at::Tensor swiglu_backward_ref(const at::Tensor& dg, const at::Tensor& ab) {
   return at::cat({da, db}, -1).to(ab.scalar_type());
 }
 
-at::Tensor swiglu_forward(const at::Tensor& ab) {
+at::Tensor swiglu_forward(const at::Tensor& ab, at::Tensor* amax) {
 #ifdef TITAN_WITH_CUDA
-  if (use_fused(ab)) return kernels::swiglu_forward(ab);
+  if (use_fused(ab)) return kernels::swiglu_forward(ab, amax);
 #endif
-  return swiglu_forward_ref(ab);
+  at::Tensor g = swiglu_forward_ref(ab);
+  if (amax) *amax = abs_max(g);
+  return g;
 }
 
-at::Tensor swiglu_backward(const at::Tensor& dg, const at::Tensor& ab) {
+at::Tensor swiglu_backward(const at::Tensor& dg, const at::Tensor& ab, at::Tensor* amax) {
 #ifdef TITAN_WITH_CUDA
-  if (use_fused(ab)) return kernels::swiglu_backward(dg, ab);
+  if (use_fused(ab)) return kernels::swiglu_backward(dg, ab, amax);
 #endif
-  return swiglu_backward_ref(dg, ab);
+  at::Tensor dab = swiglu_backward_ref(dg, ab);
+  if (amax) *amax = abs_max(dab);
+  return dab;
 }
 
 }  // namespace titan::ops

@@ -22,15 +22,15 @@ at::Tensor rows2d(const at::Tensor& x) {
 class ColumnParallel final : public ops::Linear {
  public:
   explicit ColumnParallel(const TensorParallel& tp) : tp_(tp) {}
-  at::Tensor weight_input(const at::Tensor& x) const override {
+  at::Tensor weight_input(const at::Tensor& x, const at::Tensor& /*amax*/) const override {
     return tp_.gather_tokens(rows2d(x));
   }
-  at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w,
-                     at::Tensor* x_for_weight) const override {
+  at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w, at::Tensor* x_for_weight,
+                     const at::Tensor& /*amax*/) const override {
     return tp_.gather_matmul(rows2d(x), w.plain("ColumnParallel").t(), x_for_weight);
   }
   at::Tensor backward_input(const at::Tensor& dy, const ops::LinearWeight& w,
-                            at::Tensor* dy_for_weight) const override {
+                            at::Tensor* dy_for_weight, const at::Tensor& /*amax*/) const override {
     if (dy_for_weight) *dy_for_weight = dy;
     return tp_.matmul_scatter(rows2d(dy), w.plain("ColumnParallel"));
   }
@@ -43,13 +43,13 @@ class ColumnParallel final : public ops::Linear {
 class RowParallel final : public ops::Linear {
  public:
   explicit RowParallel(const TensorParallel& tp) : tp_(tp) {}
-  at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w,
-                     at::Tensor* x_for_weight) const override {
+  at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w, at::Tensor* x_for_weight,
+                     const at::Tensor& /*amax*/) const override {
     if (x_for_weight) *x_for_weight = x;
     return tp_.matmul_scatter(rows2d(x), w.plain("RowParallel").t());
   }
   at::Tensor backward_input(const at::Tensor& dy, const ops::LinearWeight& w,
-                            at::Tensor* dy_for_weight) const override {
+                            at::Tensor* dy_for_weight, const at::Tensor& /*amax*/) const override {
     return tp_.gather_matmul(rows2d(dy), w.plain("RowParallel"), dy_for_weight);
   }
 
@@ -63,7 +63,9 @@ class Float8TpLinear : public ops::Linear {
  public:
   Float8TpLinear(const TensorParallel& tp, ops::Float8Linear float8)
       : tp_(tp), float8_(std::move(float8)) {}
-  at::Tensor weight_input(const at::Tensor& x) const override { return float8_.weight_input(x); }
+  at::Tensor weight_input(const at::Tensor& x, const at::Tensor& /*amax*/) const override {
+    return float8_.weight_input(x);
+  }
   void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
                        bool accumulate) const override {
     float8_.backward_weight(dy, x, grad_w, accumulate);
@@ -80,12 +82,12 @@ class Float8TpLinear : public ops::Linear {
 class Float8ColumnParallel final : public Float8TpLinear {
  public:
   using Float8TpLinear::Float8TpLinear;
-  at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w,
-                     at::Tensor* x_for_weight) const override {
+  at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w, at::Tensor* x_for_weight,
+                     const at::Tensor& /*amax*/) const override {
     return float8_.forward(rows2d(x), w, x_for_weight);
   }
   at::Tensor backward_input(const at::Tensor& dy, const ops::LinearWeight& w,
-                            at::Tensor* dy_for_weight) const override {
+                            at::Tensor* dy_for_weight, const at::Tensor& /*amax*/) const override {
     return tp_.scatter_tokens(float8_.backward_input(rows2d(dy), w, dy_for_weight));
   }
 };
@@ -96,12 +98,12 @@ class Float8ColumnParallel final : public Float8TpLinear {
 class Float8RowParallel final : public Float8TpLinear {
  public:
   using Float8TpLinear::Float8TpLinear;
-  at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w,
-                     at::Tensor* x_for_weight) const override {
+  at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w, at::Tensor* x_for_weight,
+                     const at::Tensor& /*amax*/) const override {
     return tp_.scatter_tokens(float8_.forward(rows2d(x), w, x_for_weight));
   }
   at::Tensor backward_input(const at::Tensor& dy, const ops::LinearWeight& w,
-                            at::Tensor* dy_for_weight) const override {
+                            at::Tensor* dy_for_weight, const at::Tensor& /*amax*/) const override {
     return float8_.backward_input(rows2d(dy), w, dy_for_weight);
   }
 };

@@ -106,6 +106,29 @@ TEST(Float8Gpu, MatrixCastFromAFlatMasterAndItsTransposeMatchTheCpu) {
   }
 }
 
+// A producer's amax handed to a tensorwise projection (its casts then skip the max pass) gives
+// the bytes of the projection's own casts: forward with x^T, the input gradient with dy^T, the
+// weight gradient's x^T alone; on the 64 x 64 tiles and off them.
+TEST(Float8Gpu, AGivenAmaxGivesTheBytesOfTheProjectionsOwnCasts) {
+  at::manual_seed(8);
+  const ops::Float8Linear lin(ops::Float8Recipe::Tensorwise, /*emulate=*/false);
+  for (auto [rows, cols] : {std::pair{256, 192}, std::pair{100, 72}}) {
+    SCOPED_TRACE(testing::Message() << rows << " x " << cols);
+    const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+    const at::Tensor x = at::randn({rows, cols}, bf16) * 3;
+    const at::Tensor w = at::randn({128, cols}, bf16) * 0.02;
+    const at::Tensor dy = at::randn({rows, 128}, bf16) * 1e-3;
+    at::Tensor p_self, p_given;
+    EXPECT_TRUE(
+        at::equal(lin.forward(x, w, &p_self), lin.forward(x, w, &p_given, ops::abs_max(x))));
+    EXPECT_TRUE(at::equal(p_self, p_given));
+    EXPECT_TRUE(at::equal(lin.weight_input(x), lin.weight_input(x, ops::abs_max(x))));
+    EXPECT_TRUE(at::equal(lin.backward_input(dy, w, &p_self),
+                          lin.backward_input(dy, w, &p_given, ops::abs_max(dy))));
+    EXPECT_TRUE(at::equal(p_self, p_given));
+  }
+}
+
 TEST(Float8Gpu, ScaledMatmulsMatchTheirFloat8OperandsInFp32) {
   at::manual_seed(5);
   const auto opts = test::cuda_options(at::kBFloat16);

@@ -106,6 +106,46 @@ TEST_P(KernelTest, SwigluForwardBackwardMatchReference) {
             tol(dt));
 }
 
+// The amax the producers take in their own pass (for a float8 cast of their output) is exactly
+// max |output| as stored, and asking for it changes no output bit.
+TEST_P(KernelTest, ProducersTakeTheExactAmaxOfTheirOutput) {
+  const auto dt = GetParam();
+  auto max_of = [](const at::Tensor& t) { return t.abs().max().to(at::kFloat); };
+  for (int64_t dim : {256, 3072}) {
+    SCOPED_TRACE(dim);
+    at::Tensor x = at::randn({3, 41, dim}, test::cuda_options(dt)) * 3;
+    at::Tensor add = at::randn_like(x);
+    at::Tensor w = (1 + 0.5 * at::randn({dim}, test::cuda_options(at::kFloat))).to(dt);
+    at::Tensor amax;
+    auto [y, r] = kernels::rmsnorm_forward(x, w, 1e-5, &amax);
+    EXPECT_TRUE(at::equal(y, std::get<0>(kernels::rmsnorm_forward(x, w, 1e-5))));
+    EXPECT_EQ(amax.dim(), 0);
+    EXPECT_TRUE(at::equal(amax, max_of(y)));
+    auto [h, y2, r2] = kernels::add_rmsnorm_forward(x, add, w, 1e-5, &amax);
+    EXPECT_TRUE(at::equal(amax, max_of(y2)));
+    at::Tensor dy = at::randn_like(x), residual = at::randn_like(x);
+    at::Tensor gw = at::zeros({dim}, test::cuda_options(at::kFloat)), gw2 = gw.clone();
+    at::Tensor dx = kernels::rmsnorm_backward(dy, h, w, r2, gw, false, residual, &amax);
+    EXPECT_TRUE(at::equal(dx, kernels::rmsnorm_backward(dy, h, w, r2, gw2, false, residual)));
+    EXPECT_TRUE(at::equal(amax, max_of(dx)));
+    dx = kernels::rmsnorm_backward(dy, h, w, r2, gw, false, {}, &amax);
+    EXPECT_TRUE(at::equal(amax, max_of(dx)));
+  }
+  at::Tensor ab = at::randn({5, 33, 2 * 1536}, test::cuda_options(dt)) * 4;
+  at::Tensor dg = at::randn({5, 33, 1536}, test::cuda_options(dt));
+  at::Tensor amax;
+  at::Tensor g = kernels::swiglu_forward(ab, &amax);
+  EXPECT_TRUE(at::equal(g, kernels::swiglu_forward(ab)));
+  EXPECT_TRUE(at::equal(amax, max_of(g)));
+  at::Tensor dab = kernels::swiglu_backward(dg, ab, &amax);
+  EXPECT_TRUE(at::equal(dab, kernels::swiglu_backward(dg, ab)));
+  EXPECT_TRUE(at::equal(amax, max_of(dab)));
+  // A shape the kernel does not take (odd width): the ATen path's amax.
+  at::Tensor odd = at::randn({7, 2 * 13}, test::cuda_options(dt));
+  g = kernels::swiglu_forward(odd, &amax);
+  EXPECT_TRUE(at::equal(amax, max_of(g)));
+}
+
 TEST_P(KernelTest, CrossEntropyLossAndGradientMatchReference) {
   const auto dt = GetParam();
   for (int64_t vocab : {2000, 128256}) {

@@ -9,20 +9,24 @@
 
 namespace titan::kernels {
 
+// An `amax` argument (optional) receives the largest |value| of the output as stored (fp32,
+// 0-dim), taken in the kernel's own pass: the amax a float8 tensorwise cast of it needs.
+
 // RMSNorm over the last dim. x: [..., D] bf16/fp32 contiguous, weight [D] same dtype.
 std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at::Tensor& weight,
-                                                   double eps);
+                                                   double eps, at::Tensor* amax = nullptr);
 // The residual add before a norm in the same pass: h = x + add, then RMSNorm(h); returns
-// (h, y, rstd).
+// (h, y, rstd); `amax` is y's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_forward(const at::Tensor& x,
                                                                    const at::Tensor& add,
                                                                    const at::Tensor& weight,
-                                                                   double eps);
+                                                                   double eps,
+                                                                   at::Tensor* amax = nullptr);
 // Returns dx (plus `residual` where defined, in the same pass); adds dweight into weight_grad
 // (fp32 [D]).
 at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& rstd, const at::Tensor& weight_grad, bool accumulate,
-                            const at::Tensor& residual = {});
+                            const at::Tensor& residual = {}, at::Tensor* amax = nullptr);
 
 // RoPE on interleaved pairs; x: [B, S, H, hd] with unit stride in the last dim.
 at::Tensor rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
@@ -32,8 +36,8 @@ void rope_apply_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
                     const at::Tensor& out);
 
 // SwiGLU: ab [..., 2F] -> silu(a) * b [..., F]; backward -> d(ab).
-at::Tensor swiglu_forward(const at::Tensor& ab);
-at::Tensor swiglu_backward(const at::Tensor& dg, const at::Tensor& ab);
+at::Tensor swiglu_forward(const at::Tensor& ab, at::Tensor* amax = nullptr);
+at::Tensor swiglu_backward(const at::Tensor& dg, const at::Tensor& ab, at::Tensor* amax = nullptr);
 
 // Cross-entropy over logits [rows, V] (bf16/fp32): returns the fp32 loss sum; when
 // `write_grad`, overwrites logits with (softmax - onehot) * grad_scale in place.
@@ -83,9 +87,10 @@ at::Tensor sum_of_squares(const std::vector<at::Tensor>& xs);
 // Float8: x [rows, cols] (bf16 or fp32, 16-byte aligned) scaled by fmax / max|x| over the
 // tensor (mode 0), each row (1) or each column (2), rounded down to a power of two with `pow2`,
 // into `out` ([rows, cols]) and/or `out_t` ([cols, rows]) of float8 dtype (either may be
-// undefined), with the inverse scales in `inv_scale` (fp32, 1, rows or cols elements).
+// undefined), with the inverse scales in `inv_scale` (fp32, 1, rows or cols elements). A given
+// `amax` (fp32, as many as scales, on x's device) skips the pass that takes it.
 void float8_cast(const at::Tensor& x, int mode, bool pow2, const at::Tensor& out,
-                 const at::Tensor& out_t, const at::Tensor& inv_scale);
+                 const at::Tensor& out_t, const at::Tensor& inv_scale, const at::Tensor& amax = {});
 // Tensorwise e4m3 of a flat range (a weight matrix in a unit's flat buffer): its amax into
 // `amax` (one fp32), and its cast with the scale of a given amax into `out` (e4m3, x's size, 8-byte
 // aligned), writing 1 / scale into `inv_scale` (one fp32). x: bf16 or fp32, contiguous,

@@ -55,6 +55,9 @@ at::Tensor float8_tensorwise_scale(const at::Tensor& amax);
 void float8_amax_into(const at::Tensor& x, const at::Tensor& amax);
 void float8_cast_with_amax_into(const at::Tensor& x, const at::Tensor& amax, const at::Tensor& out,
                                 const at::Tensor& inv_scale);
+// The largest |x| over the whole tensor as an fp32 scalar: the amax of a tensorwise cast of x
+// (what the producers' fused kernels take in their own pass).
+at::Tensor abs_max(const at::Tensor& x);
 // Float8 x [rows, cols] -> contiguous [cols, rows] (a tiled kernel on CUDA).
 at::Tensor float8_transpose(const at::Tensor& x);
 
@@ -81,21 +84,25 @@ struct Float8TensorParallel {
 class Float8Linear final : public Linear {
  public:
   Float8Linear(Float8Recipe recipe, bool emulate, Float8TensorParallel tp = {});
-  at::Tensor weight_input(const at::Tensor& x) const override;
-  at::Tensor forward(const at::Tensor& x, const LinearWeight& w,
-                     at::Tensor* x_for_weight) const override;
-  at::Tensor backward_input(const at::Tensor& dy, const LinearWeight& w,
-                            at::Tensor* dy_for_weight) const override;
+  // Tensorwise with no tensor-parallel hooks: a given amax is the whole operand's.
+  bool takes_amax() const override;
+  at::Tensor weight_input(const at::Tensor& x, const at::Tensor& amax = {}) const override;
+  at::Tensor forward(const at::Tensor& x, const LinearWeight& w, at::Tensor* x_for_weight,
+                     const at::Tensor& amax = {}) const override;
+  at::Tensor backward_input(const at::Tensor& dy, const LinearWeight& w, at::Tensor* dy_for_weight,
+                            const at::Tensor& amax = {}) const override;
   void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
                        bool accumulate) const override;
   Float8Recipe recipe() const { return recipe_; }
 
  private:
   at::Tensor operand_for_weight(const at::Tensor& x2, at::ScalarType dtype,
-                                const AmaxReduce& reduce, const TokenGather& gather) const;
+                                const AmaxReduce& reduce, const TokenGather& gather,
+                                const at::Tensor& amax) const;
   Float8Operand weight_operand(const LinearWeight& w, bool transpose) const;
   Float8Operand cast_operand(const at::Tensor& x2, at::ScalarType dtype, at::Tensor* for_weight,
-                             const AmaxReduce& reduce, const TokenGather& gather) const;
+                             const AmaxReduce& reduce, const TokenGather& gather,
+                             const at::Tensor& amax) const;
   Float8Recipe recipe_;
   bool emulate_;
   Float8TensorParallel tp_;

@@ -44,23 +44,30 @@ struct LinearWeight {
 // a collective: the plain product is here; column- and row-parallel products with
 // sequence-parallel all-gathers and reduce-scatters (synchronous or overlapped, async TP)
 // are in parallel/tensor_parallel.h.
+//
+// `amax` arguments: the largest |value| of the whole input (x or dy; fp32 scalar), taken by the
+// kernel that wrote it, or undefined. Only a projection whose takes_amax() is true uses it (a
+// float8 tensorwise cast then skips its own pass over the input); block code asks its
+// producers for it only then.
 class Linear {
  public:
   virtual ~Linear() = default;
+  virtual bool takes_amax() const { return false; }
   // The x operand of the weight gradient, from the forward's input (the sequence-parallel
   // gather of it for column-parallel projections); forward() returns it too, and a block
   // that recomputes instead of keeping it calls this.
-  virtual at::Tensor weight_input(const at::Tensor& x) const { return x; }
+  virtual at::Tensor weight_input(const at::Tensor& x, const at::Tensor& amax = {}) const;
   // y from x; stores weight_input(x) in `*x_for_weight` when given.
-  virtual at::Tensor forward(const at::Tensor& x, const LinearWeight& w,
-                             at::Tensor* x_for_weight) const;
-  // residual + y (the block's residual stream), y as forward() gives it.
+  virtual at::Tensor forward(const at::Tensor& x, const LinearWeight& w, at::Tensor* x_for_weight,
+                             const at::Tensor& amax = {}) const;
+  // residual + y (the block's residual stream), y and `*x_for_weight` as forward() gives them.
   virtual at::Tensor forward_add(const at::Tensor& x, const LinearWeight& w,
-                                 const at::Tensor& residual) const;
+                                 const at::Tensor& residual, at::Tensor* x_for_weight = nullptr,
+                                 const at::Tensor& amax = {}) const;
   // dx from dy; stores the dy operand of the weight gradient (the gather of dy for
   // row-parallel projections) in `*dy_for_weight` when given.
   virtual at::Tensor backward_input(const at::Tensor& dy, const LinearWeight& w,
-                                    at::Tensor* dy_for_weight) const;
+                                    at::Tensor* dy_for_weight, const at::Tensor& amax = {}) const;
   // grad_w (+)= dy^T x from the operands above.
   virtual void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,
                                bool accumulate) const {

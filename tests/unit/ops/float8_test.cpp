@@ -85,6 +85,41 @@ TEST(Float8, MatrixCastWithAGivenAmaxEqualsTheWholeTensorCast) {
       at::equal(ops::float8_transpose(whole.data).view(at::kByte), whole.data.view(at::kByte).t()));
 }
 
+// The amax a producer hands over (taken in its own pass) is the one a tensorwise cast uses: the
+// input's own amax gives the bytes of the projection's own cast, a larger one casts with that
+// amax's scale. Rowwise and tensor-parallel projections take none.
+TEST(Float8, TensorwiseCastsUseTheAmaxTheirProducerGives) {
+  at::manual_seed(4);
+  const at::Tensor x = at::randn({64, 96}) * 3, w = at::randn({48, 96}) * 0.05;
+  const at::Tensor dy = at::randn({64, 48}) * 1e-3;
+  const ops::Float8Linear lin(Float8Recipe::Tensorwise, /*emulate=*/true);
+  EXPECT_TRUE(lin.takes_amax());
+  EXPECT_FALSE(ops::Float8Linear(Float8Recipe::Rowwise, true).takes_amax());
+  const ops::AmaxReduce over_tp = [](at::Tensor&) {};
+  EXPECT_FALSE(
+      ops::Float8Linear(Float8Recipe::Tensorwise, true, {over_tp, over_tp, over_tp, {}, {}})
+          .takes_amax());
+  const at::Tensor own = ops::abs_max(x);
+  EXPECT_EQ(own.dim(), 0);
+  EXPECT_EQ(own.item<float>(), x.abs().max().item<float>());
+  at::Tensor p_self, p_own, p_big;
+  const at::Tensor y = lin.forward(x, w, &p_self);
+  EXPECT_TRUE(at::equal(lin.forward(x, w, &p_own, own), y));
+  EXPECT_TRUE(at::equal(p_own, p_self));
+  EXPECT_TRUE(at::equal(lin.weight_input(x, own), p_self));
+  lin.forward(x, w, &p_big, own * 2);
+  const int64_t bytes = x.numel();  // packed: x^T in float8, then the fp32 inverse scale
+  const at::Tensor scale = at::full({}, 448.0) / (own * 2);
+  const at::Tensor want = (x.t().contiguous() * scale).clamp(-448, 448).to(at::kFloat8_e4m3fn);
+  EXPECT_TRUE(at::equal(p_big.narrow(0, 0, bytes), want.view(at::kByte).reshape({-1})));
+  EXPECT_FLOAT_EQ(p_big.narrow(0, bytes, 4).view(at::kFloat).item<float>(),
+                  2 * p_self.narrow(0, bytes, 4).view(at::kFloat).item<float>());
+  at::Tensor d_self, d_own;
+  const at::Tensor dx = lin.backward_input(dy, w, &d_self);
+  EXPECT_TRUE(at::equal(lin.backward_input(dy, w, &d_own, ops::abs_max(dy)), dx));
+  EXPECT_TRUE(at::equal(d_own, d_self));
+}
+
 TEST(Float8, EveryGemmOfEveryRecipeMatchesTheReference) {
   at::manual_seed(2);
   const int64_t tokens = 64, in = 96, out = 48;

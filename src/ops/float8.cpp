@@ -213,6 +213,12 @@ at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& bt, at::Scalar
     return at::mm(af, bf.t()).to(out_dtype);
   }
   const bool rowwise = a.inv_scale.dim() > 0;
+#ifdef TITAN_WITH_CUDA
+  if (!rowwise && kernels::gemm_tuning_enabled()) {
+    at::Tensor y = at::empty({m, n}, a.data.options().dtype(out_dtype));
+    if (kernels::gemm_float8(a.data, bt.data, a.inv_scale, bt.inv_scale, y, fast_accum)) return y;
+  }
+#endif
   const at::Tensor scale_b = rowwise ? bt.inv_scale.reshape({1, n}) : bt.inv_scale;
   // Row-wise scaling writes bf16 only (cuBLASLt); other outputs are converted from it.
   const auto mm_dtype = rowwise ? at::kBFloat16 : out_dtype;
@@ -387,6 +393,13 @@ void Float8Linear::backward_weight(const at::Tensor& dy, const at::Tensor& x,
   const int64_t m = a.data.size(1);
   if (!rowwise && !accumulate && !emulate_ && a.data.is_cuda() && m % 16 == 0 && k % 16 == 0 &&
       n % 16 == 0 && grad_w.is_contiguous()) {
+#ifdef TITAN_WITH_CUDA
+    if (kernels::gemm_tuning_enabled() &&
+        kernels::gemm_float8(a.data, b.data, a.inv_scale, b.inv_scale, grad_w.view({n, k}),
+                             /*fast_accum=*/false)) {
+      return;
+    }
+#endif
     at::Tensor out = grad_w;
     at::_scaled_mm_out(out, a.data, b.data.t(), a.inv_scale, b.inv_scale, std::nullopt,
                        std::nullopt, at::kFloat, false);

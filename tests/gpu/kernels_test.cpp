@@ -235,6 +235,40 @@ TEST(Kernels, TunedGemmMatchesTheFp32ProductInEveryLayout) {
 
 // A rank's tensors live on its own GPU whatever the thread's current device is (start-up
 // timings ran rank 1's kernels on GPU 0's stream: an illegal address on 2 H200s).
+// The tuned float8 product (every operand pairing the recipes use, fast accumulation on and
+// off, bf16 and fp32 outputs, a row slice of a wider matrix) against the fp32 product of its
+// dequantized operands, at the first use of each shape (tuning) and the second; shapes cuBLASLt's
+// float8 GEMM does not take are declined.
+TEST(Kernels, TunedFloat8GemmMatchesTheFp32ProductOfItsOperands) {
+  const auto f32 = test::cuda_options(at::kFloat);
+  const int64_t m = 256, n = 192, k = 384;
+  for (auto [ta, tb] : {std::pair{at::kFloat8_e4m3fn, at::kFloat8_e4m3fn},
+                        std::pair{at::kFloat8_e5m2, at::kFloat8_e4m3fn}}) {
+    for (bool fast : {false, true}) {
+      for (at::ScalarType out_type : {at::kBFloat16, at::kFloat}) {
+        SCOPED_TRACE(testing::Message() << ta << " " << fast << " " << out_type);
+        const at::Tensor a = at::randn({m, k}, f32).to(ta);
+        const at::Tensor wide = at::randn({n, k + 64}, f32).to(tb);
+        const at::Tensor bt = wide.narrow(1, 0, k);
+        const at::Tensor sa = at::full({}, 0.5, f32), sb = at::full({}, 0.25, f32);
+        const at::Tensor want = at::mm(a.to(at::kFloat) * sa, (bt.to(at::kFloat) * sb).t());
+        for (int use = 0; use < 2; ++use) {
+          at::Tensor out = at::full({m, n}, std::nanf(""), f32).to(out_type);
+          ASSERT_TRUE(kernels::gemm_float8(a, bt, sa, sb, out, fast));
+          // Fast accumulation keeps fewer bits in the tensor cores' running sums.
+          const double tolerance = out_type == at::kFloat && !fast ? 1e-5 : 1e-2;
+          EXPECT_LT(relative_error(out.to(at::kFloat), want), tolerance);
+        }
+      }
+    }
+  }
+  const at::Tensor a = at::randn({m, 40}, f32).to(at::kFloat8_e4m3fn);
+  const at::Tensor bt = at::randn({n, 40}, f32).to(at::kFloat8_e4m3fn);
+  const at::Tensor one = at::ones({}, f32);
+  at::Tensor out = at::empty({m, n}, test::cuda_options(at::kBFloat16));
+  EXPECT_FALSE(kernels::gemm_float8(a, bt, one, one, out, false));  // k = 40: not a multiple of 16
+}
+
 TEST(Kernels, RunOnTheOperandsGpuNotTheCurrentOne) {
   if (c10::cuda::device_count() < 2) GTEST_SKIP() << "needs 2 GPUs";
   const c10::cuda::CUDAGuard current(0);

@@ -255,8 +255,9 @@ TEST(Kernels, TunedFloat8GemmMatchesTheFp32ProductOfItsOperands) {
         for (int use = 0; use < 2; ++use) {
           at::Tensor out = at::full({m, n}, std::nanf(""), f32).to(out_type);
           ASSERT_TRUE(kernels::gemm_float8(a, bt, sa, sb, out, fast));
-          // Fast accumulation keeps fewer bits in the tensor cores' running sums.
-          const double tolerance = out_type == at::kFloat && !fast ? 1e-5 : 1e-2;
+          // Hopper's float8 tensor cores keep fewer bits in their running sums than fp32 (1.3e-4
+          // measured on an H100 without fast accumulation), fast accumulation fewer still.
+          const double tolerance = out_type == at::kFloat && !fast ? 1e-3 : 1e-2;
           EXPECT_LT(relative_error(out.to(at::kFloat), want), tolerance);
         }
       }

@@ -303,19 +303,26 @@ bool gemm_float8(const at::Tensor& a, const at::Tensor& bt, const at::Tensor& sc
   auto float8 = [](const at::Tensor& t) {
     return t.scalar_type() == at::kFloat8_e4m3fn || t.scalar_type() == at::kFloat8_e5m2;
   };
-  auto scalar = [&](const at::Tensor& s) {
-    return s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == a.device();
+  // cuBLASLt declines operands or scales that do not start on 16 bytes (NOT_SUPPORTED).
+  auto aligned = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   };
-  auto rows16 = [](const at::Tensor& t) {
-    return t.dim() == 2 && t.stride(1) == 1 && t.stride(0) >= t.size(1) && t.stride(0) % 16 == 0 &&
-           t.size(0) % 16 == 0 && t.size(1) % 16 == 0;
+  auto scalar = [&](const at::Tensor& s) {
+    return s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == a.device() &&
+           aligned(s);
+  };
+  auto rows16 = [&](const at::Tensor& t) {
+    return t.dim() == 2 && t.device() == a.device() && t.numel() > 0 && t.stride(1) == 1 &&
+           t.stride(0) >= t.size(1) && t.stride(0) % 16 == 0 && t.size(0) % 16 == 0 &&
+           t.size(1) % 16 == 0 && aligned(t);
   };
   if (!a.is_cuda() || !float8(a) || !float8(bt) ||
       (a.scalar_type() == at::kFloat8_e5m2 && bt.scalar_type() == at::kFloat8_e5m2) ||
       !scalar(scale_a) || !scalar(scale_b) || !rows16(a) || !rows16(bt) ||
       (out.scalar_type() != at::kBFloat16 && out.scalar_type() != at::kFloat) || out.dim() != 2 ||
-      out.stride(1) != 1 || out.stride(0) % 8 != 0 || a.size(1) != bt.size(1) ||
-      out.size(0) != a.size(0) || out.size(1) != bt.size(0)) {
+      out.device() != a.device() || out.stride(1) != 1 || out.stride(0) < out.size(1) ||
+      out.stride(0) % 8 != 0 || a.size(1) != bt.size(1) || out.size(0) != a.size(0) ||
+      out.size(1) != bt.size(0)) {
     return false;
   }
   auto type_of = [](const at::Tensor& t) {

@@ -9,7 +9,7 @@
 namespace titan::parallel {
 
 int64_t saved_bytes_per_token(const model::LlamaArgs& a, model::SavePolicy policy,
-                              int64_t dtype_bytes, int64_t tp) {
+                              int64_t dtype_bytes, int64_t tp, const Float8SavedInputs& float8) {
   const int64_t d = a.dim, q = a.n_heads * a.head_dim(), kv = a.n_kv_heads * a.head_dim();
   const int64_t f = a.ffn_hidden_dim();
   // Per token, in elements of the compute dtype (model/llama.h, BlockSaved): the log-sum-exp
@@ -18,10 +18,13 @@ int64_t saved_bytes_per_token(const model::LlamaArgs& a, model::SavePolicy polic
   // column-parallel projections are gathered whole, and the projections' outputs hold this
   // rank's heads and FFN columns.
   const int64_t small = (a.n_heads / tp + 2) * 4;
+  // The inputs kept for the weight gradients: one byte each where the projection is float8.
+  auto input = [&](bool float8_input) { return float8_input ? 1 : dtype_bytes; };
   switch (policy) {
     case model::SavePolicy::All:
       // x, h (shards); xn1, hn2 (gathered); qkv, q, k, attention output, w1|w3 out, swiglu out
-      return (2 * d / tp + 2 * d + (3 * q + 3 * kv + 3 * f) / tp) * dtype_bytes + small;
+      return (2 * d / tp + (3 * q + 3 * kv + 2 * f) / tp) * dtype_bytes +
+             d * (input(float8.wqkv) + input(float8.w13)) + f / tp * input(float8.w2) + small;
     case model::SavePolicy::Matmuls:
       // x, qkv, attention output, h, w1|w3 output
       return (2 * d + 2 * q + 2 * kv + 2 * f) / tp * dtype_bytes + a.n_heads / tp * 4;
@@ -40,14 +43,15 @@ MemoryEstimate estimate_memory(const model::LlamaArgs& a, const MemoryEstimateIn
   const int64_t tokens = in.microbatch_tokens;
   int64_t per_token = 0;
   for (auto p : in.block_policies) {
-    per_token += saved_bytes_per_token(a, p, in.compute_dtype_bytes, in.tp);
+    per_token += saved_bytes_per_token(a, p, in.compute_dtype_bytes, in.tp, in.float8);
   }
   e.activation_bytes = per_token * tokens * std::max<int64_t>(1, in.microbatches_in_flight);
   // Working set: one block rebuilt to "All" plus gradients of about the same size while its
   // backward runs, the unit's fp32 gradient (and its reduce copy), and the head's logits chunk
   // (about 1 GiB of compute-dtype logits at most) with its normalized input.
   const int64_t block_all =
-      saved_bytes_per_token(a, model::SavePolicy::All, in.compute_dtype_bytes, in.tp) * tokens;
+      saved_bytes_per_token(a, model::SavePolicy::All, in.compute_dtype_bytes, in.tp, in.float8) *
+      tokens;
   e.working_bytes = 2 * block_all + in.gradient_buffer_elements * 4;
   if (in.holds_head) {
     const int64_t logits =

@@ -72,7 +72,7 @@ std::vector<model::SavePolicy> choose_checkpointing(int64_t layers, double budge
 
 CheckpointPolicy CheckpointPolicy::from_config(const config::ActivationCheckpointSection& ac,
                                                const model::LlamaArgs& args, int64_t seq_len,
-                                               int64_t tp) {
+                                               int64_t tp, const Float8SavedInputs& float8) {
   CheckpointPolicy p;
   if (ac.mode == "none") return p;
   if (ac.mode == "full") {
@@ -95,7 +95,7 @@ CheckpointPolicy CheckpointPolicy::from_config(const config::ActivationCheckpoin
     for (auto kind : {model::SavePolicy::All, model::SavePolicy::Matmuls,
                       model::SavePolicy::Attention, model::SavePolicy::InputOnly}) {
       bytes[model::save_policy_index(kind)] =
-          static_cast<double>(saved_bytes_per_token(args, kind, 2, tp));
+          static_cast<double>(saved_bytes_per_token(args, kind, 2, tp, float8));
     }
     const double hd = static_cast<double>(args.head_dim());
     const double q = args.n_heads * hd, kv = args.n_kv_heads * hd;
@@ -366,6 +366,12 @@ bool float8_gains(int64_t k, int64_t n) {
   return std::min(k, n) >= kFloat8MinFeatures && k * n >= kFloat8MinProduct;
 }
 
+Float8SavedInputs Float8Plan::saved_inputs() const {
+  // rowwise_with_gw_hp multiplies the weight gradient in bf16: its inputs stay bf16.
+  const bool cast = enabled && recipe != ops::Float8Recipe::RowwiseWithGwHp;
+  return {cast && wqkv, cast && w13, cast && w2};
+}
+
 Float8Plan plan_float8(const model::LlamaArgs& args, const config::JobConfig& c, bool cuda,
                        int64_t tp) {
   Float8Plan f;
@@ -445,8 +451,9 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
   const auto& p = c.parallelism;
   plan.pp = static_cast<int>(dims.pp);
   plan.pp_rank = static_cast<int>(mesh.coordinate("pp"));
-  plan.checkpointing =
-      CheckpointPolicy::from_config(c.activation_checkpoint, args, c.training.seq_len, dims.tp);
+  plan.float8 = plan_float8(args, c, cuda, dims.tp);
+  plan.checkpointing = CheckpointPolicy::from_config(
+      c.activation_checkpoint, args, c.training.seq_len, dims.tp, plan.float8.saved_inputs());
 
   // Batch: the global batch over the data-parallel ranks, the rest gradient accumulation.
   const int64_t dp = mesh.size("dp");
@@ -552,7 +559,6 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
   const auto sim = pipeline::simulate(plan.schedule, pipeline::ActionCosts{});
   plan.peak_in_flight = {sim.peak_in_flight[static_cast<size_t>(plan.pp_rank)]};
 
-  plan.float8 = plan_float8(args, c, cuda, dims.tp);
   // Tensor parallel: every unit holds this tp rank's part of each parameter.
   plan.tp = dims.tp;
   if (plan.tp > 1) {
@@ -783,6 +789,7 @@ MemoryEstimate estimate_memory(const model::LlamaArgs& args, const Plan& plan,
   in.gradient_buffer_elements = 2 * largest;
   in.microbatch_tokens = plan.microbatch_size * seq_len / plan.cp;
   in.tp = plan.tp;
+  in.float8 = plan.float8.saved_inputs();
   // Saved activations: the stages' blocks, times the microbatches alive at once per stage.
   for (int st : plan.local_stages) {
     const auto& s = plan.stages[static_cast<size_t>(st)];

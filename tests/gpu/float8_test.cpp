@@ -126,6 +126,12 @@ TEST(Float8Gpu, AGivenAmaxGivesTheBytesOfTheProjectionsOwnCasts) {
     EXPECT_TRUE(at::equal(lin.backward_input(dy, w, &p_self),
                           lin.backward_input(dy, w, &p_given, ops::abs_max(dy))));
     EXPECT_TRUE(at::equal(p_self, p_given));
+    // The amax given is the one used: twice it, twice the inverse scale (e5m2 for dy).
+    at::Tensor p_big;
+    lin.backward_input(dy, w, &p_big, ops::abs_max(dy) * 2);
+    const int64_t bytes = dy.numel();
+    EXPECT_FLOAT_EQ(p_big.narrow(0, bytes, 4).view(at::kFloat).item<float>(),
+                    2 * p_self.narrow(0, bytes, 4).view(at::kFloat).item<float>());
   }
 }
 

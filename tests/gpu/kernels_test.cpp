@@ -111,7 +111,8 @@ TEST_P(KernelTest, SwigluForwardBackwardMatchReference) {
 TEST_P(KernelTest, ProducersTakeTheExactAmaxOfTheirOutput) {
   const auto dt = GetParam();
   auto max_of = [](const at::Tensor& t) { return t.abs().max().to(at::kFloat); };
-  for (int64_t dim : {256, 3072}) {
+  // 16384: the backward kernel's variants with two (bf16) or four (fp32) vectors per thread.
+  for (int64_t dim : {256, 3072, 16384}) {
     SCOPED_TRACE(dim);
     at::Tensor x = at::randn({3, 41, dim}, test::cuda_options(dt)) * 3;
     at::Tensor add = at::randn_like(x);
@@ -123,12 +124,18 @@ TEST_P(KernelTest, ProducersTakeTheExactAmaxOfTheirOutput) {
     EXPECT_TRUE(at::equal(amax, max_of(y)));
     auto [h, y2, r2] = kernels::add_rmsnorm_forward(x, add, w, 1e-5, &amax);
     EXPECT_TRUE(at::equal(amax, max_of(y2)));
+    const auto [h_plain, y2_plain, r2_plain] = kernels::add_rmsnorm_forward(x, add, w, 1e-5);
+    EXPECT_TRUE(at::equal(h, h_plain) && at::equal(y2, y2_plain));
     at::Tensor dy = at::randn_like(x), residual = at::randn_like(x);
     at::Tensor gw = at::zeros({dim}, test::cuda_options(at::kFloat)), gw2 = gw.clone();
     at::Tensor dx = kernels::rmsnorm_backward(dy, h, w, r2, gw, false, residual, &amax);
     EXPECT_TRUE(at::equal(dx, kernels::rmsnorm_backward(dy, h, w, r2, gw2, false, residual)));
     EXPECT_TRUE(at::equal(amax, max_of(dx)));
     dx = kernels::rmsnorm_backward(dy, h, w, r2, gw, false, {}, &amax);
+    EXPECT_TRUE(at::equal(amax, max_of(dx)));
+    // A residual the pass does not take (another dtype): the separate add's amax.
+    const auto other = dt == at::kFloat ? at::kBFloat16 : at::kFloat;
+    dx = kernels::rmsnorm_backward(dy, h, w, r2, gw, false, residual.to(other), &amax);
     EXPECT_TRUE(at::equal(amax, max_of(dx)));
   }
   at::Tensor ab = at::randn({5, 33, 2 * 1536}, test::cuda_options(dt)) * 4;
@@ -233,8 +240,6 @@ TEST(Kernels, TunedGemmMatchesTheFp32ProductInEveryLayout) {
             tol(at::kBFloat16));
 }
 
-// A rank's tensors live on its own GPU whatever the thread's current device is (start-up
-// timings ran rank 1's kernels on GPU 0's stream: an illegal address on 2 H200s).
 // The tuned float8 product (every operand pairing the recipes use, fast accumulation on and
 // off, bf16 and fp32 outputs, a row slice of a wider matrix) against the fp32 product of its
 // dequantized operands, at the first use of each shape (tuning) and the second; shapes cuBLASLt's
@@ -270,6 +275,8 @@ TEST(Kernels, TunedFloat8GemmMatchesTheFp32ProductOfItsOperands) {
   EXPECT_FALSE(kernels::gemm_float8(a, bt, one, one, out, false));  // k = 40: not a multiple of 16
 }
 
+// A rank's tensors live on its own GPU whatever the thread's current device is (start-up
+// timings ran rank 1's kernels on GPU 0's stream: an illegal address on 2 H200s).
 TEST(Kernels, RunOnTheOperandsGpuNotTheCurrentOne) {
   if (c10::cuda::device_count() < 2) GTEST_SKIP() << "needs 2 GPUs";
   const c10::cuda::CUDAGuard current(0);

@@ -76,7 +76,7 @@ struct BlockSaved {
   at::Tensor h;           // residual after attention
   at::Tensor rstd2, hn2;  // ffn norm; hn2 as the w1|w3 weight gradient takes it
   at::Tensor ab;          // fused w1|w3 output [B, S, 2F]
-  at::Tensor g;           // silu(a) * b
+  at::Tensor g;           // silu(a) * b as the w2 weight gradient takes it (float8: g^T packed)
   void clear() { *this = BlockSaved{}; }
 };
 

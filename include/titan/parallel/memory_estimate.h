@@ -12,6 +12,13 @@
 
 namespace titan::parallel {
 
+// Float8 projections whose weight-gradient input a block keeps already cast (x^T in float8,
+// one byte per element) rather than in the compute dtype: q|k|v (the attention norm's output),
+// w1|w3 (the FFN norm's output), w2 (SwiGLU's output). Every recipe but rowwise_with_gw_hp.
+struct Float8SavedInputs {
+  bool wqkv = false, w13 = false, w2 = false;
+};
+
 struct MemoryEstimateInputs {
   int64_t param_state_elements = 0;  // fp32 elements this rank owns (master, grad, 2 moments)
   bool state_on_host = false;        // CPU offload: the fp32 state lives in host memory
@@ -28,6 +35,7 @@ struct MemoryEstimateInputs {
   bool holds_head = true;                         // output projection + loss on this rank
   int64_t tp = 1;  // tensor parallel: heads, FFN and vocabulary split; tokens sharded between
                    // blocks (sequence parallel), gathered inside them
+  Float8SavedInputs float8;
 };
 
 struct MemoryEstimate {
@@ -44,9 +52,10 @@ struct MemoryEstimate {
 };
 
 // Bytes one token keeps per block under `policy` (compute dtype) as the explicit forward saves,
-// on one of `tp` tensor-parallel ranks.
+// on one of `tp` tensor-parallel ranks (the float8 projections' inputs in one byte).
 int64_t saved_bytes_per_token(const model::LlamaArgs& args, model::SavePolicy policy,
-                              int64_t dtype_bytes, int64_t tp = 1);
+                              int64_t dtype_bytes, int64_t tp = 1,
+                              const Float8SavedInputs& float8 = {});
 
 MemoryEstimate estimate_memory(const model::LlamaArgs& args, const MemoryEstimateInputs& in);
 

@@ -47,10 +47,10 @@ struct CheckpointPolicy {
   // recompute (norms, RoPE, SwiGLU), of the Attention one (those and w1|w3), of the whole-block
   // recompute, and of a block's forward.
   void set_measured_costs(double ops_s, double attention_s, double full_s, double forward_s);
-  // `args` and `tp` size the blocks for memory_budget (the other modes ignore them).
+  // `args`, `tp` and `float8` size the blocks for memory_budget (the other modes ignore them).
   static CheckpointPolicy from_config(const config::ActivationCheckpointSection& ac,
-                                      const model::LlamaArgs& args, int64_t seq_len,
-                                      int64_t tp = 1);
+                                      const model::LlamaArgs& args, int64_t seq_len, int64_t tp = 1,
+                                      const Float8SavedInputs& float8 = {});
   model::SavePolicy for_layer(int64_t layer) const;
   // "none", "full", "selective (every 2nd block)", "selective (op)", "memory budget ...".
   std::string describe() const;
@@ -104,6 +104,8 @@ struct Float8Plan {
   // per matrix and step (no bf16 copy, no amax per use).
   bool from_master = false;
   std::string describe() const;
+  // The projections whose weight-gradient inputs a block keeps in float8.
+  Float8SavedInputs saved_inputs() const;
 };
 
 // auto_filter_small_kn: whether a projection with K input and N output features gains from

@@ -118,6 +118,10 @@ TEST(Float8, TensorwiseCastsUseTheAmaxTheirProducerGives) {
   const at::Tensor dx = lin.backward_input(dy, w, &d_self);
   EXPECT_TRUE(at::equal(lin.backward_input(dy, w, &d_own, ops::abs_max(dy)), dx));
   EXPECT_TRUE(at::equal(d_own, d_self));
+  at::Tensor d_big;
+  lin.backward_input(dy, w, &d_big, ops::abs_max(dy) * 2);
+  EXPECT_FLOAT_EQ(d_big.narrow(0, dy.numel(), 4).view(at::kFloat).item<float>(),
+                  2 * d_self.narrow(0, dy.numel(), 4).view(at::kFloat).item<float>());
 }
 
 TEST(Float8, EveryGemmOfEveryRecipeMatchesTheReference) {

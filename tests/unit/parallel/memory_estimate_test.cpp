@@ -1,5 +1,5 @@
 // The start-up memory estimate of a plan: the float8 FSDP all-gather's gathered units count
-// one byte per converted element.
+// one byte per converted element, and float8 blocks keep their projections' inputs in one byte.
 #include <gtest/gtest.h>
 
 #include "titan/config/job_config.h"
@@ -38,6 +38,46 @@ TEST(MemoryEstimate, Float8AllGatherHalvesTheGatheredProjections) {
   EXPECT_EQ(bf16.weight_bytes - float8.weight_bytes, projections);
   EXPECT_EQ(bf16.param_state_bytes, float8.param_state_bytes);
   EXPECT_EQ(bf16.activation_bytes, float8.activation_bytes);
+}
+
+parallel::Plan plan_3b(const std::string& recipe, const std::string& ac_mode) {
+  dist::ParallelDims d;
+  d.world = 1;
+  const dist::DeviceMesh mesh(d, 0, nullptr);
+  config::JobConfig c;
+  if (!recipe.empty()) c.model.converters = {"float8"};
+  c.float8.recipe_name = recipe;
+  c.training.seq_len = 4096;
+  c.training.local_batch_size = 2;
+  c.activation_checkpoint.mode = ac_mode;
+  c.activation_checkpoint.memory_budget = 0.5;
+  return parallel::build_plan(model::llama_flavor("3B"), mesh, c, /*cuda=*/true);
+}
+
+// A float8 block keeps the weight-gradient inputs of q|k|v, w1|w3 and w2 (the norms' and
+// SwiGLU's outputs) cast, one byte each: keeping everything saves that much less, the recompute
+// policies (which keep none of them) do not change, and memory_budget sizes its choice so.
+TEST(MemoryEstimate, Float8BlocksKeepTheirProjectionInputsInOneByte) {
+  using model::SavePolicy;
+  const auto args = model::llama_flavor("3B");
+  const int64_t d = args.dim, f = args.ffn_hidden_dim();
+  const parallel::Float8SavedInputs cast{true, true, true};
+  for (int64_t tp : {1, 2}) {
+    EXPECT_EQ(parallel::saved_bytes_per_token(args, SavePolicy::All, 2, tp) -
+                  parallel::saved_bytes_per_token(args, SavePolicy::All, 2, tp, cast),
+              2 * d + f / tp);
+    for (auto p : {SavePolicy::Matmuls, SavePolicy::Attention, SavePolicy::InputOnly}) {
+      EXPECT_EQ(parallel::saved_bytes_per_token(args, p, 2, tp),
+                parallel::saved_bytes_per_token(args, p, 2, tp, cast));
+    }
+  }
+  const auto in = plan_3b("tensorwise", "none").float8.saved_inputs();
+  EXPECT_TRUE(in.wqkv && in.w13 && in.w2);
+  const auto hp = plan_3b("rowwise_with_gw_hp", "none").float8.saved_inputs();
+  EXPECT_FALSE(hp.wqkv || hp.w13 || hp.w2);  // its weight gradient reads bf16 inputs
+  const auto all = model::save_policy_index(SavePolicy::All);
+  EXPECT_LT(plan_3b("tensorwise", "memory_budget").checkpointing.bytes_per_token[all],
+            plan_3b("", "memory_budget").checkpointing.bytes_per_token[all]);
 }
 
 }  // namespace

@@ -44,11 +44,6 @@ float* amax_slot(at::Tensor* want, const at::Tensor& like) {
   *want = at::empty({}, like.options().dtype(at::kFloat));
   return want->data_ptr<float>();
 }
-// `y`'s amax where the kernel that wrote it could not take it.
-at::Tensor take_amax(const at::Tensor& y, at::Tensor* want) {
-  if (want != nullptr) *want = ops::abs_max(y);
-  return y;
-}
 
 // RMSNorm of x, or (with `add` defined) of h = x + add, returned third; nullopt where the
 // kernel does not take the operands.
@@ -86,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at
   auto r = rmsnorm_fused(x, at::Tensor(), w, eps, amax);
   if (!r) {
     auto [y, rstd] = ops::rmsnorm_forward_ref(x, w, eps);
-    return {take_amax(y, amax), rstd};
+    return {ops::with_abs_max(y, amax), rstd};
   }
   return {std::get<0>(*r), std::get<1>(*r)};
 }
@@ -115,15 +110,15 @@ at::Tensor rmsnorm_backward(const at::Tensor& dy_in, const at::Tensor& x_in, con
   if (!supported(x) || dy.scalar_type() != x.scalar_type() || w.scalar_type() != x.scalar_type() ||
       dim % vec_of(x) != 0 || !aligned16(x) || !aligned16(dy) || !aligned16(w) ||
       weight_grad.scalar_type() != at::kFloat || !weight_grad.is_contiguous()) {
-    return take_amax(
+    return ops::with_abs_max(
         ops::rmsnorm_backward_ref(dy_in, x_in, w, rstd, weight_grad, accumulate, residual_in),
         amax);
   }
   if (residual.defined() && (residual.scalar_type() != x.scalar_type() ||
                              residual.sizes() != x.sizes() || !aligned16(residual))) {
     // A residual the pass does not take: the kernel's gradient, then a separate add.
-    return take_amax(residual_in + rmsnorm_backward(dy_in, x_in, w, rstd, weight_grad, accumulate),
-                     amax);
+    return ops::with_abs_max(
+        residual_in + rmsnorm_backward(dy_in, x_in, w, rstd, weight_grad, accumulate), amax);
   }
   const int64_t rows = x.numel() / dim;
   at::Tensor dx = at::empty_like(x);
@@ -169,7 +164,7 @@ at::Tensor swiglu_forward(const at::Tensor& ab_in, at::Tensor* amax) {
   const int64_t f = ab_in.size(-1) / 2;
   at::Tensor ab = ab_in.contiguous();
   if (!supported(ab) || f % vec_of(ab) != 0 || !aligned16(ab))
-    return take_amax(ops::swiglu_forward_ref(ab_in), amax);
+    return ops::with_abs_max(ops::swiglu_forward_ref(ab_in), amax);
   auto sizes = ab.sizes().vec();
   sizes.back() = f;
   at::Tensor g = at::empty(sizes, ab.options());
@@ -186,7 +181,7 @@ at::Tensor swiglu_backward(const at::Tensor& dg_in, const at::Tensor& ab_in, at:
   at::Tensor dg = dg_in.contiguous();
   if (!supported(ab) || dg.scalar_type() != ab.scalar_type() || f % vec_of(ab) != 0 ||
       !aligned16(ab) || !aligned16(dg)) {
-    return take_amax(ops::swiglu_backward_ref(dg_in, ab_in), amax);
+    return ops::with_abs_max(ops::swiglu_backward_ref(dg_in, ab_in), amax);
   }
   at::Tensor dab = at::empty_like(ab);
   launch::swiglu_backward(dtype_of(ab), dg.data_ptr(), ab.data_ptr(), dab.data_ptr(),

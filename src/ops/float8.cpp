@@ -249,7 +249,7 @@ void float8_amax_into(const at::Tensor& x, const at::Tensor& amax) {
     return;
   }
 #endif
-  amax.copy_(at::linalg_vector_norm(x, INFINITY, {}, false, at::kFloat).reshape(amax.sizes()));
+  amax.copy_(abs_max(x).reshape(amax.sizes()));
 }
 
 void float8_cast_with_amax_into(const at::Tensor& x, const at::Tensor& amax, const at::Tensor& out,
@@ -278,6 +278,11 @@ at::Tensor float8_transpose(const at::Tensor& x) {
 
 at::Tensor abs_max(const at::Tensor& x) {
   return at::linalg_vector_norm(x, INFINITY, {}, /*keepdim=*/false, at::kFloat);
+}
+
+const at::Tensor& with_abs_max(const at::Tensor& y, at::Tensor* amax) {
+  if (amax != nullptr) *amax = abs_max(y);
+  return y;
 }
 
 bool Float8Linear::takes_amax() const {

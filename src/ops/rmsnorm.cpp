@@ -43,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor> rmsnorm_forward(const at::Tensor& x, const at
   if (use_fused(x)) return kernels::rmsnorm_forward(x, weight, eps, amax);
 #endif
   auto r = rmsnorm_forward_ref(x, weight, eps);
-  if (amax) *amax = abs_max(std::get<0>(r));
+  with_abs_max(std::get<0>(r), amax);
   return r;
 }
 
@@ -56,8 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rmsnorm_forward(const at::Ten
 #endif
   at::Tensor h = x + add;
   auto [y, rstd] = rmsnorm_forward_ref(h, weight, eps);
-  if (amax) *amax = abs_max(y);
-  return {h, y, rstd};
+  return {h, with_abs_max(y, amax), rstd};
 }
 
 at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
@@ -68,9 +67,8 @@ at::Tensor rmsnorm_backward(const at::Tensor& dy, const at::Tensor& x, const at:
     return kernels::rmsnorm_backward(dy, x, weight, rstd, weight_grad, accumulate, residual, amax);
   }
 #endif
-  at::Tensor dx = rmsnorm_backward_ref(dy, x, weight, rstd, weight_grad, accumulate, residual);
-  if (amax) *amax = abs_max(dx);
-  return dx;
+  return with_abs_max(rmsnorm_backward_ref(dy, x, weight, rstd, weight_grad, accumulate, residual),
+                      amax);
 }
 
 }  // namespace titan::ops

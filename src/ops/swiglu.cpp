@@ -34,18 +34,14 @@ at::Tensor swiglu_forward(const at::Tensor& ab, at::Tensor* amax) {
 #ifdef TITAN_WITH_CUDA
   if (use_fused(ab)) return kernels::swiglu_forward(ab, amax);
 #endif
-  at::Tensor g = swiglu_forward_ref(ab);
-  if (amax) *amax = abs_max(g);
-  return g;
+  return with_abs_max(swiglu_forward_ref(ab), amax);
 }
 
 at::Tensor swiglu_backward(const at::Tensor& dg, const at::Tensor& ab, at::Tensor* amax) {
 #ifdef TITAN_WITH_CUDA
   if (use_fused(ab)) return kernels::swiglu_backward(dg, ab, amax);
 #endif
-  at::Tensor dab = swiglu_backward_ref(dg, ab);
-  if (amax) *amax = abs_max(dab);
-  return dab;
+  return with_abs_max(swiglu_backward_ref(dg, ab), amax);
 }
 
 }  // namespace titan::ops

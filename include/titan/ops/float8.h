@@ -58,6 +58,9 @@ void float8_cast_with_amax_into(const at::Tensor& x, const at::Tensor& amax, con
 // The largest |x| over the whole tensor as an fp32 scalar: the amax of a tensorwise cast of x
 // (what the producers' fused kernels take in their own pass).
 at::Tensor abs_max(const at::Tensor& x);
+// y itself, setting *amax = abs_max(y) where amax is given (a producer's output whose kernel did
+// not take its amax in its own pass).
+const at::Tensor& with_abs_max(const at::Tensor& y, at::Tensor* amax);
 // Float8 x [rows, cols] -> contiguous [cols, rows] (a tiled kernel on CUDA).
 at::Tensor float8_transpose(const at::Tensor& x);
 

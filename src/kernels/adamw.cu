@@ -76,7 +76,8 @@ __global__ void adamw_kernel(float* __restrict__ p, const float* __restrict__ g,
       __stcs(reinterpret_cast<uint2*>(shadow) + i, packed);
     }
     if (amax) {
-      largest = fmaxf(fmaxf(written(pp.x, shadow), written(pp.y, shadow)),
+      // fmaxf drops NaN, as the separate max pass does.
+      largest = fmaxf(fmaxf(largest, fmaxf(written(pp.x, shadow), written(pp.y, shadow))),
                       fmaxf(written(pp.z, shadow), written(pp.w, shadow)));
     }
   } else if (i < n4 + tail) {
@@ -88,7 +89,7 @@ __global__ void adamw_kernel(float* __restrict__ p, const float* __restrict__ g,
     m[j] = mj;
     v[j] = vj;
     if (shadow) shadow[j] = __float2bfloat16_rn(pj);
-    largest = written(pj, shadow);
+    largest = fmaxf(largest, written(pj, shadow));
   }
   // Every thread of the block takes part (none has returned).
   __shared__ float shared[32];

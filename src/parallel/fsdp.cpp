@@ -239,9 +239,10 @@ const at::Tensor& FsdpModel::stepped_float8_amax(size_t i) {
   return u.stepped_amax;
 }
 
-void FsdpModel::float8_amax_stepped(size_t i) {
-  TITAN_INTERNAL_CHECK(units_[i].stepped_amax.defined(), "unit ", i, " has no stepped amax");
-  units_[i].stepped_amax_fresh = true;
+void FsdpModel::float8_amax_stepped(size_t i, bool fresh) {
+  TITAN_INTERNAL_CHECK(!fresh || units_[i].stepped_amax.defined(), "unit ", i,
+                       " has no stepped amax");
+  units_[i].stepped_amax_fresh = fresh;
 }
 
 void FsdpModel::compute_float8_amax(const std::vector<size_t>& units) {

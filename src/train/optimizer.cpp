@@ -88,6 +88,8 @@ void Optimizer::apply_to(const std::vector<size_t>& which, const at::Tensor& gra
   const bool decoupled = o.name == "AdamW";
   const double lr = lr_;
   if (which.empty()) return;
+  amax_written_.resize(params_.size(), false);
+  for (size_t i : which) amax_written_[i] = false;
 #ifdef TITAN_WITH_CUDA
   if (cuda_fused(params_, o)) {
     at::Tensor divisor = grad_divisor.defined() ? grad_divisor.to(at::kFloat) : at::Tensor();
@@ -112,6 +114,7 @@ void Optimizer::apply_to(const std::vector<size_t>& which, const at::Tensor& gra
           at_elem = r.offset + r.numel;
         }
         update(at_elem, params_[i].numel() - at_elem, at::Tensor());
+        amax_written_[i] = true;
       } else {
         update(0, params_[i].numel(), at::Tensor());
       }
@@ -204,8 +207,14 @@ bool Optimizer::take_amax(size_t i, std::vector<AmaxRange> ranges, const at::Ten
   std::sort(ranges.begin(), ranges.end(),
             [](const AmaxRange& a, const AmaxRange& b) { return a.offset < b.offset; });
   int64_t end = 0;
+  std::vector<bool> slot_used(static_cast<size_t>(amax.numel()), false);
   for (const auto& r : ranges) {
     const int64_t stop = r.offset + r.numel;
+    // A launch zeroes its slot first: two ranges cannot share one.
+    if (r.slot >= 0 && r.slot < amax.numel()) {
+      if (slot_used[static_cast<size_t>(r.slot)]) return false;
+      slot_used[static_cast<size_t>(r.slot)] = true;
+    }
     // Each range and the stretch after it are launches of their own, on views that must start
     // on 16 bytes (fp32 and the bf16 shadow).
     if (r.offset < end || r.numel <= 0 || stop > params_[i].numel() || r.offset % 8 != 0 ||

@@ -666,7 +666,9 @@ std::pair<at::Tensor, at::Tensor> Trainer::step_body(const std::vector<at::Tenso
   }
   if (!early) optimizer_->apply(divisor);
   fsdp_->weights_changed();  // validation and the next step gather (and scale) the new weights
-  for (size_t i : amax_from_optimizer_) fsdp_->float8_amax_stepped(i);
+  for (size_t i : amax_from_optimizer_) {
+    fsdp_->float8_amax_stepped(i, optimizer_->wrote_amax(i));
+  }
   // The logged loss is the mean over the global batch: the last stage's sums, over every
   // pipeline and data-parallel rank, so every rank (rank 0 too) holds the true value.
   if (pp) pp->all_reduce(loss_sum, dist::ReduceOp::Sum);

@@ -157,9 +157,9 @@ class FsdpModel {
   std::vector<Float8Piece> float8_pieces(size_t i) const;
   // unit(i).stepped_amax, allocated (zeros) at the first call.
   const at::Tensor& stepped_float8_amax(size_t i);
-  // The optimizer wrote unit i's stepped_amax for the weights it just wrote: the next scales
-  // come from it, with no pass over the weights.
-  void float8_amax_stepped(size_t i);
+  // After an optimizer step: whether it wrote unit i's stepped_amax for the weights it just
+  // wrote (`fresh`: the next scales come from it, with no pass over the weights).
+  void float8_amax_stepped(size_t i, bool fresh);
 
   // Compute-dtype copies of the shards, one per unit (undefined where the master serves).
   std::vector<at::Tensor> shadows() const;

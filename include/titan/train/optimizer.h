@@ -47,6 +47,8 @@ class Optimizer {
   // there is one), in the same pass. False, and nothing is kept, where the update cannot (not
   // the CUDA fused kernel, a shadow in another dtype than bf16, ranges not 8-element aligned).
   bool take_amax(size_t i, std::vector<AmaxRange> ranges, const at::Tensor& amax);
+  // Whether the last update of parameter i wrote its amaxes (false where it ran another path).
+  bool wrote_amax(size_t i) const { return i < amax_written_.size() && amax_written_[i]; }
 
   int64_t step_count() const { return steps_taken_; }
   // State for checkpoints: exp_avg and exp_avg_sq per parameter, and the step count.
@@ -64,6 +66,7 @@ class Optimizer {
     at::Tensor amax;
   };
   std::vector<AmaxTargets> amax_targets_;  // per parameter; empty ranges: none
+  std::vector<bool> amax_written_;         // per parameter, by its last update
   at::Tensor hyper_;  // device copy of the step's hyper-parameters (CUDA fused path)
   OptimizerOptions options_;
   int64_t steps_taken_ = 0;

@@ -129,11 +129,11 @@ void bench_adamw(int64_t n) {
          }),
          b28);
   report("production adamw (4 per thread, no loop)", time_ms([&] {
-           titan::kernels::launch::adamw(p, g, m, v, nullptr, n, hyper, nullptr, true, 0);
+           titan::kernels::launch::adamw(p, g, m, v, nullptr, n, hyper, nullptr, true, nullptr, 0);
          }),
          b28);
   report("production adamw + bf16 copy", time_ms([&] {
-           titan::kernels::launch::adamw(p, g, m, v, shadow, n, hyper, nullptr, true, 0);
+           titan::kernels::launch::adamw(p, g, m, v, shadow, n, hyper, nullptr, true, nullptr, 0);
          }),
          b30);
   const int r1 = resident(adam_gs<1>, 256), r2 = resident(adam_gs<2>, 256),

@@ -239,8 +239,11 @@ void cross_entropy_shard_grad(at::Tensor& logits, const at::Tensor& targets, con
 
 void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                 const at::Tensor& exp_avg_sq, const at::Tensor& shadow, const at::Tensor& hyper,
-                const at::Tensor& divisor, bool decoupled) {
+                const at::Tensor& divisor, bool decoupled, const at::Tensor& amax) {
   const c10::cuda::CUDAGuard device_guard(param.device());
+  TITAN_INTERNAL_CHECK(!amax.defined() || (amax.is_cuda() && amax.scalar_type() == at::kFloat &&
+                                           amax.numel() == 1 && amax.device() == param.device()),
+                       "adamw_step amax must be one fp32 element on the parameter's device");
   for (const at::Tensor* t : {&param, &grad, &exp_avg, &exp_avg_sq}) {
     TITAN_INTERNAL_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
                              aligned16(*t) && t->numel() == param.numel(),
@@ -252,7 +255,8 @@ void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tenso
   launch::adamw(param.data_ptr<float>(), grad.data_ptr<float>(), exp_avg.data_ptr<float>(),
                 exp_avg_sq.data_ptr<float>(), shadow.defined() ? shadow.data_ptr() : nullptr,
                 param.numel(), hyper.data_ptr<float>(),
-                divisor.defined() ? divisor.data_ptr<float>() : nullptr, decoupled, stream());
+                divisor.defined() ? divisor.data_ptr<float>() : nullptr, decoupled,
+                amax.defined() ? amax.data_ptr<float>() : nullptr, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

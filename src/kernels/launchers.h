@@ -47,9 +47,11 @@ void cross_entropy_shard_grad(DType dt, void* logits, const int64_t* targets, co
 
 // One flat parameter: p, g, m, v fp32 (16-byte aligned); shadow_bf16 (optional) receives the
 // updated parameter in bf16. hyper (device): lr, beta1, beta2, eps, weight_decay, lr / bc1,
-// 1 / sqrt(bc2). divisor (device, optional): the gradient is divided by it (clipping).
+// 1 / sqrt(bc2). divisor (device, optional): the gradient is divided by it (clipping). amax
+// (device, optional): zeroed, then the largest |value| written (of the bf16 copy where given).
 void adamw(float* p, const float* g, float* m, float* v, void* shadow_bf16, int64_t n,
-           const float* hyper, const float* divisor, bool decoupled, cudaStream_t stream);
+           const float* hyper, const float* divisor, bool decoupled, float* amax,
+           cudaStream_t stream);
 
 // Sum of squares of x (fp32, 16-byte aligned): writes sum_squares_blocks(n) fp64 partials,
 // whose sum is the result.

@@ -207,6 +207,7 @@ std::vector<at::Tensor> FsdpModel::shadows() const {
 void FsdpModel::refresh_shadows() {
   for (auto& u : units_) {
     if (u.shadow.defined()) u.shadow.copy_(u.master, /*non_blocking=*/true);
+    u.stepped_amax_fresh = false;
   }
   weights_changed();
 }
@@ -220,12 +221,40 @@ bool FsdpModel::gathers_float8(size_t i) const {
   return i < options_.float8_ranges.size() && !options_.float8_ranges[i].empty();
 }
 
+std::vector<FsdpModel::Float8Piece> FsdpModel::float8_pieces(size_t i) const {
+  std::vector<Float8Piece> out;
+  if (!gathers_float8(i)) return out;
+  for (const auto& piece : impl_->float8[i].pieces) {
+    out.push_back({piece.shard_offset, piece.numel, static_cast<int64_t>(piece.range)});
+  }
+  return out;
+}
+
+const at::Tensor& FsdpModel::stepped_float8_amax(size_t i) {
+  UnitState& u = units_[i];
+  if (!u.stepped_amax.defined()) {
+    u.stepped_amax = at::zeros({static_cast<int64_t>(options_.float8_ranges.at(i).size())},
+                               at::TensorOptions().dtype(at::kFloat).device(u.master.device()));
+  }
+  return u.stepped_amax;
+}
+
+void FsdpModel::float8_amax_stepped(size_t i, bool fresh) {
+  TITAN_INTERNAL_CHECK(!fresh || units_[i].stepped_amax.defined(), "unit ", i,
+                       " has no stepped amax");
+  units_[i].stepped_amax_fresh = fresh;
+}
+
 void FsdpModel::compute_float8_amax(const std::vector<size_t>& units) {
   // Each rank's amax of its part of every matrix, then the maximum over dp_shard (and tp): one
   // all-reduce per group for all the units asked for.
   std::vector<at::Tensor> local;
   for (size_t i : units) {
     const UnitState& u = units_[i];
+    if (u.stepped_amax_fresh) {  // taken by the optimizer as it wrote these weights
+      local.push_back(u.stepped_amax.clone());
+      continue;
+    }
     const at::Tensor& src = u.shadow.defined() ? u.shadow : u.master;
     at::Tensor amax = at::zeros({static_cast<int64_t>(options_.float8_ranges[i].size())},
                                 at::TensorOptions().dtype(at::kFloat).device(device_));

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "titan/ops/dispatch.h"
@@ -87,15 +88,37 @@ void Optimizer::apply_to(const std::vector<size_t>& which, const at::Tensor& gra
   const bool decoupled = o.name == "AdamW";
   const double lr = lr_;
   if (which.empty()) return;
+  amax_written_.resize(params_.size(), false);
+  for (size_t i : which) amax_written_[i] = false;
 #ifdef TITAN_WITH_CUDA
   if (cuda_fused(params_, o)) {
     at::Tensor divisor = grad_divisor.defined() ? grad_divisor.to(at::kFloat) : at::Tensor();
     for (size_t i : which) {
       at::Tensor shadow = shadows_.empty() ? at::Tensor() : shadows_[i];
       const bool bf16 = shadow.defined() && shadow.scalar_type() == at::kBFloat16;
-      kernels::adamw_step(params_[i], grads_[i], exp_avg_[i], exp_avg_sq_[i],
-                          bf16 ? shadow : at::Tensor(), hyper_, divisor, decoupled);
-      if (shadow.defined() && !bf16) shadow.copy_(params_[i], true);
+      if (bf16) shadow = at::Tensor();
+      const at::Tensor written = bf16 ? shadows_[i] : at::Tensor();
+      // The stretch [begin, begin + n) in one launch, its amax into `amax` where defined.
+      auto update = [&](int64_t begin, int64_t n, const at::Tensor& amax) {
+        if (n == 0) return;
+        kernels::adamw_step(params_[i].narrow(0, begin, n), grads_[i].narrow(0, begin, n),
+                            exp_avg_[i].narrow(0, begin, n), exp_avg_sq_[i].narrow(0, begin, n),
+                            written.defined() ? written.narrow(0, begin, n) : at::Tensor(), hyper_,
+                            divisor, decoupled, amax);
+      };
+      if (i < amax_targets_.size() && !amax_targets_[i].ranges.empty()) {
+        int64_t at_elem = 0;
+        for (const auto& r : amax_targets_[i].ranges) {
+          update(at_elem, r.offset - at_elem, at::Tensor());
+          update(r.offset, r.numel, amax_targets_[i].amax.narrow(0, r.slot, 1));
+          at_elem = r.offset + r.numel;
+        }
+        update(at_elem, params_[i].numel() - at_elem, at::Tensor());
+        amax_written_[i] = true;
+      } else {
+        update(0, params_[i].numel(), at::Tensor());
+      }
+      if (shadow.defined()) shadow.copy_(params_[i], true);
     }
     return;
   }
@@ -171,6 +194,38 @@ void Optimizer::update_aten(const std::vector<size_t>& which, double lr,
     return;
   }
   for (size_t i = 0; i < params.size(); ++i) update_one(i);
+}
+
+bool Optimizer::take_amax(size_t i, std::vector<AmaxRange> ranges, const at::Tensor& amax) {
+  TITAN_INTERNAL_CHECK(i < params_.size(), "take_amax: parameter ", i, " of ", params_.size());
+  const at::Tensor shadow = shadows_.empty() ? at::Tensor() : shadows_[i];
+  if (!cuda_fused(params_, options_) || ranges.empty() || !amax.defined() ||
+      amax.scalar_type() != at::kFloat || amax.device() != params_[i].device() ||
+      (shadow.defined() && shadow.scalar_type() != at::kBFloat16)) {
+    return false;
+  }
+  std::sort(ranges.begin(), ranges.end(),
+            [](const AmaxRange& a, const AmaxRange& b) { return a.offset < b.offset; });
+  int64_t end = 0;
+  std::vector<bool> slot_used(static_cast<size_t>(amax.numel()), false);
+  for (const auto& r : ranges) {
+    const int64_t stop = r.offset + r.numel;
+    // A launch zeroes its slot first: two ranges cannot share one.
+    if (r.slot >= 0 && r.slot < amax.numel()) {
+      if (slot_used[static_cast<size_t>(r.slot)]) return false;
+      slot_used[static_cast<size_t>(r.slot)] = true;
+    }
+    // Each range and the stretch after it are launches of their own, on views that must start
+    // on 16 bytes (fp32 and the bf16 shadow).
+    if (r.offset < end || r.numel <= 0 || stop > params_[i].numel() || r.offset % 8 != 0 ||
+        (stop % 8 != 0 && stop != params_[i].numel()) || r.slot < 0 || r.slot >= amax.numel()) {
+      return false;
+    }
+    end = stop;
+  }
+  if (amax_targets_.size() < params_.size()) amax_targets_.resize(params_.size());
+  amax_targets_[i] = {std::move(ranges), amax};
+  return true;
 }
 
 }  // namespace titan::train

@@ -245,6 +245,18 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   oopts.weight_decay = c.optimizer.weight_decay;
   optimizer_ = std::make_unique<Optimizer>(fsdp_->master_shards(), fsdp_->grad_shards(), oopts,
                                            fsdp_->shadows());
+  // Float8 weights: the fused AdamW takes each matrix's amax as it writes the new weights, so
+  // the next scales need no pass over them.
+  for (size_t i = 0; i < fsdp_->num_units(); ++i) {
+    std::vector<AmaxRange> ranges;
+    for (const auto& piece : fsdp_->float8_pieces(i)) {
+      ranges.push_back({piece.offset, piece.numel, piece.matrix});
+    }
+    if (!ranges.empty() &&
+        optimizer_->take_amax(i, std::move(ranges), fsdp_->stepped_float8_amax(i))) {
+      amax_from_optimizer_.push_back(i);
+    }
+  }
   if (c.optimizer.early_step_in_backward) {
     fsdp_->set_on_grad_final(
         [this](size_t unit, const dist::WorkPtr& work) { step_unit_early(unit, work); });
@@ -654,6 +666,9 @@ std::pair<at::Tensor, at::Tensor> Trainer::step_body(const std::vector<at::Tenso
   }
   if (!early) optimizer_->apply(divisor);
   fsdp_->weights_changed();  // validation and the next step gather (and scale) the new weights
+  for (size_t i : amax_from_optimizer_) {
+    fsdp_->float8_amax_stepped(i, optimizer_->wrote_amax(i));
+  }
   // The logged loss is the mean over the global batch: the last stage's sums, over every
   // pipeline and data-parallel rank, so every rank (rank 0 too) holds the true value.
   if (pp) pp->all_reduce(loss_sum, dist::ReduceOp::Sum);

@@ -6,8 +6,12 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include "support/reference_llama.h"
 #include "support/test_support.h"
+#include "titan/model/layout.h"
 #include "titan/ops/float8.h"
+#include "titan/parallel/fsdp.h"
+#include "titan/train/optimizer.h"
 
 using namespace titan;
 using test::relative_error;
@@ -156,5 +160,92 @@ TEST(Float8Gpu, ScaledMatmulsMatchTheirFloat8OperandsInFp32) {
     EXPECT_LT(relative_error(g1, g2), 1e-2);
     // And float8 stays close to the bf16 products.
     EXPECT_LT(relative_error(real.forward(x, w, nullptr), at::matmul(x, w.t())), 0.1);
+  }
+}
+
+// The fused AdamW takes each float8 matrix's amax as it writes the new weights (of the bf16
+// shadow where there is one): the next materialization's float8 weights and scales are bitwise
+// those of a pass over the new weights, and the update itself is the one without it. The scales
+// do come from the optimizer's amaxes (doubled, they double), and a load (refresh_shadows)
+// drops them.
+TEST(Float8Gpu, OptimizerTakesTheFloat8WeightsAmaxAsItWritesThem) {
+  const auto args = test::tiny_llama_args();
+  const auto units = model::llama_units(args);
+  for (auto dtype : {at::kFloat, at::kBFloat16}) {
+    SCOPED_TRACE(dtype);
+    parallel::FsdpOptions opts;
+    opts.param_dtype = dtype;  // bf16: the optimizer writes a bf16 shadow the casts read
+    for (const auto& u : units) {
+      opts.float8_ranges.push_back(u.kind == model::UnitKind::Block
+                                       ? model::block_float8_ranges(u, true, true, true, true)
+                                       : std::vector<model::ElementRange>{});
+    }
+    const c10::Device gpu(c10::kCUDA, 0);
+    parallel::FsdpModel taken(units, nullptr, nullptr, gpu, opts);
+    parallel::FsdpModel passed(units, nullptr, nullptr, gpu, opts);
+    taken.init_weights(3);
+    passed.init_weights(3);
+    for (size_t i = 0; i < units.size(); ++i) {
+      at::manual_seed(static_cast<uint64_t>(10 + i));
+      taken.unit(i).grad.copy_(at::randn_like(taken.unit(i).grad));
+      passed.unit(i).grad.copy_(taken.unit(i).grad);
+    }
+    train::Optimizer opt_taken(taken.master_shards(), taken.grad_shards(), {}, taken.shadows());
+    train::Optimizer opt_passed(passed.master_shards(), passed.grad_shards(), {}, passed.shadows());
+    std::vector<size_t> with_amax;
+    for (size_t i = 0; i < units.size(); ++i) {
+      std::vector<train::AmaxRange> ranges;
+      for (const auto& p : taken.float8_pieces(i)) ranges.push_back({p.offset, p.numel, p.matrix});
+      if (ranges.empty()) continue;
+      ASSERT_TRUE(opt_taken.take_amax(i, ranges, taken.stepped_float8_amax(i))) << i;
+      with_amax.push_back(i);
+    }
+    ASSERT_FALSE(with_amax.empty());
+    opt_taken.step(1e-2, at::Tensor());
+    opt_passed.step(1e-2, at::Tensor());
+    taken.weights_changed();
+    passed.weights_changed();
+    for (size_t i : with_amax) {
+      ASSERT_TRUE(opt_taken.wrote_amax(i));
+      taken.float8_amax_stepped(i, true);
+    }
+    // The float8 matrices' bytes of a gathered unit (the rest of its buffer is never read).
+    auto matrices = [&](const model::GatheredUnit& g, size_t i) {
+      std::vector<at::Tensor> parts;
+      for (const auto& r : opts.float8_ranges[i]) {
+        parts.push_back(g.flat8.view(at::kByte).narrow(0, r.offset, r.numel));
+      }
+      return at::cat(parts);
+    };
+    for (size_t i : with_amax) {
+      SCOPED_TRACE(i);
+      EXPECT_TRUE(at::equal(taken.unit(i).master, passed.unit(i).master));
+      const at::Tensor& weights = dtype == at::kFloat ? taken.unit(i).master : taken.unit(i).shadow;
+      for (const auto& p : taken.float8_pieces(i)) {
+        EXPECT_EQ(taken.unit(i).stepped_amax[p.matrix].item<float>(),
+                  weights.narrow(0, p.offset, p.numel).abs().max().item().toFloat());
+      }
+      ASSERT_TRUE(taken.unit(i).stepped_amax_fresh);
+      const auto a = taken.gathered(i), b = passed.gathered(i);
+      EXPECT_TRUE(at::equal(a.inv_scales, b.inv_scales));
+      EXPECT_TRUE(at::equal(matrices(a, i), matrices(b, i)));
+      taken.release(i, false);
+      passed.release(i, false);
+    }
+    // The scales come from the stepped amaxes: doubled, the inverse scales double.
+    const size_t first = with_amax.front();
+    const at::Tensor before = taken.gathered(first).inv_scales.clone();
+    taken.release(first, false);
+    taken.weights_changed();
+    taken.unit(first).stepped_amax.mul_(2);
+    EXPECT_TRUE(at::allclose(taken.gathered(first).inv_scales, before * 2));
+    taken.release(first, false);
+    // Masters rewritten outside the optimizer: a pass over them again.
+    taken.unit(first).master.mul_(2);
+    taken.refresh_shadows();
+    EXPECT_FALSE(taken.unit(first).stepped_amax_fresh);
+    passed.unit(first).master.mul_(2);
+    passed.refresh_shadows();
+    EXPECT_TRUE(at::equal(taken.gathered(first).inv_scales, passed.gathered(first).inv_scales));
   }
 }

@@ -329,6 +329,27 @@ TEST(Kernels, FusedAdamWMatchesReferenceUpdate) {
   EXPECT_LT(relative_error(m, m2), 1e-6);
   EXPECT_LT(relative_error(v, v2), 1e-6);
   EXPECT_LT(relative_error(shadow, p2), 1e-2);
+  // The amax of the values written (the bf16 copy's where there is one), in the same pass, and
+  // the same update as without it.
+  // The largest value in the tail (elements past the last float4), then in the vectors.
+  at::Tensor amax = at::full({1}, -1.0, test::cuda_options(at::kFloat));
+  for (int64_t largest_at : {n - 1, int64_t{5}}) {
+    for (bool with_shadow : {false, true}) {
+      SCOPED_TRACE(testing::Message() << largest_at << " " << with_shadow);
+      at::Tensor q = p.clone(), qm = m.clone(), qv = v.clone();
+      q[largest_at] = -40.0;
+      at::Tensor q2 = q.clone(), qm2 = m.clone(), qv2 = v.clone();
+      at::Tensor s = with_shadow ? at::empty_like(shadow) : at::Tensor();
+      at::Tensor s2 = with_shadow ? at::empty_like(shadow) : at::Tensor();
+      kernels::adamw_step(q, g, qm, qv, s, hyper, divisor, true, amax);
+      kernels::adamw_step(q2, g, qm2, qv2, s2, hyper, divisor, true);
+      EXPECT_TRUE(at::equal(q, q2) && at::equal(qm, qm2) && at::equal(qv, qv2));
+      if (with_shadow) EXPECT_TRUE(at::equal(s, s2));
+      const at::Tensor written = with_shadow ? s.to(at::kFloat) : q;
+      EXPECT_EQ(amax.item<float>(), written.abs().max().item<float>());
+      EXPECT_EQ(amax.item<float>(), written[largest_at].abs().item<float>());
+    }
+  }
 }
 
 TEST(Kernels, SumOfSquaresMatchesDoubleReference) {

@@ -83,10 +83,11 @@ bool gemm_tuning_enabled();
 
 // AdamW (decoupled) or Adam (L2) step of one flat fp32 parameter with its state; writes the
 // bf16 `shadow` (if defined). hyper: device fp32 [7] (see launchers.h); divisor: device fp32
-// scalar or undefined.
+// scalar or undefined. `amax` (one fp32 element, optional) receives the largest |value| of the
+// new parameter (of the shadow where written): a float8 weight's tensorwise amax.
 void adamw_step(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                 const at::Tensor& exp_avg_sq, const at::Tensor& shadow, const at::Tensor& hyper,
-                const at::Tensor& divisor, bool decoupled);
+                const at::Tensor& divisor, bool decoupled, const at::Tensor& amax = {});
 
 // Sum of the squares of every element of fp32 CUDA tensors, as an fp32 scalar on the device;
 // accumulated in fp64 per fixed chunk, so deterministic.

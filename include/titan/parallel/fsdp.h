@@ -85,6 +85,11 @@ struct UnitState {
   // parameters back to back (param_dtype), and the global amax of each matrix for the current
   // weights (undefined until computed after a weight change).
   at::Tensor full8, rest, float8_amax, float8_inv_scales;
+  // This rank's amax of each float8 matrix as the optimizer took it while writing the weights
+  // (fp32 [matrices], zero where the rank holds none of one); `stepped_amax_fresh`: it holds
+  // the current weights' (set after each optimizer step, cleared by refresh_shadows()).
+  at::Tensor stepped_amax;
+  bool stepped_amax_fresh = false;
   bool gathered = false;
 };
 
@@ -143,6 +148,18 @@ class FsdpModel {
   // The masters/shadows were rewritten (optimizer step, loads): gathered weights and float8
   // scales are stale.
   void weights_changed();
+
+  // Unit i's float8 matrices in this rank's shard: [offset in the shard, elements, matrix
+  // index], for an optimizer that takes their amax as it writes them (empty: none).
+  struct Float8Piece {
+    int64_t offset = 0, numel = 0, matrix = 0;
+  };
+  std::vector<Float8Piece> float8_pieces(size_t i) const;
+  // unit(i).stepped_amax, allocated (zeros) at the first call.
+  const at::Tensor& stepped_float8_amax(size_t i);
+  // After an optimizer step: whether it wrote unit i's stepped_amax for the weights it just
+  // wrote (`fresh`: the next scales come from it, with no pass over the weights).
+  void float8_amax_stepped(size_t i, bool fresh);
 
   // Compute-dtype copies of the shards, one per unit (undefined where the master serves).
   std::vector<at::Tensor> shadows() const;

@@ -115,6 +115,7 @@ class Trainer {
   std::vector<std::unique_ptr<parallel::pipeline::Stage>> stages_;
   std::unique_ptr<parallel::pipeline::Executor> executor_;
   std::unique_ptr<Optimizer> optimizer_;
+  std::vector<size_t> amax_from_optimizer_;  // units whose float8 amaxes the optimizer takes
   std::unique_ptr<LrScheduler> scheduler_;
   std::unique_ptr<metrics::MetricsLogger> metrics_;
   std::unique_ptr<checkpoint::Checkpointer> checkpointer_;

@@ -299,7 +299,8 @@ bool gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
 }
 
 bool gemm_float8(const at::Tensor& a, const at::Tensor& bt, const at::Tensor& scale_a,
-                 const at::Tensor& scale_b, const at::Tensor& out, bool fast_accum) {
+                 const at::Tensor& scale_b, const at::Tensor& out, bool fast_accum,
+                 const at::Tensor& addend) {
   auto float8 = [](const at::Tensor& t) {
     return t.scalar_type() == at::kFloat8_e4m3fn || t.scalar_type() == at::kFloat8_e5m2;
   };
@@ -325,6 +326,12 @@ bool gemm_float8(const at::Tensor& a, const at::Tensor& bt, const at::Tensor& sc
       out.size(1) != bt.size(0)) {
     return false;
   }
+  if (addend.defined() &&
+      (addend.scalar_type() != out.scalar_type() || addend.sizes() != out.sizes() ||
+       addend.strides() != out.strides() || addend.device() != out.device() ||
+       addend.data_ptr() == out.data_ptr() || !aligned(addend))) {
+    return false;
+  }
   auto type_of = [](const at::Tensor& t) {
     return t.scalar_type() == at::kFloat8_e4m3fn ? CUDA_R_8F_E4M3 : CUDA_R_8F_E5M2;
   };
@@ -347,7 +354,8 @@ bool gemm_float8(const at::Tensor& a, const at::Tensor& bt, const at::Tensor& sc
   p.type_second = type_of(a);
   p.type_out = out.scalar_type() == at::kFloat ? CUDA_R_32F : CUDA_R_16BF;
   p.out = out.data_ptr();
-  p.c = out.data_ptr();
+  p.c = addend.defined() ? addend.data_ptr() : out.data_ptr();
+  p.has_addend = addend.defined();
   p.scale_first = scale_b.data_ptr();
   p.scale_second = scale_a.data_ptr();
   p.fast_accum = fast_accum;

@@ -193,7 +193,7 @@ Float8Operand to_float8(const at::Tensor& x, at::ScalarType dtype, bool rowwise,
 }
 
 at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& bt, at::ScalarType out_dtype,
-                     bool emulate, bool fast_accum) {
+                     bool emulate, bool fast_accum, const at::Tensor& addend) {
   const int64_t m = a.data.size(0), k = a.data.size(1), n = bt.data.size(0);
   TITAN_INTERNAL_CHECK(bt.data.size(1) == k, "float8_mm: inner dimensions ", k, " and ",
                        bt.data.size(1));
@@ -207,16 +207,24 @@ at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& bt, at::Scalar
   TITAN_INTERNAL_CHECK(!aligned || (starts_aligned(a.data) && starts_aligned(bt.data) &&
                                     starts_aligned(a.inv_scale) && starts_aligned(bt.inv_scale)),
                        "float8_mm: an operand or a scale does not start on a 16-byte boundary");
+  TITAN_INTERNAL_CHECK(
+      !addend.defined() || (addend.dim() == 2 && addend.size(0) == m && addend.size(1) == n &&
+                            addend.scalar_type() == out_dtype),
+      "float8_mm: the addend is not the [", m, ", ", n, "] output");
+  auto plus_addend = [&](const at::Tensor& y) { return addend.defined() ? addend + y : y; };
   if (emulate || !a.data.is_cuda() || !aligned) {
     const at::Tensor af = a.data.to(at::kFloat) * a.inv_scale;
     const at::Tensor bf = bt.data.to(at::kFloat) * bt.inv_scale;
-    return at::mm(af, bf.t()).to(out_dtype);
+    return plus_addend(at::mm(af, bf.t()).to(out_dtype));
   }
   const bool rowwise = a.inv_scale.dim() > 0;
 #ifdef TITAN_WITH_CUDA
   if (!rowwise && kernels::gemm_tuning_enabled()) {
     at::Tensor y = at::empty({m, n}, a.data.options().dtype(out_dtype));
-    if (kernels::gemm_float8(a.data, bt.data, a.inv_scale, bt.inv_scale, y, fast_accum)) return y;
+    const at::Tensor c = addend.defined() && !addend.is_contiguous() ? addend.contiguous() : addend;
+    if (kernels::gemm_float8(a.data, bt.data, a.inv_scale, bt.inv_scale, y, fast_accum, c)) {
+      return y;
+    }
   }
 #endif
   const at::Tensor scale_b = rowwise ? bt.inv_scale.reshape({1, n}) : bt.inv_scale;
@@ -224,7 +232,7 @@ at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& bt, at::Scalar
   const auto mm_dtype = rowwise ? at::kBFloat16 : out_dtype;
   at::Tensor y = at::_scaled_mm(a.data, bt.data.t(), a.inv_scale, scale_b, std::nullopt,
                                 std::nullopt, mm_dtype, fast_accum);
-  return mm_dtype == out_dtype ? y : y.to(out_dtype);
+  return plus_addend(mm_dtype == out_dtype ? y : y.to(out_dtype));
 }
 
 namespace {
@@ -361,6 +369,24 @@ at::Tensor Float8Linear::forward(const at::Tensor& x, const LinearWeight& w,
   auto sizes = x.sizes().vec();
   sizes.back() = w.data.size(0);
   return y.view(sizes);
+}
+
+// The residual goes into the GEMM's epilogue (one rounding, no separate add) where the product
+// runs through titan's float8 GEMM.
+at::Tensor Float8Linear::forward_add(const at::Tensor& x, const LinearWeight& w,
+                                     const at::Tensor& residual, at::Tensor* x_for_weight,
+                                     const at::Tensor& amax) const {
+  if (tp_.gather_x || residual.scalar_type() != x.scalar_type() ||
+      residual.numel() != x.numel() / x.size(-1) * w.data.size(0)) {
+    return Linear::forward_add(x, w, residual, x_for_weight, amax);
+  }
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  const Float8Operand xa =
+      cast_operand(x2, at::kFloat8_e4m3fn, x_for_weight, tp_.x, tp_.gather_x, amax);
+  const at::Tensor y =
+      float8_mm(xa, weight_operand(w, /*transpose=*/false), x.scalar_type(), emulate_,
+                /*fast_accum=*/true, residual.reshape({-1, w.data.size(0)}));
+  return y.view(residual.sizes());
 }
 
 at::Tensor Float8Linear::backward_input(const at::Tensor& dy, const LinearWeight& w,

@@ -160,6 +160,17 @@ TEST(Float8Gpu, ScaledMatmulsMatchTheirFloat8OperandsInFp32) {
     EXPECT_LT(relative_error(g1, g2), 1e-2);
     // And float8 stays close to the bf16 products.
     EXPECT_LT(relative_error(real.forward(x, w, nullptr), at::matmul(x, w.t())), 0.1);
+    // forward_add: the residual added to the same product (in the GEMM's epilogue for
+    // tensorwise), the weight-gradient operand as forward's, the residual left as it was.
+    const at::Tensor residual = at::randn({2, m / 2, n}, opts) * 0.05;
+    const at::Tensor kept = residual.clone();
+    at::Tensor p_plain, p_add;
+    const at::Tensor plain = real.forward(x, w, &p_plain);
+    const at::Tensor added = real.forward_add(x, w, residual, &p_add);
+    ASSERT_EQ(added.sizes(), residual.sizes());
+    EXPECT_LT(relative_error(added, residual.to(at::kFloat) + plain.to(at::kFloat)), 1e-2);
+    EXPECT_TRUE(at::equal(p_plain, p_add));
+    EXPECT_TRUE(at::equal(residual, kept));
   }
 }
 

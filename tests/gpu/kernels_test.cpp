@@ -265,6 +265,15 @@ TEST(Kernels, TunedFloat8GemmMatchesTheFp32ProductOfItsOperands) {
           const double tolerance = out_type == at::kFloat && !fast ? 1e-3 : 1e-2;
           EXPECT_LT(relative_error(out.to(at::kFloat), want), tolerance);
         }
+        // An addend goes into the epilogue and is left as it was.
+        const at::Tensor addend = at::randn({m, n}, f32).to(out_type);
+        const at::Tensor kept = addend.clone();
+        at::Tensor out = at::full({m, n}, std::nanf(""), f32).to(out_type);
+        ASSERT_TRUE(kernels::gemm_float8(a, bt, sa, sb, out, fast, addend));
+        EXPECT_LT(relative_error(out.to(at::kFloat), want + addend.to(at::kFloat)), 1e-2);
+        EXPECT_TRUE(at::equal(addend, kept));
+        EXPECT_FALSE(kernels::gemm_float8(a, bt, sa, sb, out, fast, out));  // not apart from out
+        EXPECT_FALSE(kernels::gemm_float8(a, bt, sa, sb, out, fast, addend.t().contiguous().t()));
       }
     }
   }

@@ -73,10 +73,12 @@ bool gemm(const at::Tensor& a, bool transpose_a, const at::Tensor& b, bool trans
 // out[M, N] = (a[M, K] * scale_a) (bt[N, K] * scale_b)^T for row-major float8 a and bt (e4m3
 // or e5m2, not both e5m2; dimensions and row strides multiples of 16) with fp32 scalar scales on
 // the device, into a bf16 or fp32 out (overwritten): the tensorwise float8 product, tuned as
-// gemm is, with cuBLASLt's fast accumulation where asked. False, with nothing done, where the
+// gemm is, with cuBLASLt's fast accumulation where asked; plus `addend` (laid out as out, apart
+// from it) where given, in the epilogue (one rounding). False, with nothing done, where the
 // operands do not qualify or cuBLASLt offers nothing (the caller uses ATen's _scaled_mm).
 bool gemm_float8(const at::Tensor& a, const at::Tensor& bt, const at::Tensor& scale_a,
-                 const at::Tensor& scale_b, const at::Tensor& out, bool fast_accum);
+                 const at::Tensor& scale_b, const at::Tensor& out, bool fast_accum,
+                 const at::Tensor& addend = {});
 // TITAN_GEMM_TUNING: unset or 1 (linear layers use gemm and gemm_float8), 0 (they use ATen,
 // cuBLAS's own pick).
 bool gemm_tuning_enabled();

@@ -40,9 +40,10 @@ Float8Operand to_float8(const at::Tensor& x, at::ScalarType dtype, bool rowwise,
 // [N, K] operand (scales per row of `bt` = per column of b). Output in `out_dtype`.
 // `fast_accum`: cuBLASLt's faster fp8 accumulation (the forward GEMM, as torchao). Emulated
 // (dequantized operands, fp32 product) with `emulate`, on CPU, and for shapes cuBLASLt's fp8
-// GEMM does not take (dimensions not multiples of 16).
+// GEMM does not take (dimensions not multiples of 16). With `addend` ([M, N], out_dtype) the
+// result is addend + a b, added in the GEMM's epilogue where titan's float8 GEMM runs it.
 at::Tensor float8_mm(const Float8Operand& a, const Float8Operand& bt, at::ScalarType out_dtype,
-                     bool emulate, bool fast_accum = false);
+                     bool emulate, bool fast_accum = false, const at::Tensor& addend = {});
 
 // Tensorwise e4m3 scales from absolute maxima (any shape): 448 / max(amax, 1e-12), in fp32 —
 // the scale to_float8 computes for a tensor with that amax.
@@ -92,6 +93,9 @@ class Float8Linear final : public Linear {
   at::Tensor weight_input(const at::Tensor& x, const at::Tensor& amax = {}) const override;
   at::Tensor forward(const at::Tensor& x, const LinearWeight& w, at::Tensor* x_for_weight,
                      const at::Tensor& amax = {}) const override;
+  at::Tensor forward_add(const at::Tensor& x, const LinearWeight& w, const at::Tensor& residual,
+                         at::Tensor* x_for_weight = nullptr,
+                         const at::Tensor& amax = {}) const override;
   at::Tensor backward_input(const at::Tensor& dy, const LinearWeight& w, at::Tensor* dy_for_weight,
                             const at::Tensor& amax = {}) const override;
   void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& grad_w,

@@ -122,6 +122,14 @@ TEST(Float8, TensorwiseCastsUseTheAmaxTheirProducerGives) {
   lin.backward_input(dy, w, &d_big, ops::abs_max(dy) * 2);
   EXPECT_FLOAT_EQ(d_big.narrow(0, dy.numel(), 4).view(at::kFloat).item<float>(),
                   2 * d_self.narrow(0, dy.numel(), 4).view(at::kFloat).item<float>());
+  // forward_add: the residual plus forward's product, with forward's weight-gradient operand
+  // and the amax it is given (residual [2, 32, 48] for x's 64 tokens).
+  const at::Tensor residual = at::randn({2, 32, 48});
+  at::Tensor a_big;
+  const at::Tensor sum = lin.forward_add(x.view({2, 32, 96}), w, residual, &a_big, own * 2);
+  ASSERT_EQ(sum.sizes(), residual.sizes());
+  EXPECT_TRUE(at::equal(sum, residual + lin.forward(x, w, nullptr, own * 2).view({2, 32, 48})));
+  EXPECT_TRUE(at::equal(a_big, p_big));
 }
 
 TEST(Float8, EveryGemmOfEveryRecipeMatchesTheReference) {

@@ -164,7 +164,7 @@ do_profile3b() {
     --profiling.profiler_active 2 --profiling.profiler_warmup 2 --training.use_cuda_graphs false \
     --job.dump_folder "$OUT/profile_3b" ${TITAN_ARGS:-} \
     --metrics.enable_tensorboard false --metrics.disable_color_printing &&
-    "$PY" scripts/trace_summary.py "$trace" --steps 2 --who "copy|memcpy|CatArray" &&
+    "$PY" scripts/trace_summary.py "$trace" --steps 2 --top 45 --who "copy|memcpy|CatArray" &&
     "$PY" scripts/trace_summary.py "$trace" --steps 2 --who "elementwise|reduce_kernel" | tail -26
 }
 
@@ -617,7 +617,7 @@ for s in "${stages[@]}"; do
     bench1b) run_stage bench_1b scripts/bench.sh 1b; tail -6 "$OUT/bench_1b.log" ;;
     bench3b) run_stage bench_3b scripts/bench.sh 3b; tail -6 "$OUT/bench_3b.log" ;;
     profile1b) run_stage profile_1b do_profile1b; tail -28 "$OUT/profile_1b.log" ;;
-    profile3b) run_stage profile_3b do_profile3b; tail -80 "$OUT/profile_3b.log" | cut -c1-260 ;;
+    profile3b) run_stage profile_3b do_profile3b; tail -110 "$OUT/profile_3b.log" | cut -c1-260 ;;
     gdbtest) run_stage gdbtest do_gdbtest; tail -40 "$OUT/gdbtest.log" ;;
     snapshot1b) run_stage snapshot_1b do_snapshot1b; tail -14 "$OUT/snapshot_1b.log" ;;
     fsdp3b) REF_COMPILE="${REF_COMPILE:-0}" run_stage bench_fsdp3b scripts/bench.sh fsdp3b

@@ -5,7 +5,8 @@ copies), the GPU idle time between kernels (launch gaps), communication time lef
 (NCCL kernels running while no compute kernel runs), and the top kernels.
 With --who REGEX, also which host code launched the kernels whose names match (the enclosing
 titan scopes and ATen ops of each launch, by time).
-Usage: scripts/trace_summary.py TRACE.json [--steps N] [--who REGEX]"""
+--top N lists N kernels (15 by default).
+Usage: scripts/trace_summary.py TRACE.json [--steps N] [--top N] [--who REGEX]"""
 import json, re, sys
 from collections import defaultdict
 
@@ -78,7 +79,8 @@ def main():
         if per_cat[cat]:
             print(f"{cat:34s} {per_cat[cat]/1e3/steps:9.2f} {100*per_cat[cat]/total:6.1f}%")
     print("top kernels (ms/step, calls/step):")
-    for name, (d, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:15]:
+    top = int(sys.argv[sys.argv.index("--top") + 1]) if "--top" in sys.argv else 15
+    for name, (d, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]:
         print(f"  {d/1e3/steps:8.2f} {n//steps:5d}  {name}")
 
     if "--who" in sys.argv:

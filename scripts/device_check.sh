@@ -7,7 +7,7 @@
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
 # oom8b tp2 tp asynctp budget3b smoke2 pp cp terapipe1 terapipe float8 float8loss float8fsdp earlystep profile3b float8gemm
-# membench gemmbench gemmtune readme
+# membench gemmbench gemmtune ratios readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -596,6 +596,25 @@ do_earlystep() {
   done
 }
 
+# The single-GPU ratios of the float8 and activation-checkpointing issues in one call, each
+# beside the compiled reference: 3B every 2nd block checkpointed in float8 tensorwise and bf16,
+# titan's memory_budget (RATIO_BUDGET, default 0.45) against the reference's every 2nd block, and
+# 1B without checkpointing in bf16 and float8 tensorwise.
+do_ratios() {
+  local s
+  for s in 3b-fp8 3b; do
+    echo "== $s"
+    REF_COMPILE=1 OUT="$OUT/ratios" scripts/bench.sh "$s" | tail -2
+  done
+  echo "== 3b memory_budget ${RATIO_BUDGET:-0.45} (titan only; the reference is the 3b row's)"
+  REF_COMPILE= OUT="$OUT/ratios_budget" TITAN_ARGS="--activation_checkpoint.mode memory_budget \
+    --activation_checkpoint.memory_budget ${RATIO_BUDGET:-0.45}" scripts/bench.sh 3b | tail -1
+  for s in 1b 1b-fp8; do
+    echo "== $s"
+    REF_COMPILE=1 OUT="$OUT/ratios" scripts/bench.sh "$s" | tail -2
+  done
+}
+
 # Tuned GEMMs against cuBLAS's own pick (TITAN_GEMM_TUNING 1 / 0), alternating, twice each.
 do_gemmtune() {
   local size t
@@ -651,6 +670,7 @@ for s in "${stages[@]}"; do
     float8gemm) run_stage float8gemm bash -c "'$BUILD_DIR/titan_bench_float8' --tokens 8192 &&
       '$BUILD_DIR/titan_bench_float8' --tokens 16384"; cat "$OUT/float8gemm.log" ;;
     gemmtune) run_stage gemmtune do_gemmtune; cat "$OUT/gemmtune.log" ;;
+    ratios) run_stage ratios do_ratios; grep -E "^==|titan/ref|^titan:" "$OUT/ratios.log" ;;
     earlystep) run_stage earlystep do_earlystep; cat "$OUT/earlystep.log" | cut -c1-300 ;;
     terapipe1) run_stage terapipe1 do_terapipe1; cat "$OUT/terapipe1.log" | cut -c1-400 ;;
     terapipe | terapipe4) run_stage terapipe do_terapipe; cat "$OUT/terapipe.log" | cut -c1-400 ;;

@@ -358,21 +358,27 @@ Float8Operand Float8Linear::weight_operand(const LinearWeight& w, bool transpose
   return {transpose ? float8_transpose(w.data) : w.data, w.inv_scale};
 }
 
+// x W^T as [tokens, out] (plus `addend` [tokens, out], in the GEMM's epilogue where titan's
+// float8 GEMM runs it).
+at::Tensor Float8Linear::product(const at::Tensor& x, const LinearWeight& w,
+                                 at::Tensor* x_for_weight, const at::Tensor& amax,
+                                 const at::Tensor& addend) const {
+  const Float8Operand xa = cast_operand(x.reshape({-1, x.size(-1)}), at::kFloat8_e4m3fn,
+                                        x_for_weight, tp_.x, tp_.gather_x, amax);
+  return float8_mm(xa, weight_operand(w, /*transpose=*/false), x.scalar_type(), emulate_,
+                   /*fast_accum=*/true, addend);
+}
+
 at::Tensor Float8Linear::forward(const at::Tensor& x, const LinearWeight& w,
                                  at::Tensor* x_for_weight, const at::Tensor& amax) const {
-  const at::Tensor x2 = x.reshape({-1, x.size(-1)});
-  const Float8Operand xa =
-      cast_operand(x2, at::kFloat8_e4m3fn, x_for_weight, tp_.x, tp_.gather_x, amax);
-  at::Tensor y = float8_mm(xa, weight_operand(w, /*transpose=*/false), x.scalar_type(), emulate_,
-                           /*fast_accum=*/true);
+  at::Tensor y = product(x, w, x_for_weight, amax, {});
   if (tp_.gather_x) return y;  // [tp * tokens, out]
   auto sizes = x.sizes().vec();
   sizes.back() = w.data.size(0);
   return y.view(sizes);
 }
 
-// The residual goes into the GEMM's epilogue (one rounding, no separate add) where the product
-// runs through titan's float8 GEMM.
+// One rounding and no separate add: the residual is the product's addend.
 at::Tensor Float8Linear::forward_add(const at::Tensor& x, const LinearWeight& w,
                                      const at::Tensor& residual, at::Tensor* x_for_weight,
                                      const at::Tensor& amax) const {
@@ -380,13 +386,8 @@ at::Tensor Float8Linear::forward_add(const at::Tensor& x, const LinearWeight& w,
       residual.numel() != x.numel() / x.size(-1) * w.data.size(0)) {
     return Linear::forward_add(x, w, residual, x_for_weight, amax);
   }
-  const at::Tensor x2 = x.reshape({-1, x.size(-1)});
-  const Float8Operand xa =
-      cast_operand(x2, at::kFloat8_e4m3fn, x_for_weight, tp_.x, tp_.gather_x, amax);
-  const at::Tensor y =
-      float8_mm(xa, weight_operand(w, /*transpose=*/false), x.scalar_type(), emulate_,
-                /*fast_accum=*/true, residual.reshape({-1, w.data.size(0)}));
-  return y.view(residual.sizes());
+  return product(x, w, x_for_weight, amax, residual.reshape({-1, w.data.size(0)}))
+      .view(residual.sizes());
 }
 
 at::Tensor Float8Linear::backward_input(const at::Tensor& dy, const LinearWeight& w,

@@ -94,10 +94,9 @@ void Optimizer::apply_to(const std::vector<size_t>& which, const at::Tensor& gra
   if (cuda_fused(params_, o)) {
     at::Tensor divisor = grad_divisor.defined() ? grad_divisor.to(at::kFloat) : at::Tensor();
     for (size_t i : which) {
-      at::Tensor shadow = shadows_.empty() ? at::Tensor() : shadows_[i];
+      const at::Tensor shadow = shadows_.empty() ? at::Tensor() : shadows_[i];
       const bool bf16 = shadow.defined() && shadow.scalar_type() == at::kBFloat16;
-      if (bf16) shadow = at::Tensor();
-      const at::Tensor written = bf16 ? shadows_[i] : at::Tensor();
+      const at::Tensor written = bf16 ? shadow : at::Tensor();  // by the kernel itself
       // The stretch [begin, begin + n) in one launch, its amax into `amax` where defined.
       auto update = [&](int64_t begin, int64_t n, const at::Tensor& amax) {
         if (n == 0) return;
@@ -118,7 +117,7 @@ void Optimizer::apply_to(const std::vector<size_t>& which, const at::Tensor& gra
       } else {
         update(0, params_[i].numel(), at::Tensor());
       }
-      if (shadow.defined()) shadow.copy_(params_[i], true);
+      if (shadow.defined() && !bf16) shadow.copy_(params_[i], true);
     }
     return;
   }
@@ -210,17 +209,15 @@ bool Optimizer::take_amax(size_t i, std::vector<AmaxRange> ranges, const at::Ten
   std::vector<bool> slot_used(static_cast<size_t>(amax.numel()), false);
   for (const auto& r : ranges) {
     const int64_t stop = r.offset + r.numel;
-    // A launch zeroes its slot first: two ranges cannot share one.
-    if (r.slot >= 0 && r.slot < amax.numel()) {
-      if (slot_used[static_cast<size_t>(r.slot)]) return false;
-      slot_used[static_cast<size_t>(r.slot)] = true;
-    }
     // Each range and the stretch after it are launches of their own, on views that must start
-    // on 16 bytes (fp32 and the bf16 shadow).
+    // on 16 bytes (fp32 and the bf16 shadow); a launch zeroes its slot first, so two ranges
+    // cannot share one.
     if (r.offset < end || r.numel <= 0 || stop > params_[i].numel() || r.offset % 8 != 0 ||
-        (stop % 8 != 0 && stop != params_[i].numel()) || r.slot < 0 || r.slot >= amax.numel()) {
+        (stop % 8 != 0 && stop != params_[i].numel()) || r.slot < 0 || r.slot >= amax.numel() ||
+        slot_used[static_cast<size_t>(r.slot)]) {
       return false;
     }
+    slot_used[static_cast<size_t>(r.slot)] = true;
     end = stop;
   }
   if (amax_targets_.size() < params_.size()) amax_targets_.resize(params_.size());

@@ -107,6 +107,8 @@ class Float8Linear final : public Linear {
                                 const AmaxReduce& reduce, const TokenGather& gather,
                                 const at::Tensor& amax) const;
   Float8Operand weight_operand(const LinearWeight& w, bool transpose) const;
+  at::Tensor product(const at::Tensor& x, const LinearWeight& w, at::Tensor* x_for_weight,
+                     const at::Tensor& amax, const at::Tensor& addend) const;
   Float8Operand cast_operand(const at::Tensor& x2, at::ScalarType dtype, at::Tensor* for_weight,
                              const AmaxReduce& reduce, const TokenGather& gather,
                              const at::Tensor& amax) const;

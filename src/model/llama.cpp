@@ -77,12 +77,16 @@ at::Tensor* amax_for(const ops::Linear* projection, at::Tensor* amax) {
 }
 
 // The forward proper; `keep_all` stores every intermediate in `s`, otherwise only what the
-// Matmuls policy keeps (the caller drops more for InputOnly). Projections go through the
+// Matmuls policy keeps (the caller drops more for InputOnly). A recompute for the backward
+// passes `need_output` false: nothing there reads the block's output, so the last projection
+// (w2 and its residual add) is skipped and only its weight-gradient operand is formed, and an
+// undefined tensor is returned. Projections go through the
 // plan's Linears: under sequence parallel the column-parallel ones (q|k|v, w1|w3) gather the
 // token shards and return [B * S, out], the row-parallel ones (wo, w2) return the reduced
 // token shard, hence the views.
 at::Tensor forward_impl(const LlamaArgs& a, const BlockPlan& p, const BlockWeights& w,
-                        const Rope& rope, const at::Tensor& x, bool keep_all, BlockSaved& s) {
+                        const Rope& rope, const at::Tensor& x, bool keep_all, BlockSaved& s,
+                        bool need_output = true) {
   const int64_t b = x.size(0), seq = x.size(1) * p.seq_shards;
   const int64_t hd = p.head_dim, nh = p.n_heads, nkv = p.n_kv_heads;
   at::Tensor xn1_amax, hn2_amax, g_amax;
@@ -101,8 +105,12 @@ at::Tensor forward_impl(const LlamaArgs& a, const BlockPlan& p, const BlockWeigh
   at::Tensor hw;
   at::Tensor ab = p.w13->forward(hn2, {w.w13, w.w13_scale}, keep_all ? &hw : nullptr, hn2_amax);
   at::Tensor g = ops::swiglu_forward(ab, amax_for(p.w2, &g_amax));
-  at::Tensor gw;
-  at::Tensor out = p.w2->forward_add(g, {w.w2, w.w2_scale}, h, keep_all ? &gw : nullptr, g_amax);
+  at::Tensor gw, out;
+  if (need_output) {
+    out = p.w2->forward_add(g, {w.w2, w.w2_scale}, h, keep_all ? &gw : nullptr, g_amax);
+  } else if (keep_all) {
+    gw = p.w2->weight_input(g, g_amax);
+  }
   s.x = x;
   s.qkv = qkv;
   s.o = o;
@@ -149,11 +157,12 @@ at::Tensor block_backward(const LlamaArgs& a, const BlockPlan& p, const BlockWei
   const int64_t b = dout.size(0), seq = dout.size(1) * p.seq_shards;
   const int64_t hd = p.head_dim, nh = p.n_heads, nkv = p.n_kv_heads;
   if (s.policy == SavePolicy::InputOnly) {
-    // Recompute the block, keeping what the Matmuls policy keeps.
+    // Recompute the block up to w2's input, keeping every intermediate as the All policy does:
+    // the norms, RoPE and SwiGLU run once, and w2's product (the block output) not at all.
     at::Tensor x = s.x;
     s.clear();
-    forward_impl(a, p, w, rope, x, /*keep_all=*/false, s);
-    s.policy = SavePolicy::Matmuls;
+    forward_impl(a, p, w, rope, x, /*keep_all=*/true, s, /*need_output=*/false);
+    s.policy = SavePolicy::All;
   }
   if (s.policy == SavePolicy::Matmuls || s.policy == SavePolicy::Attention) {
     // Recompute the cheap elementwise parts from the saved matmul outputs (and, keeping only

@@ -90,7 +90,7 @@ CheckpointPolicy CheckpointPolicy::from_config(const config::ActivationCheckpoin
     // recompute cost of each as a fraction of the block's forward: its FLOPs (projections and
     // causal attention) at a matmul rate against the bytes the elementwise recompute of the
     // Matmuls policy moves (norms, RoPE, SwiGLU) at a memory rate; H100/H200 ratio of about
-    // 200 FLOP per byte.
+    // 200 FLOP per byte. Recomputing from the input alone skips w2 (its output is not needed).
     PolicyFigures bytes;
     for (auto kind : {model::SavePolicy::All, model::SavePolicy::Matmuls,
                       model::SavePolicy::Attention, model::SavePolicy::InputOnly}) {
@@ -105,10 +105,11 @@ CheckpointPolicy CheckpointPolicy::from_config(const config::ActivationCheckpoin
     const double elementwise_bytes = (4 * d + 2 * (q + kv) + 3 * f) / tp * 2 * 2;
     const double forward_cost = forward_flops / 200.0;
     const double w13_cost = 4.0 * d * f / tp / 200.0;
+    const double w2_cost = 2.0 * d * f / tp / 200.0;
     p.bytes_per_token = bytes;
-    p.choose_budget(
-        {0.0, elementwise_bytes, w13_cost + elementwise_bytes, forward_cost + elementwise_bytes},
-        forward_cost + elementwise_bytes);
+    p.choose_budget({0.0, elementwise_bytes, w13_cost + elementwise_bytes,
+                     forward_cost - w2_cost + elementwise_bytes},
+                    forward_cost + elementwise_bytes);
     return p;
   }
   TITAN_CHECK(ac.mode == "selective", "activation_checkpoint.mode: \"", ac.mode,

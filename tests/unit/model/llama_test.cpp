@@ -8,6 +8,7 @@
 #include "titan/model/layout.h"
 #include "titan/model/llama.h"
 #include "titan/model/llama_args.h"
+#include "titan/ops/float8.h"
 #include "titan/ops/rope.h"
 #include "titan/parallel/fsdp.h"
 #include "titan/util/error.h"
@@ -115,11 +116,13 @@ TEST(LlamaModel, ActivationCheckpointModesGiveTheSameGradients) {
 }
 
 // Every save policy (what the block keeps, what its backward recomputes) gives one block's
-// input gradient and weight gradients of keeping everything, to fp32 rounding.
+// input gradient and weight gradients of keeping everything, to fp32 rounding; with float8
+// projections (emulated) too. Recomputing from the input alone runs the forward's own code
+// (all but w2, whose output the backward does not read), so it gives exactly those of keeping
+// everything, float8 casts included.
 TEST(LlamaModel, EverySavePolicyGivesTheBlockGradientsOfKeepingEverything) {
   const auto args = test::tiny_llama_args();
   const auto block = model::llama_units(args).at(1);
-  const model::BlockPlan plan = model::BlockPlan::whole(args);
   const auto device = c10::Device(c10::kCPU);
   at::manual_seed(3);
   const model::ScratchBlock w = model::scratch_block(block, at::kFloat, device);
@@ -128,22 +131,36 @@ TEST(LlamaModel, EverySavePolicyGivesTheBlockGradientsOfKeepingEverything) {
   const model::Rope rope{cos, sin};
   const at::Tensor x = at::randn({2, seq, args.dim});
   const at::Tensor dy = at::randn({2, seq, args.dim});
-  auto run = [&](model::SavePolicy policy) {
-    at::Tensor grad = at::zeros({block.numel});
-    const model::BlockGrads g = model::block_views(block, grad);
-    model::BlockSaved saved;
-    const at::Tensor out = model::block_forward(args, plan, w.w, rope, x, policy, saved);
-    const at::Tensor dx = model::block_backward(args, plan, w.w, rope, dy, saved, g, false);
-    return std::tuple{out, dx, grad};
-  };
-  const auto [out, dx, grad] = run(model::SavePolicy::All);
-  for (auto policy :
-       {model::SavePolicy::Matmuls, model::SavePolicy::Attention, model::SavePolicy::InputOnly}) {
-    SCOPED_TRACE(model::save_policy_index(policy));
-    const auto [o, d, gr] = run(policy);
-    EXPECT_TRUE(at::equal(o, out));
-    EXPECT_LT(test::relative_error(d, dx), 1e-6);
-    EXPECT_LT(test::relative_error(gr, grad), 1e-6);
+  const ops::Float8Linear tensorwise(ops::Float8Recipe::Tensorwise, /*emulate=*/true);
+  const ops::Float8Linear rowwise(ops::Float8Recipe::Rowwise, /*emulate=*/true);
+  for (const ops::Linear* lin : {&ops::plain_linear(), static_cast<const ops::Linear*>(&tensorwise),
+                                 static_cast<const ops::Linear*>(&rowwise)}) {
+    model::BlockPlan plan = model::BlockPlan::whole(args);
+    plan.wqkv = plan.wo = plan.w13 = plan.w2 = lin;
+    SCOPED_TRACE(lin == &ops::plain_linear() ? "plain"
+                 : lin == &tensorwise        ? "tensorwise"
+                                             : "rowwise");
+    auto run = [&](model::SavePolicy policy) {
+      at::Tensor grad = at::zeros({block.numel});
+      const model::BlockGrads g = model::block_views(block, grad);
+      model::BlockSaved saved;
+      const at::Tensor out = model::block_forward(args, plan, w.w, rope, x, policy, saved);
+      const at::Tensor dx = model::block_backward(args, plan, w.w, rope, dy, saved, g, false);
+      return std::tuple{out, dx, grad};
+    };
+    const auto [out, dx, grad] = run(model::SavePolicy::All);
+    for (auto policy :
+         {model::SavePolicy::Matmuls, model::SavePolicy::Attention, model::SavePolicy::InputOnly}) {
+      SCOPED_TRACE(model::save_policy_index(policy));
+      const auto [o, d, gr] = run(policy);
+      EXPECT_TRUE(at::equal(o, out));
+      EXPECT_LT(test::relative_error(d, dx), 1e-6);
+      EXPECT_LT(test::relative_error(gr, grad), 1e-6);
+      if (policy == model::SavePolicy::InputOnly) {
+        EXPECT_TRUE(at::equal(d, dx));
+        EXPECT_TRUE(at::equal(gr, grad));
+      }
+    }
   }
 }
 

@@ -599,7 +599,7 @@ do_earlystep() {
 # The single-GPU ratios of the float8 and activation-checkpointing issues in one call, each
 # beside the compiled reference: 3B every 2nd block checkpointed in float8 tensorwise and bf16,
 # titan's memory_budget (RATIO_BUDGET, default 0.45) against the reference's every 2nd block, and
-# 1B without checkpointing in bf16 and float8 tensorwise.
+# 1B without checkpointing in bf16 and float8 tensorwise (RATIO_1B, default "1b 1b-fp8").
 do_ratios() {
   local s
   for s in 3b-fp8 3b; do
@@ -609,7 +609,7 @@ do_ratios() {
   echo "== 3b memory_budget ${RATIO_BUDGET:-0.45} (titan only; the reference is the 3b row's)"
   REF_COMPILE= OUT="$OUT/ratios_budget" TITAN_ARGS="--activation_checkpoint.mode memory_budget \
     --activation_checkpoint.memory_budget ${RATIO_BUDGET:-0.45}" scripts/bench.sh 3b | tail -1
-  for s in 1b 1b-fp8; do
+  for s in ${RATIO_1B:-1b 1b-fp8}; do
     echo "== $s"
     REF_COMPILE=1 OUT="$OUT/ratios" scripts/bench.sh "$s" | tail -2
   done

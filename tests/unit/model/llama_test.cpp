@@ -164,6 +164,51 @@ TEST(LlamaModel, EverySavePolicyGivesTheBlockGradientsOfKeepingEverything) {
   }
 }
 
+// A projection that counts its products and forwards to the plain one.
+class CountingLinear final : public ops::Linear {
+ public:
+  at::Tensor forward(const at::Tensor& x, const ops::LinearWeight& w, at::Tensor* x_for_weight,
+                     const at::Tensor& amax) const override {
+    ++products;
+    return ops::plain_linear().forward(x, w, x_for_weight, amax);
+  }
+  at::Tensor forward_add(const at::Tensor& x, const ops::LinearWeight& w,
+                         const at::Tensor& residual, at::Tensor* x_for_weight,
+                         const at::Tensor& amax) const override {
+    ++products;
+    return ops::plain_linear().forward_add(x, w, residual, x_for_weight, amax);
+  }
+  mutable int products = 0;
+};
+
+// The backward of a block recomputed from its input redoes every projection but w2: nothing
+// reads the block output there.
+TEST(LlamaModel, RecomputeFromTheInputSkipsTheLastProjection) {
+  const auto args = test::tiny_llama_args();
+  const auto block = model::llama_units(args).at(1);
+  at::manual_seed(4);
+  const model::ScratchBlock w = model::scratch_block(block, at::kFloat, c10::Device(c10::kCPU));
+  const int64_t seq = 8;
+  auto [cos, sin] = ops::rope_tables(args, seq, at::dtype(at::kFloat));
+  const model::Rope rope{cos, sin};
+  CountingLinear wqkv, wo, w13, w2;
+  model::BlockPlan plan = model::BlockPlan::whole(args);
+  plan.wqkv = &wqkv;
+  plan.wo = &wo;
+  plan.w13 = &w13;
+  plan.w2 = &w2;
+  model::BlockSaved saved;
+  const at::Tensor x = at::randn({1, seq, args.dim});
+  model::block_forward(args, plan, w.w, rope, x, model::SavePolicy::InputOnly, saved);
+  at::Tensor grad = at::zeros({block.numel});
+  model::block_backward(args, plan, w.w, rope, at::randn_like(x), saved,
+                        model::block_views(block, grad), false);
+  EXPECT_EQ(wqkv.products, 2);
+  EXPECT_EQ(wo.products, 2);
+  EXPECT_EQ(w13.products, 2);
+  EXPECT_EQ(w2.products, 1);
+}
+
 TEST(LlamaInit, SameWeightsWhateverTheSplit) {
   auto args = test::tiny_llama_args();
   auto units = model::llama_units(args);

@@ -353,7 +353,9 @@ TEST(Kernels, FusedAdamWMatchesReferenceUpdate) {
       kernels::adamw_step(q, g, qm, qv, s, hyper, divisor, true, amax);
       kernels::adamw_step(q2, g, qm2, qv2, s2, hyper, divisor, true);
       EXPECT_TRUE(at::equal(q, q2) && at::equal(qm, qm2) && at::equal(qv, qv2));
-      if (with_shadow) EXPECT_TRUE(at::equal(s, s2));
+      if (with_shadow) {
+        EXPECT_TRUE(at::equal(s, s2));
+      }
       const at::Tensor written = with_shadow ? s.to(at::kFloat) : q;
       EXPECT_EQ(amax.item<float>(), written.abs().max().item<float>());
       EXPECT_EQ(amax.item<float>(), written[largest_at].abs().item<float>());

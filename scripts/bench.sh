@@ -52,7 +52,8 @@ ref_env=()
 [ -n "${REF_ALLOC_CONF+set}" ] && ref_env=(PYTORCH_CUDA_ALLOC_CONF="$REF_ALLOC_CONF")
 for compile in ${REF_COMPILE-0 1}; do
   echo "== reference (compile=$compile): $flavor batch $batch seq $seq ac $ac float8 $float8 on $nproc GPU(s)"
-  line="$(env "${ref_env[@]}" "$PY" -m torch.distributed.run --standalone --nproc_per_node="$nproc" "$ref" \
+  line="$(env "${ref_env[@]}" "$PY" -m torch.distributed.run --standalone \
+    --nproc_per_node="$nproc" "$ref" \
     --flavor "$flavor" --batch "$batch" --seq "$seq" --compile "$compile" "${ref_ac[@]}" \
     --steps "${REF_STEPS:-30}" --warmup "${REF_WARMUP:-10}" 2>&1 |
     tee "$OUT/ref_${scenario}_c$compile.log" | grep '^{' | tail -1)"

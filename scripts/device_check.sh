@@ -6,7 +6,7 @@
 # let them dry-run on CPU (PYTHON standing in for torchrun, BUILD_DIR=build).
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
-# oom8b tp2 tp asynctp budget3b smoke2 pp cp terapipe1 terapipe float8 float8loss float8fsdp earlystep profile3b float8gemm
+# ckpt1b oom8b tp2 tp asynctp budget3b smoke2 pp cp terapipe1 terapipe float8 float8loss float8fsdp earlystep profile3b float8gemm
 # membench gemmbench gemmtune ratios readme
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
@@ -311,6 +311,26 @@ do_ckpt8b() {
   echo "== resume from step 6, asynchronous save (pinned memory) at step 9"
   trun "$(ngpu)" "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 9 \
     --checkpoint.async_mode async_with_pinned_mem 2>&1 | grep -E "checkpoint|resum|step:|error"
+  du -sh "$dump"/checkpoint/* 2>/dev/null
+  rm -rf "$dump"
+}
+
+# Checkpoint I/O on one GPU, 1B (18 GiB per full save, dump folder on tmpfs): synchronous saves
+# at steps 3 and 6, then a resume and an asynchronous save (pinned memory) at step 9.
+# CKPT_ARGS: more titan_train arguments.
+do_ckpt1b() {
+  local dump=/dev/shm/titan_ckpt1b common
+  rm -rf "$dump"
+  common=(--job.config_file configs/llama3_1b.toml --training.local_batch_size 4
+    --training.seq_len 2048 --activation_checkpoint.mode none --metrics.log_freq 3
+    --checkpoint.enable --checkpoint.interval 3 --checkpoint.last_save_model_only false
+    --checkpoint.keep_latest_k 1 --job.dump_folder "$dump" --metrics.enable_tensorboard false
+    --metrics.disable_color_printing ${CKPT_ARGS:-})
+  echo "== 1B, one GPU: synchronous saves at steps 3 and 6 ($BUILD_DIR)"
+  "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 6 2>&1 | grep -E "checkpoint|error"
+  echo "== resume from step 6, asynchronous save (pinned memory) at step 9"
+  "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 9 \
+    --checkpoint.async_mode async_with_pinned_mem 2>&1 | grep -E "checkpoint|resum|error"
   du -sh "$dump"/checkpoint/* 2>/dev/null
   rm -rf "$dump"
 }
@@ -670,6 +690,7 @@ for s in "${stages[@]}"; do
     float8gemm) run_stage float8gemm bash -c "'$BUILD_DIR/titan_bench_float8' --tokens 8192 &&
       '$BUILD_DIR/titan_bench_float8' --tokens 16384"; cat "$OUT/float8gemm.log" ;;
     gemmtune) run_stage gemmtune do_gemmtune; cat "$OUT/gemmtune.log" ;;
+    ckpt1b) run_stage ckpt1b do_ckpt1b; cat "$OUT/ckpt1b.log" ;;
     ratios) run_stage ratios do_ratios; grep -E "^==|titan/ref|^titan:" "$OUT/ratios.log" ;;
     earlystep) run_stage earlystep do_earlystep; cat "$OUT/earlystep.log" | cut -c1-300 ;;
     terapipe1) run_stage terapipe1 do_terapipe1; cat "$OUT/terapipe1.log" | cut -c1-400 ;;

@@ -439,14 +439,14 @@ void Checkpointer::write_files(Snapshot& snap_ref) {
   for (const auto& [name, info] : decl) total_bytes += static_cast<double>(info.end - info.begin);
   util::Progress progress("checkpoint: writing step " + std::to_string(snap->step), total_bytes,
                           "GiB", 1073741824.0);
+  std::vector<TensorToWrite> saved;
   for (const auto& e : snap->entries) {
-    at::Tensor host =
-        e.host.defined()
-            ? e.host
-            : e.source.to(at::kCPU, kind_is_model(e.kind) ? snap->dtype : at::kFloat).contiguous();
-    writer.write(e.key(), host);
-    progress.advance(static_cast<double>(host.numel() * host.element_size()));
+    saved.push_back({e.key(), e.host.defined() ? e.host : e.source,
+                     kind_is_model(e.kind) ? snap->dtype : at::kFloat});
   }
+  // A device's state comes to the host in chunks while the chunk before is written.
+  write_pipelined(writer, saved, int64_t(32) * kCrcBlockBytes,
+                  [&](int64_t bytes) { progress.advance(static_cast<double>(bytes)); });
   progress.finish();
   for (const auto& [name, t] : snap->rng) writer.write(name, t.contiguous());
   const int64_t bytes = writer.close();

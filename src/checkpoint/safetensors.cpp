@@ -7,8 +7,16 @@
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
+#include <exception>
+#include <future>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 #include "titan/util/crc32c.h"
 #include "titan/util/error.h"
@@ -104,21 +112,130 @@ SafetensorsWriter::~SafetensorsWriter() {
 }
 
 void SafetensorsWriter::write(const std::string& name, const at::Tensor& t) {
-  TITAN_INTERNAL_CHECK(next_ < tensors_.size() && tensors_[next_].first == name,
-                       "safetensors tensor ", name, " written out of order in ", path_);
-  const TensorInfo& info = tensors_[next_++].second;
+  TITAN_INTERNAL_CHECK(
+      next_ < tensors_.size() && tensors_[next_].first == name && written_of_next_ == 0,
+      "safetensors tensor ", name, " written out of order in ", path_);
+  const TensorInfo& info = tensors_[next_].second;
   TITAN_INTERNAL_CHECK(!t.is_cuda() && t.is_contiguous() &&
                            safetensors_dtype(t.scalar_type()) == info.dtype &&
                            t.numel() == info.numel(),
                        "tensor ", name, " does not match its declaration in ", path_);
-  const size_t bytes = static_cast<size_t>(info.end - info.begin);
-  write_all(fd_, t.data_ptr(), bytes, path_);
-  auto& blocks = crcs_[name];
-  const auto* p = static_cast<const char*>(t.data_ptr());
-  for (size_t off = 0; off < bytes; off += static_cast<size_t>(kCrcBlockBytes)) {
-    blocks.push_back(
-        util::crc32c(p + off, std::min(bytes - off, static_cast<size_t>(kCrcBlockBytes))));
+  write_part(name, t.data_ptr(), static_cast<size_t>(info.end - info.begin));
+}
+
+void SafetensorsWriter::write_part(const std::string& name, const void* data, size_t bytes) {
+  TITAN_INTERNAL_CHECK(next_ < tensors_.size() && tensors_[next_].first == name,
+                       "safetensors tensor ", name, " written out of order in ", path_);
+  const TensorInfo& info = tensors_[next_].second;
+  const auto total = static_cast<size_t>(info.end - info.begin);
+  const auto block = static_cast<size_t>(kCrcBlockBytes);
+  TITAN_INTERNAL_CHECK(written_of_next_ + bytes <= total &&
+                           (written_of_next_ + bytes == total || bytes % block == 0),
+                       "part of ", bytes, " bytes of tensor ", name, " in ", path_,
+                       ": parts are whole CRC blocks, and no more than the tensor's bytes");
+  const auto* p = static_cast<const char*>(data);
+  std::vector<uint32_t> crcs;
+  auto take_crcs = [&] {
+    for (size_t off = 0; off < bytes; off += block) {
+      crcs.push_back(util::crc32c(p + off, std::min(bytes - off, block)));
+    }
+  };
+  if (bytes >= 2 * block) {
+    // The future's destructor waits for the CRCs if the write throws.
+    auto crc_job = std::async(std::launch::async, take_crcs);
+    write_all(fd_, p, bytes, path_);
+    crc_job.get();
+  } else {
+    write_all(fd_, p, bytes, path_);
+    take_crcs();
   }
+  auto& blocks = crcs_[name];
+  blocks.insert(blocks.end(), crcs.begin(), crcs.end());
+  written_of_next_ += bytes;
+  if (written_of_next_ == total) {
+    ++next_;
+    written_of_next_ = 0;
+  }
+}
+
+void write_pipelined(SafetensorsWriter& writer, const std::vector<TensorToWrite>& tensors,
+                     int64_t chunk_bytes, const std::function<void(int64_t)>& on_written) {
+  TITAN_INTERNAL_CHECK(chunk_bytes > 0 && chunk_bytes % kCrcBlockBytes == 0,
+                       "write_pipelined: chunks of ", chunk_bytes,
+                       " bytes are not whole CRC blocks");
+  struct Chunk {
+    size_t tensor = 0;
+    at::Tensor host;
+  };
+  constexpr size_t kQueued = 2;
+  std::mutex mu;
+  std::condition_variable changed;
+  std::deque<Chunk> queue;
+  bool produced_all = false, stop = false;
+  std::exception_ptr error;
+  auto fail_with = [&](std::exception_ptr e) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!error) error = e;
+    stop = true;
+    changed.notify_all();
+  };
+  std::thread consumer([&] {
+    try {
+      for (;;) {
+        Chunk c;
+        {
+          std::unique_lock<std::mutex> lock(mu);
+          changed.wait(lock, [&] { return !queue.empty() || produced_all || stop; });
+          if (stop || queue.empty()) return;
+          c = std::move(queue.front());
+          queue.pop_front();
+        }
+        changed.notify_all();
+        const auto bytes = static_cast<size_t>(c.host.numel() * c.host.element_size());
+        writer.write_part(tensors[c.tensor].name, c.host.data_ptr(), bytes);
+        if (on_written) on_written(static_cast<int64_t>(bytes));
+      }
+    } catch (...) {
+      fail_with(std::current_exception());
+    }
+  });
+  try {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const TensorToWrite& t = tensors[i];
+      const int64_t numel = t.data.numel();
+      const int64_t per_chunk = chunk_bytes / static_cast<int64_t>(c10::elementSize(t.dtype));
+      int64_t first = 0;
+      do {
+        const at::Tensor piece = t.data.narrow(0, first, std::min(per_chunk, numel - first));
+        at::Tensor host;
+        if (piece.is_cuda()) {
+          const at::Tensor converted = piece.to(t.dtype);
+          host = at::empty({converted.numel()},
+                           converted.options().device(at::kCPU).pinned_memory(true));
+          host.copy_(converted);
+        } else {
+          host = piece.to(t.dtype).contiguous();
+        }
+        std::unique_lock<std::mutex> lock(mu);
+        changed.wait(lock, [&] { return queue.size() < kQueued || stop; });
+        if (stop) break;
+        queue.push_back({i, std::move(host)});
+        changed.notify_all();
+        first += per_chunk;
+      } while (first < numel);
+      std::lock_guard<std::mutex> lock(mu);
+      if (stop) break;
+    }
+  } catch (...) {
+    fail_with(std::current_exception());
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    produced_all = true;
+  }
+  changed.notify_all();
+  consumer.join();
+  if (error) std::rethrow_exception(error);
 }
 
 int64_t SafetensorsWriter::close() {

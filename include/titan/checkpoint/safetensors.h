@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -34,6 +35,10 @@ class SafetensorsWriter {
   ~SafetensorsWriter();
   // Appends the next declared tensor's bytes (contiguous CPU tensor of the declared dtype).
   void write(const std::string& name, const at::Tensor& cpu_tensor);
+  // Appends the next `bytes` of the declared tensor being written (`name`; parts in order, each
+  // but a tensor's last a whole number of kCrcBlockBytes blocks). Its CRCs are taken on a
+  // second thread while this one writes.
+  void write_part(const std::string& name, const void* data, size_t bytes);
   // Flushes and fsyncs; returns the file's size. Throws titan::Error on any I/O failure.
   int64_t close();
   // CRC-32C of each kCrcBlockBytes block of each tensor's bytes (valid after writing), so a
@@ -44,11 +49,28 @@ class SafetensorsWriter {
   std::string path_;
   std::vector<std::pair<std::string, TensorInfo>> tensors_;
   size_t next_ = 0;
+  size_t written_of_next_ = 0;  // bytes of tensors_[next_] written so far
   int fd_ = -1;
   std::map<std::string, std::vector<uint32_t>> crcs_;
 };
 
 constexpr int64_t kCrcBlockBytes = int64_t(4) << 20;
+
+// One tensor for write_pipelined: its declared name, its data (1-D, on the host or a device)
+// and the dtype it is written in.
+struct TensorToWrite {
+  std::string name;
+  at::Tensor data;
+  at::ScalarType dtype;
+};
+
+// Writes `tensors` (the writer's next declared ones, in order) in chunks of `chunk_bytes` (a
+// whole number of kCrcBlockBytes): the calling thread brings each chunk to the host (a
+// device's converted there and copied into pinned memory) while a second thread writes the
+// chunk before it, so the device copy, the write and the CRCs overlap. At most two chunks wait
+// between the threads. `on_written(bytes)` runs on the writing thread after each chunk.
+void write_pipelined(SafetensorsWriter& writer, const std::vector<TensorToWrite>& tensors,
+                     int64_t chunk_bytes, const std::function<void(int64_t)>& on_written = {});
 
 class SafetensorsReader {
  public:

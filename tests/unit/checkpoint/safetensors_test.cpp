@@ -95,6 +95,65 @@ TEST(CheckpointSafetensors, BlockCrcsCoverEveryBlockOfEachTensor) {
   EXPECT_EQ(crcs.at("small")[0], util::crc32c(small.data_ptr(), 20));
 }
 
+TEST(CheckpointSafetensors, PipelinedChunksWriteTheSameBytesAndCrcsAsWholeTensors) {
+  test::TempDir dir;
+  at::manual_seed(1);
+  const int64_t block_floats = checkpoint::kCrcBlockBytes / 4;
+  // Written in one-block chunks: 3 whole chunks and a partial one; a tensor converted to bf16
+  // on the way (2 blocks of bf16 per chunk); an empty tensor; one smaller than a block.
+  const at::Tensor big = at::randn({3 * block_floats + 123});
+  const at::Tensor halved = at::randn({5 * block_floats + 7});
+  const at::Tensor empty = at::empty({0});
+  const at::Tensor tiny = at::randn({9});
+  auto crcs = write_tensors(
+      dir.file("whole.safetensors"),
+      {{"big", big}, {"halved", halved.to(at::kBFloat16)}, {"empty", empty}, {"tiny", tiny}});
+  std::vector<std::pair<std::string, TensorInfo>> decl = {
+      {"big", declared(at::kFloat, {big.numel()})},
+      {"halved", declared(at::kBFloat16, {halved.numel()})},
+      {"empty", declared(at::kFloat, {0})},
+      {"tiny", declared(at::kFloat, {9})}};
+  // The declared shapes are 1-D here; the whole-tensor file declares the same.
+  SafetensorsWriter w(dir.file("chunks.safetensors"), decl,
+                      {{"format", "pt"}, {"note", "unit test"}});
+  int64_t reported = 0;
+  checkpoint::write_pipelined(w,
+                              {{"big", big, at::kFloat},
+                               {"halved", halved, at::kBFloat16},
+                               {"empty", empty, at::kFloat},
+                               {"tiny", tiny, at::kFloat}},
+                              checkpoint::kCrcBlockBytes, [&](int64_t b) { reported += b; });
+  w.close();
+  EXPECT_EQ(reported, (big.numel() + 9) * 4 + halved.numel() * 2);
+  EXPECT_EQ(w.block_crcs(), crcs);
+  EXPECT_EQ(w.block_crcs().at("big").size(), 4u);
+  EXPECT_EQ(test::read_file(dir.file("chunks.safetensors")),
+            test::read_file(dir.file("whole.safetensors")));
+
+  // Parts must be whole blocks (but for a tensor's last) and fit the tensor; chunks whole
+  // blocks.
+  SafetensorsWriter bad(dir.file("bad.safetensors"), decl);
+  std::vector<char> bytes(checkpoint::kCrcBlockBytes + 8);
+  EXPECT_THROW(bad.write_part("big", bytes.data(), 100), InternalError);
+  EXPECT_THROW(bad.write_part("halved", bytes.data(), checkpoint::kCrcBlockBytes), InternalError);
+  EXPECT_THROW(
+      checkpoint::write_pipelined(bad, {{"big", big, at::kFloat}}, checkpoint::kCrcBlockBytes / 2),
+      InternalError);
+}
+
+TEST(CheckpointSafetensors, PipelinedWriteStopsAtTheFirstFailure) {
+  test::TempDir dir;
+  std::vector<std::pair<std::string, TensorInfo>> decl = {{"a", declared(at::kFloat, {4})},
+                                                          {"b", declared(at::kFloat, {4})}};
+  SafetensorsWriter w(dir.file("x.safetensors"), decl);
+  // "b" holds 5 elements but is declared with 4: the writing thread's check fails, and the
+  // failure reaches the caller.
+  EXPECT_THROW(checkpoint::write_pipelined(
+                   w, {{"a", at::ones({4}), at::kFloat}, {"b", at::ones({5}), at::kFloat}},
+                   checkpoint::kCrcBlockBytes),
+               InternalError);
+}
+
 TEST(CheckpointSafetensors, WritesThatBreakTheDeclarationAreRejected) {
   test::TempDir dir;
   const std::vector<std::pair<std::string, TensorInfo>> decl = {

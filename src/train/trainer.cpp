@@ -698,7 +698,7 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
   ++step_;
   optimizer_->prepare(scheduler_->lr_at(step_));
 #ifdef TITAN_WITH_CUDA
-  if (graph_eligible() && !(graph_ && graph_->failed) && step_ > graph_warmup_steps_) {
+  if (graph_eligible() && !(graph_ && graph_->failed) && eager_steps_ >= graph_warmup_steps_) {
     if (!graph_) {
       graph_ = std::make_unique<StepGraph>();
       for (const auto& b : batches)
@@ -742,11 +742,13 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
       cudaGetLastError();
       graph_->failed = true;
       fsdp_->release_all();
+      for (auto& stage : stages_) stage->abandon_step();
     }
   }
 #endif
   std::vector<at::Tensor> tokens;
   for (const auto& b : batches) tokens.push_back(b.to(device, /*non_blocking=*/true));
+  ++eager_steps_;
   return step_body(tokens);
 }
 

@@ -95,7 +95,10 @@ class Trainer {
                                                 bool pin_memory) const;
   struct StepGraph;
   std::unique_ptr<StepGraph> graph_;
+  // Eager steps this process runs before capturing one (counted from its own start, so a
+  // resumed run warms up too: lazy set-up such as kernel probes cannot be captured).
   int64_t graph_warmup_steps_ = 2;
+  int64_t eager_steps_ = 0;
   struct EarlyStep;  // the side stream of early_step_in_backward
   std::unique_ptr<EarlyStep> early_;
 

@@ -82,6 +82,14 @@ void Stage::begin_step(int microbatches) {
                        " starts a step holding ", saved_.size(), " microbatches");
 }
 
+void Stage::abandon_step() {
+  saved_.clear();
+  slice_kv_.clear();
+  weight_passes_.clear();
+  forwards_done_ = 0;
+  backwards_done_ = 0;
+}
+
 at::Tensor Stage::embed(const at::Tensor& tokens) {
   // With unsharded storage the fp32 table is read directly: no full-table cast per step.
   const size_t unit = units_.front();

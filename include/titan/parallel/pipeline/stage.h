@@ -85,6 +85,9 @@ class Stage {
   // A new optimizer step of `microbatches` microbatches: the last one's backward reduces the
   // gradients.
   void begin_step(int microbatches);
+  // Drops what a step that did not finish left behind (its saved microbatches): a failed CUDA
+  // graph capture, before the step runs again eagerly.
+  void abandon_step();
 
   // Forward of microbatch `mb`. The first stage takes token ids [B, S], the others the previous
   // stage's output [B, S, D]. The last stage needs `labels` ([B * S] ids): it adds the sum of

@@ -297,43 +297,31 @@ do_titan3b() {
   "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/titan3b/metrics.jsonl')][-1];print('3B titan: tps', round(r['tps']), 'mfu', round(r['mfu'],2), 'allocated GiB', round(r['max_active_memory_gib'],1))"
 }
 
-do_ckpt8b() {
-  local dump=/dev/shm/titan_ckpt8b common
+# Checkpoint I/O (dump folder on tmpfs): synchronous saves at steps 3 and 6, then a resume
+# and an asynchronous save (pinned memory) at step 9. ckpt_io NPROC LABEL CONFIG BATCH SEQ;
+# CKPT_ARGS: more titan_train arguments.
+ckpt_io() {
+  local n="$1" label="$2" dump=/dev/shm/titan_ckpt common launch
   rm -rf "$dump"
-  common=(--job.config_file configs/llama3_8b.toml --training.local_batch_size 2
-    --training.seq_len 4096 --activation_checkpoint.mode none --metrics.log_freq 5
+  common=(--job.config_file "$3" --training.local_batch_size "$4"
+    --training.seq_len "$5" --activation_checkpoint.mode none --metrics.log_freq 3
     --checkpoint.enable --checkpoint.interval 3 --checkpoint.last_save_model_only false
     --checkpoint.keep_latest_k 1 --job.dump_folder "$dump" --metrics.enable_tensorboard false
-    --metrics.disable_color_printing)
-  echo "== 8B FSDP-4: synchronous saves at steps 3 and 6 (dump folder on tmpfs)"
-  trun "$(ngpu)" "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 6 2>&1 |
-    grep -E "checkpoint|step:|error"
+    --metrics.disable_color_printing ${CKPT_ARGS:-})
+  launch=("$BUILD_DIR/titan_train")
+  [ "$n" -gt 1 ] && launch=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$n"
+    --no-python "$BUILD_DIR/titan_train")
+  echo "== $label: synchronous saves at steps 3 and 6 ($BUILD_DIR)"
+  "${launch[@]}" "${common[@]}" --training.steps 6 2>&1 | grep -E "checkpoint|step:|error"
   echo "== resume from step 6, asynchronous save (pinned memory) at step 9"
-  trun "$(ngpu)" "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 9 \
+  "${launch[@]}" "${common[@]}" --training.steps 9 \
     --checkpoint.async_mode async_with_pinned_mem 2>&1 | grep -E "checkpoint|resum|step:|error"
   du -sh "$dump"/checkpoint/* 2>/dev/null
   rm -rf "$dump"
 }
-
-# Checkpoint I/O on one GPU, 1B (18 GiB per full save, dump folder on tmpfs): synchronous saves
-# at steps 3 and 6, then a resume and an asynchronous save (pinned memory) at step 9.
-# CKPT_ARGS: more titan_train arguments.
-do_ckpt1b() {
-  local dump=/dev/shm/titan_ckpt1b common
-  rm -rf "$dump"
-  common=(--job.config_file configs/llama3_1b.toml --training.local_batch_size 4
-    --training.seq_len 2048 --activation_checkpoint.mode none --metrics.log_freq 3
-    --checkpoint.enable --checkpoint.interval 3 --checkpoint.last_save_model_only false
-    --checkpoint.keep_latest_k 1 --job.dump_folder "$dump" --metrics.enable_tensorboard false
-    --metrics.disable_color_printing ${CKPT_ARGS:-})
-  echo "== 1B, one GPU: synchronous saves at steps 3 and 6 ($BUILD_DIR)"
-  "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 6 2>&1 | grep -E "checkpoint|error"
-  echo "== resume from step 6, asynchronous save (pinned memory) at step 9"
-  "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 9 \
-    --checkpoint.async_mode async_with_pinned_mem 2>&1 | grep -E "checkpoint|resum|error"
-  du -sh "$dump"/checkpoint/* 2>/dev/null
-  rm -rf "$dump"
-}
+do_ckpt8b() { ckpt_io "$(ngpu)" "8B FSDP-$(ngpu)" configs/llama3_8b.toml 2 4096; }
+# 1B on one GPU: 16.7 GiB per save with the AdamW moments.
+do_ckpt1b() { ckpt_io 1 "1B, one GPU" configs/llama3_1b.toml 4 2048; }
 
 # Tensor parallel over NCCL on 2 GPUs: bf16 loss parity of tp 2 (sync, async, gathered logits)
 # with one GPU on the debug model; then 8B on 2 GPUs, FSDP 2 against tp 2 and async tp 2 at the

@@ -646,10 +646,12 @@ at::Tensor read_verified(const SafetensorsReader& reader, const Chunk& c, int64_
               " is corrupted: its header has no tensor ", c.key, " (the index lists one)");
   const TensorInfo& info = reader.info(c.key);
   const int64_t es = static_cast<int64_t>(c10::elementSize(scalar_type_of(info.dtype)));
-  TITAN_CHECK(c.block_bytes > 0 && c.block_bytes % es == 0 && first >= 0 && count >= 0 &&
-                  first + count <= info.numel(),
-              "checkpoint file ", reader.path(), " is corrupted: tensor ", c.key, " holds ",
-              info.numel(), " elements, the index asks for [", first, ", ", first + count, ")");
+  TITAN_CHECK(c.block_bytes > 0 && c.block_bytes % es == 0, "checkpoint index of ", reader.path(),
+              " is corrupted: CRC blocks of ", c.block_bytes, " bytes for tensor ", c.key, " of ",
+              es, "-byte elements");
+  TITAN_CHECK(first >= 0 && count >= 0 && first + count <= info.numel(), "checkpoint file ",
+              reader.path(), " is corrupted: tensor ", c.key, " holds ", info.numel(),
+              " elements, the index asks for [", first, ", ", first + count, ")");
   const int64_t total = info.end - info.begin;
   const int64_t lo = (first * es) / c.block_bytes * c.block_bytes;
   const int64_t hi =

@@ -123,6 +123,14 @@ void SafetensorsWriter::write(const std::string& name, const at::Tensor& t) {
   write_part(name, t.data_ptr(), static_cast<size_t>(info.end - info.begin));
 }
 
+const TensorInfo& SafetensorsWriter::declared(const std::string& name) const {
+  for (const auto& [n, info] : tensors_) {
+    if (n == name) return info;
+  }
+  TITAN_INTERNAL_CHECK(false, "tensor ", name, " is not declared in ", path_);
+  return tensors_.front().second;  // unreachable
+}
+
 void SafetensorsWriter::write_part(const std::string& name, const void* data, size_t bytes) {
   TITAN_INTERNAL_CHECK(next_ < tensors_.size() && tensors_[next_].first == name,
                        "safetensors tensor ", name, " written out of order in ", path_);
@@ -163,6 +171,13 @@ void write_pipelined(SafetensorsWriter& writer, const std::vector<TensorToWrite>
   TITAN_INTERNAL_CHECK(chunk_bytes > 0 && chunk_bytes % kCrcBlockBytes == 0,
                        "write_pipelined: chunks of ", chunk_bytes,
                        " bytes are not whole CRC blocks");
+  for (const auto& t : tensors) {
+    const TensorInfo& info = writer.declared(t.name);
+    TITAN_INTERNAL_CHECK(safetensors_dtype(t.dtype) == info.dtype && t.data.numel() == info.numel(),
+                         "tensor ", t.name, " (", t.data.numel(), " elements as ",
+                         safetensors_dtype(t.dtype), ") does not match its declaration (",
+                         info.numel(), " as ", info.dtype, ")");
+  }
   struct Chunk {
     size_t tensor = 0;
     at::Tensor host;

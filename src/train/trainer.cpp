@@ -558,6 +558,7 @@ void Trainer::report_memory_estimate() {
 struct Trainer::StepGraph {
 #ifdef TITAN_WITH_CUDA
   at::cuda::CUDAGraph graph;
+  at::cuda::MempoolId_t pool{0, 0};  // the capture's private memory pool
 #endif
   std::vector<at::Tensor> tokens;
   at::Tensor loss, grad_norm;
@@ -714,14 +715,21 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
     // by the eager warm-up go back first so the graph's private pool can reuse that memory.
     synchronize(device);
     c10::cuda::CUDACachingAllocator::emptyCache();
+    bool pool_in_use = false;
     try {
-      graph_->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+      graph_->pool = at::cuda::graph_pool_handle();
+      graph_->graph.capture_begin(graph_->pool, cudaStreamCaptureModeThreadLocal);
+      pool_in_use = true;
       try {
         std::tie(graph_->loss, graph_->grad_norm) = step_body(graph_->tokens);
+        // Test-only hook (tests/gpu/training_test.cpp): a capture that fails at its end.
+        if (std::getenv("TITAN_TEST_FAIL_GRAPH_CAPTURE")) fail("test hook failed the capture");
       } catch (...) {
         cudaGraph_t partial = nullptr;
         cudaStreamEndCapture(at::cuda::getCurrentCUDAStream().stream(), &partial);
         if (partial) cudaGraphDestroy(partial);
+        // capture_end never runs: stop routing allocations to the capture's pool here.
+        c10::cuda::CUDACachingAllocator::endAllocateToPool(device.index(), graph_->pool);
         throw;
       }
       graph_->graph.capture_end();
@@ -741,8 +749,16 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
       log::warn("CUDA graph capture failed ({}); this run continues without graphs", what);
       cudaGetLastError();
       graph_->failed = true;
-      fsdp_->release_all();
+      // Nothing captured ran: the weights are unchanged, but the host-side state the step set
+      // (gathered units, float8 amaxes said to come from the update) is dropped and retaken.
+      fsdp_->weights_changed();
       for (auto& stage : stages_) stage->abandon_step();
+      graph_->loss = at::Tensor();
+      graph_->grad_norm = at::Tensor();
+      // What the failed capture allocated goes back to the eager steps once it is freed.
+      if (pool_in_use) {
+        c10::cuda::CUDACachingAllocator::releasePool(device.index(), graph_->pool);
+      }
     }
   }
 #endif

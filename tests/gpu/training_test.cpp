@@ -102,11 +102,37 @@ TEST(GpuTraining, ResumedRunWithCudaGraphsContinuesTheLossCurve) {
   run(split, 4);
   const std::string resumed = run(split, 10);
   EXPECT_NE(resumed.find("resuming after step 4"), std::string::npos) << resumed;
-  EXPECT_NE(resumed.find("CUDA graph: captured"), std::string::npos) << resumed;
+  // Two eager steps (5, 6), then the capture.
+  EXPECT_NE(resumed.find("replaying it from step 7"), std::string::npos) << resumed;
   const auto a = test::read_losses(whole + "/metrics.jsonl");
   const auto b = test::read_losses(split + "/metrics.jsonl");
   ASSERT_EQ(a.size(), 10u);
   ASSERT_EQ(b.size(), 10u);  // steps 1-4, then 5-10 appended by the resumed run
   // As CudaGraphStepsEqualEagerSteps: atomics in the backward make runs differ around 1e-5.
   for (size_t i = 4; i < a.size(); ++i) EXPECT_NEAR(b[i], a[i], 1e-3 * a[i]) << i;
+}
+
+// A capture that fails (here at its end, by a test hook) leaves the run on eager steps with
+// the same losses, its memory pool released and no microbatch left behind.
+TEST(GpuTraining, FailedCaptureContinuesWithEagerSteps) {
+  test::TempDir dir;
+  auto run = [&](const std::string& name, const std::string& graphs, std::vector<std::string> env) {
+    const std::string out = dir.file(name);
+    env.push_back("TITAN_ATTENTION=flash");
+    auto r = test::run_process(
+        {TITAN_TRAIN_BINARY, "--job.config_file",
+         std::string(TITAN_SOURCE_DIR) + "/configs/debug_model.toml", "--training.steps", "8",
+         "--metrics.log_freq", "1", "--training.use_cuda_graphs", graphs, "--job.dump_folder", out},
+        env);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return std::make_pair(r.output, test::read_losses(out + "/metrics.jsonl"));
+  };
+  const auto [failed_log, failed] = run("failed", "true", {"TITAN_TEST_FAIL_GRAPH_CAPTURE=1"});
+  const auto [eager_log, eager] = run("eager", "false", {});
+  EXPECT_NE(failed_log.find("CUDA graph capture failed (test hook"), std::string::npos)
+      << failed_log;
+  EXPECT_EQ(failed_log.find("CUDA graph: captured"), std::string::npos) << failed_log;
+  ASSERT_EQ(failed.size(), 8u);
+  ASSERT_EQ(eager.size(), 8u);
+  for (size_t i = 0; i < eager.size(); ++i) EXPECT_NEAR(failed[i], eager[i], 1e-3 * eager[i]) << i;
 }

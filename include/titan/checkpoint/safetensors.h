@@ -39,6 +39,8 @@ class SafetensorsWriter {
   // but a tensor's last a whole number of kCrcBlockBytes blocks). Its CRCs are taken on a
   // second thread while this one writes.
   void write_part(const std::string& name, const void* data, size_t bytes);
+  // The declaration of tensor `name` (InternalError if none).
+  const TensorInfo& declared(const std::string& name) const;
   // Flushes and fsyncs; returns the file's size. Throws titan::Error on any I/O failure.
   int64_t close();
   // CRC-32C of each kCrcBlockBytes block of each tensor's bytes (valid after writing), so a
@@ -68,7 +70,8 @@ struct TensorToWrite {
 // whole number of kCrcBlockBytes): the calling thread brings each chunk to the host (a
 // device's converted there and copied into pinned memory) while a second thread writes the
 // chunk before it, so the device copy, the write and the CRCs overlap. At most two chunks wait
-// between the threads. `on_written(bytes)` runs on the writing thread after each chunk.
+// between the threads. `on_written(bytes)` runs on the writing thread after each chunk. Each
+// tensor's dtype and element count must be its declaration's.
 void write_pipelined(SafetensorsWriter& writer, const std::vector<TensorToWrite>& tensors,
                      int64_t chunk_bytes, const std::function<void(int64_t)>& on_written = {});
 

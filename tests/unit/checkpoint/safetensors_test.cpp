@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <stdexcept>
 #include <string>
 
 #include "support/test_support.h"
@@ -131,27 +132,43 @@ TEST(CheckpointSafetensors, PipelinedChunksWriteTheSameBytesAndCrcsAsWholeTensor
             test::read_file(dir.file("whole.safetensors")));
 
   // Parts must be whole blocks (but for a tensor's last) and fit the tensor; chunks whole
-  // blocks.
+  // blocks; tensors as declared.
+  std::vector<char> bytes(checkpoint::kCrcBlockBytes + 64);
   SafetensorsWriter bad(dir.file("bad.safetensors"), decl);
-  std::vector<char> bytes(checkpoint::kCrcBlockBytes + 8);
   EXPECT_THROW(bad.write_part("big", bytes.data(), 100), InternalError);
   EXPECT_THROW(bad.write_part("halved", bytes.data(), checkpoint::kCrcBlockBytes), InternalError);
+  SafetensorsWriter tiny_only(dir.file("tiny.safetensors"), {{"tiny", declared(at::kFloat, {9})}});
+  EXPECT_THROW(tiny_only.write_part("tiny", bytes.data(), 40), InternalError);  // 36 declared
+  tiny_only.write_part("tiny", bytes.data(), 36);
+  EXPECT_EQ(tiny_only.block_crcs().at("tiny").size(), 1u);
   EXPECT_THROW(
       checkpoint::write_pipelined(bad, {{"big", big, at::kFloat}}, checkpoint::kCrcBlockBytes / 2),
       InternalError);
+  EXPECT_THROW(
+      checkpoint::write_pipelined(bad, {{"big", big, at::kBFloat16}}, checkpoint::kCrcBlockBytes),
+      InternalError);
+  EXPECT_THROW(checkpoint::write_pipelined(bad, {{"big", big.narrow(0, 0, 5), at::kFloat}},
+                                           checkpoint::kCrcBlockBytes),
+               InternalError);
 }
 
 TEST(CheckpointSafetensors, PipelinedWriteStopsAtTheFirstFailure) {
   test::TempDir dir;
-  std::vector<std::pair<std::string, TensorInfo>> decl = {{"a", declared(at::kFloat, {4})},
-                                                          {"b", declared(at::kFloat, {4})}};
-  SafetensorsWriter w(dir.file("x.safetensors"), decl);
-  // "b" holds 5 elements but is declared with 4: the writing thread's check fails, and the
-  // failure reaches the caller.
-  EXPECT_THROW(checkpoint::write_pipelined(
-                   w, {{"a", at::ones({4}), at::kFloat}, {"b", at::ones({5}), at::kFloat}},
-                   checkpoint::kCrcBlockBytes),
-               InternalError);
+  const int64_t block_floats = checkpoint::kCrcBlockBytes / 4;
+  const at::Tensor a = at::randn({8 * block_floats});
+  SafetensorsWriter w(dir.file("x.safetensors"), {{"a", declared(at::kFloat, {a.numel()})}});
+  // The writing thread fails on its second chunk while the caller still has chunks to hand
+  // over (and may be waiting on a full queue): the failure reaches the caller, and nothing
+  // more is written.
+  int chunks = 0;
+  EXPECT_THROW(checkpoint::write_pipelined(w, {{"a", a, at::kFloat}}, checkpoint::kCrcBlockBytes,
+                                           [&](int64_t) {
+                                             if (++chunks == 2)
+                                               throw std::runtime_error("disk full");
+                                           }),
+               std::runtime_error);
+  EXPECT_EQ(chunks, 2);
+  EXPECT_EQ(w.block_crcs().at("a").size(), 2u);
 }
 
 TEST(CheckpointSafetensors, WritesThatBreakTheDeclarationAreRejected) {

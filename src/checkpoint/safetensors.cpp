@@ -127,8 +127,7 @@ const TensorInfo& SafetensorsWriter::declared(const std::string& name) const {
   for (const auto& [n, info] : tensors_) {
     if (n == name) return info;
   }
-  TITAN_INTERNAL_CHECK(false, "tensor ", name, " is not declared in ", path_);
-  return tensors_.front().second;  // unreachable
+  internal_fail("tensor ", name, " is not declared in ", path_);
 }
 
 void SafetensorsWriter::write_part(const std::string& name, const void* data, size_t bytes) {

@@ -690,6 +690,7 @@ at::Tensor read_verified(const SafetensorsReader& reader, const Chunk& c, int64_
 
 int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::string>& what) {
   const auto t0 = Clock::now();
+  double read_s = 0, host_copy_s = 0, device_copy_s = 0;  // the load's phases, logged
   auto wants = [&](const char* k) { return std::find(what.begin(), what.end(), k) != what.end(); };
   const std::string meta_path = (fs::path(step_dir) / "metadata.json").string();
   json meta;
@@ -816,8 +817,12 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
               if (both.empty()) continue;
               const int64_t s = box_flat_index(c.box, both.r0, both.c0);
               const int64_t e = box_flat_index(c.box, both.r1 - 1, both.c1 - 1) + 1;
+              auto t_read = Clock::now();
               at::Tensor part = read_verified(reader(c.file), c, s - c.offset, e - s);
+              auto t_copy = Clock::now();
+              read_s += std::chrono::duration<double>(t_copy - t_read).count();
               rect_view(dst, dst_box, sl.param_offset, both).copy_(rect_view(part, c.box, s, both));
+              host_copy_s += since(t_copy);
               covered += both.numel();
             }
           }
@@ -825,7 +830,9 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
         TITAN_CHECK(covered == sl.numel, "checkpoint ", step_dir, " covers ", covered, " of the ",
                     sl.numel, " elements of ", name, " this rank needs");
       }
+      const auto t_device = Clock::now();
       for (size_t i = 0; i < fsdp.num_units(); ++i) dsts[i].copy_(hosts[i]);
+      device_copy_s += since(t_device);
     };
     if (wants("model")) {
       std::vector<at::Tensor> masters = state_.model->master_shards();
@@ -879,8 +886,11 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
     }
     const int64_t step = meta["train_state"]["step"].get<int64_t>();
     if (wants("train_state")) loaded.push_back("train_state (step " + std::to_string(step) + ")");
-    log::info("checkpoint: loaded {} ({}) in {:.2f}s", step_dir,
-              loaded.empty() ? std::string("nothing") : util::join(loaded, ", "), since(t0));
+    log::info(
+        "checkpoint: loaded {} ({}) in {:.2f}s (reading and verifying {:.2f}s, host copies "
+        "{:.2f}s, copies to the device {:.2f}s)",
+        step_dir, loaded.empty() ? std::string("nothing") : util::join(loaded, ", "), since(t0),
+        read_s, host_copy_s, device_copy_s);
     return step;
   } catch (const json::exception& e) {
     fail("checkpoint index ", meta_path, " is malformed: ", e.what());

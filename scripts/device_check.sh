@@ -297,8 +297,9 @@ do_titan3b() {
   "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/titan3b/metrics.jsonl')][-1];print('3B titan: tps', round(r['tps']), 'mfu', round(r['mfu'],2), 'allocated GiB', round(r['max_active_memory_gib'],1))"
 }
 
-# Checkpoint I/O (dump folder on tmpfs): synchronous saves at steps 3 and 6, then a resume
-# and an asynchronous save (pinned memory) at step 9. ckpt_io NPROC LABEL CONFIG BATCH SEQ;
+# Checkpoint I/O (dump folder on tmpfs): synchronous saves at steps 3 and 6, then a resume and
+# asynchronous saves (pinned memory) at steps 9 and 12 (the second reuses the pinned buffers).
+# ckpt_io NPROC LABEL CONFIG BATCH SEQ;
 # CKPT_ARGS: more titan_train arguments.
 ckpt_io() {
   local n="$1" label="$2" dump=/dev/shm/titan_ckpt common launch
@@ -313,8 +314,8 @@ ckpt_io() {
     --no-python "$BUILD_DIR/titan_train")
   echo "== $label: synchronous saves at steps 3 and 6 ($BUILD_DIR)"
   "${launch[@]}" "${common[@]}" --training.steps 6 2>&1 | grep -E "checkpoint|step:|error"
-  echo "== resume from step 6, asynchronous save (pinned memory) at step 9"
-  "${launch[@]}" "${common[@]}" --training.steps 9 \
+  echo "== resume from step 6, asynchronous saves (pinned memory) at steps 9 and 12"
+  "${launch[@]}" "${common[@]}" --training.steps 12 \
     --checkpoint.async_mode async_with_pinned_mem 2>&1 | grep -E "checkpoint|resum|step:|error"
   du -sh "$dump"/checkpoint/* 2>/dev/null
   rm -rf "$dump"

@@ -437,15 +437,15 @@ void Checkpointer::write_files(Snapshot& snap_ref) {
   const std::string path = (fs::path(staging) / fname).string();
   SafetensorsWriter writer(
       path, decl, {{"format", "titan-checkpoint-shard"}, {"rank", std::to_string(env.rank)}});
-  double total_bytes = 0;
-  for (const auto& [name, info] : decl) total_bytes += static_cast<double>(info.end - info.begin);
+  std::vector<TensorToWrite> saved;
+  double total_bytes = 0;  // of the tensors written below (the RNG states are a few bytes)
+  for (const auto& e : snap->entries) {
+    const at::ScalarType dtype = kind_is_model(e.kind) ? snap->dtype : at::kFloat;
+    saved.push_back({e.key(), e.host.defined() ? e.host : e.source, dtype});
+    total_bytes += static_cast<double>(e.numel) * static_cast<double>(c10::elementSize(dtype));
+  }
   util::Progress progress("checkpoint: writing step " + std::to_string(snap->step), total_bytes,
                           "GiB", 1073741824.0);
-  std::vector<TensorToWrite> saved;
-  for (const auto& e : snap->entries) {
-    saved.push_back({e.key(), e.host.defined() ? e.host : e.source,
-                     kind_is_model(e.kind) ? snap->dtype : at::kFloat});
-  }
   // A device's state comes to the host in chunks while the chunk before is written.
   write_pipelined(writer, saved, int64_t(32) * kCrcBlockBytes,
                   [&](int64_t bytes) { progress.advance(static_cast<double>(bytes)); });
@@ -690,7 +690,7 @@ at::Tensor read_verified(const SafetensorsReader& reader, const Chunk& c, int64_
 
 int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::string>& what) {
   const auto t0 = Clock::now();
-  double read_s = 0, host_copy_s = 0, device_copy_s = 0;  // the load's phases, logged
+  double read_s = 0, device_copy_s = 0;  // the load's phases, logged
   auto wants = [&](const char* k) { return std::find(what.begin(), what.end(), k) != what.end(); };
   const std::string meta_path = (fs::path(step_dir) / "metadata.json").string();
   json meta;
@@ -794,41 +794,81 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
       }
       return out;
     };
-    // Fills `dst` (this rank's shard of unit i, device tensor) from tensors named by `prefix`.
+    // Fills `dsts` (this rank's shard of every unit, device tensors) from tensors named by
+    // `prefix`. The pieces to read are planned first; then the threads take them one by one
+    // (reads, CRCs and copies in parallel), and the error of the first piece in plan order is
+    // the one reported.
     auto fill = [&](const std::string& prefix, std::vector<at::Tensor>& dsts) {
       auto& fsdp = *state_.model;
       std::vector<at::Tensor> hosts;
       for (size_t i = 0; i < fsdp.num_units(); ++i) {
         hosts.push_back(at::zeros({fsdp.unit(i).shard_numel}, at::kFloat));
       }
+      struct Target {
+        at::Tensor dst;
+        Box box;
+        int64_t param_offset = 0;
+        std::vector<Chunk> chunks;
+      };
+      struct Piece {
+        size_t target, chunk;
+        Rect both;
+      };
+      std::vector<Target> targets;
+      std::vector<Piece> pieces;
       // Each slice and chunk is a flat range of a box: their rectangles meet in rectangles,
-      // copied through strided views (any tensor-parallel layout onto any other).
+      // copied through strided views (any tensor-parallel layout onto any other). Large
+      // rectangles are cut into bands of rows, so no thread waits on one big tensor.
+      constexpr int64_t kPieceElems = int64_t{16} << 20;
       for (const auto& sl : fsdp.shard_slices()) {
         const std::string name = prefix.empty() ? sl.param->name : prefix + "/" + sl.param->name;
-        auto chunks = chunks_of(name, sl.param->global_shape);
-        TITAN_CHECK(!chunks.empty(), "checkpoint ", step_dir, " has no tensor ", name);
-        const Box dst_box{sl.param->box_offset(), sl.param->shape};
-        at::Tensor dst = hosts[sl.unit].narrow(0, sl.shard_offset, sl.numel);
+        Target t{hosts[sl.unit].narrow(0, sl.shard_offset, sl.numel),
+                 Box{sl.param->box_offset(), sl.param->shape}, sl.param_offset,
+                 chunks_of(name, sl.param->global_shape)};
+        TITAN_CHECK(!t.chunks.empty(), "checkpoint ", step_dir, " has no tensor ", name);
         int64_t covered = 0;
-        for (const Rect& want : flat_range_rects(dst_box, sl.param_offset, sl.numel)) {
-          for (const auto& c : chunks) {
-            for (const Rect& have : flat_range_rects(c.box, c.offset, c.numel)) {
+        for (const Rect& want : flat_range_rects(t.box, sl.param_offset, sl.numel)) {
+          for (size_t k = 0; k < t.chunks.size(); ++k) {
+            reader(t.chunks[k].file);  // opened (and its size checked) before the threads start
+            for (const Rect& have :
+                 flat_range_rects(t.chunks[k].box, t.chunks[k].offset, t.chunks[k].numel)) {
               const Rect both = intersect(want, have);
               if (both.empty()) continue;
-              const int64_t s = box_flat_index(c.box, both.r0, both.c0);
-              const int64_t e = box_flat_index(c.box, both.r1 - 1, both.c1 - 1) + 1;
-              auto t_read = Clock::now();
-              at::Tensor part = read_verified(reader(c.file), c, s - c.offset, e - s);
-              auto t_copy = Clock::now();
-              read_s += std::chrono::duration<double>(t_copy - t_read).count();
-              rect_view(dst, dst_box, sl.param_offset, both).copy_(rect_view(part, c.box, s, both));
-              host_copy_s += since(t_copy);
               covered += both.numel();
+              const int64_t band = std::max<int64_t>(1, kPieceElems / (both.c1 - both.c0));
+              for (int64_t r = both.r0; r < both.r1; r += band) {
+                pieces.push_back(
+                    {targets.size(), k, Rect{r, std::min(both.r1, r + band), both.c0, both.c1}});
+              }
             }
           }
         }
         TITAN_CHECK(covered == sl.numel, "checkpoint ", step_dir, " covers ", covered, " of the ",
                     sl.numel, " elements of ", name, " this rank needs");
+        targets.push_back(std::move(t));
+      }
+      const auto t_read = Clock::now();
+      std::atomic<size_t> next{0};
+      std::vector<std::exception_ptr> errors(pieces.size());
+      at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+        for (size_t i = next++; i < pieces.size(); i = next++) {
+          try {
+            const Piece& p = pieces[i];
+            const Target& t = targets[p.target];
+            const Chunk& c = t.chunks[p.chunk];
+            const int64_t s = box_flat_index(c.box, p.both.r0, p.both.c0);
+            const int64_t e = box_flat_index(c.box, p.both.r1 - 1, p.both.c1 - 1) + 1;
+            at::Tensor part = read_verified(reader(c.file), c, s - c.offset, e - s);
+            rect_view(t.dst, t.box, t.param_offset, p.both)
+                .copy_(rect_view(part, c.box, s, p.both));
+          } catch (...) {
+            errors[i] = std::current_exception();
+          }
+        }
+      });
+      read_s += since(t_read);
+      for (const auto& e : errors) {
+        if (e) std::rethrow_exception(e);
       }
       const auto t_device = Clock::now();
       for (size_t i = 0; i < fsdp.num_units(); ++i) dsts[i].copy_(hosts[i]);
@@ -887,10 +927,10 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
     const int64_t step = meta["train_state"]["step"].get<int64_t>();
     if (wants("train_state")) loaded.push_back("train_state (step " + std::to_string(step) + ")");
     log::info(
-        "checkpoint: loaded {} ({}) in {:.2f}s (reading and verifying {:.2f}s, host copies "
-        "{:.2f}s, copies to the device {:.2f}s)",
+        "checkpoint: loaded {} ({}) in {:.2f}s (reading and verifying {:.2f}s on {} threads, "
+        "copies to the device {:.2f}s)",
         step_dir, loaded.empty() ? std::string("nothing") : util::join(loaded, ", "), since(t0),
-        read_s, host_copy_s, device_copy_s);
+        read_s, at::get_num_threads(), device_copy_s);
     return step;
   } catch (const json::exception& e) {
     fail("checkpoint index ", meta_path, " is malformed: ", e.what());

@@ -1,6 +1,7 @@
 // Rate-limited progress lines with an ETA.
 #include "titan/util/progress.h"
 
+#include "titan/util/error.h"
 #include "titan/util/log.h"
 
 namespace titan::util {
@@ -17,6 +18,9 @@ Progress::Progress(std::string what, double total, std::string unit, double scal
 
 void Progress::advance(double amount) {
   done_ += amount;
+  // A total that undercounts the work would print nonsense ("15.3 / 0.0 GiB (100%)").
+  TITAN_INTERNAL_CHECK(done_ <= total_ * (1 + 1e-12), what_, ": ", done_, " done of a total of ",
+                       total_);
   const auto now = std::chrono::steady_clock::now();
   if (std::chrono::duration<double>(now - last_).count() >= interval_s_) {
     last_ = now;

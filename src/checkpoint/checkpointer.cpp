@@ -259,10 +259,44 @@ std::unique_ptr<Checkpointer::Snapshot> Checkpointer::snapshot(int64_t step, boo
   // Host copies for asynchronous writes: the training loop may change the state right after.
   const bool async = config_.checkpoint.async_mode != "disabled";
   if (async) {
+    // async_with_pinned_mem stages into one page-locked buffer, taken at the first save and
+    // kept for the run (as torchtitan keeps its staging memory); entries start 64-byte
+    // aligned. Plain async takes ordinary memory for each save.
+    auto dtype_of = [&](const Snapshot::Entry& e) {
+      return kind_is_model(e.kind) ? dtype : at::kFloat;
+    };
+    auto aligned = [](size_t n) { return (n + 63) / 64 * 64; };
+    size_t staged = 0;
+    for (const auto& e : snap->entries) {
+      staged += aligned(static_cast<size_t>(e.numel) * c10::elementSize(dtype_of(e)));
+    }
+    if (pinned && staged > 0 &&
+        (!staging_.defined() || static_cast<size_t>(staging_.numel()) < staged)) {
+      staging_ = at::Tensor();  // the old buffer goes before the larger one is taken
+      try {
+        staging_ = page_locked_host_bytes(staged);
+      } catch (const Error& e) {
+        fail(
+            "checkpoint.async_mode = \"async_with_pinned_mem\" stages the state in host memory, "
+            "and ",
+            e.what(), "; use async_mode = \"async\" (ordinary memory) or \"disabled\"");
+      }
+      log::info(
+          "checkpoint: {:.2f} GiB of {}host memory staged for asynchronous saves (kept for "
+          "the run)",
+          static_cast<double>(staged) / 1073741824.0,
+          snap->entries.front().source.is_cuda() ? "page-locked " : "");
+    }
+    size_t offset = 0;
     for (auto& e : snap->entries) {
-      auto opts = at::TensorOptions().dtype(kind_is_model(e.kind) ? dtype : at::kFloat);
-      if (pinned && e.source.is_cuda()) opts = opts.pinned_memory(true);
-      e.host = at::empty({e.numel}, opts);
+      const at::ScalarType t = dtype_of(e);
+      if (pinned) {
+        const size_t n = static_cast<size_t>(e.numel) * c10::elementSize(t);
+        e.host = staging_.narrow(0, static_cast<int64_t>(offset), static_cast<int64_t>(n)).view(t);
+        offset += aligned(n);
+      } else {
+        e.host = at::empty({e.numel}, at::TensorOptions().dtype(t));
+      }
       e.host.copy_(e.source, /*non_blocking=*/pinned);
     }
     if (!snap->entries.empty() && snap->entries.front().source.is_cuda()) {

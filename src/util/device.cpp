@@ -1,10 +1,16 @@
 // Device description and memory statistics (CUDA caching allocator, or process RSS on CPU).
 #include "titan/util/device.h"
 
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <unistd.h>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <mutex>
 #include <string>
+
+#include "titan/util/error.h"
 
 #ifdef TITAN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -145,6 +151,40 @@ std::string out_of_memory_report(const std::string& allocator_message) {
       "training.local_batch_size or training.seq_len, or keep the optimizer state in host memory "
       "(training.enable_cpu_offload = true)";
   return out;
+}
+
+at::Tensor page_locked_host_bytes(size_t bytes) {
+#ifdef TITAN_WITH_CUDA
+  const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  const size_t size = std::max(page, (bytes + page - 1) / page * page);
+  const double gib = static_cast<double>(size) / 1073741824.0;
+  void* p = nullptr;
+  TITAN_CHECK(posix_memalign(&p, page, size) == 0 && p != nullptr, "cannot allocate ", gib,
+              " GiB of host memory");
+  auto* base = static_cast<char*>(p);
+  const auto pages = static_cast<int64_t>(size / page);
+  at::parallel_for(0, pages, int64_t(1) << 14, [&](int64_t begin, int64_t end) {
+    std::memset(base + static_cast<size_t>(begin) * page, 0,
+                static_cast<size_t>(end - begin) * page);
+  });
+  const cudaError_t err = cudaHostRegister(p, size, cudaHostRegisterDefault);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    std::free(p);
+    fail("cannot page-lock ", gib, " GiB of host memory: ", cudaGetErrorString(err),
+         " (the limit on locked memory, ulimit -l, may be too low)");
+  }
+  return at::from_blob(
+      p, {static_cast<int64_t>(bytes)},
+      [](void* q) {
+        (void)cudaHostUnregister(q);
+        (void)cudaGetLastError();
+        std::free(q);
+      },
+      at::TensorOptions().dtype(at::kByte));
+#else
+  return at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
+#endif
 }
 
 }  // namespace titan

@@ -678,8 +678,8 @@ TEST(CheckpointRetention, LoadStepWithoutAnyCheckpointIsAnError) {
   EXPECT_TRUE(contains(r.output, "(have: none)")) << r.output;
 }
 
-// 7. async and async_with_pinned_mem write what a synchronous save writes, do not change
-// training, and resume like it.
+// 7. async and async_with_pinned_mem (one staging buffer kept for both saves) write what a
+// synchronous save writes, do not change training, and resume like it.
 TEST(CheckpointAsync, AsyncModesSaveTheSameContentAndResumeTheSame) {
   test::TempDir dir;
   const JobRun sync = run_job(dir.file("sync"), 1, 10, checkpoints_every(5));
@@ -691,6 +691,13 @@ TEST(CheckpointAsync, AsyncModesSaveTheSameContentAndResumeTheSame) {
                 checkpoints_every(5) + std::vector<std::string>{"--checkpoint.async_mode", mode});
     ASSERT_EQ(run.exit_code, 0) << run.output;
     EXPECT_TRUE(contains(run.output, "writing in the background")) << run.output;
+    // The pinned mode stages both saves in the one buffer it took at the first.
+    size_t staged = 0;
+    for (size_t at = run.output.find("staged for asynchronous saves"); at != std::string::npos;
+         at = run.output.find("staged for asynchronous saves", at + 1)) {
+      ++staged;
+    }
+    EXPECT_EQ(staged, mode == "async" ? 0u : 1u) << run.output;
     expect_steps_match(run, sync, 1, 10, 0, mode + " run");
     ASSERT_EQ(complete_steps(dump), (std::vector<int64_t>{5, 10})) << mode;
     for (int64_t step : {5, 10}) {

@@ -114,6 +114,7 @@ class Checkpointer {
   std::exception_ptr writer_error_;
   SaveStats last_;
   bool finite_ = true;  // the state being saved is finite (always, outside the test hook)
+  at::Tensor staging_;  // async_with_pinned_mem's page-locked buffer (kByte), kept between saves
 };
 
 }  // namespace titan::checkpoint

@@ -3,8 +3,14 @@
 
 #include <c10/core/Device.h>
 
+#include <cstddef>
+
 #include <cstdint>
 #include <string>
+
+namespace at {
+class Tensor;
+}
 
 namespace titan {
 
@@ -27,6 +33,13 @@ struct MemoryStats {
 MemoryStats memory_stats(const c10::Device& device);
 void reset_peak_memory(const c10::Device& device);
 void synchronize(const c10::Device& device);
+
+// `bytes` bytes of host memory (a kByte tensor), page-locked where CUDA is, so that copies from
+// a device into it run without the host: an ordinary allocation whose pages several threads
+// touch, then registered with CUDA in one call (the caching host allocator would round the size
+// up to a power of two and map the pages on one thread). Unregistered and freed with the
+// tensor. Without CUDA, ordinary memory. Throws titan::Error when the memory cannot be had.
+at::Tensor page_locked_host_bytes(size_t bytes);
 
 // Out-of-memory reporting. The trainer registers what it knows before the first step (the
 // plan's memory estimate, where a snapshot goes); out_of_memory_report() turns the allocator's

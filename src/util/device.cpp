@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <unistd.h>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -157,7 +158,7 @@ at::Tensor page_locked_host_bytes(size_t bytes) {
 #ifdef TITAN_WITH_CUDA
   const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   const size_t size = std::max(page, (bytes + page - 1) / page * page);
-  const double gib = static_cast<double>(size) / 1073741824.0;
+  const double gib = std::round(static_cast<double>(size) / 1073741824.0 * 100) / 100;
   void* p = nullptr;
   TITAN_CHECK(posix_memalign(&p, page, size) == 0 && p != nullptr, "cannot allocate ", gib,
               " GiB of host memory");
@@ -171,8 +172,7 @@ at::Tensor page_locked_host_bytes(size_t bytes) {
   if (err != cudaSuccess) {
     (void)cudaGetLastError();
     std::free(p);
-    fail("cannot page-lock ", gib, " GiB of host memory: ", cudaGetErrorString(err),
-         " (the limit on locked memory, ulimit -l, may be too low)");
+    fail("cannot page-lock ", gib, " GiB of host memory: ", cudaGetErrorString(err));
   }
   return at::from_blob(
       p, {static_cast<int64_t>(bytes)},

@@ -273,19 +273,28 @@ std::unique_ptr<Checkpointer::Snapshot> Checkpointer::snapshot(int64_t step, boo
     if (pinned && staged > 0 &&
         (!staging_.defined() || static_cast<size_t>(staging_.numel()) < staged)) {
       staging_ = at::Tensor();  // the old buffer goes before the larger one is taken
+      const double gib = static_cast<double>(staged) / 1073741824.0;
+      const bool device = snap->entries.front().source.is_cuda();
       try {
         staging_ = page_locked_host_bytes(staged);
+        log::info(
+            "checkpoint: {:.2f} GiB of {}host memory staged for asynchronous saves (kept "
+            "for the run)",
+            gib, device ? "page-locked " : "");
       } catch (const Error& e) {
-        fail(
-            "checkpoint.async_mode = \"async_with_pinned_mem\" stages the state in host memory, "
-            "and ",
-            e.what(), "; use async_mode = \"async\" (ordinary memory) or \"disabled\"");
+        // Saves still work from ordinary memory; only the device copies wait for the host.
+        log::warn(
+            "checkpoint: {}; staging asynchronous saves in {:.2f} GiB of ordinary host "
+            "memory instead (kept for the run; each snapshot stalls training longer)",
+            e.what(), gib);
+        try {
+          staging_ = at::empty({static_cast<int64_t>(staged)}, at::kByte);
+        } catch (const c10::Error&) {
+          fail("checkpoint.async_mode = \"async_with_pinned_mem\" cannot stage ", gib,
+               " GiB of this rank's state in host memory: the host is out of memory; use "
+               "async_mode = \"disabled\" (saves write from the device in chunks)");
+        }
       }
-      log::info(
-          "checkpoint: {:.2f} GiB of {}host memory staged for asynchronous saves (kept for "
-          "the run)",
-          static_cast<double>(staged) / 1073741824.0,
-          snap->entries.front().source.is_cuda() ? "page-locked " : "");
     }
     size_t offset = 0;
     for (auto& e : snap->entries) {

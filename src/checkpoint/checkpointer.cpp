@@ -276,7 +276,8 @@ std::unique_ptr<Checkpointer::Snapshot> Checkpointer::snapshot(int64_t step, boo
       const double gib = static_cast<double>(staged) / 1073741824.0;
       const bool device = snap->entries.front().source.is_cuda();
       try {
-        staging_ = page_locked_host_bytes(staged);
+        staging_ = device ? page_locked_host_bytes(staged)
+                          : at::empty({static_cast<int64_t>(staged)}, at::kByte);
         log::info(
             "checkpoint: {:.2f} GiB of {}host memory staged for asynchronous saves (kept "
             "for the run)",

@@ -4,7 +4,6 @@
 #include <c10/core/Device.h>
 
 #include <cstddef>
-
 #include <cstdint>
 #include <string>
 

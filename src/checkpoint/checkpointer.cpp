@@ -163,6 +163,13 @@ struct Checkpointer::Snapshot {
   std::string loader_state;
   int64_t optimizer_steps = 0;
   Clock::time_point started;
+  // Weights are saved in `dtype`, the optimizer moments in fp32.
+  at::ScalarType saved_dtype(const Entry& e) const {
+    return kind_is_model(e.kind) ? dtype : at::kFloat;
+  }
+  size_t saved_bytes(const Entry& e) const {
+    return static_cast<size_t>(e.numel) * c10::elementSize(saved_dtype(e));
+  }
 };
 
 Checkpointer::Checkpointer(const config::JobConfig& config, dist::Runtime& runtime,
@@ -262,13 +269,10 @@ std::unique_ptr<Checkpointer::Snapshot> Checkpointer::snapshot(int64_t step, boo
     // async_with_pinned_mem stages into one page-locked buffer, taken at the first save and
     // kept for the run (as torchtitan keeps its staging memory); entries start 64-byte
     // aligned. Plain async takes ordinary memory for each save.
-    auto dtype_of = [&](const Snapshot::Entry& e) {
-      return kind_is_model(e.kind) ? dtype : at::kFloat;
-    };
     auto aligned = [](size_t n) { return (n + 63) / 64 * 64; };
     size_t staged = 0;
     for (const auto& e : snap->entries) {
-      staged += aligned(static_cast<size_t>(e.numel) * c10::elementSize(dtype_of(e)));
+      staged += aligned(snap->saved_bytes(e));
     }
     if (pinned && staged > 0 &&
         (!staging_.defined() || static_cast<size_t>(staging_.numel()) < staged)) {
@@ -299,9 +303,9 @@ std::unique_ptr<Checkpointer::Snapshot> Checkpointer::snapshot(int64_t step, boo
     }
     size_t offset = 0;
     for (auto& e : snap->entries) {
-      const at::ScalarType t = dtype_of(e);
+      const at::ScalarType t = snap->saved_dtype(e);
       if (pinned) {
-        const size_t n = static_cast<size_t>(e.numel) * c10::elementSize(t);
+        const size_t n = snap->saved_bytes(e);
         e.host = staging_.narrow(0, static_cast<int64_t>(offset), static_cast<int64_t>(n)).view(t);
         offset += aligned(n);
       } else {
@@ -468,7 +472,7 @@ void Checkpointer::write_files(Snapshot& snap_ref) {
   std::vector<std::pair<std::string, TensorInfo>> decl;
   for (const auto& e : snap->entries) {
     TensorInfo info;
-    info.dtype = safetensors_dtype(kind_is_model(e.kind) ? snap->dtype : at::kFloat);
+    info.dtype = safetensors_dtype(snap->saved_dtype(e));
     info.shape = {e.numel};
     decl.emplace_back(e.key(), info);
   }
@@ -484,9 +488,8 @@ void Checkpointer::write_files(Snapshot& snap_ref) {
   std::vector<TensorToWrite> saved;
   double total_bytes = 0;  // of the tensors written below (the RNG states are a few bytes)
   for (const auto& e : snap->entries) {
-    const at::ScalarType dtype = kind_is_model(e.kind) ? snap->dtype : at::kFloat;
-    saved.push_back({e.key(), e.host.defined() ? e.host : e.source, dtype});
-    total_bytes += static_cast<double>(e.numel) * static_cast<double>(c10::elementSize(dtype));
+    saved.push_back({e.key(), e.host.defined() ? e.host : e.source, snap->saved_dtype(e)});
+    total_bytes += static_cast<double>(snap->saved_bytes(e));
   }
   util::Progress progress("checkpoint: writing step " + std::to_string(snap->step), total_bytes,
                           "GiB", 1073741824.0);

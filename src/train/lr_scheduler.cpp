@@ -1,4 +1,4 @@
-// Warmup-stable-decay learning-rate schedule.
+// Warmup-stable-decay learning-rate schedule, as torchtitan v0.1.0 and later define it.
 #include "titan/train/lr_scheduler.h"
 
 #include <algorithm>
@@ -34,14 +34,16 @@ LrScheduler::LrScheduler(double peak_lr, int64_t warmup_steps, int64_t training_
   } else {
     decay_steps_ = training_steps - warmup_steps_;
   }
-  stable_end_ = training_steps - decay_steps_;
+  // torchtitan adds a virtual last step to the stable phase, so the last step's learning rate
+  // is one decay step above the floor rather than on it (never 0 with the default floor).
+  stable_end_ = training_steps + 1 - decay_steps_;
 }
 
 double LrScheduler::factor_at(int64_t step) const {
   // torchtitan's LambdaLR counts from 0; our steps are 1-based.
   const int64_t s = step - 1;
   if (s < warmup_steps_) {
-    return static_cast<double>(s + 1) / static_cast<double>(warmup_steps_ + 1);
+    return static_cast<double>(s + 1) / static_cast<double>(warmup_steps_);
   }
   if (s < stable_end_) return 1.0;
   const double progress =

@@ -1,5 +1,7 @@
 // Learning-rate schedule: linear warm-up, then stable, then decay (linear / sqrt / cosine)
-// down to min_lr_factor; torchtitan's warmup-stable-decay with its step conventions.
+// towards min_lr_factor; torchtitan's warmup-stable-decay (v0.1.0 and later: warm-up reaches the
+// peak on its last step, and one virtual step in the stable phase keeps the last lr above the
+// floor) with its step conventions.
 #pragma once
 
 #include <cstdint>
@@ -23,7 +25,7 @@ class LrScheduler {
   double peak_lr_;
   int64_t warmup_steps_;
   int64_t decay_steps_;
-  int64_t stable_end_;  // warmup + stable
+  int64_t stable_end_;  // warmup + stable (0-based step index where the decay starts)
   std::string decay_type_;
   double min_lr_factor_;
 };

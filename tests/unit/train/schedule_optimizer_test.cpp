@@ -1,4 +1,4 @@
-// The warmup-stable-decay learning-rate schedule (torchtitan's step conventions) and the three
+// The warmup-stable-decay learning-rate schedule (torchtitan v0.2.2's values) and the three
 // AdamW implementations (fused, foreach, for-loop) giving the same update as the textbook one.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -14,24 +14,42 @@ using titan::train::Optimizer;
 using titan::train::OptimizerOptions;
 
 TEST(LrScheduler, LinearWarmupStableThenDecayToMinimum) {
-  // 100 steps, 10 warm-up, last 20% decaying linearly to 0.1 x peak.
+  // 100 steps, 10 warm-up, last 20% decaying linearly towards 0.1 x peak. The values are
+  // torchtitan v0.2.2's LambdaLR factors (its step s, 0-based, is our step - 1).
   LrScheduler s(1.0, 10, 100, 0.2, "linear", 0.1);
-  EXPECT_DOUBLE_EQ(s.lr_at(1), 1.0 / 11);  // torchtitan: (step + 1) / (warmup + 1), 0-based
-  EXPECT_DOUBLE_EQ(s.lr_at(10), 10.0 / 11);
+  EXPECT_DOUBLE_EQ(s.lr_at(1), 0.1);  // warm-up: (s + 1) / warmup
+  EXPECT_DOUBLE_EQ(s.lr_at(9), 0.9);
+  EXPECT_DOUBLE_EQ(s.lr_at(10), 1.0);  // the peak on the last warm-up step
   EXPECT_DOUBLE_EQ(s.lr_at(11), 1.0);
-  EXPECT_DOUBLE_EQ(s.lr_at(80), 1.0);  // stable until the decay window (steps 81..100)
-  EXPECT_NEAR(s.lr_at(81), 0.1 + 0.9 * (1 - 1.0 / 20), 1e-12);
-  EXPECT_NEAR(s.lr_at(90), 0.1 + 0.9 * (1 - 10.0 / 20), 1e-12);
-  EXPECT_NEAR(s.lr_at(100), 0.1, 1e-12);
+  // Stable through step 81: 71 stable steps, one of them torchtitan's virtual last step.
+  EXPECT_DOUBLE_EQ(s.lr_at(81), 1.0);
+  EXPECT_NEAR(s.lr_at(82), 0.1 + 0.9 * (1 - 1.0 / 20), 1e-12);
+  EXPECT_NEAR(s.lr_at(90), 0.1 + 0.9 * (1 - 9.0 / 20), 1e-12);
+  EXPECT_NEAR(s.lr_at(100), 0.1 + 0.9 * (1 - 19.0 / 20), 1e-12);  // above the floor: 0.145
+}
+
+TEST(LrScheduler, ShortRunsAndTheDecayWindowClippedToTheSteps) {
+  // torchtitan v0.2.2 with its debug job's warmup 2 and decay_ratio 0.8 over 10 and 3 steps.
+  LrScheduler ten(8e-4, 2, 10, 0.8, "linear", 0.0);
+  const double want[] = {4e-4, 8e-4, 8e-4, 7e-4, 6e-4, 5e-4, 4e-4, 3e-4, 2e-4, 1e-4};
+  for (int step = 1; step <= 10; ++step) EXPECT_NEAR(ten.lr_at(step), want[step - 1], 1e-15);
+  LrScheduler three(8e-4, 2, 3, 0.8, "linear", 0.0);  // decay 2 shortened to 1
+  EXPECT_EQ(three.decay_steps(), 1);
+  EXPECT_NEAR(three.lr_at(1), 4e-4, 1e-15);
+  EXPECT_NEAR(three.lr_at(2), 8e-4, 1e-15);
+  EXPECT_NEAR(three.lr_at(3), 8e-4, 1e-15);
 }
 
 TEST(LrScheduler, SqrtAndCosineShapesAndDefaultDecayWindow) {
-  LrScheduler sq(2.0, 0, 10, std::nullopt, "sqrt", 0.0);  // decay over all 10 steps
-  EXPECT_NEAR(sq.lr_at(1), 2.0 * (1 - std::sqrt(0.1)), 1e-12);
-  EXPECT_NEAR(sq.lr_at(10), 0.0, 1e-12);
+  // No warm-up: step 1 at the peak (the virtual stable step), then 10 decay steps of which
+  // the run takes 9.
+  LrScheduler sq(2.0, 0, 10, std::nullopt, "sqrt", 0.0);
+  EXPECT_DOUBLE_EQ(sq.lr_at(1), 2.0);
+  EXPECT_NEAR(sq.lr_at(2), 2.0 * (1 - std::sqrt(0.1)), 1e-12);
+  EXPECT_NEAR(sq.lr_at(10), 2.0 * (1 - std::sqrt(0.9)), 1e-12);
   LrScheduler cos(1.0, 0, 10, std::nullopt, "cosine", 0.0);
-  EXPECT_NEAR(cos.lr_at(5), 0.5 * (1 + std::cos(M_PI * 0.5)), 1e-12);
-  EXPECT_NEAR(cos.lr_at(10), 0.0, 1e-12);
+  EXPECT_NEAR(cos.lr_at(6), 0.5, 1e-12);
+  EXPECT_NEAR(cos.lr_at(10), 0.5 * (1 + std::cos(M_PI * 0.9)), 1e-12);
   EXPECT_EQ(cos.decay_steps(), 10);
 }
 

@@ -938,6 +938,23 @@ std::vector<CliOverride> parse_cli(const std::vector<std::string>& args) {
       ov.path = body;
     }
     std::replace(ov.path.begin(), ov.path.end(), '-', '_');
+    // torchtitan's (tyro's) way to switch a boolean off: --section.no_key / --section.no-key.
+    if (const size_t dot = ov.path.rfind('.');
+        dot != std::string::npos && ov.path.compare(dot + 1, 3, "no_") == 0 &&
+        !r.find(resolve_alias(ov.path, r))) {
+      const std::string positive = ov.path.substr(0, dot + 1) + ov.path.substr(dot + 4);
+      const Option* o = r.find(resolve_alias(positive, r));
+      if (o && o->type == Type::Bool) {
+        if (ov.value) {
+          fail("command line argument '", a, "': a --section.no_key flag takes no value (write --",
+               positive, " false, or --", positive, "=false)");
+        }
+        ov.path = positive;
+        ov.value = "false";
+        out.push_back(ov);
+        continue;
+      }
+    }
     if (!ov.value) {
       const Option* o = r.find(resolve_alias(ov.path, r));
       bool is_bool = o && o->type == Type::Bool;
@@ -1108,7 +1125,8 @@ void validate(const JobConfig& c) {
       fail("model.converters: \"", conv,
            "\" quantizes MoE grouped GEMMs, and Llama 3 has no experts; remove it");
     }
-    fail("model.converters: unknown converter \"", conv, "\"; titan knows \"float8\"");
+    fail("model.converters: unknown converter \"", conv,
+         "\"; titan knows \"quantize.linear.float8\" (also spelled \"float8\")");
   }
   {
     const auto& f = c.float8;

@@ -79,6 +79,20 @@ TEST(JobConfig, CliOverridesInAllForms) {
   EXPECT_FALSE(c.debug.deterministic);
 }
 
+TEST(JobConfig, NoPrefixSwitchesABooleanOffAsTorchtitansCommandLine) {
+  JobConfig c;
+  apply_toml(c, "[profiling]\nenable_memory_snapshot = true\n[checkpoint]\nenable = true\n",
+             "on.toml");
+  apply_cli(c, {"--profiling.no_enable_memory_snapshot", "--checkpoint.no-enable"});
+  EXPECT_FALSE(c.profiling.enable_memory_snapshot);
+  EXPECT_FALSE(c.checkpoint.enable);
+  // Only booleans have a negative form, and it takes no value.
+  std::string msg = error_of([&] { apply_cli(c, {"--training.no_steps"}); });
+  EXPECT_NE(msg.find("unknown key training.no_steps"), std::string::npos) << msg;
+  msg = error_of([&] { apply_cli(c, {"--checkpoint.no_enable=true"}); });
+  EXPECT_NE(msg.find("takes no value"), std::string::npos) << msg;
+}
+
 TEST(JobConfig, OlderSpellingsAreAliases) {
   JobConfig c;
   apply_toml(c, R"(

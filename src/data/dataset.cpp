@@ -46,9 +46,30 @@ std::unique_ptr<DocumentSource> make_source(const DatasetOptions& o,
     if (o.name == "titan_corpus_validation") {
       return make_corpus_source("validation", tokenizer, o.dp_rank, o.dp_size);
     }
-    fail("training.dataset: \"", o.name,
-         "\" is not built in and training.dataset_path is empty; built in: titan_corpus, "
-         "titan_corpus_validation; anything else needs a local training.dataset_path");
+    const std::string key = o.section + ".dataset";
+    if (o.name == "c4_test") {
+      // torchtitan's test dataset: a folder of its checkout, read relative to the working
+      // directory as torchtitan reads it.
+      const std::string folder = "tests/assets/c4_test";
+      TITAN_CHECK(util::is_directory(folder), key,
+                  ": \"c4_test\" is torchtitan's test dataset, read from ", folder,
+                  " under the working directory (a torchtitan checkout), which has no such "
+                  "folder; run from there, set ",
+                  key, "_path, or use titan_corpus");
+      DatasetOptions local = o;
+      local.path = folder;
+      return make_file_source(local, std::move(tokenizer));
+    }
+    if (o.name == "c4" || o.name == "c4_validation") {
+      fail(key, ": \"", o.name,
+           "\" is allenai/c4 on the Hugging Face Hub, which titan does not download; download "
+           "its JSON files (decompressed) and set ",
+           key, "_path to their folder, or use titan_corpus");
+    }
+    fail(key, ": \"", o.name, "\" is not built in and ", key,
+         "_path is empty; built in: titan_corpus, titan_corpus_validation (and torchtitan's "
+         "c4_test under the working directory); anything else needs a local ",
+         key, "_path");
   }
   return make_file_source(o, std::move(tokenizer));
 }

@@ -137,7 +137,7 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   dp_size_ = mesh.size("dp");
   dp_rank_ = mesh.group_rank("dp");
   accumulation_ = plan_.pp == 1 ? plan_.schedule.microbatches : plan_.passes;
-  loader_ = make_loader(c.training.dataset, c.training.dataset_path, c.training.local_batch_size,
+  loader_ = make_loader("training", c.training.dataset, c.training.dataset_path, c.training.local_batch_size,
                         c.training.seq_len, /*infinite=*/true, cuda);
   log::info("dataset: {}", loader_->describe());
 
@@ -854,11 +854,13 @@ TrainSummary Trainer::train() {
   return summary;
 }
 
-std::unique_ptr<data::DataLoader> Trainer::make_loader(const std::string& dataset,
+std::unique_ptr<data::DataLoader> Trainer::make_loader(const std::string& section,
+                                                       const std::string& dataset,
                                                        const std::string& path, int64_t batch,
                                                        int64_t seq_len, bool infinite,
                                                        bool pin_memory) const {
   data::DatasetOptions dopts;
+  dopts.section = section;
   dopts.name = dataset;
   dopts.path = path;
   dopts.text_field = cfg_.training.dataset_text_field;
@@ -878,7 +880,7 @@ std::unique_ptr<data::DataLoader> Trainer::make_loader(const std::string& datase
 double Trainer::validate() {
   const auto& c = cfg_;
   const c10::Device device = fsdp_->device();
-  auto loader_ptr = make_loader(c.validation.dataset, c.validation.dataset_path,
+  auto loader_ptr = make_loader("validation", c.validation.dataset, c.validation.dataset_path,
                                 c.validation.local_batch_size, c.validation.seq_len,
                                 /*infinite=*/false, device.is_cuda());
   data::DataLoader& loader = *loader_ptr;

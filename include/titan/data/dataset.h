@@ -61,8 +61,9 @@ class DocumentSource {
 };
 
 struct DatasetOptions {
-  std::string name;        // training.dataset
-  std::string path;        // training.dataset_path
+  std::string section = "training";  // the config section they come from, for messages
+  std::string name;                  // <section>.dataset
+  std::string path;                  // <section>.dataset_path
   std::string text_field;  // JSONL field
   int64_t dp_rank = 0;
   int64_t dp_size = 1;

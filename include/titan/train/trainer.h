@@ -89,8 +89,10 @@ class Trainer {
   // `timing_plan`: the BlockPlan training runs (tensor parallel, float8 projections) with local
   // attention, for timing one block.
   void measure_checkpoint_costs(const model::BlockPlan& timing_plan);
-  // A loader over `dataset` / `path` dealing windows to this data-parallel rank.
-  std::unique_ptr<data::DataLoader> make_loader(const std::string& dataset, const std::string& path,
+  // A loader over `dataset` / `path` (the keys of config section `section`: "training" or
+  // "validation") dealing windows to this data-parallel rank.
+  std::unique_ptr<data::DataLoader> make_loader(const std::string& section,
+                                                const std::string& dataset, const std::string& path,
                                                 int64_t batch, int64_t seq_len, bool infinite,
                                                 bool pin_memory) const;
   struct StepGraph;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <mutex>
 #include <queue>
@@ -212,6 +213,7 @@ struct BpeTokenizer::Impl {
   BytesTable specials;
   PairTable pairs;
   bool whole_piece_lookup = true;
+  bool bytes_without_token = false;  // some byte_ids are -1: drop those bytes first
   int32_t bos = -1, eos = -1;
   mutable PieceCache cache;
 
@@ -292,6 +294,20 @@ struct BpeTokenizer::Impl {
   }
 
   void encode_piece(std::string_view piece, std::vector<int32_t>& out) const {
+    if (bytes_without_token) {
+      auto known = [&](char c) { return byte_ids[static_cast<unsigned char>(c)] >= 0; };
+      if (!std::all_of(piece.begin(), piece.end(), known)) {
+        std::string kept;
+        std::copy_if(piece.begin(), piece.end(), std::back_inserter(kept), known);
+        if (!kept.empty()) encode_known_piece(kept, out);
+        return;
+      }
+    }
+    encode_known_piece(piece, out);
+  }
+
+  // A piece whose every byte has a token.
+  void encode_known_piece(std::string_view piece, std::vector<int32_t>& out) const {
     if (piece.size() == 1) {
       out.push_back(byte_ids[static_cast<unsigned char>(piece[0])]);
       return;
@@ -364,13 +380,15 @@ BpeTokenizer::BpeTokenizer(BpeSpec spec) : impl_(std::make_unique<Impl>()) {
   for (int b = 0; b < 256; ++b) {
     const char c = static_cast<char>(b);
     m.byte_ids[b] = m.tokens.find(std::string_view(&c, 1));
-    if (m.byte_ids[b] < 0) {
+    if (m.byte_ids[b] < 0 && spec.drop_bytes_without_token) {
+      m.bytes_without_token = true;
+    } else if (m.byte_ids[b] < 0) {
       fail(what, ": no token for the single byte 0x", "0123456789abcdef"[b >> 4],
            "0123456789abcdef"[b & 15], "; byte-level BPE needs a token for each of the 256 bytes");
     }
   }
 
-  if (spec.merges.empty()) {
+  if (spec.merges.empty() && !spec.merges_listed) {
     // tiktoken: every split of a token into two tokens merges into it, at the token's rank.
     size_t splits = 0;
     for (const auto& t : spec.tokens) splits += t.bytes.size() - 1;

@@ -4,6 +4,7 @@
 
 #include <array>
 #include <filesystem>
+#include <optional>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -11,6 +12,7 @@
 #include "titan/data/bpe_tokenizer.h"
 #include "titan/util/error.h"
 #include "titan/util/fs.h"
+#include "titan/util/log.h"
 
 namespace titan::data {
 namespace {
@@ -116,12 +118,13 @@ bool has_byte_level_decoder(const json& d) {
 }
 
 // tokenizer_config.json's bos_token / eos_token: a string or {"content": ...}.
-std::string config_token(const json& cfg, const char* key) {
+template <class Json>
+std::string config_token(const Json& cfg, const char* key) {
   if (!cfg.contains(key)) return "";
-  const json& v = cfg[key];
-  if (v.is_string()) return v.get<std::string>();
+  const Json& v = cfg[key];
+  if (v.is_string()) return v.template get<std::string>();
   if (v.is_object() && v.contains("content") && v["content"].is_string()) {
-    return v["content"].get<std::string>();
+    return v["content"].template get<std::string>();
   }
   return "";
 }
@@ -224,15 +227,31 @@ std::unique_ptr<BpeTokenizer> load_hf_tokenizer(const std::string& path) {
       }
     }
   }
+  // A vocab entry that is not ByteLevel text can never be produced (the model looks up
+  // ByteLevel text), as in Hugging Face's tokenizers; it keeps its id, decoded as written.
+  // torchtitan's test tokenizer is such a vocabulary: raw text, and no merges.
   std::string bytes;
+  int64_t unreachable = 0;
+  std::string unreachable_example;
   for (const auto& [text, id] : vocab) {
     if (not_mergeable.count(id)) continue;  // e.g. GPT-2's <|endoftext|>, also in vocab
     if (!byte_level_decode(text, bytes)) {
-      fail(where, ": vocab token \"", text,
-           "\" is not ByteLevel-encoded (titan supports byte-level BPE only)");
+      if (unreachable++ == 0) unreachable_example = text;
+      spec.specials.push_back(BpeSpec::Token{text, id});
+      continue;
     }
     spec.tokens.push_back(BpeSpec::Token{bytes, id});
   }
+  if (unreachable > 0) {
+    log::warn("{}: {} vocab entries (e.g. {}) are not ByteLevel text and can never be produced, "
+              "as in Hugging Face tokenizers",
+              where, unreachable, json(unreachable_example).dump());
+  }
+  // Without an unk_token, a byte with no token of its own is dropped from the text, as Hugging
+  // Face's BPE drops characters it has no token for.
+  spec.drop_bytes_without_token =
+      !model.contains("unk_token") || model["unk_token"].is_null();
+  spec.merges_listed = true;  // an empty list means no merges, not tiktoken's rule
 
   const json& merges = model["merges"];
   spec.merges.reserve(merges.size());
@@ -265,19 +284,49 @@ std::unique_ptr<BpeTokenizer> load_hf_tokenizer(const std::string& path) {
     if (auto it = vocab.find(name); it != vocab.end()) return it->second;
     return -1;
   };
-  spec.bos_id = lookup("<|begin_of_text|>");
-  spec.eos_id = lookup("<|end_of_text|>");
   const auto config_path = std::filesystem::path(path).parent_path() / "tokenizer_config.json";
-  if ((spec.bos_id < 0 || spec.eos_id < 0) && util::path_exists(util::path_str(config_path))) {
-    json cfg;
+  std::optional<nlohmann::ordered_json> cfg;
+  if (util::path_exists(util::path_str(config_path))) {
     try {
-      cfg = json::parse(io::read_file(config_path.string(), "tokenizer config"));
+      cfg = nlohmann::ordered_json::parse(
+          io::read_file(config_path.string(), "tokenizer config"));
     } catch (const json::exception& e) {
       fail("tokenizer_config.json ", config_path.string(), ": malformed JSON (", e.what(), ")");
     }
-    if (spec.bos_id < 0) spec.bos_id = lookup(config_token(cfg, "bos_token"));
-    if (spec.eos_id < 0) spec.eos_id = lookup(config_token(cfg, "eos_token"));
   }
+  if (cfg) {
+    // The special tokens it names join the tokenizer as torchtitan adds them (Hugging Face's
+    // add_special_tokens): the standard keys, then added_tokens_decoder in file order; one
+    // that the tokenizer lacks takes the next id after the vocab and the added tokens (its id
+    // in added_tokens_decoder is not used, as in Hugging Face).
+    std::vector<std::string> named;
+    for (const char* key : {"bos_token", "eos_token", "pad_token", "unk_token", "sep_token",
+                            "cls_token", "mask_token"}) {
+      const std::string name = config_token(*cfg, key);
+      if (!name.empty()) named.push_back(name);
+    }
+    const auto decoder = cfg->find("added_tokens_decoder");
+    if (decoder != cfg->end() && decoder->is_object()) {
+      for (const auto& [id, entry] : decoder->items()) {
+        if (entry.is_object() && entry.contains("content") && entry["content"].is_string()) {
+          named.push_back(entry["content"].get<std::string>());
+        }
+      }
+    }
+    // (Past every id in use, too, where a vocab's ids have gaps.)
+    int32_t next_id = static_cast<int32_t>(vocab.size());
+    for (const auto& [text, id] : vocab) next_id = std::max(next_id, id + 1);
+    for (const auto& [name, id] : added) next_id = std::max(next_id, id + 1);
+    for (const auto& name : named) {
+      if (lookup(name) >= 0) continue;
+      added[name] = next_id;
+      spec.specials.push_back(BpeSpec::Token{name, next_id++});
+    }
+  }
+  spec.bos_id = lookup("<|begin_of_text|>");
+  spec.eos_id = lookup("<|end_of_text|>");
+  if (cfg && spec.bos_id < 0) spec.bos_id = lookup(config_token(*cfg, "bos_token"));
+  if (cfg && spec.eos_id < 0) spec.eos_id = lookup(config_token(*cfg, "eos_token"));
   TITAN_CHECK(spec.bos_id >= 0 && spec.eos_id >= 0, where,
               ": no BOS/EOS token: expected added tokens <|begin_of_text|> and <|end_of_text|>, "
               "or bos_token/eos_token in a tokenizer_config.json next to it");

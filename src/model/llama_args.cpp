@@ -73,9 +73,9 @@ LlamaArgs with_rope_factor(LlamaArgs a, double factor) {
 
 const std::vector<Flavor>& flavors() {
   static const std::vector<Flavor> table = {
-      {"debugmodel", make(256, 6, 16, 16, 2000, 256, std::nullopt)},
+      {"debugmodel", make(256, 6, 16, 16, 2048, 256, std::nullopt)},
       // The debug model with grouped-query attention (4 KV heads), as the large flavors have.
-      {"debugmodel_gqa", make(256, 6, 16, 4, 2000, 256, std::nullopt)},
+      {"debugmodel_gqa", make(256, 6, 16, 4, 2048, 256, std::nullopt)},
       {"1B", with_rope_factor(make(2048, 16, 32, 8, 128256, 1024, 1.5), 32.0)},
       {"3B", with_rope_factor(make(3072, 28, 24, 8, 128256, 1024, 1.0), 32.0)},
       {"8B", make(4096, 32, 32, 8, 128256, 1024, 1.3)},

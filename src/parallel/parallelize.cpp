@@ -420,7 +420,7 @@ Float8Plan plan_float8(const model::LlamaArgs& args, const config::JobConfig& c,
   if (std::find(filters.begin(), filters.end(), "output") == filters.end()) {
     log::warn(
         "quantize.linear.float8.filter_fqns does not list \"output\": titan keeps the output "
-        "projection in bf16 (it is fused with the loss), as torchtitan's default filter does");
+        "projection in bf16 (it is fused with the loss; torchtitan would convert it)");
   }
   return f;
 }

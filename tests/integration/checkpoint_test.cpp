@@ -1106,7 +1106,7 @@ TEST(CheckpointHf, RopeScalingAndTiedFoldersImportExactlyAndRoundTrip) {
     test::TempDir dir;
     const std::string config =
         std::string(R"({"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 16,
-            "num_key_value_heads": 16, "intermediate_size": 768, "vocab_size": 2000,
+            "num_key_value_heads": 16, "intermediate_size": 768, "vocab_size": 2048,
             "head_dim": 16, "max_position_embeddings": 2048, )") +
         c.extra + "}";
     test::write_file(dir.file("write.py"), kWriteHfFolderPy);
@@ -1164,7 +1164,7 @@ TEST(CheckpointHf, UnsupportedRopeScalingIsRejected) {
   fs::create_directories(dir.file("hf"));
   test::write_file(dir.file("hf") + "/config.json",
                    R"({"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 16,
-                       "num_key_value_heads": 16, "intermediate_size": 768, "vocab_size": 2000,
+                       "num_key_value_heads": 16, "intermediate_size": 768, "vocab_size": 2048,
                        "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})");
   auto r = test::run_titan_train(
       {"convert", "--to", "titan", "--input", dir.file("hf"), "--output", dir.file("out")});

@@ -35,7 +35,7 @@ TEST(Training, DebugModelLossFallsAndEveryMetricIsLogged) {
   test::TempDir dir;
   auto losses = train(dir, "run", {"--training.steps", "40", "--training.seq_len", "128"});
   ASSERT_EQ(losses.size(), 40u);
-  EXPECT_GT(losses.front(), 7.0);  // about ln(2000) at initialization
+  EXPECT_GT(losses.front(), 7.0);  // about ln(2048) at initialization
   EXPECT_LT(losses.back(), losses.front() - 3.0);
   std::ifstream in(dir.file("run") + "/metrics.jsonl");
   std::string line;
@@ -52,6 +52,43 @@ TEST(Training, DebugModelLossFallsAndEveryMetricIsLogged) {
   }
   EXPECT_GT(j["tps"].get<double>(), 0);
   EXPECT_TRUE(j["mfu"].is_null());  // a CPU has no peak rate to compare with
+}
+
+// torchtitan's debug job file, unchanged, run where torchtitan runs it: the root of a torchtitan
+// checkout, whose tests/assets hold its test tokenizer and the c4_test dataset (here a small
+// JSONL file standing in for data.json). Only the length of the run is overridden.
+TEST(Training, TorchtitansDebugJobRunsUnchangedInATorchtitanCheckout) {
+  test::TempDir dir;
+  const std::string checkout = dir.file("torchtitan");
+  const std::string fixtures = std::string(TITAN_SOURCE_DIR) + "/tests/data/torchtitan/v0.2.2/";
+  std::filesystem::create_directories(checkout + "/tests/assets/tokenizer");
+  std::filesystem::create_directories(checkout + "/tests/assets/c4_test");
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
+    std::filesystem::copy_file(fixtures + "tokenizer/" + name,
+                               checkout + "/tests/assets/tokenizer/" + name);
+  }
+  std::string jsonl;
+  for (int i = 0; i < 64; ++i) {
+    jsonl += nlohmann::json{{"text", "Document " + std::to_string(i) +
+                                         ": the quick brown fox jumps over the lazy dog, and "
+                                         "the dog sleeps on."},
+                            {"url", "https://example.com/" + std::to_string(i)}}
+                 .dump() +
+             "\n";
+  }
+  test::write_file(checkout + "/tests/assets/c4_test/data.json", jsonl);
+  const std::string command = "cd '" + checkout + "' && exec '" + TITAN_TRAIN_BINARY +
+                              "' --job.config_file '" + fixtures +
+                              "debug_model.toml' --training.steps 3 --training.seq_len 64 "
+                              "--metrics.disable_color_printing";
+  auto r = test::run_process({"/bin/sh", "-c", command}, {"TITAN_DEVICE=cpu"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("vocab 2004"), std::string::npos) << r.output;  // BOS/EOS added
+  EXPECT_NE(r.output.find("tests/assets/c4_test"), std::string::npos) << r.output;
+  const auto losses = test::read_losses(checkout + "/outputs/metrics.jsonl");
+  ASSERT_EQ(losses.size(), 3u);
+  EXPECT_GT(losses.front(), 7.0);  // about ln(2048)
+  EXPECT_LT(losses.back(), losses.front());
 }
 
 TEST(Training, SameSeedSameLossesOtherSeedOtherLosses) {

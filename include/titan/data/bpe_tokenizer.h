@@ -37,10 +37,15 @@ struct BpeSpec {
     int32_t result = 0;           // id of their concatenation
     uint32_t priority = 0;        // lower merges first; ties go to the leftmost pair
   };
-  std::vector<Token> tokens;  // mergeable tokens; every single byte must be one of them
-  // Empty: tiktoken semantics, i.e. any two adjacent parts whose concatenation is a token
-  // merge, with the token's id as priority. Otherwise exactly these merges (HF semantics).
+  std::vector<Token> tokens;  // mergeable tokens; every single byte one of them (but see below)
+  // Empty and not `merges_listed`: tiktoken semantics, i.e. any two adjacent parts whose
+  // concatenation is a token merge, with the token's id as priority. Otherwise exactly these
+  // merges, none when empty (HF semantics).
   std::vector<Merge> merges;
+  bool merges_listed = false;
+  // HF without an unk_token: a byte with no single-byte token is dropped from the text (the
+  // parts either side of it become adjacent). Otherwise every byte must have a token.
+  bool drop_bytes_without_token = false;
   std::vector<Token> specials;  // never produced by encode(); decoded by name
   // A piece that is itself a token becomes that token without merging (tiktoken always;
   // HF when the model says ignore_merges).

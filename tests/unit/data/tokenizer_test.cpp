@@ -443,6 +443,29 @@ TEST(Tokenizer, TokenizerJsonErrorsNameTheFile) {
   EXPECT_NE(load(j.dump()).find("no BOS/EOS token"), std::string::npos);
 }
 
+// torchtitan's own test tokenizer (tests/assets/tokenizer, v0.2.2): a raw-text vocabulary
+// (2002 entries, most of them not ByteLevel text), no merges, and BOS/EOS named only in
+// tokenizer_config.json. Hugging Face's library, which torchtitan wraps, produces one id per
+// printable ASCII byte (their ByteLevel characters are themselves), drops the bytes whose
+// ByteLevel character has no entry (whitespace, control and non-ASCII bytes), and adds BOS /
+// EOS at the next free ids; `scripts/device_check.sh hftok` checks the same ids against the
+// library itself.
+TEST(Tokenizer, TorchtitansTestTokenizerGivesHuggingFacesIds) {
+  const std::string dir = std::string(TITAN_SOURCE_DIR) + "/tests/data/torchtitan/v0.2.2/tokenizer";
+  auto tok = data::load_hf_tokenizer(dir + "/tokenizer.json");
+  EXPECT_EQ(tok->vocab_size(), 2004);
+  EXPECT_EQ(tok->bos_id(), 2002);  // <|begin_of_text|>, added after the 2002 entries
+  EXPECT_EQ(tok->eos_id(), 2003);
+  EXPECT_EQ(tok->special_id("<|pad|>"), -1);  // in the vocab already (2001): not added again
+  // No merges: "he" (id 257) and " the" (262) are never produced; spaces and the newline
+  // are dropped.
+  EXPECT_EQ(tok->encode("Hello, the world!\nA b"),
+            (std::vector<int32_t>{72, 101, 108, 108, 111, 44, 116, 104, 101, 119, 111, 114, 108,
+                                  100, 33, 65, 98}));
+  EXPECT_EQ(tok->encode(" \t\r\n\xc3\xa9"), std::vector<int32_t>{});
+  EXPECT_EQ(tok->encode("<|begin_of_text|>").size(), 17u);  // plain text, one id per byte
+}
+
 TEST(Tokenizer, BuildTokenizerPicksTheFileAsDocumented) {
   TestTokenizerFiles files;
   // Neither path: the byte tokenizer.

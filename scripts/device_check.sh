@@ -7,7 +7,7 @@
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
 # ckpt1b oom8b tp2 tp asynctp budget3b smoke2 pp cp terapipe1 terapipe float8 float8loss float8fsdp earlystep profile3b float8gemm
-# membench gemmbench gemmtune ratios readme
+# membench gemmbench gemmtune ratios readme hftok
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
 # and, for benchmarks, .bench/ref_train.py.
@@ -605,6 +605,13 @@ do_earlystep() {
   done
 }
 
+# torchtitan's test tokenizer: titan's ids against Hugging Face's library with torchtitan's
+# special-token handling (the GPU machine's Python has `tokenizers`; needs titan_tokenize built).
+do_hftok() {
+  "$PY" scripts/hf_tokenizer_check.py tests/data/torchtitan/v0.2.2/tokenizer \
+    "$BUILD_DIR/titan_tokenize" "$OUT/hftok"
+}
+
 # The single-GPU ratios of the float8 and activation-checkpointing issues in one call, each
 # beside the compiled reference: 3B every 2nd block checkpointed in float8 tensorwise and bf16,
 # titan's memory_budget (RATIO_BUDGET, default 0.45) against the reference's every 2nd block, and
@@ -681,6 +688,7 @@ for s in "${stages[@]}"; do
     gemmtune) run_stage gemmtune do_gemmtune; cat "$OUT/gemmtune.log" ;;
     ckpt1b) run_stage ckpt1b do_ckpt1b; cat "$OUT/ckpt1b.log" ;;
     ratios) run_stage ratios do_ratios; grep -E "^==|titan/ref|^titan:" "$OUT/ratios.log" ;;
+    hftok) run_stage hftok do_hftok; cat "$OUT/hftok.log" ;;
     earlystep) run_stage earlystep do_earlystep; cat "$OUT/earlystep.log" | cut -c1-300 ;;
     terapipe1) run_stage terapipe1 do_terapipe1; cat "$OUT/terapipe1.log" | cut -c1-400 ;;
     terapipe | terapipe4) run_stage terapipe do_terapipe; cat "$OUT/terapipe.log" | cut -c1-400 ;;

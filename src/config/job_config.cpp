@@ -939,9 +939,9 @@ std::vector<CliOverride> parse_cli(const std::vector<std::string>& args) {
     }
     std::replace(ov.path.begin(), ov.path.end(), '-', '_');
     // torchtitan's (tyro's) way to switch a boolean off: --section.no_key / --section.no-key.
-    if (const size_t dot = ov.path.rfind('.');
-        dot != std::string::npos && ov.path.compare(dot + 1, 3, "no_") == 0 &&
-        !r.find(resolve_alias(ov.path, r))) {
+    if (const size_t dot = ov.path.rfind('.'); dot != std::string::npos &&
+                                               ov.path.compare(dot + 1, 3, "no_") == 0 &&
+                                               !r.find(resolve_alias(ov.path, r))) {
       const std::string positive = ov.path.substr(0, dot + 1) + ov.path.substr(dot + 4);
       const Option* o = r.find(resolve_alias(positive, r));
       if (o && o->type == Type::Bool) {

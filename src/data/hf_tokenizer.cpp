@@ -243,14 +243,14 @@ std::unique_ptr<BpeTokenizer> load_hf_tokenizer(const std::string& path) {
     spec.tokens.push_back(BpeSpec::Token{bytes, id});
   }
   if (unreachable > 0) {
-    log::warn("{}: {} vocab entries (e.g. {}) are not ByteLevel text and can never be produced, "
-              "as in Hugging Face tokenizers",
-              where, unreachable, json(unreachable_example).dump());
+    log::warn(
+        "{}: {} vocab entries (e.g. {}) are not ByteLevel text and can never be produced, "
+        "as in Hugging Face tokenizers",
+        where, unreachable, json(unreachable_example).dump());
   }
   // Without an unk_token, a byte with no token of its own is dropped from the text, as Hugging
   // Face's BPE drops characters it has no token for.
-  spec.drop_bytes_without_token =
-      !model.contains("unk_token") || model["unk_token"].is_null();
+  spec.drop_bytes_without_token = !model.contains("unk_token") || model["unk_token"].is_null();
   spec.merges_listed = true;  // an empty list means no merges, not tiktoken's rule
 
   const json& merges = model["merges"];
@@ -288,8 +288,7 @@ std::unique_ptr<BpeTokenizer> load_hf_tokenizer(const std::string& path) {
   std::optional<nlohmann::ordered_json> cfg;
   if (util::path_exists(util::path_str(config_path))) {
     try {
-      cfg = nlohmann::ordered_json::parse(
-          io::read_file(config_path.string(), "tokenizer config"));
+      cfg = nlohmann::ordered_json::parse(io::read_file(config_path.string(), "tokenizer config"));
     } catch (const json::exception& e) {
       fail("tokenizer_config.json ", config_path.string(), ": malformed JSON (", e.what(), ")");
     }
@@ -336,8 +335,10 @@ std::unique_ptr<BpeTokenizer> load_hf_tokenizer(const std::string& path) {
   for (const auto& t : spec.specials) vocab_size = std::max<int64_t>(vocab_size, t.id + 1);
   spec.description = where + " (" + std::to_string(spec.tokens.size()) + " tokens, " +
                      std::to_string(spec.merges.size()) + " merges, " +
-                     std::to_string(spec.specials.size()) + " added tokens, vocab " +
-                     std::to_string(vocab_size) + ")";
+                     std::to_string(static_cast<int64_t>(spec.specials.size()) - unreachable) +
+                     " added tokens, " +
+                     (unreachable > 0 ? std::to_string(unreachable) + " never produced, " : "") +
+                     "vocab " + std::to_string(vocab_size) + ")";
   return std::make_unique<BpeTokenizer>(std::move(spec));
 }
 

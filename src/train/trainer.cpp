@@ -137,8 +137,8 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   dp_size_ = mesh.size("dp");
   dp_rank_ = mesh.group_rank("dp");
   accumulation_ = plan_.pp == 1 ? plan_.schedule.microbatches : plan_.passes;
-  loader_ = make_loader("training", c.training.dataset, c.training.dataset_path, c.training.local_batch_size,
-                        c.training.seq_len, /*infinite=*/true, cuda);
+  loader_ = make_loader("training", c.training.dataset, c.training.dataset_path,
+                        c.training.local_batch_size, c.training.seq_len, /*infinite=*/true, cuda);
   log::info("dataset: {}", loader_->describe());
 
   // This rank's units: layouts only (no memory) until the data-parallel owner materializes its

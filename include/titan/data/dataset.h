@@ -64,7 +64,7 @@ struct DatasetOptions {
   std::string section = "training";  // the config section they come from, for messages
   std::string name;                  // <section>.dataset
   std::string path;                  // <section>.dataset_path
-  std::string text_field;  // JSONL field
+  std::string text_field;            // JSONL field
   int64_t dp_rank = 0;
   int64_t dp_size = 1;
   int64_t vocab_size = 0;  // model vocabulary: token ids must stay below it

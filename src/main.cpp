@@ -1,5 +1,6 @@
 // titan_train: reads the job config (TOML + CLI overrides), builds the trainer, trains.
 #include <exception>
+#include <filesystem>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -64,9 +65,19 @@ int main(int argc, char** argv) {
       std::cout << "# resolved job config\n" << titan::config::to_toml(config) << std::flush;
     }
     if (!config.job.save_config_file.empty() && env.rank == 0) {
+      // Under the dump folder (an absolute name stands), as torchtitan's os.path.join.
+      const std::filesystem::path path =
+          std::filesystem::path(config.job.dump_folder) / config.job.save_config_file;
+      if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());
+      // Without the file names: a job started from the saved file must not rewrite it.
+      titan::config::JobConfig saved = config;
+      saved.job.config_file.clear();
+      saved.job.save_config_file.clear();
       titan::util::write_file_atomically(
-          config.job.save_config_file, "# resolved job config\n" + titan::config::to_toml(config));
-      titan::log::info("job: resolved config written to {}", config.job.save_config_file);
+          path.string(), path.extension() == ".json"
+                             ? titan::config::to_json(saved)
+                             : "# resolved job config\n" + titan::config::to_toml(saved));
+      titan::log::info("job: resolved config written to {}", path.string());
     }
     titan::log::info("job: {}{}", config.job.description,
                      config.job.config_file.empty() ? "" : " (" + config.job.config_file + ")");

@@ -91,6 +91,31 @@ TEST(Training, TorchtitansDebugJobRunsUnchangedInATorchtitanCheckout) {
   EXPECT_LT(losses.back(), losses.front());
 }
 
+// job.save_config_file lands under the dump folder, as torchtitan writes it: JSON nested by
+// section for a .json name (unset optional values null), TOML that loads back otherwise.
+TEST(Training, SavedConfigLandsUnderTheDumpFolder) {
+  test::TempDir dir;
+  train(dir, "run",
+        {"--training.steps", "1", "--training.seq_len", "32", "--job.save_config_file",
+         "config/job.json"});
+  const auto j = nlohmann::json::parse(test::read_file(dir.file("run") + "/config/job.json"));
+  EXPECT_EQ(j["training"]["steps"], 1);
+  // Neither file name is saved: a job started from the saved file must not rewrite it.
+  EXPECT_EQ(j["job"]["save_config_file"], "");
+  EXPECT_EQ(j["job"]["config_file"], "");
+  EXPECT_TRUE(j["lr_scheduler"]["total_steps"].is_null());
+  EXPECT_EQ(j["quantize"]["linear"]["float8"]["filter_fqns"], std::vector<std::string>{"output"});
+  train(
+      dir, "toml",
+      {"--training.steps", "1", "--training.seq_len", "32", "--job.save_config_file", "job.toml"});
+  const std::string saved = test::read_file(dir.file("toml") + "/job.toml");
+  auto r = test::run_titan_train({"--job.config_file", dir.file("toml") + "/job.toml",
+                                  "--job.print_config", "--training.steps", "2"});
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("seq_len = 32"), std::string::npos) << r.output;
+  EXPECT_EQ(test::read_file(dir.file("toml") + "/job.toml"), saved);
+}
+
 TEST(Training, SameSeedSameLossesOtherSeedOtherLosses) {
   test::TempDir dir;
   std::vector<std::string> common = {"--training.steps", "5", "--training.seq_len", "64"};

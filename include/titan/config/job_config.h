@@ -14,7 +14,7 @@ struct JobSection {
   std::string dump_folder = "./outputs";
   std::string description = "titan training job";
   bool print_config = false;
-  std::string save_config_file;           // write the resolved config here (TOML)
+  std::string save_config_file;           // the resolved config, under dump_folder (.json: JSON)
   std::string custom_config_module;       // torchtitan's Python config extension (rejected if set)
   bool use_for_integration_test = false;  // torchtitan v0.1.0 test-suite marker (no effect)
 };
@@ -284,6 +284,9 @@ void validate(const JobConfig& config);
 
 // The whole config as TOML text (every key, defaults included).
 std::string to_toml(const JobConfig& config);
+// The same as JSON, nested by section as torchtitan's JobConfig.to_dict() (unset optional
+// values are null).
+std::string to_json(const JobConfig& config);
 
 // Help text listing every option with its type, default and description.
 std::string help_text();

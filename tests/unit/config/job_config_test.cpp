@@ -135,6 +135,10 @@ TEST(JobConfig, UnknownKeyNamesPathAndSuggestsNearest) {
   EXPECT_NE(msg.find("unknown key optimiser.lr"), std::string::npos) << msg;
   EXPECT_NE(msg.find("did you mean optimizer.lr?"), std::string::npos) << msg;
   EXPECT_NE(msg.find("f.toml:2:"), std::string::npos) << msg;
+  // Every unknown key of a file is named at once.
+  msg = error_of([&] { apply_toml(c, "[training]\nstpes = 3\n[bogus]\nx = 1\n", "g.toml"); });
+  EXPECT_NE(msg.find("unknown key training.stpes (g.toml:2:"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("unknown key bogus.x (g.toml:4:"), std::string::npos) << msg;
 }
 
 TEST(JobConfig, WrongTypeNamesKeyExpectedTypeAndLocation) {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Starts NPROC local ranks of a command the way torchrun does (RANK, WORLD_SIZE, LOCAL_RANK,
 # LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), prefixes each rank's output with "[rank N]"
-# (LOG_RANK=0,2 or LOG_RANK=all chooses which ranks print; default: all), and if any rank
-# fails, stops the others and exits with that rank's status.
+# (titan's log lines carry it already; LOG_RANK=0,2 or LOG_RANK=all chooses which ranks print;
+# default: all), and if any rank fails, stops the others and exits with that rank's status.
 #   NPROC=4 scripts/launch.sh build/titan_train --job.config_file configs/debug_model.toml
 set -uo pipefail
 nproc="${NPROC:-1}"
@@ -42,7 +42,8 @@ for ((r = 0; r < nproc; r++)); do
     export RANK=$r WORLD_SIZE=$nproc LOCAL_RANK=$r LOCAL_WORLD_SIZE=$nproc MASTER_ADDR=$addr \
       MASTER_PORT=$port OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(((($(nproc) + nproc - 1) / nproc)))}"
     if shows_rank "$r"; then
-      "$@" 2>&1 | sed -u "s/^/[rank $r] /"
+      # titan's own log lines name their rank already.
+      "$@" 2>&1 | sed -u "/^\[titan\] \[rank /!s/^/[rank $r] /"
     else
       "$@" >/dev/null 2>&1
     fi

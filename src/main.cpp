@@ -22,7 +22,9 @@
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
-  for (const auto& a : args) {
+  // The subcommands have their own --help.
+  const bool subcommand = !args.empty() && (args[0] == "convert" || args[0] == "schedule");
+  for (const auto& a : subcommand ? std::vector<std::string>() : args) {
     if (a == "--help" || a == "-h") {
       std::cout << titan::config::help_text();
       return 0;

@@ -120,15 +120,28 @@ model::LlamaArgs recorded_args(const json& m, model::LlamaArgs a) {
   return a;
 }
 
+// The model dims an index records must be this job's.
+void check_same_shape(const json& m, const model::LlamaArgs& a, const std::string& step_dir,
+                      const std::string& flavor) {
+  TITAN_CHECK(m["dim"] == a.dim && m["n_layers"] == a.n_layers && m["n_heads"] == a.n_heads &&
+                  m["n_kv_heads"] == a.n_kv_heads && m["vocab_size"] == a.vocab_size,
+              "checkpoint ", step_dir, " holds a different model (", m.dump(),
+              ") than this job's flavor ", flavor, " (dim ", a.dim, ", n_layers ", a.n_layers,
+              ", n_heads ", a.n_heads, ", n_kv_heads ", a.n_kv_heads, ", vocab_size ", a.vocab_size,
+              "); set model.flavor to the checkpoint's");
+}
+
 }  // namespace
 
-void adopt_checkpoint_model_args(const std::string& step_dir, model::LlamaArgs& args) {
+void adopt_checkpoint_model_args(const std::string& step_dir, model::LlamaArgs& args,
+                                 const std::string& flavor) {
   const std::string meta_path = (fs::path(step_dir) / "metadata.json").string();
   try {
     std::ifstream in(meta_path);
     if (!in.good()) return;  // load() reports a missing index
     const json meta = json::parse(in);
     if (!meta.contains("model")) return;
+    check_same_shape(meta["model"], args, step_dir, flavor);
     const model::LlamaArgs b = recorded_args(meta["model"], args);
     if (model::describe_rope(b) != model::describe_rope(args) || b.norm_eps != args.norm_eps) {
       log::info(
@@ -137,7 +150,7 @@ void adopt_checkpoint_model_args(const std::string& step_dir, model::LlamaArgs& 
     }
     args = b;
   } catch (const json::exception& e) {
-    fail("checkpoint index ", meta_path, " is malformed: ", e.what());
+    fail("checkpoint index ", meta_path, " is malformed: ", util::json_error_text(e.what()));
   }
 }
 
@@ -172,10 +185,30 @@ struct Checkpointer::Snapshot {
   }
 };
 
+namespace {
+
+// The learning-rate schedule a run trains with, as its checkpoints record it.
+json schedule_json(const config::JobConfig& c) {
+  const auto& s = c.lr_scheduler;
+  return {{"lr", c.optimizer.lr},
+          {"warmup_steps", s.warmup_steps},
+          {"steps", s.total_steps.value_or(c.training.steps)},
+          {"decay_ratio", s.decay_ratio ? json(*s.decay_ratio) : json(nullptr)},
+          {"decay_type", s.decay_type},
+          {"min_lr_factor", s.min_lr_factor}};
+}
+
+}  // namespace
+
 Checkpointer::Checkpointer(const config::JobConfig& config, dist::Runtime& runtime,
                            TrainerState state)
     : config_(config), runtime_(runtime), state_(std::move(state)) {
   folder_ = (fs::path(config.job.dump_folder) / config.checkpoint.folder).string();
+  // Found unusable now rather than at the first save, possibly hours in.
+  if (config.checkpoint.enable) {
+    util::ensure_writable_directory(util::path_str(folder_),
+                                    "checkpoint.folder (under job.dump_folder)");
+  }
 }
 
 Checkpointer::~Checkpointer() {
@@ -184,6 +217,17 @@ Checkpointer::~Checkpointer() {
   } catch (const std::exception& e) {
     log::error("checkpoint: {}", e.what());
   }
+}
+
+std::string Checkpointer::older_steps_note(const std::string& step_dir) {
+  const std::string folder = fs::path(step_dir).parent_path().string();
+  std::vector<std::string> older;
+  for (const auto& [step, path] : complete_steps(folder)) {
+    if (fs::path(path) != fs::path(step_dir)) older.push_back(std::to_string(step));
+  }
+  if (older.empty()) return "";
+  return "\n(if " + step_dir + " is damaged: older checkpoints in " + folder + ": step " +
+         util::join(older, ", ") + "; set checkpoint.load_step to resume from one of them)";
 }
 
 std::vector<std::pair<int64_t, std::string>> Checkpointer::complete_steps(
@@ -568,7 +612,7 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
                   {"dp_shard", d.dp_shard}, {"cp", d.cp}, {"tp", d.tp}};
   meta["train_state"] = {{"step", snap.step}};
   meta["optimizer"] = {{"name", config_.optimizer.name}, {"steps", snap.optimizer_steps}};
-  meta["lr_scheduler"] = {{"last_step", snap.step}};
+  meta["lr_scheduler"] = {{"last_step", snap.step}, {"schedule", schedule_json(config_)}};
   if (!snap.loader_state.empty()) meta["dataloader"] = json::parse(snap.loader_state);
   auto& tensors = meta["tensors"] = json::object();
   auto& files = meta["files"] = json::object();
@@ -769,7 +813,7 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
       }
     }
   } catch (const json::exception& e) {
-    fail("checkpoint index ", meta_path, " is malformed: ", e.what());
+    fail("checkpoint index ", meta_path, " is malformed: ", util::json_error_text(e.what()));
   }
   std::vector<std::string> loaded;
   // An index that parses but lacks or mistypes an entry is malformed too (not an internal
@@ -778,10 +822,7 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
     // The model must be the same shape.
     const auto& a = state_.args;
     const auto& m = meta["model"];
-    TITAN_CHECK(m["dim"] == a.dim && m["n_layers"] == a.n_layers && m["n_heads"] == a.n_heads &&
-                    m["n_kv_heads"] == a.n_kv_heads && m["vocab_size"] == a.vocab_size,
-                "checkpoint ", step_dir, " holds a different model (", m.dump(),
-                ") than this job's flavor ", state_.flavor);
+    check_same_shape(m, a, step_dir, state_.flavor);
     if (wants("model")) {
       const model::LlamaArgs rec = recorded_args(m, a);
       TITAN_CHECK(
@@ -973,6 +1014,32 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
     }
     const int64_t step = meta["train_state"]["step"].get<int64_t>();
     if (wants("train_state")) loaded.push_back("train_state (step " + std::to_string(step) + ")");
+    // A resume continues the lr schedule of the config, as torchtitan's does; say so when it
+    // is not the one the checkpoint was trained with (a longer training.steps changes it).
+    const json& sched = meta.contains("lr_scheduler") ? meta["lr_scheduler"] : json();
+    if (wants("train_state") && runtime_.env().rank == 0 && sched.is_object() &&
+        sched.contains("schedule")) {
+      const json now = schedule_json(config_);
+      static const std::map<std::string, std::string> keys = {
+          {"lr", "optimizer.lr"},
+          {"warmup_steps", "lr_scheduler.warmup_steps"},
+          {"steps", "lr_scheduler.total_steps (else training.steps)"},
+          {"decay_ratio", "lr_scheduler.decay_ratio"},
+          {"decay_type", "lr_scheduler.decay_type"},
+          {"min_lr_factor", "lr_scheduler.min_lr_factor"}};
+      std::vector<std::string> changed;
+      for (const auto& [key, name] : keys) {
+        const json& was = sched["schedule"].contains(key) ? sched["schedule"][key] : json();
+        if (was != now[key]) changed.push_back(name + " " + was.dump() + " -> " + now[key].dump());
+      }
+      if (!changed.empty()) {
+        log::warn(
+            "checkpoint: {} was trained with another learning-rate schedule ({}); the steps "
+            "after {} follow the new one. To keep the saved schedule's shape when training "
+            "longer, set lr_scheduler.total_steps",
+            step_dir, util::join(changed, ", "), step);
+      }
+    }
     log::info(
         "checkpoint: loaded {} ({}) in {:.2f}s (reading and verifying {:.2f}s on {} threads, "
         "copies to the device {:.2f}s)",
@@ -980,7 +1047,7 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
         read_s, at::get_num_threads(), device_copy_s);
     return step;
   } catch (const json::exception& e) {
-    fail("checkpoint index ", meta_path, " is malformed: ", e.what());
+    fail("checkpoint index ", meta_path, " is malformed: ", util::json_error_text(e.what()));
   }
 }
 
@@ -1056,7 +1123,13 @@ int64_t Checkpointer::load_at_start() {
       fail("checkpoint.load_step = ", ck.load_step, ": no complete checkpoint of that step in ",
            folder_, " (have: ", util::join(have, ", "), ")");
     }
-    const int64_t step = load(dir, what);
+    int64_t step = 0;
+    try {
+      step = load(dir, what);
+    } catch (const Error& e) {
+      if (ck.load_step >= 0) throw;
+      fail(e.what(), older_steps_note(dir));
+    }
     return std::find(what.begin(), what.end(), "train_state") != what.end() ? step : 0;
   }
   if (!ck.initial_load_path.empty()) {
@@ -1064,6 +1137,8 @@ int64_t Checkpointer::load_at_start() {
       import_hf(ck.initial_load_path, state_);
       return 0;
     }
+    TITAN_CHECK(util::path_exists(util::path_str(ck.initial_load_path)),
+                "checkpoint.initial_load_path: ", ck.initial_load_path, " does not exist");
     TITAN_CHECK(!dir.empty(), "checkpoint.initial_load_path: ", ck.initial_load_path,
                 " is neither a checkpoint step folder nor a folder holding one");
     std::vector<std::string> init_what = {"model"};

@@ -13,6 +13,7 @@
 #include "titan/util/error.h"
 #include "titan/util/fs.h"
 #include "titan/util/log.h"
+#include "titan/util/strings.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -45,7 +46,7 @@ json read_json(const fs::path& p) {
   try {
     return json::parse(in);
   } catch (const json::exception& e) {
-    fail("convert: ", p.string(), " is malformed: ", e.what());
+    fail("convert: ", p.string(), " is malformed: ", util::json_error_text(e.what()));
   }
 }
 
@@ -75,8 +76,9 @@ int run_convert(const std::vector<std::string>& args) {
       fail("convert: unknown argument ", args[i], "\n", kUsage);
     }
   }
-  TITAN_CHECK((to == "hf" || to == "titan") && !input.empty() && !output.empty(),
+  TITAN_CHECK(!to.empty() && !input.empty() && !output.empty(),
               "convert: --to (hf or titan), --input and --output are required\n", kUsage);
+  TITAN_CHECK(to == "hf" || to == "titan", "convert: --to must be hf or titan, got \"", to, "\"");
   TITAN_CHECK(dtype == "float32" || dtype == "bfloat16" || dtype == "float16",
               "convert: --dtype must be float32, bfloat16 or float16, got ", dtype);
   TITAN_CHECK(util::path_exists(util::path_str(input)), "convert: --input ", input,
@@ -112,7 +114,7 @@ int run_convert(const std::vector<std::string>& args) {
   state.args = model::llama_flavor(flavor);
   state.flavor = flavor;
   if (to == "hf") {
-    adopt_checkpoint_model_args(step_dir, state.args);
+    adopt_checkpoint_model_args(step_dir, state.args, flavor);
   } else {
     adopt_hf_config(input, state.args);
   }

@@ -94,7 +94,7 @@ std::map<std::string, std::string> weight_map(const std::string& folder) {
         out[it.key()] = (fs::path(folder) / it->get<std::string>()).string();
       }
     } catch (const json::exception& e) {
-      fail(index.string(), " is malformed: ", e.what());
+      fail(index.string(), " is malformed: ", util::json_error_text(e.what()));
     }
     return out;
   }
@@ -117,7 +117,7 @@ bool adopt_hf_config(const std::string& folder, model::LlamaArgs& a) {
     std::ifstream in(cfg);
     j = json::parse(in);
   } catch (const json::exception& e) {
-    fail(cfg.string(), " is malformed: ", e.what());
+    fail(cfg.string(), " is malformed: ", util::json_error_text(e.what()));
   }
   const std::string where = cfg.string();
   try {
@@ -188,7 +188,7 @@ bool adopt_hf_config(const std::string& folder, model::LlamaArgs& a) {
     }
     return tied;
   } catch (const json::exception& e) {
-    fail(where, " is malformed: ", e.what());
+    fail(where, " is malformed: ", util::json_error_text(e.what()));
   }
 }
 

@@ -20,6 +20,7 @@
 
 #include "titan/util/crc32c.h"
 #include "titan/util/error.h"
+#include "titan/util/strings.h"
 
 namespace titan::checkpoint {
 
@@ -283,7 +284,7 @@ SafetensorsReader::SafetensorsReader(std::string path) : path_(std::move(path)) 
   try {
     header = nlohmann::json::parse(text);
   } catch (const nlohmann::json::exception& e) {
-    fail(path_, ": malformed safetensors header: ", e.what());
+    fail(path_, ": malformed safetensors header: ", util::json_error_text(e.what()));
   }
   for (auto it = header.begin(); it != header.end(); ++it) {
     if (it.key() == "__metadata__") {
@@ -307,7 +308,7 @@ SafetensorsReader::SafetensorsReader(std::string path) : path_(std::move(path)) 
                   " ends at byte ", data_start_ + info.end, " of ", file_size_);
       tensors_[it.key()] = info;
     } catch (const nlohmann::json::exception& e) {
-      fail(path_, ": malformed entry for tensor ", it.key(), ": ", e.what());
+      fail(path_, ": malformed entry for tensor ", it.key(), ": ", util::json_error_text(e.what()));
     }
   }
 }

@@ -6,6 +6,8 @@
 #include <toml++/toml.hpp>
 
 #include <algorithm>
+#include <array>
+#include <charconv>
 #include <cmath>
 #include <fstream>
 #include <functional>
@@ -1003,10 +1005,11 @@ std::string toml_value(const Value& v) {
       return i ? std::to_string(*i) : "\"none\"";
     }
     std::string operator()(double d) const {
-      std::ostringstream s;
-      s.precision(17);
-      s << d;
-      std::string t = s.str();
+      // The shortest text that reads back as the same double (8e-4, not
+      // 0.00080000000000000004).
+      std::array<char, 64> buf{};
+      const auto res = std::to_chars(buf.data(), buf.data() + buf.size(), d);
+      std::string t(buf.data(), res.ptr);
       if (t.find_first_of(".eEn") == std::string::npos) t += ".0";
       return t;
     }
@@ -1292,9 +1295,12 @@ std::string help_text() {
   JobConfig defaults;
   std::ostringstream out;
   out << "usage: titan_train [--job.config_file FILE.toml] [--section.key VALUE ...]\n"
-         "       titan_train --help\n\n"
+         "       titan_train convert --to hf|titan --input DIR --output DIR [--dtype D]\n"
+         "       titan_train schedule --pp P --microbatches M --schedule NAME [...]\n"
+         "       titan_train --help | convert --help | schedule --help\n\n"
          "Every option below can be set in the TOML file or overridden on the command line\n"
-         "(--section.key value, --section.key=value, or a bare --section.flag for true).\n";
+         "(--section.key value, --section.key=value, a bare --section.flag for true, or\n"
+         "--section.no_flag for false).\n";
   std::string current;
   for (const auto& o : r.options) {
     if (o.hidden) continue;

@@ -9,6 +9,7 @@
 
 #include "titan/util/error.h"
 #include "titan/util/log.h"
+#include "titan/util/strings.h"
 
 namespace titan::data {
 
@@ -35,7 +36,7 @@ LoaderState LoaderState::from_json(const std::string& text) {
     s.windows = j.at("windows").get<int64_t>();
     return s;
   } catch (const nlohmann::json::exception& e) {
-    fail("data loader state is malformed: ", e.what());
+    fail("data loader state is malformed: ", util::json_error_text(e.what()));
   }
 }
 

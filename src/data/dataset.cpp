@@ -22,7 +22,9 @@ std::unique_ptr<DocumentSource> make_file_source(const DatasetOptions& o,
     const std::string label =
         folder ? std::to_string(files.shards.size()) + " token shard(s) under " + o.path
                : "token shard " + o.path;
-    return make_shard_source(std::move(files.shards), o, label);
+    DatasetOptions with_tokenizer = o;
+    with_tokenizer.tokenizer_vocab_size = tokenizer->vocab_size();
+    return make_shard_source(std::move(files.shards), with_tokenizer, label);
   }
   const auto jsonl = std::count_if(files.text.begin(), files.text.end(),
                                    [](const TextFile& f) { return f.jsonl; });
@@ -71,6 +73,12 @@ std::unique_ptr<DocumentSource> make_source(const DatasetOptions& o,
          "c4_test under the working directory); anything else needs a local ",
          key, "_path");
   }
+  TITAN_CHECK(util::path_exists(util::path_str(o.path)), o.section, ".dataset_path: ", o.path,
+              " does not exist",
+              o.path.rfind('/', 0) == 0
+                  ? std::string()
+                  : " (a relative path is taken from the working directory, " +
+                        std::filesystem::current_path().string() + ")");
   return make_file_source(o, std::move(tokenizer));
 }
 

@@ -13,6 +13,7 @@
 #include "titan/util/error.h"
 #include "titan/util/fs.h"
 #include "titan/util/log.h"
+#include "titan/util/strings.h"
 
 namespace titan::data {
 namespace {
@@ -166,7 +167,7 @@ std::unique_ptr<BpeTokenizer> load_hf_tokenizer(const std::string& path) {
   try {
     j = json::parse(io::read_file(path, "tokenizer"));
   } catch (const json::exception& e) {
-    fail(where, ": malformed JSON (", e.what(), ")");
+    fail(where, ": malformed JSON (", util::json_error_text(e.what()), ")");
   }
   TITAN_CHECK(j.is_object() && j.contains("model") && j["model"].is_object(), where,
               ": no \"model\" object; not a Hugging Face tokenizer.json");
@@ -290,7 +291,8 @@ std::unique_ptr<BpeTokenizer> load_hf_tokenizer(const std::string& path) {
     try {
       cfg = nlohmann::ordered_json::parse(io::read_file(config_path.string(), "tokenizer config"));
     } catch (const json::exception& e) {
-      fail("tokenizer_config.json ", config_path.string(), ": malformed JSON (", e.what(), ")");
+      fail("tokenizer_config.json ", config_path.string(), ": malformed JSON (",
+           util::json_error_text(e.what()), ")");
     }
   }
   if (cfg) {

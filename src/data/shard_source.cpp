@@ -14,12 +14,21 @@ class ShardSource : public DocumentSource {
   ShardSource(std::vector<std::string> paths, const DatasetOptions& o, std::string label)
       : rank_(o.dp_rank), size_(o.dp_size), vocab_size_(o.vocab_size) {
     int64_t total = 0, mine = 0;
+    bool warned = false;
     for (auto& p : paths) {
       const ShardHeader h = read_shard_header(p);
       TITAN_CHECK(h.vocab_size <= vocab_size_, "token shard ", p,
                   " was written with a tokenizer of ", h.vocab_size,
                   " ids but the model's vocabulary holds ", vocab_size_,
                   "; pick a model flavor with a larger vocab_size");
+      if (o.tokenizer_vocab_size > 0 && h.vocab_size != o.tokenizer_vocab_size && !warned) {
+        warned = true;
+        log::warn(
+            "token shard {} was written with a tokenizer of {} ids, but the job's tokenizer "
+            "(model.tokenizer_path / model.hf_assets_path) has {}: the shards' ids are used as "
+            "written; is it the tokenizer they were made with?",
+            p, h.vocab_size, o.tokenizer_vocab_size);
+      }
       File f{std::move(p), h.tokens, h.tokens * rank_ / size_, h.tokens * (rank_ + 1) / size_};
       total += f.tokens;
       mine += f.end - f.begin;

@@ -207,7 +207,7 @@ bool TextReader::extract(Document& doc, std::string& problem) const {
       return true;
     }
   } catch (const nlohmann::json::exception& e) {
-    problem = where + "not valid JSON (" + e.what() + ")";
+    problem = where + "not valid JSON (" + util::json_error_text(e.what()) + ")";
   }
   return false;
 }

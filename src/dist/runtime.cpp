@@ -117,7 +117,8 @@ std::shared_ptr<Rendezvous> rendezvous(const LaunchEnv& env, double timeout_s,
                                        const std::string& identity) {
   auto r = std::make_shared<Rendezvous>();
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000));
-  if (env.rank != 0) check_resolvable(env.master_addr, timeout_s);
+  // Every rank, rank 0 too: its own store client connects through MASTER_ADDR.
+  check_resolvable(env.master_addr, timeout_s);
   c10d::TCPStoreOptions opts;
   opts.port = static_cast<uint16_t>(env.master_port);
   opts.isServer = env.rank == 0;
@@ -160,10 +161,10 @@ std::shared_ptr<Rendezvous> rendezvous(const LaunchEnv& env, double timeout_s,
     if (!missing.empty()) {
       std::vector<std::string> names;
       for (int m : missing) names.push_back(std::to_string(m));
-      outcome = "ranks " + util::join(names, ", ") + " of " + std::to_string(env.world_size) +
-                " did not arrive at " + env.master_addr + ":" + std::to_string(env.master_port) +
-                " within " + std::to_string(static_cast<int64_t>(timeout_s)) +
-                " s (comm.init_timeout_seconds)";
+      outcome = (names.size() == 1 ? "rank " : "ranks ") + util::join(names, ", ") + " of " +
+                std::to_string(env.world_size) + " did not arrive at " + env.master_addr + ":" +
+                std::to_string(env.master_port) + " within " +
+                std::to_string(static_cast<int64_t>(timeout_s)) + " s (comm.init_timeout_seconds)";
     }
     r->store->set(done_key, bytes(outcome));
     if (outcome != "ok") {

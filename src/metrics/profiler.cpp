@@ -34,6 +34,15 @@ Profiler::Profiler(const config::JobConfig& config, int rank, bool cuda)
   trace_root_ = (std::filesystem::path(config.job.dump_folder) / cfg_.save_traces_folder).string();
   snapshot_root_ =
       (std::filesystem::path(config.job.dump_folder) / cfg_.save_memory_snapshot_folder).string();
+  if (cfg_.enable_profiling) {
+    util::ensure_writable_directory(util::path_str(trace_root_),
+                                    "profiling.save_traces_folder (under job.dump_folder)");
+  }
+  if (cfg_.enable_memory_snapshot) {
+    util::ensure_writable_directory(
+        util::path_str(snapshot_root_),
+        "profiling.save_memory_snapshot_folder (under job.dump_folder)");
+  }
   if (cfg_.enable_memory_snapshot) {
     if (cuda_) {
       start_memory_history(snapshot_root_, rank_);

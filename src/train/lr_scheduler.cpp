@@ -18,7 +18,8 @@ LrScheduler::LrScheduler(double peak_lr, int64_t warmup_steps, int64_t training_
       min_lr_factor_(min_lr_factor) {
   if (warmup_steps_ > training_steps) {
     log::warn(
-        "lr_scheduler.warmup_steps ({}) exceeds training.steps ({}); warming up over all steps",
+        "lr_scheduler.warmup_steps ({}) exceeds the schedule's {} steps "
+        "(lr_scheduler.total_steps, else training.steps); warming up over all of them",
         warmup_steps_, training_steps);
     warmup_steps_ = training_steps;
   }
@@ -26,8 +27,8 @@ LrScheduler::LrScheduler(double peak_lr, int64_t warmup_steps, int64_t training_
     decay_steps_ = static_cast<int64_t>(std::llround(training_steps * *decay_ratio));
     if (warmup_steps_ + decay_steps_ > training_steps) {
       log::warn(
-          "lr_scheduler: warmup ({}) + decay ({}) steps exceed training.steps ({}); "
-          "decay shortened to {}",
+          "lr_scheduler: warmup ({}) + decay ({}) steps exceed the schedule's {} steps "
+          "(lr_scheduler.total_steps, else training.steps); decay shortened to {}",
           warmup_steps_, decay_steps_, training_steps, training_steps - warmup_steps_);
       decay_steps_ = training_steps - warmup_steps_;
     }

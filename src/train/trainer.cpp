@@ -22,6 +22,7 @@
 #include <sstream>
 
 #include <fmt/ranges.h>
+#include <unistd.h>
 #include <nlohmann/json.hpp>
 
 #include "titan/checkpoint/hf.h"
@@ -111,7 +112,13 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   // A run computes the model its weights were trained as: the checkpoint it starts from (or
   // the HF folder's config.json) decides RoPE and the norm epsilon.
   if (const std::string start = checkpoint::Checkpointer::start_dir(cfg_); !start.empty()) {
-    checkpoint::adopt_checkpoint_model_args(start, args_);
+    try {
+      checkpoint::adopt_checkpoint_model_args(start, args_, c.model.flavor);
+    } catch (const Error& e) {
+      // Resuming the newest checkpoint (not an explicit step): name the others.
+      if (c.checkpoint.load_step >= 0 || !c.checkpoint.enable) throw;
+      fail(e.what(), checkpoint::Checkpointer::older_steps_note(start));
+    }
   } else if (c.checkpoint.initial_load_in_hf && !c.checkpoint.initial_load_path.empty()) {
     checkpoint::adopt_hf_config(c.checkpoint.initial_load_path, args_);
   }
@@ -140,6 +147,12 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   loader_ = make_loader("training", c.training.dataset, c.training.dataset_path,
                         c.training.local_batch_size, c.training.seq_len, /*infinite=*/true, cuda);
   log::info("dataset: {}", loader_->describe());
+  if (c.validation.enable) {
+    // The validation data is read at every validation: checked now, not after validation.freq
+    // steps of training.
+    make_loader("validation", c.validation.dataset, c.validation.dataset_path,
+                c.validation.local_batch_size, c.validation.seq_len, /*infinite=*/false, false);
+  }
 
   // This rank's units: layouts only (no memory) until the data-parallel owner materializes its
   // shards.
@@ -550,6 +563,18 @@ void Trainer::report_memory_estimate() {
           "(activation_checkpoint.mode = \"full\"), lower training.local_batch_size or "
           "training.seq_len, or training.enable_cpu_offload = true",
           est.total_bytes() / 1073741824.0, oom.device, device_.total_memory_bytes / 1073741824.0);
+    }
+  } else {
+    // A CPU run shares the host's memory with the other local ranks.
+    const double host_bytes = static_cast<double>(::sysconf(_SC_PHYS_PAGES)) *
+                              static_cast<double>(::sysconf(_SC_PAGESIZE));
+    const int local_ranks = std::max(1, runtime_->env().local_world_size);
+    if (host_bytes > 0 && static_cast<double>(est.total_bytes()) * local_ranks > host_bytes) {
+      log::warn(
+          "memory: this plan needs about {:.1f} GiB per rank ({} on this host) but the host has "
+          "{:.1f} GiB; expect it to swap or be killed. A smaller model.flavor, "
+          "training.local_batch_size or training.seq_len fits",
+          est.total_bytes() / 1073741824.0, local_ranks, host_bytes / 1073741824.0);
     }
   }
 }

@@ -133,6 +133,20 @@ std::string parent_path(const std::string& path) {
   return path.substr(0, slash);
 }
 
+void ensure_writable_directory(const std::string& path, const std::string& key) {
+  try {
+    make_directories(path);
+  } catch (const Error& e) {
+    fail(key, ": ", e.what());
+  }
+  TITAN_CHECK(is_directory(path), key, ": ", path, " is not a folder");
+  const std::string probe = join_path(path, ".titan_write_probe." + std::to_string(::getpid()));
+  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  TITAN_CHECK(fd >= 0, key, ": cannot write into ", path, ": ", std::strerror(errno));
+  ::close(fd);
+  ::unlink(probe.c_str());
+}
+
 FolderLock::FolderLock(const std::string& folder, const std::string& user) {
   make_directories(folder);
   const std::string path = join_path(folder, ".titan.lock");

@@ -149,6 +149,14 @@ std::string format_number(double v) {
   return out.str();
 }
 
+std::string json_error_text(const std::string& what) {
+  if (what.rfind("[json.exception.", 0) == 0) {
+    const size_t close = what.find("] ");
+    if (close != std::string::npos) return what.substr(close + 2);
+  }
+  return what;
+}
+
 }  // namespace titan::util
 
 namespace titan {

@@ -1118,7 +1118,7 @@ TEST(CheckpointHf, RopeScalingAndTiedFoldersImportExactlyAndRoundTrip) {
     // The adopted values are announced and recorded in the checkpoint.
     const std::string conv = dir.file("conv") + "/step-0";
     model::LlamaArgs args = flavor;
-    checkpoint::adopt_checkpoint_model_args(conv, args);
+    checkpoint::adopt_checkpoint_model_args(conv, args, "debugmodel");
     if (std::string(c.name) == "llama31_scaled") {
       EXPECT_TRUE(contains(in.output, "RoPE theta 10000, llama3 scaling (factor 8")) << in.output;
       EXPECT_EQ(args.rope_theta, 10000.0);
@@ -1183,7 +1183,7 @@ TEST(CheckpointConvert, UsageErrorsAreReported) {
       {{"convert", "--to", "hf", "--input", dir.file("nowhere"), "--output", dir.file("out")},
        "--input " + dir.file("nowhere") + " does not exist"},
       {{"convert", "--to", "onnx", "--input", dir.path(), "--output", dir.file("out")},
-       "--to (hf or titan)"},
+       "--to must be hf or titan, got \"onnx\""},
       {{"convert", "--to", "hf", "--input", dir.path(), "--output", dir.file("out"),
         "--frobnicate"},
        "unknown argument --frobnicate"},

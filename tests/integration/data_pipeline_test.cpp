@@ -101,8 +101,9 @@ TEST(DataPipeline, BadDatasetPathsFailWithTheirName) {
                                   "--training.dataset_path", dir.file("missing.jsonl"),
                                   "--training.steps", "1"});
   EXPECT_EQ(r.exit_code, 2);
-  EXPECT_NE(r.output.find("dataset path " + dir.file("missing.jsonl") + " does not exist"),
-            std::string::npos)
+  EXPECT_NE(
+      r.output.find("training.dataset_path: " + dir.file("missing.jsonl") + " does not exist"),
+      std::string::npos)
       << r.output;
   r = test::run_titan_train({"--job.config_file", kSource + "/configs/debug_model.toml",
                              "--model.tokenizer_path", dir.file("tokenizer.model"),

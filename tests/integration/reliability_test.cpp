@@ -392,6 +392,75 @@ TEST(Reliability, FailedSavesAndSmallerThings) {
   EXPECT_LE(relooped, 3u) << tiny.output.substr(0, 3000);
 }
 
+// 12. What a run would only find out late is checked at start-up: an unusable checkpoint folder,
+// a missing validation dataset, a checkpoint of another model (before the model is built). A
+// resume whose lr schedule differs from the checkpoint's says so; a damaged newest checkpoint's
+// error names the older ones; token shards of another tokenizer are named.
+TEST(Reliability, StartupChecksAndResumeWarnings) {
+  test::TempDir dir;
+  auto no_steps = [](const std::string& out) { return !contains(out, "step:"); };
+  // A file where the checkpoint folder should be.
+  fs::create_directories(dir.file("blocked"));
+  test::write_file(dir.file("blocked") + "/checkpoint", "not a folder\n");
+  auto blocked = test::run_titan_train(
+      job(dir.file("blocked"), 4, {"--checkpoint.enable", "--checkpoint.interval", "2"}));
+  EXPECT_EQ(blocked.exit_code, 2) << blocked.output;
+  EXPECT_TRUE(contains(blocked.output, "checkpoint.folder")) << blocked.output;
+  EXPECT_TRUE(no_steps(blocked.output)) << blocked.output;
+
+  auto validation = test::run_titan_train(job(dir.file("val"), 4,
+                                              {"--validation.enable", "--validation.freq", "2",
+                                               "--validation.dataset_path", dir.file("nowhere")}));
+  EXPECT_EQ(validation.exit_code, 2) << validation.output;
+  EXPECT_TRUE(contains(validation.output,
+                       "validation.dataset_path: " + dir.file("nowhere") + " does not exist"))
+      << validation.output;
+  EXPECT_TRUE(no_steps(validation.output)) << validation.output;
+
+  // Four steps saved at 2 and 4, then resumed for six: the schedule stretched is named.
+  const std::string run = dir.file("run");
+  const std::vector<std::string> ck = {"--checkpoint.enable", "--checkpoint.interval", "2"};
+  ASSERT_EQ(test::run_titan_train(job(run, 4, ck)).exit_code, 0);
+  auto longer = test::run_titan_train(job(run, 6, ck));
+  EXPECT_EQ(longer.exit_code, 0) << longer.output;
+  EXPECT_TRUE(contains(longer.output,
+                       "another learning-rate schedule (lr_scheduler.total_steps "
+                       "(else training.steps) 4 -> 6)"))
+      << longer.output;
+
+  // Another flavor: refused before any weights are initialized.
+  auto other = test::run_titan_train(
+      job(run, 8, {"--checkpoint.enable", "--model.flavor", "debugmodel_gqa"}));
+  EXPECT_EQ(other.exit_code, 2) << other.output;
+  EXPECT_TRUE(contains(other.output, "holds a different model")) << other.output;
+  EXPECT_FALSE(contains(other.output, "initialized weights")) << other.output;
+
+  // The newest checkpoint damaged (its index cut short): the older ones are named.
+  const std::string index = run + "/checkpoint/step-6/metadata.json";
+  const std::string text = test::read_file(index);
+  test::write_file(index, text.substr(0, text.size() / 2));
+  auto damaged = test::run_titan_train(job(run, 8, ck));
+  EXPECT_EQ(damaged.exit_code, 2) << damaged.output;
+  EXPECT_TRUE(contains(damaged.output, "older checkpoints in " + run + "/checkpoint: step 2, 4"))
+      << damaged.output;
+  EXPECT_FALSE(contains(damaged.output, "[json.exception")) << damaged.output;
+
+  // Token shards written with the byte tokenizer, trained with a BPE one.
+  test::write_file(dir.file("docs.jsonl"), "{\"text\": \"hello world, again and again\"}\n");
+  auto shards = test::run_process(
+      {TITAN_TOKENIZE_BINARY, "--output", dir.file("shards"), dir.file("docs.jsonl")});
+  ASSERT_EQ(shards.exit_code, 0) << shards.output;
+  auto mismatch = test::run_titan_train(
+      job(dir.file("mismatch"), 1,
+          {"--training.dataset_path", dir.file("shards"), "--model.hf_assets_path",
+           std::string(TITAN_SOURCE_DIR) + "/tests/data/torchtitan/v0.2.2/tokenizer"}));
+  EXPECT_EQ(mismatch.exit_code, 0) << mismatch.output;
+  EXPECT_TRUE(contains(mismatch.output,
+                       "was written with a tokenizer of 258 ids, but the job's "
+                       "tokenizer"))
+      << mismatch.output;
+}
+
 // 4b. An unresolvable MASTER_ADDR fails within the init timeout, named.
 TEST(Reliability, UnresolvableMasterAddressIsNamed) {
   TITAN_REQUIRE_GLOO();

@@ -56,8 +56,10 @@ struct TrainerState {
 
 // The model arguments a checkpoint's index records beyond the flavor's dims (RoPE theta and
 // scaling, norm epsilon) replace those in `args`, with a log line where they differ: a resumed
-// or initialized run computes the model the checkpoint was trained as.
-void adopt_checkpoint_model_args(const std::string& step_dir, model::LlamaArgs& args);
+// or initialized run computes the model the checkpoint was trained as. A checkpoint of another
+// shape than `args` (of flavor `flavor`) is an error here, before anything is built.
+void adopt_checkpoint_model_args(const std::string& step_dir, model::LlamaArgs& args,
+                                 const std::string& flavor);
 
 class Checkpointer {
  public:
@@ -88,6 +90,9 @@ class Checkpointer {
   static std::string start_dir(const config::JobConfig& config);
   // Complete step folders in `folder`, oldest first, as (step, path).
   static std::vector<std::pair<int64_t, std::string>> complete_steps(const std::string& folder);
+  // For an error about `step_dir`, the newest checkpoint a resume picked: a line naming the
+  // other complete steps beside it and checkpoint.load_step; empty when there are none.
+  static std::string older_steps_note(const std::string& step_dir);
   const std::string& folder() const { return folder_; }
 
  private:

@@ -68,6 +68,8 @@ struct DatasetOptions {
   int64_t dp_rank = 0;
   int64_t dp_size = 1;
   int64_t vocab_size = 0;  // model vocabulary: token ids must stay below it
+  // The job's tokenizer's ids (0: unknown), compared with what token shards were written with.
+  int64_t tokenizer_vocab_size = 0;
 };
 
 // The built-in corpus split ("train"/"validation") dealt to this rank.

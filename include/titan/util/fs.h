@@ -16,6 +16,10 @@ bool is_regular_file(const std::string& path);
 int64_t file_size(const std::string& path);  // -1 when missing
 // mkdir -p; throws titan::Error naming the path on failure.
 void make_directories(const std::string& path);
+// make_directories, then a probe file created and removed in it: a folder a run will write
+// into later is checked at start-up. Throws titan::Error naming `key` (the config key it comes
+// from), the path and the reason.
+void ensure_writable_directory(const std::string& path, const std::string& key);
 // rm -rf; a missing path is fine. Throws titan::Error on failure.
 void remove_tree(const std::string& path);
 // rename(2) (atomic within one file system); throws titan::Error naming both paths.

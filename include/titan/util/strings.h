@@ -22,6 +22,8 @@ size_t edit_distance(const std::string& a, const std::string& b);
 std::string nearest(const std::string& word, const std::vector<std::string>& candidates);
 // 1234567 -> "1,234,567"
 std::string with_commas(int64_t v);
+// An nlohmann::json exception's text without its "[json.exception.<kind>.<id>] " tag.
+std::string json_error_text(const std::string& what);
 // Shortest round-tripping decimal form of a double: 500000, 0.0001, 1e-05.
 std::string format_number(double v);
 

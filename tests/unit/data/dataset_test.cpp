@@ -354,7 +354,7 @@ TEST(Dataset, MissingOrEmptyPathsAreErrors) {
   test::TempDir dir;
   EXPECT_NE(error_of([&] {
               source(dir.file("nope"));
-            }).find("dataset path " + dir.file("nope") + " does not exist"),
+            }).find("training.dataset_path: " + dir.file("nope") + " does not exist"),
             std::string::npos);
   fs::create_directories(dir.file("empty"));
   EXPECT_NE(error_of([&] { source(dir.file("empty")); }).find("holds no documents"),

@@ -180,9 +180,9 @@ TEST(Rendezvous, MissingPeerIsNamed) {
                                  {}, 60, {0, 1});
   ASSERT_EQ(results.size(), 2u);
   EXPECT_NE(results[0].exit_code, 0);
-  EXPECT_NE(results[0].output.find("ranks 2 of 3 did not arrive"), std::string::npos)
+  EXPECT_NE(results[0].output.find("rank 2 of 3 did not arrive"), std::string::npos)
       << results[0].output;
   EXPECT_NE(results[1].exit_code, 0);
-  EXPECT_NE(results[1].output.find("ranks 2 of 3 did not arrive"), std::string::npos)
+  EXPECT_NE(results[1].output.find("rank 2 of 3 did not arrive"), std::string::npos)
       << results[1].output;
 }

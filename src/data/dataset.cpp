@@ -74,11 +74,7 @@ std::unique_ptr<DocumentSource> make_source(const DatasetOptions& o,
          key, "_path");
   }
   TITAN_CHECK(util::path_exists(util::path_str(o.path)), o.section, ".dataset_path: ", o.path,
-              " does not exist",
-              o.path.rfind('/', 0) == 0
-                  ? std::string()
-                  : " (a relative path is taken from the working directory, " +
-                        std::filesystem::current_path().string() + ")");
+              " does not exist", util::relative_note(o.path));
   return make_file_source(o, std::move(tokenizer));
 }
 

@@ -44,7 +44,8 @@ std::unique_ptr<Tokenizer> build_tokenizer(const std::string& tokenizer_path,
   if (!tokenizer_path.empty()) {
     const fs::path p(tokenizer_path);
     TITAN_CHECK(util::path_exists(util::path_str(p)), "model.tokenizer_path: ", tokenizer_path,
-                " does not exist (expected a tokenizer.json or a tiktoken tokenizer.model)");
+                " does not exist", util::relative_note(tokenizer_path),
+                "; expected a tokenizer.json or a tiktoken tokenizer.model");
     if (util::is_directory(util::path_str(p))) {
       const fs::path found = find_in_folder(p);
       TITAN_CHECK(!found.empty(), "model.tokenizer_path: folder ", tokenizer_path,
@@ -55,7 +56,7 @@ std::unique_ptr<Tokenizer> build_tokenizer(const std::string& tokenizer_path,
   }
   if (!hf_assets_path.empty()) {
     TITAN_CHECK(util::is_directory(util::path_str(hf_assets_path)), "model.hf_assets_path: folder ",
-                hf_assets_path, " does not exist");
+                hf_assets_path, " does not exist", util::relative_note(hf_assets_path));
     const fs::path found = find_in_folder(hf_assets_path);
     if (!found.empty()) return load_file(found);
     log::warn(

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <filesystem>
 
 #include "titan/util/error.h"
 
@@ -131,6 +132,13 @@ std::string parent_path(const std::string& path) {
   if (slash == std::string::npos) return ".";
   if (slash == 0) return "/";
   return path.substr(0, slash);
+}
+
+std::string relative_note(const std::string& path) {
+  if (path.empty() || path[0] == '/') return "";
+  std::error_code ec;
+  const auto cwd = std::filesystem::current_path(ec);
+  return ec ? "" : " (relative to the working directory " + cwd.string() + ")";
 }
 
 void ensure_writable_directory(const std::string& path, const std::string& key) {

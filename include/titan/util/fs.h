@@ -16,6 +16,9 @@ bool is_regular_file(const std::string& path);
 int64_t file_size(const std::string& path);  // -1 when missing
 // mkdir -p; throws titan::Error naming the path on failure.
 void make_directories(const std::string& path);
+// For a message about a missing `path`: " (relative to the working directory <cwd>)" when it
+// is relative, else "".
+std::string relative_note(const std::string& path);
 // make_directories, then a probe file created and removed in it: a folder a run will write
 // into later is checked at start-up. Throws titan::Error naming `key` (the config key it comes
 // from), the path and the reason.

@@ -6,7 +6,7 @@
 # let them dry-run on CPU (PYTHON standing in for torchrun, BUILD_DIR=build).
 # Stages (default: build test train): build test train bench1b bench3b unit profile1b
 # snapshot1b gdbtest nccl bw ddp1b parity2 bench8b fsdp3b profilefsdp offload titan3b ckpt8b
-# ckpt1b oom8b tp2 tp asynctp budget3b smoke2 pp cp terapipe1 terapipe float8 float8loss float8fsdp earlystep profile3b float8gemm
+# ckpt1b ckptload oom8b tp2 tp asynctp budget3b smoke2 pp cp terapipe1 terapipe float8 float8loss float8fsdp earlystep profile3b float8gemm
 # membench gemmbench gemmtune ratios readme hftok
 #   scripts/device_check.sh build test train bench1b
 # Needs a filled third_party/ (third_party/fetch.sh) where the machine has no package manager
@@ -323,6 +323,35 @@ ckpt_io() {
 do_ckpt8b() { ckpt_io "$(ngpu)" "8B FSDP-$(ngpu)" configs/llama3_8b.toml 2 4096; }
 # 1B on one GPU: 16.7 GiB per save with the AdamW moments.
 do_ckpt1b() { ckpt_io 1 "1B, one GPU" configs/llama3_1b.toml 4 2048; }
+# Checkpoint load thread scaling, 1B on one GPU: one save, then loads with 1 and 16 reader threads
+# (the log's "loaded ... reading" line), with page faults counted by perf where it exists.
+do_ckptload() {
+  local dump=/dev/shm/titan_ckptload common threads
+  rm -rf "$dump"
+  common=(--job.config_file configs/llama3_1b.toml --training.local_batch_size 2
+    --training.seq_len 2048 --activation_checkpoint.mode none --metrics.log_freq 1
+    --checkpoint.enable --checkpoint.interval 1 --checkpoint.last_save_model_only false
+    --job.dump_folder "$dump" --metrics.enable_tensorboard false --metrics.disable_color_printing)
+  echo "== save at step 1"
+  "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 1 2>&1 | grep -E "checkpoint|error"
+  for threads in 1 4 16; do
+    echo "== load with OMP_NUM_THREADS=$threads"
+    if command -v perf >/dev/null; then
+      OMP_NUM_THREADS=$threads perf stat -e page-faults,task-clock -o "$OUT/perf_load_$threads.txt" \
+        "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 2 --checkpoint.interval 100 \
+        2>&1 | grep -E "checkpoint|resum|error"
+      grep -E "page-faults|task-clock|elapsed" "$OUT/perf_load_$threads.txt"
+    elif [ -x /usr/bin/time ]; then
+      OMP_NUM_THREADS=$threads /usr/bin/time -v "$BUILD_DIR/titan_train" "${common[@]}" \
+        --training.steps 2 --checkpoint.interval 100 2>&1 |
+        grep -E "checkpoint|resum|error|page faults|Elapsed|Percent of CPU"
+    else
+      OMP_NUM_THREADS=$threads "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 2 \
+        --checkpoint.interval 100 2>&1 | grep -E "checkpoint|resum|error"
+    fi
+  done
+  rm -rf "$dump"
+}
 
 # Tensor parallel over NCCL on 2 GPUs: bf16 loss parity of tp 2 (sync, async, gathered logits)
 # with one GPU on the debug model; then 8B on 2 GPUs, FSDP 2 against tp 2 and async tp 2 at the
@@ -687,6 +716,7 @@ for s in "${stages[@]}"; do
       '$BUILD_DIR/titan_bench_float8' --tokens 16384"; cat "$OUT/float8gemm.log" ;;
     gemmtune) run_stage gemmtune do_gemmtune; cat "$OUT/gemmtune.log" ;;
     ckpt1b) run_stage ckpt1b do_ckpt1b; cat "$OUT/ckpt1b.log" ;;
+    ckptload) run_stage ckptload do_ckptload; cat "$OUT/ckptload.log" | cut -c1-300 ;;
     ratios) run_stage ratios do_ratios; grep -E "^==|titan/ref|^titan:" "$OUT/ratios.log" ;;
     hftok) run_stage hftok do_hftok; cat "$OUT/hftok.log" ;;
     earlystep) run_stage earlystep do_earlystep; cat "$OUT/earlystep.log" | cut -c1-300 ;;

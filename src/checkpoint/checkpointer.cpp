@@ -670,7 +670,7 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
     std::sort(chunks.begin(), chunks.end(),
               [&](const json& x, const json& y) { return order(x) < order(y); });
   }
-  meta["rng"] = {{"cpu", "rng/cpu in each rank's shard file"}, {"seed", config_.debug.seed}};
+  meta["rng"] = {{"cpu", "rng/cpu in each rank's shard file"}, {"seed", config_.debug.seed.value_or(-1)}};
   // Only finite states are saved (the trainer checks before saving); the flag lets retention
   // and resumes tell them from checkpoints of older titan versions.
   meta["finite"] = finite_;

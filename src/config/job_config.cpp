@@ -649,7 +649,9 @@ Registry build_registry() {
   add_dataloader_options(r, "validation", &J::validation, &ValidationSection::dataloader);
 
   // [debug]
-  range(opt(r, "debug.seed", &J::debug, &DebugSection::seed, "Random seed"), 0);
+  range(opt(r, "debug.seed", &J::debug, &DebugSection::seed,
+            "Random seed (None: rank 0 draws one, logged and shared by every rank)"),
+        0);
   opt(r, "debug.deterministic", &J::debug, &DebugSection::deterministic,
       "Deterministic algorithms only");
   opt(r, "debug.deterministic_warn_only", &J::debug, &DebugSection::deterministic_warn_only,
@@ -1062,17 +1064,27 @@ JobConfig load_job_config(const std::vector<std::string>& args) {
   std::vector<CliOverride> overrides = parse_cli(args);
   // The config file applies first, whatever its position on the command line.
   for (const auto& ov : overrides) {
-    if (ov.path == "job.config_file") apply_override(config, ov);
+    if (ov.path != "job.config_file") continue;
+    const std::string before = config.job.config_file;
+    apply_override(config, ov);
+    TITAN_CHECK(before.empty() || before == config.job.config_file,
+                "job.config_file: given twice ('", before, "' and '", config.job.config_file,
+                "'); a job reads one TOML file, the command line overrides its keys");
   }
   if (!config.job.config_file.empty()) {
-    std::ifstream in(config.job.config_file);
-    TITAN_CHECK(!util::is_directory(config.job.config_file), "job.config_file: '",
-                config.job.config_file, "' is a directory; expected a TOML job file");
-    TITAN_CHECK(in.good(), "job.config_file: cannot open '", config.job.config_file, "'");
+    const std::string file = config.job.config_file;
+    std::ifstream in(file);
+    TITAN_CHECK(!util::is_directory(file), "job.config_file: '", file,
+                "' is a directory; expected a TOML job file");
+    TITAN_CHECK(in.good(), "job.config_file: cannot open '", file, "'", util::relative_note(file));
     std::stringstream buf;
     buf << in.rdbuf();
-    std::string file = config.job.config_file;
+    config.job.config_file.clear();
     apply_toml(config, buf.str(), file);
+    TITAN_CHECK(config.job.config_file.empty(), file, ": [job] config_file = '",
+                config.job.config_file,
+                "': a job file cannot name another job file (only the command line's "
+                "--job.config_file is read); remove the key");
     config.job.config_file = file;
   }
   for (const auto& ov : overrides) apply_override(config, ov);

@@ -278,6 +278,17 @@ c10d::Store* Runtime::store() const {
   return store_ ? rendezvous_store(*store_->rdzv) : nullptr;
 }
 
+std::string Runtime::share_from_rank0(const std::string& key, const std::string& value) const {
+  c10d::Store* s = store();
+  if (s == nullptr) return value;
+  const std::string k = "titan/shared/" + key;
+  if (env_.rank == 0) {
+    s->set(k, bytes(value));
+    return value;
+  }
+  return text(s->get(k));
+}
+
 std::chrono::seconds Runtime::wait_timeout() const {
   return std::chrono::seconds(training_ ? config_.comm.train_timeout_seconds
                                         : config_.comm.init_timeout_seconds);

@@ -19,6 +19,7 @@
 #include <functional>
 #include <limits>
 #include <optional>
+#include <random>
 #include <sstream>
 
 #include <fmt/ranges.h>
@@ -66,7 +67,6 @@ c10::Device pick_device() {
 
 Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   const auto& c = cfg_;
-  at::manual_seed(static_cast<uint64_t>(c.debug.seed));
   if (c.debug.deterministic) {
     at::globalContext().setDeterministicAlgorithms(true, c.debug.deterministic_warn_only);
   }
@@ -93,6 +93,15 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   }
   runtime_ = std::make_unique<dist::Runtime>(env, cfg_, device);
   const auto& mesh = runtime_->mesh();
+  if (!c.debug.seed) {
+    // Unseeded, as torchtitan's debug.seed = None: one seed for every rank (the weights must
+    // agree), drawn on rank 0 and logged so that the run can be repeated.
+    const std::string drawn =
+        runtime_->share_from_rank0("seed", std::to_string(std::random_device{}() & 0x7fffffff));
+    cfg_.debug.seed = std::stoll(drawn);
+    log::info("debug.seed = None: drew seed {} (debug.seed = {} repeats this run)", drawn, drawn);
+  }
+  at::manual_seed(static_cast<uint64_t>(*c.debug.seed));
   log::info("launch: {} | {}", env.source, mesh.describe());
   ops::set_fused_kernels(c.training.fused_kernels);
   const bool cuda = device.is_cuda();
@@ -168,7 +177,7 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
     estimate_only_ = true;  // nothing allocated; train() returns at once
     return;
   }
-  fsdp_->init_weights(c.debug.seed);
+  fsdp_->init_weights(*c.debug.seed);
   health_ = at::zeros({2}, at::TensorOptions().dtype(at::kLong).device(device));
   {
     // fp32 parameters + gradients + two AdamW moments, as held by this rank.
@@ -181,7 +190,7 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
         16 * mib, 4 * mib, 4 * mib, 8 * mib, util::with_commas(elements),
         util::with_commas(args_.total_params()), fsdp_->dp_shard_size(), plan_.tp, plan_.pp);
   }
-  log::info("initialized weights in {:.2f}s (seed {})", seconds_since(t_init), c.debug.seed);
+  log::info("initialized weights in {:.2f}s (seed {})", seconds_since(t_init), *c.debug.seed);
 
   // Stages and the executor of the schedule.
   ropes_ = std::make_unique<parallel::pipeline::RopeCache>(args_);

@@ -269,13 +269,13 @@ int main(int argc, char** argv) {
       auto args = model::llama_flavor("debugmodel");
       parallel::FsdpModel fsdp(model::llama_units(args), rt.world(), nullptr, device,
                                parallel::FsdpOptions{});
-      fsdp.init_weights(cfg.debug.seed);
+      fsdp.init_weights(cfg.debug.seed.value_or(0));
       for (size_t i = 0; i < fsdp.num_units(); ++i) {
         const auto& u = fsdp.unit(i);
         at::Tensor full = at::empty({u.shard_numel * rt.world()->size()}, u.master.options());
         rt.world()->all_gather_into(full, u.master);
         at::Tensor single = at::empty({u.layout.numel}, at::kFloat);
-        model::init_unit_range(u.layout, cfg.debug.seed, 0, single);
+        model::init_unit_range(u.layout, cfg.debug.seed.value_or(0), 0, single);
         TITAN_CHECK(at::equal(full.narrow(0, 0, u.layout.numel).cpu(), single), "unit ",
                     u.layout.name, " differs from the one-process initialization");
         TITAN_CHECK(full.narrow(0, u.layout.numel, full.numel() - u.layout.numel)

@@ -105,6 +105,27 @@ TEST(DataParallel, DdpFsdpHsdpMatchOneProcess) {
   for (double m : two_by_two) EXPECT_NEAR(m, one[0] / 2, 0.02 * one[0] / 2);
 }
 
+// debug.seed = None (torchtitan's unseeded run): rank 0 draws the seed and every rank uses it,
+// so DDP replicas start equal; the logged seed repeats the run.
+TEST(DataParallel, UnseededRunSharesOneDrawnSeedOverRanks) {
+  TITAN_REQUIRE_GLOO();
+  test::TempDir dir;
+  RunResult ddp = train_ranks(dir, "ddp", 2, 4,
+                              {"--parallelism.data_parallel_replicate_degree", "2",
+                               "--parallelism.data_parallel_shard_degree", "1", "--debug.seed",
+                               "None"});
+  std::vector<std::string> seeds;
+  const std::regex re("debug.seed = None: drew seed ([0-9]+)");
+  for (const auto& o : ddp.outputs) {
+    std::smatch m;
+    if (std::regex_search(o, m, re)) seeds.push_back(m[1]);
+  }
+  ASSERT_EQ(seeds.size(), 2u);
+  EXPECT_EQ(seeds[0], seeds[1]);
+  RunResult single = train_ranks(dir, "single", 1, 8, {"--debug.seed", seeds[0]});
+  expect_same(ddp, single, "DDP 2 unseeded against one process with the drawn seed");
+}
+
 TEST(DataParallel, UnevenShardsOverThreeRanksMatchOneProcess) {
   TITAN_REQUIRE_GLOO();
   // 3 ranks: unit sizes are not multiples of 3 (padding), norm weights split mid-parameter.
@@ -511,8 +532,17 @@ TEST(TeraPipe, ScheduleCommandShowsTheSlicingAndItsBubble) {
   const auto bad = test::run_titan_train(
       common + std::vector<std::string>{"--schedule", "TeraPipe", "--token-slices", "4096,100"});
   EXPECT_EQ(bad.exit_code, 2) << bad.output;
-  EXPECT_NE(bad.output.find("sum to 4196 tokens, but training.seq_len is 8192"), std::string::npos)
+  // The command's messages name its own flags, not the job config's keys.
+  EXPECT_NE(bad.output.find("--token-slices: the slices [4096, 100] sum to 4196 tokens, but "
+                            "--seq-len is 8192"),
+            std::string::npos)
       << bad.output;
+  const auto uneven = test::run_titan_train({"schedule", "--pp", "4", "--microbatches", "6",
+                                             "--schedule", "Interleaved1F1B"});
+  EXPECT_EQ(uneven.exit_code, 2) << uneven.output;
+  EXPECT_NE(uneven.output.find("must be a multiple of --pp (4); adjust --microbatches"),
+            std::string::npos)
+      << uneven.output;
 }
 
 // Float8 training on CPU (emulated float8 rounding, fp32 products): every recipe trains within

@@ -239,7 +239,7 @@ struct ValidationSection {
 };
 
 struct DebugSection {
-  int64_t seed = 0;
+  std::optional<int64_t> seed = 0;  // None: rank 0 draws one (logged), every rank uses it
   bool deterministic = false;
   bool deterministic_warn_only = false;
   bool moe_force_load_balance = false;

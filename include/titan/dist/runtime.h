@@ -32,6 +32,8 @@ class Runtime {
   Communicator* world() const { return world_.get(); }
   FlightRecorder& recorder() { return recorder_; }
   c10d::Store* store() const;
+  // Rank 0's `value` on every rank (through the store; `value` itself for world size 1).
+  std::string share_from_rank0(const std::string& key, const std::string& value) const;
   // Switches the watchdog from the start-up timeout to comm.train_timeout_seconds.
   void enter_training();
   // How long a rank waits for its peers now: comm.init_timeout_seconds until training starts,

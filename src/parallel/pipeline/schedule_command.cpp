@@ -1,6 +1,8 @@
 // `titan_train schedule`: prints a pipeline schedule as a timeline, with its bubble and the
 // activations each rank holds, so users can see what a schedule does before running it.
 #include <iostream>
+#include <string>
+#include <utility>
 #include <sstream>
 
 #include <fmt/format.h>
@@ -34,9 +36,26 @@ const char* kUsage =
     "attention growing with the tokens before it; TeraPipe's slices are the dynamic program's\n"
     "(auto, the default) or the given lengths. --measure times one block of the flavor on this\n"
     "machine's GPU (bf16; CPU fp32 without one) instead, as training's \"auto\" does.\n";
-}  // namespace
 
-int run_schedule_command(const std::vector<std::string>& args) {
+// The schedule library's messages name the job config's keys; this command's flags set them.
+std::string with_flag_names(std::string message) {
+  static const std::pair<const char*, const char*> kFlags[] = {
+      {"training.local_batch_size or pipeline_parallel_microbatch_size", "--microbatches"},
+      {"parallelism.pipeline_parallel_degree", "--pp"},
+      {"parallelism.pipeline_parallel_token_slices", "--token-slices"},
+      {"parallelism.pipeline_parallel_schedule_csv", "--csv"},
+      {"training.seq_len", "--seq-len"},
+  };
+  for (const auto& [key, flag] : kFlags) {
+    for (size_t at = message.find(key); at != std::string::npos;
+         at = message.find(key, at + std::char_traits<char>::length(flag))) {
+      message.replace(at, std::char_traits<char>::length(key), flag);
+    }
+  }
+  return message;
+}
+
+int schedule_command(const std::vector<std::string>& args) {
   int64_t pp = 0, microbatches = 0, stages = 0;
   std::string name, csv;
   ActionCosts costs;
@@ -204,6 +223,16 @@ int run_schedule_command(const std::vector<std::string>& args) {
     }
   }
   return 0;
+}
+
+}  // namespace
+
+int run_schedule_command(const std::vector<std::string>& args) {
+  try {
+    return schedule_command(args);
+  } catch (const Error& e) {
+    throw Error(with_flag_names(e.what()));
+  }
 }
 
 }  // namespace titan::parallel::pipeline

@@ -111,7 +111,7 @@ enable_fsdp_float8_all_gather = true
              "old.toml");
   EXPECT_EQ(c.training.local_batch_size, 5);
   EXPECT_EQ(c.parallelism.data_parallel_shard_degree, 2);
-  EXPECT_EQ(c.debug.seed, 9);
+  EXPECT_EQ(c.debug.seed, std::optional<int64_t>(9));
   EXPECT_TRUE(c.checkpoint.enable);
   EXPECT_TRUE(c.float8.enable_fsdp_float8_all_gather);
   apply_cli(c, {"--job.print_args"});
@@ -221,6 +221,40 @@ TEST(JobConfig, ConfigFileLoadsFirstThenOverrides) {
     load_job_config({"--job.config_file", dir.file("none.toml")});
   });
   EXPECT_NE(msg.find("cannot open"), std::string::npos) << msg;
+}
+
+TEST(JobConfig, ConfigFileGivenTwiceOrInsideAJobFileIsRefused) {
+  titan::test::TempDir dir;
+  titan::test::write_file(dir.file("a.toml"), "[training]\nsteps = 5\n");
+  titan::test::write_file(dir.file("b.toml"), "[training]\nsteps = 6\n");
+  std::string msg = error_of([&] {
+    load_job_config({"--job.config_file", dir.file("a.toml"), "--job.config_file",
+                     dir.file("b.toml")});
+  });
+  EXPECT_NE(msg.find("job.config_file: given twice"), std::string::npos) << msg;
+  // The same file twice is one job file.
+  JobConfig c = load_job_config(
+      {"--job.config_file", dir.file("a.toml"), "--job.config_file=" + dir.file("a.toml")});
+  EXPECT_EQ(c.training.steps, 5);
+  EXPECT_EQ(c.job.config_file, dir.file("a.toml"));
+  // A job file naming another one would suggest an include that nothing reads.
+  titan::test::write_file(dir.file("c.toml"),
+                          "[job]\nconfig_file = \"a.toml\"\n[training]\nsteps = 7\n");
+  msg = error_of([&] { load_job_config({"--job.config_file", dir.file("c.toml")}); });
+  EXPECT_NE(msg.find("c.toml: [job] config_file = 'a.toml': a job file cannot name another"),
+            std::string::npos)
+      << msg;
+}
+
+TEST(JobConfig, SeedNoneMeansUnseeded) {
+  JobConfig c;
+  EXPECT_EQ(c.debug.seed, std::optional<int64_t>(0));
+  apply_cli(c, {"--debug.seed", "None"});
+  EXPECT_FALSE(c.debug.seed.has_value());
+  apply_cli(c, {"--debug.seed", "3"});
+  EXPECT_EQ(c.debug.seed, std::optional<int64_t>(3));
+  EXPECT_NE(error_of([&] { apply_cli(c, {"--debug.seed", "-1"}); }).find("debug.seed"),
+            std::string::npos);
 }
 
 TEST(JobConfig, PrintedConfigParsesBackToTheSameValues) {

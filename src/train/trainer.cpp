@@ -118,6 +118,20 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   // Model arguments and data.
   args_ = model::llama_flavor(c.model.flavor);
   if (!c.model.rope_scaling) args_.rope_scaling_factor = 0;
+  tokenizer_ = data::build_tokenizer(c.model.tokenizer_path, c.model.hf_assets_path);
+  log::info("tokenizer: {}", tokenizer_->describe());
+  if (!c.model.tokenizer_path.empty() &&
+      std::filesystem::path(data::tokenizer_file(c.model.tokenizer_path, "")).extension() !=
+          ".json" &&
+      tokenizer_->vocab_size() != args_.vocab_size) {
+    // model.tokenizer_path with a tiktoken file is torchtitan v0.1.0's job (v0.2 ignores the
+    // key), and v0.1.0 sizes the vocabulary from that tokenizer's ids.
+    log::info(
+        "model: vocab {} -> {}, the ids of the tiktoken file in model.tokenizer_path (as "
+        "torchtitan v0.1.0 sizes the vocabulary; model.hf_assets_path keeps the flavor's)",
+        args_.vocab_size, tokenizer_->vocab_size());
+    args_.vocab_size = tokenizer_->vocab_size();
+  }
   // A run computes the model its weights were trained as: the checkpoint it starts from (or
   // the HF folder's config.json) decides RoPE and the norm epsilon.
   if (const std::string start = checkpoint::Checkpointer::start_dir(cfg_); !start.empty()) {
@@ -131,8 +145,6 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   } else if (c.checkpoint.initial_load_in_hf && !c.checkpoint.initial_load_path.empty()) {
     checkpoint::adopt_hf_config(c.checkpoint.initial_load_path, args_);
   }
-  tokenizer_ = data::build_tokenizer(c.model.tokenizer_path, c.model.hf_assets_path);
-  log::info("tokenizer: {}", tokenizer_->describe());
   log::info(
       "model: llama3 {} | {} parameters | dim {} layers {} heads {} kv_heads {} ffn {} "
       "vocab {} | RoPE {}",

@@ -57,16 +57,11 @@ TEST(Training, DebugModelLossFallsAndEveryMetricIsLogged) {
 // torchtitan's debug job file, unchanged, run where torchtitan runs it: the root of a torchtitan
 // checkout, whose tests/assets hold its test tokenizer and the c4_test dataset (here a small
 // JSONL file standing in for data.json). Only the length of the run is overridden.
-TEST(Training, TorchtitansDebugJobRunsUnchangedInATorchtitanCheckout) {
-  test::TempDir dir;
-  const std::string checkout = dir.file("torchtitan");
-  const std::string fixtures = std::string(TITAN_SOURCE_DIR) + "/tests/data/torchtitan/v0.2.2/";
-  std::filesystem::create_directories(checkout + "/tests/assets/tokenizer");
+namespace {
+
+// torchtitan's tests/assets/c4_test/data.json in a checkout, here a small JSONL file.
+void write_c4_test(const std::string& checkout) {
   std::filesystem::create_directories(checkout + "/tests/assets/c4_test");
-  for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
-    std::filesystem::copy_file(fixtures + "tokenizer/" + name,
-                               checkout + "/tests/assets/tokenizer/" + name);
-  }
   std::string jsonl;
   for (int i = 0; i < 64; ++i) {
     jsonl += nlohmann::json{{"text", "Document " + std::to_string(i) +
@@ -77,6 +72,20 @@ TEST(Training, TorchtitansDebugJobRunsUnchangedInATorchtitanCheckout) {
              "\n";
   }
   test::write_file(checkout + "/tests/assets/c4_test/data.json", jsonl);
+}
+
+}  // namespace
+
+TEST(Training, TorchtitansDebugJobRunsUnchangedInATorchtitanCheckout) {
+  test::TempDir dir;
+  const std::string checkout = dir.file("torchtitan");
+  const std::string fixtures = std::string(TITAN_SOURCE_DIR) + "/tests/data/torchtitan/v0.2.2/";
+  std::filesystem::create_directories(checkout + "/tests/assets/tokenizer");
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
+    std::filesystem::copy_file(fixtures + "tokenizer/" + name,
+                               checkout + "/tests/assets/tokenizer/" + name);
+  }
+  write_c4_test(checkout);
   const std::string command = "cd '" + checkout + "' && exec '" + TITAN_TRAIN_BINARY +
                               "' --job.config_file '" + fixtures +
                               "debug_model.toml' --training.steps 3 --training.seq_len 64 "
@@ -89,6 +98,30 @@ TEST(Training, TorchtitansDebugJobRunsUnchangedInATorchtitanCheckout) {
   ASSERT_EQ(losses.size(), 3u);
   EXPECT_GT(losses.front(), 7.0);  // about ln(2048)
   EXPECT_LT(losses.back(), losses.front());
+}
+
+// v0.1.0's debug job: a tiktoken test tokenizer (2000 ranks + 256 special tokens) in
+// model.tokenizer_path, whose ids size the model's vocabulary (v0.1.0 sets vocab_size from the
+// tokenizer; the flavor's 2048 would not hold id 2255).
+TEST(Training, TorchtitanV010DebugJobSizesTheVocabularyFromItsTokenizer) {
+  test::TempDir dir;
+  const std::string checkout = dir.file("torchtitan");
+  const std::string fixtures = std::string(TITAN_SOURCE_DIR) + "/tests/data/torchtitan/v0.1.0/";
+  std::filesystem::create_directories(checkout + "/tests/assets");
+  std::filesystem::copy_file(fixtures + "test_tiktoken.model",
+                             checkout + "/tests/assets/test_tiktoken.model");
+  write_c4_test(checkout);
+  const std::string command = "cd '" + checkout + "' && exec '" + TITAN_TRAIN_BINARY +
+                              "' --job.config_file '" + fixtures +
+                              "debug_model.toml' --training.steps 2 --training.seq_len 64 "
+                              "--metrics.disable_color_printing";
+  auto r = test::run_process({"/bin/sh", "-c", command}, {"TITAN_DEVICE=cpu"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("model: vocab 2048 -> 2256"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("vocab 2256 | RoPE"), std::string::npos) << r.output;
+  const auto losses = test::read_losses(checkout + "/outputs/metrics.jsonl");
+  ASSERT_EQ(losses.size(), 2u);
+  EXPECT_GT(losses.front(), 7.0);  // about ln(2256)
 }
 
 // job.save_config_file lands under the dump folder, as torchtitan writes it: JSON nested by

@@ -1,5 +1,5 @@
-# Finds titan's dependencies: LibTorch (CPU or CUDA), toml++, spdlog, PCRE2, nlohmann-json,
-# GoogleTest, and on CUDA builds NCCL. System packages first; third_party/ (headers, PCRE2's
+# Finds titan's dependencies: LibTorch (CPU or CUDA), toml++, spdlog, PCRE2, zlib,
+# nlohmann-json, GoogleTest, and on CUDA builds NCCL. System packages first; third_party/ (headers, PCRE2's
 # static library and googletest sources copied from Debian's packages by third_party/fetch.sh,
 # see third_party/MANIFEST) serves machines without a package manager, such as the GPU machines.
 
@@ -67,6 +67,19 @@ endif()
 target_include_directories(titan_deps SYSTEM INTERFACE ${PCRE2_INCLUDE_DIR})
 target_compile_definitions(titan_deps INTERFACE PCRE2_CODE_UNIT_WIDTH=8)
 target_link_libraries(titan_deps INTERFACE ${PCRE2_LIBRARY})
+
+# zlib: datasets read gzip-compressed JSON lines and text (c4's .json.gz). The system's shared
+# library (every Linux has libz.so.1), else third_party's static one.
+find_path(ZLIB_INCLUDE_DIR zlib.h HINTS ${TITAN_DEPS_DIR}/include)
+find_library(ZLIB_LIBRARY NAMES z libz.so.1)
+if(NOT ZLIB_LIBRARY AND TITAN_DEPS_DIR)
+  find_library(ZLIB_LIBRARY NAMES libz.a HINTS ${TITAN_DEPS_DIR}/lib NO_DEFAULT_PATH)
+endif()
+if(NOT ZLIB_INCLUDE_DIR OR NOT ZLIB_LIBRARY)
+  message(FATAL_ERROR "zlib not found: install zlib1g-dev, or fill third_party/ (third_party/fetch.sh)")
+endif()
+target_include_directories(titan_deps SYSTEM INTERFACE ${ZLIB_INCLUDE_DIR})
+target_link_libraries(titan_deps INTERFACE ${ZLIB_LIBRARY})
 
 # c10d (TCPStore, ProcessGroupGloo) ships inside libtorch_cpu; Gloo headers are needed to
 # use ProcessGroupGloo, and pip wheels ship none: such builds are NCCL-only.

@@ -10,7 +10,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/../scripts/lib/common.sh"
 root=""
 if ! dpkg-query -W libtomlplusplus-dev libspdlog-dev nlohmann-json3-dev libpcre2-dev googletest \
-  >/dev/null 2>&1; then
+  zlib1g-dev >/dev/null 2>&1; then
   "$TITAN_REPO/scripts/setup.sh"
   root="$TITAN_ROOTFS"
 fi
@@ -31,5 +31,7 @@ mkdir -p "$here/include" "$here/lib" "$here/src"
 for d in toml++ spdlog fmt nlohmann; do cp -r "$root/usr/include/$d" "$here/include/"; done
 cp "$root/usr/include/pcre2.h" "$here/include/"
 cp "$root/usr/lib/x86_64-linux-gnu/libpcre2-8.a" "$here/lib/"
+cp "$root/usr/include/zlib.h" "$root/usr/include/zconf.h" "$here/include/"
+cp "$root/usr/lib/x86_64-linux-gnu/libz.a" "$here/lib/"
 cp -r "$root/usr/src/googletest" "$here/src/"
 du -sh "$here" | awk '{print "[titan] third_party/ filled: " $1}'

@@ -11,7 +11,7 @@ TITAN_CACHE_DIR="${TITAN_CACHE_DIR:-/var/cache/titan}"
 TITAN_ROOTFS="${TITAN_ROOTFS:-$TITAN_CACHE_DIR/trixie-root}"
 # Packages of the build root; changing this list re-runs the install step.
 TITAN_ROOT_PACKAGES="g++ cmake ninja-build ccache libtorch-dev libgloo-dev libtomlplusplus-dev \
-libspdlog-dev libgtest-dev libpcre2-dev nlohmann-json3-dev python3 python3-torch python3-tiktoken \
+libspdlog-dev libgtest-dev libpcre2-dev zlib1g-dev nlohmann-json3-dev python3 python3-torch python3-tiktoken \
 python3-safetensors python3-numpy procps libopenblas0-openmp"
 TITAN_ROOT_STAMP="$TITAN_ROOTFS/.titan-root-ready"
 
@@ -135,20 +135,20 @@ titan_native_cmake_args() {
   echo "-DCMAKE_CUDA_ARCHITECTURES=$arch"
 }
 
-# Native builds need toml++, spdlog, nlohmann-json, PCRE2 and GoogleTest: the system's
+# Native builds need toml++, spdlog, nlohmann-json, PCRE2, zlib and GoogleTest: the system's
 # packages, else a filled third_party/ (third_party/fetch.sh), else apt-get installs them.
 titan_native_packages() {
   local have=1 h
   for h in /usr/include/toml++/toml.hpp /usr/include/spdlog/spdlog.h /usr/include/nlohmann/json.hpp \
-    /usr/include/pcre2.h /usr/include/gtest/gtest.h; do
+    /usr/include/pcre2.h /usr/include/zlib.h /usr/include/gtest/gtest.h; do
     [ -f "$h" ] || have=0
   done
   [ "$have" = 1 ] && return 0
   if [ -f "$TITAN_REPO/third_party/include/toml++/toml.hpp" ]; then
-    titan_log "toml++/spdlog/nlohmann-json/PCRE2/GoogleTest: using third_party/ (see third_party/MANIFEST)"
+    titan_log "toml++/spdlog/nlohmann-json/PCRE2/zlib/GoogleTest: using third_party/ (see third_party/MANIFEST)"
     return 0
   fi
-  local pkgs="libtomlplusplus-dev libspdlog-dev nlohmann-json3-dev libpcre2-dev libgtest-dev"
+  local pkgs="libtomlplusplus-dev libspdlog-dev nlohmann-json3-dev libpcre2-dev zlib1g-dev libgtest-dev"
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     titan_log "installing $pkgs with apt-get"
     if DEBIAN_FRONTEND=noninteractive apt-get install -y -q $pkgs >/dev/null 2>&1 ||
@@ -157,7 +157,7 @@ titan_native_packages() {
       return 0
     fi
   fi
-  titan_die "toml++, spdlog, nlohmann-json, PCRE2 and GoogleTest are missing and apt-get could not
+  titan_die "toml++, spdlog, nlohmann-json, PCRE2, zlib and GoogleTest are missing and apt-get could not
   install them: install $pkgs, or run third_party/fetch.sh on a Debian machine and copy the filled
   third_party/ folder into this checkout"
 }

@@ -14,7 +14,7 @@ std::unique_ptr<DocumentSource> make_file_source(const DatasetOptions& o,
                                                  std::shared_ptr<const Tokenizer> tokenizer) {
   TITAN_INTERNAL_CHECK(o.dp_size >= 1 && o.dp_rank >= 0 && o.dp_rank < o.dp_size,
                        "data-parallel rank ", o.dp_rank, " of ", o.dp_size);
-  DataFiles files = list_data_files(o.path);
+  DataFiles files = list_data_files(o.path, o.name_prefix);
   TITAN_CHECK(files.shards.empty() || files.text.empty(), "dataset path ", o.path,
               " mixes pre-tokenized shards (.bin) and text files; use one kind per dataset");
   const bool folder = util::is_directory(util::path_str(o.path));
@@ -29,9 +29,10 @@ std::unique_ptr<DocumentSource> make_file_source(const DatasetOptions& o,
   const auto jsonl = std::count_if(files.text.begin(), files.text.end(),
                                    [](const TextFile& f) { return f.jsonl; });
   const auto text = static_cast<int64_t>(files.text.size()) - jsonl;
-  const std::string label = folder ? std::to_string(files.text.size()) + " file(s) under " +
-                                         o.path + " (" + std::to_string(jsonl) + " JSONL, " +
-                                         std::to_string(text) + " text)"
+  const std::string label = folder ? std::to_string(files.text.size()) + " file(s) " +
+                                         (o.name_prefix.empty() ? "" : o.name_prefix + "* ") +
+                                         "under " + o.path + " (" + std::to_string(jsonl) +
+                                         " JSONL, " + std::to_string(text) + " text)"
                                    : (jsonl > 0 ? "JSONL file " : "text file ") + o.path;
   return make_text_source(std::move(files.text), o, std::move(tokenizer), label);
 }
@@ -65,8 +66,8 @@ std::unique_ptr<DocumentSource> make_source(const DatasetOptions& o,
     if (o.name == "c4" || o.name == "c4_validation") {
       fail(key, ": \"", o.name,
            "\" is allenai/c4 on the Hugging Face Hub, which titan does not download; download "
-           "its JSON files (decompressed) and set ",
-           key, "_path to their folder, or use titan_corpus");
+           "it (its en/ files suffice, read compressed) and set ",
+           key, "_path to the folder, or use titan_corpus");
     }
     fail(key, ": \"", o.name, "\" is not built in and ", key,
          "_path is empty; built in: titan_corpus, titan_corpus_validation (and torchtitan's "
@@ -75,6 +76,16 @@ std::unique_ptr<DocumentSource> make_source(const DatasetOptions& o,
   }
   TITAN_CHECK(util::path_exists(util::path_str(o.path)), o.section, ".dataset_path: ", o.path,
               " does not exist", util::relative_note(o.path));
+  const std::string c4_en = (std::filesystem::path(o.path) / "en").string();
+  if ((o.name == "c4" || o.name == "c4_validation") && util::is_directory(c4_en)) {
+    // A copy of the allenai/c4 repository: torchtitan reads load_dataset(path, name="en",
+    // split=...), i.e. en/c4-train.* or en/c4-validation.* (not en.noblocklist/, realnewslike/,
+    // ...).
+    DatasetOptions en = o;
+    en.path = c4_en;
+    en.name_prefix = o.name == "c4" ? "c4-train." : "c4-validation.";
+    return make_file_source(en, std::move(tokenizer));
+  }
   return make_file_source(o, std::move(tokenizer));
 }
 

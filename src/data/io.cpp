@@ -1,6 +1,9 @@
 // File helpers of the data module.
 #include "io.h"
 
+#include <zlib.h>
+
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -23,14 +26,34 @@ LineReader::~LineReader() {
   close();
 }
 
+namespace {
+
+// gzopen reads a file that is not gzip as it is ("transparent" mode).
+gzFile open_gz(const std::string& path) {
+  gzFile f = gzopen(path.c_str(), "rb");
+  if (f) gzbuffer(f, 1 << 20);
+  return f;
+}
+
+// A gzip stream's error (damaged or truncated data), else errno's.
+std::string gz_error(gzFile f) {
+  int code = Z_OK;
+  const char* text = gzerror(f, &code);
+  if (code == Z_ERRNO) return std::strerror(errno);
+  if (code == Z_BUF_ERROR) return "the gzip data ends early (truncated file)";
+  return std::string("damaged gzip data: ") + (text ? text : "unknown error");
+}
+
+}  // namespace
+
 void LineReader::open(const std::string& path, int64_t offset) {
   close();
-  file_ = std::fopen(path.c_str(), "rb");
+  file_ = open_gz(path);
   if (!file_) fail("cannot open ", path, " (", std::strerror(errno), ")");
-  if (offset > 0 && fseeko(file_, static_cast<off_t>(offset), SEEK_SET) != 0) {
-    const int err = errno;
+  if (offset > 0 && gzseek(file_, static_cast<z_off_t>(offset), SEEK_SET) != offset) {
+    const std::string why = gz_error(file_);
     close();
-    fail("cannot seek to byte ", offset, " of ", path, " (", std::strerror(err), ")");
+    fail("cannot seek to byte ", offset, " of ", path, " (", why, ")");
   }
   path_ = path;
   buffer_.resize(1 << 20);
@@ -39,7 +62,7 @@ void LineReader::open(const std::string& path, int64_t offset) {
 }
 
 void LineReader::close() {
-  if (file_) std::fclose(file_);
+  if (file_) gzclose(file_);
   file_ = nullptr;
 }
 
@@ -50,9 +73,14 @@ bool LineReader::fill() {
     begin_ = 0;
   }
   if (end_ == buffer_.size()) buffer_.resize(buffer_.size() * 2);
-  const size_t n = std::fread(buffer_.data() + end_, 1, buffer_.size() - end_, file_);
-  if (n == 0 && std::ferror(file_)) fail("error reading ", path_);
-  end_ += n;
+  const int want = static_cast<int>(std::min<size_t>(buffer_.size() - end_, 1 << 30));
+  const int n = gzread(file_, buffer_.data() + end_, static_cast<unsigned>(want));
+  if (n < 0) fail("error reading ", path_, ": ", gz_error(file_));
+  // A gzip stream that stops before its end reads as a short file: name it.
+  int code = Z_OK;
+  gzerror(file_, &code);
+  if (n == 0 && code != Z_OK) fail("error reading ", path_, ": ", gz_error(file_));
+  end_ += static_cast<size_t>(n);
   return n > 0;
 }
 
@@ -82,19 +110,29 @@ bool LineReader::next_line(std::string& line) {
 }
 
 int64_t count_lines(const std::string& path, int64_t offset) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
+  gzFile f = open_gz(path);
   if (!f) return 0;
   std::string buf(1 << 20, '\0');
   int64_t lines = 0, left = offset;
   while (left > 0) {
-    const size_t want = static_cast<size_t>(std::min<int64_t>(left, buf.size()));
-    const size_t n = std::fread(buf.data(), 1, want, f);
-    if (n == 0) break;
-    for (size_t i = 0; i < n; ++i) lines += buf[i] == '\n';
-    left -= static_cast<int64_t>(n);
+    const auto want = static_cast<unsigned>(std::min<int64_t>(left, buf.size()));
+    const int n = gzread(f, buf.data(), want);
+    if (n <= 0) break;
+    lines += std::count(buf.data(), buf.data() + n, '\n');
+    left -= n;
   }
-  std::fclose(f);
+  gzclose(f);
   return lines;
+}
+
+std::string head(const std::string& path, size_t n) {
+  gzFile f = open_gz(path);
+  if (!f) return "";
+  std::string out(n, '\0');
+  const int got = gzread(f, out.data(), static_cast<unsigned>(n));
+  gzclose(f);
+  out.resize(got > 0 ? static_cast<size_t>(got) : 0);
+  return out;
 }
 
 }  // namespace titan::data::io

@@ -1,11 +1,14 @@
 // File helpers private to the data module: whole-file reads and a buffered line reader that
-// starts at any byte offset and reports the offset after each line (for exact resume).
+// starts at any byte offset and reports the offset after each line (for exact resume). The
+// line reader and count_lines read gzip files (c4's .json.gz) as their decompressed bytes, and
+// other files as they are; offsets count decompressed bytes.
 #pragma once
 
 #include <cstdint>
-#include <cstdio>
 #include <string>
 #include <string_view>
+
+struct gzFile_s;
 
 namespace titan::data::io {
 
@@ -20,7 +23,8 @@ class LineReader {
   LineReader(const LineReader&) = delete;
   LineReader& operator=(const LineReader&) = delete;
 
-  // Opens `path` positioned at byte `offset`; throws titan::Error when it cannot.
+  // Opens `path` positioned at (decompressed) byte `offset`; throws titan::Error when it cannot
+  // (a gzip file is decompressed up to the offset: slow for offsets deep into large files).
   void open(const std::string& path, int64_t offset);
   void close();
   bool is_open() const { return file_ != nullptr; }
@@ -31,7 +35,7 @@ class LineReader {
 
  private:
   bool fill();
-  std::FILE* file_ = nullptr;
+  gzFile_s* file_ = nullptr;
   std::string path_;
   std::string buffer_;
   size_t begin_ = 0, end_ = 0;
@@ -40,5 +44,8 @@ class LineReader {
 
 // Number of '\n' bytes in the first `offset` bytes of `path` (line number of a resume point).
 int64_t count_lines(const std::string& path, int64_t offset);
+
+// Up to `n` first (decompressed) bytes of `path`; "" when it cannot be read.
+std::string head(const std::string& path, size_t n);
 
 }  // namespace titan::data::io

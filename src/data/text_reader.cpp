@@ -5,9 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <cctype>
 #include <filesystem>
-#include <fstream>
 
 #include "io.h"
 #include "titan/util/error.h"
@@ -22,11 +20,17 @@ constexpr std::string_view kSeparator = "<|endoftext|>";
 
 enum class Kind { Text, Jsonl, Shard, Other };
 
+bool gzipped(const fs::path& p) {
+  return util::lower(p.extension().string()) == ".gz";
+}
+
+// By extension; text and JSON lines may be gzip-compressed (c4's .json.gz).
 Kind kind_of(const fs::path& p) {
-  const std::string ext = util::lower(p.extension().string());
+  const bool gz = gzipped(p);
+  const std::string ext = util::lower((gz ? p.stem() : p).extension().string());
   if (ext == ".txt") return Kind::Text;
   if (ext == ".jsonl" || ext == ".json") return Kind::Jsonl;
-  if (ext == ".bin") return Kind::Shard;
+  if (ext == ".bin" && !gz) return Kind::Shard;
   return Kind::Other;
 }
 
@@ -37,11 +41,9 @@ bool hidden(const fs::path& p) {
 
 // A .json file holding one JSON array instead of JSON lines is a common mix-up.
 void check_not_json_array(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  char c = 0;
-  while (in.get(c) && std::isspace(static_cast<unsigned char>(c))) {
-  }
-  TITAN_CHECK(!(in && c == '['), "dataset file ", path,
+  const std::string start = io::head(path, 4096);
+  const size_t first = start.find_first_not_of(" \t\r\n\f\v");
+  TITAN_CHECK(first == std::string::npos || start[first] != '[', "dataset file ", path,
               " holds a JSON array; titan reads JSON lines (one object per line)");
 }
 
@@ -57,7 +59,7 @@ bool is_blank(std::string_view s) {
 
 }  // namespace
 
-DataFiles list_data_files(const std::string& path) {
+DataFiles list_data_files(const std::string& path, const std::string& name_prefix) {
   const fs::path root(path);
   std::error_code ec;
   TITAN_CHECK(util::path_exists(util::path_str(root)), "dataset path ", path, " does not exist");
@@ -70,13 +72,15 @@ DataFiles list_data_files(const std::string& path) {
         if (it->is_directory()) it.disable_recursion_pending();
         continue;
       }
-      if (it->is_regular_file()) candidates.push_back(it->path());
+      if (it->is_regular_file() && it->path().filename().string().rfind(name_prefix, 0) == 0) {
+        candidates.push_back(it->path());
+      }
     }
     TITAN_CHECK(!ec, "dataset path ", path, ": cannot list it (", ec.message(), ")");
   } else {
     TITAN_CHECK(kind_of(root) != Kind::Other, "dataset path ", path,
-                " is not a supported data file (expected .txt, .jsonl, .json or .bin, or a "
-                "folder of them)");
+                " is not a supported data file (expected .txt, .jsonl, .json (each may be "
+                ".gz) or .bin, or a folder of them)");
     candidates.push_back(root);
   }
   std::sort(candidates.begin(), candidates.end());
@@ -106,7 +110,8 @@ DataFiles list_data_files(const std::string& path) {
          candidates.empty()
              ? std::string(folder ? "the folder has no files" : "no files")
              : std::to_string(empty) + " empty data file(s) and " + std::to_string(ignored) +
-                   " file(s) of other types (read: .txt, .jsonl, .json, .bin)");
+                   " file(s) of other types (read: .txt, .jsonl, .json, each may be .gz, and "
+                   ".bin)");
   }
   return out;
 }
@@ -132,7 +137,9 @@ void TextReader::seek(int64_t file, int64_t offset) {
   TITAN_CHECK(file >= 0 && file <= static_cast<int64_t>(files_.size()) && offset >= 0,
               "text reader position (file ", file, ", offset ", offset, ") is outside the ",
               files_.size(), " files");
-  if (file < static_cast<int64_t>(files_.size())) {
+  if (file < static_cast<int64_t>(files_.size()) &&
+      !gzipped(files_[static_cast<size_t>(file)].path)) {
+    // (A gzip file's decompressed size is known only by reading it: opening checks the seek.)
     const auto& path = files_[static_cast<size_t>(file)].path;
     const auto size = util::file_size(util::path_str(path));
     TITAN_CHECK(size >= 0 && offset <= size, "resume position: byte offset ", offset,

@@ -28,9 +28,9 @@ using Clock = std::chrono::steady_clock;
 
 constexpr const char* kUsage = R"(usage:
   titan_tokenize [options] --output DIR INPUT...
-      Tokenizes text (.txt) and JSON-lines (.jsonl/.json) files or folders of them into
-      binary shards DIR/shard_00000.bin, ... for training.dataset_path. Each document is
-      framed as BOS ... EOS. Same formats and document rules as titan_train (docs/DATA.md).
+      Tokenizes text (.txt) and JSON-lines (.jsonl/.json) files, each may be .gz, or folders
+      of them into binary shards DIR/shard_00000.bin, ... for training.dataset_path. Each
+      document is framed as BOS ... EOS. Same formats and document rules as titan_train (docs/DATA.md).
   titan_tokenize --train_bpe N --output tokenizer.model INPUT...
       Trains a byte-level BPE with N ranks (256 bytes + N - 256 merges) on the inputs and
       writes it in tiktoken format (Llama 3's pre-tokenizer regex and special tokens apply).

@@ -12,8 +12,11 @@
 //                  string field is logged (file:line) and skipped; if every line read in an
 //                  epoch is bad, that is an error.
 //   *.bin          pre-tokenized shards (titan/data/token_shard.h), written by titan_tokenize.
+// Text and JSONL files may also be gzip-compressed (*.txt.gz, *.jsonl.gz, *.json.gz: c4's).
 // Text and JSONL may be mixed in one folder; shards may not be mixed with text. Empty files
 // and other extensions are ignored (list_data_files in titan/data/text_reader.h).
+// A local copy of allenai/c4 given with dataset "c4" or "c4_validation" reads what torchtitan's
+// load_dataset(path, name="en") reads: en/c4-train.* or en/c4-validation.* only.
 //
 // Text/JSONL documents are numbered in file order (blank ones not counted) and dealt
 // round-robin: rank r of n gets documents with index % n == r; every rank reads the lines,
@@ -64,6 +67,7 @@ struct DatasetOptions {
   std::string section = "training";  // the config section they come from, for messages
   std::string name;                  // <section>.dataset
   std::string path;                  // <section>.dataset_path
+  std::string name_prefix;           // in a folder, only files whose names start with it
   std::string text_field;            // JSONL field
   int64_t dp_rank = 0;
   int64_t dp_size = 1;

@@ -16,14 +16,15 @@ struct TextFile {
 };
 
 // The data files under `path` (a file, or a folder listed recursively in sorted order,
-// skipping hidden names): text/JSONL files and pre-tokenized shards (.bin). Empty files and
-// other extensions are left out. Throws titan::Error for a missing path, an unsupported single
-// file, a .json file holding a JSON array, or when no data file is left.
+// skipping hidden names, and in a folder only names starting with `name_prefix`): text/JSONL
+// files, also gzip-compressed (.txt.gz, .jsonl.gz, .json.gz), and pre-tokenized shards (.bin).
+// Empty files and other extensions are left out. Throws titan::Error for a missing path, an
+// unsupported single file, a .json file holding a JSON array, or when no data file is left.
 struct DataFiles {
   std::vector<TextFile> text;
   std::vector<std::string> shards;
 };
-DataFiles list_data_files(const std::string& path);
+DataFiles list_data_files(const std::string& path, const std::string& name_prefix = "");
 
 class TextReader {
  public:

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <spdlog/sinks/ostream_sink.h>
+#include <zlib.h>
 #include <nlohmann/json.hpp>
 
 #include <cstring>
@@ -46,6 +47,22 @@ void write_text(const std::string& path, int first, int count) {
     if (i + 1 < first + count) s += "<|endoftext|>\n";
   }
   test::write_file(path, s);
+}
+
+// `path` + ".gz": the file gzip-compressed (in two gzip members, as concatenated files are).
+void gzip_file(const std::string& path) {
+  const std::string text = test::read_file(path);
+  gzFile out = gzopen((path + ".gz").c_str(), "wb");
+  ASSERT_NE(out, nullptr);
+  const size_t half = text.size() / 2;
+  ASSERT_EQ(gzwrite(out, text.data(), static_cast<unsigned>(half)), static_cast<int>(half));
+  ASSERT_EQ(gzclose(out), Z_OK);
+  out = gzopen((path + ".gz").c_str(), "ab");
+  ASSERT_NE(out, nullptr);
+  const size_t rest = text.size() - half;
+  ASSERT_EQ(gzwrite(out, text.data() + half, static_cast<unsigned>(rest)), static_cast<int>(rest));
+  ASSERT_EQ(gzclose(out), Z_OK);
+  fs::remove(path);
 }
 
 std::vector<int32_t> framed(const std::string& text) {
@@ -124,7 +141,7 @@ class LogCapture {
   std::ostringstream out_;
 };
 
-enum class Kind { Jsonl, Text, Shards, Mixed };
+enum class Kind { Jsonl, Text, Shards, Mixed, Gzip };
 
 // A dataset folder of the given kind holding documents 0..n-1 over several files.
 std::string make_dataset(const test::TempDir& dir, Kind kind, int n = 13) {
@@ -144,6 +161,12 @@ std::string make_dataset(const test::TempDir& dir, Kind kind, int n = 13) {
       write_jsonl(root + "/b.jsonl", 4, n - 4);
       break;
     case Kind::Shards: write_shards(root, 3, n / 3); break;
+    case Kind::Gzip:  // compressed JSON lines and text, as c4's .json.gz
+      write_jsonl(root + "/a.json", 0, 5);
+      gzip_file(root + "/a.json");
+      write_text(root + "/sub/b.txt", 5, n - 5);
+      gzip_file(root + "/sub/b.txt");
+      break;
   }
   return root;
 }
@@ -161,6 +184,74 @@ TEST(Dataset, JsonlDocumentsAreFramedInFileOrder) {
   ASSERT_EQ(docs.size(), 13u);
   for (int i = 0; i < 13; ++i) EXPECT_EQ(docs[i], framed(doc_text(i))) << i;
   EXPECT_NE(src->describe().find("2 file(s) under"), std::string::npos) << src->describe();
+}
+
+// Gzip-compressed JSON lines and text read as their decompressed contents; a damaged or
+// truncated gzip file is an error naming it.
+TEST(Dataset, GzipFilesReadAsTheirContents) {
+  test::TempDir dir;
+  const std::string root = make_dataset(dir, Kind::Gzip);
+  auto src = source(root);
+  const auto docs = read_epoch(*src);
+  ASSERT_EQ(docs.size(), 13u);
+  for (int i = 0; i < 13; ++i) {
+    EXPECT_EQ(docs[i], framed(i < 5 ? doc_text(i) : doc_text(i) + "\nsecond line")) << i;
+  }
+  EXPECT_NE(src->describe().find("2 file(s) under"), std::string::npos) << src->describe();
+  // Truncated: the gzip stream stops early.
+  const std::string whole = test::read_file(root + "/a.json.gz");
+  test::write_file(dir.file("cut.jsonl.gz"), whole.substr(0, whole.size() - 20));
+  EXPECT_NE(error_of([&] {
+              read_epoch(*source(dir.file("cut.jsonl.gz")));
+            }).find("error reading " + dir.file("cut.jsonl.gz")),
+            std::string::npos);
+  // A .json.gz holding a JSON array is the same mix-up as a plain one.
+  test::write_file(dir.file("array.json"), "[{\"text\": \"a\"}]\n");
+  gzip_file(dir.file("array.json"));
+  EXPECT_NE(error_of([&] { source(dir.file("array.json.gz")); }).find("holds a JSON array"),
+            std::string::npos);
+  // Shards are never compressed.
+  test::write_file(dir.file("x.bin.gz"), "x");
+  EXPECT_NE(error_of([&] { source(dir.file("x.bin.gz")); }).find("is not a supported data file"),
+            std::string::npos);
+}
+
+// A local copy of allenai/c4: "c4" and "c4_validation" read what torchtitan's
+// load_dataset(path, name="en", split=...) reads, en/c4-train.* and en/c4-validation.*, not the
+// other variants beside them.
+TEST(Dataset, C4FolderReadsTheEnglishSplitAsTorchtitan) {
+  test::TempDir dir;
+  const std::string c4 = dir.file("c4");
+  fs::create_directories(c4 + "/en");
+  fs::create_directories(c4 + "/en.noblocklist");
+  fs::create_directories(c4 + "/realnewslike");
+  write_jsonl(c4 + "/en/c4-train.00000-of-00002.json", 0, 4);
+  write_jsonl(c4 + "/en/c4-train.00001-of-00002.json", 4, 3);
+  write_jsonl(c4 + "/en/c4-validation.00000-of-00001.json", 100, 2);
+  write_jsonl(c4 + "/en.noblocklist/c4-train.00000-of-00001.json", 200, 5);
+  write_jsonl(c4 + "/realnewslike/c4-train.00000-of-00001.json", 300, 5);
+  for (const auto& e : fs::recursive_directory_iterator(c4)) {
+    if (e.is_regular_file()) gzip_file(e.path().string());
+  }
+  test::write_file(c4 + "/README.md", "---\nconfigs: ...\n");
+  auto make = [&](const std::string& name) {
+    data::DatasetOptions o;
+    o.name = name;
+    o.path = c4;
+    o.vocab_size = 258;
+    return data::make_source(o, kBytes);
+  };
+  auto train = make("c4");
+  const auto docs = read_epoch(*train);
+  ASSERT_EQ(docs.size(), 7u);
+  for (int i = 0; i < 7; ++i) EXPECT_EQ(docs[i], framed(doc_text(i))) << i;
+  EXPECT_NE(train->describe().find("2 file(s) c4-train.* under " + c4 + "/en"), std::string::npos)
+      << train->describe();
+  const auto validation = read_epoch(*make("c4_validation"));
+  ASSERT_EQ(validation.size(), 2u);
+  EXPECT_EQ(validation[0], framed(doc_text(100)));
+  // Any other name reads the whole folder, as any local dataset.
+  EXPECT_EQ(read_epoch(*make("my_c4")).size(), 7u + 2u + 5u + 5u);
 }
 
 TEST(Dataset, TextFilesSplitAtEndOfTextLines) {
@@ -323,19 +414,19 @@ TEST_P(DataLoaderResume, ContinuesWithTheSameBatches) {
 }
 
 std::string resume_case_name(const ::testing::TestParamInfo<std::tuple<Kind, int64_t>>& info) {
-  static const char* const kNames[] = {"Jsonl", "Text", "Shards", "Mixed"};
+  static const char* const kNames[] = {"Jsonl", "Text", "Shards", "Mixed", "Gzip"};
   return std::string(kNames[static_cast<int>(std::get<0>(info.param))]) + "Dp" +
          std::to_string(std::get<1>(info.param));
 }
 
 INSTANTIATE_TEST_SUITE_P(Dataset, DataLoaderResume,
-                         ::testing::Combine(::testing::Values(Kind::Jsonl, Kind::Text,
-                                                              Kind::Shards),
+                         ::testing::Combine(::testing::Values(Kind::Jsonl, Kind::Text, Kind::Shards,
+                                                              Kind::Gzip),
                                             ::testing::Values(int64_t{1}, int64_t{2})),
                          resume_case_name);
 
 TEST(Dataset, SourceSeekRestoresMidEpochPositions) {
-  for (Kind kind : {Kind::Jsonl, Kind::Text, Kind::Shards}) {
+  for (Kind kind : {Kind::Jsonl, Kind::Text, Kind::Shards, Kind::Gzip}) {
     test::TempDir dir;
     const std::string root = make_dataset(dir, kind, 12);
     auto a = source(root, 1, 2);

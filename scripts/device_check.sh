@@ -332,6 +332,7 @@ do_ckptload() {
     --training.seq_len 2048 --activation_checkpoint.mode none --metrics.log_freq 1
     --checkpoint.enable --checkpoint.interval 1 --checkpoint.last_save_model_only false
     --job.dump_folder "$dump" --metrics.enable_tensorboard false --metrics.disable_color_printing)
+  echo "== transparent huge pages: $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
   echo "== save at step 1"
   "$BUILD_DIR/titan_train" "${common[@]}" --training.steps 1 2>&1 | grep -E "checkpoint|error"
   for threads in 1 4 16; do

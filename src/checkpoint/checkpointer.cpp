@@ -670,7 +670,8 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
     std::sort(chunks.begin(), chunks.end(),
               [&](const json& x, const json& y) { return order(x) < order(y); });
   }
-  meta["rng"] = {{"cpu", "rng/cpu in each rank's shard file"}, {"seed", config_.debug.seed.value_or(-1)}};
+  meta["rng"] = {{"cpu", "rng/cpu in each rank's shard file"},
+                 {"seed", config_.debug.seed.value_or(-1)}};
   // Only finite states are saved (the trainer checks before saving); the flag lets retention
   // and resumes tell them from checkpoints of older titan versions.
   meta["finite"] = finite_;
@@ -793,7 +794,7 @@ at::Tensor read_verified(const SafetensorsReader& reader, const Chunk& c, int64_
 
 int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::string>& what) {
   const auto t0 = Clock::now();
-  double read_s = 0, device_copy_s = 0;  // the load's phases, logged
+  double staging_s = 0, read_s = 0, device_copy_s = 0;  // the load's phases, logged
   auto wants = [&](const char* k) { return std::find(what.begin(), what.end(), k) != what.end(); };
   const std::string meta_path = (fs::path(step_dir) / "metadata.json").string();
   json meta;
@@ -898,12 +899,39 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
     // `prefix`. The pieces to read are planned first; then the threads take them one by one
     // (reads, CRCs and copies in parallel), and the error of the first piece in plan order is
     // the one reported.
+    // Device shards are filled through one host staging buffer, taken once for every fill
+    // (large_host_bytes: present and in huge pages, so the reading threads take no page
+    // faults); host shards are filled in place.
+    at::Tensor staging;
     auto fill = [&](const std::string& prefix, std::vector<at::Tensor>& dsts) {
       auto& fsdp = *state_.model;
       std::vector<at::Tensor> hosts;
+      int64_t staged = 0;
       for (size_t i = 0; i < fsdp.num_units(); ++i) {
-        // Not zeroed: the pieces cover every element (checked below while planning).
-        hosts.push_back(at::empty({fsdp.unit(i).shard_numel}, at::kFloat));
+        const at::Tensor& d = dsts[i];
+        if (!d.is_cpu() || d.scalar_type() != at::kFloat || !d.is_contiguous()) {
+          staged += fsdp.unit(i).shard_numel;
+        }
+      }
+      if (staged > 0 && (!staging.defined() || staging.numel() < staged)) {
+        // Page-locked for device shards: the copies then run at the link's speed.
+        const auto t_staging = Clock::now();
+        const size_t bytes = static_cast<size_t>(staged) * sizeof(float);
+        staging = at::Tensor();
+        staging = (dsts.front().is_cuda() ? page_locked_host_bytes(bytes) : large_host_bytes(bytes))
+                      .view(at::kFloat);
+        staging_s += since(t_staging);
+      }
+      int64_t offset = 0;
+      for (size_t i = 0; i < fsdp.num_units(); ++i) {
+        const at::Tensor& d = dsts[i];
+        if (d.is_cpu() && d.scalar_type() == at::kFloat && d.is_contiguous()) {
+          hosts.push_back(d);
+        } else {
+          // Not zeroed: the pieces cover every element (checked below while planning).
+          hosts.push_back(staging.narrow(0, offset, fsdp.unit(i).shard_numel));
+          offset += fsdp.unit(i).shard_numel;
+        }
       }
       struct Target {
         at::Tensor dst;
@@ -973,7 +1001,9 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
         if (e) std::rethrow_exception(e);
       }
       const auto t_device = Clock::now();
-      for (size_t i = 0; i < fsdp.num_units(); ++i) dsts[i].copy_(hosts[i]);
+      for (size_t i = 0; i < fsdp.num_units(); ++i) {
+        if (!hosts[i].is_same(dsts[i])) dsts[i].copy_(hosts[i]);
+      }
       device_copy_s += since(t_device);
     };
     if (wants("model")) {
@@ -1055,10 +1085,10 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
       }
     }
     log::info(
-        "checkpoint: loaded {} ({}) in {:.2f}s (reading and verifying {:.2f}s on {} threads, "
-        "copies to the device {:.2f}s)",
+        "checkpoint: loaded {} ({}) in {:.2f}s (host staging {:.2f}s, reading and verifying "
+        "{:.2f}s on {} threads, copies to the device {:.2f}s)",
         step_dir, loaded.empty() ? std::string("nothing") : util::join(loaded, ", "), since(t0),
-        read_s, at::get_num_threads(), device_copy_s);
+        staging_s, read_s, at::get_num_threads(), device_copy_s);
     return step;
   } catch (const json::exception& e) {
     fail("checkpoint index ", meta_path, " is malformed: ", util::json_error_text(e.what()));

@@ -3,8 +3,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <sys/mman.h>
 #include <unistd.h>
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -154,36 +159,91 @@ std::string out_of_memory_report(const std::string& allocator_message) {
   return out;
 }
 
+namespace {
+
+constexpr size_t kHugePageBytes = size_t{2} << 20;
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14
+#endif
+
+double gib_of(size_t bytes) {
+  return std::round(static_cast<double>(bytes) / 1073741824.0 * 100) / 100;
+}
+
+// `size` bytes (a multiple of 2 MiB) at a 2 MiB boundary, huge pages asked for, populated.
+void* map_populated(size_t size) {
+  // Mapped with one huge page to spare, then trimmed to a 2 MiB boundary: transparent huge
+  // pages need aligned 2 MiB ranges.
+  const size_t padded = size + kHugePageBytes;
+  void* raw = mmap(nullptr, padded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TITAN_CHECK(raw != MAP_FAILED, "cannot allocate ", gib_of(size), " GiB of host memory (",
+              std::strerror(errno), ")");
+  const auto start = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (start + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+  if (aligned > start) munmap(raw, aligned - start);
+  if (const size_t tail = start + padded - (aligned + size); tail > 0) {
+    munmap(reinterpret_cast<void*>(aligned + size), tail);
+  }
+  auto* base = reinterpret_cast<char*>(aligned);
+  (void)madvise(base, size, MADV_HUGEPAGE);  // a kernel without THP keeps 4 KiB pages
+  // Populated in 64 MiB pieces by all threads; a kernel before 5.14 has no POPULATE_WRITE,
+  // and the pieces are touched instead.
+  constexpr size_t kPiece = size_t{64} << 20;
+  const auto pieces = static_cast<int64_t>((size + kPiece - 1) / kPiece);
+  std::atomic<int> out_of_memory{0};
+  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      char* p = base + static_cast<size_t>(i) * kPiece;
+      const size_t n = std::min(kPiece, size - static_cast<size_t>(i) * kPiece);
+      if (madvise(p, n, MADV_POPULATE_WRITE) == 0) continue;
+      if (errno == ENOMEM || errno == EFAULT) {
+        out_of_memory = 1;
+        return;
+      }
+      const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+      for (size_t k = 0; k < n; k += page) p[k] = 0;
+    }
+  });
+  if (out_of_memory) {
+    munmap(base, size);
+    fail("cannot allocate ", gib_of(size), " GiB of host memory: the host is out of memory");
+  }
+  return base;
+}
+
+}  // namespace
+
+at::Tensor large_host_bytes(size_t bytes) {
+  const size_t size =
+      std::max(kHugePageBytes, (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes);
+  void* p = map_populated(size);
+  return at::from_blob(
+      p, {static_cast<int64_t>(bytes)}, [size](void* q) { munmap(q, size); },
+      at::TensorOptions().dtype(at::kByte));
+}
+
 at::Tensor page_locked_host_bytes(size_t bytes) {
 #ifdef TITAN_WITH_CUDA
-  const auto page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  const size_t size = std::max(page, (bytes + page - 1) / page * page);
-  const double gib = std::round(static_cast<double>(size) / 1073741824.0 * 100) / 100;
-  void* p = nullptr;
-  TITAN_CHECK(posix_memalign(&p, page, size) == 0 && p != nullptr, "cannot allocate ", gib,
-              " GiB of host memory");
-  auto* base = static_cast<char*>(p);
-  const auto pages = static_cast<int64_t>(size / page);
-  at::parallel_for(0, pages, int64_t(1) << 14, [&](int64_t begin, int64_t end) {
-    std::memset(base + static_cast<size_t>(begin) * page, 0,
-                static_cast<size_t>(end - begin) * page);
-  });
+  const size_t size =
+      std::max(kHugePageBytes, (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes);
+  void* p = map_populated(size);
   const cudaError_t err = cudaHostRegister(p, size, cudaHostRegisterDefault);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();
-    std::free(p);
-    fail("cannot page-lock ", gib, " GiB of host memory: ", cudaGetErrorString(err));
+    munmap(p, size);
+    fail("cannot page-lock ", gib_of(size), " GiB of host memory: ", cudaGetErrorString(err));
   }
   return at::from_blob(
       p, {static_cast<int64_t>(bytes)},
-      [](void* q) {
+      [size](void* q) {
         (void)cudaHostUnregister(q);
         (void)cudaGetLastError();
-        std::free(q);
+        munmap(q, size);
       },
       at::TensorOptions().dtype(at::kByte));
 #else
-  return at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
+  return large_host_bytes(bytes);
 #endif
 }
 

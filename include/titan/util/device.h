@@ -33,11 +33,18 @@ MemoryStats memory_stats(const c10::Device& device);
 void reset_peak_memory(const c10::Device& device);
 void synchronize(const c10::Device& device);
 
-// `bytes` bytes of host memory (a kByte tensor), page-locked where CUDA is, so that copies from
-// a device into it run without the host: an ordinary allocation whose pages several threads
-// touch, then registered with CUDA in one call (the caching host allocator would round the size
-// up to a power of two and map the pages on one thread). Unregistered and freed with the
-// tensor. Without CUDA, ordinary memory. Throws titan::Error when the memory cannot be had.
+// `bytes` bytes of host memory (a kByte tensor) for large staging buffers, present before it
+// is returned: an anonymous mapping that asks for transparent huge pages, populated by all
+// threads. One process takes its page faults nearly one at a time: 16 GiB in 4 KiB pages is 4
+// million faults (about 9 s measured on an H100 machine's host, whatever the thread count),
+// in 2 MiB pages 8 thousand. Unmapped with the tensor. Throws titan::Error when the memory
+// cannot be had (also when it runs out while populating, where the kernel reports it).
+at::Tensor large_host_bytes(size_t bytes);
+
+// large_host_bytes, page-locked where CUDA is (registered with CUDA in one call; the caching
+// host allocator would round the size up to a power of two and map the pages on one thread),
+// so that copies from a device into it run without the host. Unregistered and unmapped with
+// the tensor. Without CUDA, large_host_bytes.
 at::Tensor page_locked_host_bytes(size_t bytes);
 
 // Out-of-memory reporting. The trainer registers what it knows before the first step (the

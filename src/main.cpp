@@ -64,7 +64,15 @@ int main(int argc, char** argv) {
     titan::log::init(env.world_size > 1 ? env.rank : -1, show,
                      titan::log::colors_wanted(config.metrics.disable_color_printing));
     if (config.job.print_config && show) {
-      std::cout << "# resolved job config\n" << titan::config::to_toml(config) << std::flush;
+      // Without job.config_file, so that the printed config runs as a job file itself.
+      titan::config::JobConfig printed = config;
+      printed.job.config_file.clear();
+      std::cout << "# resolved job config"
+                << (config.job.config_file.empty()
+                        ? ""
+                        : " (" + config.job.config_file + " and the command line)")
+                << "\n"
+                << titan::config::to_toml(printed) << std::flush;
     }
     if (!config.job.save_config_file.empty() && env.rank == 0) {
       // Under the dump folder (an absolute name stands), as torchtitan's os.path.join.

@@ -918,8 +918,14 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
         const auto t_staging = Clock::now();
         const size_t bytes = static_cast<size_t>(staged) * sizeof(float);
         staging = at::Tensor();
-        staging = (dsts.front().is_cuda() ? page_locked_host_bytes(bytes) : large_host_bytes(bytes))
-                      .view(at::kFloat);
+        if (dsts.front().is_cuda()) {
+          try {
+            staging = page_locked_host_bytes(bytes).view(at::kFloat);
+          } catch (const Error& e) {
+            log::warn("checkpoint: {}; loading through ordinary host memory", e.what());
+          }
+        }
+        if (!staging.defined()) staging = large_host_bytes(bytes).view(at::kFloat);
         staging_s += since(t_staging);
       }
       int64_t offset = 0;
@@ -928,7 +934,8 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
         if (d.is_cpu() && d.scalar_type() == at::kFloat && d.is_contiguous()) {
           hosts.push_back(d);
         } else {
-          // Not zeroed: the pieces cover every element (checked below while planning).
+          // The pieces cover every parameter element (checked below while planning); the FSDP
+          // padding at a shard's end stays as mapped (zero).
           hosts.push_back(staging.narrow(0, offset, fsdp.unit(i).shard_numel));
           offset += fsdp.unit(i).shard_numel;
         }

@@ -28,16 +28,20 @@ const char* kUsage =
     "D: float32 (default), bfloat16 or float16. The flavor is found from the model's dims;\n"
     "--model.flavor NAME picks it explicitly.\n";
 
+// The flavor of that shape, the vocabulary aside where no flavor has it too (a vocabulary sized
+// by a tokenizer, as torchtitan v0.1.0's jobs size it: the converted model keeps it).
 std::string flavor_for(int64_t dim, int64_t layers, int64_t heads, int64_t kv, int64_t vocab) {
+  std::string same_blocks;
   for (const auto& f : model::llama_flavor_names()) {
     auto a = model::llama_flavor(f);
-    if (a.dim == dim && a.n_layers == layers && a.n_heads == heads && a.n_kv_heads == kv &&
-        a.vocab_size == vocab) {
-      return f;
+    if (a.dim == dim && a.n_layers == layers && a.n_heads == heads && a.n_kv_heads == kv) {
+      if (a.vocab_size == vocab) return f;
+      if (same_blocks.empty()) same_blocks = f;
     }
   }
-  fail("convert: no titan flavor has dim ", dim, ", ", layers, " layers, ", heads, " heads, ", kv,
-       " KV heads and vocabulary ", vocab, "; pass --model.flavor");
+  TITAN_CHECK(!same_blocks.empty(), "convert: no titan flavor has dim ", dim, ", ", layers,
+              " layers, ", heads, " heads and ", kv, " KV heads; pass --model.flavor");
+  return same_blocks;
 }
 
 json read_json(const fs::path& p) {
@@ -114,6 +118,12 @@ int run_convert(const std::vector<std::string>& args) {
   state.args = model::llama_flavor(flavor);
   state.flavor = flavor;
   if (to == "hf") {
+    // The vocabulary is the checkpoint's (a job may size it from its tokenizer).
+    const json meta = read_json(fs::path(step_dir) / "metadata.json");
+    if (meta.contains("model") && meta["model"].contains("vocab_size") &&
+        meta["model"]["vocab_size"].is_number_integer()) {
+      state.args.vocab_size = meta["model"]["vocab_size"].get<int64_t>();
+    }
     adopt_checkpoint_model_args(step_dir, state.args, flavor);
   } else {
     adopt_hf_config(input, state.args);

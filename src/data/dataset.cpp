@@ -76,11 +76,18 @@ std::unique_ptr<DocumentSource> make_source(const DatasetOptions& o,
   }
   TITAN_CHECK(util::path_exists(util::path_str(o.path)), o.section, ".dataset_path: ", o.path,
               " does not exist", util::relative_note(o.path));
-  const std::string c4_en = (std::filesystem::path(o.path) / "en").string();
-  if ((o.name == "c4" || o.name == "c4_validation") && util::is_directory(c4_en)) {
-    // A copy of the allenai/c4 repository: torchtitan reads load_dataset(path, name="en",
-    // split=...), i.e. en/c4-train.* or en/c4-validation.* (not en.noblocklist/, realnewslike/,
-    // ...).
+  // A copy of the allenai/c4 repository (or its en/ folder): torchtitan reads
+  // load_dataset(path, name="en", split=...), i.e. en/c4-train.* or en/c4-validation.* (not
+  // en.noblocklist/, realnewslike/, ...).
+  std::filesystem::path given = std::filesystem::path(o.path).lexically_normal();
+  if (given.filename().empty()) given = given.parent_path();
+  std::string c4_en;
+  if (util::is_directory((given / "en").string())) {
+    c4_en = (given / "en").string();
+  } else if (given.filename() == "en" && util::is_directory(given.string())) {
+    c4_en = given.string();
+  }
+  if ((o.name == "c4" || o.name == "c4_validation") && !c4_en.empty()) {
     DatasetOptions en = o;
     en.path = c4_en;
     en.name_prefix = o.name == "c4" ? "c4-train." : "c4-validation.";

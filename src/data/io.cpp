@@ -28,20 +28,41 @@ LineReader::~LineReader() {
 
 namespace {
 
-// gzopen reads a file that is not gzip as it is ("transparent" mode).
+// gzopen reads a file that is not gzip as it is ("transparent" mode); gzdirect makes zlib look
+// at the file now, so that seeks in a plain file are lseeks.
 gzFile open_gz(const std::string& path) {
   gzFile f = gzopen(path.c_str(), "rb");
-  if (f) gzbuffer(f, 1 << 20);
+  if (f) {
+    gzbuffer(f, 1 << 20);
+    (void)gzdirect(f);
+  }
   return f;
 }
 
-// A gzip stream's error (damaged or truncated data), else errno's.
+// A gzip stream's error (damaged or truncated data, or the system's).
 std::string gz_error(gzFile f) {
   int code = Z_OK;
   const char* text = gzerror(f, &code);
-  if (code == Z_ERRNO) return std::strerror(errno);
   if (code == Z_BUF_ERROR) return "the gzip data ends early (truncated file)";
+  if (code == Z_ERRNO) return text ? text : "read error";
   return std::string("damaged gzip data: ") + (text ? text : "unknown error");
+}
+
+// Number of '\n' bytes in the first `offset` bytes of the plain file `path`.
+int64_t count_lines(const std::string& path, int64_t offset) {
+  gzFile f = open_gz(path);
+  if (!f) return 0;
+  std::string buf(1 << 20, '\0');
+  int64_t lines = 0, left = offset;
+  while (left > 0) {
+    const auto want = static_cast<unsigned>(std::min<int64_t>(left, buf.size()));
+    const int n = gzread(f, buf.data(), want);
+    if (n <= 0) break;
+    lines += std::count(buf.data(), buf.data() + n, '\n');
+    left -= n;
+  }
+  gzclose(f);
+  return lines;
 }
 
 }  // namespace
@@ -50,15 +71,41 @@ void LineReader::open(const std::string& path, int64_t offset) {
   close();
   file_ = open_gz(path);
   if (!file_) fail("cannot open ", path, " (", std::strerror(errno), ")");
-  if (offset > 0 && gzseek(file_, static_cast<z_off_t>(offset), SEEK_SET) != offset) {
-    const std::string why = gz_error(file_);
-    close();
-    fail("cannot seek to byte ", offset, " of ", path, " (", why, ")");
-  }
   path_ = path;
   buffer_.resize(1 << 20);
   begin_ = end_ = 0;
   offset_ = offset;
+  lines_before_ = 0;
+  if (offset <= 0) return;
+  if (gzdirect(file_)) {
+    if (gzseek(file_, static_cast<z_off_t>(offset), SEEK_SET) != offset) {
+      const std::string why = gz_error(file_);
+      close();
+      fail("cannot seek to byte ", offset, " of ", path, " (", why, ")");
+    }
+    lines_before_ = count_lines(path, offset);
+    return;
+  }
+  // A gzip file is decompressed up to the offset (zlib's gzseek would do the same, without
+  // saying when the offset lies beyond the end); its lines are counted on the way.
+  int64_t left = offset;
+  while (left > 0) {
+    const auto want = static_cast<unsigned>(std::min<int64_t>(left, buffer_.size()));
+    const int n = gzread(file_, buffer_.data(), want);
+    if (n <= 0) {
+      int code = Z_OK;
+      gzerror(file_, &code);
+      const std::string why =
+          n < 0 || code != Z_OK
+              ? gz_error(file_)
+              : "it holds " + std::to_string(offset - left) +
+                    " bytes decompressed; the dataset changed since the position was saved";
+      close();
+      fail("resume position: byte offset ", offset, " of ", path, " cannot be reached (", why, ")");
+    }
+    lines_before_ += std::count(buffer_.data(), buffer_.data() + n, '\n');
+    left -= n;
+  }
 }
 
 void LineReader::close() {
@@ -107,22 +154,6 @@ bool LineReader::next_line(std::string& line) {
     }
     scanned = begin_ + pending;
   }
-}
-
-int64_t count_lines(const std::string& path, int64_t offset) {
-  gzFile f = open_gz(path);
-  if (!f) return 0;
-  std::string buf(1 << 20, '\0');
-  int64_t lines = 0, left = offset;
-  while (left > 0) {
-    const auto want = static_cast<unsigned>(std::min<int64_t>(left, buf.size()));
-    const int n = gzread(f, buf.data(), want);
-    if (n <= 0) break;
-    lines += std::count(buf.data(), buf.data() + n, '\n');
-    left -= n;
-  }
-  gzclose(f);
-  return lines;
 }
 
 std::string head(const std::string& path, size_t n) {

@@ -1,6 +1,6 @@
 // File helpers private to the data module: whole-file reads and a buffered line reader that
 // starts at any byte offset and reports the offset after each line (for exact resume). The
-// line reader and count_lines read gzip files (c4's .json.gz) as their decompressed bytes, and
+// line reader and head() read gzip files (c4's .json.gz) as their decompressed bytes, and
 // other files as they are; offsets count decompressed bytes.
 #pragma once
 
@@ -32,6 +32,8 @@ class LineReader {
   bool next_line(std::string& line);
   // Byte offset of the next unread byte.
   int64_t offset() const { return offset_; }
+  // Lines ('\n' bytes) before the offset `open` started at: the line number of a resume point.
+  int64_t lines_before() const { return lines_before_; }
 
  private:
   bool fill();
@@ -40,10 +42,8 @@ class LineReader {
   std::string buffer_;
   size_t begin_ = 0, end_ = 0;
   int64_t offset_ = 0;
+  int64_t lines_before_ = 0;
 };
-
-// Number of '\n' bytes in the first `offset` bytes of `path` (line number of a resume point).
-int64_t count_lines(const std::string& path, int64_t offset);
 
 // Up to `n` first (decompressed) bytes of `path`; "" when it cannot be read.
 std::string head(const std::string& path, size_t n);

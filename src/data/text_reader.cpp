@@ -139,7 +139,8 @@ void TextReader::seek(int64_t file, int64_t offset) {
               files_.size(), " files");
   if (file < static_cast<int64_t>(files_.size()) &&
       !gzipped(files_[static_cast<size_t>(file)].path)) {
-    // (A gzip file's decompressed size is known only by reading it: opening checks the seek.)
+    // (A gzip file's decompressed size is known only by reading it: opening it at the offset
+    // checks.)
     const auto& path = files_[static_cast<size_t>(file)].path;
     const auto size = util::file_size(util::path_str(path));
     TITAN_CHECK(size >= 0 && offset <= size, "resume position: byte offset ", offset,
@@ -157,7 +158,7 @@ bool TextReader::next(Document& doc) {
     const TextFile& f = files_[static_cast<size_t>(file_)];
     if (!m.reader.is_open()) {
       m.reader.open(f.path, offset_);
-      m.lines_read = offset_ > 0 ? io::count_lines(f.path, offset_) : 0;
+      m.lines_read = m.reader.lines_before();
     }
     doc.file = file_;
     doc.jsonl = f.jsonl;

@@ -123,12 +123,13 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   if (!c.model.tokenizer_path.empty() &&
       std::filesystem::path(data::tokenizer_file(c.model.tokenizer_path, "")).extension() !=
           ".json" &&
-      tokenizer_->vocab_size() != args_.vocab_size) {
+      tokenizer_->vocab_size() > args_.vocab_size) {
     // model.tokenizer_path with a tiktoken file is torchtitan v0.1.0's job (v0.2 ignores the
-    // key), and v0.1.0 sizes the vocabulary from that tokenizer's ids.
+    // key), and v0.1.0 sizes the vocabulary from that tokenizer's ids. Only grown: a smaller
+    // tokenizer keeps the flavor's vocabulary (and the checkpoints saved with it).
     log::info(
         "model: vocab {} -> {}, the ids of the tiktoken file in model.tokenizer_path (as "
-        "torchtitan v0.1.0 sizes the vocabulary; model.hf_assets_path keeps the flavor's)",
+        "torchtitan v0.1.0 sizes the vocabulary)",
         args_.vocab_size, tokenizer_->vocab_size());
     args_.vocab_size = tokenizer_->vocab_size();
   }

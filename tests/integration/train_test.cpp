@@ -114,7 +114,7 @@ TEST(Training, TorchtitanV010DebugJobSizesTheVocabularyFromItsTokenizer) {
   const std::string command = "cd '" + checkout + "' && exec '" + TITAN_TRAIN_BINARY +
                               "' --job.config_file '" + fixtures +
                               "debug_model.toml' --training.steps 2 --training.seq_len 64 "
-                              "--metrics.disable_color_printing";
+                              "--metrics.disable_color_printing --checkpoint.enable";
   auto r = test::run_process({"/bin/sh", "-c", command}, {"TITAN_DEVICE=cpu"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("model: vocab 2048 -> 2256"), std::string::npos) << r.output;
@@ -122,6 +122,12 @@ TEST(Training, TorchtitanV010DebugJobSizesTheVocabularyFromItsTokenizer) {
   const auto losses = test::read_losses(checkout + "/outputs/metrics.jsonl");
   ASSERT_EQ(losses.size(), 2u);
   EXPECT_GT(losses.front(), 7.0);  // about ln(2256)
+  // The checkpoint converts to Hugging Face's format with its vocabulary.
+  r = test::run_titan_train({"convert", "--to", "hf", "--input", checkout + "/outputs/checkpoint",
+                             "--output", dir.file("hf")});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto config = nlohmann::json::parse(test::read_file(dir.file("hf") + "/config.json"));
+  EXPECT_EQ(config["vocab_size"], 2256);
 }
 
 // job.save_config_file lands under the dump folder, as torchtitan writes it: JSON nested by

@@ -210,6 +210,12 @@ TEST(Dataset, GzipFilesReadAsTheirContents) {
   gzip_file(dir.file("array.json"));
   EXPECT_NE(error_of([&] { source(dir.file("array.json.gz")); }).find("holds a JSON array"),
             std::string::npos);
+  // A resume position beyond a gzip file's decompressed end is an error (the data changed).
+  data::TextReader reader({data::TextFile{root + "/a.json.gz", true}}, "text");
+  reader.seek(0, 1 << 20);
+  data::TextReader::Document doc;
+  EXPECT_NE(error_of([&] { reader.next(doc); }).find("cannot be reached (it holds "),
+            std::string::npos);
   // Shards are never compressed.
   test::write_file(dir.file("x.bin.gz"), "x");
   EXPECT_NE(error_of([&] { source(dir.file("x.bin.gz")); }).find("is not a supported data file"),
@@ -252,6 +258,12 @@ TEST(Dataset, C4FolderReadsTheEnglishSplitAsTorchtitan) {
   EXPECT_EQ(validation[0], framed(doc_text(100)));
   // Any other name reads the whole folder, as any local dataset.
   EXPECT_EQ(read_epoch(*make("my_c4")).size(), 7u + 2u + 5u + 5u);
+  // The en/ folder itself, given as the path, splits the same way.
+  data::DatasetOptions o;
+  o.name = "c4";
+  o.path = c4 + "/en/";
+  o.vocab_size = 258;
+  EXPECT_EQ(read_epoch(*data::make_source(o, kBytes)).size(), 7u);
 }
 
 TEST(Dataset, TextFilesSplitAtEndOfTextLines) {

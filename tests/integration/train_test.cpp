@@ -74,6 +74,16 @@ void write_c4_test(const std::string& checkout) {
   test::write_file(checkout + "/tests/assets/c4_test/data.json", jsonl);
 }
 
+// titan_train on torchtitan's `job_file`, run from the checkout's root as torchtitan runs it,
+// with `overrides` after it.
+test::ProcessResult run_in_checkout(const std::string& checkout, const std::string& job_file,
+                                    const std::string& overrides) {
+  const std::string command = "cd '" + checkout + "' && exec '" + TITAN_TRAIN_BINARY +
+                              "' --job.config_file '" + job_file + "' " + overrides +
+                              " --metrics.disable_color_printing";
+  return test::run_process({"/bin/sh", "-c", command}, {"TITAN_DEVICE=cpu"});
+}
+
 }  // namespace
 
 TEST(Training, TorchtitansDebugJobRunsUnchangedInATorchtitanCheckout) {
@@ -86,11 +96,8 @@ TEST(Training, TorchtitansDebugJobRunsUnchangedInATorchtitanCheckout) {
                                checkout + "/tests/assets/tokenizer/" + name);
   }
   write_c4_test(checkout);
-  const std::string command = "cd '" + checkout + "' && exec '" + TITAN_TRAIN_BINARY +
-                              "' --job.config_file '" + fixtures +
-                              "debug_model.toml' --training.steps 3 --training.seq_len 64 "
-                              "--metrics.disable_color_printing";
-  auto r = test::run_process({"/bin/sh", "-c", command}, {"TITAN_DEVICE=cpu"});
+  auto r = run_in_checkout(checkout, fixtures + "debug_model.toml",
+                           "--training.steps 3 --training.seq_len 64");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("vocab 2004"), std::string::npos) << r.output;  // BOS/EOS added
   EXPECT_NE(r.output.find("tests/assets/c4_test"), std::string::npos) << r.output;
@@ -111,11 +118,8 @@ TEST(Training, TorchtitanV010DebugJobSizesTheVocabularyFromItsTokenizer) {
   std::filesystem::copy_file(fixtures + "test_tiktoken.model",
                              checkout + "/tests/assets/test_tiktoken.model");
   write_c4_test(checkout);
-  const std::string command = "cd '" + checkout + "' && exec '" + TITAN_TRAIN_BINARY +
-                              "' --job.config_file '" + fixtures +
-                              "debug_model.toml' --training.steps 2 --training.seq_len 64 "
-                              "--metrics.disable_color_printing --checkpoint.enable";
-  auto r = test::run_process({"/bin/sh", "-c", command}, {"TITAN_DEVICE=cpu"});
+  auto r = run_in_checkout(checkout, fixtures + "debug_model.toml",
+                           "--training.steps 2 --training.seq_len 64 --checkpoint.enable");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("model: vocab 2048 -> 2256"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("vocab 2256 | RoPE"), std::string::npos) << r.output;

@@ -170,10 +170,13 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
                         c.training.local_batch_size, c.training.seq_len, /*infinite=*/true, cuda);
   log::info("dataset: {}", loader_->describe());
   if (c.validation.enable) {
-    // The validation data is read at every validation: checked now, not after validation.freq
-    // steps of training.
-    make_loader("validation", c.validation.dataset, c.validation.dataset_path,
-                c.validation.local_batch_size, c.validation.seq_len, /*infinite=*/false, false);
+    // The validation data is read at every validation: checked now (it opens and holds a
+    // batch), not after validation.freq steps of training.
+    auto validation =
+        make_loader("validation", c.validation.dataset, c.validation.dataset_path,
+                    c.validation.local_batch_size, c.validation.seq_len, /*infinite=*/false, false);
+    check_validation_batches(*validation, validation->next().defined() ? 1 : 0);
+    validation_microbatch_size();
   }
 
   // This rank's units: layouts only (no memory) until the data-parallel owner materializes its
@@ -924,6 +927,22 @@ std::unique_ptr<data::DataLoader> Trainer::make_loader(const std::string& sectio
   return std::make_unique<data::DataLoader>(data::make_source(dopts, tokenizer_), lopts);
 }
 
+int64_t Trainer::validation_microbatch_size() const {
+  // Forward only through the pipeline: each batch in microbatches of the training size.
+  const auto& c = cfg_;
+  const int64_t mbs = plan_.pp == 1 ? c.validation.local_batch_size : plan_.microbatch_size;
+  TITAN_CHECK(c.validation.local_batch_size % mbs == 0, "validation.local_batch_size (",
+              c.validation.local_batch_size,
+              ") must be a multiple of parallelism.pipeline_parallel_microbatch_size (", mbs, ")");
+  return mbs;
+}
+
+void Trainer::check_validation_batches(const data::DataLoader& loader, int64_t batches) const {
+  TITAN_CHECK(batches > 0, "validation: dataset ", loader.describe(),
+              " holds less than one batch (validation.local_batch_size x (seq_len + 1) tokens "
+              "per data-parallel rank)");
+}
+
 double Trainer::validate() {
   const auto& c = cfg_;
   const c10::Device device = fsdp_->device();
@@ -932,11 +951,7 @@ double Trainer::validate() {
                                 /*infinite=*/false, device.is_cuda());
   data::DataLoader& loader = *loader_ptr;
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
-  // Forward only through the pipeline: each batch in microbatches of the training size.
-  const int64_t mbs = plan_.pp == 1 ? c.validation.local_batch_size : plan_.microbatch_size;
-  TITAN_CHECK(c.validation.local_batch_size % mbs == 0, "validation.local_batch_size (",
-              c.validation.local_batch_size,
-              ") must be a multiple of parallelism.pipeline_parallel_microbatch_size (", mbs, ")");
+  const int64_t mbs = validation_microbatch_size();
   const auto eval = parallel::pipeline::build_eval_schedule(
       plan_.pp, static_cast<int>(plan_.stages.size()),
       static_cast<int>(c.validation.local_batch_size / mbs), plan_.schedule.stage_rank);
@@ -953,9 +968,7 @@ double Trainer::validate() {
     ++batches;
   }
   fsdp_->release_all();
-  TITAN_CHECK(batches > 0, "validation: dataset ", loader.describe(),
-              " holds less than one batch (validation.local_batch_size x (seq_len + 1) tokens "
-              "per data-parallel rank)");
+  check_validation_batches(loader, batches);
   if (auto* pp = runtime_->mesh().group("pp")) pp->all_reduce(loss_sum, dist::ReduceOp::Sum);
   if (auto* dp = runtime_->mesh().group("dp_cp")) dp->all_reduce(loss_sum, dist::ReduceOp::Sum);
   const double tokens = static_cast<double>(batches) * c.validation.local_batch_size *

@@ -393,9 +393,9 @@ TEST(Reliability, FailedSavesAndSmallerThings) {
 }
 
 // 12. What a run would only find out late is checked at start-up: an unusable checkpoint folder,
-// a missing validation dataset, a checkpoint of another model (before the model is built). A
-// resume whose lr schedule differs from the checkpoint's says so; a damaged newest checkpoint's
-// error names the older ones; token shards of another tokenizer are named.
+// a missing or too small validation dataset, a checkpoint of another model (before the model is
+// built). A resume whose lr schedule differs from the checkpoint's says so; a damaged newest
+// checkpoint's error names the older ones; token shards of another tokenizer are named.
 TEST(Reliability, StartupChecksAndResumeWarnings) {
   test::TempDir dir;
   auto no_steps = [](const std::string& out) { return !contains(out, "step:"); };
@@ -416,6 +416,14 @@ TEST(Reliability, StartupChecksAndResumeWarnings) {
                        "validation.dataset_path: " + dir.file("nowhere") + " does not exist"))
       << validation.output;
   EXPECT_TRUE(no_steps(validation.output)) << validation.output;
+  // Validation data too small for one batch, also before the first step.
+  test::write_file(dir.file("small.jsonl"), "{\"text\": \"too short\"}\n");
+  auto small = test::run_titan_train(job(dir.file("small"), 4,
+                                         {"--validation.enable", "--validation.freq", "2",
+                                          "--validation.dataset_path", dir.file("small.jsonl")}));
+  EXPECT_EQ(small.exit_code, 2) << small.output;
+  EXPECT_TRUE(contains(small.output, "holds less than one batch")) << small.output;
+  EXPECT_TRUE(no_steps(small.output)) << small.output;
 
   // Four steps saved at 2 and 4, then resumed for six: the schedule stretched is named.
   const std::string run = dir.file("run");

@@ -60,6 +60,10 @@ class Trainer {
   const model::LlamaArgs& model_args() const { return args_; }
 
  private:
+  // validation.local_batch_size in pipeline microbatches: their size (checked to divide it).
+  int64_t validation_microbatch_size() const;
+  // Fails naming the dataset when the validation data held no whole batch.
+  void check_validation_batches(const data::DataLoader& loader, int64_t batches) const;
   // The device work of one step (the loader's batches already on the device, optimizer
   // prepared): gradient reset, the schedule's passes, reductions, clipping, update. Returns
   // (mean loss, grad norm).

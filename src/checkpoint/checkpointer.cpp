@@ -735,11 +735,9 @@ struct Chunk {
 // pieces maps and faults in its memory once, where a fresh tens-of-MiB buffer per piece is an
 // mmap, a page fault per 4 KiB and an munmap each time, serialized between threads on the
 // process's memory map (measured: no faster on 16 threads than on 1).
-// The header's entry for chunk `c`, checked against the index for elements [first, first +
-// count) (a header that disagrees with the index is damage too: a flipped byte in a name or
-// shape).
-const TensorInfo& checked_info(const SafetensorsReader& reader, const Chunk& c, int64_t first,
-                               int64_t count) {
+at::Tensor read_verified(const SafetensorsReader& reader, const Chunk& c, int64_t first,
+                         int64_t count, at::Tensor* scratch = nullptr) {
+  // A header that disagrees with the index is damage too (a flipped byte in a name or shape).
   TITAN_CHECK(reader.has(c.key), "checkpoint file ", reader.path(),
               " is corrupted: its header has no tensor ", c.key, " (the index lists one)");
   const TensorInfo& info = reader.info(c.key);
@@ -750,54 +748,6 @@ const TensorInfo& checked_info(const SafetensorsReader& reader, const Chunk& c, 
   TITAN_CHECK(first >= 0 && count >= 0 && first + count <= info.numel(), "checkpoint file ",
               reader.path(), " is corrupted: tensor ", c.key, " holds ", info.numel(),
               " elements, the index asks for [", first, ", ", first + count, ")");
-  return info;
-}
-
-[[noreturn]] void fail_crc(const SafetensorsReader& reader, const Chunk& c, int64_t block_begin,
-                           int64_t total) {
-  fail("checkpoint file ", reader.path(), " is corrupted: bytes ", block_begin, "..",
-       block_begin + std::min(c.block_bytes, total - block_begin), " of tensor ", c.key,
-       " fail their CRC-32C check");
-}
-
-// read_verified for elements that land, in the checkpoint's dtype, contiguously at `dst`:
-// streamed through a small buffer, each slice read, added to its block's CRC and copied while
-// it is in cache. (Reading a whole piece, then checking it, then copying it, went over memory
-// five times: 2.3 GB/s on 16 threads of an H100 machine's host.) The bytes land before their
-// block is checked; a failed check fails the whole load.
-void read_verified_into(const SafetensorsReader& reader, const Chunk& c, int64_t first,
-                        int64_t count, void* dst, std::vector<char>& buffer) {
-  const TensorInfo& info = checked_info(reader, c, first, count);
-  const int64_t es = static_cast<int64_t>(c10::elementSize(scalar_type_of(info.dtype)));
-  const int64_t total = info.end - info.begin;
-  const int64_t want_lo = first * es, want_hi = (first + count) * es;
-  const int64_t lo = want_lo / c.block_bytes * c.block_bytes;
-  const int64_t hi = std::min(total, (want_hi + c.block_bytes - 1) / c.block_bytes * c.block_bytes);
-  constexpr int64_t kSliceBytes = int64_t{256} << 10;
-  buffer.resize(static_cast<size_t>(kSliceBytes));
-  auto* out = static_cast<char*>(dst);
-  for (int64_t b = lo; b < hi; b += c.block_bytes) {
-    const int64_t end = std::min(b + c.block_bytes, total);
-    uint32_t crc = 0;
-    for (int64_t x = b; x < end; x += kSliceBytes) {
-      const int64_t n = std::min(kSliceBytes, end - x);
-      reader.read_bytes(info.begin + x, info.begin + x + n, buffer.data());
-      crc = util::crc32c_extend(crc, buffer.data(), static_cast<size_t>(n));
-      const int64_t from = std::max(x, want_lo), to = std::min(x + n, want_hi);
-      if (from < to) {
-        std::memcpy(out + (from - want_lo), buffer.data() + (from - x),
-                    static_cast<size_t>(to - from));
-      }
-    }
-    const auto idx = static_cast<size_t>(b / c.block_bytes);
-    if (idx >= c.crcs.size() || crc != c.crcs[idx]) fail_crc(reader, c, b, total);
-  }
-}
-
-at::Tensor read_verified(const SafetensorsReader& reader, const Chunk& c, int64_t first,
-                         int64_t count, at::Tensor* scratch = nullptr) {
-  const TensorInfo& info = checked_info(reader, c, first, count);
-  const int64_t es = static_cast<int64_t>(c10::elementSize(scalar_type_of(info.dtype)));
   const int64_t total = info.end - info.begin;
   const int64_t lo = (first * es) / c.block_bytes * c.block_bytes;
   const int64_t hi =
@@ -831,7 +781,10 @@ at::Tensor read_verified(const SafetensorsReader& reader, const Chunk& c, int64_
       }
     }
   });
-  if (const int64_t b = bad_block.load(); b >= 0) fail_crc(reader, c, b, total);
+  const int64_t b = bad_block.load();
+  TITAN_CHECK(b < 0, "checkpoint file ", reader.path(), " is corrupted: bytes ", b, "..",
+              b + std::min(c.block_bytes, total - b), " of tensor ", c.key,
+              " fail their CRC-32C check");
   // The offset is a whole number of elements: lo is a whole number of CRC blocks.
   at::Tensor out = buf.narrow(0, first * es - lo, count * es).view(scalar_type_of(info.dtype));
   return out;
@@ -1034,26 +987,17 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
       std::atomic<size_t> next{0};
       std::vector<std::exception_ptr> errors(pieces.size());
       at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-        at::Tensor scratch;  // this thread's read buffers, reused for all its pieces
-        std::vector<char> slice;
+        at::Tensor scratch;  // this thread's read buffer, reused for all its pieces
         for (size_t i = next++; i < pieces.size(); i = next++) {
           try {
             const Piece& p = pieces[i];
             const Target& t = targets[p.target];
             const Chunk& c = t.chunks[p.chunk];
-            const SafetensorsReader& r = reader(c.file);
             const int64_t s = box_flat_index(c.box, p.both.r0, p.both.c0);
             const int64_t e = box_flat_index(c.box, p.both.r1 - 1, p.both.c1 - 1) + 1;
-            at::Tensor dst = rect_view(t.dst, t.box, t.param_offset, p.both);
-            // Contiguous on both sides and of one dtype (the usual case: the same sharding,
-            // or whole rows): streamed straight into place.
-            if (e - s == p.both.numel() && dst.is_contiguous() && r.has(c.key) &&
-                scalar_type_of(r.info(c.key).dtype) == dst.scalar_type()) {
-              read_verified_into(r, c, s - c.offset, e - s, dst.data_ptr(), slice);
-              continue;
-            }
-            at::Tensor part = read_verified(r, c, s - c.offset, e - s, &scratch);
-            dst.copy_(rect_view(part, c.box, s, p.both));
+            at::Tensor part = read_verified(reader(c.file), c, s - c.offset, e - s, &scratch);
+            rect_view(t.dst, t.box, t.param_offset, p.both)
+                .copy_(rect_view(part, c.box, s, p.both));
           } catch (...) {
             errors[i] = std::current_exception();
           }

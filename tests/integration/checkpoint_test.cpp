@@ -556,8 +556,7 @@ TEST_F(CheckpointDamage, FlippedDataByteIsCorrupted) {
   const std::string out = load_fails();
   EXPECT_TRUE(contains(out, shard())) << out;
   EXPECT_TRUE(contains(out, "corrupted")) << out;
-  // Found by the block checksums (the streamed read into place checks them too).
-  EXPECT_TRUE(contains(out, "fail their CRC-32C check")) << out;
+  EXPECT_TRUE(contains(out, "fail their CRC-32C check")) << out;  // found by the block checksums
 }
 
 TEST_F(CheckpointDamage, FlippedRngByteIsCorrupted) {

@@ -172,11 +172,11 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   if (c.validation.enable) {
     // The validation data is read at every validation: checked now (it opens and holds a
     // batch), not after validation.freq steps of training.
+    validation_microbatch_size();
     auto validation =
         make_loader("validation", c.validation.dataset, c.validation.dataset_path,
                     c.validation.local_batch_size, c.validation.seq_len, /*infinite=*/false, false);
     check_validation_batches(*validation, validation->next().defined() ? 1 : 0);
-    validation_microbatch_size();
   }
 
   // This rank's units: layouts only (no memory) until the data-parallel owner materializes its

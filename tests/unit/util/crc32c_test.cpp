@@ -3,6 +3,7 @@
 // split of the data into extend() calls.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
 #include <string>

@@ -903,15 +903,15 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
     // (large_host_bytes: present and in huge pages, so the reading threads take no page
     // faults); host shards are filled in place.
     at::Tensor staging;
+    auto in_place = [](const at::Tensor& d) {
+      return d.is_cpu() && d.scalar_type() == at::kFloat && d.is_contiguous();
+    };
     auto fill = [&](const std::string& prefix, std::vector<at::Tensor>& dsts) {
       auto& fsdp = *state_.model;
       std::vector<at::Tensor> hosts;
       int64_t staged = 0;
       for (size_t i = 0; i < fsdp.num_units(); ++i) {
-        const at::Tensor& d = dsts[i];
-        if (!d.is_cpu() || d.scalar_type() != at::kFloat || !d.is_contiguous()) {
-          staged += fsdp.unit(i).shard_numel;
-        }
+        if (!in_place(dsts[i])) staged += fsdp.unit(i).shard_numel;
       }
       if (staged > 0 && (!staging.defined() || staging.numel() < staged)) {
         // Page-locked for device shards: the copies then run at the link's speed.
@@ -930,9 +930,8 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
       }
       int64_t offset = 0;
       for (size_t i = 0; i < fsdp.num_units(); ++i) {
-        const at::Tensor& d = dsts[i];
-        if (d.is_cpu() && d.scalar_type() == at::kFloat && d.is_contiguous()) {
-          hosts.push_back(d);
+        if (in_place(dsts[i])) {
+          hosts.push_back(dsts[i]);
         } else {
           // The pieces cover every parameter element (checked below while planning); the FSDP
           // padding at a shard's end stays as mapped (zero).

@@ -28,14 +28,10 @@ LineReader::~LineReader() {
 
 namespace {
 
-// gzopen reads a file that is not gzip as it is ("transparent" mode); gzdirect makes zlib look
-// at the file now, so that seeks in a plain file are lseeks.
+// gzopen reads a file that is not gzip as it is ("transparent" mode).
 gzFile open_gz(const std::string& path) {
   gzFile f = gzopen(path.c_str(), "rb");
-  if (f) {
-    gzbuffer(f, 1 << 20);
-    (void)gzdirect(f);
-  }
+  if (f) gzbuffer(f, 1 << 20);
   return f;
 }
 
@@ -46,23 +42,6 @@ std::string gz_error(gzFile f) {
   if (code == Z_BUF_ERROR) return "the gzip data ends early (truncated file)";
   if (code == Z_ERRNO) return text ? text : "read error";
   return std::string("damaged gzip data: ") + (text ? text : "unknown error");
-}
-
-// Number of '\n' bytes in the first `offset` bytes of the plain file `path`.
-int64_t count_lines(const std::string& path, int64_t offset) {
-  gzFile f = open_gz(path);
-  if (!f) return 0;
-  std::string buf(1 << 20, '\0');
-  int64_t lines = 0, left = offset;
-  while (left > 0) {
-    const auto want = static_cast<unsigned>(std::min<int64_t>(left, buf.size()));
-    const int n = gzread(f, buf.data(), want);
-    if (n <= 0) break;
-    lines += std::count(buf.data(), buf.data() + n, '\n');
-    left -= n;
-  }
-  gzclose(f);
-  return lines;
 }
 
 }  // namespace
@@ -76,18 +55,9 @@ void LineReader::open(const std::string& path, int64_t offset) {
   begin_ = end_ = 0;
   offset_ = offset;
   lines_before_ = 0;
-  if (offset <= 0) return;
-  if (gzdirect(file_)) {
-    if (gzseek(file_, static_cast<z_off_t>(offset), SEEK_SET) != offset) {
-      const std::string why = gz_error(file_);
-      close();
-      fail("cannot seek to byte ", offset, " of ", path, " (", why, ")");
-    }
-    lines_before_ = count_lines(path, offset);
-    return;
-  }
-  // A gzip file is decompressed up to the offset (zlib's gzseek would do the same, without
-  // saying when the offset lies beyond the end); its lines are counted on the way.
+  // The bytes before the offset are read (a gzip file's decompressed), counting their lines for
+  // messages (zlib's gzseek would read them too, without saying when the offset lies beyond the
+  // end).
   int64_t left = offset;
   while (left > 0) {
     const auto want = static_cast<unsigned>(std::min<int64_t>(left, buffer_.size()));
@@ -95,11 +65,10 @@ void LineReader::open(const std::string& path, int64_t offset) {
     if (n <= 0) {
       int code = Z_OK;
       gzerror(file_, &code);
-      const std::string why =
-          n < 0 || code != Z_OK
-              ? gz_error(file_)
-              : "it holds " + std::to_string(offset - left) +
-                    " bytes decompressed; the dataset changed since the position was saved";
+      const std::string why = n < 0 || code != Z_OK
+                                  ? gz_error(file_)
+                                  : "it holds " + std::to_string(offset - left) +
+                                        " bytes; the dataset changed since the position was saved";
       close();
       fail("resume position: byte offset ", offset, " of ", path, " cannot be reached (", why, ")");
     }

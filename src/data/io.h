@@ -23,8 +23,8 @@ class LineReader {
   LineReader(const LineReader&) = delete;
   LineReader& operator=(const LineReader&) = delete;
 
-  // Opens `path` positioned at (decompressed) byte `offset`; throws titan::Error when it cannot
-  // (a gzip file is decompressed up to the offset: slow for offsets deep into large files).
+  // Opens `path` positioned at (decompressed) byte `offset`, reading the bytes before it;
+  // throws titan::Error when it cannot (also when the file ends before the offset).
   void open(const std::string& path, int64_t offset);
   void close();
   bool is_open() const { return file_ != nullptr; }

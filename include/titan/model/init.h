@@ -18,6 +18,11 @@ namespace titan::model {
 // become zero.
 void init_unit_range(const UnitLayout& unit, int64_t seed, int64_t flat_begin, at::Tensor out);
 
+// The same values through ATen tensor ops on any device (init_unit_range's path off the host;
+// host memory gets a per-element loop giving identical bits, exposed for the test of that).
+void init_unit_range_with_tensor_ops(const UnitLayout& unit, int64_t seed, int64_t flat_begin,
+                                     at::Tensor out);
+
 // Uniform (0, 1) doubles for the given int64 counters under `key` (exposed for tests).
 at::Tensor hashed_uniform(const at::Tensor& counters, uint64_t key);
 

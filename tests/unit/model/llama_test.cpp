@@ -228,6 +228,26 @@ TEST(LlamaInit, SameWeightsWhateverTheSplit) {
   EXPECT_FALSE(at::equal(other, full));
 }
 
+// The host's per-element loop and the tensor ops (the GPU's path) give identical bits, for
+// every initialization kind, tensor-parallel parts (row and column splits) and float/double.
+TEST(LlamaInit, HostLoopEqualsTheTensorOpsBitForBit) {
+  const auto args = model::llama_flavor("debugmodel_gqa");
+  for (int64_t tp : {1, 2}) {
+    const auto units = model::llama_units(args, {tp, tp - 1});
+    for (size_t i : {size_t{0}, size_t{1}, units.size() - 1}) {
+      const auto& u = units[i];
+      for (auto dtype : {at::kFloat, at::kDouble}) {
+        at::Tensor fast = at::full({u.numel - 3}, 9.0, at::dtype(dtype));
+        model::init_unit_range(u, 11, 3, fast);
+        at::Tensor ops = at::full({u.numel - 3}, 9.0, at::dtype(dtype));
+        model::init_unit_range_with_tensor_ops(u, 11, 3, ops);
+        EXPECT_TRUE(at::equal(fast, ops)) << u.name << " tp " << tp << " " << dtype;
+        EXPECT_NE(fast.abs().max().item<double>(), 9.0);
+      }
+    }
+  }
+}
+
 // Tensor-parallel parts: every tp rank's part of every parameter holds exactly the whole
 // parameter's values at its box (rows for column-parallel, columns for row-parallel), so the
 // full weights are the same for any tp degree.

@@ -27,6 +27,7 @@
 #include "titan/checkpoint/box.h"
 #include "titan/checkpoint/hf.h"
 #include "titan/checkpoint/safetensors.h"
+#include "titan/checkpoint/verified_read.h"
 #include "titan/data/dataloader.h"
 #include "titan/dist/communicator.h"
 #include "titan/dist/runtime.h"
@@ -725,79 +726,6 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
   }
 }
 
-namespace {
-
-struct Chunk {
-  std::string file, key;
-  Box box;                        // the part of the tensor the chunk's range is of
-  int64_t offset = 0, numel = 0;  // flat range of the box
-  int64_t block_bytes = kCrcBlockBytes;
-  std::vector<uint32_t> crcs;
-};
-
-// Reads elements [first, first + count) of a chunk, verifying the CRC of every 4 MiB block it
-// touches. With `scratch`, the bytes land in that buffer (grown when too small) and the result
-// is a view of it, valid until its next use: a loader thread reusing one buffer for all its
-// pieces maps and faults in its memory once, where a fresh tens-of-MiB buffer per piece is an
-// mmap, a page fault per 4 KiB and an munmap each time, serialized between threads on the
-// process's memory map (measured: no faster on 16 threads than on 1).
-at::Tensor read_verified(const SafetensorsReader& reader, const Chunk& c, int64_t first,
-                         int64_t count, at::Tensor* scratch = nullptr) {
-  // A header that disagrees with the index is damage too (a flipped byte in a name or shape).
-  TITAN_CHECK(reader.has(c.key), "checkpoint file ", reader.path(),
-              " is corrupted: its header has no tensor ", c.key, " (the index lists one)");
-  const TensorInfo& info = reader.info(c.key);
-  const int64_t es = static_cast<int64_t>(c10::elementSize(scalar_type_of(info.dtype)));
-  TITAN_CHECK(c.block_bytes > 0 && c.block_bytes % es == 0, "checkpoint index of ", reader.path(),
-              " is corrupted: CRC blocks of ", c.block_bytes, " bytes for tensor ", c.key, " of ",
-              es, "-byte elements");
-  TITAN_CHECK(first >= 0 && count >= 0 && first + count <= info.numel(), "checkpoint file ",
-              reader.path(), " is corrupted: tensor ", c.key, " holds ", info.numel(),
-              " elements, the index asks for [", first, ", ", first + count, ")");
-  const int64_t total = info.end - info.begin;
-  const int64_t lo = (first * es) / c.block_bytes * c.block_bytes;
-  const int64_t hi =
-      std::min(total, ((first + count) * es + c.block_bytes - 1) / c.block_bytes * c.block_bytes);
-  // Read straight into the tensor handed back (no zero-fill, no second copy); the blocks'
-  // CRCs are checked in parallel.
-  at::Tensor buf;
-  if (scratch) {
-    if (!scratch->defined() || scratch->numel() < hi - lo) {
-      *scratch = at::empty({hi - lo}, at::TensorOptions().dtype(at::kByte));
-    }
-    buf = scratch->narrow(0, 0, hi - lo);
-  } else {
-    buf = at::empty({hi - lo}, at::TensorOptions().dtype(at::kByte));
-  }
-  auto* bytes = static_cast<const char*>(buf.data_ptr());
-  reader.read_bytes(info.begin + lo, info.begin + hi, buf.data_ptr());
-  const int64_t blocks = (hi - lo + c.block_bytes - 1) / c.block_bytes;
-  std::atomic<int64_t> bad_block{-1};
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t b = lo + k * c.block_bytes;
-      const auto idx = static_cast<size_t>(b / c.block_bytes);
-      const int64_t len = std::min(c.block_bytes, total - b);
-      if (idx >= c.crcs.size() ||
-          util::crc32c(bytes + (b - lo), static_cast<size_t>(len)) != c.crcs[idx]) {
-        // The first failing block is named, whichever thread finds it.
-        int64_t seen = bad_block.load();
-        while ((seen < 0 || b < seen) && !bad_block.compare_exchange_weak(seen, b)) {
-        }
-      }
-    }
-  });
-  const int64_t b = bad_block.load();
-  TITAN_CHECK(b < 0, "checkpoint file ", reader.path(), " is corrupted: bytes ", b, "..",
-              b + std::min(c.block_bytes, total - b), " of tensor ", c.key,
-              " fail their CRC-32C check");
-  // The offset is a whole number of elements: lo is a whole number of CRC blocks.
-  at::Tensor out = buf.narrow(0, first * es - lo, count * es).view(scalar_type_of(info.dtype));
-  return out;
-}
-
-}  // namespace
-
 int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::string>& what) {
   const auto t0 = Clock::now();
   double staging_s = 0, read_s = 0, device_copy_s = 0;  // the load's phases, logged
@@ -1000,9 +928,17 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
             const Chunk& c = t.chunks[p.chunk];
             const int64_t s = box_flat_index(c.box, p.both.r0, p.both.c0);
             const int64_t e = box_flat_index(c.box, p.both.r1 - 1, p.both.c1 - 1) + 1;
-            at::Tensor part = read_verified(reader(c.file), c, s - c.offset, e - s, &scratch);
-            rect_view(t.dst, t.box, t.param_offset, p.both)
-                .copy_(rect_view(part, c.box, s, p.both));
+            at::Tensor dst = rect_view(t.dst, t.box, t.param_offset, p.both);
+            const SafetensorsReader& r = reader(c.file);
+            if (dst.is_cpu() && dst.is_contiguous() && e - s == dst.numel() && r.has(c.key) &&
+                scalar_type_of(r.info(c.key).dtype) == dst.scalar_type()) {
+              // The same layout and dtype on both sides: read straight into the destination.
+              read_verified_into(r, c, s - c.offset, e - s, static_cast<char*>(dst.data_ptr()),
+                                 scratch);
+            } else {
+              at::Tensor part = read_verified(r, c, s - c.offset, e - s, &scratch);
+              dst.copy_(rect_view(part, c.box, s, p.both));
+            }
           } catch (...) {
             errors[i] = std::current_exception();
           }

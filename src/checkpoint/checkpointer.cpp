@@ -370,16 +370,24 @@ std::unique_ptr<Checkpointer::Snapshot> Checkpointer::snapshot(int64_t step, boo
 }
 
 int64_t Checkpointer::nonfinite_elements(const std::vector<at::Tensor>& tensors) {
-  at::Tensor count;
+  // A finite sum means every element is finite (a NaN or an infinity never sums to a finite
+  // value): one read per tensor, no temporaries, one synchronization for all of them. Only a
+  // tensor with a non-finite sum (or one that overflowed) counts its elements, through
+  // isfinite's full-size temporaries (seconds on a CPU for a few hundred million elements).
+  std::vector<at::Tensor> held, sums;
   for (const auto& t : tensors) {
     if (!t.defined()) continue;
-    // A finite sum means every element is finite (a NaN or an infinity never sums to a finite
-    // value): one read, no temporaries. Only a non-finite sum (or one that overflowed) counts
-    // the elements, through isfinite's full-size temporaries (seconds on a CPU for a few
-    // hundred million elements).
-    if (std::isfinite(t.sum().item<double>())) continue;
-    at::Tensor c = at::logical_not(at::isfinite(t)).sum().to(at::kDouble);
-    count = count.defined() ? count + c : c;
+    held.push_back(t);
+    sums.push_back(t.sum().to(at::kFloat).to(held.front().device()));
+  }
+  at::Tensor count;
+  if (!held.empty()) {
+    const at::Tensor finite = at::isfinite(at::stack(sums)).to(at::kCPU);
+    for (size_t i = 0; i < held.size(); ++i) {
+      if (finite[static_cast<int64_t>(i)].item<bool>()) continue;
+      at::Tensor c = at::logical_not(at::isfinite(held[i])).sum().to(at::kDouble);
+      count = count.defined() ? count + c : c;
+    }
   }
   if (!count.defined()) count = at::zeros({}, at::kDouble);
   at::Tensor total = count.to(at::kFloat).reshape({1});

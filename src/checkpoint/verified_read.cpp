@@ -92,6 +92,7 @@ void read_verified_into(const SafetensorsReader& reader, const Chunk& c, int64_t
   const TensorInfo& info = chunk_tensor(reader, c, first, count);
   const int64_t es = static_cast<int64_t>(c10::elementSize(scalar_type_of(info.dtype)));
   const int64_t total = info.end - info.begin;
+  if (count == 0) return;
   const int64_t bs = c.block_bytes;
   const int64_t a = first * es, b = (first + count) * es;  // the bytes wanted
   const int64_t inner_lo = (a + bs - 1) / bs * bs;

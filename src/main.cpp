@@ -107,10 +107,20 @@ int main(int argc, char** argv) {
     if (std::getenv("TITAN_BACKTRACE")) std::cerr << e.what() << std::endl;
     return 2;
   } catch (const c10::Error& e) {
+    if (titan::is_host_allocation_failure(e.what_without_backtrace())) {
+      std::cerr << "titan_train: error: "
+                << titan::host_out_of_memory_report(e.what_without_backtrace()) << std::endl;
+      return 2;
+    }
     std::cerr << "titan_train: internal error: "
               << (std::getenv("TITAN_BACKTRACE") ? e.what() : e.what_without_backtrace())
               << std::endl;
     return 3;
+  } catch (const std::bad_alloc&) {
+    std::cerr << "titan_train: error: "
+              << titan::host_out_of_memory_report("a host allocation failed (std::bad_alloc)")
+              << std::endl;
+    return 2;
   } catch (const std::exception& e) {
     std::cerr << "titan_train: internal error: " << e.what() << std::endl;
     return 3;

@@ -113,7 +113,8 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   log::info("device: {}{}", device_.name,
             cuda ? fmt::format(" (cuda:{}), {:.1f} GiB", device.index(),
                                device_.total_memory_bytes / 1073741824.0)
-                 : "");
+                 : fmt::format(", {:.1f} GiB of memory ({})",
+                               device_.total_memory_bytes / 1073741824.0, host_memory().bound));
 
   // Model arguments and data.
   args_ = model::llama_flavor(c.model.flavor);
@@ -569,6 +570,11 @@ void Trainer::report_memory_estimate() {
                                              fsdp_->dp_shard_size() > 1);
   log::info("memory estimate: {}", est.describe());
   OomContext oom;
+  oom.cpu_offload = c.training.enable_cpu_offload;
+  const HostMemory host = host_memory();
+  const int local_ranks = std::max(1, runtime_->env().local_world_size);
+  oom.host = fmt::format("{:.1f} GiB ({}), {} rank(s) on this host", host.bytes / 1073741824.0,
+                         host.bound, local_ranks);
   if (device_.device.is_cuda()) {
     oom.device = fmt::format("cuda:{} ({}, {:.1f} GiB)", device_.device.index(), device_.name,
                              device_.total_memory_bytes / 1073741824.0);
@@ -590,16 +596,19 @@ void Trainer::report_memory_estimate() {
           est.total_bytes() / 1073741824.0, oom.device, device_.total_memory_bytes / 1073741824.0);
     }
   } else {
-    // A CPU run shares the host's memory with the other local ranks.
-    const double host_bytes = static_cast<double>(::sysconf(_SC_PHYS_PAGES)) *
-                              static_cast<double>(::sysconf(_SC_PAGESIZE));
-    const int local_ranks = std::max(1, runtime_->env().local_world_size);
-    if (host_bytes > 0 && static_cast<double>(est.total_bytes()) * local_ranks > host_bytes) {
+    oom.estimate = est.describe();
+    set_oom_context(oom);
+    // A CPU run shares the host's memory (and its control group's limit) with the other local
+    // ranks; an address-space limit is per process.
+    const bool per_process = host.bound == "ulimit -v";
+    const double need = static_cast<double>(est.total_bytes()) * (per_process ? 1 : local_ranks);
+    if (host.bytes > 0 && need > static_cast<double>(host.bytes)) {
       log::warn(
-          "memory: this plan needs about {:.1f} GiB per rank ({} on this host) but the host has "
-          "{:.1f} GiB; expect it to swap or be killed. A smaller model.flavor, "
-          "training.local_batch_size or training.seq_len fits",
-          est.total_bytes() / 1073741824.0, local_ranks, host_bytes / 1073741824.0);
+          "memory: this plan needs about {:.1f} GiB per rank ({} on this host) but this "
+          "process may use {:.1f} GiB ({}{}); expect it to fail, swap or be killed. A smaller "
+          "model.flavor, training.local_batch_size or training.seq_len fits",
+          est.total_bytes() / 1073741824.0, local_ranks, host.bytes / 1073741824.0, host.bound,
+          per_process || local_ranks == 1 ? "" : ", shared by the ranks on this host");
     }
   }
 }

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <algorithm>
 #include <atomic>
@@ -50,7 +51,62 @@ int64_t read_status_kib(const char* key) {
   return 0;
 }
 
+// A cgroup memory limit file's value; 0 for "max", a missing file or an unset (huge) v1 value.
+int64_t cgroup_limit(const std::string& path) {
+  std::ifstream in(path);
+  std::string text;
+  if (!(in >> text) || text == "max") return 0;
+  try {
+    const long long v = std::stoll(text);
+    return v > 0 && v < (int64_t{1} << 60) ? static_cast<int64_t>(v) : 0;
+  } catch (const std::exception&) {
+    return 0;
+  }
+}
+
+// The tightest limit of this process's control groups (v2 and v1 hierarchies), 0 for none.
+int64_t cgroup_memory_limit() {
+  std::ifstream in("/proc/self/cgroup");
+  std::string line;
+  int64_t limit = 0;
+  auto take = [&](int64_t v) {
+    if (v > 0 && (limit == 0 || v < limit)) limit = v;
+  };
+  while (std::getline(in, line)) {
+    const size_t a = line.find(':'), b = line.find(':', a + 1);
+    if (a == std::string::npos || b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1);
+    const std::string path = line.substr(b + 1);
+    if (controllers.empty()) {  // v2: "0::/path"
+      take(cgroup_limit("/sys/fs/cgroup" + path + "/memory.max"));
+      take(cgroup_limit("/sys/fs/cgroup/memory.max"));  // a container's own root
+    } else if (("," + controllers + ",").find(",memory,") != std::string::npos) {
+      take(cgroup_limit("/sys/fs/cgroup/memory" + path + "/memory.limit_in_bytes"));
+      take(cgroup_limit("/sys/fs/cgroup/memory/memory.limit_in_bytes"));
+    }
+  }
+  return limit;
+}
+
 }  // namespace
+
+HostMemory host_memory() {
+  HostMemory m;
+  m.bytes =
+      static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGE_SIZE));
+  m.bound = "physical memory";
+  if (const int64_t cg = cgroup_memory_limit(); cg > 0 && cg < m.bytes) {
+    m.bytes = cg;
+    m.bound = "cgroup limit";
+  }
+  struct rlimit as {};
+  if (getrlimit(RLIMIT_AS, &as) == 0 && as.rlim_cur != RLIM_INFINITY &&
+      static_cast<int64_t>(as.rlim_cur) < m.bytes) {
+    m.bytes = static_cast<int64_t>(as.rlim_cur);
+    m.bound = "ulimit -v";
+  }
+  return m;
+}
 
 int cuda_device_count() {
 #ifdef TITAN_WITH_CUDA
@@ -73,8 +129,7 @@ DeviceInfo describe_device(const c10::Device& device) {
   }
 #endif
   info.name = "CPU (" + std::to_string(sysconf(_SC_NPROCESSORS_ONLN)) + " cores)";
-  info.total_memory_bytes =
-      static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGE_SIZE));
+  info.total_memory_bytes = host_memory().bytes;
   return info;
 }
 
@@ -99,9 +154,7 @@ MemoryStats memory_stats(const c10::Device& device) {
   const double hwm = static_cast<double>(read_status_kib("VmHWM:")) * 1024.0;
   m.max_active_gib = hwm / kGiB;
   m.max_reserved_gib = hwm / kGiB;
-  const double total =
-      static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE));
-  m.max_reserved_pct = 100.0 * hwm / total;
+  m.max_reserved_pct = 100.0 * hwm / static_cast<double>(host_memory().bytes);
   return m;
 }
 
@@ -156,6 +209,49 @@ std::string out_of_memory_report(const std::string& allocator_message) {
       "activations (activation_checkpoint.mode = \"full\" or \"selective\"), lower "
       "training.local_batch_size or training.seq_len, or keep the optimizer state in host memory "
       "(training.enable_cpu_offload = true)";
+  return out;
+}
+
+bool is_host_allocation_failure(const std::string& message) {
+  return message.find("DefaultCPUAllocator: can't allocate memory") != std::string::npos ||
+         message.find("DefaultCPUAllocator: not enough memory") != std::string::npos;
+}
+
+std::string host_out_of_memory_report(const std::string& allocator_message) {
+  OomContext c;
+  {
+    std::lock_guard<std::mutex> lock(oom_mutex);
+    c = oom_context();
+  }
+  // ATen's message ends with "(Cannot allocate memory)"; its "[enforce fail at ...]" prefix
+  // is for ATen's developers.
+  std::string what = allocator_message;
+  const size_t enforce = what.find("] ");
+  if (what.rfind("[enforce fail", 0) == 0 && enforce != std::string::npos) {
+    what = what.substr(enforce + 2);
+  }
+  const size_t start = what.find("DefaultCPUAllocator");
+  if (start != std::string::npos) what = what.substr(start);
+  while (!what.empty() && (what.back() == '\n' || what.back() == ' ')) what.pop_back();
+  std::string out = "out of host memory: " + what;
+  if (!c.estimate.empty()) {
+    out += "\n  this plan needs about " + c.estimate;
+    if (!c.host.empty()) out += " (host memory: " + c.host + ")";
+  }
+  if (c.device.empty()) {
+    out +=
+        "\n  to fit: a smaller model.flavor, a lower training.local_batch_size or "
+        "training.seq_len, checkpointed activations (activation_checkpoint.mode = \"full\"), "
+        "fewer processes on this host, or more hosts sharing the model "
+        "(parallelism.data_parallel_shard_degree)";
+  } else if (c.cpu_offload) {
+    out +=
+        "\n  training.enable_cpu_offload keeps the weights, gradients and optimizer state in "
+        "host memory: shard them over more ranks (parallelism.data_parallel_shard_degree), run "
+        "fewer ranks per host, or turn the offload off where the GPUs can hold the state";
+  } else {
+    out += "\n  free host memory, or run fewer ranks per host";
+  }
   return out;
 }
 

@@ -503,3 +503,25 @@ TEST(Reliability, LaunchStopsEveryProcessOfEveryRankWhenOneFails) {
   std::this_thread::sleep_for(std::chrono::seconds(4));
   EXPECT_FALSE(fs::exists(marker)) << "a process of rank 0 outlived the launch";
 }
+
+// 5. Host memory running out (here an address-space limit, as a CPU run of a model too large
+// for the host meets it) is a clear error: the failed allocation, the plan's estimate, the
+// bound that applies and what to change, exit status 2 (not an internal error). The start-up
+// warning names the same bound.
+TEST(Reliability, RunningOutOfHostMemoryIsAClearError) {
+#ifdef TITAN_WITH_CUDA
+  GTEST_SKIP() << "ulimit -v leaves CUDA no address space to start in";
+#endif
+  test::TempDir dir;
+  std::string cmd = "ulimit -v 1000000 && exec '" + std::string(TITAN_TRAIN_BINARY) + "'";
+  for (const auto& a : job(dir.file("oom"), 2, {"--model.flavor", "1B"})) cmd += " '" + a + "'";
+  const auto r = test::run_process({"/bin/sh", "-c", cmd}, {"TITAN_DEVICE=cpu"});
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_TRUE(contains(r.output, "titan_train: error: out of host memory: DefaultCPUAllocator"))
+      << r.output;
+  EXPECT_TRUE(contains(r.output, "GiB per rank: parameter state 22.3 GiB")) << r.output;
+  EXPECT_TRUE(contains(r.output, "(ulimit -v), 1 rank(s) on this host")) << r.output;
+  EXPECT_TRUE(contains(r.output, "to fit: a smaller model.flavor")) << r.output;
+  EXPECT_TRUE(contains(r.output, "but this process may use 1.0 GiB (ulimit -v)")) << r.output;
+  EXPECT_FALSE(contains(r.output, "internal error")) << r.output;
+}

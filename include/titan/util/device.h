@@ -20,6 +20,15 @@ struct DeviceInfo {
   int64_t total_memory_bytes = 0;
 };
 
+// The host memory this process may use: the smallest of the physical memory, its control
+// group's limit (cgroup v2 memory.max or v1 memory.limit_in_bytes: Slurm's --mem, a
+// container's limit) and its address-space limit (ulimit -v), with which one it is.
+struct HostMemory {
+  int64_t bytes = 0;
+  std::string bound;  // "physical memory", "cgroup limit", "ulimit -v"
+};
+HostMemory host_memory();
+
 int cuda_device_count();
 DeviceInfo describe_device(const c10::Device& device);
 
@@ -51,11 +60,17 @@ at::Tensor page_locked_host_bytes(size_t bytes);
 // plan's memory estimate, where a snapshot goes); out_of_memory_report() turns the allocator's
 // message into one paragraph for the user: what ran out, needed vs free, and what to change.
 struct OomContext {
-  std::string device;         // "cuda:0 (NVIDIA H200, 139.8 GiB)"
+  std::string device;         // "cuda:0 (NVIDIA H200, 139.8 GiB)"; empty for a CPU run
   std::string estimate;       // "parameters + gradients + optimizer 114.3 GiB, ..." or empty
   std::string snapshot_path;  // where the out-of-memory snapshot is written, or empty
+  std::string host;           // "23.4 GiB, 2 rank(s) on this host"; empty before it is known
+  bool cpu_offload = false;   // training.enable_cpu_offload (state kept in host memory)
 };
 void set_oom_context(OomContext context);
 std::string out_of_memory_report(const std::string& allocator_message);
+// Whether an error message is a host allocation failure (ATen's CPU allocator).
+bool is_host_allocation_failure(const std::string& message);
+// The same for host memory: what failed, the plan's estimate, and how to fit.
+std::string host_out_of_memory_report(const std::string& allocator_message);
 
 }  // namespace titan

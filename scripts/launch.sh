@@ -63,6 +63,11 @@ while [ "$remaining" -gt 0 ]; do
       if [ "$rc" != 0 ] && [ "$status" = 0 ]; then
         status=$rc
         echo "[launch] rank $r exited with status $rc; stopping the other ranks" >&2
+        if [ "$rc" = 137 ]; then
+          echo "[launch] rank $r was killed by SIGKILL: most often the kernel's out-of-memory" \
+            "killer (see dmesg, or memory.events of the job's cgroup); its log's memory" \
+            "estimate says what the plan needs" >&2
+        fi
       fi
     elif kill -0 "${pids[$r]}" 2>/dev/null; then
       remaining=$((remaining + 1))

@@ -340,7 +340,8 @@ std::unique_ptr<Checkpointer::Snapshot> Checkpointer::snapshot(int64_t step, boo
             e.what(), gib);
         try {
           staging_ = at::empty({static_cast<int64_t>(staged)}, at::kByte);
-        } catch (const c10::Error&) {
+        } catch (const c10::Error& alloc) {
+          if (!is_host_allocation_failure(alloc.what_without_backtrace())) throw;
           fail("checkpoint.async_mode = \"async_with_pinned_mem\" cannot stage ", gib,
                " GiB of this rank's state in host memory: the host is out of memory; use "
                "async_mode = \"disabled\" (saves write from the device in chunks)");

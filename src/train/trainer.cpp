@@ -114,7 +114,7 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
             cuda ? fmt::format(" (cuda:{}), {:.1f} GiB", device.index(),
                                device_.total_memory_bytes / 1073741824.0)
                  : fmt::format(", {:.1f} GiB of memory ({})",
-                               device_.total_memory_bytes / 1073741824.0, host_memory().bound));
+                               device_.total_memory_bytes / 1073741824.0, host_memory().bound()));
 
   // Model arguments and data.
   args_ = model::llama_flavor(c.model.flavor);
@@ -571,10 +571,10 @@ void Trainer::report_memory_estimate() {
   log::info("memory estimate: {}", est.describe());
   OomContext oom;
   oom.cpu_offload = c.training.enable_cpu_offload;
-  const HostMemory host = host_memory();
+  const HostMemory& host = host_memory();
   const int local_ranks = std::max(1, runtime_->env().local_world_size);
-  oom.host = fmt::format("{:.1f} GiB ({}), {} rank(s) on this host", host.bytes / 1073741824.0,
-                         host.bound, local_ranks);
+  oom.host = fmt::format("{:.1f} GiB ({}), {} rank(s) on this host", host.bytes() / 1073741824.0,
+                         host.bound(), local_ranks);
   if (device_.device.is_cuda()) {
     oom.device = fmt::format("cuda:{} ({}, {:.1f} GiB)", device_.device.index(), device_.name,
                              device_.total_memory_bytes / 1073741824.0);
@@ -599,16 +599,21 @@ void Trainer::report_memory_estimate() {
     oom.estimate = est.describe();
     set_oom_context(oom);
     // A CPU run shares the host's memory (and its control group's limit) with the other local
-    // ranks; an address-space limit is per process.
-    const bool per_process = host.bound == "ulimit -v";
-    const double need = static_cast<double>(est.total_bytes()) * (per_process ? 1 : local_ranks);
-    if (host.bytes > 0 && need > static_cast<double>(host.bytes)) {
+    // ranks; an address-space limit is each process's own.
+    const double need = static_cast<double>(est.total_bytes());
+    const bool shared_short = need * local_ranks > static_cast<double>(host.shared_bytes);
+    const bool process_short =
+        host.process_bytes > 0 && need > static_cast<double>(host.process_bytes);
+    if (shared_short || process_short) {
       log::warn(
-          "memory: this plan needs about {:.1f} GiB per rank ({} on this host) but this "
-          "process may use {:.1f} GiB ({}{}); expect it to fail, swap or be killed. A smaller "
-          "model.flavor, training.local_batch_size or training.seq_len fits",
-          est.total_bytes() / 1073741824.0, local_ranks, host.bytes / 1073741824.0, host.bound,
-          per_process || local_ranks == 1 ? "" : ", shared by the ranks on this host");
+          "memory: this plan needs about {:.1f} GiB per rank ({} on this host) but {}; expect "
+          "it to fail, swap or be killed. A smaller model.flavor, training.local_batch_size or "
+          "training.seq_len fits",
+          need / 1073741824.0, local_ranks,
+          process_short ? fmt::format("this process may use {:.1f} GiB (ulimit -v)",
+                                      host.process_bytes / 1073741824.0)
+                        : fmt::format("the ranks here share {:.1f} GiB ({})",
+                                      host.shared_bytes / 1073741824.0, host.shared_bound));
     }
   }
 }

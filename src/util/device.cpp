@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <fmt/format.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -13,8 +14,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <sstream>
 #include <string>
 
 #include "titan/util/error.h"
@@ -64,48 +67,72 @@ int64_t cgroup_limit(const std::string& path) {
   }
 }
 
-// The tightest limit of this process's control groups (v2 and v1 hierarchies), 0 for none.
-int64_t cgroup_memory_limit() {
-  std::ifstream in("/proc/self/cgroup");
-  std::string line;
+}  // namespace
+
+int64_t cgroup_memory_limit(const std::string& root, const std::string& proc_self_cgroup) {
+  namespace fs = std::filesystem;
   int64_t limit = 0;
-  auto take = [&](int64_t v) {
+  auto take = [&](const fs::path& file) {
+    const int64_t v = cgroup_limit(file.string());
     if (v > 0 && (limit == 0 || v < limit)) limit = v;
   };
+  // The group's file and each ancestor's up to the mount's root (which is also a container's
+  // own group when the listed path is not visible inside it).
+  auto take_up = [&](const fs::path& base, const std::string& group, const char* file) {
+    const fs::path top = base.lexically_normal();
+    fs::path dir = (base / fs::path(group).relative_path()).lexically_normal();
+    const std::string under = top.string() + "/";
+    for (int depth = 0; depth < 64 && dir.string().rfind(under, 0) == 0; ++depth) {
+      take(dir / file);
+      dir = dir.parent_path();
+    }
+    take(top / file);
+  };
+  std::istringstream in(proc_self_cgroup);
+  std::string line;
   while (std::getline(in, line)) {
     const size_t a = line.find(':'), b = line.find(':', a + 1);
     if (a == std::string::npos || b == std::string::npos) continue;
     const std::string controllers = line.substr(a + 1, b - a - 1);
-    const std::string path = line.substr(b + 1);
+    const std::string group = line.substr(b + 1);
     if (controllers.empty()) {  // v2: "0::/path"
-      take(cgroup_limit("/sys/fs/cgroup" + path + "/memory.max"));
-      take(cgroup_limit("/sys/fs/cgroup/memory.max"));  // a container's own root
+      take_up(fs::path(root), group, "memory.max");
     } else if (("," + controllers + ",").find(",memory,") != std::string::npos) {
-      take(cgroup_limit("/sys/fs/cgroup/memory" + path + "/memory.limit_in_bytes"));
-      take(cgroup_limit("/sys/fs/cgroup/memory/memory.limit_in_bytes"));
+      take_up(fs::path(root) / "memory", group, "memory.limit_in_bytes");
     }
   }
   return limit;
 }
 
-}  // namespace
+int64_t HostMemory::bytes() const {
+  return process_bytes > 0 && process_bytes < shared_bytes ? process_bytes : shared_bytes;
+}
 
-HostMemory host_memory() {
-  HostMemory m;
-  m.bytes =
-      static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGE_SIZE));
-  m.bound = "physical memory";
-  if (const int64_t cg = cgroup_memory_limit(); cg > 0 && cg < m.bytes) {
-    m.bytes = cg;
-    m.bound = "cgroup limit";
-  }
-  struct rlimit as {};
-  if (getrlimit(RLIMIT_AS, &as) == 0 && as.rlim_cur != RLIM_INFINITY &&
-      static_cast<int64_t>(as.rlim_cur) < m.bytes) {
-    m.bytes = static_cast<int64_t>(as.rlim_cur);
-    m.bound = "ulimit -v";
-  }
-  return m;
+std::string HostMemory::bound() const {
+  return process_bytes > 0 && process_bytes < shared_bytes ? "ulimit -v" : shared_bound;
+}
+
+const HostMemory& host_memory() {
+  static const HostMemory memory = [] {
+    HostMemory m;
+    m.shared_bytes = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) *
+                     static_cast<int64_t>(sysconf(_SC_PAGE_SIZE));
+    m.shared_bound = "physical memory";
+    std::ifstream in("/proc/self/cgroup");
+    std::stringstream text;
+    text << in.rdbuf();
+    if (const int64_t cg = cgroup_memory_limit("/sys/fs/cgroup", text.str());
+        cg > 0 && cg < m.shared_bytes) {
+      m.shared_bytes = cg;
+      m.shared_bound = "cgroup limit";
+    }
+    struct rlimit as {};
+    if (getrlimit(RLIMIT_AS, &as) == 0 && as.rlim_cur != RLIM_INFINITY) {
+      m.process_bytes = static_cast<int64_t>(as.rlim_cur);
+    }
+    return m;
+  }();
+  return memory;
 }
 
 int cuda_device_count() {
@@ -129,7 +156,7 @@ DeviceInfo describe_device(const c10::Device& device) {
   }
 #endif
   info.name = "CPU (" + std::to_string(sysconf(_SC_NPROCESSORS_ONLN)) + " cores)";
-  info.total_memory_bytes = host_memory().bytes;
+  info.total_memory_bytes = host_memory().bytes();
   return info;
 }
 
@@ -154,7 +181,7 @@ MemoryStats memory_stats(const c10::Device& device) {
   const double hwm = static_cast<double>(read_status_kib("VmHWM:")) * 1024.0;
   m.max_active_gib = hwm / kGiB;
   m.max_reserved_gib = hwm / kGiB;
-  m.max_reserved_pct = 100.0 * hwm / static_cast<double>(host_memory().bytes);
+  m.max_reserved_pct = 100.0 * hwm / static_cast<double>(host_memory().bytes());
   return m;
 }
 
@@ -238,6 +265,9 @@ std::string host_out_of_memory_report(const std::string& allocator_message) {
     out += "\n  this plan needs about " + c.estimate;
     if (!c.host.empty()) out += " (host memory: " + c.host + ")";
   }
+  // Far below the bound, the request itself may be wrong rather than the plan too large.
+  out += fmt::format("\n  this process held {:.1f} GiB at its peak",
+                     static_cast<double>(read_status_kib("VmHWM:")) / (1024.0 * 1024.0));
   if (c.device.empty()) {
     out +=
         "\n  to fit: a smaller model.flavor, a lower training.local_batch_size or "

@@ -502,6 +502,16 @@ TEST(Reliability, LaunchStopsEveryProcessOfEveryRankWhenOneFails) {
   // Nothing of rank 0 is left to create the marker.
   std::this_thread::sleep_for(std::chrono::seconds(4));
   EXPECT_FALSE(fs::exists(marker)) << "a process of rank 0 outlived the launch";
+  // A rank the kernel kills (as its out-of-memory killer does) is said to be killed.
+  const auto killed = test::run_process(
+      {"/bin/bash", std::string(TITAN_SOURCE_DIR) + "/scripts/launch.sh", "/bin/bash", "-c",
+       "if [ \"$RANK\" = 1 ]; then kill -KILL $$; fi; sleep 30"},
+      {"NPROC=2"});
+  EXPECT_EQ(killed.exit_code, 137) << killed.output;
+  EXPECT_TRUE(contains(killed.output,
+                       "rank 1 was killed by SIGKILL: most often the kernel's "
+                       "out-of-memory killer"))
+      << killed.output;
 }
 
 // 5. Host memory running out (here an address-space limit, as a CPU run of a model too large
@@ -513,15 +523,19 @@ TEST(Reliability, RunningOutOfHostMemoryIsAClearError) {
   GTEST_SKIP() << "ulimit -v leaves CUDA no address space to start in";
 #endif
   test::TempDir dir;
-  std::string cmd = "ulimit -v 1000000 && exec '" + std::string(TITAN_TRAIN_BINARY) + "'";
+  std::string cmd = "ulimit -v 1500000 && exec '" + std::string(TITAN_TRAIN_BINARY) + "'";
   for (const auto& a : job(dir.file("oom"), 2, {"--model.flavor", "1B"})) cmd += " '" + a + "'";
-  const auto r = test::run_process({"/bin/sh", "-c", cmd}, {"TITAN_DEVICE=cpu"});
+  // One thread: no thread stacks and arenas reserved before the first large allocation (the
+  // 1B embedding's 1.05 GB, more than the limit leaves once the libraries are loaded).
+  const auto r =
+      test::run_process({"/bin/sh", "-c", cmd}, {"TITAN_DEVICE=cpu", "OMP_NUM_THREADS=1"});
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_TRUE(contains(r.output, "titan_train: error: out of host memory: DefaultCPUAllocator"))
       << r.output;
   EXPECT_TRUE(contains(r.output, "GiB per rank: parameter state 22.3 GiB")) << r.output;
   EXPECT_TRUE(contains(r.output, "(ulimit -v), 1 rank(s) on this host")) << r.output;
   EXPECT_TRUE(contains(r.output, "to fit: a smaller model.flavor")) << r.output;
-  EXPECT_TRUE(contains(r.output, "but this process may use 1.0 GiB (ulimit -v)")) << r.output;
+  EXPECT_TRUE(contains(r.output, "GiB at its peak")) << r.output;
+  EXPECT_TRUE(contains(r.output, "but this process may use 1.4 GiB (ulimit -v)")) << r.output;
   EXPECT_FALSE(contains(r.output, "internal error")) << r.output;
 }

@@ -20,14 +20,23 @@ struct DeviceInfo {
   int64_t total_memory_bytes = 0;
 };
 
-// The host memory this process may use: the smallest of the physical memory, its control
-// group's limit (cgroup v2 memory.max or v1 memory.limit_in_bytes: Slurm's --mem, a
-// container's limit) and its address-space limit (ulimit -v), with which one it is.
+// The host memory this process may use: the physical memory or its control group's limit
+// (cgroup v2 memory.max or v1 memory.limit_in_bytes, the tightest of its group and the groups
+// above: Slurm's --mem, a container's or a systemd slice's limit), shared with the other
+// processes there, and its own address-space limit (ulimit -v). Read once.
 struct HostMemory {
-  int64_t bytes = 0;
-  std::string bound;  // "physical memory", "cgroup limit", "ulimit -v"
+  int64_t shared_bytes = 0;
+  std::string shared_bound;   // "physical memory" or "cgroup limit"
+  int64_t process_bytes = 0;  // ulimit -v; 0 when unlimited
+  // The tighter of the two for this process alone.
+  int64_t bytes() const;
+  std::string bound() const;
 };
-HostMemory host_memory();
+const HostMemory& host_memory();
+// The tightest cgroup memory limit over the groups listed in `proc_self_cgroup` (the text of
+// /proc/self/cgroup) and their ancestors, under the hierarchy mounted at `root`
+// (/sys/fs/cgroup); 0 for none.
+int64_t cgroup_memory_limit(const std::string& root, const std::string& proc_self_cgroup);
 
 int cuda_device_count();
 DeviceInfo describe_device(const c10::Device& device);

@@ -214,18 +214,27 @@ void set_oom_context(OomContext context) {
   oom_context() = std::move(context);
 }
 
+namespace {
+
+OomContext current_oom_context() {
+  std::lock_guard<std::mutex> lock(oom_mutex);
+  return oom_context();
+}
+
+void trim_end(std::string& s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+}
+
+}  // namespace
+
 std::string out_of_memory_report(const std::string& allocator_message) {
-  OomContext c;
-  {
-    std::lock_guard<std::mutex> lock(oom_mutex);
-    c = oom_context();
-  }
+  const OomContext c = current_oom_context();
   // The allocator's first sentence says what it tried and what was free; the rest is advice
   // for Python users (PYTORCH_CUDA_ALLOC_CONF, ...), replaced by titan's own.
   std::string what = allocator_message;
   const size_t cut = what.find(" If reserved but unallocated");
   if (cut != std::string::npos) what = what.substr(0, cut);
-  while (!what.empty() && (what.back() == '\n' || what.back() == ' ')) what.pop_back();
+  trim_end(what);
   std::string out = "out of memory" + (c.device.empty() ? "" : " on " + c.device) + ": " + what;
   if (!c.estimate.empty()) out += "\n  this plan needs about " + c.estimate;
   if (!c.snapshot_path.empty()) {
@@ -245,11 +254,7 @@ bool is_host_allocation_failure(const std::string& message) {
 }
 
 std::string host_out_of_memory_report(const std::string& allocator_message) {
-  OomContext c;
-  {
-    std::lock_guard<std::mutex> lock(oom_mutex);
-    c = oom_context();
-  }
+  const OomContext c = current_oom_context();
   // ATen's message ends with "(Cannot allocate memory)"; its "[enforce fail at ...]" prefix
   // is for ATen's developers.
   std::string what = allocator_message;
@@ -259,7 +264,7 @@ std::string host_out_of_memory_report(const std::string& allocator_message) {
   }
   const size_t start = what.find("DefaultCPUAllocator");
   if (start != std::string::npos) what = what.substr(start);
-  while (!what.empty() && (what.back() == '\n' || what.back() == ' ')) what.pop_back();
+  trim_end(what);
   std::string out = "out of host memory: " + what;
   if (!c.estimate.empty()) {
     out += "\n  this plan needs about " + c.estimate;

@@ -482,6 +482,13 @@ TEST(Reliability, UnresolvableMasterAddressIsNamed) {
   EXPECT_TRUE(contains(results[0].output, "MASTER_ADDR no-such-host.invalid")) << results[0].output;
 }
 
+// scripts/launch.sh with two ranks of a bash script.
+test::ProcessResult launch_two_ranks(const std::string& script) {
+  return test::run_process({"/bin/bash", std::string(TITAN_SOURCE_DIR) + "/scripts/launch.sh",
+                            "/bin/bash", "-c", script},
+                           {"NPROC=2"});
+}
+
 // 4c. scripts/launch.sh: when one rank fails, every process of every other rank ends too (its
 // process group), and the launch exits with the failing rank's status.
 TEST(Reliability, LaunchStopsEveryProcessOfEveryRankWhenOneFails) {
@@ -492,10 +499,7 @@ TEST(Reliability, LaunchStopsEveryProcessOfEveryRankWhenOneFails) {
       "if [ \"$RANK\" = 1 ]; then sleep 1; exit 7; fi; "
       "(sleep 3; touch " +
       marker + ") & sleep 30";
-  const auto r =
-      test::run_process({"/bin/bash", std::string(TITAN_SOURCE_DIR) + "/scripts/launch.sh",
-                         "/bin/bash", "-c", script},
-                        {"NPROC=2"});
+  const auto r = launch_two_ranks(script);
   EXPECT_EQ(r.exit_code, 7) << r.output;
   EXPECT_TRUE(contains(r.output, "rank 1 exited with status 7; stopping the other ranks"))
       << r.output;
@@ -503,10 +507,7 @@ TEST(Reliability, LaunchStopsEveryProcessOfEveryRankWhenOneFails) {
   std::this_thread::sleep_for(std::chrono::seconds(4));
   EXPECT_FALSE(fs::exists(marker)) << "a process of rank 0 outlived the launch";
   // A rank the kernel kills (as its out-of-memory killer does) is said to be killed.
-  const auto killed = test::run_process(
-      {"/bin/bash", std::string(TITAN_SOURCE_DIR) + "/scripts/launch.sh", "/bin/bash", "-c",
-       "if [ \"$RANK\" = 1 ]; then kill -KILL $$; fi; sleep 30"},
-      {"NPROC=2"});
+  const auto killed = launch_two_ranks("if [ \"$RANK\" = 1 ]; then kill -KILL $$; fi; sleep 30");
   EXPECT_EQ(killed.exit_code, 137) << killed.output;
   EXPECT_TRUE(contains(killed.output,
                        "rank 1 was killed by SIGKILL: most often the kernel's "

@@ -88,11 +88,8 @@ void init_range_on_host(const UnitLayout& unit, int64_t seed, int64_t flat_begin
     }
     const uint64_t key = param_key(p, seed);
     const auto [lo_cdf, hi_cdf] = cdf_bounds(p.init);
-    // Local index -> index in the whole parameter (tensor-parallel parts; see global_index).
-    const int64_t cols = p.shape.size() == 2 ? p.shape[1] : p.shape[0];
-    const int64_t global_cols = p.global_shape.size() == 2 ? p.global_shape[1] : p.global_shape[0];
-    const auto box = p.box_offset();
-    const int tp_dim = p.tp.dim;
+    // Local index -> index in the whole parameter (a tensor-parallel part draws its values).
+    const ParamSlot::IndexMap global_index = p.index_map();
     const double scale = std::sqrt(2.0) * p.init.std;
     const bool clamp = p.init.kind == InitKind::TruncNormal;
     at::parallel_for(lo - p.offset, hi - p.offset, int64_t(1) << 14, [&](int64_t b, int64_t e) {
@@ -103,11 +100,8 @@ void init_range_on_host(const UnitLayout& unit, int64_t seed, int64_t flat_begin
       for (int64_t start = b; start < e; start += kBlock) {
         const int64_t len = std::min(kBlock, e - start);
         for (int64_t k = 0; k < len; ++k) {
-          const int64_t local = start + k;
-          int64_t global = local;
-          if (tp_dim == 0) global = local + box[0] * global_cols;
-          if (tp_dim == 1) global = (local / cols) * global_cols + box[1] + local % cols;
-          arg[k] = erfinv_argument(static_cast<uint64_t>(global), key, lo_cdf, hi_cdf);
+          const auto global = static_cast<uint64_t>(global_index(start + k));
+          arg[k] = erfinv_argument(global, key, lo_cdf, hi_cdf);
         }
         at::Tensor block = at::from_blob(arg, {len}, at::dtype(at::kDouble));
         at::erfinv_out(block, block);

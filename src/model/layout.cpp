@@ -25,14 +25,26 @@ std::vector<int64_t> ParamSlot::box_offset() const {
   return off;
 }
 
-at::Tensor ParamSlot::global_index(const at::Tensor& local) const {
-  if (tp.dim < 0) return local;
-  const int64_t cols = shape.size() == 2 ? shape[1] : shape[0];
-  const int64_t global_cols = global_shape.size() == 2 ? global_shape[1] : global_shape[0];
+ParamSlot::IndexMap ParamSlot::index_map() const {
+  IndexMap m;
+  m.dim = tp.dim;
+  if (tp.dim < 0) return m;
+  m.cols = shape.size() == 2 ? shape[1] : shape[0];
+  m.global_cols = global_shape.size() == 2 ? global_shape[1] : global_shape[0];
   const auto off = box_offset();
-  if (tp.dim == 0) return local + off[0] * global_cols;  // whole rows: one contiguous block
-  // Columns split: each local row is a run of `cols` inside a global row.
-  return at::floor_divide(local, cols) * global_cols + off[1] + at::remainder(local, cols);
+  m.row_offset = off[0];
+  if (off.size() == 2) m.col_offset = off[1];
+  return m;
+}
+
+at::Tensor ParamSlot::global_index(const at::Tensor& local) const {
+  const IndexMap m = index_map();
+  if (m.dim == 0) return local + m.row_offset * m.global_cols;  // whole rows: one block
+  if (m.dim == 1) {
+    return at::floor_divide(local, m.cols) * m.global_cols + m.col_offset +
+           at::remainder(local, m.cols);
+  }
+  return local;
 }
 
 void check_tensor_parallel(const LlamaArgs& a, int64_t tp) {

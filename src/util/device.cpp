@@ -255,13 +255,8 @@ bool is_host_allocation_failure(const std::string& message) {
 
 std::string host_out_of_memory_report(const std::string& allocator_message) {
   const OomContext c = current_oom_context();
-  // ATen's message ends with "(Cannot allocate memory)"; its "[enforce fail at ...]" prefix
-  // is for ATen's developers.
+  // From ATen's own words on (its "[enforce fail at ...]" prefix is for ATen's developers).
   std::string what = allocator_message;
-  const size_t enforce = what.find("] ");
-  if (what.rfind("[enforce fail", 0) == 0 && enforce != std::string::npos) {
-    what = what.substr(enforce + 2);
-  }
   const size_t start = what.find("DefaultCPUAllocator");
   if (start != std::string::npos) what = what.substr(start);
   trim_end(what);

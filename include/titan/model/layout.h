@@ -45,7 +45,20 @@ struct ParamSlot {
 
   // Where this rank's part starts in the whole parameter, per dimension.
   std::vector<int64_t> box_offset() const;
-  // Global flat indices (row-major in global_shape) of local flat indices `local` (int64).
+  // Local flat index -> flat index in the whole parameter (row-major in global_shape):
+  // a row split (dim 0) shifts by whole rows, a column split (dim 1) places each local row of
+  // `cols` inside a global row of `global_cols` at column `col_offset`.
+  struct IndexMap {
+    int dim = -1;
+    int64_t cols = 1, global_cols = 1, row_offset = 0, col_offset = 0;
+    int64_t operator()(int64_t local) const {
+      if (dim == 0) return local + row_offset * global_cols;
+      if (dim == 1) return (local / cols) * global_cols + col_offset + local % cols;
+      return local;
+    }
+  };
+  IndexMap index_map() const;
+  // The same over a tensor of local flat indices (int64).
   at::Tensor global_index(const at::Tensor& local) const;
 };
 

@@ -27,12 +27,39 @@ titan_runtime_env
 summary="$OUT/summary.txt"
 note() { echo "$*" | tee -a "$summary"; }
 
+# GPU clocks, power and throttle reasons every 0.5 s while a stage runs (GPU 0's when busy,
+# i.e. above 40% utilization), summarized in one line: tells whether a slow figure came from a
+# clock- or power-capped card. Stays quiet where nvidia-smi is missing.
+gpu_sampler_start() {
+  command -v nvidia-smi >/dev/null || return 0
+  local reasons=clocks_event_reasons.active
+  nvidia-smi --query-gpu=$reasons --format=csv,noheader >/dev/null 2>&1 ||
+    reasons=clocks_throttle_reasons.active
+  nvidia-smi --query-gpu=index,utilization.gpu,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,$reasons \
+    --format=csv,noheader,nounits -lms 500 >"$OUT/$1.gpu.csv" 2>/dev/null &
+  sampler_pid=$!
+}
+gpu_sampler_stop() {
+  [ -n "${sampler_pid:-}" ] || return 0
+  kill "$sampler_pid" 2>/dev/null
+  wait "$sampler_pid" 2>/dev/null
+  sampler_pid=
+  awk -F', *' '$1 == 0 && $2 + 0 > 40 {
+      n++; sm += $3; if (min == "" || $3 < min) min = $3; mem += $4; if ($5 > pw) pw = $5
+      lim = $6; if ($7 > t) t = $7; r[$8]++ }
+    END { if (!n) exit; line = ""; for (k in r) line = line " " k ":" r[k]
+      printf "  gpu0 busy %d samples: SM %.0f MHz mean (min %d), memory %.0f MHz, power max %.0f of %.0f W, %d C max, reasons%s\n", n, sm / n, min, mem / n, pw, lim, t, line }' \
+    "$OUT/$1.gpu.csv" | tee -a "$summary"
+}
+
 run_stage() {
   local name="$1"
   shift
   local t0=$SECONDS
+  [ "$name" = build ] || gpu_sampler_start "$name"
   "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
+  gpu_sampler_stop "$name"
   note "[$name] rc=$rc in $((SECONDS - t0))s"
   return $rc
 }

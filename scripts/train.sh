@@ -25,7 +25,10 @@ export LOG_RANK="${LOG_RANK:-0}" NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTI
 titan_runtime_env
 cd "$start_dir"
 if [ "$nproc" -gt 1 ] && command -v torchrun >/dev/null 2>&1; then
-  exec torchrun --standalone --nproc_per_node="$nproc" --local-ranks-filter="$LOG_RANK" \
+  # torchrun's filter takes a list of ranks; "all" is its default (no filter).
+  filter=()
+  [ "$LOG_RANK" = all ] || filter=(--local-ranks-filter="$LOG_RANK")
+  exec torchrun --standalone --nproc_per_node="$nproc" "${filter[@]}" \
     --no-python "$build_dir/titan_train" --job.config_file "$config" "$@"
 fi
 NPROC="$nproc" titan_exec "$TITAN_REPO/scripts/launch.sh" "$build_dir/titan_train" \

@@ -78,7 +78,7 @@ int main(int argc, char** argv) {
       // Under the dump folder (an absolute name stands), as torchtitan's os.path.join.
       const std::filesystem::path path =
           std::filesystem::path(config.job.dump_folder) / config.job.save_config_file;
-      if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());
+      if (path.has_parent_path()) titan::util::make_directories(path.parent_path().string());
       // Without the file names: a job started from the saved file must not rewrite it.
       titan::config::JobConfig saved = config;
       saved.job.config_file.clear();

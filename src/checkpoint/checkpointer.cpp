@@ -628,7 +628,8 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
                   {"dp_shard", d.dp_shard}, {"cp", d.cp}, {"tp", d.tp}};
   meta["train_state"] = {{"step", snap.step}};
   meta["optimizer"] = {{"name", config_.optimizer.name}, {"steps", snap.optimizer_steps}};
-  meta["lr_scheduler"] = {{"last_step", snap.step}, {"schedule", schedule_json(config_)}};
+  meta["lr_scheduler"] = {{"last_step", snap.step - lr_offset_steps_},
+                          {"schedule", schedule_json(config_)}};
   if (!snap.loader_state.empty()) meta["dataloader"] = json::parse(snap.loader_state);
   auto& tensors = meta["tensors"] = json::object();
   auto& files = meta["files"] = json::object();
@@ -1015,6 +1016,15 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
     }
     const int64_t step = meta["train_state"]["step"].get<int64_t>();
     if (wants("train_state")) loaded.push_back("train_state (step " + std::to_string(step) + ")");
+    // The schedule's position: steps taken on it (as torchtitan's scheduler counts them), which
+    // differs from the training step once a resume excluded lr_scheduler. Not loaded: 0.
+    loaded_lr_position_ = 0;
+    if (wants("lr_scheduler")) {
+      const json& lr = meta.contains("lr_scheduler") ? meta["lr_scheduler"] : json();
+      loaded_lr_position_ =
+          lr.is_object() && lr.contains("last_step") ? lr["last_step"].get<int64_t>() : step;
+      loaded.push_back("lr_scheduler (position " + std::to_string(loaded_lr_position_) + ")");
+    }
     // A resume continues the lr schedule of the config, as torchtitan's does; say so when it
     // is not the one the checkpoint was trained with (a longer training.steps changes it).
     const json& sched = meta.contains("lr_scheduler") ? meta["lr_scheduler"] : json();
@@ -1082,7 +1092,11 @@ int64_t Checkpointer::load_at_start() {
       }
     }
   }
-  std::vector<std::string> what = {"model", "optimizer", "dataloader", "train_state"};
+  // Every rank lists the folder after rank 0 repaired it: otherwise a rank could miss the step
+  // an interrupted re-save left as step-N.old and resume an older one than its peers.
+  runtime_.share_from_rank0("checkpoint_folder_repaired", "1");
+  std::vector<std::string> what = {"model", "optimizer", "lr_scheduler", "dataloader",
+                                   "train_state"};
   for (const auto& x : ck.exclude_from_loading) {
     TITAN_CHECK(x == "model" || x == "optimizer" || x == "dataloader" || x == "train_state" ||
                     x == "lr_scheduler",
@@ -1131,13 +1145,29 @@ int64_t Checkpointer::load_at_start() {
       if (ck.load_step >= 0) throw;
       fail(e.what(), older_steps_note(dir));
     }
-    return std::find(what.begin(), what.end(), "train_state") != what.end() ? step : 0;
+    const bool continues = std::find(what.begin(), what.end(), "train_state") != what.end();
+    const int64_t resumed = continues ? step : 0;
+    lr_offset_steps_ = resumed - loaded_lr_position_;
+    if (lr_offset_steps_ != 0 && runtime_.env().rank == 0) {
+      log::info(
+          "checkpoint: the lr schedule continues from its step {} while training continues "
+          "after step {} (checkpoint.exclude_from_loading: {})",
+          loaded_lr_position_, resumed, util::join(ck.exclude_from_loading, ", "));
+    }
+    return resumed;
+  }
+  if (ck.initial_load_in_hf) {
+    const std::string hf = hf_initial_folder(config_);
+    if (ck.initial_load_path.empty()) {
+      log::info(
+          "checkpoint: loading Hugging Face weights from model.hf_assets_path = {} "
+          "(checkpoint.initial_load_in_hf with no initial_load_path, as torchtitan)",
+          hf);
+    }
+    import_hf(hf, state_);
+    return 0;
   }
   if (!ck.initial_load_path.empty()) {
-    if (ck.initial_load_in_hf) {
-      import_hf(ck.initial_load_path, state_);
-      return 0;
-    }
     TITAN_CHECK(util::path_exists(util::path_str(ck.initial_load_path)),
                 "checkpoint.initial_load_path: ", ck.initial_load_path, " does not exist",
                 util::relative_note(ck.initial_load_path));
@@ -1148,6 +1178,12 @@ int64_t Checkpointer::load_at_start() {
     load(dir, init_what);
   }
   return 0;
+}
+
+std::string Checkpointer::hf_initial_folder(const config::JobConfig& config) {
+  const auto& ck = config.checkpoint;
+  if (!ck.initial_load_in_hf) return "";
+  return ck.initial_load_path.empty() ? config.model.hf_assets_path : ck.initial_load_path;
 }
 
 std::string Checkpointer::start_dir(const config::JobConfig& config) {

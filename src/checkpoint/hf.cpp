@@ -99,7 +99,7 @@ std::map<std::string, std::string> weight_map(const std::string& folder) {
     return out;
   }
   const fs::path single = fs::path(folder) / "model.safetensors";
-  TITAN_CHECK(util::path_exists(util::path_str(single)), "checkpoint.initial_load_path: ", folder,
+  TITAN_CHECK(util::path_exists(util::path_str(single)), "Hugging Face folder ", folder,
               " holds neither model.safetensors.index.json nor model.safetensors");
   SafetensorsReader r(single.string());
   for (const auto& [name, _] : r.tensors()) out[name] = single.string();
@@ -110,6 +110,8 @@ std::map<std::string, std::string> weight_map(const std::string& folder) {
 
 bool adopt_hf_config(const std::string& folder, model::LlamaArgs& a) {
   const fs::path cfg = fs::path(folder) / "config.json";
+  TITAN_CHECK(util::is_directory(util::path_str(folder)), "Hugging Face folder ", folder,
+              " does not exist", util::relative_note(folder));
   TITAN_CHECK(util::path_exists(util::path_str(cfg)), "Hugging Face folder ", folder,
               " has no config.json");
   json j;

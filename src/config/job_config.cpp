@@ -421,7 +421,7 @@ Registry build_registry() {
   opt(r, "checkpoint.initial_load_model_only", &J::checkpoint,
       &CheckpointSection::initial_load_model_only, "Load only weights from initial_load_path");
   opt(r, "checkpoint.initial_load_in_hf", &J::checkpoint, &CheckpointSection::initial_load_in_hf,
-      "initial_load_path holds Hugging Face safetensors");
+      "Start from Hugging Face safetensors: initial_load_path, else model.hf_assets_path");
   opt(r, "checkpoint.last_save_model_only", &J::checkpoint,
       &CheckpointSection::last_save_model_only, "The final save holds only weights");
   opt(r, "checkpoint.last_save_in_hf", &J::checkpoint, &CheckpointSection::last_save_in_hf,
@@ -653,7 +653,8 @@ Registry build_registry() {
             "Random seed (None: rank 0 draws one, logged and shared by every rank)"),
         0);
   opt(r, "debug.deterministic", &J::debug, &DebugSection::deterministic,
-      "Deterministic algorithms only");
+      "Deterministic algorithms only (ATen's deterministic mode; GPU GEMM and attention "
+      "kernels chosen without timing)");
   opt(r, "debug.deterministic_warn_only", &J::debug, &DebugSection::deterministic_warn_only,
       "With debug.deterministic: warn about nondeterministic ops instead of failing");
   opt(r, "debug.moe_force_load_balance", &J::debug, &DebugSection::moe_force_load_balance,
@@ -1197,6 +1198,12 @@ void validate(const JobConfig& c) {
         "\"bfloat16\" (pure bf16 training, no fp32 master weights) is not available in titan; "
         "titan keeps fp32 master weights and computes in bf16 "
         "(training.mixed_precision_param = \"bfloat16\")");
+  if (c.checkpoint.initial_load_in_hf && c.checkpoint.initial_load_path.empty() &&
+      c.model.hf_assets_path.empty()) {
+    fail(
+        "checkpoint.initial_load_in_hf = true: set checkpoint.initial_load_path (or "
+        "model.hf_assets_path) to the Hugging Face folder to load");
+  }
   lacks(c.checkpoint.initial_load_in_hf_quantized, "checkpoint.initial_load_in_hf_quantized",
         "loading quantized Hugging Face checkpoints is not available in titan");
   lacks(c.activation_checkpoint.visualize_memory_budget_pareto,

@@ -74,7 +74,9 @@ bool gemm_tuning_enabled() {
     TITAN_CHECK(std::string(v) == "0", "TITAN_GEMM_TUNING: expected 0 or 1, got '", v, "'");
     return false;
   }();
-  return enabled;
+  // debug.deterministic (ATen's deterministic mode): no choice by timing, which can differ from
+  // run to run; cuBLAS's heuristic pick depends on the shapes alone.
+  return enabled && !at::globalContext().deterministicAlgorithms();
 }
 
 bool gemm_supported(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out) {

@@ -202,11 +202,14 @@ void choose(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   Choice best;
   double best_ms = -1;
   std::string report;
+  // debug.deterministic: the first correct candidate in this fixed order, never a choice by
+  // timing (two runs could pick different kernels, and so differ in their bits).
+  const bool fixed = at::globalContext().deterministicAlgorithms();
   for (const auto& [c, ms] : results) {
     report += std::string(name_of(c.backend)) + (c.native_gqa ? "+gqa " : " ") +
               (ms > 0 ? fmt::format("{:.2f}ms", ms) : std::string("n/a")) + "; ";
     if (ms <= 0 || (!force.empty() && force != name_of(c.backend))) continue;
-    if (best_ms < 0 || ms < best_ms) {
+    if (best_ms < 0 || (!fixed && ms < best_ms)) {
       best = c;
       best_ms = ms;
     }
@@ -216,7 +219,8 @@ void choose(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   g_choice = best;
   g_description = std::string(best.backend == AttentionBackend::CudaCudnn ? "cuDNN" : "flash") +
                   (best.native_gqa ? " (native GQA)" : (gqa ? " (expanded KV heads)" : "")) +
-                  " [fwd+bwd probe: " + report + "]";
+                  " [fwd+bwd probe: " + report + "]" +
+                  (fixed ? " (debug.deterministic: the first that runs, not the fastest)" : "");
   log::info("attention kernel: {}", g_description);
 }
 #endif

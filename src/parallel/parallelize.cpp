@@ -468,6 +468,9 @@ Plan build_plan(const model::LlamaArgs& args, const dist::DeviceMesh& mesh,
 
   const bool slices_given = !pipeline::token_slices_auto(p.pipeline_parallel_token_slices);
   if (plan.pp == 1) {
+    // A misspelt schedule is an error even where one stage leaves it unused.
+    pipeline::parse_schedule(p.pipeline_parallel_schedule,
+                             "parallelism.pipeline_parallel_schedule");
     TITAN_CHECK(util::lower(p.pipeline_parallel_schedule) != "terapipe",
                 "parallelism.pipeline_parallel_schedule = \"TeraPipe\" pipelines token slices "
                 "of each sequence through pipeline stages; it needs "

@@ -51,16 +51,67 @@ double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-c10::Device pick_device() {
+// This rank's GPU: its local rank (torchrun's LOCAL_RANK, Slurm's SLURM_LOCALID) among the
+// visible GPUs; a task that sees one GPU (Slurm's --gpus-per-task binding) takes that one.
+c10::Device pick_device(int local_rank) {
   if (const char* force = std::getenv("TITAN_DEVICE"); force && std::string(force) == "cpu") {
     return c10::Device(c10::kCPU);
   }
   if (cuda_device_count() > 0) {
-    int local = 0;
-    if (const char* lr = std::getenv("LOCAL_RANK")) local = std::atoi(lr);
-    return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local % cuda_device_count()));
+    return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank % cuda_device_count()));
   }
   return c10::Device(c10::kCPU);
+}
+
+// model.print_after_conversion: this rank's parameters as the converters left them, one line
+// per unit (consecutive blocks alike collapsed into one), each projection with the arithmetic
+// its GEMMs run in.
+std::string describe_converted_model(const std::vector<model::UnitLayout>& units,
+                                     const parallel::Float8Plan& f8, at::ScalarType compute) {
+  const std::string plain = compute == at::kBFloat16 ? "bf16" : "fp32";
+  const std::string eight = fmt::format("float8 {}{}", ops::float8_recipe_name(f8.recipe),
+                                        f8.emulate ? " (emulated)" : "");
+  auto arithmetic = [&](const std::string& local) -> std::string {
+    auto is = [&](const char* p) { return local.rfind(p, 0) == 0; };
+    bool on = false;
+    if (is("attention.wq.") || is("attention.wk.") || is("attention.wv."))
+      on = f8.wqkv;
+    else if (is("attention.wo."))
+      on = f8.wo;
+    else if (is("feed_forward.w1.") || is("feed_forward.w3."))
+      on = f8.w13;
+    else if (is("feed_forward.w2."))
+      on = f8.w2;
+    else if (!is("output."))
+      return "";  // not a projection: embedding, norms
+    return " " + (f8.enabled && on ? eight : plain);
+  };
+  std::vector<std::pair<std::string, std::string>> lines;  // (unit name, parameters)
+  for (const auto& u : units) {
+    std::vector<std::string> params;
+    for (const auto& p : u.params) {
+      const std::string local =
+          u.kind == model::UnitKind::Block && p.name.rfind(u.name + ".", 0) == 0
+              ? p.name.substr(u.name.size() + 1)
+              : p.name;
+      std::vector<std::string> dims;
+      for (int64_t d : p.shape) dims.push_back(std::to_string(d));
+      params.push_back(fmt::format("{} [{}]{}", local, util::join(dims, ", "), arithmetic(local)));
+    }
+    std::string text = util::join(params, " | ");
+    if (!lines.empty() && u.kind == model::UnitKind::Block && lines.back().second == text &&
+        lines.back().first.rfind("layers.", 0) == 0) {
+      auto& name = lines.back().first;
+      name = name.substr(0, name.find('-') == std::string::npos ? name.size() : name.find('-')) +
+             "-" + std::to_string(u.layer);
+    } else {
+      lines.emplace_back(u.name, std::move(text));
+    }
+  }
+  std::string out =
+      "model after conversion (model.print_after_conversion; this rank's parameters):";
+  for (const auto& [name, text] : lines) out += fmt::format("\n  {}: {}", name, text);
+  return out;
 }
 
 }  // namespace
@@ -78,7 +129,7 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   if (env.rank == 0 && !c.memory_estimation.enable) {
     dump_lock_ = std::make_unique<util::FolderLock>(c.job.dump_folder, "job.dump_folder");
   }
-  const c10::Device device = pick_device();
+  const c10::Device device = pick_device(env.local_rank);
 #ifdef TITAN_WITH_CUDA
   // This rank's GPU is the current device of the thread that builds and trains the model:
   // start-up work (attention probe, memory_budget and TeraPipe timings) launches kernels before
@@ -86,7 +137,10 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   if (device.is_cuda()) c10::cuda::set_device(device.index());
 #endif
   device_ = describe_device(device);
-  if (device.is_cuda() && env.world_size > 1) {
+  // Slurm's per-task GPU binding (--gpus-per-task=1, --gpu-bind) shows each task only its own
+  // GPU: one visible device there is not several ranks sharing one.
+  const bool bound_by_slurm = env.source == "slurm" && cuda_device_count() == 1;
+  if (device.is_cuda() && env.world_size > 1 && !bound_by_slurm) {
     TITAN_CHECK(env.local_world_size <= cuda_device_count(), "LOCAL_WORLD_SIZE ",
                 env.local_world_size, " exceeds the ", cuda_device_count(),
                 " visible GPUs on this node");
@@ -144,8 +198,9 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
       if (c.checkpoint.load_step >= 0 || !c.checkpoint.enable) throw;
       fail(e.what(), checkpoint::Checkpointer::older_steps_note(start));
     }
-  } else if (c.checkpoint.initial_load_in_hf && !c.checkpoint.initial_load_path.empty()) {
-    checkpoint::adopt_hf_config(c.checkpoint.initial_load_path, args_);
+  } else if (const std::string hf = checkpoint::Checkpointer::hf_initial_folder(cfg_);
+             !hf.empty()) {
+    checkpoint::adopt_hf_config(hf, args_);
   }
   log::info(
       "model: llama3 {} | {} parameters | dim {} layers {} heads {} kv_heads {} ffn {} "
@@ -274,6 +329,11 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
       plan_.schedule, plan_.pp_rank, std::move(by_index), std::move(links), args_.dim,
       plan_.fsdp.param_dtype, plan_.tp * plan_.cp, cp_.get());
   log::info("activation checkpointing: {}", plan_.checkpointing.describe());
+  if (c.model.print_after_conversion) {
+    std::vector<model::UnitLayout> layouts;
+    for (size_t i = 0; i < fsdp_->num_units(); ++i) layouts.push_back(fsdp_->unit(i).layout);
+    log::info("{}", describe_converted_model(layouts, plan_.float8, plan_.fsdp.param_dtype));
+  }
 
   OptimizerOptions oopts;
   oopts.name = c.optimizer.name;
@@ -330,6 +390,7 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
     }
   }
   step_ = checkpointer_->load_at_start();
+  lr_offset_steps_ = checkpointer_->lr_offset_steps();
   health_base_ = step_;
   if (step_ > 0) log::info("resuming after step {}", step_);
 
@@ -761,7 +822,7 @@ std::pair<at::Tensor, at::Tensor> Trainer::train_step() {
     batches.push_back(batch);
   }
   ++step_;
-  optimizer_->prepare(scheduler_->lr_at(step_));
+  optimizer_->prepare(scheduler_->lr_at(step_ - lr_offset_steps_));
 #ifdef TITAN_WITH_CUDA
   if (graph_eligible() && !(graph_ && graph_->failed) && eager_steps_ >= graph_warmup_steps_) {
     if (!graph_) {
@@ -879,7 +940,7 @@ TrainSummary Trainer::train() {
       m.step = step_;
       m.loss = loss_v;
       m.grad_norm = gn;
-      m.lr = scheduler_->lr_at(step_);
+      m.lr = scheduler_->lr_at(step_ - lr_offset_steps_);
       // Per device, as torchtitan counts: a data-parallel rank's tokens are shared by its
       // pipeline, tensor- and context-parallel ranks.
       const double tokens = static_cast<double>(c.training.local_batch_size) * c.training.seq_len *

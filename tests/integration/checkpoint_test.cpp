@@ -45,6 +45,7 @@ struct JobRun {
   std::string output;              // every rank's output
   std::map<int64_t, double> loss;  // step -> loss, from metrics.jsonl
   std::map<int64_t, double> grad_norm;
+  std::map<int64_t, double> lr;
 };
 
 // The debug model at seq_len 64 with a loss logged every step; `local_batch` per rank.
@@ -108,10 +109,12 @@ JobRun run_job_batch(const std::string& dump, int world, int64_t local_batch, in
     if (j.contains("event")) {
       run.loss.clear();
       run.grad_norm.clear();
+      run.lr.clear();
     }
     if (j.contains("loss")) {
       run.loss[j["step"].get<int64_t>()] = j["loss"].get<double>();
       run.grad_norm[j["step"].get<int64_t>()] = j["grad_norm"].get<double>();
+      run.lr[j["step"].get<int64_t>()] = j["lr"].get<double>();
     }
   }
   return run;
@@ -274,6 +277,41 @@ TEST(CheckpointResume, OneProcessResumeIsBitwiseExact) {
               checkpoints_every(10) + std::vector<std::string>{"--checkpoint.load_step", "20"});
   EXPECT_TRUE(resumed_after(resumed, 20)) << resumed.output;
   expect_steps_match(resumed, full, 21, 30, 0, "resume at 20");
+}
+
+// 1b. exclude_from_loading = ["lr_scheduler"] restarts the schedule (its warmup), as
+// torchtitan's fresh scheduler does, while training continues after the checkpoint's step; the
+// next checkpoints record the schedule's own position, so a resume from one of them continues
+// the restarted schedule (and the re-saves of steps 4 and 6 replace the first run's).
+TEST(CheckpointResume, ExcludingTheLrSchedulerRestartsItsSchedule) {
+  test::TempDir dir;
+  const std::string dump = dir.file("run");
+  const JobRun full = run_job(dump, 1, 6, checkpoints_every(2));
+  ASSERT_EQ(full.exit_code, 0) << full.output;
+  ASSERT_LT(full.lr.at(1), full.lr.at(3));  // the debug model warms up over 10 steps
+  const JobRun restarted =
+      run_job(dump, 1, 6,
+              checkpoints_every(2) + std::vector<std::string>{"--checkpoint.load_step", "2",
+                                                              "--checkpoint.exclude_from_loading",
+                                                              "lr_scheduler"});
+  ASSERT_EQ(restarted.exit_code, 0) << restarted.output;
+  EXPECT_TRUE(resumed_after(restarted, 2)) << restarted.output;
+  EXPECT_TRUE(contains(restarted.output,
+                       "the lr schedule continues from its step 0 while "
+                       "training continues after step 2"))
+      << restarted.output;
+  for (int64_t step = 3; step <= 6; ++step) {
+    EXPECT_EQ(restarted.lr.at(step), full.lr.at(step - 2)) << "step " << step;
+  }
+  EXPECT_EQ(read_json(step_dir(dump, 4) + "/metadata.json")["lr_scheduler"]["last_step"], 2);
+  const JobRun again = run_job(
+      dump, 1, 6, checkpoints_every(2) + std::vector<std::string>{"--checkpoint.load_step", "4"});
+  ASSERT_EQ(again.exit_code, 0) << again.output;
+  EXPECT_TRUE(resumed_after(again, 4)) << again.output;
+  for (int64_t step = 5; step <= 6; ++step) {
+    EXPECT_EQ(again.lr.at(step), restarted.lr.at(step)) << "step " << step;
+    EXPECT_EQ(again.loss.at(step), restarted.loss.at(step)) << "step " << step;
+  }
 }
 
 // 2. FSDP over 2 ranks resumes to the uninterrupted 2-rank run's losses.
@@ -1004,6 +1042,39 @@ TEST(CheckpointHf, ConvertRoundTripIsExact) {
   }
   EXPECT_EQ(compared, 3 + 9 * 6);
   EXPECT_EQ(static_cast<int>(round["tensors"].size()), compared);
+}
+
+// 8b. checkpoint.initial_load_in_hf with no initial_load_path loads model.hf_assets_path, as
+// torchtitan does (the folder then serves the tokenizer too; an exported one holds none, so the
+// byte tokenizer stays): the same steps as naming the folder in initial_load_path. With neither
+// key the config is an error naming both.
+TEST(CheckpointHf, InitialLoadInHfFallsBackToHfAssetsPath) {
+  test::TempDir dir;
+  const JobRun r = run_job(dir.file("run"), 1, 2, checkpoints_every(2));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto to_hf = test::run_titan_train({"convert", "--to", "hf", "--input",
+                                      step_dir(dir.file("run"), 2), "--output", dir.file("hf")});
+  ASSERT_EQ(to_hf.exit_code, 0) << to_hf.output;
+  const JobRun named = run_job(
+      dir.file("named"), 1, 2,
+      {"--checkpoint.initial_load_in_hf", "--checkpoint.initial_load_path", dir.file("hf")});
+  const JobRun assets =
+      run_job(dir.file("assets"), 1, 2,
+              {"--checkpoint.initial_load_in_hf", "--model.hf_assets_path", dir.file("hf")});
+  ASSERT_EQ(named.exit_code, 0) << named.output;
+  ASSERT_EQ(assets.exit_code, 0) << assets.output;
+  EXPECT_TRUE(contains(assets.output, "loading Hugging Face weights from model.hf_assets_path"))
+      << assets.output;
+  expect_steps_match(assets, named, 1, 2, 0, "initial load from model.hf_assets_path");
+  EXPECT_LT(named.loss.at(1), r.loss.at(1));  // the trained weights, not a fresh start
+  const auto neither =
+      test::run_titan_train(train_args(dir.file("neither"), 1, 8) +
+                            std::vector<std::string>{"--checkpoint.initial_load_in_hf"});
+  EXPECT_EQ(neither.exit_code, 2) << neither.output;
+  EXPECT_TRUE(contains(neither.output,
+                       "set checkpoint.initial_load_path (or "
+                       "model.hf_assets_path)"))
+      << neither.output;
 }
 
 // 8c. The trained debug model exported to HF: an independent PyTorch Llama reading the HF files

@@ -110,10 +110,10 @@ TEST(DataParallel, DdpFsdpHsdpMatchOneProcess) {
 TEST(DataParallel, UnseededRunSharesOneDrawnSeedOverRanks) {
   TITAN_REQUIRE_GLOO();
   test::TempDir dir;
-  RunResult ddp = train_ranks(dir, "ddp", 2, 4,
-                              {"--parallelism.data_parallel_replicate_degree", "2",
-                               "--parallelism.data_parallel_shard_degree", "1", "--debug.seed",
-                               "None"});
+  RunResult ddp =
+      train_ranks(dir, "ddp", 2, 4,
+                  {"--parallelism.data_parallel_replicate_degree", "2",
+                   "--parallelism.data_parallel_shard_degree", "1", "--debug.seed", "None"});
   std::vector<std::string> seeds;
   const std::regex re("debug.seed = None: drew seed ([0-9]+)");
   for (const auto& o : ddp.outputs) {
@@ -537,8 +537,8 @@ TEST(TeraPipe, ScheduleCommandShowsTheSlicingAndItsBubble) {
                             "--seq-len is 8192"),
             std::string::npos)
       << bad.output;
-  const auto uneven = test::run_titan_train({"schedule", "--pp", "4", "--microbatches", "6",
-                                             "--schedule", "Interleaved1F1B"});
+  const auto uneven = test::run_titan_train(
+      {"schedule", "--pp", "4", "--microbatches", "6", "--schedule", "Interleaved1F1B"});
   EXPECT_EQ(uneven.exit_code, 2) << uneven.output;
   EXPECT_NE(uneven.output.find("must be a multiple of --pp (4); adjust --microbatches"),
             std::string::npos)
@@ -566,7 +566,12 @@ TEST(Float8, EveryRecipeTrainsCloseToUnquantized) {
   const RunResult plain = train_ranks(dir, "plain", 1, 8, {});
   for (const char* recipe : {"tensorwise", "rowwise", "rowwise_with_gw_hp"}) {
     SCOPED_TRACE(recipe);
-    const RunResult r = train_ranks(dir, recipe, 1, 8, float8_args(recipe));
+    const bool tensorwise = std::string(recipe) == "tensorwise";
+    const RunResult r =
+        train_ranks(dir, recipe, 1, 8,
+                    float8_args(recipe) +
+                        (tensorwise ? std::vector<std::string>{"--model.print_after_conversion"}
+                                    : std::vector<std::string>{}));
     ASSERT_EQ(r.losses.size(), plain.losses.size());
     for (size_t i = 0; i < r.losses.size(); ++i) {
       EXPECT_NEAR(r.losses[i], plain.losses[i], 0.01 * plain.losses[i]) << "step " << i + 1;
@@ -575,6 +580,17 @@ TEST(Float8, EveryRecipeTrainsCloseToUnquantized) {
     EXPECT_NE(r.outputs[0].find(std::string("float8: ") + recipe + " recipe (emulated)"),
               std::string::npos)
         << r.outputs[0];
+    // model.print_after_conversion: the six alike blocks on one line, each projection with
+    // the arithmetic of its GEMMs (the output projection is filtered: fp32 on CPU).
+    if (tensorwise) {
+      for (const char* line :
+           {"model after conversion", "\n  layers.0-5: attention_norm.weight [256] | ",
+            "attention.wq.weight [256, 256] float8 tensorwise (emulated) | ",
+            "feed_forward.w2.weight [256, 768] float8 tensorwise (emulated)",
+            "output.weight [2048, 256] fp32"}) {
+        EXPECT_NE(r.outputs[0].find(line), std::string::npos) << line << "\n" << r.outputs[0];
+      }
+    }
   }
 }
 

@@ -326,7 +326,9 @@ TEST(Reliability, ExtendingAFinishedRunAndUnusedOrBrokenCheckpoints) {
                        "from " +
                            run + "/checkpoint/step-3"))
       << ext.output;
-  EXPECT_TRUE(contains(ext.output, "(model, optimizer, dataloader, train_state (step 3))"))
+  EXPECT_TRUE(
+      contains(ext.output,
+               "(model, optimizer, dataloader, train_state (step 3), lr_scheduler (position 3))"))
       << ext.output;
   // The same losses as a run that never stopped.
   const auto ref = test::run_titan_train(job(dir.file("ref"), 9, ck));

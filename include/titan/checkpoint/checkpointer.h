@@ -80,6 +80,11 @@ class Checkpointer {
   // Surfaces an asynchronous save's failure as soon as its thread has ended (call every step).
   void check_background();
   const SaveStats& last_stats() const { return last_; }
+  // Training step minus the lr schedule's step after load_at_start(): 0, unless the resume
+  // excluded lr_scheduler (the schedule restarts: its warmup again) or train_state (the step
+  // restarts, the schedule does not). The trainer's lr is lr_at(step - lr_offset_steps()), and
+  // saves record the schedule's position.
+  int64_t lr_offset_steps() const { return lr_offset_steps_; }
 
   // Loads `step_dir` (a complete step folder) into the state; `what` chooses among
   // model, optimizer, dataloader, train_state. Returns the stored step.
@@ -88,6 +93,9 @@ class Checkpointer {
   // checkpoint.load_step), else a titan initial_load_path; empty for a fresh start or an HF
   // initial load. Read-only: load_at_start() loads it.
   static std::string start_dir(const config::JobConfig& config);
+  // The Hugging Face folder an initial load imports (checkpoint.initial_load_in_hf):
+  // initial_load_path, else model.hf_assets_path as torchtitan; empty without initial_load_in_hf.
+  static std::string hf_initial_folder(const config::JobConfig& config);
   // Complete step folders in `folder`, oldest first, as (step, path).
   static std::vector<std::pair<int64_t, std::string>> complete_steps(const std::string& folder);
   // For an error about `step_dir`, the newest checkpoint a resume picked: a line naming the
@@ -118,6 +126,8 @@ class Checkpointer {
   std::atomic<bool> writer_done_{false};
   std::exception_ptr writer_error_;
   SaveStats last_;
+  int64_t lr_offset_steps_ = 0;
+  int64_t loaded_lr_position_ = 0;  // the lr schedule's step in the checkpoint load() read
   bool finite_ = true;  // the state being saved is finite (always, outside the test hook)
   at::Tensor staging_;  // async_with_pinned_mem's page-locked buffer (kByte), kept between saves
 };

@@ -80,7 +80,7 @@ bool gemm_float8(const at::Tensor& a, const at::Tensor& bt, const at::Tensor& sc
                  const at::Tensor& scale_b, const at::Tensor& out, bool fast_accum,
                  const at::Tensor& addend = {});
 // TITAN_GEMM_TUNING: unset or 1 (linear layers use gemm and gemm_float8), 0 (they use ATen,
-// cuBLAS's own pick).
+// cuBLAS's own pick). Off under ATen's deterministic mode (debug.deterministic).
 bool gemm_tuning_enabled();
 
 // AdamW (decoupled) or Adam (L2) step of one flat fp32 parameter with its state; writes the

@@ -32,6 +32,11 @@ constexpr KindName kKinds[] = {
     {ScheduleKind::ZBVZeroBubble, "ZBVZeroBubble"},
     {ScheduleKind::TeraPipe, "TeraPipe"},
 };
+// The zero-bubble papers' short names, accepted for PyTorch's.
+constexpr KindName kAliases[] = {
+    {ScheduleKind::InterleavedZeroBubble, "ZB1P"},
+    {ScheduleKind::ZBVZeroBubble, "ZBV"},
+};
 
 using Key = std::pair<int, int>;  // (stage, microbatch)
 
@@ -53,6 +58,9 @@ ScheduleKind parse_schedule(const std::string& name, const std::string& key) {
   for (const auto& k : kKinds) {
     if (util::lower(name) == util::lower(k.name)) return k.kind;
     names.push_back(k.name);
+  }
+  for (const auto& k : kAliases) {
+    if (util::lower(name) == util::lower(k.name)) return k.kind;
   }
   const std::string near = util::nearest(name, names);
   fail(key, ": unknown pipeline schedule \"", name, "\"; expected one of ", util::join(names, ", "),

@@ -1,5 +1,6 @@
-// The start-up memory estimate of a plan: the float8 FSDP all-gather's gathered units count
-// one byte per converted element, and float8 blocks keep their projections' inputs in one byte.
+// The start-up plan: its memory estimate (the float8 FSDP all-gather's gathered units count one
+// byte per converted element, and float8 blocks keep their projections' inputs in one byte),
+// and its checks of pipeline keys at one stage.
 #include <gtest/gtest.h>
 
 #include "titan/config/job_config.h"
@@ -81,3 +82,24 @@ TEST(MemoryEstimate, Float8BlocksKeepTheirProjectionInputsInOneByte) {
 }
 
 }  // namespace
+
+// One stage leaves the schedule unused, but a misspelt name is still the config error it is
+// with several (pp 1 is where a job file is first tried).
+TEST(Plan, AMisspeltScheduleIsAnErrorAtOneStage) {
+  dist::ParallelDims d;
+  d.world = 1;
+  const dist::DeviceMesh mesh(d, 0, nullptr);
+  config::JobConfig c;
+  c.parallelism.pipeline_parallel_schedule = "Interleaved1F1";
+  std::string msg;
+  try {
+    parallel::build_plan(model::llama_flavor("debugmodel"), mesh, c, /*cuda=*/false);
+  } catch (const std::exception& e) {
+    msg = e.what();
+  }
+  EXPECT_NE(msg.find("parallelism.pipeline_parallel_schedule: unknown pipeline schedule"),
+            std::string::npos)
+      << msg;
+  c.parallelism.pipeline_parallel_schedule = "ZBV";
+  EXPECT_EQ(parallel::build_plan(model::llama_flavor("debugmodel"), mesh, c, false).pp, 1);
+}

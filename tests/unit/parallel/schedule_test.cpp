@@ -181,6 +181,9 @@ TEST(PipelineSchedule, UnknownNamesAndImpossibleShapesAreClearErrors) {
       << msg;
   EXPECT_NE(msg.find("did you mean \"Interleaved1F1B\"?"), std::string::npos) << msg;
   EXPECT_EQ(parse_schedule("zbvzerobubble", "k"), ScheduleKind::ZBVZeroBubble);
+  // The zero-bubble papers' names (ARCHITECTURE.md's) for PyTorch's.
+  EXPECT_EQ(parse_schedule("ZB1P", "k"), ScheduleKind::InterleavedZeroBubble);
+  EXPECT_EQ(parse_schedule("zbv", "k"), ScheduleKind::ZBVZeroBubble);
   msg = error_of([] { build_schedule(ScheduleKind::ZBVZeroBubble, 2, 6, 4); });
   EXPECT_NE(msg.find("exactly two stages on each rank"), std::string::npos) << msg;
   msg = error_of([] { build_schedule(ScheduleKind::Interleaved1F1B, 4, 8, 6); });

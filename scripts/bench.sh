@@ -66,15 +66,26 @@ if [ "$nproc" -gt 1 ]; then
   launcher=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$nproc" --no-python
     "$BUILD_DIR/titan_train")
 fi
+# A fresh dump folder: metrics.jsonl keeps earlier runs' records, which a failed run here must
+# not pass off as its own.
+rm -rf "$OUT/titan_$scenario"
 "${launcher[@]}" --job.config_file "$cfg" --training.local_batch_size "$batch" \
   --training.seq_len "$seq" "${titan_ac[@]}" --training.steps "${TITAN_STEPS:-30}" --metrics.log_freq 10 \
   --lr_scheduler.warmup_steps 5 --job.dump_folder "$OUT/titan_$scenario" \
   --metrics.disable_color_printing ${TITAN_ARGS:-} 2>&1 | tee "$OUT/titan_${scenario}.log" | grep -E "step:|error"
+titan_status=${PIPESTATUS[0]}
+if [ "$titan_status" != 0 ]; then
+  echo "titan: titan_train exited with status $titan_status (log: $OUT/titan_${scenario}.log)"
+  exit "$titan_status"
+fi
 "$PY" - "$OUT/titan_$scenario/metrics.jsonl" "${results[@]}" <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"tps"' in l]
 t = rows[-1]
-print(f"titan:        tps/gpu {t['tps']:,.0f}  mfu {t['mfu']:.2f}%  max_mem {t['max_active_memory_gib']:.1f} GiB allocated ({t['max_memory_gib']:.1f} reserved)  step {t['step_seconds']:.3f}s")
+# Each record's peaks are its window's (reset after each log): the run's are their maximum.
+peak = max(r['max_active_memory_gib'] for r in rows)
+reserved = max(r['max_memory_gib'] for r in rows)
+print(f"titan:        tps/gpu {t['tps']:,.0f}  mfu {t['mfu']:.2f}%  max_mem {peak:.1f} GiB allocated ({reserved:.1f} reserved)  step {t['step_seconds']:.3f}s")
 for r in sys.argv[2:]:
     name, js = r.split(" ", 1)
     try:

@@ -27,6 +27,18 @@ fi
 extra_args="${TITAN_CMAKE_ARGS:-}"
 quoted=""
 for a in "${cmake_args[@]}"; do quoted="$quoted $(printf '%q' "$a")"; done
+# A new build folder is configured (Release unless CMAKE_BUILD_TYPE says otherwise); an existing
+# one again only when CMAKE_BUILD_TYPE or TITAN_CMAKE_ARGS are given, so that they take effect.
+configure=0
+build_type="-DCMAKE_BUILD_TYPE=${CMAKE_BUILD_TYPE:-Release}"
+case "$build_dir" in /*) cache="$build_dir/CMakeCache.txt" ;; *) cache="$TITAN_REPO/$build_dir/CMakeCache.txt" ;; esac
+if [ ! -f "$cache" ]; then
+  configure=1
+elif [ -n "${CMAKE_BUILD_TYPE:-}" ] || [ -n "$extra_args" ]; then
+  configure=1
+  [ -n "${CMAKE_BUILD_TYPE:-}" ] || build_type=""
+  quoted=""  # the machine's arguments are in the cache already
+fi
 
 titan_exec bash -c "
   set -e
@@ -36,9 +48,9 @@ titan_exec bash -c "
   [ -w \"\$CCACHE_DIR\" ] || mkdir -p \"\$CCACHE_DIR\" 2>/dev/null || export CCACHE_DIR=\"\$HOME/.cache/ccache\"
   generator=''
   command -v ninja >/dev/null && generator='-G Ninja'
-  if [ ! -f '$build_dir/CMakeCache.txt' ]; then
-    cmake -S . -B '$build_dir' \$generator -DCMAKE_BUILD_TYPE=${CMAKE_BUILD_TYPE:-Release} \
-      $quoted $extra_args >/dev/null
+  [ -f '$build_dir/CMakeCache.txt' ] && generator=''
+  if [ $configure = 1 ]; then
+    cmake -S . -B '$build_dir' \$generator $build_type $quoted $extra_args >/dev/null
   fi
   cmake --build '$build_dir' -j $(titan_jobs) ${BUILD_TARGETS:+--target $BUILD_TARGETS}
 "

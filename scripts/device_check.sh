@@ -321,7 +321,7 @@ do_titan3b() {
     --training.local_batch_size 2 --training.seq_len 4096 --activation_checkpoint.mode selective \
     --activation_checkpoint.selective_ac_option 2 --training.steps 20 --metrics.log_freq 10 \
     --job.dump_folder "$OUT/titan3b" --metrics.enable_tensorboard false --metrics.disable_color_printing
-  "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/titan3b/metrics.jsonl')][-1];print('3B titan: tps', round(r['tps']), 'mfu', round(r['mfu'],2), 'allocated GiB', round(r['max_active_memory_gib'],1))"
+  "$PY" -c "import json;rs=[json.loads(l) for l in open('$OUT/titan3b/metrics.jsonl') if '\"tps\"' in l];r=rs[-1];print('3B titan: tps', round(r['tps']), 'mfu', round(r['mfu'],2), 'allocated GiB', round(max(x['max_active_memory_gib'] for x in rs),1))"
 }
 
 # Checkpoint I/O (dump folder on tmpfs): synchronous saves at steps 3 and 6, then a resume and
@@ -476,14 +476,14 @@ do_budget3b() {
       --metrics.log_freq 10 --job.dump_folder "$OUT/budget3b_$name" \
       --metrics.enable_tensorboard false --metrics.disable_color_printing >"$OUT/budget3b_$name.log" 2>&1
     grep -o "memory budget.*" "$OUT/budget3b_$name.log" | head -1
-    "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/budget3b_$name/metrics.jsonl') if '\"tps\"' in l][-1];print('3B $name: tps', round(r['tps']), 'mfu', round(r['mfu'],2), 'allocated GiB', round(r['max_active_memory_gib'],1))" || tail -5 "$OUT/budget3b_$name.log"
+    "$PY" -c "import json;rs=[json.loads(l) for l in open('$OUT/budget3b_$name/metrics.jsonl') if '\"tps\"' in l];r=rs[-1];print('3B $name: tps', round(r['tps']), 'mfu', round(r['mfu'],2), 'allocated GiB', round(max(x['max_active_memory_gib'] for x in rs),1))" || tail -5 "$OUT/budget3b_$name.log"
   done
 }
 
 # run_figures NAME: TPS/GPU, MFU, peak allocated/reserved memory and loss of the last logged step
 # of the run in $OUT/NAME (CPU dry runs log no MFU or device memory: zeros).
 run_figures() {
-  "$PY" -c "import json;r=[json.loads(l) for l in open('$OUT/$1/metrics.jsonl') if '\"tps\"' in l][-1];f=lambda k,d: round(r.get(k) or 0,d);print('$1: tps/gpu', int(f('tps',0)), 'mfu', f('mfu',2), 'allocated GiB', f('max_active_memory_gib',1), 'reserved GiB', f('max_memory_gib',1), 'loss', f('loss',4))"
+  "$PY" -c "import json;rs=[json.loads(l) for l in open('$OUT/$1/metrics.jsonl') if '\"tps\"' in l];r=rs[-1];f=lambda k,d: round(r.get(k) or 0,d);m=lambda k: round(max(x.get(k) or 0 for x in rs),1);print('$1: tps/gpu', int(f('tps',0)), 'mfu', f('mfu',2), 'allocated GiB', m('max_active_memory_gib'), 'reserved GiB', m('max_memory_gib'), 'loss', f('loss',4))"
 }
 
 # One multi-GPU training run: NAME, number of GPUs, then titan_train arguments; prints TPS/GPU,

@@ -10,7 +10,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 rounds="${1:-20}"
 nproc="${NPROC:-1}"
 BUILD_TARGETS=titan_train "$TITAN_REPO/scripts/build.sh" >/dev/null
-bin="$TITAN_REPO/${BUILD_DIR:-build}/titan_train"
+bin="${BUILD_DIR:-build}/titan_train"
+case "$bin" in /*) ;; *) bin="$TITAN_REPO/$bin" ;; esac
 work="$(mktemp -d /tmp/titan_faults.XXXXXX)"
 trap 'rm -rf "$work"' EXIT
 steps=40

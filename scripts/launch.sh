@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Starts NPROC local ranks of a command the way torchrun does (RANK, WORLD_SIZE, LOCAL_RANK,
 # LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), prefixes each rank's output with "[rank N]"
-# (titan's log lines carry it already; LOG_RANK=0,2 or LOG_RANK=all chooses which ranks print;
-# default: all), and if any rank fails, stops the others and exits with that rank's status.
+# (titan's log lines carry it already), and if any rank fails, stops the others and exits with
+# that rank's status. LOG_RANK (0,2 or all; default all) is for titan_train itself: the ranks it
+# leaves out still print their warnings and errors, which pass through here like the rest.
 #   NPROC=4 scripts/launch.sh build/titan_train --job.config_file configs/debug_model.toml
 set -uo pipefail
 nproc="${NPROC:-1}"
@@ -13,12 +14,6 @@ if [ "$nproc" -eq 1 ] && [ -z "${MASTER_PORT:-}" ]; then exec "$@"; fi
 port="${MASTER_PORT:-$((29500 + RANDOM % 10000))}"
 addr="${MASTER_ADDR:-127.0.0.1}"
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}" TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-shows_rank() {
-  local want="${LOG_RANK:-all}" r
-  [ "$want" = all ] && return 0
-  for r in ${want//,/ }; do [ "$r" = "$1" ] && return 0; done
-  return 1
-}
 # Each rank runs in its own process group (job control), so stopping a rank stops everything
 # it started (its output filter, anything it spawned) and no process outlives the launch.
 set -m
@@ -35,18 +30,15 @@ cleanup() {
   rm -rf "$tmp"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
 for ((r = 0; r < nproc; r++)); do
   (
     set +m
     export RANK=$r WORLD_SIZE=$nproc LOCAL_RANK=$r LOCAL_WORLD_SIZE=$nproc MASTER_ADDR=$addr \
       MASTER_PORT=$port OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(((($(nproc) + nproc - 1) / nproc)))}"
-    if shows_rank "$r"; then
-      # titan's own log lines name their rank already.
-      "$@" 2>&1 | sed -u "/^\[titan\] \[rank /!s/^/[rank $r] /"
-    else
-      "$@" >/dev/null 2>&1
-    fi
+    # titan's own log lines name their rank already.
+    "$@" 2>&1 | sed -u "/^\[titan\] \[rank /!s/^/[rank $r] /"
     echo "${PIPESTATUS[0]}" >"$tmp/rc.$r"
   ) &
   pids+=($!)

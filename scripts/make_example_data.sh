@@ -13,7 +13,8 @@ out="$(cd "$out" && pwd)"
 tool="${TITAN_TOKENIZE:-}"
 if [ -z "$tool" ]; then
   BUILD_TARGETS=titan_tokenize "$TITAN_REPO/scripts/build.sh"
-  tool="$TITAN_REPO/${BUILD_DIR:-build}/titan_tokenize"
+  tool="${BUILD_DIR:-build}/titan_tokenize"
+  case "$tool" in /*) ;; *) tool="$TITAN_REPO/$tool" ;; esac
 fi
 docs="${EXAMPLE_DOCS:-20000}"
 ranks="${EXAMPLE_RANKS:-1000}"

@@ -178,9 +178,15 @@ titan_mode() {
 # Runs "$@" in the build environment with the working directory preserved.
 # In root mode: a private mount namespace (unshare) holds the bind mounts, so they vanish
 # with the process even if it is killed; nothing is left mounted on the host.
-titan_exec() {
+titan_exec() { _titan_exec "" "$@"; }
+# The same in place of the calling shell (exec): a signal to the script's process (a
+# supervisor's SIGTERM) then reaches the command itself rather than orphaning it.
+titan_exec_replace() { _titan_exec exec "$@"; }
+_titan_exec() {
+  local replace="$1"
+  shift
   if [ "$(titan_mode)" = native ]; then
-    "$@"
+    $replace "$@"
     return $?
   fi
   [ -f "$TITAN_ROOT_STAMP" ] || titan_die "build root $TITAN_ROOTFS is not ready; run scripts/setup.sh"
@@ -205,13 +211,19 @@ titan_exec() {
   # folders (/tmp, /home, /root, /data, /mnt, /work, ...) are bound over the root's at the same
   # paths; only the operating system's folders (/usr, /etc, /var, ...) stay the root's. The
   # repository's parent and the working directory are bound wherever they are.
-  unshare --mount --propagation private -- /bin/bash -c '
+  $replace unshare --mount --propagation private -- /bin/bash -c '
     set -e
     root="$1"; parent="$2"; cwd="$3"; shift 3
     mkdir -p "$root/proc" "$root/dev" "$root/tmp"
     mount -t proc proc "$root/proc"
     mount --rbind /dev "$root/dev"
     for d in /*; do
+      # A top-level link of the host (/data -> /mnt/data) is made in the root too, where the
+      # root has no such name: its target is bound below like every other folder.
+      if [ -L "$d" ] && [ ! -e "$root$d" ] && [ ! -L "$root$d" ]; then
+        ln -s "$(readlink "$d")" "$root$d"
+        continue
+      fi
       [ -d "$d" ] && [ ! -L "$d" ] || continue
       case "$d" in
         /bin | /boot | /dev | /etc | /lib | /lib32 | /lib64 | /libx32 | /lost+found | /proc | \

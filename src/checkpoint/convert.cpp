@@ -97,8 +97,16 @@ int run_convert(const std::vector<std::string>& args) {
       step_dir = steps.back().second;
     }
     if (flavor.empty()) {
-      auto m = read_json(fs::path(step_dir) / "metadata.json")["model"];
-      flavor = flavor_for(m["dim"], m["n_layers"], m["n_heads"], m["n_kv_heads"], m["vocab_size"]);
+      const json meta = read_json(fs::path(step_dir) / "metadata.json");
+      const json m = meta.contains("model") ? meta["model"] : json();
+      auto dim_of = [&](const char* key) -> int64_t {
+        TITAN_CHECK(m.is_object() && m.contains(key) && m[key].is_number_integer(),
+                    "convert: ", step_dir, "/metadata.json records no model.", key,
+                    "; name the model with --model.flavor");
+        return m[key].get<int64_t>();
+      };
+      flavor = flavor_for(dim_of("dim"), dim_of("n_layers"), dim_of("n_heads"),
+                          dim_of("n_kv_heads"), dim_of("vocab_size"));
     }
   } else if (flavor.empty()) {
     auto c = read_json(fs::path(input) / "config.json");

@@ -256,7 +256,8 @@ Registry build_registry() {
             "Linear warm-up steps"),
         0);
   range(opt(r, "lr_scheduler.total_steps", &J::lr_scheduler, &LrSchedulerSection::total_steps,
-            "Steps the schedule spans (unset: training.steps)"),
+            "Steps the schedule spans (unset: training.steps); later steps keep its final lr "
+            "(torchtitan's formula runs on past the end)"),
         1);
   range(opt(r, "lr_scheduler.decay_ratio", &J::lr_scheduler, &LrSchedulerSection::decay_ratio,
             "Fraction of steps spent decaying (unset: all steps after warm-up)"),
@@ -283,7 +284,8 @@ Registry build_registry() {
       "Sequences per optimizer step across ranks (-1: local x dp); more means accumulation");
   range(opt(r, "training.seq_len", &J::training, &TrainingSection::seq_len, "Sequence length"), 2);
   range(opt(r, "training.max_norm", &J::training, &TrainingSection::max_norm,
-            "Gradient-norm clipping threshold (<= 0 disables)"),
+            "Gradient-norm clipping threshold (<= 0 disables clipping; in torchtitan 0 "
+            "zeroes the gradients)"),
         std::nullopt);
   range(opt(r, "training.steps", &J::training, &TrainingSection::steps, "Optimizer steps"), 1);
   opt(r, "training.enable_cpu_offload", &J::training, &TrainingSection::enable_cpu_offload,
@@ -433,7 +435,8 @@ Registry build_registry() {
               "disabled, async, or async_with_pinned_mem"),
           {"disabled", "async", "async_with_pinned_mem"});
   opt(r, "checkpoint.keep_latest_k", &J::checkpoint, &CheckpointSection::keep_latest_k,
-      "Keep this many newest checkpoints (0: all)");
+      "Keep this many newest checkpoints (0: all; 1 is allowed, saves being atomic, where "
+      "torchtitan refuses it)");
   opt(r, "checkpoint.load_step", &J::checkpoint, &CheckpointSection::load_step,
       "Resume from this step (-1: newest complete)");
   opt(r, "checkpoint.exclude_from_loading", &J::checkpoint,
@@ -642,10 +645,11 @@ Registry build_registry() {
             "Validation sequence length"),
         2);
   range(opt(r, "validation.freq", &J::validation, &ValidationSection::freq,
-            "Validate every this many steps"),
+            "Validate at step 1 and every this many steps (as torchtitan)"),
         1);
   opt(r, "validation.steps", &J::validation, &ValidationSection::steps,
-      "Validation batches per evaluation (-1: the whole validation set)");
+      "Validation batches per evaluation, the same first ones each time (-1: the whole "
+      "validation set); torchtitan's loader goes on where the last evaluation stopped");
   add_dataloader_options(r, "validation", &J::validation, &ValidationSection::dataloader);
 
   // [debug]

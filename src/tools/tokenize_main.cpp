@@ -265,12 +265,20 @@ int tokenize(const Options& o) {
               " ids, more than uint16 holds");
 
   util::make_directories(util::path_str(o.output));
-  for (const auto& e : fs::directory_iterator(o.output)) {
+  TITAN_CHECK(util::is_directory(util::path_str(o.output)), "--output ", o.output,
+              " exists but is not a folder; shards go into a folder");
+  std::error_code listed;
+  fs::directory_iterator entries(o.output, listed);
+  TITAN_CHECK(!listed, "--output ", o.output, ": cannot list the folder: ", listed.message());
+  for (const auto& e : entries) {
     const std::string name = e.path().filename().string();
     if (name.rfind("shard_", 0) == 0 && e.path().extension() == ".bin") {
       TITAN_CHECK(o.overwrite, "--output ", o.output, " already holds shards (", name,
                   "); pass --overwrite to replace them");
-      fs::remove(e.path());
+      std::error_code removed;
+      fs::remove(e.path(), removed);
+      TITAN_CHECK(!removed, "--output ", o.output, ": cannot remove ", name, ": ",
+                  removed.message());
     }
   }
 

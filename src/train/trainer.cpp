@@ -953,6 +953,9 @@ TrainSummary Trainer::train() {
       m.data_seconds = data_seconds_window_ / window_steps;
       m.eta_seconds = step_s * static_cast<double>(c.training.steps - step_);
       metrics_->log_step(m);
+      // Each logged peak is the window's, as torchtitan's (a validation pass or a save no
+      // longer shows in every later line).
+      reset_peak_memory(device);
       if (summary.steps_run == 1) summary.first_loss = loss_v;
       summary.last_loss = loss_v;
       window_start = Clock::now();
@@ -966,10 +969,12 @@ TrainSummary Trainer::train() {
       check_health();
     }
     checkpointer_->maybe_save(step_, step_ == c.training.steps);
-    if (c.validation.enable && step_ % c.validation.freq == 0) {
+    // At step 1 too, as torchtitan's should_validate: the curve starts at the untrained model.
+    if (c.validation.enable && (step_ == 1 || step_ % c.validation.freq == 0)) {
       const auto t0 = Clock::now();
       const double vloss = validate();
       metrics_->log_validation(step_, vloss, seconds_since(t0));
+      reset_peak_memory(device);
       window_start = Clock::now();
     }
   }

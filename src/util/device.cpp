@@ -32,7 +32,14 @@ namespace titan {
 namespace {
 
 [[maybe_unused]] double peak_bf16_for(const std::string& name) {
-  // Dense bf16 peaks (SXM parts); the H100/H200 number matches the reference trainer's.
+  // Dense bf16 peaks, as torchtitan's get_peak_flops: SXM parts, and the H100's PCIe and NVL
+  // cards at their lower clocks.
+  if (name.find("H100") != std::string::npos && name.find("NVL") != std::string::npos) {
+    return 835e12;
+  }
+  if (name.find("H100") != std::string::npos && name.find("PCIe") != std::string::npos) {
+    return 756e12;
+  }
   if (name.find("H100") != std::string::npos || name.find("H200") != std::string::npos ||
       name.find("H800") != std::string::npos || name.find("GH200") != std::string::npos) {
     return 989e12;

@@ -6,6 +6,9 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/sinks/stdout_sinks.h>
 
+#include <algorithm>
+#include <cctype>
+#include <cstdio>
 #include <cstdlib>
 
 namespace titan::log {
@@ -29,7 +32,19 @@ void init(int rank, bool enabled, bool color) {
   logger->set_pattern(pattern + "%v");
   logger->set_level(enabled ? spdlog::level::info : spdlog::level::warn);
   if (const char* level = std::getenv("TITAN_LOG_LEVEL")) {
-    logger->set_level(spdlog::level::from_str(level));
+    // spdlog reads an unknown name as "off", which would hide the errors too.
+    std::string name(level);
+    std::transform(name.begin(), name.end(), name.begin(),
+                   [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+    const auto parsed = spdlog::level::from_str(name);
+    if (parsed != spdlog::level::off || name == "off") {
+      logger->set_level(parsed);
+    } else {
+      std::fprintf(stderr,
+                   "titan: TITAN_LOG_LEVEL=%s is not a level (trace, debug, info, warn, error, "
+                   "critical, off); ignored\n",
+                   level);
+    }
   }
   logger->flush_on(spdlog::level::info);
   spdlog::set_default_logger(logger);

@@ -218,17 +218,16 @@ _titan_exec() {
     mount -t proc proc "$root/proc"
     mount --rbind /dev "$root/dev"
     for d in /*; do
-      # A top-level link of the host (/data -> /mnt/data) is made in the root too, where the
-      # root has no such name: its target is bound below like every other folder.
-      if [ -L "$d" ] && [ ! -e "$root$d" ] && [ ! -L "$root$d" ]; then
-        ln -s "$(readlink "$d")" "$root$d"
-        continue
-      fi
-      [ -d "$d" ] && [ ! -L "$d" ] || continue
       case "$d" in
         /bin | /boot | /dev | /etc | /lib | /lib32 | /lib64 | /libx32 | /lost+found | /proc | \
           /run | /sbin | /sys | /usr | /var) continue ;;
       esac
+      # A top-level link to a folder (/data -> /mnt/data) is bound at its own name too, unless
+      # the root has that name already.
+      [ -d "$d" ] || continue
+      if [ -L "$d" ] && { [ -L "$root$d" ] || { [ -e "$root$d" ] && [ ! -d "$root$d" ]; }; }; then
+        continue
+      fi
       [ "$d" -ef "$root" ] && continue
       mkdir -p "$root$d"
       mount --rbind "$d" "$root$d"

@@ -1062,17 +1062,17 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
   }
 }
 
-int64_t Checkpointer::load_at_start() {
-  const auto& ck = config_.checkpoint;
+void Checkpointer::repair_folder(const config::JobConfig& config, dist::Runtime& runtime) {
+  const std::string folder = (fs::path(config.job.dump_folder) / config.checkpoint.folder).string();
   // Saves that never finished are not checkpoints: clean them up.
-  if (runtime_.env().rank == 0 && util::is_directory(util::path_str(folder_))) {
+  if (runtime.env().rank == 0 && util::is_directory(util::path_str(folder))) {
     // A re-save of an existing step renames step-N to step-N.old, then step-N.partial to
     // step-N. A crash between the two renames leaves no step-N: finish (a complete .partial
     // has its index) or undo (bring .old back) that commit first.
-    for (const auto& name : util::list_directory(folder_)) {
+    for (const auto& name : util::list_directory(folder)) {
       if (name.size() <= 4 || name.substr(name.size() - 4) != ".old") continue;
-      const std::string base = util::join_path(folder_, name.substr(0, name.size() - 4));
-      const std::string old = util::join_path(folder_, name);
+      const std::string base = util::join_path(folder, name.substr(0, name.size() - 4));
+      const std::string old = util::join_path(folder, name);
       if (util::path_exists(base)) {
         util::remove_tree(old);
       } else if (util::path_exists(util::join_path(base + ".partial", "metadata.json"))) {
@@ -1084,9 +1084,9 @@ int64_t Checkpointer::load_at_start() {
         log::warn("checkpoint: restored {} after an interrupted re-save", base);
       }
     }
-    for (const auto& name : util::list_directory(folder_)) {
+    for (const auto& name : util::list_directory(folder)) {
       if (name.size() > 8 && name.substr(name.size() - 8) == ".partial") {
-        const std::string path = util::join_path(folder_, name);
+        const std::string path = util::join_path(folder, name);
         log::warn("checkpoint: removing {}, left by a save that did not finish", path);
         util::remove_tree(path);
       }
@@ -1094,7 +1094,12 @@ int64_t Checkpointer::load_at_start() {
   }
   // Every rank lists the folder after rank 0 repaired it: otherwise a rank could miss the step
   // an interrupted re-save left as step-N.old and resume an older one than its peers.
-  runtime_.share_from_rank0("checkpoint_folder_repaired", "1");
+  runtime.share_from_rank0("checkpoint_folder_repaired", "1");
+}
+
+int64_t Checkpointer::load_at_start() {
+  const auto& ck = config_.checkpoint;
+  repair_folder(config_, runtime_);
   std::vector<std::string> what = {"model", "optimizer", "lr_scheduler", "dataloader",
                                    "train_state"};
   for (const auto& x : ck.exclude_from_loading) {

@@ -139,7 +139,8 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
   device_ = describe_device(device);
   // Slurm's per-task GPU binding (--gpus-per-task=1, --gpu-bind) shows each task only its own
   // GPU: one visible device there is not several ranks sharing one.
-  const bool bound_by_slurm = env.source == "slurm" && cuda_device_count() == 1;
+  const bool bound_by_slurm = env.source == "slurm" && cuda_device_count() == 1 &&
+                              (std::getenv("SLURM_GPUS_PER_TASK") || std::getenv("SLURM_GPU_BIND"));
   if (device.is_cuda() && env.world_size > 1 && !bound_by_slurm) {
     TITAN_CHECK(env.local_world_size <= cuda_device_count(), "LOCAL_WORLD_SIZE ",
                 env.local_world_size, " exceeds the ", cuda_device_count(),
@@ -188,6 +189,9 @@ Trainer::Trainer(config::JobConfig config) : cfg_(std::move(config)) {
         args_.vocab_size, tokenizer_->vocab_size());
     args_.vocab_size = tokenizer_->vocab_size();
   }
+  // Interrupted saves are finished or undone before any rank looks for its checkpoint (not by
+  // a memory estimate: it holds no lock on the dump folder, so a run may be saving there).
+  if (!c.memory_estimation.enable) checkpoint::Checkpointer::repair_folder(cfg_, *runtime_);
   // A run computes the model its weights were trained as: the checkpoint it starts from (or
   // the HF folder's config.json) decides RoPE and the norm epsilon.
   if (const std::string start = checkpoint::Checkpointer::start_dir(cfg_); !start.empty()) {
@@ -953,8 +957,8 @@ TrainSummary Trainer::train() {
       m.data_seconds = data_seconds_window_ / window_steps;
       m.eta_seconds = step_s * static_cast<double>(c.training.steps - step_);
       metrics_->log_step(m);
-      // Each logged peak is the window's, as torchtitan's (a validation pass or a save no
-      // longer shows in every later line).
+      // Each logged peak is its window's, as torchtitan's: a save's or a validation pass's
+      // (both follow this line) shows in the next line, no longer in every later one.
       reset_peak_memory(device);
       if (summary.steps_run == 1) summary.first_loss = loss_v;
       summary.last_loss = loss_v;
@@ -974,7 +978,6 @@ TrainSummary Trainer::train() {
       const auto t0 = Clock::now();
       const double vloss = validate();
       metrics_->log_validation(step_, vloss, seconds_since(t0));
-      reset_peak_memory(device);
       window_start = Clock::now();
     }
   }

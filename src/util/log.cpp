@@ -38,7 +38,8 @@ void init(int rank, bool enabled, bool color) {
                    [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
     const auto parsed = spdlog::level::from_str(name);
     if (parsed != spdlog::level::off || name == "off") {
-      logger->set_level(parsed);
+      // A rank LOG_RANK leaves out still prints no more than its warnings and errors.
+      logger->set_level(enabled ? parsed : std::max(parsed, spdlog::level::warn));
     } else {
       std::fprintf(stderr,
                    "titan: TITAN_LOG_LEVEL=%s is not a level (trace, debug, info, warn, error, "

@@ -93,6 +93,10 @@ class Checkpointer {
   // checkpoint.load_step), else a titan initial_load_path; empty for a fresh start or an HF
   // initial load. Read-only: load_at_start() loads it.
   static std::string start_dir(const config::JobConfig& config);
+  // Finishes or undoes a re-save interrupted between its two renames and removes saves that
+  // never finished (rank 0), then waits until rank 0 has: every rank sees the same steps.
+  // load_at_start() calls it; the trainer calls it before start_dir() too.
+  static void repair_folder(const config::JobConfig& config, dist::Runtime& runtime);
   // The Hugging Face folder an initial load imports (checkpoint.initial_load_in_hf):
   // initial_load_path, else model.hf_assets_path as torchtitan; empty without initial_load_in_hf.
   static std::string hf_initial_folder(const config::JobConfig& config);

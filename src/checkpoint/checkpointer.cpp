@@ -4,7 +4,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/Parallel.h>
 #include <fcntl.h>
 #include <unistd.h>
 #include <nlohmann/json.hpp>
@@ -21,6 +20,7 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <regex>
 #include <thread>
 
@@ -37,6 +37,7 @@
 #include "titan/util/device.h"
 #include "titan/util/error.h"
 #include "titan/util/log.h"
+#include "titan/util/parallel.h"
 #include "titan/util/progress.h"
 #include "titan/util/strings.h"
 
@@ -739,6 +740,9 @@ void Checkpointer::commit(const Snapshot& snap, const std::string& own_report) {
 int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::string>& what) {
   const auto t0 = Clock::now();
   double staging_s = 0, read_s = 0, device_copy_s = 0;  // the load's phases, logged
+  // Reading threads: how many took pieces, and their busy seconds in all (a sum near read_s x
+  // threads is parallel reading; near read_s, one thread did the work).
+  std::vector<double> thread_busy_s(static_cast<size_t>(util::intra_op_threads()), 0.0);
   auto wants = [&](const char* k) { return std::find(what.begin(), what.end(), k) != what.end(); };
   const std::string meta_path = (fs::path(step_dir) / "metadata.json").string();
   json meta;
@@ -929,9 +933,12 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
       const auto t_read = Clock::now();
       std::atomic<size_t> next{0};
       std::vector<std::exception_ptr> errors(pieces.size());
-      at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      util::parallel_range(util::intra_op_threads(), 1, [&](int64_t, int64_t, int thread) {
         at::Tensor scratch;  // this thread's read buffer, reused for all its pieces
+        const auto t_thread = Clock::now();
+        bool took = false;
         for (size_t i = next++; i < pieces.size(); i = next++) {
+          took = true;
           try {
             const Piece& p = pieces[i];
             const Target& t = targets[p.target];
@@ -953,6 +960,7 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
             errors[i] = std::current_exception();
           }
         }
+        if (took) thread_busy_s[static_cast<size_t>(thread)] += since(t_thread);
       });
       read_s += since(t_read);
       for (const auto& e : errors) {
@@ -1051,11 +1059,15 @@ int64_t Checkpointer::load(const std::string& step_dir, const std::vector<std::s
             step_dir, util::join(changed, ", "), step);
       }
     }
+    const auto busy_threads =
+        std::count_if(thread_busy_s.begin(), thread_busy_s.end(), [](double b) { return b > 0; });
     log::info(
         "checkpoint: loaded {} ({}) in {:.2f}s (host staging {:.2f}s, reading and verifying "
-        "{:.2f}s on {} threads, copies to the device {:.2f}s)",
+        "{:.2f}s on {} threads: {} took pieces, {:.2f}s busy in all; copies to the device "
+        "{:.2f}s)",
         step_dir, loaded.empty() ? std::string("nothing") : util::join(loaded, ", "), since(t0),
-        staging_s, read_s, at::get_num_threads(), device_copy_s);
+        staging_s, read_s, util::intra_op_threads(), busy_threads,
+        std::accumulate(thread_busy_s.begin(), thread_busy_s.end(), 0.0), device_copy_s);
     return step;
   } catch (const json::exception& e) {
     fail("checkpoint index ", meta_path, " is malformed: ", util::json_error_text(e.what()));

@@ -2,7 +2,6 @@
 #include "titan/checkpoint/verified_read.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
@@ -10,6 +9,7 @@
 
 #include "titan/util/crc32c.h"
 #include "titan/util/error.h"
+#include "titan/util/parallel.h"
 
 namespace titan::checkpoint {
 namespace {
@@ -41,7 +41,7 @@ void read_blocks(const SafetensorsReader& reader, const Chunk& c, const TensorIn
   reader.read_bytes(info.begin + lo, info.begin + hi, out);
   const int64_t blocks = (hi - lo + c.block_bytes - 1) / c.block_bytes;
   std::atomic<int64_t> bad_block{-1};
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  util::parallel_range(blocks, 1, [&](int64_t begin, int64_t end, int) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t b = lo + k * c.block_bytes;
       const auto idx = static_cast<size_t>(b / c.block_bytes);

@@ -2,10 +2,11 @@
 #include "titan/model/init.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+
+#include "titan/util/parallel.h"
 
 namespace titan::model {
 namespace {
@@ -92,7 +93,9 @@ void init_range_on_host(const UnitLayout& unit, int64_t seed, int64_t flat_begin
     const ParamSlot::IndexMap global_index = p.index_map();
     const double scale = std::sqrt(2.0) * p.init.std;
     const bool clamp = p.init.kind == InitKind::TruncNormal;
-    at::parallel_for(lo - p.offset, hi - p.offset, int64_t(1) << 14, [&](int64_t b, int64_t e) {
+    const int64_t first = lo - p.offset;
+    util::parallel_range(hi - lo, int64_t(1) << 14, [&](int64_t b0, int64_t e0, int) {
+      const int64_t b = first + b0, e = first + e0;
       // erfinv through ATen, a block at a time: its CPU kernel is built per instruction set
       // (with fused multiply-adds where the CPU has them), and the values must be its values.
       constexpr int64_t kBlock = 4096;

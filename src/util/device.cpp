@@ -2,7 +2,6 @@
 #include "titan/util/device.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <fmt/format.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -21,6 +20,7 @@
 #include <string>
 
 #include "titan/util/error.h"
+#include "titan/util/parallel.h"
 
 #ifdef TITAN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -325,7 +325,7 @@ void* map_populated(size_t size) {
   constexpr size_t kPiece = size_t{64} << 20;
   const auto pieces = static_cast<int64_t>((size + kPiece - 1) / kPiece);
   std::atomic<int> out_of_memory{0};
-  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+  util::parallel_range(pieces, 1, [&](int64_t begin, int64_t end, int) {
     for (int64_t i = begin; i < end; ++i) {
       char* p = base + static_cast<size_t>(i) * kPiece;
       const size_t n = std::min(kPiece, size - static_cast<size_t>(i) * kPiece);

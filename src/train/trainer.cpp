@@ -64,53 +64,57 @@ c10::Device pick_device(int local_rank) {
 }
 
 // model.print_after_conversion: this rank's parameters as the converters left them, one line
-// per unit (consecutive blocks alike collapsed into one), each projection with the arithmetic
-// its GEMMs run in.
+// per unit (consecutive blocks alike collapsed into one), each projection (a matrix other than
+// the embedding) with the arithmetic its GEMMs run in: float8 where the plan's float8 ranges
+// (the ones FSDP and the optimizer use) cover it.
 std::string describe_converted_model(const std::vector<model::UnitLayout>& units,
                                      const parallel::Float8Plan& f8, at::ScalarType compute) {
   const std::string plain = compute == at::kBFloat16 ? "bf16" : "fp32";
   const std::string eight = fmt::format("float8 {}{}", ops::float8_recipe_name(f8.recipe),
                                         f8.emulate ? " (emulated)" : "");
-  auto arithmetic = [&](const std::string& local) -> std::string {
-    auto is = [&](const char* p) { return local.rfind(p, 0) == 0; };
-    bool on = false;
-    if (is("attention.wq.") || is("attention.wk.") || is("attention.wv."))
-      on = f8.wqkv;
-    else if (is("attention.wo."))
-      on = f8.wo;
-    else if (is("feed_forward.w1.") || is("feed_forward.w3."))
-      on = f8.w13;
-    else if (is("feed_forward.w2."))
-      on = f8.w2;
-    else if (!is("output."))
-      return "";  // not a projection: embedding, norms
-    return " " + (f8.enabled && on ? eight : plain);
+  struct Line {
+    std::string name, text;
+    int64_t first_layer = -1, last_layer = -1;
   };
-  std::vector<std::pair<std::string, std::string>> lines;  // (unit name, parameters)
+  std::vector<Line> lines;
   for (const auto& u : units) {
+    const std::vector<model::ElementRange> converted =
+        f8.enabled && u.kind == model::UnitKind::Block
+            ? model::block_float8_ranges(u, f8.wqkv, f8.wo, f8.w13, f8.w2)
+            : std::vector<model::ElementRange>{};
     std::vector<std::string> params;
     for (const auto& p : u.params) {
-      const std::string local =
-          u.kind == model::UnitKind::Block && p.name.rfind(u.name + ".", 0) == 0
-              ? p.name.substr(u.name.size() + 1)
-              : p.name;
+      std::string arithmetic;
+      if (u.kind != model::UnitKind::Embedding && p.shape.size() == 2) {
+        const bool in_float8 = std::any_of(converted.begin(), converted.end(), [&](const auto& r) {
+          return p.offset >= r.offset && p.offset < r.offset + r.numel;
+        });
+        arithmetic = " " + (in_float8 ? eight : plain);
+      }
+      const bool prefixed = u.kind == model::UnitKind::Block && p.name.rfind(u.name + ".", 0) == 0;
       std::vector<std::string> dims;
       for (int64_t d : p.shape) dims.push_back(std::to_string(d));
-      params.push_back(fmt::format("{} [{}]{}", local, util::join(dims, ", "), arithmetic(local)));
+      params.push_back(fmt::format("{} [{}]{}",
+                                   prefixed ? p.name.substr(u.name.size() + 1) : p.name,
+                                   util::join(dims, ", "), arithmetic));
     }
     std::string text = util::join(params, " | ");
-    if (!lines.empty() && u.kind == model::UnitKind::Block && lines.back().second == text &&
-        lines.back().first.rfind("layers.", 0) == 0) {
-      auto& name = lines.back().first;
-      name = name.substr(0, name.find('-') == std::string::npos ? name.size() : name.find('-')) +
-             "-" + std::to_string(u.layer);
+    if (u.kind == model::UnitKind::Block && !lines.empty() && lines.back().last_layer >= 0 &&
+        lines.back().text == text) {
+      lines.back().last_layer = u.layer;
     } else {
-      lines.emplace_back(u.name, std::move(text));
+      lines.push_back({u.name, std::move(text), u.kind == model::UnitKind::Block ? u.layer : -1,
+                       u.kind == model::UnitKind::Block ? u.layer : -1});
     }
   }
   std::string out =
       "model after conversion (model.print_after_conversion; this rank's parameters):";
-  for (const auto& [name, text] : lines) out += fmt::format("\n  {}: {}", name, text);
+  for (const auto& l : lines) {
+    const std::string name = l.last_layer > l.first_layer
+                                 ? fmt::format("layers.{}-{}", l.first_layer, l.last_layer)
+                                 : l.name;
+    out += fmt::format("\n  {}: {}", name, l.text);
+  }
   return out;
 }
 

@@ -129,8 +129,8 @@ class Trainer {
   std::unique_ptr<metrics::MetricsLogger> metrics_;
   std::unique_ptr<checkpoint::Checkpointer> checkpointer_;
   int64_t step_ = 0;
-  int64_t lr_offset_steps_ =
-      0;  // step_ minus the lr schedule's step (Checkpointer::lr_offset_steps)
+  // step_ minus the lr schedule's step (Checkpointer::lr_offset_steps).
+  int64_t lr_offset_steps_ = 0;
   // Device int64 [2]: the first non-finite step (counted from health_base_; 0: none) and the
   // steps run.
   at::Tensor health_;
